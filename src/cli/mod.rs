@@ -1,0 +1,103 @@
+//! Command line: picks the personality from argv[0] or the subcommand, and
+//! maps every failure to a sysexits code (the interface's exit codes).
+
+mod check_config;
+mod daemon;
+mod queue;
+mod sendmail;
+
+use crate::config::{self, Config};
+use std::path::PathBuf;
+
+/// sysexits.h codes, as every sendmail-compatible program uses them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    Ok = 0,
+    /// A check found problems (fsck, archive verify).
+    #[allow(dead_code)]
+    Problems = 1,
+    Usage = 64,
+    DataErr = 65,
+    Unavailable = 69,
+    Software = 70,
+    TempFail = 75,
+    Config = 78,
+}
+
+const USAGE: &str = "usage: pbxmail <command> [options]
+commands:
+  daemon [-c FILE]            run the delivery daemon in the foreground
+  sendmail [opts] [rcpt...]   submit a message from stdin (also as `sendmail`)
+  queue [--tenant T] [--json] list queued, deferred and failed mail (also as `mailq`)
+  check-config [-c FILE]      validate the configuration
+config: -c FILE, else $PBXMAIL_CONFIG, else /etc/pbxmail/pbxmail.ini";
+
+/// Commands of the interface that later versions implement.
+const NOT_YET: &[&str] = &[
+    "status", "flush", "hold", "release", "delete", "test", "oauth", "reload", "fsck", "archive",
+];
+
+pub fn run(args: Vec<String>) -> Exit {
+    let program = args
+        .first()
+        .map(|a| a.rsplit('/').next().unwrap_or(a).to_string())
+        .unwrap_or_default();
+    let rest = args.get(1..).unwrap_or_default();
+    match program.as_str() {
+        "sendmail" => return sendmail::run(rest),
+        "mailq" => return queue::run(rest),
+        _ => {}
+    }
+    let Some((command, rest)) = rest.split_first() else {
+        eprintln!("{USAGE}");
+        return Exit::Usage;
+    };
+    match command.as_str() {
+        "daemon" => daemon::run(rest),
+        "sendmail" => sendmail::run(rest),
+        "queue" | "mailq" => queue::run(rest),
+        "check-config" => check_config::run(rest),
+        "help" | "--help" | "-h" => {
+            println!("{USAGE}");
+            Exit::Ok
+        }
+        other if NOT_YET.contains(&other) => {
+            eprintln!("pbxmail: '{other}' is not available in this version");
+            Exit::Unavailable
+        }
+        other => {
+            eprintln!("pbxmail: unknown command '{other}'\n{USAGE}");
+            Exit::Usage
+        }
+    }
+}
+
+/// Takes `-c FILE` / `--config FILE` out of `args`; the rest is returned.
+fn take_config_flag(args: &[String]) -> Result<(PathBuf, Vec<String>), String> {
+    let mut path = None;
+    let mut rest = Vec::new();
+    let mut iter = args.iter();
+    while let Some(arg) = iter.next() {
+        match arg.as_str() {
+            "-c" | "--config" => {
+                let value = iter.next().ok_or(format!("{arg} needs a file name"))?;
+                path = Some(PathBuf::from(value));
+            }
+            _ => rest.push(arg.clone()),
+        }
+    }
+    Ok((path.unwrap_or_else(config::default_path), rest))
+}
+
+/// Loads the configuration, printing every problem as FILE:LINE: message.
+fn load_config(path: &std::path::Path) -> Result<Config, Exit> {
+    match config::load(path) {
+        Ok(config) => Ok(config),
+        Err(e) => {
+            for problem in &e.problems {
+                eprintln!("{problem}");
+            }
+            Err(Exit::Config)
+        }
+    }
+}

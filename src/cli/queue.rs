@@ -1,0 +1,156 @@
+//! `pbxmail queue` / `mailq`: lists the spool directly, so it works with the
+//! daemon stopped. `--json` gives the interface's shape.
+
+use super::{load_config, take_config_flag, Exit};
+use crate::spool::envelope::RcptStatus;
+use crate::spool::Spool;
+use crate::time::rfc3339;
+use serde::Serialize;
+
+#[derive(Debug, Serialize)]
+struct QueueEntry {
+    id: String,
+    tenant: String,
+    sender: String,
+    /// Recipients not yet delivered.
+    recipients: Vec<String>,
+    size: u64,
+    queued_at: String,
+    state: &'static str,
+    attempts: u32,
+    next_attempt: Option<String>,
+    last_error: Option<String>,
+}
+
+pub fn run(args: &[String]) -> Exit {
+    let (path, rest) = match take_config_flag(args) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("pbxmail queue: {e}");
+            return Exit::Usage;
+        }
+    };
+    let mut json = false;
+    let mut only_tenant = None;
+    let mut iter = rest.iter();
+    while let Some(arg) = iter.next() {
+        match arg.as_str() {
+            "--json" => json = true,
+            "--tenant" => match iter.next() {
+                Some(t) => only_tenant = Some(t.clone()),
+                None => {
+                    eprintln!("pbxmail queue: --tenant needs a tenant name");
+                    return Exit::Usage;
+                }
+            },
+            other => {
+                eprintln!("pbxmail queue: unknown argument '{other}'");
+                return Exit::Usage;
+            }
+        }
+    }
+    let config = match load_config(&path) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    let spool = Spool::new(&config.daemon.spool_dir);
+    let entries = match collect(&spool, only_tenant.as_deref()) {
+        Ok(entries) => entries,
+        Err(e) => {
+            eprintln!("pbxmail queue: cannot read the spool: {e}");
+            return Exit::TempFail;
+        }
+    };
+    if json {
+        match serde_json::to_string_pretty(&entries) {
+            Ok(text) => println!("{text}"),
+            Err(e) => {
+                eprintln!("pbxmail queue: {e}");
+                return Exit::Software;
+            }
+        }
+    } else {
+        print_table(&entries);
+    }
+    Exit::Ok
+}
+
+fn collect(spool: &Spool, only_tenant: Option<&str>) -> Result<Vec<QueueEntry>, crate::spool::SpoolError> {
+    let mut entries = Vec::new();
+    for tenant in spool.tenants()? {
+        if only_tenant.is_some_and(|t| t != tenant) {
+            continue;
+        }
+        for id in spool.message_ids(&tenant)? {
+            let entry = match spool.load_envelope(&tenant, &id) {
+                Ok(env) => {
+                    let state = if env.is_done() && env.any_failed() {
+                        "failed"
+                    } else if env.attempts == 0 {
+                        "queued"
+                    } else {
+                        "deferred"
+                    };
+                    QueueEntry {
+                        id: id.to_string(),
+                        tenant: tenant.clone(),
+                        sender: env.sender.clone(),
+                        recipients: env
+                            .recipients
+                            .iter()
+                            .filter(|r| r.status != RcptStatus::Sent)
+                            .map(|r| r.address.clone())
+                            .collect(),
+                        size: env.size,
+                        queued_at: rfc3339(env.queued_at_ms / 1000),
+                        state,
+                        attempts: env.attempts,
+                        next_attempt: env.next_attempt_ms.filter(|_| state == "deferred").map(|ms| rfc3339(ms / 1000)),
+                        last_error: env.last_error.clone(),
+                    }
+                }
+                // Removed by the daemon between listing and reading: delivered.
+                Err(e) if e.is_not_found() => continue,
+                Err(e) => QueueEntry {
+                    id: id.to_string(),
+                    tenant: tenant.clone(),
+                    sender: String::new(),
+                    recipients: Vec::new(),
+                    size: 0,
+                    queued_at: String::new(),
+                    state: "failed",
+                    attempts: 0,
+                    next_attempt: None,
+                    last_error: Some(e.to_string()),
+                },
+            };
+            entries.push(entry);
+        }
+    }
+    Ok(entries)
+}
+
+fn print_table(entries: &[QueueEntry]) {
+    if entries.is_empty() {
+        println!("Mail queue is empty");
+        return;
+    }
+    println!("{:<24} {:<9} {:<16} {:>9}  {:<20}  SENDER -> RECIPIENTS", "ID", "STATE", "TENANT", "SIZE", "QUEUED");
+    for e in entries {
+        let sender = if e.sender.is_empty() { "<>" } else { e.sender.as_str() };
+        println!(
+            "{:<24} {:<9} {:<16} {:>9}  {:<20}  {} -> {}",
+            e.id,
+            e.state,
+            e.tenant,
+            e.size,
+            e.queued_at,
+            sender,
+            e.recipients.join(", ")
+        );
+        if let Some(error) = &e.last_error {
+            println!("{:<24} last error: {error}", "");
+        }
+    }
+    println!("-- {} messages", entries.len());
+}

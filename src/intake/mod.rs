@@ -1,0 +1,4 @@
+//! Taking mail in: the sendmail interface (and, later, loopback SMTP).
+
+pub mod message;
+pub mod sendmail;

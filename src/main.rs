@@ -1,0 +1,22 @@
+//! pbxmail: a multi-tenant mail delivery agent for PBX appliances.
+//! One binary; argv[0] `sendmail` or `mailq` selects those personalities.
+
+mod address;
+mod cli;
+mod config;
+mod daemon;
+mod dispatch;
+mod intake;
+mod outcome;
+mod smtp;
+mod spool;
+mod tenant;
+mod time;
+mod tls;
+
+fn main() {
+    let args: Vec<String> = std::env::args_os()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    std::process::exit(cli::run(args) as i32);
+}

@@ -1,0 +1,142 @@
+//! The one place that decides what a failure means. Every relay reply and
+//! every session failure becomes Delivered, Retry (with the scope that should
+//! wait) or Bounce; the tenant worker acts on that value alone.
+
+use crate::smtp::reply::Reply;
+use crate::smtp::{Phase, SessionError};
+
+/// Who should wait before the next attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryScope {
+    /// The relay itself is failing (down, TLS, AUTH, refusing sessions): the whole tenant backs off.
+    Tenant,
+    /// This message could not be sent now; others may go.
+    Message,
+    /// Only this recipient was deferred.
+    Recipient,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Delivered { reply: String },
+    Retry { scope: RetryScope, reason: String },
+    Bounce { reason: String },
+}
+
+impl Outcome {
+    /// The status word of the delivery log line.
+    pub fn status(&self) -> &'static str {
+        match self {
+            Outcome::Delivered { .. } => "sent",
+            Outcome::Retry { .. } => "deferred",
+            Outcome::Bounce { .. } => "bounced",
+        }
+    }
+
+    pub fn reason(&self) -> &str {
+        match self {
+            Outcome::Delivered { reply } => reply,
+            Outcome::Retry { reason, .. } | Outcome::Bounce { reason } => reason,
+        }
+    }
+}
+
+/// A recipient's deciding reply (its RCPT reply, or the reply to the end of DATA).
+pub fn of_reply(reply: &Reply) -> Outcome {
+    let text = reply.summary();
+    if reply.code.is_positive() {
+        Outcome::Delivered { reply: text }
+    } else if reply.code.is_permanent() {
+        Outcome::Bounce { reason: text }
+    } else {
+        // 4xx, and anything out of place (a 3xx where a final reply belongs):
+        // retrying is the choice that never loses mail.
+        Outcome::Retry {
+            scope: RetryScope::Recipient,
+            reason: text,
+        }
+    }
+}
+
+/// A failure that ended the session. It never bounces: the message is fine,
+/// the relay or the link or our configuration is not (RFC 5321 §4.5.4.1 lets
+/// the sender retry).
+pub fn of_session_error(error: &SessionError) -> Outcome {
+    let scope = match error {
+        SessionError::Local(_) => RetryScope::Message,
+        SessionError::Timeout(phase) | SessionError::Io(phase, _) | SessionError::Protocol(phase, _) => {
+            phase_scope(*phase)
+        }
+        SessionError::Rejected(phase, _) => phase_scope(*phase),
+        SessionError::Connect { .. }
+        | SessionError::StartTlsNotOffered
+        | SessionError::Tls(_)
+        | SessionError::Config(_) => RetryScope::Tenant,
+    };
+    Outcome::Retry {
+        scope,
+        reason: error.to_string(),
+    }
+}
+
+fn phase_scope(phase: Phase) -> RetryScope {
+    match phase {
+        Phase::Connect
+        | Phase::Greeting
+        | Phase::Ehlo
+        | Phase::StartTls
+        | Phase::TlsHandshake
+        | Phase::Auth => RetryScope::Tenant,
+        Phase::Mail | Phase::Rcpt | Phase::Data | Phase::Body | Phase::DataEnd | Phase::Reset | Phase::Quit => {
+            RetryScope::Message
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::smtp::reply::ReplyCode;
+
+    fn reply(code: u16) -> Reply {
+        Reply {
+            code: ReplyCode(code),
+            lines: vec!["text".into()],
+        }
+    }
+
+    #[test]
+    fn reply_classes() {
+        assert_eq!(of_reply(&reply(250)).status(), "sent");
+        assert_eq!(of_reply(&reply(451)).status(), "deferred");
+        assert_eq!(of_reply(&reply(550)).status(), "bounced");
+        assert_eq!(of_reply(&reply(354)).status(), "deferred");
+    }
+
+    #[test]
+    fn session_failures_never_bounce() {
+        let refused_auth = SessionError::Rejected(Phase::Auth, reply(535));
+        assert!(matches!(
+            of_session_error(&refused_auth),
+            Outcome::Retry {
+                scope: RetryScope::Tenant,
+                ..
+            }
+        ));
+        let mid_data = SessionError::Timeout(Phase::DataEnd);
+        assert!(matches!(
+            of_session_error(&mid_data),
+            Outcome::Retry {
+                scope: RetryScope::Message,
+                ..
+            }
+        ));
+        assert!(matches!(
+            of_session_error(&SessionError::StartTlsNotOffered),
+            Outcome::Retry {
+                scope: RetryScope::Tenant,
+                ..
+            }
+        ));
+    }
+}

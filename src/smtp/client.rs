@@ -1,0 +1,132 @@
+//! Opens a ready-to-send session to a tenant's relay: connect (every address,
+//! within connect_timeout), greeting, EHLO, STARTTLS or implicit TLS with a new
+//! TLS connection, EHLO again, AUTH. Credentials never cross a plaintext link
+//! unless the tenant says `tls = none` and `allow_plaintext_auth = yes`.
+
+use super::session::{AuthMechanism, Session, Timeouts};
+use super::{Phase, SessionError};
+use crate::config::{AuthMode, Relay, Secret, TlsMode};
+use crate::tls::{self, Stream};
+use rustls::ClientConfig;
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::Arc;
+use std::time::Instant;
+
+#[derive(Clone)]
+pub struct ClientSettings {
+    /// Our EHLO name.
+    pub hostname: String,
+    pub relay: Relay,
+    pub tls_mode: TlsMode,
+    pub tls: Arc<ClientConfig>,
+    pub auth: AuthMode,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub allow_plaintext_auth: bool,
+    pub timeouts: Timeouts,
+}
+
+pub struct Connected {
+    pub session: Session<Stream>,
+    /// `host[ip]:port`, as the delivery log line shows it.
+    pub peer: String,
+}
+
+pub fn open(settings: &ClientSettings) -> Result<Connected, SessionError> {
+    let (tcp, addr) = connect(settings)?;
+    let peer = format!("{}[{}]:{}", settings.relay.host, addr.ip(), addr.port());
+    let stream = if settings.tls_mode == TlsMode::Implicit {
+        let tls = tls::handshake(tcp, &settings.tls, &settings.relay.host, settings.timeouts.command)
+            .map_err(SessionError::Tls)?;
+        Stream::Tls(Box::new(tls))
+    } else {
+        Stream::Plain(tcp)
+    };
+    let mut session = Session::new(stream, settings.timeouts);
+    session.greeting()?;
+    session.hello(&settings.hostname)?;
+
+    if settings.tls_mode == TlsMode::StartTls {
+        if !session.caps.starttls {
+            session.quit();
+            return Err(SessionError::StartTlsNotOffered);
+        }
+        session.start_tls()?;
+        // Everything learned so far (capabilities, buffered bytes) is dropped here.
+        let Stream::Plain(tcp) = session.into_stream()? else {
+            return Err(SessionError::Protocol(Phase::StartTls, "STARTTLS inside TLS".into()));
+        };
+        let tls = tls::handshake(tcp, &settings.tls, &settings.relay.host, settings.timeouts.command)
+            .map_err(SessionError::Tls)?;
+        session = Session::new(Stream::Tls(Box::new(tls)), settings.timeouts);
+        session.hello(&settings.hostname)?;
+    }
+
+    authenticate(&mut session, settings)?;
+    Ok(Connected { session, peer })
+}
+
+fn connect(settings: &ClientSettings) -> Result<(TcpStream, SocketAddr), SessionError> {
+    let relay = settings.relay.to_string();
+    let fail = |reason: String| SessionError::Connect {
+        relay: relay.clone(),
+        reason,
+    };
+    let addrs: Vec<SocketAddr> = (settings.relay.host.as_str(), settings.relay.port)
+        .to_socket_addrs()
+        .map_err(|e| fail(format!("cannot resolve the host name: {e}")))?
+        .collect();
+    let deadline = Instant::now() + settings.timeouts.connect;
+    let mut last_error = String::from("the host name has no addresses");
+    for addr in addrs {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            last_error = format!("no answer within {:?}", settings.timeouts.connect);
+            break;
+        }
+        match TcpStream::connect_timeout(&addr, left) {
+            Ok(tcp) => {
+                let _ = tcp.set_nodelay(true);
+                return Ok((tcp, addr));
+            }
+            Err(e) => last_error = format!("{addr}: {e}"),
+        }
+    }
+    Err(fail(last_error))
+}
+
+fn authenticate(session: &mut Session<Stream>, settings: &ClientSettings) -> Result<(), SessionError> {
+    let (Some(username), Some(password)) = (&settings.username, &settings.password) else {
+        return Ok(());
+    };
+    let mechanism = match settings.auth {
+        AuthMode::None => return Ok(()),
+        AuthMode::XOAuth2 => {
+            return Err(SessionError::Config(
+                "auth = xoauth2 is not available in this version; use plain or login".into(),
+            ))
+        }
+        AuthMode::Plain => AuthMechanism::Plain,
+        AuthMode::Login => AuthMechanism::Login,
+        AuthMode::Auto => {
+            let offers = |m: &str| session.caps.auth.iter().any(|a| a == m);
+            if offers("PLAIN") {
+                AuthMechanism::Plain
+            } else if offers("LOGIN") {
+                AuthMechanism::Login
+            } else {
+                log::debug!("relay {} offers no PLAIN or LOGIN; sending without AUTH", settings.relay);
+                return Ok(());
+            }
+        }
+    };
+    let encrypted = settings.tls_mode != TlsMode::None;
+    if !encrypted && !settings.allow_plaintext_auth {
+        return Err(SessionError::Config(
+            "credentials are configured but tls = none: they would cross the network in plaintext. \
+             Use tls = starttls or implicit, or set allow_plaintext_auth = yes for a trusted LAN relay"
+                .into(),
+        ));
+    }
+    session.authenticate(mechanism, username, password)
+}

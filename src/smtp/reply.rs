@@ -1,0 +1,220 @@
+//! SMTP replies (RFC 5321 §4.2): a three-digit code, then `-` on every line but
+//! the last. The parser is bounded in line length and line count, so a hostile
+//! server can neither exhaust memory nor keep us reading forever.
+
+use std::fmt;
+use std::io::{self, BufRead, Read};
+
+/// RFC 5321 §4.5.3.1.5 allows 512 octets; real servers exceed it a little.
+const MAX_LINE: usize = 2048;
+/// EHLO replies are the longest legitimate multi-line replies (a few dozen lines).
+const MAX_LINES: usize = 100;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ReplyCode(pub u16);
+
+impl ReplyCode {
+    pub fn is_positive(self) -> bool {
+        (200..300).contains(&self.0)
+    }
+    pub fn is_intermediate(self) -> bool {
+        (300..400).contains(&self.0)
+    }
+    pub fn is_transient(self) -> bool {
+        (400..500).contains(&self.0)
+    }
+    pub fn is_permanent(self) -> bool {
+        (500..600).contains(&self.0)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub code: ReplyCode,
+    /// Text of each line, without the code and separator.
+    pub lines: Vec<String>,
+}
+
+impl Reply {
+    /// One line for logs and the queue: "550 5.1.1 no such user".
+    pub fn summary(&self) -> String {
+        let text = self.lines.join(" ");
+        let text = text.trim();
+        if text.is_empty() {
+            self.code.0.to_string()
+        } else {
+            format!("{} {}", self.code.0, text)
+        }
+    }
+}
+
+impl fmt::Display for Reply {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.summary())
+    }
+}
+
+#[derive(Debug)]
+pub enum ReplyError {
+    Io(io::Error),
+    /// The server closed the connection before a complete reply.
+    Closed,
+    /// Not a well-formed reply; the string says what was wrong.
+    Malformed(String),
+}
+
+impl fmt::Display for ReplyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ReplyError::Io(e) => write!(f, "{e}"),
+            ReplyError::Closed => f.write_str("connection closed by the server"),
+            ReplyError::Malformed(why) => write!(f, "malformed reply: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for ReplyError {}
+
+/// Reads one complete reply. Bare LF line ends are tolerated.
+pub fn read_reply(input: &mut impl BufRead) -> Result<Reply, ReplyError> {
+    let mut lines = Vec::new();
+    let mut code: Option<u16> = None;
+    let mut buf = Vec::with_capacity(128);
+    loop {
+        buf.clear();
+        let n = input
+            .by_ref()
+            .take(MAX_LINE as u64 + 1)
+            .read_until(b'\n', &mut buf)
+            .map_err(ReplyError::Io)?;
+        if n == 0 {
+            return Err(ReplyError::Closed);
+        }
+        if buf.last() != Some(&b'\n') {
+            return Err(if n > MAX_LINE {
+                ReplyError::Malformed(format!("line longer than {MAX_LINE} octets"))
+            } else {
+                ReplyError::Closed
+            });
+        }
+        buf.pop();
+        if buf.last() == Some(&b'\r') {
+            buf.pop();
+        }
+        let (this_code, last, text) = parse_line(&buf)?;
+        match code {
+            None => code = Some(this_code),
+            Some(c) if c != this_code => {
+                return Err(ReplyError::Malformed(format!(
+                    "code changed from {c} to {this_code} within one reply"
+                )))
+            }
+            Some(_) => {}
+        }
+        lines.push(text);
+        if last {
+            return Ok(Reply {
+                code: ReplyCode(this_code),
+                lines,
+            });
+        }
+        if lines.len() >= MAX_LINES {
+            return Err(ReplyError::Malformed(format!("more than {MAX_LINES} lines")));
+        }
+    }
+}
+
+fn parse_line(line: &[u8]) -> Result<(u16, bool, String), ReplyError> {
+    let bad = |why: &str| ReplyError::Malformed(format!("{why}: {:?}", String::from_utf8_lossy(line)));
+    if line.contains(&0) {
+        return Err(bad("NUL in reply"));
+    }
+    let digits = line.get(..3).ok_or_else(|| bad("shorter than a code"))?;
+    let valid = matches!(digits, [b'2'..=b'5', b'0'..=b'5', b'0'..=b'9']);
+    if !valid {
+        return Err(bad("no reply code"));
+    }
+    let code = digits
+        .iter()
+        .fold(0u16, |acc, d| acc * 10 + u16::from(d - b'0'));
+    let (last, text) = match line.get(3) {
+        None => (true, &[][..]),
+        Some(b' ') => (true, line.get(4..).unwrap_or_default()),
+        Some(b'-') => (false, line.get(4..).unwrap_or_default()),
+        Some(_) => return Err(bad("code not followed by space or '-'")),
+    };
+    Ok((code, last, String::from_utf8_lossy(text).into_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Reply, ReplyError> {
+        read_reply(&mut s.as_bytes())
+    }
+
+    #[test]
+    fn single_line() {
+        let r = parse("250 2.0.0 Ok\r\n").unwrap();
+        assert_eq!(r.code, ReplyCode(250));
+        assert_eq!(r.summary(), "250 2.0.0 Ok");
+    }
+
+    #[test]
+    fn multi_line_and_bare_lf() {
+        let r = parse("250-mx.example\n250-PIPELINING\r\n250 STARTTLS\r\n").unwrap();
+        assert_eq!(r.lines, vec!["mx.example", "PIPELINING", "STARTTLS"]);
+    }
+
+    #[test]
+    fn bare_code_is_a_reply() {
+        assert_eq!(parse("354\r\n").unwrap().code, ReplyCode(354));
+    }
+
+    #[test]
+    fn reads_exactly_one_reply() {
+        let mut input = &b"250 one\r\n221 two\r\n"[..];
+        assert_eq!(read_reply(&mut input).unwrap().code, ReplyCode(250));
+        assert_eq!(read_reply(&mut input).unwrap().code, ReplyCode(221));
+    }
+
+    #[test]
+    fn rejects_garbage() {
+        for bad in ["hello\r\n", "25\r\n", "250x\r\n", "650 no\r\n", "250-a\r\n251 b\r\n", "250 a\0b\r\n"] {
+            assert!(matches!(parse(bad), Err(ReplyError::Malformed(_))), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn eof_is_closed() {
+        assert!(matches!(parse(""), Err(ReplyError::Closed)));
+        assert!(matches!(parse("250-partial\r\n"), Err(ReplyError::Closed)));
+        assert!(matches!(parse("250 no newline"), Err(ReplyError::Closed)));
+    }
+
+    #[test]
+    fn bounds_line_length_and_count() {
+        let long = format!("250 {}\r\n", "x".repeat(MAX_LINE));
+        assert!(matches!(parse(&long), Err(ReplyError::Malformed(_))));
+        let many = "250-x\r\n".repeat(MAX_LINES + 1) + "250 end\r\n";
+        assert!(matches!(parse(&many), Err(ReplyError::Malformed(_))));
+    }
+
+    #[test]
+    fn never_panics_on_arbitrary_bytes() {
+        // A cheap deterministic fuzz: every short mix of the bytes that matter.
+        let alphabet = [b'2', b'5', b'0', b' ', b'-', b'\r', b'\n', 0u8, 0xff, b'x'];
+        let mut input = Vec::new();
+        for seed in 0u32..20_000 {
+            input.clear();
+            let mut s = seed;
+            for _ in 0..12 {
+                input.push(alphabet[(s % 10) as usize]);
+                s = s.wrapping_mul(1_103_515_245).wrapping_add(12_345) >> 3;
+            }
+            let mut reader = &input[..];
+            while read_reply(&mut reader).is_ok() {}
+        }
+    }
+}

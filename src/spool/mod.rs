@@ -1,0 +1,528 @@
+//! The spool: the disk is the truth about every accepted message.
+//!
+//! Layout (see docs/spool.md):
+//! ```text
+//! SPOOL/tmp/ID.msg, ID.env         being written; never acted on
+//! SPOOL/queue/TENANT/ID.msg        message, CRLF lines, not dot-stuffed
+//! SPOOL/queue/TENANT/ID.env        envelope records (envelope.rs)
+//! SPOOL/quarantine/TENANT-ID.*     damaged entries, kept for an admin
+//! SPOOL/pickup.sock                datagram hints "TENANT ID" to the daemon
+//! ```
+//! A message is committed by fsync of both files, rename of `.msg` then `.env`
+//! into the tenant's folder, and fsync of that folder: an `.env` in `queue/`
+//! always has its `.msg` beside it.
+
+pub mod envelope;
+
+use envelope::{Envelope, EnvelopeError, Record};
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufReader, BufWriter, Write};
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Leftovers younger than this may belong to a `sendmail` still writing.
+const STALE_AFTER: Duration = Duration::from_secs(3600);
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct MessageId(String);
+
+impl MessageId {
+    /// Unique across processes: time, pid and a per-process counter.
+    pub fn generate() -> MessageId {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        let count = COUNTER.fetch_add(1, Ordering::Relaxed) & 0xfff;
+        MessageId(format!(
+            "{:09X}{:05X}{:06X}{:03X}",
+            now.as_secs() & 0xf_ffff_ffff,
+            now.subsec_micros(),
+            std::process::id() & 0xff_ffff,
+            count
+        ))
+    }
+
+    /// Accepts only what `generate` can produce, so an ID is always a safe file name.
+    pub fn parse(s: &str) -> Option<MessageId> {
+        let ok = !s.is_empty() && s.len() <= 32 && s.bytes().all(|b| b.is_ascii_hexdigit());
+        ok.then(|| MessageId(s.to_ascii_uppercase()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[derive(Debug)]
+pub enum SpoolError {
+    Io { path: PathBuf, source: io::Error },
+    Envelope { path: PathBuf, source: EnvelopeError },
+}
+
+impl SpoolError {
+    fn io(path: &Path) -> impl FnOnce(io::Error) -> SpoolError + '_ {
+        move |source| SpoolError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+
+    /// True when retrying later may succeed (disk full, read-only, quota).
+    pub fn is_temporary(&self) -> bool {
+        match self {
+            SpoolError::Io { source, .. } => matches!(
+                source.raw_os_error(),
+                Some(28 /* ENOSPC */ | 30 /* EROFS */ | 122 /* EDQUOT */ | 5 /* EIO */)
+            ),
+            SpoolError::Envelope { .. } => false,
+        }
+    }
+
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, SpoolError::Io { source, .. } if source.kind() == io::ErrorKind::NotFound)
+            || matches!(self, SpoolError::Envelope { source: EnvelopeError::Io(e), .. } if e.kind() == io::ErrorKind::NotFound)
+    }
+}
+
+impl fmt::Display for SpoolError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SpoolError::Io { path, source } => write!(f, "{}: {source}", path.display()),
+            SpoolError::Envelope { path, source } => write!(f, "{}: {source}", path.display()),
+        }
+    }
+}
+
+impl std::error::Error for SpoolError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            SpoolError::Io { source, .. } => Some(source),
+            SpoolError::Envelope { source, .. } => Some(source),
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, SpoolError>;
+
+#[derive(Debug, Clone)]
+pub struct Spool {
+    root: PathBuf,
+}
+
+impl Spool {
+    pub fn new(root: &Path) -> Spool {
+        Spool {
+            root: root.to_path_buf(),
+        }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn tmp_dir(&self) -> PathBuf {
+        self.root.join("tmp")
+    }
+
+    fn queue_dir(&self) -> PathBuf {
+        self.root.join("queue")
+    }
+
+    fn quarantine_dir(&self) -> PathBuf {
+        self.root.join("quarantine")
+    }
+
+    pub fn tenant_dir(&self, tenant: &str) -> PathBuf {
+        self.queue_dir().join(tenant)
+    }
+
+    pub fn pickup_socket(&self) -> PathBuf {
+        self.root.join("pickup.sock")
+    }
+
+    fn message_path(&self, tenant: &str, id: &MessageId) -> PathBuf {
+        self.tenant_dir(tenant).join(format!("{id}.msg"))
+    }
+
+    fn envelope_path(&self, tenant: &str, id: &MessageId) -> PathBuf {
+        self.tenant_dir(tenant).join(format!("{id}.env"))
+    }
+
+    /// Creates the folders if missing (the daemon at start; packages make them too).
+    pub fn create_layout(&self) -> Result<()> {
+        for dir in [self.root.clone(), self.tmp_dir(), self.queue_dir(), self.quarantine_dir()] {
+            fs::create_dir_all(&dir).map_err(SpoolError::io(&dir))?;
+        }
+        Ok(())
+    }
+
+    /// Start-up recovery: removes abandoned temp files and message files whose
+    /// envelope never arrived. Neither was ever acknowledged to a submitter.
+    pub fn remove_stale_leftovers(&self) -> Result<usize> {
+        let mut removed = 0;
+        for path in list_dir(&self.tmp_dir())? {
+            if is_stale(&path) && fs::remove_file(&path).is_ok() {
+                removed += 1;
+            }
+        }
+        for tenant in self.tenants()? {
+            let dir = self.tenant_dir(&tenant);
+            for path in list_dir(&dir)? {
+                let orphan = path.extension().is_some_and(|e| e == "msg")
+                    && !path.with_extension("env").exists();
+                if orphan && is_stale(&path) && fs::remove_file(&path).is_ok() {
+                    removed += 1;
+                }
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Tenant folders present in the spool (configured or not).
+    pub fn tenants(&self) -> Result<Vec<String>> {
+        let mut names: Vec<String> = list_dir(&self.queue_dir())?
+            .iter()
+            .filter(|p| p.is_dir())
+            .filter_map(|p| p.file_name()?.to_str().map(str::to_owned))
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    /// IDs of the messages queued for one tenant (those with an envelope).
+    pub fn message_ids(&self, tenant: &str) -> Result<Vec<MessageId>> {
+        let mut ids: Vec<MessageId> = list_dir(&self.tenant_dir(tenant))?
+            .iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "env"))
+            .filter_map(|p| MessageId::parse(p.file_stem()?.to_str()?))
+            .collect();
+        ids.sort();
+        Ok(ids)
+    }
+
+    pub fn load_envelope(&self, tenant: &str, id: &MessageId) -> Result<Envelope> {
+        let path = self.envelope_path(tenant, id);
+        let file = File::open(&path).map_err(SpoolError::io(&path))?;
+        envelope::read_envelope(&mut BufReader::new(file))
+            .map_err(|source| SpoolError::Envelope { path, source })
+    }
+
+    pub fn open_message(&self, tenant: &str, id: &MessageId) -> Result<File> {
+        let path = self.message_path(tenant, id);
+        File::open(&path).map_err(SpoolError::io(&path))
+    }
+
+    /// Appends a record and waits until it is on stable storage.
+    pub fn append(&self, tenant: &str, id: &MessageId, record: &Record) -> Result<()> {
+        let path = self.envelope_path(tenant, id);
+        let mut file = OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(SpoolError::io(&path))?;
+        envelope::write_record(&mut file, record).map_err(SpoolError::io(&path))?;
+        file.sync_data().map_err(SpoolError::io(&path))
+    }
+
+    /// Removes a finished message: envelope first, so a crash in between leaves
+    /// only an orphan `.msg` that start-up recovery removes.
+    pub fn remove(&self, tenant: &str, id: &MessageId) -> Result<()> {
+        let env = self.envelope_path(tenant, id);
+        fs::remove_file(&env).map_err(SpoolError::io(&env))?;
+        let msg = self.message_path(tenant, id);
+        match fs::remove_file(&msg) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(SpoolError::io(&msg)(e)),
+            _ => {}
+        }
+        sync_dir(&self.tenant_dir(tenant))
+    }
+
+    /// Moves a damaged entry aside with a note of why; never deletes it.
+    pub fn quarantine(&self, tenant: &str, id: &MessageId, reason: &str) -> Result<()> {
+        let dir = self.quarantine_dir();
+        fs::create_dir_all(&dir).map_err(SpoolError::io(&dir))?;
+        for (from, ext) in [
+            (self.message_path(tenant, id), "msg"),
+            (self.envelope_path(tenant, id), "env"),
+        ] {
+            let to = dir.join(format!("{tenant}-{id}.{ext}"));
+            match fs::rename(&from, &to) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(SpoolError::io(&from)(e)),
+                _ => {}
+            }
+        }
+        let note = dir.join(format!("{tenant}-{id}.reason"));
+        fs::write(&note, format!("{reason}\n")).map_err(SpoolError::io(&note))?;
+        sync_dir(&dir)?;
+        sync_dir(&self.tenant_dir(tenant))
+    }
+
+    /// Starts writing a new message into `tmp/`.
+    pub fn begin_submission(&self) -> Result<Submission> {
+        let id = MessageId::generate();
+        let path = self.tmp_dir().join(format!("{id}.msg"));
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(SpoolError::io(&path))?;
+        Ok(Submission {
+            spool: self.clone(),
+            id,
+            out: BufWriter::with_capacity(64 * 1024, file),
+            sha256: ring::digest::Context::new(&ring::digest::SHA256),
+            size: 0,
+            tmp_message: path,
+            committed: false,
+        })
+    }
+
+    /// Tells a running daemon that a message is waiting. Only a hint: if no
+    /// daemon listens, it finds the message when it starts.
+    pub fn notify(&self, tenant: &str, id: &MessageId) {
+        let Ok(socket) = UnixDatagram::unbound() else {
+            return;
+        };
+        let _ = socket.set_nonblocking(true);
+        let _ = socket.send_to(format!("{tenant} {id}").as_bytes(), self.pickup_socket());
+    }
+}
+
+/// A message being written. Dropped without `commit`, it leaves nothing behind.
+pub struct Submission {
+    spool: Spool,
+    id: MessageId,
+    out: BufWriter<File>,
+    sha256: ring::digest::Context,
+    size: u64,
+    tmp_message: PathBuf,
+    committed: bool,
+}
+
+impl Write for Submission {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.out.write(buf)?;
+        if let Some(written) = buf.get(..n) {
+            self.sha256.update(written);
+        }
+        self.size += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+}
+
+impl Submission {
+    pub fn id(&self) -> &MessageId {
+        &self.id
+    }
+
+    /// Makes the message durable in `tenant`'s queue; on `Ok` it may be acknowledged.
+    pub fn commit(mut self, tenant: &str, sender: &str, recipients: &[String]) -> Result<MessageId> {
+        let tmp_msg = self.tmp_message.clone();
+        self.out.flush().map_err(SpoolError::io(&tmp_msg))?;
+        self.out.get_ref().sync_all().map_err(SpoolError::io(&tmp_msg))?;
+
+        let digest = self.sha256.clone().finish();
+        let record = Record::Created {
+            version: envelope::FORMAT_VERSION,
+            tenant: tenant.to_string(),
+            sender: sender.to_string(),
+            recipients: recipients.to_vec(),
+            queued_at_ms: unix_millis(),
+            size: self.size,
+            sha256: hex(digest.as_ref()),
+        };
+        let tmp_env = self.tmp_message.with_extension("env");
+        let result = write_new_file(&tmp_env, |f| envelope::write_record(f, &record))
+            .and_then(|()| self.move_into_queue(tenant, &tmp_env));
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp_env);
+        }
+        result?;
+        self.committed = true;
+        Ok(self.id.clone())
+    }
+
+    fn move_into_queue(&self, tenant: &str, tmp_env: &Path) -> Result<()> {
+        let dir = self.spool.tenant_dir(tenant);
+        if !dir.is_dir() {
+            fs::create_dir_all(&dir).map_err(SpoolError::io(&dir))?;
+            sync_dir(&self.spool.queue_dir())?;
+        }
+        let msg = self.spool.message_path(tenant, &self.id);
+        let env = self.spool.envelope_path(tenant, &self.id);
+        fs::rename(&self.tmp_message, &msg).map_err(SpoolError::io(&msg))?;
+        if let Err(e) = fs::rename(tmp_env, &env) {
+            let _ = fs::remove_file(&msg);
+            return Err(SpoolError::io(&env)(e));
+        }
+        sync_dir(&dir)?;
+        sync_dir(&self.spool.tmp_dir())
+    }
+}
+
+impl Drop for Submission {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = fs::remove_file(&self.tmp_message);
+        }
+    }
+}
+
+fn write_new_file(path: &Path, fill: impl FnOnce(&mut File) -> io::Result<()>) -> Result<()> {
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(SpoolError::io(path))?;
+    fill(&mut file).map_err(SpoolError::io(path))?;
+    file.sync_all().map_err(SpoolError::io(path))
+}
+
+/// A rename or unlink is durable only once its directory is fsynced.
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(SpoolError::io(dir))
+}
+
+fn list_dir(dir: &Path) -> Result<Vec<PathBuf>> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(SpoolError::io(dir)(e)),
+    };
+    Ok(entries.filter_map(|e| e.ok().map(|e| e.path())).collect())
+}
+
+fn is_stale(path: &Path) -> bool {
+    fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|age| age > STALE_AFTER)
+}
+
+pub fn unix_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// SHA-256 of a message file, streamed, for the check before sending.
+pub fn sha256_of(file: &mut File) -> io::Result<String> {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = io::Read::read(file, &mut buf)?;
+        if n == 0 {
+            break;
+        }
+        if let Some(chunk) = buf.get(..n) {
+            ctx.update(chunk);
+        }
+    }
+    Ok(hex(ctx.finish().as_ref()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envelope::{RcptResult, RcptStatus};
+    use std::io::Read;
+
+    fn temp_spool(name: &str) -> Spool {
+        let dir = std::env::temp_dir().join(format!("pbxmail-spool-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let spool = Spool::new(&dir);
+        spool.create_layout().unwrap();
+        spool
+    }
+
+    #[test]
+    fn commit_then_load_round_trips() {
+        let spool = temp_spool("roundtrip");
+        let mut sub = spool.begin_submission().unwrap();
+        sub.write_all(b"Subject: hi\r\n\r\nbody\r\n").unwrap();
+        let id = sub.commit("acme", "101@acme.example", &["a@x.example".into()]).unwrap();
+        assert_eq!(spool.message_ids("acme").unwrap(), vec![id.clone()]);
+        let env = spool.load_envelope("acme", &id).unwrap();
+        assert_eq!(env.size, b"Subject: hi\r\n\r\nbody\r\n".len() as u64);
+        let mut msg = spool.open_message("acme", &id).unwrap();
+        assert_eq!(sha256_of(&mut msg).unwrap(), env.sha256);
+        assert!(list_dir(&spool.tmp_dir()).unwrap().is_empty());
+
+        spool
+            .append(
+                "acme",
+                &id,
+                &Record::Attempt {
+                    at_ms: 1,
+                    results: vec![RcptResult {
+                        rcpt: 0,
+                        status: RcptStatus::Sent,
+                        reply: "250".into(),
+                    }],
+                    next_attempt_ms: None,
+                    error: None,
+                },
+            )
+            .unwrap();
+        assert!(spool.load_envelope("acme", &id).unwrap().is_done());
+        spool.remove("acme", &id).unwrap();
+        assert!(spool.message_ids("acme").unwrap().is_empty());
+        let _ = fs::remove_dir_all(spool.root());
+    }
+
+    #[test]
+    fn dropped_submission_leaves_nothing() {
+        let spool = temp_spool("drop");
+        let mut sub = spool.begin_submission().unwrap();
+        sub.write_all(b"partial").unwrap();
+        drop(sub);
+        assert!(list_dir(&spool.tmp_dir()).unwrap().is_empty());
+        let _ = fs::remove_dir_all(spool.root());
+    }
+
+    #[test]
+    fn quarantine_keeps_files_and_reason() {
+        let spool = temp_spool("quarantine");
+        let mut sub = spool.begin_submission().unwrap();
+        sub.write_all(b"x\r\n").unwrap();
+        let id = sub.commit("acme", "a@acme.example", &["b@x.example".into()]).unwrap();
+        spool.quarantine("acme", &id, "checksum mismatch").unwrap();
+        assert!(spool.message_ids("acme").unwrap().is_empty());
+        let mut reason = String::new();
+        File::open(spool.quarantine_dir().join(format!("acme-{id}.reason")))
+            .unwrap()
+            .read_to_string(&mut reason)
+            .unwrap();
+        assert!(reason.contains("checksum"));
+        assert!(spool.quarantine_dir().join(format!("acme-{id}.msg")).exists());
+        let _ = fs::remove_dir_all(spool.root());
+    }
+
+    #[test]
+    fn message_ids_are_unique_and_safe() {
+        let a = MessageId::generate();
+        let b = MessageId::generate();
+        assert_ne!(a, b);
+        assert!(MessageId::parse(a.as_str()).is_some());
+        assert!(MessageId::parse("../etc").is_none());
+    }
+}

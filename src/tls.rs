@@ -1,0 +1,223 @@
+//! TLS for relays: one rustls `ClientConfig` per tenant (trust anchors from the
+//! system store plus the tenant's `ca_file`), and a brand-new
+//! `ClientConnection` for every session. Session resumption is off, so no TLS
+//! state ever carries from one session into the next.
+
+use crate::config::{TenantConfig, TlsMode};
+use crate::smtp::session::Transport;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::Resumption;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{CertificateError, ClientConfig, ClientConnection, DigitallySignedStruct, RootCertStore, StreamOwned};
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Debug)]
+pub enum TlsError {
+    /// The tenant's TLS settings cannot be used (bad ca_file, bad host name).
+    Config(String),
+    /// The relay's certificate was refused; the string says what to do.
+    Certificate(String),
+    /// The handshake failed for another reason.
+    Handshake(String),
+    Timeout,
+}
+
+impl fmt::Display for TlsError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TlsError::Config(why) => write!(f, "TLS configuration: {why}"),
+            TlsError::Certificate(why) => write!(f, "TLS certificate refused: {why}"),
+            TlsError::Handshake(why) => write!(f, "TLS handshake failed: {why}"),
+            TlsError::Timeout => f.write_str("TLS handshake timed out"),
+        }
+    }
+}
+
+impl std::error::Error for TlsError {}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The system's trust anchors, loaded once at start and shared by all tenants.
+pub fn system_roots() -> RootCertStore {
+    let found = rustls_native_certs::load_native_certs();
+    for error in &found.errors {
+        log::warn!("system trust store: {error}");
+    }
+    let mut roots = RootCertStore::empty();
+    let (added, ignored) = roots.add_parsable_certificates(found.certs);
+    log::debug!("system trust store: {added} certificates ({ignored} unusable)");
+    roots
+}
+
+/// Builds the tenant's client configuration (once per tenant, at start or reload).
+pub fn client_config(tenant: &TenantConfig, system: &RootCertStore) -> Result<Arc<ClientConfig>, TlsError> {
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let mut config = if tenant.tls_verify {
+        let mut roots = system.clone();
+        if let Some(path) = &tenant.ca_file {
+            let certs = CertificateDer::pem_file_iter(path)
+                .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| TlsError::Config(format!("ca_file {}: {e}", path.display())))?;
+            let (added, _) = roots.add_parsable_certificates(certs);
+            if added == 0 {
+                return Err(TlsError::Config(format!(
+                    "ca_file {} holds no usable PEM certificate",
+                    path.display()
+                )));
+            }
+        }
+        builder.with_root_certificates(roots).with_no_client_auth()
+    } else {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate(provider())))
+            .with_no_client_auth()
+    };
+    config.resumption = Resumption::disabled();
+    Ok(Arc::new(config))
+}
+
+/// Runs a fresh handshake over `tcp`, explicitly, so certificate problems
+/// surface here with advice rather than later as an I/O error.
+pub fn handshake(
+    mut tcp: TcpStream,
+    config: &Arc<ClientConfig>,
+    host: &str,
+    timeout: Duration,
+) -> Result<StreamOwned<ClientConnection, TcpStream>, TlsError> {
+    let name = ServerName::try_from(host.to_string())
+        .map_err(|_| TlsError::Config(format!("\"{host}\" is not a valid TLS server name")))?;
+    let mut conn = ClientConnection::new(Arc::clone(config), name).map_err(|e| TlsError::Handshake(e.to_string()))?;
+    tcp.set_timeout(timeout)
+        .map_err(|e| TlsError::Handshake(e.to_string()))?;
+    while conn.is_handshaking() {
+        conn.complete_io(&mut tcp).map_err(explain_handshake_error)?;
+    }
+    Ok(StreamOwned::new(conn, tcp))
+}
+
+fn explain_handshake_error(e: io::Error) -> TlsError {
+    if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) {
+        return TlsError::Timeout;
+    }
+    let Some(rustls_error) = e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) else {
+        return TlsError::Handshake(e.to_string());
+    };
+    match rustls_error {
+        rustls::Error::InvalidCertificate(cert) => TlsError::Certificate(match cert {
+            CertificateError::UnknownIssuer => "the relay's certificate is not signed by a trusted CA; \
+                 if the relay uses a private CA, put its certificate in ca_file"
+                .into(),
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+                "the relay's certificate has expired; the relay's operator must renew it".into()
+            }
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
+                "the relay's certificate is not valid for the host name in `relay`; \
+                 use the name the certificate was issued for"
+                    .into()
+            }
+            other => format!("{other:?}"),
+        }),
+        other => TlsError::Handshake(other.to_string()),
+    }
+}
+
+/// The connection to a relay: plaintext until STARTTLS, or TLS throughout.
+pub enum Stream {
+    Plain(TcpStream),
+    Tls(Box<StreamOwned<ClientConnection, TcpStream>>),
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.read(buf),
+            Stream::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.write(buf),
+            Stream::Tls(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.flush(),
+            Stream::Tls(s) => s.flush(),
+        }
+    }
+}
+
+impl Transport for Stream {
+    fn set_timeout(&mut self, timeout: Duration) -> io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.set_timeout(timeout),
+            Stream::Tls(s) => s.sock.set_timeout(timeout),
+        }
+    }
+}
+
+impl Stream {
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Stream::Tls(_))
+    }
+}
+
+/// `tls_verify = no`: the certificate is not checked, but handshake
+/// signatures still are (so the session is at least encrypted to the holder of the key).
+#[derive(Debug)]
+struct AcceptAnyCertificate(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for AcceptAnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Whether the tenant's mode puts TLS around the first byte (port 465).
+pub fn is_implicit(mode: TlsMode) -> bool {
+    mode == TlsMode::Implicit
+}

@@ -1,0 +1,924 @@
+//! Scriptable SMTP server for integration tests: listens on 127.0.0.1:0, speaks
+//! plain, STARTTLS or implicit-TLS SMTP with scripted replies and faults, and
+//! records what arrived. It is the far end of the daemon's relay connections; it
+//! judges nothing itself, tests assert on `messages()`, `commands()` and counters.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::{ServerConfig, ServerConnection, StreamOwned};
+
+/// Longest command line accepted (RFC 5321 §4.5.3.1.4 says 512; be generous).
+const COMMAND_LINE_LIMIT: usize = 64 * 1024;
+/// Longest body line accepted; RFC 5321 says 1000, but the test server should
+/// record a misbehaving client's body rather than cut it off.
+const BODY_LINE_LIMIT: usize = 4 * 1024 * 1024;
+/// How much of an overlong line is read and discarded before closing.
+const DRAIN_LIMIT: u64 = 1024 * 1024;
+/// Idle limit per read or write, so connection threads always end.
+const SOCKET_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A throwaway certificate authority and a server certificate it signed for
+/// `localhost`, `127.0.0.1` and `::1`. Fresh keys on every `new()`.
+pub struct TestCa {
+    ca_pem: String,
+    ca_der: CertificateDer<'static>,
+    server_cert: CertificateDer<'static>,
+    server_key_pkcs8: Vec<u8>,
+}
+
+impl TestCa {
+    pub fn new() -> TestCa {
+        let mut ca_params =
+            rcgen::CertificateParams::new(Vec::<String>::new()).expect("empty SAN list is valid");
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "pbxmail test CA");
+        ca_params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca_key = rcgen::KeyPair::generate().expect("generate CA key");
+        let ca_cert = ca_params.self_signed(&ca_key).expect("self-sign CA");
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+
+        let mut params = rcgen::CertificateParams::new(vec![
+            "localhost".to_string(),
+            "127.0.0.1".to_string(),
+            "::1".to_string(),
+        ])
+        .expect("valid SANs");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "localhost");
+        params.use_authority_key_identifier_extension = true;
+        params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        let server_key = rcgen::KeyPair::generate().expect("generate server key");
+        let server_cert = params
+            .signed_by(&server_key, &issuer)
+            .expect("sign server certificate");
+
+        TestCa {
+            ca_pem: ca_cert.pem(),
+            ca_der: ca_cert.der().clone(),
+            server_cert: server_cert.der().clone(),
+            server_key_pkcs8: server_key.serialize_der(),
+        }
+    }
+
+    /// PEM of the CA certificate: what a client trusts through `ca_file`.
+    pub fn ca_pem(&self) -> String {
+        self.ca_pem.clone()
+    }
+
+    /// DER of the CA certificate, for building a client `RootCertStore` in tests.
+    pub fn ca_der(&self) -> CertificateDer<'static> {
+        self.ca_der.clone()
+    }
+
+    pub fn write_ca_pem(&self, path: &Path) {
+        fs::write(path, &self.ca_pem).expect("write CA PEM");
+    }
+
+    /// Server config presenting the leaf certificate followed by nothing else:
+    /// the client must trust the CA itself.
+    pub fn server_config(&self) -> Arc<ServerConfig> {
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.server_key_pkcs8.clone()));
+        let config =
+            ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .expect("ring supports the default protocol versions")
+                .with_no_client_auth()
+                .with_single_cert(vec![self.server_cert.clone()], key)
+                .expect("server certificate and key match");
+        Arc::new(config)
+    }
+}
+
+impl Default for TestCa {
+    fn default() -> Self {
+        TestCa::new()
+    }
+}
+
+/// How the server offers TLS. Named like the daemon's `TlsMode` variants.
+#[allow(clippy::enum_variant_names)]
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Tls {
+    None,
+    StartTls,
+    /// TLS from the first byte (port-465 style).
+    Implicit,
+}
+
+/// The script for one server; every connection follows it.
+#[derive(Clone, Debug)]
+pub struct ServerOptions {
+    pub tls: Tls,
+    /// Offer (and accept) STARTTLS. Only meaningful with `Tls::StartTls`; when
+    /// false the command is refused with 502 although TLS is configured.
+    pub advertise_starttls: bool,
+    /// false = black hole: accept TCP, never send a byte, hold the socket open
+    /// until the server is dropped.
+    pub greet: bool,
+    /// (user, password). Advertised as `AUTH PLAIN LOGIN` (with `Tls::StartTls`
+    /// only once in TLS); MAIL before a successful AUTH gets 530.
+    pub require_auth: Option<(String, String)>,
+    /// Reply 500 to EHLO so the client has to fall back to HELO.
+    pub refuse_ehlo: bool,
+    /// Reply sent for every RCPT instead of 250 (a 2xx reply still accepts).
+    pub rcpt_reply: Option<String>,
+    /// Per-recipient overrides (address compared case-insensitively, without <>).
+    pub rcpt_reply_for: Vec<(String, String)>,
+    /// Reply to MAIL instead of 250 (a non-2xx reply leaves no transaction open).
+    pub mail_reply: Option<String>,
+    /// Final reply after the body's "."; only 2xx replies record a message.
+    pub data_reply: Option<String>,
+    /// Greeting line, default "220 test.invalid ESMTP".
+    pub greeting: Option<String>,
+    /// First word of the EHLO reply.
+    pub hostname: String,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            tls: Tls::None,
+            advertise_starttls: true,
+            greet: true,
+            require_auth: None,
+            refuse_ehlo: false,
+            rcpt_reply: None,
+            rcpt_reply_for: Vec::new(),
+            mail_reply: None,
+            data_reply: None,
+            greeting: None,
+            hostname: "test.invalid".to_string(),
+        }
+    }
+}
+
+impl ServerOptions {
+    fn starttls_offered(&self) -> bool {
+        self.tls == Tls::StartTls && self.advertise_starttls
+    }
+}
+
+/// One accepted message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Received {
+    pub mail_from: String,
+    /// Only the recipients the server accepted (2xx), in order.
+    pub rcpt_to: Vec<String>,
+    /// Body as received, dot-stuffing removed, without the final ".\r\n". Line
+    /// ends are kept as sent (CRLF from a compliant client).
+    pub data: Vec<u8>,
+    pub tls: bool,
+    pub auth_user: Option<String>,
+    /// Index (from 0) of the TCP connection it came on.
+    pub connection: usize,
+}
+
+impl Received {
+    /// The body as text (lossy), for assertions.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.data).into_owned()
+    }
+}
+
+#[derive(Default)]
+struct State {
+    messages: Vec<Received>,
+    connections: usize,
+    tls_handshakes: usize,
+    commands: Vec<(usize, String)>,
+    /// Clones of open client sockets, so drop can shut them down.
+    open: HashMap<usize, TcpStream>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    changed: Condvar,
+    stopping: AtomicBool,
+}
+
+impl Shared {
+    /// A panicking test thread must not take the server's bookkeeping with it.
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn update(&self, f: impl FnOnce(&mut State)) {
+        f(&mut self.lock());
+        self.changed.notify_all();
+    }
+
+    fn wait_until<T>(
+        &self,
+        timeout: Duration,
+        done: impl Fn(&State) -> bool,
+        result: impl Fn(&State) -> T,
+    ) -> T {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.lock();
+        loop {
+            let now = Instant::now();
+            if done(&state) || now >= deadline {
+                return result(&state);
+            }
+            state = self
+                .changed
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
+/// A running server; dropping it stops accepting, closes client sockets and
+/// joins its threads.
+pub struct TestServer {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    accept_thread: Option<JoinHandle<()>>,
+}
+
+impl TestServer {
+    /// `ca` is required when `opts.tls` is not `Tls::None`.
+    pub fn start(opts: ServerOptions, ca: Option<&TestCa>) -> TestServer {
+        let tls_config = match opts.tls {
+            Tls::None => None,
+            Tls::StartTls | Tls::Implicit => Some(
+                ca.expect("TestServer::start: a TestCa is required when tls != None")
+                    .server_config(),
+            ),
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let addr = listener.local_addr().expect("listener address");
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            changed: Condvar::new(),
+            stopping: AtomicBool::new(false),
+        });
+        let config = Arc::new(ConnConfig {
+            opts,
+            tls: tls_config,
+        });
+        let accept_shared = Arc::clone(&shared);
+        let accept_thread = thread::Builder::new()
+            .name(format!("smtp-test:{}", addr.port()))
+            .spawn(move || accept_loop(listener, accept_shared, config))
+            .expect("spawn accept thread");
+        TestServer {
+            addr,
+            shared,
+            accept_thread: Some(accept_thread),
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    pub fn messages(&self) -> Vec<Received> {
+        self.shared.lock().messages.clone()
+    }
+
+    /// Waits until at least `n` messages arrived or `timeout` passed; returns
+    /// whatever has arrived.
+    pub fn wait_for_messages(&self, n: usize, timeout: Duration) -> Vec<Received> {
+        self.shared
+            .wait_until(timeout, |s| s.messages.len() >= n, |s| s.messages.clone())
+    }
+
+    /// TCP connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.shared.lock().connections
+    }
+
+    /// Waits until at least `n` connections were accepted or `timeout` passed;
+    /// returns the count.
+    pub fn wait_for_connections(&self, n: usize, timeout: Duration) -> usize {
+        self.shared
+            .wait_until(timeout, |s| s.connections >= n, |s| s.connections)
+    }
+
+    /// Completed TLS handshakes (STARTTLS and implicit).
+    pub fn tls_handshakes(&self) -> usize {
+        self.shared.lock().tls_handshakes
+    }
+
+    /// Every command line received, with its connection index, in order.
+    /// AUTH continuation lines are included as sent; body lines are not.
+    pub fn commands(&self) -> Vec<(usize, String)> {
+        self.shared.lock().commands.clone()
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        // Wake the blocking accept(); the loop sees `stopping` and exits.
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+        if let Some(handle) = self.accept_thread.take() {
+            let _ = handle.join();
+        }
+        let threads = {
+            let mut state = self.shared.lock();
+            for sock in state.open.values() {
+                let _ = sock.shutdown(Shutdown::Both);
+            }
+            std::mem::take(&mut state.threads)
+        };
+        for handle in threads {
+            let _ = handle.join();
+        }
+    }
+}
+
+struct ConnConfig {
+    opts: ServerOptions,
+    tls: Option<Arc<ServerConfig>>,
+}
+
+fn accept_loop(listener: TcpListener, shared: Arc<Shared>, config: Arc<ConnConfig>) {
+    for incoming in listener.incoming() {
+        if shared.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        let Ok(tcp) = incoming else { continue };
+        let Ok(registered) = tcp.try_clone() else {
+            continue;
+        };
+        let mut state = shared.lock();
+        let index = state.connections;
+        state.connections += 1;
+        state.open.insert(index, registered);
+        let conn_shared = Arc::clone(&shared);
+        let conn_config = Arc::clone(&config);
+        let spawned = thread::Builder::new()
+            .name(format!("smtp-test-conn:{index}"))
+            .spawn(move || {
+                serve(tcp, index, &conn_shared, &conn_config);
+                conn_shared.update(|s| {
+                    s.open.remove(&index);
+                });
+            });
+        match spawned {
+            Ok(handle) => state.threads.push(handle),
+            Err(_) => {
+                state.open.remove(&index);
+            }
+        }
+        drop(state);
+        shared.changed.notify_all();
+    }
+}
+
+/// The socket under the SMTP conversation, before or after TLS.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<StreamOwned<ServerConnection, TcpStream>>),
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.read(buf),
+            Stream::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.write(buf),
+            Stream::Tls(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.flush(),
+            Stream::Tls(s) => s.flush(),
+        }
+    }
+}
+
+/// Runs a full server-side handshake; `None` if it failed (the connection ends).
+fn tls_accept(
+    mut tcp: TcpStream,
+    config: &Arc<ServerConfig>,
+    shared: &Shared,
+) -> Option<StreamOwned<ServerConnection, TcpStream>> {
+    let mut conn = ServerConnection::new(Arc::clone(config)).ok()?;
+    while conn.is_handshaking() {
+        if conn.complete_io(&mut tcp).is_err() {
+            return None;
+        }
+    }
+    shared.update(|s| s.tls_handshakes += 1);
+    Some(StreamOwned::new(conn, tcp))
+}
+
+fn serve(tcp: TcpStream, index: usize, shared: &Shared, config: &ConnConfig) {
+    if !config.opts.greet {
+        black_hole(tcp);
+        return;
+    }
+    let _ = tcp.set_read_timeout(Some(SOCKET_TIMEOUT));
+    let _ = tcp.set_write_timeout(Some(SOCKET_TIMEOUT));
+    let _ = tcp.set_nodelay(true);
+    let stream = match (&config.opts.tls, &config.tls) {
+        (Tls::Implicit, Some(tls)) => match tls_accept(tcp, tls, shared) {
+            Some(s) => Stream::Tls(Box::new(s)),
+            None => return,
+        },
+        _ => Stream::Plain(tcp),
+    };
+    // Any I/O error simply ends this connection; the server itself lives on.
+    let _ = Session::new(stream, index, shared, config).run();
+}
+
+/// Holds the socket without ever writing; returns when the client closes or the
+/// server is dropped (which shuts the socket down).
+fn black_hole(mut tcp: TcpStream) {
+    let mut sink = [0u8; 4096];
+    while let Ok(n) = tcp.read(&mut sink) {
+        if n == 0 {
+            return;
+        }
+    }
+}
+
+enum Line {
+    Text(Vec<u8>),
+    TooLong,
+    Eof,
+}
+
+/// Reads one line (LF or CRLF terminated) of at most `limit` bytes, without its
+/// terminator.
+fn read_line(reader: &mut impl BufRead, limit: usize) -> io::Result<Line> {
+    let mut buf = Vec::new();
+    let n = reader
+        .by_ref()
+        .take(limit as u64 + 2)
+        .read_until(b'\n', &mut buf)?;
+    if n == 0 {
+        return Ok(Line::Eof);
+    }
+    if buf.last() != Some(&b'\n') {
+        // Either the client hung up mid-line or the line is over the limit.
+        return Ok(if buf.len() > limit {
+            Line::TooLong
+        } else {
+            Line::Eof
+        });
+    }
+    buf.pop();
+    if buf.last() == Some(&b'\r') {
+        buf.pop();
+    }
+    if buf.len() > limit {
+        return Ok(Line::TooLong);
+    }
+    Ok(Line::Text(buf))
+}
+
+/// What the command loop does after a command.
+enum Next {
+    Continue,
+    StartTls,
+    Close,
+}
+
+struct Session<'a> {
+    reader: BufReader<Stream>,
+    index: usize,
+    shared: &'a Shared,
+    config: &'a ConnConfig,
+    in_tls: bool,
+    greeted: bool,
+    auth_user: Option<String>,
+    mail_from: Option<String>,
+    rcpt_to: Vec<String>,
+}
+
+impl<'a> Session<'a> {
+    fn new(stream: Stream, index: usize, shared: &'a Shared, config: &'a ConnConfig) -> Self {
+        Session {
+            in_tls: matches!(stream, Stream::Tls(_)),
+            reader: BufReader::new(stream),
+            index,
+            shared,
+            config,
+            greeted: false,
+            auth_user: None,
+            mail_from: None,
+            rcpt_to: Vec::new(),
+        }
+    }
+
+    fn run(mut self) -> io::Result<()> {
+        let greeting = self
+            .config
+            .opts
+            .greeting
+            .clone()
+            .unwrap_or_else(|| "220 test.invalid ESMTP".to_string());
+        self.reply(&greeting)?;
+        loop {
+            let line = match self.read_command()? {
+                Some(line) => line,
+                None => return Ok(()),
+            };
+            match self.command(&line)? {
+                Next::Continue => {}
+                Next::Close => return Ok(()),
+                Next::StartTls => self = self.upgrade()?,
+            }
+        }
+    }
+
+    fn opts(&self) -> &ServerOptions {
+        &self.config.opts
+    }
+
+    fn reply(&mut self, line: &str) -> io::Result<()> {
+        // One write per reply: a reply split over two segments stalls on
+        // Nagle plus delayed ACK.
+        let stream = self.reader.get_mut();
+        stream.write_all(format!("{line}\r\n").as_bytes())?;
+        stream.flush()
+    }
+
+    /// Reads and records one command line; `None` at EOF or after a too-long line.
+    fn read_command(&mut self) -> io::Result<Option<String>> {
+        match read_line(&mut self.reader, COMMAND_LINE_LIMIT)? {
+            Line::Eof => Ok(None),
+            Line::TooLong => {
+                self.refuse_long_line()?;
+                Ok(None)
+            }
+            Line::Text(bytes) => {
+                let line = String::from_utf8_lossy(&bytes).into_owned();
+                let index = self.index;
+                let recorded = line.clone();
+                self.shared.update(|s| s.commands.push((index, recorded)));
+                Ok(Some(line))
+            }
+        }
+    }
+
+    /// Replies 500 before the connection is closed, eating the rest of the
+    /// line (bounded) so the close does not reset the connection before the
+    /// client has read the reply.
+    fn refuse_long_line(&mut self) -> io::Result<()> {
+        self.reply("500 5.5.2 Line too long")?;
+        let mut rest = Vec::new();
+        let _ = (&mut self.reader)
+            .take(DRAIN_LIMIT)
+            .read_until(b'\n', &mut rest);
+        Ok(())
+    }
+
+    fn reset_transaction(&mut self) {
+        self.mail_from = None;
+        self.rcpt_to.clear();
+    }
+
+    fn auth_offered(&self) -> bool {
+        self.opts().require_auth.is_some() && (self.opts().tls != Tls::StartTls || self.in_tls)
+    }
+
+    fn command(&mut self, line: &str) -> io::Result<Next> {
+        let (verb, arg) = match line.split_once(' ') {
+            Some((v, a)) => (v.to_ascii_uppercase(), a.trim()),
+            None => (line.trim().to_ascii_uppercase(), ""),
+        };
+        match verb.as_str() {
+            "EHLO" => self.ehlo()?,
+            "HELO" => {
+                self.greeted = true;
+                self.reset_transaction();
+                let hostname = self.opts().hostname.clone();
+                self.reply(&format!("250 {hostname}"))?;
+            }
+            "STARTTLS" => return self.starttls(),
+            "AUTH" => self.auth(arg)?,
+            "MAIL" => self.mail(arg)?,
+            "RCPT" => self.rcpt(arg)?,
+            "DATA" => return self.data(),
+            "RSET" => {
+                self.reset_transaction();
+                self.reply("250 2.0.0 Ok")?;
+            }
+            "NOOP" => self.reply("250 2.0.0 Ok")?,
+            "QUIT" => {
+                self.reply("221 2.0.0 Bye")?;
+                if let Stream::Tls(tls) = self.reader.get_mut() {
+                    tls.conn.send_close_notify();
+                    let _ = tls.flush();
+                }
+                return Ok(Next::Close);
+            }
+            _ => self.reply("500 5.5.2 Command unrecognized")?,
+        }
+        Ok(Next::Continue)
+    }
+
+    fn ehlo(&mut self) -> io::Result<()> {
+        if self.opts().refuse_ehlo {
+            return self.reply("500 5.5.1 EHLO not supported, use HELO");
+        }
+        self.greeted = true;
+        self.reset_transaction();
+        let mut lines = vec![
+            self.opts().hostname.clone(),
+            "PIPELINING".to_string(),
+            "8BITMIME".to_string(),
+            "SIZE 52428800".to_string(),
+        ];
+        if self.opts().starttls_offered() && !self.in_tls {
+            lines.push("STARTTLS".to_string());
+        }
+        if self.auth_offered() {
+            lines.push("AUTH PLAIN LOGIN".to_string());
+        }
+        let last = lines.len() - 1;
+        let mut text = String::new();
+        for (i, line) in lines.iter().enumerate() {
+            let sep = if i == last { ' ' } else { '-' };
+            text.push_str(&format!("250{sep}{line}\r\n"));
+        }
+        let stream = self.reader.get_mut();
+        stream.write_all(text.as_bytes())?;
+        stream.flush()
+    }
+
+    fn starttls(&mut self) -> io::Result<Next> {
+        if !self.opts().starttls_offered() {
+            self.reply("502 5.5.1 STARTTLS not available")?;
+            return Ok(Next::Continue);
+        }
+        if self.in_tls {
+            self.reply("503 5.5.1 Already in TLS")?;
+            return Ok(Next::Continue);
+        }
+        self.reply("220 2.0.0 Ready to start TLS")?;
+        Ok(Next::StartTls)
+    }
+
+    /// Consumes the plaintext session and returns a fresh one over TLS: all
+    /// SMTP state is forgotten (RFC 3207 §4.2), so the client must EHLO again.
+    fn upgrade(self) -> io::Result<Session<'a>> {
+        if !self.reader.buffer().is_empty() {
+            // Plaintext pipelined after STARTTLS would be an injection; refuse.
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "data after STARTTLS",
+            ));
+        }
+        let Some(tls_config) = self.config.tls.clone() else {
+            return Err(io::Error::other("no TLS config"));
+        };
+        let Stream::Plain(tcp) = self.reader.into_inner() else {
+            return Err(io::Error::other("already in TLS"));
+        };
+        let tls = tls_accept(tcp, &tls_config, self.shared)
+            .ok_or_else(|| io::Error::other("TLS handshake failed"))?;
+        Ok(Session::new(
+            Stream::Tls(Box::new(tls)),
+            self.index,
+            self.shared,
+            self.config,
+        ))
+    }
+
+    fn auth(&mut self, arg: &str) -> io::Result<()> {
+        let Some((user, password)) = self.opts().require_auth.clone() else {
+            return self.reply("502 5.5.1 AUTH not supported");
+        };
+        if !self.greeted {
+            return self.reply("503 5.5.1 EHLO first");
+        }
+        if !self.auth_offered() {
+            return self.reply("530 5.7.0 Must issue a STARTTLS command first");
+        }
+        if self.auth_user.is_some() {
+            return self.reply("503 5.5.1 Already authenticated");
+        }
+        let (mechanism, initial) = match arg.split_once(' ') {
+            Some((m, i)) => (m.to_ascii_uppercase(), Some(i.trim().to_string())),
+            None => (arg.to_ascii_uppercase(), None),
+        };
+        let credentials = match mechanism.as_str() {
+            "PLAIN" => {
+                let response = match initial {
+                    Some(r) if r != "=" => r,
+                    Some(_) => String::new(),
+                    None => match self.challenge("334 ")? {
+                        Some(r) => r,
+                        None => return Ok(()),
+                    },
+                };
+                let Some(decoded) = self.decode(&response)? else {
+                    return Ok(());
+                };
+                let mut parts = decoded.split(|&b| b == 0);
+                let (Some(_authzid), Some(authcid), Some(passwd), None) =
+                    (parts.next(), parts.next(), parts.next(), parts.next())
+                else {
+                    return self.reply("501 5.5.2 Malformed AUTH PLAIN response");
+                };
+                (authcid.to_vec(), passwd.to_vec())
+            }
+            "LOGIN" => {
+                let user_b64 = match initial {
+                    Some(r) => r,
+                    None => match self.challenge("334 VXNlcm5hbWU6")? {
+                        Some(r) => r,
+                        None => return Ok(()),
+                    },
+                };
+                let Some(login) = self.decode(&user_b64)? else {
+                    return Ok(());
+                };
+                let Some(pass_b64) = self.challenge("334 UGFzc3dvcmQ6")? else {
+                    return Ok(());
+                };
+                let Some(pass) = self.decode(&pass_b64)? else {
+                    return Ok(());
+                };
+                (login, pass)
+            }
+            _ => return self.reply("504 5.5.4 Unrecognized authentication type"),
+        };
+        if credentials.0 == user.as_bytes() && credentials.1 == password.as_bytes() {
+            self.auth_user = Some(user);
+            self.reply("235 2.7.0 Authentication successful")
+        } else {
+            self.reply("535 5.7.8 Authentication credentials invalid")
+        }
+    }
+
+    /// Sends a 334 challenge and reads the client's answer; `None` if the
+    /// exchange is over (cancelled with "*", EOF or a too-long line).
+    fn challenge(&mut self, prompt: &str) -> io::Result<Option<String>> {
+        self.reply(prompt)?;
+        match self.read_command()? {
+            Some(line) if line.trim() == "*" => {
+                self.reply("501 5.7.0 Authentication cancelled")?;
+                Ok(None)
+            }
+            Some(line) => Ok(Some(line.trim().to_string())),
+            None => Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "EOF during AUTH",
+            )),
+        }
+    }
+
+    fn decode(&mut self, b64: &str) -> io::Result<Option<Vec<u8>>> {
+        match BASE64.decode(b64) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(_) => {
+                self.reply("501 5.5.2 Cannot decode base64")?;
+                Ok(None)
+            }
+        }
+    }
+
+    fn mail(&mut self, arg: &str) -> io::Result<()> {
+        if !self.greeted {
+            return self.reply("503 5.5.1 EHLO/HELO first");
+        }
+        if self.opts().require_auth.is_some() && self.auth_user.is_none() {
+            return self.reply("530 5.7.0 Authentication required");
+        }
+        if self.mail_from.is_some() {
+            return self.reply("503 5.5.1 Nested MAIL command");
+        }
+        let Some(address) = path_argument(arg, "FROM:") else {
+            return self.reply("501 5.5.4 Syntax: MAIL FROM:<address>");
+        };
+        let reply = self
+            .opts()
+            .mail_reply
+            .clone()
+            .unwrap_or_else(|| "250 2.1.0 Ok".to_string());
+        if reply.starts_with('2') {
+            self.mail_from = Some(address);
+        }
+        self.reply(&reply)
+    }
+
+    fn rcpt(&mut self, arg: &str) -> io::Result<()> {
+        if self.mail_from.is_none() {
+            return self.reply("503 5.5.1 Need MAIL command");
+        }
+        let Some(address) = path_argument(arg, "TO:") else {
+            return self.reply("501 5.5.4 Syntax: RCPT TO:<address>");
+        };
+        let opts = self.opts();
+        let reply = opts
+            .rcpt_reply_for
+            .iter()
+            .find(|(a, _)| a.eq_ignore_ascii_case(&address))
+            .map(|(_, r)| r.clone())
+            .or_else(|| opts.rcpt_reply.clone())
+            .unwrap_or_else(|| "250 2.1.5 Ok".to_string());
+        if reply.starts_with('2') {
+            self.rcpt_to.push(address);
+        }
+        self.reply(&reply)
+    }
+
+    fn data(&mut self) -> io::Result<Next> {
+        let Some(mail_from) = self.mail_from.clone() else {
+            self.reply("503 5.5.1 Need MAIL command")?;
+            return Ok(Next::Continue);
+        };
+        if self.rcpt_to.is_empty() {
+            self.reply("554 5.5.1 No valid recipients")?;
+            return Ok(Next::Continue);
+        }
+        self.reply("354 End data with <CR><LF>.<CR><LF>")?;
+        let mut data = Vec::new();
+        loop {
+            let mut line = Vec::new();
+            let n = (&mut self.reader)
+                .take(BODY_LINE_LIMIT as u64 + 2)
+                .read_until(b'\n', &mut line)?;
+            if n == 0 || line.last() != Some(&b'\n') {
+                if line.len() > BODY_LINE_LIMIT {
+                    self.refuse_long_line()?;
+                }
+                // EOF inside the body: the transaction is lost, as on a real server.
+                return Ok(Next::Close);
+            }
+            if line == b".\r\n" || line == b".\n" {
+                break;
+            }
+            let unstuffed = line.strip_prefix(b".").unwrap_or(&line);
+            data.extend_from_slice(unstuffed);
+        }
+        let reply = self
+            .opts()
+            .data_reply
+            .clone()
+            .unwrap_or_else(|| "250 2.0.0 Ok: queued".to_string());
+        if reply.starts_with('2') {
+            let message = Received {
+                mail_from,
+                rcpt_to: std::mem::take(&mut self.rcpt_to),
+                data,
+                tls: self.in_tls,
+                auth_user: self.auth_user.clone(),
+                connection: self.index,
+            };
+            self.shared.update(|s| s.messages.push(message));
+        }
+        self.reset_transaction();
+        self.reply(&reply)?;
+        Ok(Next::Continue)
+    }
+}
+
+/// Extracts the address from `FROM:<addr> params` / `TO:<addr>`; the keyword is
+/// case-insensitive, spaces after the colon are tolerated, and a bare address
+/// without brackets is accepted.
+fn path_argument(arg: &str, keyword: &str) -> Option<String> {
+    let head = arg.get(..keyword.len())?;
+    if !head.eq_ignore_ascii_case(keyword) {
+        return None;
+    }
+    let rest = arg.get(keyword.len()..)?.trim_start();
+    if let Some(inner) = rest.strip_prefix('<') {
+        let end = inner.find('>')?;
+        Some(inner.get(..end)?.to_string())
+    } else {
+        let address = rest.split_whitespace().next()?;
+        Some(address.to_string())
+    }
+}

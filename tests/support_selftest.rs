@@ -1,0 +1,456 @@
+//! Self-test of tests/support/smtp_server.rs: a tiny hand-written SMTP client
+//! drives the test server over plain TCP, STARTTLS and implicit TLS, so the
+//! daemon's integration tests can trust what the server reports.
+
+mod support;
+
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
+
+use support::smtp_server::{ServerOptions, TestCa, TestServer, Tls};
+
+const WAIT: Duration = Duration::from_secs(5);
+
+trait ReadWrite: Read + Write {}
+impl<T: Read + Write> ReadWrite for T {}
+
+/// Minimal SMTP client: sends lines, reads (multi-line) replies.
+struct Client {
+    tcp: TcpStream,
+    reader: BufReader<Box<dyn ReadWrite>>,
+}
+
+fn client_config(ca: &TestCa) -> Arc<ClientConfig> {
+    let mut roots = RootCertStore::empty();
+    roots.add(ca.ca_der()).expect("add test CA");
+    let config =
+        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    Arc::new(config)
+}
+
+fn tls_wrap(tcp: &TcpStream, ca: &TestCa) -> Box<dyn ReadWrite> {
+    let name = ServerName::try_from("localhost").expect("server name");
+    let mut conn = ClientConnection::new(client_config(ca), name).expect("client connection");
+    let mut sock = tcp.try_clone().expect("clone socket");
+    while conn.is_handshaking() {
+        conn.complete_io(&mut sock).expect("TLS handshake");
+    }
+    Box::new(StreamOwned::new(conn, sock))
+}
+
+impl Client {
+    fn connect(server: &TestServer) -> Client {
+        let tcp = TcpStream::connect(server.addr()).expect("connect");
+        tcp.set_read_timeout(Some(WAIT)).expect("read timeout");
+        let plain: Box<dyn ReadWrite> = Box::new(tcp.try_clone().expect("clone socket"));
+        Client {
+            tcp,
+            reader: BufReader::new(plain),
+        }
+    }
+
+    fn connect_implicit(server: &TestServer, ca: &TestCa) -> Client {
+        let tcp = TcpStream::connect(server.addr()).expect("connect");
+        tcp.set_read_timeout(Some(WAIT)).expect("read timeout");
+        let tls = tls_wrap(&tcp, ca);
+        Client {
+            tcp,
+            reader: BufReader::new(tls),
+        }
+    }
+
+    fn send(&mut self, line: &str) {
+        let stream = self.reader.get_mut();
+        stream
+            .write_all(format!("{line}\r\n").as_bytes())
+            .expect("write");
+        stream.flush().expect("flush");
+    }
+
+    /// Reads one reply; returns (code, text of each line).
+    fn reply(&mut self) -> (u16, Vec<String>) {
+        let mut lines = Vec::new();
+        loop {
+            let mut line = String::new();
+            let n = self.reader.read_line(&mut line).expect("read reply");
+            assert!(n > 0, "connection closed while reading a reply");
+            let line = line.trim_end().to_string();
+            let code: u16 = line[..3].parse().expect("reply code");
+            let last = line.as_bytes().get(3) != Some(&b'-');
+            lines.push(line[4.min(line.len())..].to_string());
+            if last {
+                return (code, lines);
+            }
+        }
+    }
+
+    fn cmd(&mut self, line: &str) -> (u16, Vec<String>) {
+        self.send(line);
+        self.reply()
+    }
+
+    fn expect(&mut self, line: &str, code: u16) -> Vec<String> {
+        let (got, text) = self.cmd(line);
+        assert_eq!(got, code, "{line:?} -> {got} {text:?}");
+        text
+    }
+
+    fn starttls(&mut self, ca: &TestCa) {
+        self.expect("STARTTLS", 220);
+        assert!(self.reader.buffer().is_empty());
+        self.reader = BufReader::new(tls_wrap(&self.tcp, ca));
+    }
+
+    /// MAIL, RCPTs, DATA and body; the body is sent dot-stuffed.
+    fn send_message(&mut self, from: &str, to: &[&str], body: &str) -> u16 {
+        self.expect(&format!("MAIL FROM:<{from}> SIZE=100"), 250);
+        for rcpt in to {
+            self.cmd(&format!("RCPT TO:<{rcpt}>"));
+        }
+        let (code, _) = self.cmd("DATA");
+        if code != 354 {
+            return code;
+        }
+        let mut wire = String::new();
+        for line in body.split("\r\n") {
+            if line.starts_with('.') {
+                wire.push('.');
+            }
+            wire.push_str(line);
+            wire.push_str("\r\n");
+        }
+        wire.push_str(".\r\n");
+        let stream = self.reader.get_mut();
+        stream.write_all(wire.as_bytes()).expect("write body");
+        stream.flush().expect("flush");
+        self.reply().0
+    }
+
+    fn at_eof(&mut self) -> bool {
+        let mut buf = [0u8; 64];
+        matches!(self.reader.read(&mut buf), Ok(0) | Err(_))
+    }
+}
+
+#[test]
+fn plain_session_lists_extensions_and_unstuffs_dots() {
+    let server = TestServer::start(ServerOptions::default(), None);
+    let mut client = Client::connect(&server);
+    assert_eq!(
+        client.reply(),
+        (220, vec!["test.invalid ESMTP".to_string()])
+    );
+    let ehlo = client.expect("EHLO client.test", 250);
+    assert_eq!(
+        ehlo,
+        ["test.invalid", "PIPELINING", "8BITMIME", "SIZE 52428800"]
+    );
+    let body = "Subject: hi\r\n\r\n.leading dot\r\n..two dots\r\n.\r\nend";
+    let code = client.send_message("a@example.com", &["b@example.com", "c@example.com"], body);
+    assert_eq!(code, 250);
+    client.expect("QUIT", 221);
+    assert!(client.at_eof());
+
+    let messages = server.wait_for_messages(1, WAIT);
+    assert_eq!(messages.len(), 1);
+    let m = &messages[0];
+    assert_eq!(m.mail_from, "a@example.com");
+    assert_eq!(m.rcpt_to, ["b@example.com", "c@example.com"]);
+    assert_eq!(
+        m.text(),
+        "Subject: hi\r\n\r\n.leading dot\r\n..two dots\r\n.\r\nend\r\n"
+    );
+    assert!(!m.tls);
+    assert_eq!(m.auth_user, None);
+    assert_eq!(m.connection, 0);
+    assert_eq!(server.connections(), 1);
+    assert_eq!(server.tls_handshakes(), 0);
+    let commands: Vec<String> = server.commands().into_iter().map(|(_, c)| c).collect();
+    assert_eq!(
+        commands,
+        [
+            "EHLO client.test",
+            "MAIL FROM:<a@example.com> SIZE=100",
+            "RCPT TO:<b@example.com>",
+            "RCPT TO:<c@example.com>",
+            "DATA",
+            "QUIT"
+        ]
+    );
+}
+
+#[test]
+fn two_starttls_sessions_count_two_handshakes_and_auth_only_after_tls() {
+    let ca = TestCa::new();
+    let opts = ServerOptions {
+        tls: Tls::StartTls,
+        require_auth: Some(("user".into(), "secret".into())),
+        ..ServerOptions::default()
+    };
+    let server = TestServer::start(opts, Some(&ca));
+    for i in 0..2 {
+        let mut client = Client::connect(&server);
+        assert_eq!(client.reply().0, 220);
+        let ehlo = client.expect("EHLO client.test", 250);
+        assert!(ehlo.contains(&"STARTTLS".to_string()), "{ehlo:?}");
+        assert!(!ehlo.iter().any(|l| l.starts_with("AUTH")), "{ehlo:?}");
+        client.expect("AUTH PLAIN AHVzZXIAc2VjcmV0", 530);
+        client.starttls(&ca);
+        // SMTP state is reset: MAIL before EHLO is refused.
+        client.expect("MAIL FROM:<a@example.com>", 503);
+        let ehlo = client.expect("EHLO client.test", 250);
+        assert!(!ehlo.contains(&"STARTTLS".to_string()), "{ehlo:?}");
+        assert_eq!(ehlo.last().map(String::as_str), Some("AUTH PLAIN LOGIN"));
+        client.expect("STARTTLS", 503);
+        let plain = BASE64.encode(b"\0user\0secret");
+        client.expect(&format!("AUTH PLAIN {plain}"), 235);
+        assert_eq!(
+            client.send_message("a@example.com", &["b@example.com"], &format!("n={i}")),
+            250
+        );
+        client.expect("QUIT", 221);
+    }
+    let messages = server.wait_for_messages(2, WAIT);
+    assert_eq!(messages.len(), 2);
+    assert_eq!(server.tls_handshakes(), 2);
+    assert_eq!(server.connections(), 2);
+    for (i, m) in messages.iter().enumerate() {
+        assert!(m.tls);
+        assert_eq!(m.auth_user.as_deref(), Some("user"));
+        assert_eq!(m.connection, i);
+        assert_eq!(m.text(), format!("n={i}\r\n"));
+    }
+}
+
+#[test]
+fn auth_login_plain_with_challenge_and_wrong_credentials() {
+    let opts = ServerOptions {
+        require_auth: Some(("user".into(), "secret".into())),
+        ..ServerOptions::default()
+    };
+    let server = TestServer::start(opts, None);
+    let mut client = Client::connect(&server);
+    client.reply();
+    let ehlo = client.expect("EHLO c", 250);
+    assert!(ehlo.contains(&"AUTH PLAIN LOGIN".to_string()));
+    // MAIL before AUTH.
+    assert_eq!(
+        client.cmd("MAIL FROM:<a@example.com>"),
+        (530, vec!["5.7.0 Authentication required".to_string()])
+    );
+    // Wrong password via PLAIN with an empty initial response.
+    client.expect("AUTH PLAIN", 334);
+    let (code, text) = client.cmd(&BASE64.encode(b"\0user\0wrong"));
+    assert_eq!(
+        (code, text),
+        (535, vec!["5.7.8 Authentication credentials invalid".into()])
+    );
+    // LOGIN with the right credentials.
+    assert_eq!(client.cmd("AUTH LOGIN").1, ["VXNlcm5hbWU6"]);
+    assert_eq!(client.cmd(&BASE64.encode("user")).1, ["UGFzc3dvcmQ6"]);
+    client.expect(&BASE64.encode("secret"), 235);
+    assert_eq!(client.send_message("a@x", &["b@x"], "hello"), 250);
+    let m = server.wait_for_messages(1, WAIT);
+    assert_eq!(m[0].auth_user.as_deref(), Some("user"));
+    // AUTH payload lines are recorded as sent.
+    let commands: Vec<String> = server.commands().into_iter().map(|(_, c)| c).collect();
+    assert!(commands.contains(&BASE64.encode("user")));
+}
+
+#[test]
+fn black_hole_sends_nothing() {
+    let opts = ServerOptions {
+        greet: false,
+        ..ServerOptions::default()
+    };
+    let server = TestServer::start(opts, None);
+    let mut tcp = TcpStream::connect(server.addr()).expect("connect");
+    tcp.set_read_timeout(Some(Duration::from_millis(300)))
+        .expect("timeout");
+    let started = Instant::now();
+    let mut buf = [0u8; 16];
+    let err = tcp.read(&mut buf).expect_err("black hole must not send");
+    assert!(matches!(
+        err.kind(),
+        ErrorKind::WouldBlock | ErrorKind::TimedOut
+    ));
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    assert_eq!(server.wait_for_connections(1, WAIT), 1);
+    // Dropping the server closes the held socket instead of hanging.
+    drop(server);
+    tcp.set_read_timeout(Some(WAIT)).expect("timeout");
+    assert!(matches!(tcp.read(&mut buf), Ok(0) | Err(_)));
+}
+
+#[test]
+fn scripted_rcpt_replies_keep_only_accepted_recipients() {
+    let opts = ServerOptions {
+        rcpt_reply_for: vec![("gone@example.com".into(), "550 5.1.1 No such user".into())],
+        ..ServerOptions::default()
+    };
+    let server = TestServer::start(opts, None);
+    let mut client = Client::connect(&server);
+    client.reply();
+    client.expect("EHLO c", 250);
+    client.expect("MAIL FROM:<a@example.com>", 250);
+    assert_eq!(
+        client.cmd("RCPT TO:<gone@example.com>"),
+        (550, vec!["5.1.1 No such user".to_string()])
+    );
+    client.expect("RCPT TO:<ok@example.com>", 250);
+    client.expect("DATA", 354);
+    client.send("x");
+    client.send(".");
+    assert_eq!(client.reply().0, 250);
+    let m = server.wait_for_messages(1, WAIT);
+    assert_eq!(m[0].rcpt_to, ["ok@example.com"]);
+
+    let busy = TestServer::start(
+        ServerOptions {
+            rcpt_reply: Some("450 4.2.0 Mailbox busy".into()),
+            ..ServerOptions::default()
+        },
+        None,
+    );
+    let mut client = Client::connect(&busy);
+    client.reply();
+    client.expect("EHLO c", 250);
+    client.expect("MAIL FROM:<a@example.com>", 250);
+    client.expect("RCPT TO:<b@example.com>", 450);
+    assert_eq!(
+        client.cmd("DATA"),
+        (554, vec!["5.5.1 No valid recipients".to_string()])
+    );
+    assert!(busy.messages().is_empty());
+}
+
+#[test]
+fn implicit_tls_greets_over_tls() {
+    let ca = TestCa::new();
+    let opts = ServerOptions {
+        tls: Tls::Implicit,
+        greeting: Some("220 implicit.test ESMTP".into()),
+        ..ServerOptions::default()
+    };
+    let server = TestServer::start(opts, Some(&ca));
+    let mut client = Client::connect_implicit(&server, &ca);
+    assert_eq!(
+        client.reply(),
+        (220, vec!["implicit.test ESMTP".to_string()])
+    );
+    let ehlo = client.expect("EHLO c", 250);
+    assert!(!ehlo.contains(&"STARTTLS".to_string()));
+    assert_eq!(client.send_message("a@x", &["b@x"], "secret"), 250);
+    client.expect("QUIT", 221);
+    let m = server.wait_for_messages(1, WAIT);
+    assert!(m[0].tls);
+    assert_eq!(server.tls_handshakes(), 1);
+}
+
+#[test]
+fn refused_ehlo_and_unadvertised_starttls() {
+    let ca = TestCa::new();
+    let opts = ServerOptions {
+        tls: Tls::StartTls,
+        advertise_starttls: false,
+        refuse_ehlo: true,
+        ..ServerOptions::default()
+    };
+    let server = TestServer::start(opts, Some(&ca));
+    let mut client = Client::connect(&server);
+    client.reply();
+    client.expect("EHLO c", 500);
+    client.expect("HELO c", 250);
+    client.expect("STARTTLS", 502);
+    client.expect("NOOP", 250);
+    client.expect("RSET", 250);
+    client.expect("BOGUS", 500);
+    assert_eq!(client.send_message("a@x", &["b@x"], "via helo"), 250);
+    assert!(!server.wait_for_messages(1, WAIT)[0].tls);
+    assert_eq!(server.tls_handshakes(), 0);
+}
+
+#[test]
+fn overlong_line_is_refused_and_bare_lf_tolerated() {
+    let server = TestServer::start(ServerOptions::default(), None);
+    let mut client = Client::connect(&server);
+    client.reply();
+    // Bare LF line ends are accepted.
+    client
+        .reader
+        .get_mut()
+        .write_all(b"EHLO c\n")
+        .expect("write");
+    assert_eq!(client.reply().0, 250);
+    let long = "X".repeat(70 * 1024);
+    let (code, _) = client.cmd(&long);
+    assert_eq!(code, 500);
+    assert!(client.at_eof());
+    // The server survives and accepts the next client.
+    let mut again = Client::connect(&server);
+    assert_eq!(again.reply().0, 220);
+}
+
+#[test]
+fn mail_and_data_replies_are_scriptable() {
+    let server = TestServer::start(
+        ServerOptions {
+            data_reply: Some("452 4.3.1 Insufficient system storage".into()),
+            ..ServerOptions::default()
+        },
+        None,
+    );
+    let mut client = Client::connect(&server);
+    client.reply();
+    client.expect("EHLO c", 250);
+    assert_eq!(client.send_message("a@x", &["b@x"], "body"), 452);
+    assert!(server.messages().is_empty());
+
+    let server = TestServer::start(
+        ServerOptions {
+            mail_reply: Some("421 4.3.2 Shutting down".into()),
+            ..ServerOptions::default()
+        },
+        None,
+    );
+    let mut client = Client::connect(&server);
+    client.reply();
+    client.expect("EHLO c", 250);
+    client.expect("MAIL FROM:<a@x>", 421);
+    client.expect("RCPT TO:<b@x>", 503);
+}
+
+#[test]
+fn drop_with_idle_clients_does_not_hang() {
+    let ca = TestCa::new();
+    let server = TestServer::start(
+        ServerOptions {
+            tls: Tls::StartTls,
+            ..ServerOptions::default()
+        },
+        Some(&ca),
+    );
+    let mut idle = Client::connect(&server);
+    idle.reply();
+    // A client stuck before finishing the TLS handshake.
+    let mut half = Client::connect(&server);
+    half.reply();
+    half.expect("EHLO c", 250);
+    half.expect("STARTTLS", 220);
+    assert_eq!(server.wait_for_connections(2, WAIT), 2);
+    let started = Instant::now();
+    drop(server);
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert!(idle.at_eof());
+}
