@@ -88,7 +88,9 @@ mod tests {
     #[test]
     fn display_names_quotes_and_comments() {
         assert_eq!(
-            parse_list(r#""Doe, John" <john@a.example>, mary@b.example (Mary), Bob <bob@c.example>"#),
+            parse_list(
+                r#""Doe, John" <john@a.example>, mary@b.example (Mary), Bob <bob@c.example>"#
+            ),
             vec!["john@a.example", "mary@b.example", "bob@c.example"]
         );
     }

@@ -27,13 +27,26 @@ pub fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     let mut tenants = BTreeMap::new();
     for tenant in &config.tenants {
         if !tenant.tls_verify {
-            log::warn!("tenant {}: tls_verify = no: the relay's certificate is not checked", tenant.name);
+            log::warn!(
+                "tenant {}: tls_verify = no: the relay's certificate is not checked",
+                tenant.name
+            );
         }
-        let handle = TenantHandle::spawn(tenant, &config.daemon, spool.clone(), &roots, finished_tx.clone())?;
+        let handle = TenantHandle::spawn(
+            tenant,
+            &config.daemon,
+            spool.clone(),
+            &roots,
+            finished_tx.clone(),
+        )?;
         tenants.insert(tenant.name.as_str().to_string(), handle);
     }
     drop(finished_tx);
-    for orphan in spool.tenants()?.iter().filter(|t| !tenants.contains_key(*t)) {
+    for orphan in spool
+        .tenants()?
+        .iter()
+        .filter(|t| !tenants.contains_key(*t))
+    {
         let count = spool.message_ids(orphan).map(|ids| ids.len()).unwrap_or(0);
         if count > 0 {
             log::warn!("spool holds {count} messages for tenant {orphan:?}, which is not configured; they stay queued");

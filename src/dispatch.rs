@@ -34,8 +34,9 @@ impl Dispatcher {
         // A socket file left by a daemon that died is in the way; no live daemon
         // can be using it because the spool has one daemon (systemd's unit).
         let _ = std::fs::remove_file(&path);
-        let mut pickup = UnixDatagram::bind(&path)
-            .map_err(|e| io::Error::new(e.kind(), format!("cannot create {}: {e}", path.display())))?;
+        let mut pickup = UnixDatagram::bind(&path).map_err(|e| {
+            io::Error::new(e.kind(), format!("cannot create {}: {e}", path.display()))
+        })?;
         // Any local submitter may hint; a hint only makes a tenant look at its own folder.
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666))?;
         let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])?;

@@ -1,6 +1,8 @@
 //! pbxmail: a multi-tenant mail delivery agent for PBX appliances.
 //! One binary; argv[0] `sendmail` or `mailq` selects those personalities.
 
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 mod address;
 mod cli;
 mod config;

@@ -64,9 +64,9 @@ pub fn of_reply(reply: &Reply) -> Outcome {
 pub fn of_session_error(error: &SessionError) -> Outcome {
     let scope = match error {
         SessionError::Local(_) => RetryScope::Message,
-        SessionError::Timeout(phase) | SessionError::Io(phase, _) | SessionError::Protocol(phase, _) => {
-            phase_scope(*phase)
-        }
+        SessionError::Timeout(phase)
+        | SessionError::Io(phase, _)
+        | SessionError::Protocol(phase, _) => phase_scope(*phase),
         SessionError::Rejected(phase, _) => phase_scope(*phase),
         SessionError::Connect { .. }
         | SessionError::StartTlsNotOffered
@@ -81,15 +81,14 @@ pub fn of_session_error(error: &SessionError) -> Outcome {
 
 fn phase_scope(phase: Phase) -> RetryScope {
     match phase {
-        Phase::Connect
-        | Phase::Greeting
-        | Phase::Ehlo
-        | Phase::StartTls
-        | Phase::TlsHandshake
-        | Phase::Auth => RetryScope::Tenant,
-        Phase::Mail | Phase::Rcpt | Phase::Data | Phase::Body | Phase::DataEnd | Phase::Reset | Phase::Quit => {
-            RetryScope::Message
-        }
+        Phase::Greeting | Phase::Ehlo | Phase::StartTls | Phase::Auth => RetryScope::Tenant,
+        Phase::Mail
+        | Phase::Rcpt
+        | Phase::Data
+        | Phase::Body
+        | Phase::DataEnd
+        | Phase::Reset
+        | Phase::Quit => RetryScope::Message,
     }
 }
 

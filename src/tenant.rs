@@ -12,7 +12,7 @@ use crate::smtp::client::{self, ClientSettings};
 use crate::smtp::session::{Session, Timeouts};
 use crate::smtp::SessionError;
 use crate::spool::envelope::{Envelope, RcptResult, RcptStatus, Record};
-use crate::spool::{self, MessageId, Spool, SpoolError};
+use crate::spool::{self, MessageId, Spool};
 use crate::tls::{self, Stream};
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TrySendError};
 use rustls::RootCertStore;
@@ -31,8 +31,6 @@ const JOB_CAPACITY: usize = 1024;
 #[derive(Debug)]
 pub enum Job {
     Queued(MessageId),
-    /// Retry everything now (`pbxmail flush`).
-    Flush,
 }
 
 pub struct TenantHandle {
@@ -71,7 +69,10 @@ impl TenantHandle {
             },
         });
         if let Err(e) = &settings {
-            log::error!("tenant {}: {e}; its mail stays queued until the configuration is fixed", tenant.name);
+            log::error!(
+                "tenant {}: {e}; its mail stays queued until the configuration is fixed",
+                tenant.name
+            );
         }
         let worker = TenantWorker {
             name: tenant.name.clone(),
@@ -104,10 +105,6 @@ impl TenantHandle {
         })
     }
 
-    pub fn name(&self) -> &TenantName {
-        &self.name
-    }
-
     /// Never blocks: a full channel turns into a rescan request.
     pub fn send(&self, job: Job) {
         let Some(jobs) = &self.jobs else { return };
@@ -115,7 +112,10 @@ impl TenantHandle {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => self.rescan.store(true, Ordering::Release),
             Err(TrySendError::Disconnected(_)) => {
-                log::error!("tenant {}: worker thread is gone; mail stays queued", self.name)
+                log::error!(
+                    "tenant {}: worker thread is gone; mail stays queued",
+                    self.name
+                )
             }
         }
     }
@@ -170,14 +170,15 @@ impl TenantWorker {
     fn run(mut self) {
         log::debug!("tenant {}: worker started", self.name);
         loop {
-            if let Wake::Stop = self.wait() {
-                break;
-            }
+            // The rescan flag starts set, so the first pass loads what the spool holds.
             if self.rescan.swap(false, Ordering::AcqRel) {
                 self.rescan_spool();
             }
             self.deliver_due();
             if self.stop.load(Ordering::Acquire) {
+                break;
+            }
+            if let Wake::Stop = self.wait() {
                 break;
             }
         }
@@ -214,10 +215,6 @@ impl TenantWorker {
         match job {
             Job::Queued(id) => {
                 self.queue.entry(id).or_insert(0);
-            }
-            Job::Flush => {
-                self.tenant_backoff = None;
-                self.queue.values_mut().for_each(|due| *due = 0);
             }
         }
     }
@@ -324,7 +321,12 @@ impl TenantWorker {
     }
 
     /// Sends one message over an open session and records every recipient's result.
-    fn deliver_one(&mut self, session: &mut Session<Stream>, peer: &str, id: &MessageId) -> Result<(), SessionError> {
+    fn deliver_one(
+        &mut self,
+        session: &mut Session<Stream>,
+        peer: &str,
+        id: &MessageId,
+    ) -> Result<(), SessionError> {
         let tenant = self.name.as_str().to_string();
         let envelope = match self.spool.load_envelope(&tenant, id) {
             Ok(env) => env,
@@ -371,7 +373,8 @@ impl TenantWorker {
             .spool
             .open_message(self.name.as_str(), id)
             .map_err(|e| format!("message file unreadable: {e}"))?;
-        let actual = spool::sha256_of(&mut file).map_err(|e| format!("message file unreadable: {e}"))?;
+        let actual =
+            spool::sha256_of(&mut file).map_err(|e| format!("message file unreadable: {e}"))?;
         if actual != envelope.sha256 {
             return Err(format!(
                 "message file checksum mismatch (SHA-256 {actual}, envelope says {})",
@@ -453,10 +456,11 @@ impl TenantWorker {
                 reply: outcome.reason().to_string(),
             });
         }
-        let untouched_pending = envelope.pending().count() - results.len().min(envelope.pending().count());
+        let untouched_pending =
+            envelope.pending().count() - results.len().min(envelope.pending().count());
         still_pending += untouched_pending;
-        let next_attempt_ms =
-            (still_pending > 0).then(|| now + self.backoff(envelope.attempts + 1).as_millis() as u64);
+        let next_attempt_ms = (still_pending > 0)
+            .then(|| now + self.backoff(envelope.attempts + 1).as_millis() as u64);
         let record = Record::Attempt {
             at_ms: now,
             results,
@@ -482,7 +486,9 @@ impl TenantWorker {
                 if failed {
                     log::warn!("{id} tenant={tenant}: kept in the queue as failed");
                 } else if let Err(e) = self.spool.remove(&tenant, id) {
-                    log::error!("{id} tenant={tenant}: delivered, but cannot remove it from the spool: {e}");
+                    log::error!(
+                        "{id} tenant={tenant}: delivered, but cannot remove it from the spool: {e}"
+                    );
                 }
             }
         }
@@ -507,10 +513,4 @@ impl TenantWorker {
 
 fn record_has_failure(record: &Record) -> bool {
     matches!(record, Record::Attempt { results, .. } if results.iter().any(|r| r.status == RcptStatus::Failed))
-}
-
-/// Lets `SpoolError` show up in the worker's own messages without a wrapper enum.
-#[allow(dead_code)]
-fn _assert_error(e: SpoolError) -> Box<dyn std::error::Error> {
-    Box::new(e)
 }

@@ -3,14 +3,17 @@
 //! `ClientConnection` for every session. Session resumption is off, so no TLS
 //! state ever carries from one session into the next.
 
-use crate::config::{TenantConfig, TlsMode};
+use crate::config::TenantConfig;
 use crate::smtp::session::Transport;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::Resumption;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{CertificateError, ClientConfig, ClientConnection, DigitallySignedStruct, RootCertStore, StreamOwned};
+use rustls::{
+    CertificateError, ClientConfig, ClientConnection, DigitallySignedStruct, RootCertStore,
+    StreamOwned,
+};
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
@@ -58,7 +61,10 @@ pub fn system_roots() -> RootCertStore {
 }
 
 /// Builds the tenant's client configuration (once per tenant, at start or reload).
-pub fn client_config(tenant: &TenantConfig, system: &RootCertStore) -> Result<Arc<ClientConfig>, TlsError> {
+pub fn client_config(
+    tenant: &TenantConfig,
+    system: &RootCertStore,
+) -> Result<Arc<ClientConfig>, TlsError> {
     let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Config(e.to_string()))?;
@@ -97,27 +103,37 @@ pub fn handshake(
 ) -> Result<StreamOwned<ClientConnection, TcpStream>, TlsError> {
     let name = ServerName::try_from(host.to_string())
         .map_err(|_| TlsError::Config(format!("\"{host}\" is not a valid TLS server name")))?;
-    let mut conn = ClientConnection::new(Arc::clone(config), name).map_err(|e| TlsError::Handshake(e.to_string()))?;
+    let mut conn = ClientConnection::new(Arc::clone(config), name)
+        .map_err(|e| TlsError::Handshake(e.to_string()))?;
     tcp.set_timeout(timeout)
         .map_err(|e| TlsError::Handshake(e.to_string()))?;
     while conn.is_handshaking() {
-        conn.complete_io(&mut tcp).map_err(explain_handshake_error)?;
+        conn.complete_io(&mut tcp)
+            .map_err(explain_handshake_error)?;
     }
     Ok(StreamOwned::new(conn, tcp))
 }
 
 fn explain_handshake_error(e: io::Error) -> TlsError {
-    if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) {
+    if matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    ) {
         return TlsError::Timeout;
     }
-    let Some(rustls_error) = e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) else {
+    let Some(rustls_error) = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    else {
         return TlsError::Handshake(e.to_string());
     };
     match rustls_error {
         rustls::Error::InvalidCertificate(cert) => TlsError::Certificate(match cert {
-            CertificateError::UnknownIssuer => "the relay's certificate is not signed by a trusted CA; \
+            CertificateError::UnknownIssuer => {
+                "the relay's certificate is not signed by a trusted CA; \
                  if the relay uses a private CA, put its certificate in ca_file"
-                .into(),
+                    .into()
+            }
             CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
                 "the relay's certificate has expired; the relay's operator must renew it".into()
             }
@@ -171,12 +187,6 @@ impl Transport for Stream {
     }
 }
 
-impl Stream {
-    pub fn is_tls(&self) -> bool {
-        matches!(self, Stream::Tls(_))
-    }
-}
-
 /// `tls_verify = no`: the certificate is not checked, but handshake
 /// signatures still are (so the session is at least encrypted to the holder of the key).
 #[derive(Debug)]
@@ -200,7 +210,12 @@ impl ServerCertVerifier for AcceptAnyCertificate {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -209,15 +224,15 @@ impl ServerCertVerifier for AcceptAnyCertificate {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
     }
-}
-
-/// Whether the tenant's mode puts TLS around the first byte (port 465).
-pub fn is_implicit(mode: TlsMode) -> bool {
-    mode == TlsMode::Implicit
 }

@@ -75,7 +75,10 @@ pub fn run(args: &[String]) -> Exit {
     Exit::Ok
 }
 
-fn collect(spool: &Spool, only_tenant: Option<&str>) -> Result<Vec<QueueEntry>, crate::spool::SpoolError> {
+fn collect(
+    spool: &Spool,
+    only_tenant: Option<&str>,
+) -> Result<Vec<QueueEntry>, crate::spool::SpoolError> {
     let mut entries = Vec::new();
     for tenant in spool.tenants()? {
         if only_tenant.is_some_and(|t| t != tenant) {
@@ -105,7 +108,10 @@ fn collect(spool: &Spool, only_tenant: Option<&str>) -> Result<Vec<QueueEntry>, 
                         queued_at: rfc3339(env.queued_at_ms / 1000),
                         state,
                         attempts: env.attempts,
-                        next_attempt: env.next_attempt_ms.filter(|_| state == "deferred").map(|ms| rfc3339(ms / 1000)),
+                        next_attempt: env
+                            .next_attempt_ms
+                            .filter(|_| state == "deferred")
+                            .map(|ms| rfc3339(ms / 1000)),
                         last_error: env.last_error.clone(),
                     }
                 }
@@ -135,9 +141,16 @@ fn print_table(entries: &[QueueEntry]) {
         println!("Mail queue is empty");
         return;
     }
-    println!("{:<24} {:<9} {:<16} {:>9}  {:<20}  SENDER -> RECIPIENTS", "ID", "STATE", "TENANT", "SIZE", "QUEUED");
+    println!(
+        "{:<24} {:<9} {:<16} {:>9}  {:<20}  SENDER -> RECIPIENTS",
+        "ID", "STATE", "TENANT", "SIZE", "QUEUED"
+    );
     for e in entries {
-        let sender = if e.sender.is_empty() { "<>" } else { e.sender.as_str() };
+        let sender = if e.sender.is_empty() {
+            "<>"
+        } else {
+            e.sender.as_str()
+        };
         println!(
             "{:<24} {:<9} {:<16} {:>9}  {:<20}  {} -> {}",
             e.id,

@@ -42,10 +42,12 @@ pub fn run(args: &[String]) -> Exit {
             "-q" => mode = Mode::Flush,
             "-v" => verbose = true,
             "-odb" | "-odi" | "-odq" | "-oem" | "-oep" => {}
-            a if a.starts_with("-f") || a.starts_with("-r") => match value_of("-f", a.get(2..).unwrap_or_default()) {
-                Ok(v) => opts.sender = Some(v),
-                Err(code) => return code,
-            },
+            a if a.starts_with("-f") || a.starts_with("-r") => {
+                match value_of("-f", a.get(2..).unwrap_or_default()) {
+                    Ok(v) => opts.sender = Some(v),
+                    Err(code) => return code,
+                }
+            }
             a if a.starts_with("-F") => match value_of("-F", a.get(2..).unwrap_or_default()) {
                 Ok(v) => opts.full_name = Some(v),
                 Err(code) => return code,

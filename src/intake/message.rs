@@ -97,7 +97,9 @@ impl<R: BufRead> MessageReader<R> {
                 )));
             }
             if !self.at_line_start {
-                return Err(ReadError::BadHeaders("a header line is longer than 64 KiB".into()));
+                return Err(ReadError::BadHeaders(
+                    "a header line is longer than 64 KiB".into(),
+                ));
             }
             let line = String::from_utf8_lossy(&piece);
             let line = line.trim_end_matches(['\r', '\n']);

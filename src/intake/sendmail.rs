@@ -44,7 +44,9 @@ impl fmt::Display for SubmitError {
 impl std::error::Error for SubmitError {}
 
 fn temp_fail(e: impl fmt::Display) -> SubmitError {
-    SubmitError::TempFail(format!("cannot store the message now: {e}; try again later"))
+    SubmitError::TempFail(format!(
+        "cannot store the message now: {e}; try again later"
+    ))
 }
 
 pub struct Submitted {
@@ -52,7 +54,11 @@ pub struct Submitted {
     pub tenant: String,
 }
 
-pub fn submit(config: &Config, opts: &SubmitOptions, input: impl BufRead) -> Result<Submitted, SubmitError> {
+pub fn submit(
+    config: &Config,
+    opts: &SubmitOptions,
+    input: impl BufRead,
+) -> Result<Submitted, SubmitError> {
     let mut reader = MessageReader::new(input, opts.dot_terminates);
     let (mut headers, first_body_piece) = reader.read_headers().map_err(|e| match e {
         ReadError::Io(e) => SubmitError::TempFail(format!("cannot read the message: {e}")),
@@ -69,7 +75,9 @@ pub fn submit(config: &Config, opts: &SubmitOptions, input: impl BufRead) -> Res
         Some(s) => {
             let s = s.trim_start_matches('<').trim_end_matches('>').to_string();
             if !address::is_valid(&s) {
-                return Err(SubmitError::Data(format!("sender address \"{s}\" is not valid (-f)")));
+                return Err(SubmitError::Data(format!(
+                    "sender address \"{s}\" is not valid (-f)"
+                )));
             }
             s
         }
@@ -79,8 +87,14 @@ pub fn submit(config: &Config, opts: &SubmitOptions, input: impl BufRead) -> Res
     };
 
     // The null sender (bounces) is routed by its From header's domain.
-    let routing_address = if sender.is_empty() { from_header.as_deref() } else { Some(sender.as_str()) };
-    let domain = routing_address.and_then(address::domain_of).unwrap_or_default();
+    let routing_address = if sender.is_empty() {
+        from_header.as_deref()
+    } else {
+        Some(sender.as_str())
+    };
+    let domain = routing_address
+        .and_then(address::domain_of)
+        .unwrap_or_default();
     let tenant = config.tenant_for_sender_domain(domain).ok_or_else(|| {
         SubmitError::Data(format!(
             "no tenant handles the sender's domain \"{domain}\": add it to a tenant's `domains`, \
@@ -130,23 +144,34 @@ pub fn submit(config: &Config, opts: &SubmitOptions, input: impl BufRead) -> Res
         .commit(&tenant_name, &sender, &recipients)
         .map_err(|e: SpoolError| temp_fail(e))?;
     spool.notify(&tenant_name, &id);
-    Ok(Submitted { id, tenant: tenant_name })
+    Ok(Submitted {
+        id,
+        tenant: tenant_name,
+    })
 }
 
-fn envelope_recipients(opts: &SubmitOptions, headers: &[Header]) -> Result<Vec<String>, SubmitError> {
+fn envelope_recipients(
+    opts: &SubmitOptions,
+    headers: &[Header],
+) -> Result<Vec<String>, SubmitError> {
     let mut recipients = Vec::new();
     for arg in &opts.recipients {
         // Callers sometimes pass "a@x, b@y" as one argument.
         for piece in arg.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let bare = piece.trim_start_matches('<').trim_end_matches('>');
             if !address::is_valid(bare) {
-                return Err(SubmitError::Data(format!("recipient \"{piece}\" is not a valid address")));
+                return Err(SubmitError::Data(format!(
+                    "recipient \"{piece}\" is not a valid address"
+                )));
             }
             recipients.push(bare.to_string());
         }
     }
     if opts.recipients_from_headers {
-        for header in headers.iter().filter(|h| h.is("To") || h.is("Cc") || h.is("Bcc")) {
+        for header in headers
+            .iter()
+            .filter(|h| h.is("To") || h.is("Cc") || h.is("Bcc"))
+        {
             recipients.extend(address::parse_list(&header.value()));
         }
     }
@@ -160,7 +185,12 @@ fn envelope_recipients(opts: &SubmitOptions, headers: &[Header]) -> Result<Vec<S
     Ok(recipients)
 }
 
-fn add_missing_headers(headers: &mut Vec<Header>, config: &Config, opts: &SubmitOptions, sender: &str) {
+fn add_missing_headers(
+    headers: &mut Vec<Header>,
+    config: &Config,
+    opts: &SubmitOptions,
+    sender: &str,
+) {
     let now = crate::spool::unix_millis() / 1000;
     let add = |headers: &mut Vec<Header>, name: &str, value: String| {
         headers.push(Header {
@@ -170,7 +200,10 @@ fn add_missing_headers(headers: &mut Vec<Header>, config: &Config, opts: &Submit
     };
     if !headers.iter().any(|h| h.is("From")) && !sender.is_empty() {
         let value = match &opts.full_name {
-            Some(name) => format!("\"{}\" <{sender}>", name.replace(['"', '\\', '\r', '\n'], "")),
+            Some(name) => format!(
+                "\"{}\" <{sender}>",
+                name.replace(['"', '\\', '\r', '\n'], "")
+            ),
             None => sender.to_string(),
         };
         add(headers, "From", value);
@@ -180,6 +213,10 @@ fn add_missing_headers(headers: &mut Vec<Header>, config: &Config, opts: &Submit
     }
     if !headers.iter().any(|h| h.is("Message-ID")) {
         let id = MessageId::generate();
-        add(headers, "Message-ID", format!("<{id}@{}>", config.daemon.hostname));
+        add(
+            headers,
+            "Message-ID",
+            format!("<{id}@{}>", config.daemon.hostname),
+        );
     }
 }

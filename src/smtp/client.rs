@@ -36,8 +36,13 @@ pub fn open(settings: &ClientSettings) -> Result<Connected, SessionError> {
     let (tcp, addr) = connect(settings)?;
     let peer = format!("{}[{}]:{}", settings.relay.host, addr.ip(), addr.port());
     let stream = if settings.tls_mode == TlsMode::Implicit {
-        let tls = tls::handshake(tcp, &settings.tls, &settings.relay.host, settings.timeouts.command)
-            .map_err(SessionError::Tls)?;
+        let tls = tls::handshake(
+            tcp,
+            &settings.tls,
+            &settings.relay.host,
+            settings.timeouts.command,
+        )
+        .map_err(SessionError::Tls)?;
         Stream::Tls(Box::new(tls))
     } else {
         Stream::Plain(tcp)
@@ -54,10 +59,18 @@ pub fn open(settings: &ClientSettings) -> Result<Connected, SessionError> {
         session.start_tls()?;
         // Everything learned so far (capabilities, buffered bytes) is dropped here.
         let Stream::Plain(tcp) = session.into_stream()? else {
-            return Err(SessionError::Protocol(Phase::StartTls, "STARTTLS inside TLS".into()));
+            return Err(SessionError::Protocol(
+                Phase::StartTls,
+                "STARTTLS inside TLS".into(),
+            ));
         };
-        let tls = tls::handshake(tcp, &settings.tls, &settings.relay.host, settings.timeouts.command)
-            .map_err(SessionError::Tls)?;
+        let tls = tls::handshake(
+            tcp,
+            &settings.tls,
+            &settings.relay.host,
+            settings.timeouts.command,
+        )
+        .map_err(SessionError::Tls)?;
         session = Session::new(Stream::Tls(Box::new(tls)), settings.timeouts);
         session.hello(&settings.hostname)?;
     }
@@ -95,7 +108,10 @@ fn connect(settings: &ClientSettings) -> Result<(TcpStream, SocketAddr), Session
     Err(fail(last_error))
 }
 
-fn authenticate(session: &mut Session<Stream>, settings: &ClientSettings) -> Result<(), SessionError> {
+fn authenticate(
+    session: &mut Session<Stream>,
+    settings: &ClientSettings,
+) -> Result<(), SessionError> {
     let (Some(username), Some(password)) = (&settings.username, &settings.password) else {
         return Ok(());
     };
@@ -115,7 +131,10 @@ fn authenticate(session: &mut Session<Stream>, settings: &ClientSettings) -> Res
             } else if offers("LOGIN") {
                 AuthMechanism::Login
             } else {
-                log::debug!("relay {} offers no PLAIN or LOGIN; sending without AUTH", settings.relay);
+                log::debug!(
+                    "relay {} offers no PLAIN or LOGIN; sending without AUTH",
+                    settings.relay
+                );
                 return Ok(());
             }
         }

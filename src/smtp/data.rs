@@ -87,7 +87,10 @@ mod tests {
 
     #[test]
     fn stuffs_leading_dots() {
-        assert_eq!(data(&[b".\r\n.x\r\n..\r\nmid.dle\r\n"]), b"..\r\n..x\r\n...\r\nmid.dle\r\n.\r\n");
+        assert_eq!(
+            data(&[b".\r\n.x\r\n..\r\nmid.dle\r\n"]),
+            b"..\r\n..x\r\n...\r\nmid.dle\r\n.\r\n"
+        );
     }
 
     #[test]

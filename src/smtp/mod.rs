@@ -16,11 +16,9 @@ use std::io;
 /// Where in the conversation something happened, for logs and for policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
-    Connect,
     Greeting,
     Ehlo,
     StartTls,
-    TlsHandshake,
     Auth,
     Mail,
     Rcpt,
@@ -34,11 +32,9 @@ pub enum Phase {
 impl Phase {
     pub fn as_str(self) -> &'static str {
         match self {
-            Phase::Connect => "connect",
             Phase::Greeting => "greeting",
             Phase::Ehlo => "EHLO",
             Phase::StartTls => "STARTTLS",
-            Phase::TlsHandshake => "TLS handshake",
             Phase::Auth => "AUTH",
             Phase::Mail => "MAIL FROM",
             Phase::Rcpt => "RCPT TO",
@@ -55,7 +51,10 @@ impl Phase {
 #[derive(Debug)]
 pub enum SessionError {
     /// No address of the relay accepted a TCP connection.
-    Connect { relay: String, reason: String },
+    Connect {
+        relay: String,
+        reason: String,
+    },
     Timeout(Phase),
     Io(Phase, io::Error),
     /// The server broke the protocol (malformed reply, closed early, injected data).
@@ -75,7 +74,9 @@ impl SessionError {
     pub fn from_reply_error(phase: Phase, e: ReplyError) -> SessionError {
         match e {
             ReplyError::Io(e) => SessionError::from_io(phase, e),
-            ReplyError::Closed => SessionError::Protocol(phase, "connection closed by the relay".into()),
+            ReplyError::Closed => {
+                SessionError::Protocol(phase, "connection closed by the relay".into())
+            }
             ReplyError::Malformed(why) => SessionError::Protocol(phase, why),
         }
     }
@@ -91,9 +92,15 @@ impl SessionError {
 impl fmt::Display for SessionError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            SessionError::Connect { relay, reason } => write!(f, "cannot connect to {relay}: {reason}"),
-            SessionError::Timeout(phase) => write!(f, "timed out waiting for the relay ({})", phase.as_str()),
-            SessionError::Io(phase, e) => write!(f, "connection error during {}: {e}", phase.as_str()),
+            SessionError::Connect { relay, reason } => {
+                write!(f, "cannot connect to {relay}: {reason}")
+            }
+            SessionError::Timeout(phase) => {
+                write!(f, "timed out waiting for the relay ({})", phase.as_str())
+            }
+            SessionError::Io(phase, e) => {
+                write!(f, "connection error during {}: {e}", phase.as_str())
+            }
             SessionError::Protocol(phase, why) => {
                 write!(f, "protocol error during {}: {why}", phase.as_str())
             }
@@ -135,7 +142,9 @@ impl Capabilities {
         // The first line is the server's greeting name, not a keyword.
         for line in reply.lines.iter().skip(1) {
             let mut words = line.split_ascii_whitespace();
-            let Some(keyword) = words.next() else { continue };
+            let Some(keyword) = words.next() else {
+                continue;
+            };
             match keyword.to_ascii_uppercase().as_str() {
                 "STARTTLS" => caps.starttls = true,
                 "PIPELINING" => caps.pipelining = true,

@@ -17,12 +17,6 @@ impl ReplyCode {
     pub fn is_positive(self) -> bool {
         (200..300).contains(&self.0)
     }
-    pub fn is_intermediate(self) -> bool {
-        (300..400).contains(&self.0)
-    }
-    pub fn is_transient(self) -> bool {
-        (400..500).contains(&self.0)
-    }
     pub fn is_permanent(self) -> bool {
         (500..600).contains(&self.0)
     }
@@ -119,13 +113,16 @@ pub fn read_reply(input: &mut impl BufRead) -> Result<Reply, ReplyError> {
             });
         }
         if lines.len() >= MAX_LINES {
-            return Err(ReplyError::Malformed(format!("more than {MAX_LINES} lines")));
+            return Err(ReplyError::Malformed(format!(
+                "more than {MAX_LINES} lines"
+            )));
         }
     }
 }
 
 fn parse_line(line: &[u8]) -> Result<(u16, bool, String), ReplyError> {
-    let bad = |why: &str| ReplyError::Malformed(format!("{why}: {:?}", String::from_utf8_lossy(line)));
+    let bad =
+        |why: &str| ReplyError::Malformed(format!("{why}: {:?}", String::from_utf8_lossy(line)));
     if line.contains(&0) {
         return Err(bad("NUL in reply"));
     }
@@ -181,8 +178,18 @@ mod tests {
 
     #[test]
     fn rejects_garbage() {
-        for bad in ["hello\r\n", "25\r\n", "250x\r\n", "650 no\r\n", "250-a\r\n251 b\r\n", "250 a\0b\r\n"] {
-            assert!(matches!(parse(bad), Err(ReplyError::Malformed(_))), "{bad:?}");
+        for bad in [
+            "hello\r\n",
+            "25\r\n",
+            "250x\r\n",
+            "650 no\r\n",
+            "250-a\r\n251 b\r\n",
+            "250 a\0b\r\n",
+        ] {
+            assert!(
+                matches!(parse(bad), Err(ReplyError::Malformed(_))),
+                "{bad:?}"
+            );
         }
     }
 

@@ -229,7 +229,11 @@ impl<S: Transport> Session<S> {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 // The server is mid-DATA; dropping the connection is the only
                 // safe way out: it must not store a truncated message.
-                Err(e) => return Err(SessionError::Local(format!("cannot read the spooled message: {e}"))),
+                Err(e) => {
+                    return Err(SessionError::Local(format!(
+                        "cannot read the spooled message: {e}"
+                    )))
+                }
             };
             wire.clear();
             transparency.feed(chunk.get(..n).unwrap_or_default(), &mut wire);
@@ -343,7 +347,9 @@ mod tests {
     #[test]
     fn no_data_when_every_recipient_is_refused() {
         let mut s = session("250 ok\r\n450 busy\r\n250 reset\r\n");
-        let result = s.transaction("a@x", &["b@y".into()], &mut &b"body"[..]).unwrap();
+        let result = s
+            .transaction("a@x", &["b@y".into()], &mut &b"body"[..])
+            .unwrap();
         assert_eq!(result.per_recipient[0].code.0, 450);
         assert_eq!(written(s), "MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nRSET\r\n");
     }
@@ -360,7 +366,10 @@ mod tests {
     fn bytes_after_starttls_reply_abort_the_upgrade() {
         let mut s = session("220 go ahead\r\n250 injected\r\n");
         s.start_tls().unwrap();
-        assert!(matches!(s.into_stream(), Err(SessionError::Protocol(Phase::StartTls, _))));
+        assert!(matches!(
+            s.into_stream(),
+            Err(SessionError::Protocol(Phase::StartTls, _))
+        ));
     }
 
     #[test]
@@ -383,6 +392,9 @@ mod tests {
     #[test]
     fn server_closing_mid_reply_is_a_protocol_error() {
         let mut s = session("250-partial\r\n");
-        assert!(matches!(s.hello("pbx"), Err(SessionError::Protocol(Phase::Ehlo, _))));
+        assert!(matches!(
+            s.hello("pbx"),
+            Err(SessionError::Protocol(Phase::Ehlo, _))
+        ));
     }
 }

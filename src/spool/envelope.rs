@@ -95,7 +95,6 @@ pub struct Recipient {
 /// A message's state after replaying every record.
 #[derive(Debug, Clone)]
 pub struct Envelope {
-    pub tenant: String,
     pub sender: String,
     pub recipients: Vec<Recipient>,
     /// Unix milliseconds.
@@ -135,10 +134,9 @@ impl Envelope {
                 ..
             } => {
                 for result in results {
-                    let rcpt = self
-                        .recipients
-                        .get_mut(result.rcpt)
-                        .ok_or_else(|| format!("result for recipient #{} that does not exist", result.rcpt))?;
+                    let rcpt = self.recipients.get_mut(result.rcpt).ok_or_else(|| {
+                        format!("result for recipient #{} that does not exist", result.rcpt)
+                    })?;
                     // A recipient that is done stays done: a later record never revives it.
                     if rcpt.status == RcptStatus::Pending {
                         rcpt.status = result.status;
@@ -174,7 +172,9 @@ pub fn read_envelope(input: &mut impl BufRead) -> Result<Envelope, EnvelopeError
         number += 1;
         if line.last() != Some(&b'\n') {
             if n > MAX_RECORD_LEN {
-                return Err(EnvelopeError::Corrupt(format!("record {number} is too long")));
+                return Err(EnvelopeError::Corrupt(format!(
+                    "record {number} is too long"
+                )));
             }
             break; // torn tail
         }
@@ -185,12 +185,13 @@ pub fn read_envelope(input: &mut impl BufRead) -> Result<Envelope, EnvelopeError
                 None,
                 Record::Created {
                     version,
-                    tenant,
                     sender,
                     recipients,
                     queued_at_ms,
                     size,
                     sha256,
+                    // The folder says which tenant; fsck compares the two.
+                    tenant: _,
                 },
             ) => {
                 if version > FORMAT_VERSION {
@@ -199,7 +200,6 @@ pub fn read_envelope(input: &mut impl BufRead) -> Result<Envelope, EnvelopeError
                     )));
                 }
                 envelope = Some(Envelope {
-                    tenant,
                     sender,
                     recipients: recipients
                         .into_iter()
@@ -218,7 +218,9 @@ pub fn read_envelope(input: &mut impl BufRead) -> Result<Envelope, EnvelopeError
                 });
             }
             (None, _) => {
-                return Err(EnvelopeError::Corrupt("first record is not 'created'".into()));
+                return Err(EnvelopeError::Corrupt(
+                    "first record is not 'created'".into(),
+                ));
             }
             (Some(env), record) => env
                 .apply(record)
@@ -242,7 +244,10 @@ fn parse_frame(frame: &[u8]) -> Result<Record, String> {
         .and_then(|s| u32::from_str_radix(s, 16).ok())
         .ok_or("bad CRC field")?;
     if json.len() != len {
-        return Err(format!("length {} does not match the {len} recorded", json.len()));
+        return Err(format!(
+            "length {} does not match the {len} recorded",
+            json.len()
+        ));
     }
     if crc32c::crc32c(json) != crc {
         return Err("CRC32C mismatch".into());
@@ -289,7 +294,11 @@ mod tests {
 
     #[test]
     fn replay_applies_results_in_order() {
-        let bytes = encode(&[created(), attempt(0, RcptStatus::Sent), attempt(1, RcptStatus::Failed)]);
+        let bytes = encode(&[
+            created(),
+            attempt(0, RcptStatus::Sent),
+            attempt(1, RcptStatus::Failed),
+        ]);
         let env = read_envelope(&mut &bytes[..]).unwrap();
         assert_eq!(env.attempts, 2);
         assert_eq!(env.recipients[0].status, RcptStatus::Sent);
@@ -300,7 +309,11 @@ mod tests {
 
     #[test]
     fn done_recipient_is_never_revived() {
-        let bytes = encode(&[created(), attempt(0, RcptStatus::Sent), attempt(0, RcptStatus::Pending)]);
+        let bytes = encode(&[
+            created(),
+            attempt(0, RcptStatus::Sent),
+            attempt(0, RcptStatus::Pending),
+        ]);
         let env = read_envelope(&mut &bytes[..]).unwrap();
         assert_eq!(env.recipients[0].status, RcptStatus::Sent);
     }
@@ -326,14 +339,23 @@ mod tests {
 
     #[test]
     fn empty_or_headless_file_is_corruption() {
-        assert!(matches!(read_envelope(&mut &b""[..]), Err(EnvelopeError::Corrupt(_))));
+        assert!(matches!(
+            read_envelope(&mut &b""[..]),
+            Err(EnvelopeError::Corrupt(_))
+        ));
         let bytes = encode(&[attempt(0, RcptStatus::Sent)]);
-        assert!(matches!(read_envelope(&mut &bytes[..]), Err(EnvelopeError::Corrupt(_))));
+        assert!(matches!(
+            read_envelope(&mut &bytes[..]),
+            Err(EnvelopeError::Corrupt(_))
+        ));
     }
 
     #[test]
     fn result_for_unknown_recipient_is_corruption() {
         let bytes = encode(&[created(), attempt(7, RcptStatus::Sent)]);
-        assert!(matches!(read_envelope(&mut &bytes[..]), Err(EnvelopeError::Corrupt(_))));
+        assert!(matches!(
+            read_envelope(&mut &bytes[..]),
+            Err(EnvelopeError::Corrupt(_))
+        ));
     }
 }

@@ -33,7 +33,9 @@ impl MessageId {
     /// Unique across processes: time, pid and a per-process counter.
     pub fn generate() -> MessageId {
         static COUNTER: AtomicU32 = AtomicU32::new(0);
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
         let count = COUNTER.fetch_add(1, Ordering::Relaxed) & 0xfff;
         MessageId(format!(
             "{:09X}{:05X}{:06X}{:03X}",
@@ -49,10 +51,6 @@ impl MessageId {
         let ok = !s.is_empty() && s.len() <= 32 && s.bytes().all(|b| b.is_ascii_hexdigit());
         ok.then(|| MessageId(s.to_ascii_uppercase()))
     }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
 }
 
 impl fmt::Display for MessageId {
@@ -63,8 +61,14 @@ impl fmt::Display for MessageId {
 
 #[derive(Debug)]
 pub enum SpoolError {
-    Io { path: PathBuf, source: io::Error },
-    Envelope { path: PathBuf, source: EnvelopeError },
+    Io {
+        path: PathBuf,
+        source: io::Error,
+    },
+    Envelope {
+        path: PathBuf,
+        source: EnvelopeError,
+    },
 }
 
 impl SpoolError {
@@ -72,17 +76,6 @@ impl SpoolError {
         move |source| SpoolError::Io {
             path: path.to_path_buf(),
             source,
-        }
-    }
-
-    /// True when retrying later may succeed (disk full, read-only, quota).
-    pub fn is_temporary(&self) -> bool {
-        match self {
-            SpoolError::Io { source, .. } => matches!(
-                source.raw_os_error(),
-                Some(28 /* ENOSPC */ | 30 /* EROFS */ | 122 /* EDQUOT */ | 5 /* EIO */)
-            ),
-            SpoolError::Envelope { .. } => false,
         }
     }
 
@@ -158,7 +151,12 @@ impl Spool {
 
     /// Creates the folders if missing (the daemon at start; packages make them too).
     pub fn create_layout(&self) -> Result<()> {
-        for dir in [self.root.clone(), self.tmp_dir(), self.queue_dir(), self.quarantine_dir()] {
+        for dir in [
+            self.root.clone(),
+            self.tmp_dir(),
+            self.queue_dir(),
+            self.quarantine_dir(),
+        ] {
             fs::create_dir_all(&dir).map_err(SpoolError::io(&dir))?;
         }
         Ok(())
@@ -254,7 +252,9 @@ impl Spool {
         ] {
             let to = dir.join(format!("{tenant}-{id}.{ext}"));
             match fs::rename(&from, &to) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(SpoolError::io(&from)(e)),
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    return Err(SpoolError::io(&from)(e))
+                }
                 _ => {}
             }
         }
@@ -322,15 +322,19 @@ impl Write for Submission {
 }
 
 impl Submission {
-    pub fn id(&self) -> &MessageId {
-        &self.id
-    }
-
     /// Makes the message durable in `tenant`'s queue; on `Ok` it may be acknowledged.
-    pub fn commit(mut self, tenant: &str, sender: &str, recipients: &[String]) -> Result<MessageId> {
+    pub fn commit(
+        mut self,
+        tenant: &str,
+        sender: &str,
+        recipients: &[String],
+    ) -> Result<MessageId> {
         let tmp_msg = self.tmp_message.clone();
         self.out.flush().map_err(SpoolError::io(&tmp_msg))?;
-        self.out.get_ref().sync_all().map_err(SpoolError::io(&tmp_msg))?;
+        self.out
+            .get_ref()
+            .sync_all()
+            .map_err(SpoolError::io(&tmp_msg))?;
 
         let digest = self.sha256.clone().finish();
         let record = Record::Created {
@@ -459,7 +463,9 @@ mod tests {
         let spool = temp_spool("roundtrip");
         let mut sub = spool.begin_submission().unwrap();
         sub.write_all(b"Subject: hi\r\n\r\nbody\r\n").unwrap();
-        let id = sub.commit("acme", "101@acme.example", &["a@x.example".into()]).unwrap();
+        let id = sub
+            .commit("acme", "101@acme.example", &["a@x.example".into()])
+            .unwrap();
         assert_eq!(spool.message_ids("acme").unwrap(), vec![id.clone()]);
         let env = spool.load_envelope("acme", &id).unwrap();
         assert_eq!(env.size, b"Subject: hi\r\n\r\nbody\r\n".len() as u64);
@@ -504,7 +510,9 @@ mod tests {
         let spool = temp_spool("quarantine");
         let mut sub = spool.begin_submission().unwrap();
         sub.write_all(b"x\r\n").unwrap();
-        let id = sub.commit("acme", "a@acme.example", &["b@x.example".into()]).unwrap();
+        let id = sub
+            .commit("acme", "a@acme.example", &["b@x.example".into()])
+            .unwrap();
         spool.quarantine("acme", &id, "checksum mismatch").unwrap();
         assert!(spool.message_ids("acme").unwrap().is_empty());
         let mut reason = String::new();
@@ -513,7 +521,10 @@ mod tests {
             .read_to_string(&mut reason)
             .unwrap();
         assert!(reason.contains("checksum"));
-        assert!(spool.quarantine_dir().join(format!("acme-{id}.msg")).exists());
+        assert!(spool
+            .quarantine_dir()
+            .join(format!("acme-{id}.msg"))
+            .exists());
         let _ = fs::remove_dir_all(spool.root());
     }
 
@@ -522,7 +533,7 @@ mod tests {
         let a = MessageId::generate();
         let b = MessageId::generate();
         assert_ne!(a, b);
-        assert!(MessageId::parse(a.as_str()).is_some());
+        assert!(MessageId::parse(&a.to_string()).is_some());
         assert!(MessageId::parse("../etc").is_none());
     }
 }
