@@ -25,7 +25,7 @@ impl Transport for std::net::TcpStream {
 }
 
 /// Per-phase limits (RFC 5321 §4.5.3.2 gives 5 minutes for commands, 10 for
-/// the end of data).
+/// the end of data); `connect` covers the TCP connect and the greeting.
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
     pub connect: Duration,
@@ -107,8 +107,10 @@ impl<S: Transport> Session<S> {
         self.read_reply(phase)
     }
 
+    /// The greeting counts as part of connecting: a relay that accepts TCP but
+    /// never greets (black-holed) is given up on after `connect_timeout`.
     pub fn greeting(&mut self) -> Result<Reply, SessionError> {
-        self.set_timeout(Phase::Greeting, self.timeouts.command)?;
+        self.set_timeout(Phase::Greeting, self.timeouts.connect)?;
         let reply = self.read_reply(Phase::Greeting)?;
         if !reply.code.is_positive() {
             return Err(SessionError::Rejected(Phase::Greeting, reply));
