@@ -46,6 +46,15 @@ pub fn of_reply(reply: &Reply) -> Outcome {
     let text = reply.summary();
     if reply.code.is_positive() {
         Outcome::Delivered { reply: text }
+    } else if is_authentication_problem(reply) {
+        // The message is fine; the tenant's login is not. Bouncing would lose
+        // mail over a configuration mistake, so the whole tenant waits.
+        Outcome::Retry {
+            scope: RetryScope::Tenant,
+            reason: format!(
+                "{text} (the relay wants a working login: check username, password and auth)"
+            ),
+        }
     } else if reply.code.is_permanent() {
         Outcome::Bounce { reason: text }
     } else {
@@ -58,6 +67,17 @@ pub fn of_reply(reply: &Reply) -> Outcome {
     }
 }
 
+/// 530 authentication required, 535 credentials invalid, and the enhanced
+/// codes providers use for "this mailbox may not log in this way"
+/// (RFC 4954 §6: 5.7.0, 5.7.8; Exchange Online: 5.7.139, 5.7.30, 5.7.57).
+fn is_authentication_problem(reply: &Reply) -> bool {
+    matches!(reply.code.0, 530 | 535)
+        || matches!(
+            reply.enhanced(),
+            Some("5.7.8" | "5.7.139" | "5.7.30" | "5.7.57")
+        )
+}
+
 /// A failure that ended the session. It never bounces: the message is fine,
 /// the relay or the link or our configuration is not (RFC 5321 §4.5.4.1 lets
 /// the sender retry).
@@ -67,6 +87,8 @@ pub fn of_session_error(error: &SessionError) -> Outcome {
         SessionError::Timeout(phase)
         | SessionError::Io(phase, _)
         | SessionError::Protocol(phase, _) => phase_scope(*phase),
+        // 421: the relay is closing the channel (RFC 5321 §3.8); everything waits.
+        SessionError::Rejected(_, reply) if reply.code.0 == 421 => RetryScope::Tenant,
         SessionError::Rejected(phase, _) => phase_scope(*phase),
         SessionError::Connect { .. }
         | SessionError::StartTlsNotOffered
@@ -110,6 +132,32 @@ mod tests {
         assert_eq!(of_reply(&reply(451)).status(), "deferred");
         assert_eq!(of_reply(&reply(550)).status(), "bounced");
         assert_eq!(of_reply(&reply(354)).status(), "deferred");
+    }
+
+    #[test]
+    fn authentication_refusals_defer_the_tenant() {
+        let required = Reply {
+            code: ReplyCode(530),
+            lines: vec!["5.7.0 Authentication required".into()],
+        };
+        let basic_auth_off = Reply {
+            code: ReplyCode(550),
+            lines: vec!["5.7.30 Basic authentication is not supported".into()],
+        };
+        for reply in [required, basic_auth_off] {
+            assert!(matches!(
+                of_reply(&reply),
+                Outcome::Retry {
+                    scope: RetryScope::Tenant,
+                    ..
+                }
+            ));
+        }
+        let no_such_user = Reply {
+            code: ReplyCode(550),
+            lines: vec!["5.1.1 no such user".into()],
+        };
+        assert_eq!(of_reply(&no_such_user).status(), "bounced");
     }
 
     #[test]

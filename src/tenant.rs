@@ -9,14 +9,14 @@
 use crate::config::{DaemonConfig, TenantConfig, TenantName};
 use crate::outcome::{self, Outcome, RetryScope};
 use crate::smtp::client::{self, ClientSettings};
-use crate::smtp::session::{Session, Timeouts};
+use crate::smtp::session::{Outgoing, Session, Timeouts};
 use crate::smtp::SessionError;
 use crate::spool::envelope::{Envelope, RcptResult, RcptStatus, Record};
 use crate::spool::{self, MessageId, Spool};
 use crate::tls::{self, Stream};
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TrySendError};
 use rustls::RootCertStore;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::io::{self, BufReader, Seek};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -279,7 +279,9 @@ impl TenantWorker {
         }
     }
 
-    /// One SMTP session for `batch`. Returns false when the relay failed.
+    /// One SMTP session: up to messages_per_session due messages, the first
+    /// of them `batch` (deferred together if the relay cannot be reached).
+    /// Returns false when the relay failed.
     fn run_session(&mut self, batch: &[MessageId]) -> bool {
         let settings = match &self.settings {
             Ok(settings) => settings.clone(),
@@ -289,35 +291,56 @@ impl TenantWorker {
                 return false;
             }
         };
-        let relay_name = settings.relay.to_string();
         let mut connected = match client::open(&settings) {
             Ok(connected) => connected,
-            Err(e) => {
-                let outcome = outcome::of_session_error(&e);
-                log::warn!("tenant {}: relay {relay_name}: {e}", self.name);
-                self.defer_all(batch, &relay_name, outcome.reason(), RetryScope::Tenant);
+            Err(failure) => {
+                let outcome = outcome::of_session_error(&failure.error);
+                log::warn!(
+                    "tenant {}: relay {}: {}",
+                    self.name,
+                    failure.peer,
+                    failure.error
+                );
+                self.defer_all(batch, &failure.peer, outcome.reason(), RetryScope::Tenant);
                 return false;
             }
         };
         self.tenant_backoff = None;
-        for (i, id) in batch.iter().enumerate() {
-            if self.stop.load(Ordering::Acquire) {
-                break;
+        let mut tried = HashSet::new();
+        while tried.len() < self.messages_per_session && !self.stop.load(Ordering::Acquire) {
+            // Mail submitted meanwhile rides this session too.
+            while let Ok(job) = self.jobs.try_recv() {
+                self.handle(job);
             }
-            if let Err(e) = self.deliver_one(&mut connected.session, &connected.peer, id) {
+            let Some(id) = self.next_due(&tried) else { break };
+            tried.insert(id.clone());
+            if let Err(e) = self.deliver_one(&mut connected.session, &connected.peer, &id) {
                 let outcome = outcome::of_session_error(&e);
                 log::warn!("tenant {}: relay {}: {e}", self.name, connected.peer);
                 let scope = match outcome {
                     Outcome::Retry { scope, .. } => scope,
                     _ => RetryScope::Message,
                 };
-                let rest = batch.get(i..).unwrap_or_default();
-                self.defer_all(rest, &connected.peer, outcome.reason(), scope);
+                self.defer_all(std::slice::from_ref(&id), &connected.peer, outcome.reason(), scope);
                 return scope != RetryScope::Tenant;
+            }
+            if self.tenant_backoff.is_some() {
+                // A reply showed the tenant's login is refused: stop here.
+                break;
             }
         }
         connected.session.quit();
-        true
+        self.tenant_backoff.is_none()
+    }
+
+    /// The earliest-due message not yet tried in this session.
+    fn next_due(&self, tried: &HashSet<MessageId>) -> Option<MessageId> {
+        let now = spool::unix_millis();
+        self.queue
+            .iter()
+            .filter(|(id, &at)| at <= now && !tried.contains(*id))
+            .min_by_key(|(_, &at)| at)
+            .map(|(id, _)| id.clone())
     }
 
     /// Sends one message over an open session and records every recipient's result.
@@ -339,14 +362,14 @@ impl TenantWorker {
                 return Ok(());
             }
         };
-        let mut file = match self.open_verified(id, &envelope) {
-            Ok(file) => file,
+        let (mut file, eight_bit) = match self.open_verified(id, &envelope) {
+            Ok(opened) => opened,
             Err(why) => {
                 self.quarantine(id, &why);
                 return Ok(());
             }
         };
-        let pending: Vec<(usize, String)> = envelope
+        let mut pending: Vec<(usize, String)> = envelope
             .pending()
             .map(|(i, r)| (i, r.address.clone()))
             .collect();
@@ -354,43 +377,78 @@ impl TenantWorker {
             self.queue.remove(id);
             return Ok(());
         }
-        let rcpts: Vec<String> = pending.iter().map(|(_, a)| a.clone()).collect();
-        let mail_from = self.envelope_from.as_deref().unwrap_or(&envelope.sender);
-        let result = session.transaction(mail_from, &rcpts, &mut BufReader::new(&mut file))?;
-
-        let outcomes: Vec<(usize, String, Outcome)> = pending
-            .into_iter()
-            .zip(result.per_recipient.iter())
-            .map(|((index, address), reply)| (index, address, outcome::of_reply(reply)))
-            .collect();
+        let mail_from = self
+            .envelope_from
+            .clone()
+            .unwrap_or_else(|| envelope.sender.clone());
+        let mut outcomes: Vec<(usize, String, Outcome)> = Vec::with_capacity(pending.len());
+        // A 452 "too many recipients" after some were accepted means: send the
+        // rest in a following transaction (RFC 5321 §4.5.3.1.10).
+        while !pending.is_empty() {
+            let rcpts: Vec<String> = pending.iter().map(|(_, a)| a.clone()).collect();
+            let message = Outgoing {
+                mail_from: &mail_from,
+                recipients: &rcpts,
+                size: envelope.size,
+                eight_bit,
+            };
+            file.rewind().map_err(|e| {
+                SessionError::Local(format!("cannot rewind the spooled message: {e}"))
+            })?;
+            let result = session.transaction(&message, &mut BufReader::new(&mut file))?;
+            let any_delivered = result.per_recipient.iter().any(|r| r.code.is_positive());
+            let mut again = Vec::new();
+            for ((index, address), reply) in pending.into_iter().zip(result.per_recipient.iter()) {
+                if any_delivered && reply.code.0 == 452 {
+                    again.push((index, address));
+                } else {
+                    outcomes.push((index, address, outcome::of_reply(reply)));
+                }
+            }
+            pending = again;
+        }
+        let tenant_refused = outcomes.iter().any(|(_, _, o)| {
+            matches!(
+                o,
+                Outcome::Retry {
+                    scope: RetryScope::Tenant,
+                    ..
+                }
+            )
+        });
         self.record(id, &envelope, peer, outcomes, None);
+        if tenant_refused {
+            self.back_off_tenant();
+        }
         Ok(())
     }
 
-    /// Opens the message file and checks it against the SHA-256 in its envelope.
-    fn open_verified(&self, id: &MessageId, envelope: &Envelope) -> Result<std::fs::File, String> {
+    /// Opens the message file and checks it against the SHA-256 in its
+    /// envelope; the same pass notes whether it has 8-bit content.
+    fn open_verified(
+        &self,
+        id: &MessageId,
+        envelope: &Envelope,
+    ) -> Result<(std::fs::File, bool), String> {
         let mut file = self
             .spool
             .open_message(self.name.as_str(), id)
             .map_err(|e| format!("message file unreadable: {e}"))?;
-        let actual =
-            spool::sha256_of(&mut file).map_err(|e| format!("message file unreadable: {e}"))?;
-        if actual != envelope.sha256 {
+        let scan =
+            spool::scan_message(&mut file).map_err(|e| format!("message file unreadable: {e}"))?;
+        if scan.sha256 != envelope.sha256 {
             return Err(format!(
-                "message file checksum mismatch (SHA-256 {actual}, envelope says {})",
-                envelope.sha256
+                "message file checksum mismatch (SHA-256 {}, envelope says {})",
+                scan.sha256, envelope.sha256
             ));
         }
-        file.rewind().map_err(|e| e.to_string())?;
-        Ok(file)
+        Ok((file, scan.eight_bit))
     }
 
     /// Defers every pending recipient of each message after a session failure.
     fn defer_all(&mut self, ids: &[MessageId], relay: &str, reason: &str, scope: RetryScope) {
         if scope == RetryScope::Tenant {
-            let failures = self.tenant_backoff.map_or(0, |(n, _)| n) + 1;
-            let until = spool::unix_millis() + self.backoff(failures).as_millis() as u64;
-            self.tenant_backoff = Some((failures, until));
+            self.back_off_tenant();
         }
         for id in ids {
             let envelope = match self.spool.load_envelope(self.name.as_str(), id) {
@@ -416,6 +474,13 @@ impl TenantWorker {
                 .collect();
             self.record(id, &envelope, relay, outcomes, Some(reason.to_string()));
         }
+    }
+
+    /// The relay itself is failing: no session before the backoff has passed.
+    fn back_off_tenant(&mut self) {
+        let failures = self.tenant_backoff.map_or(0, |(n, _)| n) + 1;
+        let until = spool::unix_millis() + self.backoff(failures).as_millis() as u64;
+        self.tenant_backoff = Some((failures, until));
     }
 
     /// Logs one line per recipient, appends the attempt durably, and updates the index.

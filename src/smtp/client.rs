@@ -32,9 +32,30 @@ pub struct Connected {
     pub peer: String,
 }
 
-pub fn open(settings: &ClientSettings) -> Result<Connected, SessionError> {
-    let (tcp, addr) = connect(settings)?;
+/// Why a session could not be opened, and with whom (`host[ip]:port` once
+/// connected), for the delivery log line.
+pub struct OpenFailure {
+    pub peer: String,
+    pub error: SessionError,
+}
+
+pub fn open(settings: &ClientSettings) -> Result<Connected, OpenFailure> {
+    let (tcp, addr) = connect(settings).map_err(|error| OpenFailure {
+        peer: match &error {
+            SessionError::Connect { peer, .. } => peer.clone(),
+            _ => settings.relay.to_string(),
+        },
+        error,
+    })?;
     let peer = format!("{}[{}]:{}", settings.relay.host, addr.ip(), addr.port());
+    match start(tcp, settings) {
+        Ok(session) => Ok(Connected { session, peer }),
+        Err(error) => Err(OpenFailure { peer, error }),
+    }
+}
+
+/// Greeting, EHLO, TLS and AUTH over a fresh TCP connection.
+fn start(tcp: TcpStream, settings: &ClientSettings) -> Result<Session<Stream>, SessionError> {
     let stream = if settings.tls_mode == TlsMode::Implicit {
         let tls = tls::handshake(
             tcp,
@@ -76,25 +97,28 @@ pub fn open(settings: &ClientSettings) -> Result<Connected, SessionError> {
     }
 
     authenticate(&mut session, settings)?;
-    Ok(Connected { session, peer })
+    Ok(session)
 }
 
 fn connect(settings: &ClientSettings) -> Result<(TcpStream, SocketAddr), SessionError> {
-    let relay = settings.relay.to_string();
-    let fail = |reason: String| SessionError::Connect {
-        relay: relay.clone(),
-        reason,
-    };
-    let addrs: Vec<SocketAddr> = (settings.relay.host.as_str(), settings.relay.port)
+    let relay = &settings.relay;
+    let addrs: Vec<SocketAddr> = (relay.host.as_str(), relay.port)
         .to_socket_addrs()
-        .map_err(|e| fail(format!("cannot resolve the host name: {e}")))?
+        .map_err(|e| SessionError::Connect {
+            peer: relay.to_string(),
+            reason: format!("cannot resolve the host name: {e}"),
+        })?
         .collect();
     let deadline = Instant::now() + settings.timeouts.connect;
-    let mut last_error = String::from("the host name has no addresses");
+    let several = addrs.len() > 1;
+    let mut failure = SessionError::Connect {
+        peer: relay.to_string(),
+        reason: "the host name has no addresses".into(),
+    };
     for addr in addrs {
+        let peer = format!("{}[{}]:{}", relay.host, addr.ip(), addr.port());
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            last_error = format!("no answer within {:?}", settings.timeouts.connect);
             break;
         }
         match TcpStream::connect_timeout(&addr, left) {
@@ -102,10 +126,18 @@ fn connect(settings: &ClientSettings) -> Result<(TcpStream, SocketAddr), Session
                 let _ = tcp.set_nodelay(true);
                 return Ok((tcp, addr));
             }
-            Err(e) => last_error = format!("{addr}: {e}"),
+            Err(e) => {
+                // With several addresses, say which one failed how.
+                let reason = if several {
+                    format!("{}: {e}", addr.ip())
+                } else {
+                    e.to_string()
+                };
+                failure = SessionError::Connect { peer, reason };
+            }
         }
     }
-    Err(fail(last_error))
+    Err(failure)
 }
 
 fn authenticate(

@@ -2,22 +2,39 @@
 //! (RFC 5321 §4.5.2). Works on a stream of chunks so no message is held whole.
 //!
 //! Every bare CR or bare LF becomes CRLF, so `<LF>.<CR><LF>` can never reach
-//! the wire (SMTP smuggling), whatever the message file holds.
+//! the wire (SMTP smuggling), whatever the message file holds. On the wire,
+//! lines over 998 octets (RFC 5322 §2.1.1) are broken with CRLF SPACE, as
+//! Postfix does (smtp_line_length_limit), which keeps header folding valid.
+
+/// Longest line sent, without its CRLF.
+const MAX_WIRE_LINE: usize = 998;
 
 #[derive(Debug, Clone)]
 pub struct Transparency {
     dot_stuff: bool,
+    fold_long_lines: bool,
     pending_cr: bool,
     at_line_start: bool,
+    line_len: usize,
 }
 
 impl Transparency {
-    /// CRLF normalisation with dot-stuffing: the DATA body.
+    /// The DATA body: CRLF, dot-stuffing, long lines folded.
     pub fn for_data() -> Self {
         Transparency {
             dot_stuff: true,
+            fold_long_lines: true,
             pending_cr: false,
             at_line_start: true,
+            line_len: 0,
+        }
+    }
+
+    /// A BDAT body (RFC 3030): no dot-stuffing, nothing ends it but the count.
+    pub fn for_bdat() -> Self {
+        Transparency {
+            dot_stuff: false,
+            ..Self::for_data()
         }
     }
 
@@ -25,8 +42,15 @@ impl Transparency {
     pub fn for_storage() -> Self {
         Transparency {
             dot_stuff: false,
+            fold_long_lines: false,
             ..Self::for_data()
         }
+    }
+
+    fn end_line(&mut self, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"\r\n");
+        self.at_line_start = true;
+        self.line_len = 0;
     }
 
     /// Appends the transformed `input` to `out`.
@@ -35,23 +59,25 @@ impl Transparency {
         for &b in input {
             if self.pending_cr {
                 self.pending_cr = false;
-                out.extend_from_slice(b"\r\n");
-                self.at_line_start = true;
+                self.end_line(out);
                 if b == b'\n' {
                     continue;
                 }
             }
             match b {
                 b'\r' => self.pending_cr = true,
-                b'\n' => {
-                    out.extend_from_slice(b"\r\n");
-                    self.at_line_start = true;
-                }
+                b'\n' => self.end_line(out),
                 _ => {
+                    if self.fold_long_lines && self.line_len >= MAX_WIRE_LINE {
+                        out.extend_from_slice(b"\r\n ");
+                        self.line_len = 1;
+                    }
                     if self.at_line_start && self.dot_stuff && b == b'.' {
                         out.push(b'.');
+                        self.line_len += 1;
                     }
                     out.push(b);
+                    self.line_len += 1;
                     self.at_line_start = false;
                 }
             }
@@ -61,10 +87,9 @@ impl Transparency {
     /// Ends the stream: completes the last line and, for DATA, adds `.CRLF`.
     pub fn finish(&mut self, out: &mut Vec<u8>) {
         if self.pending_cr || !self.at_line_start {
-            out.extend_from_slice(b"\r\n");
+            self.end_line(out);
         }
         self.pending_cr = false;
-        self.at_line_start = true;
         if self.dot_stuff {
             out.extend_from_slice(b".\r\n");
         }
@@ -118,6 +143,31 @@ mod tests {
         let split = data(&[b"a\r", b"\n", b".", b"b\r", b"\n\r", b"\n."]);
         assert_eq!(whole, split);
         assert_eq!(whole, b"a\r\n..b\r\n\r\n..\r\n.\r\n");
+    }
+
+    #[test]
+    fn lines_up_to_998_octets_pass_longer_ones_fold() {
+        let exact = "x".repeat(998);
+        assert_eq!(
+            data(&[exact.as_bytes()]),
+            format!("{exact}\r\n.\r\n").into_bytes()
+        );
+        let long = "y".repeat(1000);
+        let out = String::from_utf8(data(&[long.as_bytes()])).unwrap();
+        assert_eq!(out, format!("{}\r\n {}\r\n.\r\n", "y".repeat(998), "yy"));
+        // The stuffing dot counts toward the wire line.
+        let dotted = format!(".{}", "z".repeat(998));
+        let out = String::from_utf8(data(&[dotted.as_bytes()])).unwrap();
+        assert!(out.lines().all(|l| l.len() <= 998));
+    }
+
+    #[test]
+    fn bdat_mode_folds_but_does_not_stuff_or_terminate() {
+        let mut t = Transparency::for_bdat();
+        let mut out = Vec::new();
+        t.feed(b".x\n.", &mut out);
+        t.finish(&mut out);
+        assert_eq!(out, b".x\r\n.\r\n");
     }
 
     #[test]

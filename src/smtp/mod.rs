@@ -50,9 +50,10 @@ impl Phase {
 /// A failure that ends the session (a rejected recipient is not one: that is a `Reply`).
 #[derive(Debug)]
 pub enum SessionError {
-    /// No address of the relay accepted a TCP connection.
+    /// No address of the relay accepted a TCP connection. `peer` is
+    /// `host[ip]:port` of the last address tried (`host:port` if none was).
     Connect {
-        relay: String,
+        peer: String,
         reason: String,
     },
     Timeout(Phase),
@@ -92,8 +93,8 @@ impl SessionError {
 impl fmt::Display for SessionError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            SessionError::Connect { relay, reason } => {
-                write!(f, "cannot connect to {relay}: {reason}")
+            SessionError::Connect { peer, reason } => {
+                write!(f, "cannot connect to {peer}: {reason}")
             }
             SessionError::Timeout(phase) => {
                 write!(f, "timed out waiting for the relay ({})", phase.as_str())
@@ -127,6 +128,11 @@ pub struct Capabilities {
     pub starttls: bool,
     pub pipelining: bool,
     pub eight_bit_mime: bool,
+    pub smtputf8: bool,
+    pub chunking: bool,
+    /// SIZE offered (RFC 1870), so MAIL may carry SIZE=.
+    pub size_ext: bool,
+    /// The relay's declared limit; SIZE 0 or no number means none.
     pub size: Option<u64>,
     /// Upper-cased SASL mechanisms.
     pub auth: Vec<String>,
@@ -149,7 +155,12 @@ impl Capabilities {
                 "STARTTLS" => caps.starttls = true,
                 "PIPELINING" => caps.pipelining = true,
                 "8BITMIME" => caps.eight_bit_mime = true,
-                "SIZE" => caps.size = words.next().and_then(|n| n.parse().ok()).filter(|&n| n > 0),
+                "SMTPUTF8" => caps.smtputf8 = true,
+                "CHUNKING" => caps.chunking = true,
+                "SIZE" => {
+                    caps.size_ext = true;
+                    caps.size = words.next().and_then(|n| n.parse().ok()).filter(|&n| n > 0);
+                }
                 "AUTH" => caps.auth = words.map(|m| m.to_ascii_uppercase()).collect(),
                 _ => {}
             }

@@ -30,6 +30,28 @@ pub struct Reply {
 }
 
 impl Reply {
+    /// A reply pbxmail makes itself for a decision the relay's limits force
+    /// (RFC 3463 code in the text, like a relay's own).
+    pub fn local(code: u16, text: &str) -> Reply {
+        Reply {
+            code: ReplyCode(code),
+            lines: vec![text.to_string()],
+        }
+    }
+
+    /// The RFC 3463 enhanced status code, when the first line starts with one
+    /// of the same class as the reply code (e.g. "5.1.1" on a 550).
+    pub fn enhanced(&self) -> Option<&str> {
+        let first = self.lines.first()?.split_ascii_whitespace().next()?;
+        let mut parts = first.split('.');
+        let class = parts.next()?;
+        let ok = class.len() == 1
+            && class.as_bytes().first().map(|c| u16::from(c - b'0')) == Some(self.code.0 / 100)
+            && parts.clone().count() == 2
+            && parts.all(|p| (1..=3).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()));
+        ok.then_some(first)
+    }
+
     /// One line for logs and the queue: "550 5.1.1 no such user".
     pub fn summary(&self) -> String {
         let text = self.lines.join(" ");
@@ -162,6 +184,20 @@ mod tests {
     fn multi_line_and_bare_lf() {
         let r = parse("250-mx.example\n250-PIPELINING\r\n250 STARTTLS\r\n").unwrap();
         assert_eq!(r.lines, vec!["mx.example", "PIPELINING", "STARTTLS"]);
+    }
+
+    #[test]
+    fn enhanced_status_codes() {
+        assert_eq!(
+            parse("550 5.1.1 no such user\r\n").unwrap().enhanced(),
+            Some("5.1.1")
+        );
+        assert_eq!(parse("250 2.0.0 Ok\r\n").unwrap().enhanced(), Some("2.0.0"));
+        // Class must agree with the code; junk is not a code.
+        assert_eq!(parse("550 4.1.1 odd\r\n").unwrap().enhanced(), None);
+        assert_eq!(parse("250 ok\r\n").unwrap().enhanced(), None);
+        assert_eq!(parse("250 2.0\r\n").unwrap().enhanced(), None);
+        assert_eq!(parse("354\r\n").unwrap().enhanced(), None);
     }
 
     #[test]

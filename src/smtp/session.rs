@@ -39,11 +39,58 @@ pub enum AuthMechanism {
     Login,
 }
 
+/// What a transaction needs to know about the message it carries.
+#[derive(Debug, Clone, Copy)]
+pub struct Outgoing<'a> {
+    pub mail_from: &'a str,
+    pub recipients: &'a [String],
+    /// Octets as stored (CRLF lines), for SIZE.
+    pub size: u64,
+    /// Any octet above 127: BODY=8BITMIME where offered.
+    pub eight_bit: bool,
+}
+
 /// The result of one MAIL/RCPT/DATA transaction: for every recipient, the
 /// reply that decided it (its RCPT reply if refused, else the final DATA reply).
 #[derive(Debug)]
 pub struct TransactionResult {
     pub per_recipient: Vec<Reply>,
+}
+
+impl TransactionResult {
+    fn all(reply: Reply, count: usize) -> Self {
+        TransactionResult {
+            per_recipient: vec![reply; count],
+        }
+    }
+
+    fn from_decided(decided: Vec<Option<Reply>>) -> Self {
+        let missing = Reply::local(451, "4.3.0 no reply recorded for this recipient");
+        TransactionResult {
+            per_recipient: decided
+                .into_iter()
+                .map(|r| r.unwrap_or_else(|| missing.clone()))
+                .collect(),
+        }
+    }
+}
+
+/// Reads the next piece of the spooled body; None at its end.
+fn read_body(body: &mut impl Read, chunk: &mut [u8]) -> Result<Option<usize>, SessionError> {
+    loop {
+        match body.read(chunk) {
+            Ok(0) => return Ok(None),
+            Ok(n) => return Ok(Some(n)),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            // The relay is mid-DATA; dropping the connection is the only safe
+            // way out: it must not store a truncated message.
+            Err(e) => {
+                return Err(SessionError::Local(format!(
+                    "cannot read the spooled message: {e}"
+                )))
+            }
+        }
+    }
 }
 
 pub struct Session<S: Transport> {
@@ -89,22 +136,47 @@ impl<S: Transport> Session<S> {
         read_reply(&mut self.io).map_err(|e| SessionError::from_reply_error(phase, e))
     }
 
-    fn send_line(&mut self, phase: Phase, line: &str) -> Result<(), SessionError> {
-        let stream = self.io.get_mut();
-        let mut wire = Vec::with_capacity(line.len() + 2);
-        wire.extend_from_slice(line.as_bytes());
-        wire.extend_from_slice(b"\r\n");
-        stream
-            .write_all(&wire)
-            .and_then(|()| stream.flush())
-            .map_err(|e| SessionError::from_io(phase, e))
+    /// A reply, where 421 ends the session (RFC 5321 §3.8): the rest is deferred.
+    fn read_checked(&mut self, phase: Phase) -> Result<Reply, SessionError> {
+        let reply = self.read_reply(phase)?;
+        if reply.code.0 == 421 {
+            return Err(SessionError::Rejected(phase, reply));
+        }
+        Ok(reply)
+    }
+
+    /// Every reply is read before the next command goes out, so bytes waiting
+    /// now are replies nobody asked for: commands and replies would drift.
+    fn ensure_in_step(&self, phase: Phase) -> Result<(), SessionError> {
+        if self.io.buffer().is_empty() {
+            return Ok(());
+        }
+        Err(SessionError::Protocol(
+            phase,
+            format!(
+                "the relay sent {} bytes nobody asked for; replies are out of step",
+                self.io.buffer().len()
+            ),
+        ))
+    }
+
+    /// Writes command lines in one go (one line, or a pipelined group).
+    fn send_lines(&mut self, phase: Phase, lines: &[&str]) -> Result<(), SessionError> {
+        self.ensure_in_step(phase)?;
+        let mut wire = Vec::with_capacity(lines.iter().map(|l| l.len() + 2).sum());
+        for line in lines {
+            wire.extend_from_slice(line.as_bytes());
+            wire.extend_from_slice(b"\r\n");
+        }
+        self.write_all(phase, &wire)?;
+        self.flush(phase)
     }
 
     /// Sends one command line and reads its reply, under the command timeout.
     pub fn command(&mut self, phase: Phase, line: &str) -> Result<Reply, SessionError> {
         self.set_timeout(phase, self.timeouts.command)?;
-        self.send_line(phase, line)?;
-        self.read_reply(phase)
+        self.send_lines(phase, &[line])?;
+        self.read_checked(phase)
     }
 
     /// The greeting counts as part of connecting: a relay that accepts TCP but
@@ -176,47 +248,162 @@ impl<S: Transport> Session<S> {
         Ok(())
     }
 
-    /// MAIL, RCPT for each recipient, DATA and the body from `body`.
+    /// One transaction: MAIL, RCPT for each recipient, then DATA (or BDAT
+    /// where CHUNKING is offered) and the body. With PIPELINING (RFC 2920)
+    /// MAIL, every RCPT and DATA go out in one write and every reply is
+    /// checked in order. Limits the relay declared are applied before
+    /// anything is sent, as local replies.
     pub fn transaction(
         &mut self,
-        mail_from: &str,
-        recipients: &[String],
+        message: &Outgoing<'_>,
         body: &mut impl Read,
     ) -> Result<TransactionResult, SessionError> {
-        let mail = self.command(Phase::Mail, &format!("MAIL FROM:<{mail_from}>"))?;
-        if !mail.code.is_positive() {
-            self.reset()?;
-            return Ok(TransactionResult {
-                per_recipient: vec![mail; recipients.len()],
-            });
+        let count = message.recipients.len();
+        let mut decided: Vec<Option<Reply>> = vec![None; count];
+        if let Some(limit) = self.caps.size.filter(|&limit| message.size > limit) {
+            let reply = Reply::local(
+                552,
+                &format!(
+                    "5.3.4 message of {} octets exceeds the relay's limit of {limit} (SIZE); not sent",
+                    message.size
+                ),
+            );
+            return Ok(TransactionResult::all(reply, count));
         }
-        let mut per_recipient: Vec<Option<Reply>> = Vec::with_capacity(recipients.len());
-        for rcpt in recipients {
-            let reply = self.command(Phase::Rcpt, &format!("RCPT TO:<{rcpt}>"))?;
-            per_recipient.push((!reply.code.is_positive()).then_some(reply));
+        let needs_utf8 =
+            !message.mail_from.is_ascii() || message.recipients.iter().any(|r| !r.is_ascii());
+        if needs_utf8 && !self.caps.smtputf8 {
+            let reply = Reply::local(
+                553,
+                "5.6.7 non-ASCII address and the relay does not offer SMTPUTF8; not sent",
+            );
+            if !message.mail_from.is_ascii() {
+                return Ok(TransactionResult::all(reply, count));
+            }
+            for (slot, rcpt) in decided.iter_mut().zip(message.recipients) {
+                if !rcpt.is_ascii() {
+                    *slot = Some(reply.clone());
+                }
+            }
         }
-        if per_recipient.iter().all(Option::is_some) {
-            // Nobody accepted: no DATA, so no empty message reaches anyone.
-            self.reset()?;
-            return Ok(TransactionResult {
-                per_recipient: per_recipient.into_iter().flatten().collect(),
-            });
+        let sendable: Vec<usize> = (0..count)
+            .filter(|&i| decided.get(i).is_some_and(Option::is_none))
+            .collect();
+        if sendable.is_empty() {
+            return Ok(TransactionResult::from_decided(decided));
         }
-        let data = self.command(Phase::Data, "DATA")?;
-        let final_reply = if data.code.0 == 354 {
-            self.send_body(body)?;
-            self.set_timeout(Phase::DataEnd, self.timeouts.data)?;
-            self.read_reply(Phase::DataEnd)?
+
+        let mut mail = format!("MAIL FROM:<{}>", message.mail_from);
+        if self.caps.size_ext {
+            mail.push_str(&format!(" SIZE={}", message.size));
+        }
+        if message.eight_bit && self.caps.eight_bit_mime {
+            mail.push_str(" BODY=8BITMIME");
+        }
+        if needs_utf8 && self.caps.smtputf8 {
+            mail.push_str(" SMTPUTF8");
+        }
+        let rcpt_lines: Vec<String> = sendable
+            .iter()
+            .filter_map(|&i| message.recipients.get(i))
+            .map(|r| format!("RCPT TO:<{r}>"))
+            .collect();
+        let chunking = self.caps.chunking;
+
+        let (mail_reply, rcpt_replies, data_reply) = if self.caps.pipelining {
+            let mut batch: Vec<&str> = vec![&mail];
+            batch.extend(rcpt_lines.iter().map(String::as_str));
+            if !chunking {
+                batch.push("DATA");
+            }
+            self.send_lines(Phase::Mail, &batch)?;
+            let mail_reply = self.read_checked(Phase::Mail)?;
+            let mut rcpt_replies = Vec::with_capacity(rcpt_lines.len());
+            for _ in &rcpt_lines {
+                rcpt_replies.push(self.read_checked(Phase::Rcpt)?);
+            }
+            let data_reply = if chunking {
+                None
+            } else {
+                Some(self.read_checked(Phase::Data)?)
+            };
+            (mail_reply, rcpt_replies, data_reply)
         } else {
-            self.reset()?;
-            data
+            let mail_reply = self.command(Phase::Mail, &mail)?;
+            if !mail_reply.code.is_positive() {
+                (mail_reply, Vec::new(), None)
+            } else {
+                let mut rcpt_replies = Vec::with_capacity(rcpt_lines.len());
+                for line in &rcpt_lines {
+                    rcpt_replies.push(self.command(Phase::Rcpt, line)?);
+                }
+                let any_accepted = rcpt_replies.iter().any(|r| r.code.is_positive());
+                let data_reply = if any_accepted && !chunking {
+                    Some(self.command(Phase::Data, "DATA")?)
+                } else {
+                    None
+                };
+                (mail_reply, rcpt_replies, data_reply)
+            }
         };
-        Ok(TransactionResult {
-            per_recipient: per_recipient
-                .into_iter()
-                .map(|r| r.unwrap_or_else(|| final_reply.clone()))
-                .collect(),
-        })
+
+        let mut accepted = Vec::new();
+        for (position, &index) in sendable.iter().enumerate() {
+            let reply = if mail_reply.code.is_positive() {
+                rcpt_replies
+                    .get(position)
+                    .cloned()
+                    .unwrap_or_else(|| mail_reply.clone())
+            } else {
+                mail_reply.clone()
+            };
+            if reply.code.is_positive() {
+                accepted.push(index);
+            } else if let Some(slot) = decided.get_mut(index) {
+                *slot = Some(reply);
+            }
+        }
+
+        let final_reply = if accepted.is_empty() {
+            if data_reply.as_ref().is_some_and(|r| r.code.0 == 354) {
+                // Pipelined DATA was accepted with no recipient: end it empty (RFC 2920 §3.1).
+                self.set_timeout(Phase::DataEnd, self.timeouts.data)?;
+                self.write_all(Phase::Body, b".\r\n")?;
+                self.flush(Phase::Body)?;
+                self.read_checked(Phase::DataEnd)?;
+            }
+            self.reset()?;
+            return Ok(TransactionResult::from_decided(decided));
+        } else if chunking {
+            self.send_bdat(body)?
+        } else {
+            match data_reply {
+                Some(reply) if reply.code.0 == 354 => {
+                    self.send_body(body)?;
+                    self.set_timeout(Phase::DataEnd, self.timeouts.data)?;
+                    self.read_checked(Phase::DataEnd)?
+                }
+                Some(reply) => {
+                    self.reset()?;
+                    reply
+                }
+                None => {
+                    return Err(SessionError::Protocol(
+                        Phase::Data,
+                        "no reply to DATA".into(),
+                    ));
+                }
+            }
+        };
+        if !final_reply.code.is_positive() && chunking {
+            self.reset()?;
+        }
+        for index in accepted {
+            if let Some(slot) = decided.get_mut(index) {
+                *slot = Some(final_reply.clone());
+            }
+        }
+        Ok(TransactionResult::from_decided(decided))
     }
 
     fn send_body(&mut self, body: &mut impl Read) -> Result<(), SessionError> {
@@ -224,19 +411,7 @@ impl<S: Transport> Session<S> {
         let mut transparency = Transparency::for_data();
         let mut chunk = vec![0u8; 32 * 1024];
         let mut wire = Vec::with_capacity(chunk.len() + 1024);
-        loop {
-            let n = match body.read(&mut chunk) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                // The server is mid-DATA; dropping the connection is the only
-                // safe way out: it must not store a truncated message.
-                Err(e) => {
-                    return Err(SessionError::Local(format!(
-                        "cannot read the spooled message: {e}"
-                    )))
-                }
-            };
+        while let Some(n) = read_body(body, &mut chunk)? {
             wire.clear();
             transparency.feed(chunk.get(..n).unwrap_or_default(), &mut wire);
             self.write_all(Phase::Body, &wire)?;
@@ -244,10 +419,44 @@ impl<S: Transport> Session<S> {
         wire.clear();
         transparency.finish(&mut wire);
         self.write_all(Phase::Body, &wire)?;
+        self.flush(Phase::Body)
+    }
+
+    /// RFC 3030: the body in counted chunks; each chunk's reply is checked.
+    /// Returns the reply that decides the message (the first refusal, or LAST's).
+    fn send_bdat(&mut self, body: &mut impl Read) -> Result<Reply, SessionError> {
+        let mut transparency = Transparency::for_bdat();
+        let mut chunk = vec![0u8; 32 * 1024];
+        let mut wire = Vec::with_capacity(64 * 1024 + 1024);
+        loop {
+            let more = read_body(body, &mut chunk)?;
+            match more {
+                Some(n) => transparency.feed(chunk.get(..n).unwrap_or_default(), &mut wire),
+                None => transparency.finish(&mut wire),
+            }
+            if more.is_some() && wire.len() < 64 * 1024 {
+                continue;
+            }
+            let last = more.is_none();
+            let header = format!("BDAT {}{}\r\n", wire.len(), if last { " LAST" } else { "" });
+            self.set_timeout(Phase::Body, self.timeouts.data)?;
+            self.ensure_in_step(Phase::Body)?;
+            self.write_all(Phase::Body, header.as_bytes())?;
+            self.write_all(Phase::Body, &wire)?;
+            self.flush(Phase::Body)?;
+            wire.clear();
+            let reply = self.read_checked(if last { Phase::DataEnd } else { Phase::Body })?;
+            if last || !reply.code.is_positive() {
+                return Ok(reply);
+            }
+        }
+    }
+
+    fn flush(&mut self, phase: Phase) -> Result<(), SessionError> {
         self.io
             .get_mut()
             .flush()
-            .map_err(|e| SessionError::from_io(Phase::Body, e))
+            .map_err(|e| SessionError::from_io(phase, e))
     }
 
     fn write_all(&mut self, phase: Phase, bytes: &[u8]) -> Result<(), SessionError> {
@@ -258,7 +467,7 @@ impl<S: Transport> Session<S> {
     }
 
     /// RSET after a failed transaction so the next one starts clean.
-    pub fn reset(&mut self) -> Result<(), SessionError> {
+    fn reset(&mut self) -> Result<(), SessionError> {
         let reply = self.command(Phase::Reset, "RSET")?;
         if !reply.code.is_positive() {
             return Err(SessionError::Rejected(Phase::Reset, reply));
@@ -276,19 +485,13 @@ impl<S: Transport> Session<S> {
 mod tests {
     use super::*;
 
-    /// A scripted server: fixed input bytes, records what the client wrote.
+    /// A scripted server: the first reply is there at once, each further one
+    /// only after the client flushes (as a real server answers what it got).
+    /// Records everything the client wrote.
     struct Script {
         input: io::Cursor<Vec<u8>>,
+        replies: std::collections::VecDeque<Vec<u8>>,
         written: Vec<u8>,
-    }
-
-    impl Script {
-        fn new(server: &str) -> Script {
-            Script {
-                input: io::Cursor::new(server.as_bytes().to_vec()),
-                written: Vec::new(),
-            }
-        }
     }
 
     impl Read for Script {
@@ -303,6 +506,11 @@ mod tests {
             Ok(buf.len())
         }
         fn flush(&mut self) -> io::Result<()> {
+            if let Some(next) = self.replies.pop_front() {
+                let mut rest = self.input.get_ref()[self.input.position() as usize..].to_vec();
+                rest.extend_from_slice(&next);
+                self.input = io::Cursor::new(rest);
+            }
             Ok(())
         }
     }
@@ -313,10 +521,18 @@ mod tests {
         }
     }
 
-    fn session(server: &str) -> Session<Script> {
+    /// `replies[0]` is sent unasked (a greeting, or ""), the rest one per flush.
+    fn session(replies: &[&str]) -> Session<Script> {
         let t = Duration::from_secs(1);
+        let mut replies: std::collections::VecDeque<Vec<u8>> =
+            replies.iter().map(|r| r.as_bytes().to_vec()).collect();
+        let first = replies.pop_front().unwrap_or_default();
         Session::new(
-            Script::new(server),
+            Script {
+                input: io::Cursor::new(first),
+                replies,
+                written: Vec::new(),
+            },
             Timeouts {
                 connect: t,
                 command: t,
@@ -325,21 +541,41 @@ mod tests {
         )
     }
 
+    fn outgoing<'a>(from: &'a str, rcpts: &'a [String]) -> Outgoing<'a> {
+        Outgoing {
+            mail_from: from,
+            recipients: rcpts,
+            size: 100,
+            eight_bit: false,
+        }
+    }
+
     fn written(s: Session<Script>) -> String {
         String::from_utf8(s.io.into_inner().written).unwrap()
     }
 
+    fn codes(result: &TransactionResult) -> Vec<u16> {
+        result.per_recipient.iter().map(|r| r.code.0).collect()
+    }
+
     #[test]
-    fn full_transaction_writes_exact_bytes() {
-        let mut s = session("220 hi\r\n250-mx\r\n250 PIPELINING\r\n250 ok\r\n250 ok\r\n550 no\r\n354 go\r\n250 queued\r\n");
+    fn one_command_at_a_time_without_pipelining() {
+        let mut s = session(&[
+            "220 hi\r\n",
+            "250 mx\r\n",
+            "250 ok\r\n",
+            "250 ok\r\n",
+            "550 no\r\n",
+            "354 go\r\n",
+            "250 queued\r\n",
+        ]);
         s.greeting().unwrap();
         s.hello("pbx.example").unwrap();
-        assert!(s.caps.pipelining);
+        let rcpts = ["b@y".to_string(), "c@y".to_string()];
         let result = s
-            .transaction("a@x", &["b@y".into(), "c@y".into()], &mut &b".dot\nend"[..])
+            .transaction(&outgoing("a@x", &rcpts), &mut &b".dot\nend"[..])
             .unwrap();
-        let codes: Vec<u16> = result.per_recipient.iter().map(|r| r.code.0).collect();
-        assert_eq!(codes, vec![250, 550]);
+        assert_eq!(codes(&result), vec![250, 550]);
         assert_eq!(
             written(s),
             "EHLO pbx.example\r\nMAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nRCPT TO:<c@y>\r\nDATA\r\n..dot\r\nend\r\n.\r\n"
@@ -347,18 +583,148 @@ mod tests {
     }
 
     #[test]
-    fn no_data_when_every_recipient_is_refused() {
-        let mut s = session("250 ok\r\n450 busy\r\n250 reset\r\n");
+    fn pipelining_sends_mail_rcpts_and_data_in_one_write() {
+        let mut s = session(&[
+            "",
+            "250-mx\r\n250-PIPELINING\r\n250 SIZE 1000\r\n",
+            "250 ok\r\n250 ok\r\n550 no\r\n354 go\r\n",
+            "250 queued\r\n",
+        ]);
+        s.hello("pbx").unwrap();
+        let rcpts = ["b@y".to_string(), "c@y".to_string()];
         let result = s
-            .transaction("a@x", &["b@y".into()], &mut &b"body"[..])
+            .transaction(&outgoing("a@x", &rcpts), &mut &b"hi\n"[..])
             .unwrap();
-        assert_eq!(result.per_recipient[0].code.0, 450);
+        assert_eq!(codes(&result), vec![250, 550]);
+        assert_eq!(
+            written(s),
+            "EHLO pbx\r\nMAIL FROM:<a@x> SIZE=100\r\nRCPT TO:<b@y>\r\nRCPT TO:<c@y>\r\nDATA\r\nhi\r\n.\r\n"
+        );
+    }
+
+    #[test]
+    fn pipelined_data_accepted_without_recipients_gets_no_body() {
+        let mut s = session(&[
+            "",
+            "250-mx\r\n250 PIPELINING\r\n",
+            "250 ok\r\n550 no\r\n354 go\r\n",
+            "554 no valid recipients\r\n",
+            "250 reset\r\n",
+        ]);
+        s.hello("pbx").unwrap();
+        let rcpts = ["b@y".to_string()];
+        let result = s
+            .transaction(&outgoing("a@x", &rcpts), &mut &b"SECRET BODY"[..])
+            .unwrap();
+        assert_eq!(codes(&result), vec![550]);
+        let out = written(s);
+        assert!(!out.contains("SECRET"), "{out}");
+        assert!(out.ends_with("DATA\r\n.\r\nRSET\r\n"), "{out}");
+    }
+
+    #[test]
+    fn chunking_sends_bdat_without_dot_stuffing() {
+        let mut s = session(&[
+            "",
+            "250-mx\r\n250 CHUNKING\r\n",
+            "250 ok\r\n",
+            "250 ok\r\n",
+            "250 2.0.0 stored\r\n",
+        ]);
+        s.hello("pbx").unwrap();
+        let rcpts = ["b@y".to_string()];
+        let result = s
+            .transaction(&outgoing("a@x", &rcpts), &mut &b".x\n"[..])
+            .unwrap();
+        assert_eq!(codes(&result), vec![250]);
+        assert!(written(s).ends_with("RCPT TO:<b@y>\r\nBDAT 4 LAST\r\n.x\r\n"));
+    }
+
+    #[test]
+    fn message_over_the_relays_size_limit_is_not_sent() {
+        let mut s = session(&["", "250-mx\r\n250 SIZE 50\r\n"]);
+        s.hello("pbx").unwrap();
+        let rcpts = ["b@y".to_string()];
+        let result = s
+            .transaction(&outgoing("a@x", &rcpts), &mut &b"body"[..])
+            .unwrap();
+        assert_eq!(codes(&result), vec![552]);
+        assert_eq!(result.per_recipient[0].enhanced(), Some("5.3.4"));
+        assert_eq!(written(s), "EHLO pbx\r\n");
+    }
+
+    #[test]
+    fn non_ascii_recipient_without_smtputf8_fails_alone() {
+        let mut s = session(&[
+            "",
+            "250 mx\r\n",
+            "250 ok\r\n",
+            "250 ok\r\n",
+            "354 go\r\n",
+            "250 ok\r\n",
+        ]);
+        s.hello("pbx").unwrap();
+        let rcpts = ["jörg@y".to_string(), "b@y".to_string()];
+        let result = s
+            .transaction(&outgoing("a@x", &rcpts), &mut &b"x"[..])
+            .unwrap();
+        assert_eq!(codes(&result), vec![553, 250]);
+        assert!(!written(s).contains("jörg"));
+    }
+
+    #[test]
+    fn smtputf8_and_8bitmime_parameters_where_offered() {
+        let mut s = session(&[
+            "",
+            "250-mx\r\n250-SMTPUTF8\r\n250 8BITMIME\r\n",
+            "250 ok\r\n",
+            "250 ok\r\n",
+            "354 go\r\n",
+            "250 ok\r\n",
+        ]);
+        s.hello("pbx").unwrap();
+        let rcpts = ["jörg@y".to_string()];
+        let mut message = outgoing("a@x", &rcpts);
+        message.eight_bit = true;
+        s.transaction(&message, &mut &b"x"[..]).unwrap();
+        assert!(written(s).contains("MAIL FROM:<a@x> BODY=8BITMIME SMTPUTF8\r\n"));
+    }
+
+    #[test]
+    fn reply_421_ends_the_session() {
+        let mut s = session(&["", "250 ok\r\n", "421 4.3.2 shutting down\r\n"]);
+        let rcpts = ["b@y".to_string()];
+        let err = s
+            .transaction(&outgoing("a@x", &rcpts), &mut &b"x"[..])
+            .unwrap_err();
+        assert!(matches!(err, SessionError::Rejected(Phase::Rcpt, r) if r.code.0 == 421));
+    }
+
+    #[test]
+    fn unasked_reply_is_out_of_step() {
+        let mut s = session(&["", "250 mx\r\n250 surprise\r\n"]);
+        s.hello("pbx").unwrap();
+        let rcpts = ["b@y".to_string()];
+        let err = s
+            .transaction(&outgoing("a@x", &rcpts), &mut &b"x"[..])
+            .unwrap_err();
+        assert!(matches!(err, SessionError::Protocol(Phase::Mail, _)));
+    }
+
+    #[test]
+    fn no_data_when_every_recipient_is_refused() {
+        let mut s = session(&["", "250 ok\r\n", "450 busy\r\n", "250 reset\r\n"]);
+        let rcpts = ["b@y".to_string()];
+        let result = s
+            .transaction(&outgoing("a@x", &rcpts), &mut &b"body"[..])
+            .unwrap();
+        assert_eq!(codes(&result), vec![450]);
         assert_eq!(written(s), "MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nRSET\r\n");
     }
 
     #[test]
     fn helo_when_ehlo_is_refused() {
-        let mut s = session("500 what\r\n250 hello\r\n");
+        let mut s = session(&["", "500 what\r\n", "250 hello\r\n"]);
         s.hello("pbx").unwrap();
         assert!(!s.caps.esmtp);
         assert_eq!(written(s), "EHLO pbx\r\nHELO pbx\r\n");
@@ -366,7 +732,7 @@ mod tests {
 
     #[test]
     fn bytes_after_starttls_reply_abort_the_upgrade() {
-        let mut s = session("220 go ahead\r\n250 injected\r\n");
+        let mut s = session(&["", "220 go ahead\r\n250 injected\r\n"]);
         s.start_tls().unwrap();
         assert!(matches!(
             s.into_stream(),
@@ -376,7 +742,12 @@ mod tests {
 
     #[test]
     fn auth_login_sends_base64_steps() {
-        let mut s = session("334 VXNlcm5hbWU6\r\n334 UGFzc3dvcmQ6\r\n235 ok\r\n");
+        let mut s = session(&[
+            "",
+            "334 VXNlcm5hbWU6\r\n",
+            "334 UGFzc3dvcmQ6\r\n",
+            "235 ok\r\n",
+        ]);
         s.authenticate(AuthMechanism::Login, "u", &Secret::new("p".into()))
             .unwrap();
         assert_eq!(written(s), "AUTH LOGIN\r\ndQ==\r\ncA==\r\n");
@@ -384,7 +755,7 @@ mod tests {
 
     #[test]
     fn rejected_auth_is_an_error_with_the_reply() {
-        let mut s = session("535 5.7.8 bad\r\n");
+        let mut s = session(&["", "535 5.7.8 bad\r\n"]);
         let err = s
             .authenticate(AuthMechanism::Plain, "u", &Secret::new("p".into()))
             .unwrap_err();
@@ -393,7 +764,7 @@ mod tests {
 
     #[test]
     fn server_closing_mid_reply_is_a_protocol_error() {
-        let mut s = session("250-partial\r\n");
+        let mut s = session(&["", "250-partial\r\n"]);
         assert!(matches!(
             s.hello("pbx"),
             Err(SessionError::Protocol(Phase::Ehlo, _))

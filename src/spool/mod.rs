@@ -268,11 +268,16 @@ impl Spool {
     pub fn begin_submission(&self) -> Result<Submission> {
         let id = MessageId::generate();
         let path = self.tmp_dir().join(format!("{id}.msg"));
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(SpoolError::io(&path))?;
+        let create = || OpenOptions::new().write(true).create_new(true).open(&path);
+        let file = match create() {
+            // A spool the daemon has not run on yet: make its folders.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                self.create_layout()?;
+                create()
+            }
+            other => other,
+        }
+        .map_err(SpoolError::io(&path))?;
         Ok(Submission {
             spool: self.clone(),
             id,
@@ -428,9 +433,17 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// SHA-256 of a message file, streamed, for the check before sending.
-pub fn sha256_of(file: &mut File) -> io::Result<String> {
+/// What one streamed read of a message file learns.
+pub struct MessageScan {
+    pub sha256: String,
+    pub eight_bit: bool,
+}
+
+/// SHA-256 of a message file (the check before sending) and whether it has
+/// 8-bit content (BODY=8BITMIME), in one pass.
+pub fn scan_message(file: &mut File) -> io::Result<MessageScan> {
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut eight_bit = false;
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let n = io::Read::read(file, &mut buf)?;
@@ -439,9 +452,13 @@ pub fn sha256_of(file: &mut File) -> io::Result<String> {
         }
         if let Some(chunk) = buf.get(..n) {
             ctx.update(chunk);
+            eight_bit = eight_bit || !chunk.is_ascii();
         }
     }
-    Ok(hex(ctx.finish().as_ref()))
+    Ok(MessageScan {
+        sha256: hex(ctx.finish().as_ref()),
+        eight_bit,
+    })
 }
 
 #[cfg(test)]
@@ -470,7 +487,7 @@ mod tests {
         let env = spool.load_envelope("acme", &id).unwrap();
         assert_eq!(env.size, b"Subject: hi\r\n\r\nbody\r\n".len() as u64);
         let mut msg = spool.open_message("acme", &id).unwrap();
-        assert_eq!(sha256_of(&mut msg).unwrap(), env.sha256);
+        assert_eq!(scan_message(&mut msg).unwrap().sha256, env.sha256);
         assert!(list_dir(&spool.tmp_dir()).unwrap().is_empty());
 
         spool
