@@ -312,7 +312,9 @@ impl TenantWorker {
             while let Ok(job) = self.jobs.try_recv() {
                 self.handle(job);
             }
-            let Some(id) = self.next_due(&tried) else { break };
+            let Some(id) = self.next_due(&tried) else {
+                break;
+            };
             tried.insert(id.clone());
             if let Err(e) = self.deliver_one(&mut connected.session, &connected.peer, &id) {
                 let outcome = outcome::of_session_error(&e);
@@ -321,7 +323,12 @@ impl TenantWorker {
                     Outcome::Retry { scope, .. } => scope,
                     _ => RetryScope::Message,
                 };
-                self.defer_all(std::slice::from_ref(&id), &connected.peer, outcome.reason(), scope);
+                self.defer_all(
+                    std::slice::from_ref(&id),
+                    &connected.peer,
+                    outcome.reason(),
+                    scope,
+                );
                 return scope != RetryScope::Tenant;
             }
             if self.tenant_backoff.is_some() {
