@@ -1554,8 +1554,9 @@ fn tenant_config(sec: &Section, name: TenantName, line: usize, out: &mut Problem
         sec.warning(
             out,
             "tls",
-            "none with allow_plaintext_auth = no: the password is never sent in plaintext, so AUTH is skipped; \
-             use tls = starttls, or allow_plaintext_auth = yes for a trusted LAN relay",
+            "none with allow_plaintext_auth = no: the password is never sent in plaintext, so this tenant's \
+             mail is deferred until that changes; use tls = starttls, or allow_plaintext_auth = yes \
+             for a trusted LAN relay (or auth = none if the relay needs no login)",
         );
     }
 
@@ -2119,13 +2120,13 @@ archive_group = acme-admins
     }
 
     #[test]
-    fn auth_over_plaintext_is_skipped_with_a_warning() {
+    fn auth_over_plaintext_is_refused_with_a_warning() {
         let c = ok(&format!(
             "{MINIMAL}tls = none\nusername = u\npassword = p\n"
         ));
         assert_eq!(c.warnings.len(), 1);
         assert_eq!(c.warnings[0].line, Some(4));
-        assert!(c.warnings[0].message.contains("AUTH is skipped"));
+        assert!(c.warnings[0].message.contains("deferred until that changes"));
         let c = ok(&format!(
             "{MINIMAL}tls = none\nusername = u\npassword = p\nallow_plaintext_auth = yes\n"
         ));

@@ -1,4 +1,5 @@
 //! Shared helpers for the integration tests; each test binary uses a subset.
 #![allow(dead_code)]
 
+pub mod harness;
 pub mod smtp_server;

@@ -1,0 +1,1117 @@
+//! Integration tests of the real daemon: `pbxmail sendmail` spools, `pbxmail
+//! daemon` delivers to scripted test SMTP servers on 127.0.0.1, and the tests
+//! assert on what arrived (server side) and what the spool still holds
+//! (`pbxmail queue --json`). Each test owns its temp dir, spool and servers.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::harness::{closed_port, Daemon};
+use support::smtp_server::{Received, ServerOptions, TestCa, TestServer, Tls};
+
+/// Upper bound for mail that should go out now; generous for a loaded CI box.
+const ARRIVAL: Duration = Duration::from_secs(10);
+
+const USER: &str = "pbx@acme.test";
+const PASSWORD: &str = "s3cret-pw";
+
+/// One `[tenant:NAME]` section; `extra` holds further `key = value` lines.
+fn tenant(name: &str, domain: &str, relay: &str, extra: &str) -> String {
+    format!("[tenant:{name}]\ndomains = {domain}\nrelay = {relay}\n{extra}\n")
+}
+
+/// A plain tenant section for a `TestServer` without TLS.
+fn plain_tenant(name: &str, domain: &str, server: &TestServer, extra: &str) -> String {
+    let relay = format!("127.0.0.1:{}", server.port());
+    tenant(name, domain, &relay, &format!("tls = none\n{extra}"))
+}
+
+/// A small RFC 5322 message with LF line ends, as a PBX would pipe it in.
+fn message(from: &str, to: &str, subject: &str, body: &str) -> Vec<u8> {
+    format!("From: {from}\nTo: {to}\nSubject: {subject}\n\n{body}\n").into_bytes()
+}
+
+/// Submits with `-i` and asserts exit 0 (durably spooled).
+fn submit(daemon: &Daemon, args: &[&str], msg: &[u8]) {
+    let mut full = vec!["-i"];
+    full.extend_from_slice(args);
+    let run = daemon.sendmail(&full, msg);
+    assert_eq!(run.code, 0, "sendmail failed: {}", run.stderr);
+}
+
+/// The body of a received message: everything after the first empty line.
+fn body(m: &Received) -> String {
+    let text = m.text();
+    match text.split_once("\r\n\r\n") {
+        Some((_, body)) => body.to_string(),
+        None => panic!("no header/body separator in {text:?}"),
+    }
+}
+
+/// The header block of a received message (without the empty line).
+fn headers(m: &Received) -> String {
+    let text = m.text();
+    text.split_once("\r\n\r\n")
+        .map(|(h, _)| h.to_string())
+        .unwrap_or(text)
+}
+
+fn commands(server: &TestServer) -> Vec<String> {
+    server.commands().into_iter().map(|(_, c)| c).collect()
+}
+
+fn sent_verb(server: &TestServer, verb: &str) -> bool {
+    commands(server)
+        .iter()
+        .any(|c| c.to_ascii_uppercase().starts_with(verb))
+}
+
+fn str_of<'a>(entry: &'a Value, key: &str) -> &'a str {
+    entry[key].as_str().unwrap_or("")
+}
+
+fn attempts(entry: &Value) -> u64 {
+    entry["attempts"].as_u64().unwrap_or(0)
+}
+
+fn recipients(entry: &Value) -> Vec<String> {
+    entry["recipients"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Waits until the one queued message has been tried at least once; returns it.
+fn wait_for_first_attempt(daemon: &Daemon) -> Value {
+    let queue = daemon.wait_for_queue(ARRIVAL, |q| q.len() == 1 && attempts(&q[0]) >= 1);
+    assert_eq!(queue.len(), 1, "{queue:#?}");
+    assert!(attempts(&queue[0]) >= 1, "never attempted: {queue:#?}");
+    queue[0].clone()
+}
+
+// ---------------------------------------------------------------------------
+// Required by the issue.
+// ---------------------------------------------------------------------------
+
+#[test]
+fn two_messages_over_starttls_use_two_fresh_handshakes() {
+    let ca = TestCa::new();
+    let server = TestServer::start(
+        ServerOptions {
+            tls: Tls::StartTls,
+            require_auth: Some((USER.into(), PASSWORD.into())),
+            ..ServerOptions::default()
+        },
+        Some(&ca),
+    );
+    let mut daemon = Daemon::bare("two_starttls_handshakes");
+    let ca_file = daemon.dir().join("ca.pem");
+    let relay = format!("localhost:{}", server.port());
+    let extra = format!(
+        "tls = starttls\nca_file = {}\nusername = {USER}\npassword = {PASSWORD}\nmessages_per_session = 1\n",
+        ca_file.display()
+    );
+    daemon.configure(&tenant("acme", "acme.test", &relay, &extra));
+    ca.write_ca_pem(&ca_file);
+    daemon.start();
+
+    submit(
+        &daemon,
+        &["alice@example.com"],
+        &message("pbx@acme.test", "alice@example.com", "first", "body one"),
+    );
+    submit(
+        &daemon,
+        &["bob@example.com"],
+        &message("pbx@acme.test", "bob@example.com", "second", "body two"),
+    );
+
+    let mut got = server.wait_for_messages(2, ARRIVAL);
+    assert_eq!(got.len(), 2, "{got:#?}");
+    got.sort_by_key(|m| m.rcpt_to.clone());
+    assert_eq!(got[0].rcpt_to, ["alice@example.com"]);
+    assert_eq!(got[0].mail_from, "pbx@acme.test");
+    assert!(headers(&got[0]).contains("Subject: first"));
+    assert_eq!(body(&got[0]), "body one\r\n");
+    assert_eq!(got[1].rcpt_to, ["bob@example.com"]);
+    assert!(headers(&got[1]).contains("Subject: second"));
+    assert_eq!(body(&got[1]), "body two\r\n");
+    for m in &got {
+        assert!(m.tls, "sent outside TLS: {m:#?}");
+        assert_eq!(m.auth_user.as_deref(), Some(USER));
+    }
+    assert_ne!(got[0].connection, got[1].connection);
+    assert_eq!(server.tls_handshakes(), 2);
+
+    let queue = daemon.wait_for_queue(ARRIVAL, |q| q.is_empty());
+    assert!(queue.is_empty(), "{queue:#?}");
+    // The password never travels in the clear, so AUTH only ever follows STARTTLS.
+    let cmds = server.commands();
+    for (conn, cmd) in &cmds {
+        if cmd.to_ascii_uppercase().starts_with("AUTH") {
+            let starttls_before = cmds
+                .iter()
+                .take_while(|(c, x)| !(c == conn && x == cmd))
+                .any(|(c, x)| c == conn && x.eq_ignore_ascii_case("STARTTLS"));
+            assert!(starttls_before, "AUTH before STARTTLS: {cmds:?}");
+        }
+    }
+}
+
+#[test]
+fn black_holed_relay_does_not_delay_other_tenants() {
+    let hole = TestServer::start(
+        ServerOptions {
+            greet: false,
+            ..ServerOptions::default()
+        },
+        None,
+    );
+    let healthy = TestServer::start(ServerOptions::default(), None);
+    let slow = "connect_timeout = 30s\ncommand_timeout = 30s\n";
+    let config =
+        plain_tenant("a", "a.test", &hole, slow) + &plain_tenant("b", "b.test", &healthy, "");
+    let mut daemon = Daemon::new("black_hole", &config);
+    daemon.start();
+
+    submit(
+        &daemon,
+        &["x@example.com"],
+        &message("pbx@a.test", "x@example.com", "to the hole", "a"),
+    );
+    // Tenant a is now stuck waiting for a greeting that never comes.
+    assert_eq!(hole.wait_for_connections(1, ARRIVAL), 1);
+
+    let started = Instant::now();
+    submit(
+        &daemon,
+        &["y@example.com"],
+        &message("pbx@b.test", "y@example.com", "healthy", "b"),
+    );
+    let got = healthy.wait_for_messages(1, Duration::from_secs(3));
+    let elapsed = started.elapsed();
+    assert_eq!(got.len(), 1, "tenant b's mail did not arrive within 3 s");
+    assert!(elapsed < Duration::from_secs(3), "took {elapsed:?}");
+    assert_eq!(got[0].rcpt_to, ["y@example.com"]);
+
+    // b's message leaves the spool; a's stays, still waiting for its first answer.
+    let queue = daemon.wait_for_queue(ARRIVAL, |q| q.len() == 1);
+    assert_eq!(queue.len(), 1, "{queue:#?}");
+    assert_eq!(str_of(&queue[0], "tenant"), "a");
+    assert_eq!(recipients(&queue[0]), ["x@example.com"]);
+}
+
+#[test]
+fn mail_queued_while_daemon_stopped_is_delivered_after_start() {
+    let server = TestServer::start(ServerOptions::default(), None);
+    let mut daemon = Daemon::new(
+        "queued_while_stopped",
+        &plain_tenant("acme", "acme.test", &server, ""),
+    );
+    // A daemon that ran before (so the spool exists) and was stopped.
+    daemon.start();
+    assert_eq!(daemon.stop().code(), Some(0), "SIGTERM: orderly exit");
+
+    submit(
+        &daemon,
+        &["alice@example.com"],
+        &message("pbx@acme.test", "alice@example.com", "offline", "waited"),
+    );
+    assert_queued_then_delivered_after_start(&mut daemon, &server);
+}
+
+/// Regression guard for a fresh install: a PBX may submit before the daemon
+/// was ever started, when the spool folders do not exist yet.
+#[test]
+fn sendmail_before_the_daemon_ever_ran_spools_the_message() {
+    let server = TestServer::start(ServerOptions::default(), None);
+    let mut daemon = Daemon::new(
+        "sendmail_fresh_spool",
+        &plain_tenant("acme", "acme.test", &server, ""),
+    );
+    assert!(!daemon.spool_dir().exists());
+
+    submit(
+        &daemon,
+        &["alice@example.com"],
+        &message("pbx@acme.test", "alice@example.com", "offline", "waited"),
+    );
+    assert_queued_then_delivered_after_start(&mut daemon, &server);
+}
+
+/// The one submitted message is listed as queued and untried while no daemon
+/// runs; once one starts it arrives and leaves the spool.
+fn assert_queued_then_delivered_after_start(daemon: &mut Daemon, server: &TestServer) {
+    let queue = daemon.queue();
+    assert_eq!(queue.len(), 1, "{queue:#?}");
+    assert_eq!(str_of(&queue[0], "state"), "queued");
+    assert_eq!(str_of(&queue[0], "tenant"), "acme");
+    assert_eq!(str_of(&queue[0], "sender"), "pbx@acme.test");
+    assert_eq!(recipients(&queue[0]), ["alice@example.com"]);
+    assert_eq!(attempts(&queue[0]), 0);
+    assert_eq!(server.connections(), 0);
+
+    daemon.start();
+    let got = server.wait_for_messages(1, ARRIVAL);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].rcpt_to, ["alice@example.com"]);
+    assert_eq!(body(&got[0]), "waited\r\n");
+    let queue = daemon.wait_for_queue(ARRIVAL, |q| q.is_empty());
+    assert!(queue.is_empty(), "{queue:#?}");
+    assert_eq!(daemon.stop().code(), Some(0), "SIGTERM: orderly exit");
+}
+
+#[test]
+fn starttls_required_but_not_offered_sends_no_mail() {
+    let ca = TestCa::new();
+    let server = TestServer::start(
+        ServerOptions {
+            tls: Tls::StartTls,
+            advertise_starttls: false,
+            require_auth: Some((USER.into(), PASSWORD.into())),
+            ..ServerOptions::default()
+        },
+        Some(&ca),
+    );
+    let relay = format!("127.0.0.1:{}", server.port());
+    let extra = format!("tls = starttls\nusername = {USER}\npassword = {PASSWORD}\n");
+    let mut daemon = Daemon::new(
+        "starttls_not_offered",
+        &tenant("acme", "acme.test", &relay, &extra),
+    );
+    daemon.start();
+    submit(
+        &daemon,
+        &["alice@example.com"],
+        &message("pbx@acme.test", "alice@example.com", "secret", "x"),
+    );
+
+    let entry = wait_for_first_attempt(&daemon);
+    assert!(server.connections() >= 1);
+    assert!(!sent_verb(&server, "MAIL"), "{:?}", commands(&server));
+    assert!(!sent_verb(&server, "AUTH"), "{:?}", commands(&server));
+    assert!(server.messages().is_empty());
+    assert_eq!(server.tls_handshakes(), 0);
+    assert_eq!(str_of(&entry, "state"), "deferred", "{entry:#?}");
+    assert!(
+        str_of(&entry, "last_error").contains("STARTTLS"),
+        "{entry:#?}"
+    );
+}
+
+#[test]
+fn config_errors_name_file_and_line() {
+    let daemon = Daemon::bare("config_errors");
+    let spool = daemon.dir().join("spool");
+    let head = format!("[daemon]\nspool_dir = {}\n", spool.display());
+    // Line numbers below count from 1 with `head` taking lines 1-2.
+    let cases: &[(&str, String, usize)] = &[
+        (
+            "unknown_key.ini",
+            format!(
+                "{head}\n[tenant:acme]\ndomains = acme.test\nrelay = 127.0.0.1:25\nrelay_host = x\n"
+            ),
+            7,
+        ),
+        (
+            "bad_duration.ini",
+            format!("{head}retry_min = 5 parsecs\n"),
+            3,
+        ),
+        (
+            "bad_relay.ini",
+            format!("{head}[tenant:acme]\ndomains = acme.test\nrelay = nohost-noport\n"),
+            5,
+        ),
+        (
+            "shared_domain.ini",
+            format!(
+                "{head}[tenant:a]\ndomains = acme.test\nrelay = 127.0.0.1:25\n\
+                 [tenant:b]\nrelay = 127.0.0.1:26\ndomains = ACME.test\n"
+            ),
+            8,
+        ),
+    ];
+    for (name, text, line) in cases {
+        let path = daemon.write_file(name, text);
+        let file = path.to_string_lossy().into_owned();
+        let run = daemon.run(&["check-config", "-c", &file], b"");
+        assert_eq!(run.code, 78, "{name}: {run:?}");
+        let want = format!("{file}:{line}:");
+        assert!(
+            run.stderr.lines().any(|l| l.starts_with(&want)),
+            "{name}: expected a line starting {want:?} in {:?}",
+            run.stderr
+        );
+    }
+
+    // Every problem is reported, not just the first.
+    let all = daemon.write_file(
+        "all.ini",
+        &format!(
+            "{head}retry_min = soon\n[tenant:acme]\ndomains = acme.test\nrelay = nowhere\nbogus = 1\n"
+        ),
+    );
+    let file = all.to_string_lossy().into_owned();
+    let run = daemon.run(&["check-config", "-c", &file], b"");
+    assert_eq!(run.code, 78, "{run:?}");
+    for line in [3, 6, 7] {
+        let want = format!("{file}:{line}:");
+        assert!(run.stderr.contains(&want), "{want} missing: {}", run.stderr);
+    }
+
+    // The daemon refuses the same file with the same code, before touching the spool.
+    let run = daemon.run(&["daemon", "-c", &file], b"");
+    assert_eq!(run.code, 78, "{run:?}");
+    assert!(run.stderr.contains(&format!("{file}:6:")), "{}", run.stderr);
+    assert!(!spool.exists());
+
+    // A good file passes.
+    let good = daemon.write_file(
+        "good.ini",
+        &format!("{head}[tenant:acme]\ndomains = acme.test\nrelay = 127.0.0.1:25\n"),
+    );
+    let file = good.to_string_lossy().into_owned();
+    let run = daemon.run(&["check-config", "-c", &file], b"");
+    assert_eq!(run.code, 0, "{run:?}");
+}
+
+// ---------------------------------------------------------------------------
+// Faulty relays.
+// ---------------------------------------------------------------------------
+
+#[test]
+fn temporary_rcpt_failure_is_deferred_and_retried() {
+    let server = TestServer::start(
+        ServerOptions {
+            rcpt_reply: Some("450 4.2.0 Mailbox busy".into()),
+            ..ServerOptions::default()
+        },
+        None,
+    );
+    let mut daemon = Daemon::new("rcpt_450", &plain_tenant("acme", "acme.test", &server, ""));
+    daemon.start();
+    submit(
+        &daemon,
+        &["alice@example.com"],
+        &message("pbx@acme.test", "alice@example.com", "busy", "x"),
+    );
+
+    // retry_min = 1s: the second attempt follows about a second after the first.
+    assert!(server.wait_for_connections(2, Duration::from_secs(8)) >= 2);
+    assert!(server.messages().is_empty());
+    let queue = daemon.wait_for_queue(ARRIVAL, |q| q.len() == 1 && attempts(&q[0]) >= 2);
+    assert_eq!(queue.len(), 1, "{queue:#?}");
+    let entry = &queue[0];
+    assert_eq!(str_of(entry, "state"), "deferred", "{entry:#?}");
+    assert!(attempts(entry) >= 2, "{entry:#?}");
+    assert_eq!(recipients(entry), ["alice@example.com"]);
+    assert!(entry["next_attempt"].is_string(), "{entry:#?}");
+    let error = str_of(entry, "last_error");
+    assert!(
+        error.contains("450") && error.contains("Mailbox busy"),
+        "{entry:#?}"
+    );
+}
+
+#[test]
+fn permanent_failure_of_one_recipient_keeps_only_it_as_failed() {
+    let server = TestServer::start(
+        ServerOptions {
+            rcpt_reply_for: vec![("gone@example.com".into(), "550 5.1.1 No such user".into())],
+            ..ServerOptions::default()
+        },
+        None,
+    );
+    let mut daemon = Daemon::new(
+        "rcpt_550_one_of_two",
+        &plain_tenant("acme", "acme.test", &server, ""),
+    );
+    daemon.start();
+    submit(
+        &daemon,
+        &["gone@example.com", "ok@example.com"],
+        &message("pbx@acme.test", "ok@example.com", "half", "x"),
+    );
+
+    let got = server.wait_for_messages(1, ARRIVAL);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].rcpt_to, ["ok@example.com"]);
+    let queue = daemon.wait_for_queue(ARRIVAL, |q| {
+        q.len() == 1 && str_of(&q[0], "state") == "failed"
+    });
+    assert_eq!(queue.len(), 1, "{queue:#?}");
+    let entry = &queue[0];
+    assert_eq!(str_of(entry, "state"), "failed", "{entry:#?}");
+    assert_eq!(recipients(entry), ["gone@example.com"]);
+    assert!(str_of(entry, "last_error").contains("550"), "{entry:#?}");
+    assert!(entry["next_attempt"].is_null(), "{entry:#?}");
+}
+
+#[test]
+fn untrusted_certificate_is_refused_before_anything_is_sent() {
+    let ca = TestCa::new();
+    let server = TestServer::start(
+        ServerOptions {
+            tls: Tls::StartTls,
+            require_auth: Some((USER.into(), PASSWORD.into())),
+            ..ServerOptions::default()
+        },
+        Some(&ca),
+    );
+    let relay = format!("localhost:{}", server.port());
+    // No ca_file: the test CA is not among the system's trust anchors.
+    let extra = format!("tls = starttls\nusername = {USER}\npassword = {PASSWORD}\n");
+    let mut daemon = Daemon::new(
+        "untrusted_cert",
+        &tenant("acme", "acme.test", &relay, &extra),
+    );
+    daemon.start();
+    submit(
+        &daemon,
+        &["alice@example.com"],
+        &message("pbx@acme.test", "alice@example.com", "secret", "x"),
+    );
+
+    let entry = wait_for_first_attempt(&daemon);
+    assert!(!sent_verb(&server, "MAIL"), "{:?}", commands(&server));
+    assert!(!sent_verb(&server, "AUTH"), "{:?}", commands(&server));
+    assert_eq!(server.tls_handshakes(), 0);
+    assert!(server.messages().is_empty());
+    assert_eq!(str_of(&entry, "state"), "deferred", "{entry:#?}");
+    let error = str_of(&entry, "last_error").to_ascii_lowercase();
+    assert!(
+        error.contains("certificate") || error.contains("trusted"),
+        "{entry:#?}"
+    );
+}
+
+#[test]
+fn wrong_password_is_deferred_not_bounced() {
+    let ca = TestCa::new();
+    let server = TestServer::start(
+        ServerOptions {
+            tls: Tls::StartTls,
+            require_auth: Some((USER.into(), PASSWORD.into())),
+            ..ServerOptions::default()
+        },
+        Some(&ca),
+    );
+    let mut daemon = Daemon::bare("wrong_password");
+    let ca_file = daemon.dir().join("ca.pem");
+    let relay = format!("127.0.0.1:{}", server.port());
+    let extra = format!(
+        "tls = starttls\nca_file = {}\nusername = {USER}\npassword = not-the-password\n",
+        ca_file.display()
+    );
+    daemon.configure(&tenant("acme", "acme.test", &relay, &extra));
+    ca.write_ca_pem(&ca_file);
+    daemon.start();
+    submit(
+        &daemon,
+        &["alice@example.com"],
+        &message("pbx@acme.test", "alice@example.com", "hello", "x"),
+    );
+
+    let entry = wait_for_first_attempt(&daemon);
+    assert!(sent_verb(&server, "AUTH"), "{:?}", commands(&server));
+    assert!(!sent_verb(&server, "MAIL"), "{:?}", commands(&server));
+    assert!(server.messages().is_empty());
+    assert_eq!(str_of(&entry, "state"), "deferred", "{entry:#?}");
+    assert_eq!(recipients(&entry), ["alice@example.com"]);
+    assert!(str_of(&entry, "last_error").contains("535"), "{entry:#?}");
+    assert!(
+        !serde_json::to_string(&entry)
+            .unwrap()
+            .contains("not-the-password"),
+        "secret in queue output: {entry:#?}"
+    );
+}
+
+#[test]
+fn plaintext_relay_never_gets_credentials() {
+    let server = TestServer::start(
+        ServerOptions {
+            require_auth: Some((USER.into(), PASSWORD.into())),
+            ..ServerOptions::default()
+        },
+        None,
+    );
+    let extra = format!("username = {USER}\npassword = {PASSWORD}\nallow_plaintext_auth = no\n");
+    let mut daemon = Daemon::new(
+        "plaintext_auth_refused",
+        &plain_tenant("acme", "acme.test", &server, &extra),
+    );
+    daemon.start();
+    submit(
+        &daemon,
+        &["alice@example.com"],
+        &message("pbx@acme.test", "alice@example.com", "hello", "x"),
+    );
+
+    let entry = wait_for_first_attempt(&daemon);
+    assert!(server.connections() >= 1);
+    assert!(!sent_verb(&server, "AUTH"), "{:?}", commands(&server));
+    assert!(server.messages().is_empty());
+    assert_eq!(str_of(&entry, "state"), "deferred", "{entry:#?}");
+    assert!(
+        !serde_json::to_string(&entry).unwrap().contains(PASSWORD),
+        "secret in queue output: {entry:#?}"
+    );
+}
+
+#[test]
+fn refused_connection_defers_and_keeps_the_message() {
+    let port = closed_port();
+    let relay = format!("127.0.0.1:{port}");
+    let mut daemon = Daemon::new(
+        "connect_refused",
+        &tenant(
+            "acme",
+            "acme.test",
+            &relay,
+            "tls = none\nconnect_timeout = 2s\n",
+        ),
+    );
+    daemon.start();
+    submit(
+        &daemon,
+        &["alice@example.com"],
+        &message("pbx@acme.test", "alice@example.com", "hello", "x"),
+    );
+    let entry = wait_for_first_attempt(&daemon);
+    assert_eq!(str_of(&entry, "state"), "deferred", "{entry:#?}");
+    assert_eq!(recipients(&entry), ["alice@example.com"]);
+    assert!(entry["next_attempt"].is_string(), "{entry:#?}");
+    assert!(!str_of(&entry, "last_error").is_empty(), "{entry:#?}");
+
+    // Still there, byte for byte, after an orderly restart.
+    let size = entry["size"].as_u64();
+    assert_eq!(daemon.stop().code(), Some(0));
+    let queue = daemon.queue();
+    assert_eq!(queue.len(), 1, "{queue:#?}");
+    assert_eq!(queue[0]["id"], entry["id"]);
+    assert_eq!(queue[0]["size"].as_u64(), size);
+}
+
+// ---------------------------------------------------------------------------
+// Delivery paths and message handling.
+// ---------------------------------------------------------------------------
+
+#[test]
+fn implicit_tls_tenant_delivers() {
+    let ca = TestCa::new();
+    let server = TestServer::start(
+        ServerOptions {
+            tls: Tls::Implicit,
+            ..ServerOptions::default()
+        },
+        Some(&ca),
+    );
+    let mut daemon = Daemon::bare("implicit_tls");
+    let ca_file = daemon.dir().join("ca.pem");
+    let relay = format!("localhost:{}", server.port());
+    let extra = format!("tls = implicit\nca_file = {}\n", ca_file.display());
+    daemon.configure(&tenant("acme", "acme.test", &relay, &extra));
+    ca.write_ca_pem(&ca_file);
+    daemon.start();
+    submit(
+        &daemon,
+        &["alice@example.com"],
+        &message("pbx@acme.test", "alice@example.com", "over 465", "sealed"),
+    );
+
+    let got = server.wait_for_messages(1, ARRIVAL);
+    assert_eq!(got.len(), 1);
+    assert!(got[0].tls);
+    assert_eq!(body(&got[0]), "sealed\r\n");
+    assert_eq!(server.tls_handshakes(), 1);
+    assert!(!sent_verb(&server, "STARTTLS"));
+}
+
+#[test]
+fn dots_and_line_ends_survive_transparency() {
+    let server = TestServer::start(ServerOptions::default(), None);
+    let mut daemon = Daemon::new(
+        "transparency",
+        &plain_tenant("acme", "acme.test", &server, ""),
+    );
+    daemon.start();
+    let head = "From: pbx@acme.test\nTo: alice@example.com\n";
+    // Bare LF throughout, dot lines, and no newline at the very end.
+    let lf = format!("{head}Subject: lf\n\n.\n..\n.x\n\nmiddle\nend without newline");
+    // The same body with CRLF: must not turn into CR CR LF.
+    let crlf = format!("{head}Subject: crlf\n\n.\n..\n.x\n\nmiddle\nend without newline")
+        .replace('\n', "\r\n");
+    submit(&daemon, &["alice@example.com"], lf.as_bytes());
+    submit(&daemon, &["alice@example.com"], crlf.as_bytes());
+
+    let got = server.wait_for_messages(2, ARRIVAL);
+    assert_eq!(got.len(), 2);
+    for m in &got {
+        assert_eq!(
+            body(m),
+            ".\r\n..\r\n.x\r\n\r\nmiddle\r\nend without newline\r\n",
+            "{}",
+            headers(m)
+        );
+        // No bare CR or LF anywhere on the wire.
+        let data = &m.data;
+        for (i, &b) in data.iter().enumerate() {
+            if b == b'\n' {
+                assert!(
+                    i > 0 && data[i - 1] == b'\r',
+                    "bare LF at {i}: {:?}",
+                    m.text()
+                );
+            }
+            if b == b'\r' {
+                assert_eq!(
+                    data.get(i + 1),
+                    Some(&b'\n'),
+                    "bare CR at {i}: {:?}",
+                    m.text()
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn lone_dot_ends_input_without_dash_i() {
+    let server = TestServer::start(ServerOptions::default(), None);
+    let mut daemon = Daemon::new("lone_dot", &plain_tenant("acme", "acme.test", &server, ""));
+    daemon.start();
+    let msg = b"From: pbx@acme.test\nTo: alice@example.com\nSubject: dot\n\nbefore\n.\nafter\n";
+    let run = daemon.sendmail(&["alice@example.com"], msg);
+    assert_eq!(run.code, 0, "{run:?}");
+    let got = server.wait_for_messages(1, ARRIVAL);
+    assert_eq!(got.len(), 1);
+    assert_eq!(body(&got[0]), "before\r\n");
+}
+
+#[test]
+fn sendmail_adds_missing_headers() {
+    let server = TestServer::start(ServerOptions::default(), None);
+    let mut daemon = Daemon::new(
+        "added_headers",
+        &plain_tenant("acme", "acme.test", &server, ""),
+    );
+    daemon.start();
+    // No From, Date or Message-ID: the sender comes from -f, the name from -F.
+    let run = daemon.sendmail(
+        &[
+            "-i",
+            "-fpbx@acme.test",
+            "-F",
+            "Front Desk",
+            "alice@example.com",
+        ],
+        b"Subject: bare\n\nhi\n",
+    );
+    assert_eq!(run.code, 0, "{run:?}");
+    let got = server.wait_for_messages(1, ARRIVAL);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].mail_from, "pbx@acme.test");
+    let h = headers(&got[0]).to_ascii_lowercase();
+    for name in ["\r\ndate:", "\r\nmessage-id:", "\r\nsubject: bare"] {
+        assert!(
+            format!("\r\n{h}").contains(name),
+            "{name:?} missing in {h:?}"
+        );
+    }
+    let from = format!("\r\n{h}")
+        .split("\r\nfrom:")
+        .nth(1)
+        .map(|rest| rest.split("\r\n").next().unwrap_or("").to_string())
+        .unwrap_or_default();
+    assert!(
+        from.contains("pbx@acme.test") && from.contains("front desk"),
+        "From header: {from:?}"
+    );
+}
+
+#[test]
+fn sendmail_t_delivers_to_bcc_but_strips_the_header() {
+    let server = TestServer::start(ServerOptions::default(), None);
+    let mut daemon = Daemon::new("bcc", &plain_tenant("acme", "acme.test", &server, ""));
+    daemon.start();
+    let msg = b"From: pbx@acme.test\nTo: alice@example.com\nBcc: hidden@example.com\nSubject: bcc\n\nbody\n";
+    let run = daemon.sendmail(&["-t", "-i"], msg);
+    assert_eq!(run.code, 0, "{run:?}");
+
+    let got = server.wait_for_messages(1, ARRIVAL);
+    assert_eq!(got.len(), 1);
+    let mut rcpts = got[0].rcpt_to.clone();
+    rcpts.sort();
+    assert_eq!(rcpts, ["alice@example.com", "hidden@example.com"]);
+    let data = got[0].text().to_ascii_lowercase();
+    assert!(!data.contains("bcc:"), "{data:?}");
+    assert!(!data.contains("hidden@example.com"), "{data:?}");
+    assert!(data.contains("to: alice@example.com"), "{data:?}");
+}
+
+#[test]
+fn sendmail_refuses_bad_invocations_without_spooling() {
+    let server = TestServer::start(ServerOptions::default(), None);
+    let mut daemon = Daemon::new(
+        "sendmail_refusals",
+        &plain_tenant("acme", "acme.test", &server, ""),
+    );
+    daemon.start();
+    let good = message("pbx@acme.test", "alice@example.com", "x", "x");
+
+    let run = daemon.sendmail(&["-Q", "alice@example.com"], &good);
+    assert_eq!(run.code, 64, "{run:?}");
+    assert!(run.stderr.contains("-Q"), "option not named: {run:?}");
+
+    let stranger = message("pbx@nobody.test", "alice@example.com", "x", "x");
+    let run = daemon.sendmail(&["-i", "alice@example.com"], &stranger);
+    assert_eq!(run.code, 65, "no tenant for nobody.test: {run:?}");
+
+    let run = daemon.sendmail(&["-i"], &good);
+    assert_eq!(run.code, 65, "no recipients: {run:?}");
+
+    let run = daemon.sendmail(&["-i", "alice@example.com"], b"Subject: anonymous\n\nx\n");
+    assert_eq!(run.code, 65, "no sender: {run:?}");
+
+    // A bad config is the admin's problem, not the message's.
+    let broken = daemon.write_file(
+        "broken.ini",
+        "[daemon]\nspool_dir = relative/path\nbogus = 1\n",
+    );
+    let broken = broken.to_string_lossy().into_owned();
+    let run = daemon.sendmail(&["-C", &broken, "-i", "alice@example.com"], &good);
+    assert_eq!(run.code, 78, "{run:?}");
+
+    assert!(daemon.queue().is_empty(), "{:#?}", daemon.queue());
+    assert_eq!(server.connections(), 0);
+}
+
+#[test]
+fn messages_to_one_tenant_share_a_session() {
+    let server = TestServer::start(ServerOptions::default(), None);
+    let mut daemon = Daemon::new(
+        "shared_session",
+        &plain_tenant("acme", "acme.test", &server, ""),
+    );
+    // Queued while the daemon is stopped, so all three are due together.
+    daemon.start();
+    assert_eq!(daemon.stop().code(), Some(0));
+    for n in 0..3 {
+        submit(
+            &daemon,
+            &["alice@example.com"],
+            &message("pbx@acme.test", "alice@example.com", &format!("n{n}"), "x"),
+        );
+    }
+    daemon.start();
+    let got = server.wait_for_messages(3, ARRIVAL);
+    assert_eq!(got.len(), 3);
+    assert_eq!(server.connections(), 1, "{:?}", commands(&server));
+    let queue = daemon.wait_for_queue(ARRIVAL, |q| q.is_empty());
+    assert!(queue.is_empty(), "{queue:#?}");
+}
+
+#[test]
+fn black_holed_relay_times_out_and_defers() {
+    let hole = TestServer::start(
+        ServerOptions {
+            greet: false,
+            ..ServerOptions::default()
+        },
+        None,
+    );
+    let mut daemon = Daemon::new(
+        "black_hole_timeout",
+        &plain_tenant(
+            "acme",
+            "acme.test",
+            &hole,
+            "connect_timeout = 2s\ncommand_timeout = 1s\n",
+        ),
+    );
+    daemon.start();
+    let started = Instant::now();
+    submit(
+        &daemon,
+        &["alice@example.com"],
+        &message("pbx@acme.test", "alice@example.com", "void", "x"),
+    );
+    let entry = wait_for_first_attempt(&daemon);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "a 1 s command_timeout took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(str_of(&entry, "state"), "deferred", "{entry:#?}");
+    assert_eq!(recipients(&entry), ["alice@example.com"]);
+    assert!(!str_of(&entry, "last_error").is_empty(), "{entry:#?}");
+    // The session was given up: the tenant backs off and tries again later.
+    assert!(hole.wait_for_connections(2, ARRIVAL) >= 2);
+}
+
+#[test]
+fn sigterm_during_a_stuck_session_exits_and_keeps_the_message() {
+    let hole = TestServer::start(
+        ServerOptions {
+            greet: false,
+            ..ServerOptions::default()
+        },
+        None,
+    );
+    let mut daemon = Daemon::new(
+        "sigterm_stuck",
+        &plain_tenant(
+            "acme",
+            "acme.test",
+            &hole,
+            "connect_timeout = 30s\ncommand_timeout = 30s\n",
+        ),
+    );
+    daemon.start();
+    submit(
+        &daemon,
+        &["alice@example.com"],
+        &message("pbx@acme.test", "alice@example.com", "stuck", "x"),
+    );
+    assert_eq!(hole.wait_for_connections(1, ARRIVAL), 1);
+
+    // The daemon waits at most 10 s for the session, far less than its 30 s timeout.
+    let started = Instant::now();
+    let status = daemon.stop();
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        started.elapsed() < Duration::from_secs(14),
+        "{:?}",
+        started.elapsed()
+    );
+    let queue = daemon.queue();
+    assert_eq!(queue.len(), 1, "{queue:#?}");
+    assert_eq!(recipients(&queue[0]), ["alice@example.com"]);
+    assert_ne!(str_of(&queue[0], "state"), "failed", "{queue:#?}");
+}
+
+#[test]
+fn partial_tempfail_retries_only_the_deferred_recipient() {
+    let server = TestServer::start(
+        ServerOptions {
+            rcpt_reply_for: vec![("busy@example.com".into(), "451 4.3.0 Try later".into())],
+            ..ServerOptions::default()
+        },
+        None,
+    );
+    let mut daemon = Daemon::new(
+        "partial_tempfail",
+        &plain_tenant("acme", "acme.test", &server, ""),
+    );
+    daemon.start();
+    submit(
+        &daemon,
+        &["ok@example.com", "busy@example.com"],
+        &message("pbx@acme.test", "ok@example.com", "half", "x"),
+    );
+
+    let got = server.wait_for_messages(1, ARRIVAL);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].rcpt_to, ["ok@example.com"]);
+    // The retry (about 1 s later) asks for busy@ only: ok@ gets no duplicate.
+    assert!(server.wait_for_connections(2, ARRIVAL) >= 2);
+    let queue = daemon.wait_for_queue(ARRIVAL, |q| q.len() == 1 && attempts(&q[0]) >= 2);
+    assert_eq!(queue.len(), 1, "{queue:#?}");
+    assert_eq!(str_of(&queue[0], "state"), "deferred", "{queue:#?}");
+    assert_eq!(recipients(&queue[0]), ["busy@example.com"]);
+    let later: Vec<String> = server
+        .commands()
+        .into_iter()
+        .filter(|(conn, c)| *conn > 0 && c.to_ascii_uppercase().starts_with("RCPT"))
+        .map(|(_, c)| c)
+        .collect();
+    assert!(!later.is_empty());
+    assert!(
+        later.iter().all(|c| c.contains("busy@example.com")),
+        "{later:?}"
+    );
+    assert_eq!(server.messages().len(), 1, "ok@ got a duplicate");
+}
+
+#[test]
+fn tempfail_after_data_defers_every_recipient() {
+    let server = TestServer::start(
+        ServerOptions {
+            data_reply: Some("452 4.3.1 Insufficient system storage".into()),
+            ..ServerOptions::default()
+        },
+        None,
+    );
+    let mut daemon = Daemon::new("data_452", &plain_tenant("acme", "acme.test", &server, ""));
+    daemon.start();
+    submit(
+        &daemon,
+        &["a@example.com", "b@example.com"],
+        &message("pbx@acme.test", "a@example.com", "full", "x"),
+    );
+    let entry = wait_for_first_attempt(&daemon);
+    assert_eq!(str_of(&entry, "state"), "deferred", "{entry:#?}");
+    assert_eq!(recipients(&entry), ["a@example.com", "b@example.com"]);
+    assert!(str_of(&entry, "last_error").contains("452"), "{entry:#?}");
+    assert!(server.messages().is_empty());
+}
+
+#[test]
+fn permfail_after_data_fails_every_recipient_without_retry() {
+    let server = TestServer::start(
+        ServerOptions {
+            data_reply: Some("554 5.7.1 Message rejected as spam".into()),
+            ..ServerOptions::default()
+        },
+        None,
+    );
+    let mut daemon = Daemon::new("data_554", &plain_tenant("acme", "acme.test", &server, ""));
+    daemon.start();
+    submit(
+        &daemon,
+        &["a@example.com", "b@example.com"],
+        &message("pbx@acme.test", "a@example.com", "spam", "x"),
+    );
+    let queue = daemon.wait_for_queue(ARRIVAL, |q| {
+        q.len() == 1 && str_of(&q[0], "state") == "failed"
+    });
+    assert_eq!(queue.len(), 1, "{queue:#?}");
+    assert_eq!(str_of(&queue[0], "state"), "failed", "{queue:#?}");
+    assert_eq!(recipients(&queue[0]), ["a@example.com", "b@example.com"]);
+    assert!(
+        str_of(&queue[0], "last_error").contains("554"),
+        "{queue:#?}"
+    );
+    assert_eq!(server.connections(), 1);
+}
+
+#[test]
+fn sender_domain_picks_the_tenant_exact_before_wildcard() {
+    let wild = TestServer::start(ServerOptions::default(), None);
+    let exact = TestServer::start(ServerOptions::default(), None);
+    let config = plain_tenant("wild", "*.acme.test", &wild, "")
+        + &plain_tenant("exact", "desk.acme.test", &exact, "");
+    let mut daemon = Daemon::new("tenant_routing", &config);
+    // Queued with the daemon stopped, to check `queue --tenant` first.
+    daemon.start();
+    assert_eq!(daemon.stop().code(), Some(0));
+    submit(
+        &daemon,
+        &["a@example.com"],
+        &message("pbx@DESK.Acme.test", "a@example.com", "exact", "x"),
+    );
+    submit(
+        &daemon,
+        &["-f", "pbx@branch.ACME.test", "b@example.com"],
+        &message("Front <pbx@desk.acme.test>", "b@example.com", "wild", "x"),
+    );
+    let config_path = daemon.config_path().to_string_lossy().into_owned();
+    let run = daemon.run(
+        &["queue", "-c", &config_path, "--tenant", "exact", "--json"],
+        b"",
+    );
+    assert_eq!(run.code, 0, "{run:?}");
+    let only: Value = serde_json::from_str(&run.stdout).expect("queue JSON");
+    let only = only.as_array().cloned().unwrap_or_default();
+    assert_eq!(only.len(), 1, "{only:#?}");
+    assert_eq!(recipients(&only[0]), ["a@example.com"]);
+
+    daemon.start();
+    let to_exact = exact.wait_for_messages(1, ARRIVAL);
+    let to_wild = wild.wait_for_messages(1, ARRIVAL);
+    assert_eq!(to_exact.len(), 1);
+    assert_eq!(to_exact[0].rcpt_to, ["a@example.com"]);
+    assert_eq!(to_wild.len(), 1);
+    // -f wins over the From header for both the envelope and the tenant.
+    assert_eq!(to_wild[0].rcpt_to, ["b@example.com"]);
+    assert_eq!(
+        to_wild[0].mail_from.to_ascii_lowercase(),
+        "pbx@branch.acme.test"
+    );
+}
+
+#[test]
+fn dot_lines_across_buffer_boundaries_survive_transparency() {
+    let server = TestServer::start(ServerOptions::default(), None);
+    let mut daemon = Daemon::new(
+        "transparency_large",
+        &plain_tenant("acme", "acme.test", &server, ""),
+    );
+    daemon.start();
+    // About 300 KB of lines of every length from 1 to 97, most starting with
+    // a dot, so that dots and line ends fall on every offset of the
+    // sender's and receiver's read buffers.
+    let mut lines = Vec::new();
+    for i in 0..6000usize {
+        let len = 1 + i % 97;
+        let line = match i % 4 {
+            0 => ".".repeat(len),
+            1 => format!(".{}", "x".repeat(len - 1)),
+            2 => "y".repeat(len),
+            _ => format!("..{}", "z".repeat(len.saturating_sub(2))),
+        };
+        lines.push(line);
+    }
+    let input = format!(
+        "From: pbx@acme.test\nTo: alice@example.com\nSubject: big\n\n{}\n",
+        lines.join("\n")
+    );
+    submit(&daemon, &["alice@example.com"], input.as_bytes());
+
+    let got = server.wait_for_messages(1, ARRIVAL);
+    assert_eq!(got.len(), 1);
+    let expected = format!("{}\r\n", lines.join("\r\n"));
+    let actual = body(&got[0]);
+    if actual != expected {
+        let at = actual
+            .bytes()
+            .zip(expected.bytes())
+            .position(|(a, b)| a != b)
+            .unwrap_or(actual.len().min(expected.len()));
+        let from = at.saturating_sub(40);
+        panic!(
+            "bodies differ at byte {at} (lengths {} vs {}): got {:?}, want {:?}",
+            actual.len(),
+            expected.len(),
+            &actual[from..(at + 40).min(actual.len())],
+            &expected[from..(at + 40).min(expected.len())]
+        );
+    }
+}
+
+#[test]
+fn folded_bcc_header_is_removed_entirely() {
+    let server = TestServer::start(ServerOptions::default(), None);
+    let mut daemon = Daemon::new(
+        "bcc_folded",
+        &plain_tenant("acme", "acme.test", &server, ""),
+    );
+    daemon.start();
+    let msg = b"From: pbx@acme.test\nBCC: one@example.com,\n\ttwo@example.com\nTo: alice@example.com\nSubject: folded\n\nbody\n";
+    let run = daemon.sendmail(&["-t", "-i"], msg);
+    assert_eq!(run.code, 0, "{run:?}");
+
+    let got = server.wait_for_messages(1, ARRIVAL);
+    assert_eq!(got.len(), 1);
+    let mut rcpts = got[0].rcpt_to.clone();
+    rcpts.sort();
+    assert_eq!(
+        rcpts,
+        ["alice@example.com", "one@example.com", "two@example.com"]
+    );
+    let data = got[0].text().to_ascii_lowercase();
+    assert!(!data.contains("bcc"), "{data:?}");
+    assert!(!data.contains("one@example.com"), "{data:?}");
+    assert!(!data.contains("two@example.com"), "{data:?}");
+    assert!(data.contains("\r\nto: alice@example.com\r\n"), "{data:?}");
+    assert!(data.contains("\r\nsubject: folded\r\n"), "{data:?}");
+    assert_eq!(body(&got[0]), "body\r\n");
+}

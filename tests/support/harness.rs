@@ -1,0 +1,286 @@
+//! Drives the real `pbxmail` binary for integration tests: a private temp
+//! directory with its own INI file and spool, the daemon as a child process
+//! (stderr captured to a file), and one-shot `sendmail`, `queue` and
+//! `check-config` runs against the same configuration. Assertions are left
+//! to the tests; this only starts, stops, waits and reads.
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// The binary under test.
+pub const PBXMAIL: &str = env!("CARGO_BIN_EXE_pbxmail");
+
+/// How often `wait_until` looks at files or queue state.
+const POLL: Duration = Duration::from_millis(20);
+/// How long the daemon gets to create its pickup socket after spawning.
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long SIGTERM may take: the daemon waits up to 10 s for sessions itself.
+const STOP_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Polls `cond` every 20 ms until it holds or `timeout` passes; returns
+/// whether it held. For file and queue state; the test SMTP server has its
+/// own Condvar-based waits.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(POLL);
+    }
+}
+
+/// A loopback port nothing listens on: bound, noted, released.
+pub fn closed_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    listener.local_addr().expect("listener address").port()
+}
+
+/// What a one-shot command returned.
+#[derive(Debug)]
+pub struct Run {
+    /// Exit code; -1 if killed by a signal.
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// A private pbxmail installation: temp dir, config, spool, and (once
+/// started) the daemon process. The directory is removed when the test
+/// passed and kept (with the daemon's log printed) when it failed, or always
+/// when `PBXMAIL_KEEP_TEST_DIRS` is set.
+pub struct Daemon {
+    dir: PathBuf,
+    config: PathBuf,
+    spool: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Daemon {
+    /// Creates `$TMP/pbxmail-TEST-PID/` afresh and writes the standard config
+    /// (see `configure`). The daemon is not started.
+    pub fn new(test: &str, tenants: &str) -> Daemon {
+        let daemon = Daemon::bare(test);
+        daemon.configure(tenants);
+        daemon
+    }
+
+    /// Writes the config: a `[daemon]` section (this spool, retry_min = 1s,
+    /// retry_max = 4s, debug logging) followed by `tenants`, the test's
+    /// `[tenant:…]` sections.
+    pub fn configure(&self, tenants: &str) {
+        let ini = format!(
+            "[daemon]\n\
+             spool_dir = {}\n\
+             hostname = pbx.test\n\
+             retry_min = 1s\n\
+             retry_max = 4s\n\
+             log_level = debug\n\
+             \n\
+             {tenants}",
+            self.spool.display()
+        );
+        self.write_config(&ini);
+    }
+
+    /// Like `new`, without writing any config: for tests about the config itself.
+    pub fn bare(test: &str) -> Daemon {
+        let dir = std::env::temp_dir().join(format!("pbxmail-{test}-{}", std::process::id()));
+        if dir.exists() {
+            fs::remove_dir_all(&dir).expect("remove a leftover test dir");
+        }
+        fs::create_dir_all(&dir).expect("create test dir");
+        Daemon {
+            config: dir.join("pbxmail.ini"),
+            spool: dir.join("spool"),
+            log: dir.join("daemon.log"),
+            dir,
+            child: None,
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn spool_dir(&self) -> &Path {
+        &self.spool
+    }
+
+    pub fn config_path(&self) -> &Path {
+        &self.config
+    }
+
+    /// Replaces the config file with `text` verbatim.
+    pub fn write_config(&self, text: &str) {
+        fs::write(&self.config, text).expect("write config");
+    }
+
+    /// Writes a file into the test dir and returns its path.
+    pub fn write_file(&self, name: &str, contents: &str) -> PathBuf {
+        let path = self.dir.join(name);
+        fs::write(&path, contents).expect("write test file");
+        path
+    }
+
+    /// Starts `pbxmail daemon -c FILE` and waits until it is ready (its
+    /// pickup socket exists, which happens after the tenant threads started).
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "daemon already running");
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("open daemon log");
+        let child = Command::new(PBXMAIL)
+            .arg("daemon")
+            .arg("-c")
+            .arg(&self.config)
+            .env_remove("PBXMAIL_CONFIG")
+            .env_remove("PBXMAIL_LOG")
+            .env_remove("JOURNAL_STREAM")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn pbxmail daemon");
+        self.child = Some(child);
+        let socket = self.spool.join("pickup.sock");
+        let mut exited = None;
+        let ready = wait_until(READY_TIMEOUT, || {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    exited = Some(status);
+                    return true;
+                }
+            }
+            socket.exists()
+        });
+        if let Some(status) = exited {
+            self.child = None;
+            panic!("daemon exited during start-up ({status})");
+        }
+        assert!(ready, "daemon did not create {} in time", socket.display());
+    }
+
+    /// SIGTERM, then waits (bounded) for the exit; returns its status.
+    pub fn stop(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("daemon not running");
+        let sent = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "kill -TERM failed");
+        let mut status = None;
+        let stopped = wait_until(STOP_TIMEOUT, || {
+            status = child.try_wait().expect("wait for daemon");
+            status.is_some()
+        });
+        if !stopped {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("daemon did not exit within {STOP_TIMEOUT:?} of SIGTERM");
+        }
+        status.expect("exit status")
+    }
+
+    /// Runs `pbxmail ARGS...` with `PBXMAIL_CONFIG` pointing at this config
+    /// and `stdin` as standard input.
+    pub fn run(&self, args: &[&str], stdin: &[u8]) -> Run {
+        let mut child = Command::new(PBXMAIL)
+            .args(args)
+            .env("PBXMAIL_CONFIG", &self.config)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn pbxmail");
+        let mut input = child.stdin.take().expect("stdin pipe");
+        let bytes = stdin.to_vec();
+        // A command that exits before reading everything (a usage error)
+        // closes the pipe; that is not the test's failure.
+        let writer = thread::spawn(move || {
+            let _ = input.write_all(&bytes);
+        });
+        let output = child.wait_with_output().expect("wait for pbxmail");
+        let _ = writer.join();
+        Run {
+            code: output.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+
+    /// `pbxmail sendmail ARGS...` with the message on stdin.
+    pub fn sendmail(&self, args: &[&str], message: &[u8]) -> Run {
+        let mut full = vec!["sendmail"];
+        full.extend_from_slice(args);
+        self.run(&full, message)
+    }
+
+    /// `pbxmail queue -c FILE --json`, parsed; panics unless it exits 0.
+    pub fn queue_json(&self) -> serde_json::Value {
+        let config = self.config.to_string_lossy().into_owned();
+        let run = self.run(&["queue", "-c", &config, "--json"], b"");
+        assert_eq!(run.code, 0, "queue --json failed: {}", run.stderr);
+        serde_json::from_str(&run.stdout)
+            .unwrap_or_else(|e| panic!("queue --json is not JSON ({e}): {}", run.stdout))
+    }
+
+    /// The queue entries as a Vec (empty when the queue is).
+    pub fn queue(&self) -> Vec<serde_json::Value> {
+        match self.queue_json() {
+            serde_json::Value::Array(entries) => entries,
+            other => panic!("queue --json is not an array: {other}"),
+        }
+    }
+
+    /// Polls the queue until `cond` holds for its entries; returns the last
+    /// entries seen either way.
+    pub fn wait_for_queue(
+        &self,
+        timeout: Duration,
+        mut cond: impl FnMut(&[serde_json::Value]) -> bool,
+    ) -> Vec<serde_json::Value> {
+        let mut last = Vec::new();
+        wait_until(timeout, || {
+            last = self.queue();
+            cond(&last)
+        });
+        last
+    }
+
+    /// The daemon's stderr so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::env::var_os("PBXMAIL_KEEP_TEST_DIRS").is_some() {
+            eprintln!("test dir kept: {}", self.dir.display());
+        } else if thread::panicking() {
+            eprintln!(
+                "test dir kept: {}\n--- daemon log ---\n{}--- end of daemon log ---",
+                self.dir.display(),
+                self.log()
+            );
+        } else {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
