@@ -2126,7 +2126,9 @@ archive_group = acme-admins
         ));
         assert_eq!(c.warnings.len(), 1);
         assert_eq!(c.warnings[0].line, Some(4));
-        assert!(c.warnings[0].message.contains("deferred until that changes"));
+        assert!(c.warnings[0]
+            .message
+            .contains("deferred until that changes"));
         let c = ok(&format!(
             "{MINIMAL}tls = none\nusername = u\npassword = p\nallow_plaintext_auth = yes\n"
         ));

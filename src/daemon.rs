@@ -17,7 +17,7 @@ const STOP_GRACE: Duration = Duration::from_secs(10);
 pub fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     let spool = Spool::new(&config.daemon.spool_dir);
     spool.create_layout()?;
-    let removed = spool.remove_stale_leftovers()?;
+    let removed = spool.remove_abandoned()?;
     if removed > 0 {
         log::info!("spool: removed {removed} abandoned partial submissions");
     }

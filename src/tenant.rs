@@ -86,6 +86,7 @@ impl TenantHandle {
             rescan: Arc::clone(&rescan),
             stop: Arc::clone(&stop),
             queue: BTreeMap::new(),
+            unrecorded: BTreeMap::new(),
             tenant_backoff: None,
         };
         let thread = std::thread::Builder::new()
@@ -157,6 +158,8 @@ struct TenantWorker {
     stop: Arc<AtomicBool>,
     /// Queued message → when it is due (unix ms). Small on purpose: the rest is on disk.
     queue: BTreeMap<MessageId, u64>,
+    /// Results the relay gave that could not be written yet (disk full).
+    unrecorded: BTreeMap<MessageId, Record>,
     /// When the relay itself failed: (attempts in a row, no session before this time).
     tenant_backoff: Option<(u32, u64)>,
 }
@@ -245,7 +248,34 @@ impl TenantWorker {
                 Err(e) => self.quarantine(&id, &e.to_string()),
             }
         }
+        self.quarantine_strays();
         log::debug!("tenant {}: {} messages queued", self.name, self.queue.len());
+    }
+
+    /// Files in the tenant's folder that are no spool entry are moved aside.
+    fn quarantine_strays(&self) {
+        let strays = self
+            .spool
+            .stray_files(self.name.as_str())
+            .unwrap_or_default();
+        for path in &strays {
+            let reason = "not a spool file (unknown name or type)";
+            log::error!(
+                "tenant {}: quarantined {}: {reason}",
+                self.name,
+                path.display()
+            );
+            if let Err(e) = self
+                .spool
+                .quarantine_stray(self.name.as_str(), path, reason)
+            {
+                log::error!(
+                    "tenant {}: cannot quarantine {}: {e}",
+                    self.name,
+                    path.display()
+                );
+            }
+        }
     }
 
     fn due_batch(&self, now: u64) -> Vec<MessageId> {
@@ -357,6 +387,9 @@ impl TenantWorker {
         peer: &str,
         id: &MessageId,
     ) -> Result<(), SessionError> {
+        if !self.write_unrecorded(id) {
+            return Ok(());
+        }
         let tenant = self.name.as_str().to_string();
         let envelope = match self.spool.load_envelope(&tenant, id) {
             Ok(env) => env,
@@ -381,7 +414,7 @@ impl TenantWorker {
             .map(|(i, r)| (i, r.address.clone()))
             .collect();
         if pending.is_empty() {
-            self.queue.remove(id);
+            self.settle(id, None, envelope.any_failed());
             return Ok(());
         }
         let mail_from = self
@@ -458,6 +491,9 @@ impl TenantWorker {
             self.back_off_tenant();
         }
         for id in ids {
+            if !self.write_unrecorded(id) {
+                continue;
+            }
             let envelope = match self.spool.load_envelope(self.name.as_str(), id) {
                 Ok(env) => env,
                 Err(e) if e.is_not_found() => {
@@ -541,29 +577,53 @@ impl TenantWorker {
         };
         let tenant = self.name.as_str().to_string();
         if let Err(e) = self.spool.append(&tenant, id, &record) {
-            // Without the record we cannot know what was sent; keep the message
-            // queued (a retry may duplicate, never lose) and back off.
-            log::error!("{id} tenant={tenant}: cannot record the delivery result: {e}");
+            // Keep the result in memory and write it before this message is
+            // touched again: re-sending what the relay already took (the disk
+            // is full, say) would deliver it once per retry.
+            log::error!("{id} tenant={tenant}: cannot record the delivery result, will retry: {e}");
+            self.unrecorded.insert(id.clone(), record);
             self.queue
                 .insert(id.clone(), now + self.retry_min.as_millis() as u64);
             return;
         }
-        match next_attempt_ms {
-            Some(at) => {
-                self.queue.insert(id.clone(), at);
-            }
-            None => {
-                self.queue.remove(id);
-                let failed = envelope.any_failed() || record_has_failure(&record);
-                if failed {
-                    log::warn!("{id} tenant={tenant}: kept in the queue as failed");
-                } else if let Err(e) = self.spool.remove(&tenant, id) {
-                    log::error!(
-                        "{id} tenant={tenant}: delivered, but cannot remove it from the spool: {e}"
-                    );
-                }
-            }
+        let failed = envelope.any_failed() || record_has_failure(&record);
+        self.settle(id, next_attempt_ms, failed);
+    }
+
+    /// Puts a message back in the index at its next attempt, or, with nothing
+    /// pending, removes it (delivered) or leaves it on disk as failed.
+    fn settle(&mut self, id: &MessageId, next_attempt_ms: Option<u64>, failed: bool) {
+        if let Some(at) = next_attempt_ms {
+            self.queue.insert(id.clone(), at);
+            return;
         }
+        self.queue.remove(id);
+        let tenant = self.name.as_str().to_string();
+        if failed {
+            log::warn!("{id} tenant={tenant}: kept in the queue as failed");
+        } else if let Err(e) = self.spool.remove(&tenant, id) {
+            log::error!(
+                "{id} tenant={tenant}: delivered, but cannot remove it from the spool: {e}"
+            );
+        }
+    }
+
+    /// Writes a result that could not be written before. False if it still cannot.
+    fn write_unrecorded(&mut self, id: &MessageId) -> bool {
+        let Some(record) = self.unrecorded.get(id) else {
+            return true;
+        };
+        if let Err(e) = self.spool.append(self.name.as_str(), id, record) {
+            log::error!(
+                "{id} tenant={}: still cannot record the delivery result: {e}",
+                self.name
+            );
+            let retry = spool::unix_millis() + self.retry_min.as_millis() as u64;
+            self.queue.insert(id.clone(), retry);
+            return false;
+        }
+        self.unrecorded.remove(id);
+        true
     }
 
     /// Exponential backoff between retry_min and retry_max.

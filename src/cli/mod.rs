@@ -3,6 +3,7 @@
 
 mod check_config;
 mod daemon;
+mod fsck;
 mod queue;
 mod sendmail;
 
@@ -14,7 +15,6 @@ use std::path::PathBuf;
 pub enum Exit {
     Ok = 0,
     /// A check found problems (fsck, archive verify).
-    #[allow(dead_code)]
     Problems = 1,
     Usage = 64,
     DataErr = 65,
@@ -30,11 +30,12 @@ commands:
   sendmail [opts] [rcpt...]   submit a message from stdin (also as `sendmail`)
   queue [--tenant T] [--json] list queued, deferred and failed mail (also as `mailq`)
   check-config [-c FILE]      validate the configuration
+  fsck [--json]               verify every spool entry; quarantine damaged ones
 config: -c FILE, else $PBXMAIL_CONFIG, else /etc/pbxmail/pbxmail.ini";
 
 /// Commands of the interface that later versions implement.
 const NOT_YET: &[&str] = &[
-    "status", "flush", "hold", "release", "delete", "test", "oauth", "reload", "fsck", "archive",
+    "status", "flush", "hold", "release", "delete", "test", "oauth", "reload", "archive",
 ];
 
 pub fn run(args: Vec<String>) -> Exit {
@@ -57,6 +58,7 @@ pub fn run(args: Vec<String>) -> Exit {
         "sendmail" => sendmail::run(rest),
         "queue" | "mailq" => queue::run(rest),
         "check-config" => check_config::run(rest),
+        "fsck" => fsck::run(rest),
         "help" | "--help" | "-h" => {
             println!("{USAGE}");
             Exit::Ok

@@ -133,6 +133,35 @@ fn collect(
             entries.push(entry);
         }
     }
+    // Damaged entries stay visible: an admin must see what was not sent.
+    for q in spool.quarantined()? {
+        if only_tenant.is_some_and(|t| t != q.tenant) {
+            continue;
+        }
+        let env = q.envelope.as_ref();
+        entries.push(QueueEntry {
+            id: q.id.clone(),
+            tenant: q.tenant.clone(),
+            sender: env.map(|e| e.sender.clone()).unwrap_or_default(),
+            recipients: env
+                .map(|e| {
+                    e.recipients
+                        .iter()
+                        .filter(|r| r.status != RcptStatus::Sent)
+                        .map(|r| r.address.clone())
+                        .collect()
+                })
+                .unwrap_or_default(),
+            size: env.map_or(0, |e| e.size),
+            queued_at: env
+                .map(|e| rfc3339(e.queued_at_ms / 1000))
+                .unwrap_or_default(),
+            state: "failed",
+            attempts: env.map_or(0, |e| e.attempts),
+            next_attempt: None,
+            last_error: Some(format!("quarantined: {}", q.reason)),
+        });
+    }
     Ok(entries)
 }
 

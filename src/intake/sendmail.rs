@@ -5,7 +5,7 @@
 
 use super::message::{Header, MessageReader, ReadError};
 use crate::address;
-use crate::config::Config;
+use crate::config::{Config, FreeSpace};
 use crate::smtp::data::Transparency;
 use crate::spool::{MessageId, Spool, SpoolError};
 use crate::time;
@@ -109,6 +109,7 @@ pub fn submit(
     add_missing_headers(&mut headers, config, opts, &sender);
 
     let spool = Spool::new(&config.daemon.spool_dir);
+    check_free_space(&spool, config.daemon.min_free_space)?;
     let mut submission = spool.begin_submission().map_err(temp_fail)?;
     let mut transparency = Transparency::for_storage();
     let mut out = Vec::with_capacity(64 * 1024);
@@ -148,6 +149,35 @@ pub fn submit(
         id,
         tenant: tenant_name,
     })
+}
+
+/// Refuses new mail below `min_free_space`, so the spool never fills up to
+/// the point where results of deliveries in progress cannot be recorded.
+fn check_free_space(spool: &Spool, minimum: FreeSpace) -> Result<(), SubmitError> {
+    let (available, total) = match spool.free_space() {
+        Ok(space) => space,
+        // A spool folder not made yet: begin_submission creates it and reports real errors.
+        Err(e) if e.is_not_found() => return Ok(()),
+        Err(e) => return Err(temp_fail(e)),
+    };
+    let too_low = match minimum {
+        FreeSpace::Percent(percent) => {
+            available.saturating_mul(100) < total.saturating_mul(u64::from(percent))
+        }
+        FreeSpace::Bytes(bytes) => available < bytes,
+    };
+    if too_low {
+        let wanted = match minimum {
+            FreeSpace::Percent(p) => format!("{p}%"),
+            FreeSpace::Bytes(b) => format!("{b} bytes"),
+        };
+        return Err(SubmitError::TempFail(format!(
+            "the spool's filesystem ({}) has only {available} of {total} bytes free, below min_free_space = {wanted}; \
+             new mail is refused until space is freed; try again later",
+            spool.root().display()
+        )));
+    }
+    Ok(())
 }
 
 fn envelope_recipients(

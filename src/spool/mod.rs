@@ -10,7 +10,8 @@
 //! ```
 //! A message is committed by fsync of both files, rename of `.msg` then `.env`
 //! into the tenant's folder, and fsync of that folder: an `.env` in `queue/`
-//! always has its `.msg` beside it.
+//! always has its `.msg` beside it. A submitter holds an exclusive lock on its
+//! `.msg` until it is done, so recovery removes only what nobody is writing.
 
 pub mod envelope;
 
@@ -21,10 +22,7 @@ use std::io::{self, BufReader, BufWriter, Write};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-/// Leftovers younger than this may belong to a `sendmail` still writing.
-const STALE_AFTER: Duration = Duration::from_secs(3600);
+use std::time::{SystemTime, UNIX_EPOCH};
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct MessageId(String);
@@ -163,20 +161,20 @@ impl Spool {
     }
 
     /// Start-up recovery: removes abandoned temp files and message files whose
-    /// envelope never arrived. Neither was ever acknowledged to a submitter.
-    pub fn remove_stale_leftovers(&self) -> Result<usize> {
+    /// envelope never arrived. Neither was ever acknowledged to a submitter,
+    /// and a submitter still at work holds a lock that keeps its files safe.
+    pub fn remove_abandoned(&self) -> Result<usize> {
         let mut removed = 0;
         for path in list_dir(&self.tmp_dir())? {
-            if is_stale(&path) && fs::remove_file(&path).is_ok() {
+            if is_abandoned(&path) && fs::remove_file(&path).is_ok() {
                 removed += 1;
             }
         }
         for tenant in self.tenants()? {
-            let dir = self.tenant_dir(&tenant);
-            for path in list_dir(&dir)? {
+            for path in list_dir(&self.tenant_dir(&tenant))? {
                 let orphan = path.extension().is_some_and(|e| e == "msg")
                     && !path.with_extension("env").exists();
-                if orphan && is_stale(&path) && fs::remove_file(&path).is_ok() {
+                if orphan && is_abandoned(&path) && fs::remove_file(&path).is_ok() {
                     removed += 1;
                 }
             }
@@ -264,6 +262,102 @@ impl Spool {
         sync_dir(&self.tenant_dir(tenant))
     }
 
+    /// Bytes available to unprivileged writers, and the filesystem's size.
+    pub fn free_space(&self) -> Result<(u64, u64)> {
+        let stat =
+            rustix::fs::statvfs(&self.root).map_err(|e| SpoolError::io(&self.root)(e.into()))?;
+        Ok((
+            stat.f_bavail.saturating_mul(stat.f_frsize),
+            stat.f_blocks.saturating_mul(stat.f_frsize),
+        ))
+    }
+
+    /// Entries moved aside as damaged, with the reason recorded for each.
+    pub fn quarantined(&self) -> Result<Vec<Quarantined>> {
+        let mut entries = Vec::new();
+        for path in list_dir(&self.quarantine_dir())? {
+            if path.extension().is_none_or(|e| e != "reason") {
+                continue;
+            }
+            let Some(stem) = path.file_stem().and_then(|s| s.to_str()) else {
+                continue;
+            };
+            // TENANT-ID or TENANT-stray.NAME: an ID has no '-', a tenant name may.
+            let (tenant, id) = match stem.find("-stray.") {
+                Some(at) => (
+                    stem.get(..at).unwrap_or_default(),
+                    stem.get(at + 1..).unwrap_or_default(),
+                ),
+                None => stem.rsplit_once('-').unwrap_or(("", stem)),
+            };
+            let reason = fs::read_to_string(&path)
+                .unwrap_or_default()
+                .trim()
+                .to_string();
+            let envelope = File::open(path.with_extension("env"))
+                .ok()
+                .and_then(|f| envelope::read_envelope(&mut BufReader::new(f)).ok());
+            entries.push(Quarantined {
+                tenant: tenant.to_string(),
+                id: id.to_string(),
+                reason,
+                envelope,
+            });
+        }
+        entries.sort_by(|a, b| (&a.tenant, &a.id).cmp(&(&b.tenant, &b.id)));
+        Ok(entries)
+    }
+
+    /// Files in a tenant's folder that are not ID.msg / ID.env: they do not
+    /// belong in the spool and are never acted on. (An ID.msg without its
+    /// .env is a submission between its two renames, or one recovery removes.)
+    pub fn stray_files(&self, tenant: &str) -> Result<Vec<PathBuf>> {
+        Ok(list_dir(&self.tenant_dir(tenant))?
+            .into_iter()
+            .filter(|p| {
+                let known_ext = p.extension().is_some_and(|e| e == "msg" || e == "env");
+                let valid_id = p
+                    .file_stem()
+                    .and_then(|s| s.to_str())
+                    .and_then(MessageId::parse)
+                    .is_some();
+                !(p.is_file() && known_ext && valid_id)
+            })
+            .collect())
+    }
+
+    /// Moves a file that is not a spool entry into quarantine, with the reason.
+    pub fn quarantine_stray(&self, tenant: &str, path: &Path, reason: &str) -> Result<()> {
+        let dir = self.quarantine_dir();
+        fs::create_dir_all(&dir).map_err(SpoolError::io(&dir))?;
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("unnamed");
+        let base = format!("{tenant}-stray.{name}");
+        fs::rename(path, dir.join(&base)).map_err(SpoolError::io(path))?;
+        let note = dir.join(format!("{base}.reason"));
+        fs::write(&note, format!("{reason}\n")).map_err(SpoolError::io(&note))?;
+        sync_dir(&dir)?;
+        sync_dir(&self.tenant_dir(tenant))
+    }
+
+    /// fsck's check of one entry: envelope records and the message checksum.
+    pub fn verify(&self, tenant: &str, id: &MessageId) -> std::result::Result<(), String> {
+        let envelope = self.load_envelope(tenant, id).map_err(|e| e.to_string())?;
+        let mut file = self
+            .open_message(tenant, id)
+            .map_err(|e| format!("message file missing or unreadable: {e}"))?;
+        let scan = scan_message(&mut file).map_err(|e| format!("message file unreadable: {e}"))?;
+        if scan.sha256 != envelope.sha256 {
+            return Err(format!(
+                "message file checksum mismatch (SHA-256 {}, envelope says {})",
+                scan.sha256, envelope.sha256
+            ));
+        }
+        Ok(())
+    }
+
     /// Starts writing a new message into `tmp/`.
     pub fn begin_submission(&self) -> Result<Submission> {
         let id = MessageId::generate();
@@ -278,6 +372,8 @@ impl Spool {
             other => other,
         }
         .map_err(SpoolError::io(&path))?;
+        // Held until this process closes the file: recovery leaves it alone.
+        file.lock().map_err(SpoolError::io(&path))?;
         Ok(Submission {
             spool: self.clone(),
             id,
@@ -298,6 +394,17 @@ impl Spool {
         let _ = socket.set_nonblocking(true);
         let _ = socket.send_to(format!("{tenant} {id}").as_bytes(), self.pickup_socket());
     }
+}
+
+/// A quarantined entry as `queue` and `fsck` show it.
+#[derive(Debug)]
+pub struct Quarantined {
+    pub tenant: String,
+    /// The message ID, or `stray.NAME` for a file that was never a message.
+    pub id: String,
+    pub reason: String,
+    /// The envelope, if it is still readable.
+    pub envelope: Option<Envelope>,
 }
 
 /// A message being written. Dropped without `commit`, it leaves nothing behind.
@@ -414,12 +521,19 @@ fn list_dir(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(entries.filter_map(|e| e.ok().map(|e| e.path())).collect())
 }
 
-fn is_stale(path: &Path) -> bool {
-    fs::metadata(path)
-        .and_then(|m| m.modified())
-        .ok()
-        .and_then(|t| t.elapsed().ok())
-        .is_some_and(|age| age > STALE_AFTER)
+/// True when no submitter holds the file's lock (it died or finished).
+/// A `.env` in tmp/ belongs to the `.msg` beside it and follows its lock.
+fn is_abandoned(path: &Path) -> bool {
+    let lock_holder = if path.extension().is_some_and(|e| e == "env") {
+        path.with_extension("msg")
+    } else {
+        path.to_path_buf()
+    };
+    match File::open(&lock_holder) {
+        Ok(file) => file.try_lock().is_ok(),
+        // The .msg is gone: the .env is left over from a finished or failed commit.
+        Err(e) => e.kind() == io::ErrorKind::NotFound,
+    }
 }
 
 pub fn unix_millis() -> u64 {
@@ -542,6 +656,65 @@ mod tests {
             .quarantine_dir()
             .join(format!("acme-{id}.msg"))
             .exists());
+        let _ = fs::remove_dir_all(spool.root());
+    }
+
+    #[test]
+    fn recovery_spares_a_live_submission_and_removes_abandoned_files() {
+        let spool = temp_spool("recovery");
+        let mut live = spool.begin_submission().unwrap();
+        live.write_all(b"still being written").unwrap();
+        live.flush().unwrap();
+        // A dead submitter's leftovers: no lock held on them.
+        fs::write(spool.tmp_dir().join("0000DEAD.msg"), b"partial").unwrap();
+        fs::create_dir_all(spool.tenant_dir("acme")).unwrap();
+        fs::write(spool.tenant_dir("acme").join("0000BEEF.msg"), b"orphan").unwrap();
+
+        assert_eq!(spool.remove_abandoned().unwrap(), 2);
+        assert_eq!(
+            list_dir(&spool.tmp_dir()).unwrap().len(),
+            1,
+            "the live submission is kept"
+        );
+        let id = live
+            .commit("acme", "a@acme.example", &["b@x.example".into()])
+            .unwrap();
+        assert_eq!(spool.message_ids("acme").unwrap(), vec![id]);
+        let _ = fs::remove_dir_all(spool.root());
+    }
+
+    #[test]
+    fn strays_are_listed_and_quarantined_with_their_reason() {
+        let spool = temp_spool("strays");
+        let mut sub = spool.begin_submission().unwrap();
+        sub.write_all(b"x\r\n").unwrap();
+        let id = sub
+            .commit("acme-eu", "a@acme.example", &["b@x.example".into()])
+            .unwrap();
+        let junk = spool.tenant_dir("acme-eu").join("core-dump.1");
+        fs::write(&junk, b"garbage").unwrap();
+
+        assert_eq!(spool.stray_files("acme-eu").unwrap(), vec![junk.clone()]);
+        spool
+            .quarantine_stray("acme-eu", &junk, "not a spool file")
+            .unwrap();
+        spool
+            .quarantine("acme-eu", &id, "checksum mismatch")
+            .unwrap();
+        let listed: Vec<(String, String)> = spool
+            .quarantined()
+            .unwrap()
+            .into_iter()
+            .map(|q| (q.tenant, q.id))
+            .collect();
+        assert!(
+            listed.contains(&("acme-eu".into(), "stray.core-dump.1".into())),
+            "{listed:?}"
+        );
+        assert!(
+            listed.contains(&("acme-eu".into(), id.to_string())),
+            "{listed:?}"
+        );
         let _ = fs::remove_dir_all(spool.root());
     }
 
