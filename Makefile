@@ -2,7 +2,7 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR = never
 
-.PHONY: all build release test unit integration demo lint fmt clean
+.PHONY: all build release test unit integration demo lint fmt clean interop
 
 all: build
 
@@ -31,3 +31,11 @@ fmt:
 clean:
 	$(CARGO) clean
 	rm -rf demo-run
+
+# Interop with a real mail server: installs Postfix from Debian's packages
+# (as root, when missing) and runs a private instance on 127.0.0.1 with
+# STARTTLS and implicit TLS, both with SMTP AUTH, delivering into a Maildir;
+# plus Postfix's smtp-sink with fault flags. See tests/interop/run.sh.
+interop:
+	$(CARGO) build --locked --bin pbxmail
+	bash tests/interop/run.sh

@@ -96,7 +96,13 @@ fn start(tcp: TcpStream, settings: &ClientSettings) -> Result<Session<Stream>, S
         session.hello(&settings.hostname)?;
     }
 
-    authenticate(&mut session, settings)?;
+    if let Err(e) = authenticate(&mut session, settings) {
+        // The relay is still listening after a refused login: part politely.
+        if matches!(e, SessionError::Rejected(..)) {
+            session.quit();
+        }
+        return Err(e);
+    }
     Ok(session)
 }
 

@@ -96,6 +96,8 @@ fn read_body(body: &mut impl Read, chunk: &mut [u8]) -> Result<Option<usize>, Se
 pub struct Session<S: Transport> {
     io: BufReader<S>,
     timeouts: Timeouts,
+    /// The relay hung up mid-body after replying; nothing more can be sent.
+    closed: bool,
     pub caps: Capabilities,
 }
 
@@ -104,6 +106,7 @@ impl<S: Transport> Session<S> {
         Session {
             io: BufReader::with_capacity(8 * 1024, stream),
             timeouts,
+            closed: false,
             caps: Capabilities::default(),
         }
     }
@@ -162,6 +165,10 @@ impl<S: Transport> Session<S> {
 
     /// Writes command lines in one go (one line, or a pipelined group).
     fn send_lines(&mut self, phase: Phase, lines: &[&str]) -> Result<(), SessionError> {
+        if self.closed {
+            let gone = io::Error::new(io::ErrorKind::BrokenPipe, "the relay closed the connection");
+            return Err(SessionError::Io(phase, gone));
+        }
         self.ensure_in_step(phase)?;
         let mut wire = Vec::with_capacity(lines.iter().map(|l| l.len() + 2).sum());
         for line in lines {
@@ -378,11 +385,13 @@ impl<S: Transport> Session<S> {
             self.send_bdat(body)?
         } else {
             match data_reply {
-                Some(reply) if reply.code.0 == 354 => {
-                    self.send_body(body)?;
-                    self.set_timeout(Phase::DataEnd, self.timeouts.data)?;
-                    self.read_checked(Phase::DataEnd)?
-                }
+                Some(reply) if reply.code.0 == 354 => match self.send_body(body) {
+                    Ok(()) => {
+                        self.set_timeout(Phase::DataEnd, self.timeouts.data)?;
+                        self.read_checked(Phase::DataEnd)?
+                    }
+                    Err(e) => self.reply_behind_write_error(e)?,
+                },
                 Some(reply) => {
                     self.reset()?;
                     reply
@@ -395,7 +404,7 @@ impl<S: Transport> Session<S> {
                 }
             }
         };
-        if !final_reply.code.is_positive() && chunking {
+        if !final_reply.code.is_positive() && chunking && !self.closed {
             self.reset()?;
         }
         for index in accepted {
@@ -449,6 +458,29 @@ impl<S: Transport> Session<S> {
             if last || !reply.code.is_positive() {
                 return Ok(reply);
             }
+        }
+    }
+
+    /// A relay may refuse a message mid-body and close (RFC 5321 §4.2.5
+    /// lets it reply early); our next write then fails. If its refusal is
+    /// already here, that reply decides the recipients, and the session is
+    /// over either way.
+    fn reply_behind_write_error(&mut self, error: SessionError) -> Result<Reply, SessionError> {
+        let SessionError::Io(Phase::Body, _) = &error else {
+            return Err(error);
+        };
+        self.closed = true;
+        if self
+            .io
+            .get_mut()
+            .set_timeout(Duration::from_secs(1))
+            .is_err()
+        {
+            return Err(error);
+        }
+        match self.read_reply(Phase::DataEnd) {
+            Ok(reply) if !reply.code.is_positive() => Ok(reply),
+            _ => Err(error),
         }
     }
 
@@ -688,6 +720,68 @@ mod tests {
         message.eight_bit = true;
         s.transaction(&message, &mut &b"x"[..]).unwrap();
         assert!(written(s).contains("MAIL FROM:<a@x> BODY=8BITMIME SMTPUTF8\r\n"));
+    }
+
+    /// A writer that breaks after the first DATA body write, with the
+    /// relay's early refusal already waiting to be read.
+    struct RefusesMidBody {
+        inner: Script,
+        body_writes: usize,
+    }
+
+    impl Read for RefusesMidBody {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.inner.read(buf)
+        }
+    }
+
+    impl Write for RefusesMidBody {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if self.inner.written.ends_with(b"DATA\r\n") || self.body_writes > 0 {
+                self.body_writes += 1;
+                let refusal = b"550 5.7.1 content refused\r\n";
+                let mut rest =
+                    self.inner.input.get_ref()[self.inner.input.position() as usize..].to_vec();
+                rest.extend_from_slice(refusal);
+                self.inner.input = io::Cursor::new(rest);
+                return Err(io::Error::new(io::ErrorKind::BrokenPipe, "broken pipe"));
+            }
+            self.inner.write(buf)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            self.inner.flush()
+        }
+    }
+
+    impl Transport for RefusesMidBody {
+        fn set_timeout(&mut self, _: Duration) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn early_refusal_mid_body_decides_and_closes_the_session() {
+        let scripted = session(&["", "250 ok\r\n", "250 ok\r\n", "354 go\r\n"]);
+        let t = Duration::from_secs(1);
+        let stream = RefusesMidBody {
+            inner: scripted.io.into_inner(),
+            body_writes: 0,
+        };
+        let mut s = Session::new(
+            stream,
+            Timeouts {
+                connect: t,
+                command: t,
+                data: t,
+            },
+        );
+        let rcpts = ["b@y".to_string()];
+        let result = s
+            .transaction(&outgoing("a@x", &rcpts), &mut &b"body"[..])
+            .unwrap();
+        assert_eq!(codes(&result), vec![550]);
+        let next = s.transaction(&outgoing("a@x", &rcpts), &mut &b"body"[..]);
+        assert!(matches!(next, Err(SessionError::Io(Phase::Mail, _))));
     }
 
     #[test]
