@@ -263,7 +263,7 @@ SINK_CASES=(
     "sink-dot-4xx|-r .|deferred"
     "sink-data-drop|-q DATA|deferred"
     "sink-mail-421|-Q MAIL|deferred"
-    "sink-data-abort|-A 0|kept"
+    "sink-data-abort|-A 0|failed"
 )
 declare -A SINK_PORT
 i=2
