@@ -2,7 +2,7 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR = never
 
-.PHONY: all build release test unit integration demo lint fmt clean interop
+.PHONY: all build release test unit integration demo lint fmt clean interop bench
 
 all: build
 
@@ -39,3 +39,10 @@ clean:
 interop:
 	$(CARGO) build --locked --bin pbxmail
 	bash tests/interop/run.sh
+
+# Benchmark, not a test (CI does not run it): messages per second for one
+# tenant through one SMTP session, with PIPELINING and without, on loopback and
+# with an added round-trip delay; prints figures and round trips per message.
+bench:
+	$(CARGO) build --locked --release --bin pbxmail
+	bash tests/bench/run.sh
