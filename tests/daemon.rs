@@ -8,7 +8,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::harness::{closed_port, Daemon};
+use support::harness::{closed_port, wait_until, Daemon};
 use support::smtp_server::{Received, ServerOptions, TestCa, TestServer, Tls};
 
 /// Upper bound for mail that should go out now; generous for a loaded CI box.
@@ -421,7 +421,7 @@ fn temporary_rcpt_failure_is_deferred_and_retried() {
 }
 
 #[test]
-fn permanent_failure_of_one_recipient_keeps_only_it_as_failed() {
+fn permanent_failure_of_one_recipient_bounces_only_it_to_the_sender() {
     let server = TestServer::start(
         ServerOptions {
             rcpt_reply_for: vec![("gone@example.com".into(), "550 5.1.1 No such user".into())],
@@ -440,18 +440,27 @@ fn permanent_failure_of_one_recipient_keeps_only_it_as_failed() {
         &message("pbx@acme.test", "ok@example.com", "half", "x"),
     );
 
-    let got = server.wait_for_messages(1, ARRIVAL);
-    assert_eq!(got.len(), 1);
+    let got = server.wait_for_messages(2, ARRIVAL);
+    assert_eq!(got.len(), 2, "the message and its bounce");
     assert_eq!(got[0].rcpt_to, ["ok@example.com"]);
-    let queue = daemon.wait_for_queue(ARRIVAL, |q| {
-        q.len() == 1 && str_of(&q[0], "state") == "failed"
-    });
-    assert_eq!(queue.len(), 1, "{queue:#?}");
-    let entry = &queue[0];
-    assert_eq!(str_of(entry, "state"), "failed", "{entry:#?}");
-    assert_eq!(recipients(entry), ["gone@example.com"]);
-    assert!(str_of(entry, "last_error").contains("550"), "{entry:#?}");
-    assert!(entry["next_attempt"].is_null(), "{entry:#?}");
+    let dsn = &got[1];
+    assert_eq!(dsn.mail_from, "", "a bounce has the null sender");
+    assert_eq!(dsn.rcpt_to, ["pbx@acme.test"]);
+    let text = String::from_utf8_lossy(&dsn.data);
+    assert!(
+        text.contains("Final-Recipient: rfc822; gone@example.com"),
+        "{text}"
+    );
+    assert!(text.contains("Status: 5.1.1"), "{text}");
+    assert!(
+        !text.contains("Final-Recipient: rfc822; ok@example.com"),
+        "{text}"
+    );
+    assert!(
+        text.contains("Subject: half"),
+        "original headers quoted: {text}"
+    );
+    daemon.wait_for_queue(ARRIVAL, |q| q.is_empty());
 }
 
 #[test]
@@ -965,7 +974,9 @@ fn tempfail_after_data_defers_every_recipient() {
 }
 
 #[test]
-fn permfail_after_data_fails_every_recipient_without_retry() {
+fn permfail_after_data_bounces_and_a_refused_bounce_stays_failed() {
+    // The relay refuses every message, the bounce included, and no
+    // postmaster is configured: the bounce stays visible, nothing retries.
     let server = TestServer::start(
         ServerOptions {
             data_reply: Some("554 5.7.1 Message rejected as spam".into()),
@@ -984,13 +995,17 @@ fn permfail_after_data_fails_every_recipient_without_retry() {
         q.len() == 1 && str_of(&q[0], "state") == "failed"
     });
     assert_eq!(queue.len(), 1, "{queue:#?}");
-    assert_eq!(str_of(&queue[0], "state"), "failed", "{queue:#?}");
-    assert_eq!(recipients(&queue[0]), ["a@example.com", "b@example.com"]);
-    assert!(
-        str_of(&queue[0], "last_error").contains("554"),
-        "{queue:#?}"
-    );
-    assert_eq!(server.connections(), 1);
+    let bounce = &queue[0];
+    assert_eq!(str_of(bounce, "sender"), "", "{bounce:#?}");
+    assert_eq!(recipients(bounce), ["pbx@acme.test"]);
+    assert!(str_of(bounce, "last_error").contains("554"), "{bounce:#?}");
+    assert!(server.messages().is_empty());
+    let commands_at_rest = server.commands().len();
+    // No retry of a permanent failure: nothing more is said to the relay.
+    let retried = wait_until(Duration::from_secs(3), || {
+        server.commands().len() > commands_at_rest
+    });
+    assert!(!retried, "{:?}", server.commands());
 }
 
 #[test]

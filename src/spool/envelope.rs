@@ -40,6 +40,9 @@ pub enum Record {
         queued_at_ms: u64,
         size: u64,
         sha256: String,
+        /// Set on a delivery status notification pbxmail made itself.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        bounce: Option<BounceOf>,
     },
     /// One delivery attempt: what each touched recipient got, and when to try again.
     Attempt {
@@ -49,6 +52,28 @@ pub enum Record {
         next_attempt_ms: Option<u64>,
         error: Option<String>,
     },
+    /// A bounce for this message was queued as `dsn`; the message itself is done.
+    Bounced { dsn: String },
+    /// A bounce that its sender's address refused goes to the postmaster instead:
+    /// the recipient list is replaced and every recipient is pending again.
+    Redirect { to: Vec<String> },
+}
+
+/// What a bounce message reports on, and whom it is addressed to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BounceOf {
+    /// The queue ID of the message that failed.
+    pub message: String,
+    pub stage: BounceStage,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BounceStage {
+    /// Addressed to the failed message's envelope sender.
+    Sender,
+    /// Addressed to the postmaster: the last stop; if it fails, it stays failed.
+    Postmaster,
 }
 
 #[derive(Debug)]
@@ -104,6 +129,10 @@ pub struct Envelope {
     pub attempts: u32,
     pub next_attempt_ms: Option<u64>,
     pub last_error: Option<String>,
+    /// Set when this message is itself a bounce.
+    pub bounce: Option<BounceOf>,
+    /// The queue ID of the bounce made for this message, once it was made.
+    pub bounced_as: Option<String>,
 }
 
 impl Envelope {
@@ -127,6 +156,25 @@ impl Envelope {
     fn apply(&mut self, record: Record) -> Result<(), String> {
         match record {
             Record::Created { .. } => Err("a second 'created' record".into()),
+            Record::Bounced { dsn } => {
+                self.bounced_as = Some(dsn);
+                Ok(())
+            }
+            Record::Redirect { to } => {
+                self.recipients = to
+                    .into_iter()
+                    .map(|address| Recipient {
+                        address,
+                        status: RcptStatus::Pending,
+                        last_reply: None,
+                    })
+                    .collect();
+                if let Some(bounce) = self.bounce.as_mut() {
+                    bounce.stage = BounceStage::Postmaster;
+                }
+                self.next_attempt_ms = None;
+                Ok(())
+            }
             Record::Attempt {
                 results,
                 next_attempt_ms,
@@ -190,6 +238,7 @@ pub fn read_envelope(input: &mut impl BufRead) -> Result<Envelope, EnvelopeError
                     queued_at_ms,
                     size,
                     sha256,
+                    bounce,
                     // The folder says which tenant; fsck compares the two.
                     tenant: _,
                 },
@@ -215,6 +264,8 @@ pub fn read_envelope(input: &mut impl BufRead) -> Result<Envelope, EnvelopeError
                     attempts: 0,
                     next_attempt_ms: None,
                     last_error: None,
+                    bounce,
+                    bounced_as: None,
                 });
             }
             (None, _) => {
@@ -268,6 +319,7 @@ mod tests {
             queued_at_ms: 1_700_000_000_000,
             size: 42,
             sha256: "00".into(),
+            bounce: None,
         }
     }
 
@@ -316,6 +368,31 @@ mod tests {
         ]);
         let env = read_envelope(&mut &bytes[..]).unwrap();
         assert_eq!(env.recipients[0].status, RcptStatus::Sent);
+    }
+
+    #[test]
+    fn redirect_makes_every_recipient_pending_again() {
+        let bytes = encode(&[
+            created(),
+            attempt(0, RcptStatus::Failed),
+            attempt(1, RcptStatus::Failed),
+            Record::Redirect {
+                to: vec!["postmaster@pbx.example".into()],
+            },
+        ]);
+        let env = read_envelope(&mut &bytes[..]).unwrap();
+        assert_eq!(env.recipients.len(), 1);
+        assert_eq!(env.recipients[0].status, RcptStatus::Pending);
+        assert!(!env.is_done());
+    }
+
+    #[test]
+    fn records_without_the_bounce_field_still_read() {
+        let line = br#"{"type":"created","version":1,"tenant":"t","sender":"s@x","recipients":["r@y"],"queued_at_ms":1,"size":1,"sha256":"00"}"#;
+        let mut bytes = format!("{} {:08x} ", line.len(), crc32c::crc32c(line)).into_bytes();
+        bytes.extend_from_slice(line);
+        bytes.push(b'\n');
+        assert!(read_envelope(&mut &bytes[..]).unwrap().bounce.is_none());
     }
 
     #[test]

@@ -435,11 +435,17 @@ impl Write for Submission {
 
 impl Submission {
     /// Makes the message durable in `tenant`'s queue; on `Ok` it may be acknowledged.
-    pub fn commit(
+    pub fn commit(self, tenant: &str, sender: &str, recipients: &[String]) -> Result<MessageId> {
+        self.commit_as(tenant, sender, recipients, None)
+    }
+
+    /// `commit` for a bounce pbxmail made itself.
+    pub fn commit_as(
         mut self,
         tenant: &str,
         sender: &str,
         recipients: &[String],
+        bounce: Option<envelope::BounceOf>,
     ) -> Result<MessageId> {
         let tmp_msg = self.tmp_message.clone();
         self.out.flush().map_err(SpoolError::io(&tmp_msg))?;
@@ -457,6 +463,7 @@ impl Submission {
             queued_at_ms: unix_millis(),
             size: self.size,
             sha256: hex(digest.as_ref()),
+            bounce,
         };
         let tmp_env = self.tmp_message.with_extension("env");
         let result = write_new_file(&tmp_env, |f| envelope::write_record(f, &record))

@@ -1,0 +1,432 @@
+//! What a tenant worker does with due mail: open a session, send message
+//! after message, record every recipient's outcome durably, and settle each
+//! message: retry later, remove (delivered), or bounce (RFC 3464) to its
+//! sender, else the postmaster, else keep it visibly failed.
+
+use super::worker::TenantWorker;
+use crate::bounce;
+use crate::outcome::{self, Outcome, RetryScope};
+use crate::smtp::client;
+use crate::smtp::session::{Outgoing, Session};
+use crate::smtp::SessionError;
+use crate::spool::envelope::{BounceStage, Envelope, RcptResult, RcptStatus, Record};
+use crate::spool::{self, MessageId};
+use crate::tls::Stream;
+use std::collections::HashSet;
+use std::io::{BufReader, Seek};
+
+/// A recipient's outcome in one attempt: (index in the envelope, address, outcome).
+type RcptOutcome = (usize, String, Outcome);
+
+impl TenantWorker {
+    /// One SMTP session: up to messages_per_session due messages, the first
+    /// of them `batch` (deferred together if the relay cannot be reached).
+    /// Returns false when the relay failed or pacing ended the session.
+    pub(super) fn run_session(&mut self, batch: &[MessageId]) -> bool {
+        let settings = match &self.settings.client {
+            Ok(settings) => settings.clone(),
+            Err(why) => {
+                let why = format!("tenant TLS settings unusable: {why}");
+                self.defer_all(batch, "-", &why, RetryScope::Tenant);
+                return false;
+            }
+        };
+        if !self.may_send_now() {
+            return false;
+        }
+        let mut connected = match client::open(&settings) {
+            Ok(connected) => connected,
+            Err(failure) => {
+                let outcome = outcome::of_session_error(&failure.error);
+                log::warn!(
+                    "tenant {}: relay {}: {}",
+                    self.name(),
+                    failure.peer,
+                    failure.error
+                );
+                self.defer_all(batch, &failure.peer, outcome.reason(), RetryScope::Tenant);
+                return false;
+            }
+        };
+        self.tenant_backoff = None;
+        let mut tried = HashSet::new();
+        let mut paced = false;
+        while tried.len() < self.settings.messages_per_session && !self.stopping() {
+            // Mail submitted meanwhile rides this session too.
+            self.take_waiting_jobs();
+            let Some(id) = self.next_due(&tried) else {
+                break;
+            };
+            if !tried.is_empty() && !self.may_send_now() {
+                paced = true;
+                break;
+            }
+            tried.insert(id.clone());
+            if let Err(e) = self.deliver_one(&mut connected.session, &connected.peer, &id) {
+                let outcome = outcome::of_session_error(&e);
+                log::warn!("tenant {}: relay {}: {e}", self.name(), connected.peer);
+                let scope = match outcome {
+                    Outcome::Retry { scope, .. } => scope,
+                    _ => RetryScope::Message,
+                };
+                self.defer_all(
+                    std::slice::from_ref(&id),
+                    &connected.peer,
+                    outcome.reason(),
+                    scope,
+                );
+                return scope != RetryScope::Tenant;
+            }
+            if self.tenant_backoff.is_some() {
+                // A reply showed the tenant's login is refused: stop here.
+                break;
+            }
+        }
+        connected.session.quit();
+        self.tenant_backoff.is_none() && !paced
+    }
+
+    /// Sends one message over an open session and records every recipient's result.
+    fn deliver_one(
+        &mut self,
+        session: &mut Session<Stream>,
+        peer: &str,
+        id: &MessageId,
+    ) -> Result<(), SessionError> {
+        if !self.write_unrecorded(id) {
+            return Ok(());
+        }
+        let envelope = match self.spool.load_envelope(self.name(), id) {
+            Ok(env) => env,
+            Err(e) if e.is_not_found() => {
+                self.queue.remove(id); // deleted by an admin meanwhile
+                return Ok(());
+            }
+            Err(e) => {
+                self.quarantine(id, &e.to_string());
+                return Ok(());
+            }
+        };
+        let (mut file, eight_bit) = match self.open_verified(id, &envelope) {
+            Ok(opened) => opened,
+            Err(why) => {
+                self.quarantine(id, &why);
+                return Ok(());
+            }
+        };
+        let mut pending: Vec<(usize, String)> = envelope
+            .pending()
+            .map(|(i, r)| (i, r.address.clone()))
+            .collect();
+        if pending.is_empty() {
+            self.queue.remove(id);
+            self.finish_done(id, &envelope, true);
+            return Ok(());
+        }
+        let mail_from = self
+            .settings
+            .envelope_from
+            .clone()
+            .unwrap_or_else(|| envelope.sender.clone());
+        let mut outcomes: Vec<RcptOutcome> = Vec::with_capacity(pending.len());
+        // A 452 "too many recipients" after some were accepted means: send the
+        // rest in a following transaction (RFC 5321 §4.5.3.1.10).
+        while !pending.is_empty() {
+            let rcpts: Vec<String> = pending.iter().map(|(_, a)| a.clone()).collect();
+            let message = Outgoing {
+                mail_from: &mail_from,
+                recipients: &rcpts,
+                size: envelope.size,
+                eight_bit,
+            };
+            file.rewind().map_err(|e| {
+                SessionError::Local(format!("cannot rewind the spooled message: {e}"))
+            })?;
+            let result = session.transaction(&message, &mut BufReader::new(&mut file))?;
+            let any_delivered = result.per_recipient.iter().any(|r| r.code.is_positive());
+            let mut again = Vec::new();
+            for ((index, address), reply) in pending.into_iter().zip(result.per_recipient.iter()) {
+                if any_delivered && reply.code.0 == 452 {
+                    again.push((index, address));
+                } else {
+                    outcomes.push((index, address, outcome::of_reply(reply)));
+                }
+            }
+            pending = again;
+        }
+        let tenant_refused = outcomes.iter().any(|(_, _, o)| {
+            matches!(
+                o,
+                Outcome::Retry {
+                    scope: RetryScope::Tenant,
+                    ..
+                }
+            )
+        });
+        self.record(id, &envelope, peer, outcomes, None);
+        if tenant_refused {
+            self.back_off_tenant();
+        }
+        Ok(())
+    }
+
+    /// Opens the message file and checks it against the SHA-256 in its
+    /// envelope; the same pass notes whether it has 8-bit content.
+    fn open_verified(
+        &self,
+        id: &MessageId,
+        envelope: &Envelope,
+    ) -> Result<(std::fs::File, bool), String> {
+        let mut file = self
+            .spool
+            .open_message(self.name(), id)
+            .map_err(|e| format!("message file unreadable: {e}"))?;
+        let scan =
+            spool::scan_message(&mut file).map_err(|e| format!("message file unreadable: {e}"))?;
+        if scan.sha256 != envelope.sha256 {
+            return Err(format!(
+                "message file checksum mismatch (SHA-256 {}, envelope says {})",
+                scan.sha256, envelope.sha256
+            ));
+        }
+        Ok((file, scan.eight_bit))
+    }
+
+    /// Defers every pending recipient of each message after a session failure.
+    pub(super) fn defer_all(
+        &mut self,
+        ids: &[MessageId],
+        relay: &str,
+        reason: &str,
+        scope: RetryScope,
+    ) {
+        if scope == RetryScope::Tenant {
+            self.back_off_tenant();
+        }
+        for id in ids {
+            if !self.write_unrecorded(id) {
+                continue;
+            }
+            let envelope = match self.spool.load_envelope(self.name(), id) {
+                Ok(env) => env,
+                Err(e) if e.is_not_found() => {
+                    self.queue.remove(id);
+                    continue;
+                }
+                Err(e) => {
+                    self.quarantine(id, &e.to_string());
+                    continue;
+                }
+            };
+            let outcomes = envelope
+                .pending()
+                .map(|(i, r)| {
+                    let retry = Outcome::Retry {
+                        scope,
+                        reason: reason.to_string(),
+                    };
+                    (i, r.address.clone(), retry)
+                })
+                .collect();
+            self.record(id, &envelope, relay, outcomes, Some(reason.to_string()));
+        }
+    }
+
+    /// Logs one line per recipient, appends the attempt durably, and settles
+    /// the message. A retry past max_queue_lifetime becomes a bounce.
+    fn record(
+        &mut self,
+        id: &MessageId,
+        envelope: &Envelope,
+        relay: &str,
+        outcomes: Vec<RcptOutcome>,
+        error: Option<String>,
+    ) {
+        let now = spool::unix_millis();
+        let age_ms = now.saturating_sub(envelope.queued_at_ms);
+        let expired = u128::from(age_ms) > self.settings.max_queue_lifetime.as_millis();
+        let delay = age_ms as f64 / 1000.0;
+        let mut results = Vec::with_capacity(outcomes.len());
+        let mut still_pending = 0;
+        let mut last_problem = error;
+        for (rcpt, address, outcome) in outcomes {
+            let outcome = match outcome {
+                Outcome::Retry { reason, .. } if expired => Outcome::Bounce {
+                    reason: format!(
+                        "4.4.7 gave up after {:.1} days in the queue; last error: {reason}",
+                        age_ms as f64 / 86_400_000.0
+                    ),
+                },
+                other => other,
+            };
+            log::info!(
+                "{id} tenant={} to=<{address}> relay={relay} delay={delay:.1}s status={} ({})",
+                self.name(),
+                outcome.status(),
+                outcome.reason()
+            );
+            let status = match &outcome {
+                Outcome::Delivered { .. } => RcptStatus::Sent,
+                Outcome::Retry { .. } => {
+                    still_pending += 1;
+                    RcptStatus::Pending
+                }
+                Outcome::Bounce { .. } => RcptStatus::Failed,
+            };
+            if status != RcptStatus::Sent {
+                last_problem = Some(outcome.reason().to_string());
+            }
+            results.push(RcptResult {
+                rcpt,
+                status,
+                reply: outcome.reason().to_string(),
+            });
+        }
+        let pending_before = envelope.pending().count();
+        still_pending += pending_before.saturating_sub(results.len());
+        let next_attempt_ms = (still_pending > 0).then(|| {
+            now + self
+                .settings
+                .backoff
+                .after(envelope.attempts + 1)
+                .as_millis() as u64
+        });
+        let record = Record::Attempt {
+            at_ms: now,
+            results,
+            next_attempt_ms,
+            error: last_problem,
+        };
+        if let Err(e) = self.spool.append(self.name(), id, &record) {
+            // Keep the result in memory and write it before this message is
+            // touched again: re-sending what the relay already took (the disk
+            // is full, say) would deliver it once per retry.
+            log::error!(
+                "{id} tenant={}: cannot record the delivery result, will retry: {e}",
+                self.name()
+            );
+            self.unrecorded.insert(id.clone(), record);
+            let retry = now + self.settings.backoff.min.as_millis() as u64;
+            self.queue.insert(id.clone(), retry);
+            return;
+        }
+        match next_attempt_ms {
+            Some(at) => {
+                self.queue.insert(id.clone(), at);
+            }
+            None => {
+                self.queue.remove(id);
+                match self.spool.load_envelope(self.name(), id) {
+                    Ok(done) => self.finish_done(id, &done, true),
+                    Err(e) => log::error!(
+                        "{id} tenant={}: cannot re-read the envelope: {e}",
+                        self.name()
+                    ),
+                }
+            }
+        }
+    }
+
+    /// A message with no recipient pending: removed if every one was sent;
+    /// otherwise bounced to its sender (or the postmaster), and a bounce that
+    /// cannot be delivered goes to the postmaster; what nobody can take stays
+    /// in the spool as failed. `announce` logs the "kept" case (not on rescans).
+    pub(super) fn finish_done(&mut self, id: &MessageId, envelope: &Envelope, announce: bool) {
+        let tenant = self.name().to_string();
+        if !envelope.any_failed() || envelope.bounced_as.is_some() {
+            if let Err(e) = self.spool.remove(&tenant, id) {
+                log::error!("{id} tenant={tenant}: done, but cannot remove it from the spool: {e}");
+            }
+            return;
+        }
+        let kept = |why: &str| {
+            if announce {
+                log::warn!("{id} tenant={tenant}: kept in the queue as failed: {why}");
+            }
+        };
+        match &envelope.bounce {
+            // Never a bounce of a bounce: it goes to the postmaster once, then stays.
+            Some(of) if of.stage == BounceStage::Sender => match self.settings.postmaster.clone() {
+                Some(postmaster) => {
+                    let redirect = Record::Redirect {
+                        to: vec![postmaster.clone()],
+                    };
+                    match self.spool.append(&tenant, id, &redirect) {
+                        Ok(()) => {
+                            log::info!("{id} tenant={tenant}: bounce undeliverable to its sender; sending it to <{postmaster}>");
+                            self.queue.insert(id.clone(), 0);
+                        }
+                        Err(e) => kept(&format!(
+                            "cannot redirect the bounce to the postmaster: {e}"
+                        )),
+                    }
+                }
+                None => kept("its bounce could not be delivered and no postmaster is configured"),
+            },
+            Some(_) => kept("its bounce could not be delivered to the postmaster either"),
+            None => self.bounce(id, envelope, announce),
+        }
+    }
+
+    fn bounce(&mut self, id: &MessageId, envelope: &Envelope, announce: bool) {
+        let tenant = self.name().to_string();
+        let Some((to, stage)) = bounce::addressee(envelope, self.settings.postmaster.as_deref())
+        else {
+            if announce {
+                log::warn!("{id} tenant={tenant}: kept in the queue as failed: null sender and no postmaster configured");
+            }
+            return;
+        };
+        let relay_host = match &self.settings.client {
+            Ok(client) => client.relay.host.clone(),
+            Err(_) => "unknown".to_string(),
+        };
+        let report = bounce::Report {
+            hostname: &self.settings.hostname,
+            relay_host: &relay_host,
+            id,
+            envelope,
+        };
+        let dsn = match bounce::queue(&self.spool, &tenant, &report, &to, stage) {
+            Ok(dsn) => dsn,
+            Err(e) => {
+                // Stays failed on disk; the next rescan tries again.
+                log::error!("{id} tenant={tenant}: cannot queue its bounce: {e}");
+                return;
+            }
+        };
+        log::info!("{id} tenant={tenant}: bounce {dsn} queued to <{to}>");
+        let marked = Record::Bounced {
+            dsn: dsn.to_string(),
+        };
+        match self.spool.append(&tenant, id, &marked) {
+            Ok(()) => {
+                if let Err(e) = self.spool.remove(&tenant, id) {
+                    log::error!(
+                        "{id} tenant={tenant}: bounced, but cannot remove it from the spool: {e}"
+                    );
+                }
+            }
+            Err(e) => log::error!("{id} tenant={tenant}: cannot record its bounce: {e}"),
+        }
+        self.queue.insert(dsn, 0);
+    }
+
+    /// Writes a result that could not be written before. False if it still cannot.
+    fn write_unrecorded(&mut self, id: &MessageId) -> bool {
+        let Some(record) = self.unrecorded.get(id) else {
+            return true;
+        };
+        if let Err(e) = self.spool.append(self.name(), id, record) {
+            log::error!(
+                "{id} tenant={}: still cannot record the delivery result: {e}",
+                self.name()
+            );
+            let retry = spool::unix_millis() + self.settings.backoff.min.as_millis() as u64;
+            self.queue.insert(id.clone(), retry);
+            return false;
+        }
+        self.unrecorded.remove(id);
+        true
+    }
+}

@@ -1,0 +1,188 @@
+//! One OS thread per tenant. `TenantHandle` is what the dispatcher holds:
+//! it never blocks on the tenant. The worker (worker.rs) owns the tenant's
+//! queue index and runs blocking SMTP sessions (delivery.rs) with the
+//! tenant's own timeouts and pacing (pacing.rs), so a slow or dead relay
+//! stalls only this thread. A worker that panics is restarted from the spool.
+
+mod delivery;
+mod pacing;
+mod worker;
+
+use crate::config::{DaemonConfig, RateLimit, TenantConfig, TenantName};
+use crate::smtp::client::ClientSettings;
+use crate::smtp::session::Timeouts;
+use crate::spool::{MessageId, Spool};
+use crate::tls;
+use crossbeam_channel::{bounded, Sender, TrySendError};
+use pacing::Backoff;
+use rustls::RootCertStore;
+use std::io;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+use worker::TenantWorker;
+
+/// Enough for a TLS session and our buffers; measured need is far lower.
+const STACK_SIZE: usize = 512 * 1024;
+/// Hints waiting for a busy worker; past this the worker rescans its folder instead.
+const JOB_CAPACITY: usize = 1024;
+/// Pause before restarting a worker that panicked, so a panic at start cannot spin.
+const RESTART_PAUSE: Duration = Duration::from_secs(1);
+
+#[derive(Debug)]
+pub enum Job {
+    Queued(MessageId),
+}
+
+/// Everything a worker needs that comes from the configuration.
+#[derive(Clone)]
+struct Settings {
+    name: TenantName,
+    /// Err when the tenant's TLS settings are unusable: mail waits, with this reason.
+    client: Result<ClientSettings, String>,
+    envelope_from: Option<String>,
+    messages_per_session: usize,
+    backoff: Backoff,
+    max_queue_lifetime: Duration,
+    rate_limit: Option<RateLimit>,
+    postmaster: Option<String>,
+    hostname: String,
+}
+
+pub struct TenantHandle {
+    name: TenantName,
+    jobs: Option<Sender<Job>>,
+    rescan: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl TenantHandle {
+    /// Starts the tenant's thread. `finished` receives the name when it ends.
+    pub fn spawn(
+        tenant: &TenantConfig,
+        daemon: &DaemonConfig,
+        spool: Spool,
+        roots: &RootCertStore,
+        finished: Sender<TenantName>,
+    ) -> io::Result<TenantHandle> {
+        let client = tls::client_config(tenant, roots).map(|tls| ClientSettings {
+            hostname: daemon.hostname.clone(),
+            relay: tenant.relay.clone(),
+            tls_mode: tenant.tls,
+            tls,
+            auth: tenant.auth,
+            username: tenant.username.clone(),
+            password: tenant.password.clone(),
+            allow_plaintext_auth: tenant.allow_plaintext_auth,
+            timeouts: Timeouts {
+                connect: tenant.connect_timeout,
+                command: tenant.command_timeout,
+                data: tenant.data_timeout,
+            },
+        });
+        if let Err(e) = &client {
+            log::error!(
+                "tenant {}: {e}; its mail stays queued until the configuration is fixed",
+                tenant.name
+            );
+        }
+        let settings = Settings {
+            name: tenant.name.clone(),
+            client: client.map_err(|e| e.to_string()),
+            envelope_from: tenant.envelope_from.clone(),
+            messages_per_session: tenant.messages_per_session.max(1) as usize,
+            backoff: Backoff {
+                min: daemon.retry_min,
+                max: daemon.retry_max,
+            },
+            max_queue_lifetime: daemon.max_queue_lifetime,
+            rate_limit: tenant.rate_limit,
+            postmaster: daemon.postmaster.clone(),
+            hostname: daemon.hostname.clone(),
+        };
+        let (jobs, receiver) = bounded(JOB_CAPACITY);
+        let rescan = Arc::new(AtomicBool::new(true));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (thread_rescan, thread_stop) = (Arc::clone(&rescan), Arc::clone(&stop));
+        let thread = std::thread::Builder::new()
+            .name(format!("tenant:{}", tenant.name))
+            .stack_size(STACK_SIZE)
+            .spawn(move || {
+                let name = settings.name.clone();
+                loop {
+                    // Each (re)start rebuilds the queue index from the spool.
+                    thread_rescan.store(true, Ordering::Release);
+                    let worker = TenantWorker::new(
+                        settings.clone(),
+                        spool.clone(),
+                        receiver.clone(),
+                        Arc::clone(&thread_rescan),
+                        Arc::clone(&thread_stop),
+                    );
+                    match catch_unwind(AssertUnwindSafe(|| worker.run())) {
+                        Ok(()) => break,
+                        Err(panic) => {
+                            let what = panic
+                                .downcast_ref::<&str>()
+                                .map(|s| s.to_string())
+                                .or_else(|| panic.downcast_ref::<String>().cloned())
+                                .unwrap_or_default();
+                            log::error!("tenant {name}: worker panicked ({what}); restarting it from the spool");
+                            if thread_stop.load(Ordering::Acquire) {
+                                break;
+                            }
+                            std::thread::sleep(RESTART_PAUSE);
+                        }
+                    }
+                }
+                let _ = finished.send(name);
+            })?;
+        Ok(TenantHandle {
+            name: tenant.name.clone(),
+            jobs: Some(jobs),
+            rescan,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Never blocks: a full channel turns into a rescan request.
+    pub fn send(&self, job: Job) {
+        let Some(jobs) = &self.jobs else { return };
+        match jobs.try_send(job) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => self.rescan.store(true, Ordering::Release),
+            Err(TrySendError::Disconnected(_)) => {
+                log::error!(
+                    "tenant {}: worker thread is gone; mail stays queued",
+                    self.name
+                )
+            }
+        }
+    }
+
+    /// Asks the worker to stop after the message it is sending.
+    pub fn stop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        self.jobs = None; // disconnecting wakes a worker waiting for jobs
+    }
+
+    /// Waits for the thread; call after `stop` and once `finished` reported it.
+    pub fn join(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                log::error!("tenant {}: worker thread ended abnormally", self.name);
+            }
+        }
+    }
+}
+
+impl Drop for TenantHandle {
+    fn drop(&mut self) {
+        self.stop();
+        self.join();
+    }
+}

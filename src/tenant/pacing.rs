@@ -1,0 +1,120 @@
+//! How often a tenant may try: exponential backoff with jitter between
+//! retry_min and retry_max, and a token bucket for `rate_limit` (providers
+//! such as Exchange Online accept 30 messages a minute per mailbox).
+//! Pure arithmetic on millisecond clocks, so it is tested without waiting.
+
+use crate::config::RateLimit;
+use ring::rand::{SecureRandom, SystemRandom};
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    pub min: Duration,
+    pub max: Duration,
+}
+
+impl Backoff {
+    /// The wait before attempt `attempts + 1`: min·2^(attempts-1), capped at
+    /// max, then ±10% so retries of many messages (or tenants sharing a
+    /// relay) do not arrive in lockstep.
+    pub fn after(&self, attempts: u32) -> Duration {
+        let exponent = attempts.saturating_sub(1).min(20);
+        let base = self.min.saturating_mul(1u32 << exponent).min(self.max);
+        let jitter = f64::from(random_u16()) / f64::from(u16::MAX) * 0.2 - 0.1;
+        base.mul_f64(1.0 + jitter)
+    }
+}
+
+fn random_u16() -> u16 {
+    let mut bytes = [0u8; 2];
+    // Without entropy there is no jitter, which is still correct.
+    let _ = SystemRandom::new().fill(&mut bytes);
+    u16::from_le_bytes(bytes)
+}
+
+/// Token bucket: holds up to `messages` tokens, refilled evenly over `per`.
+#[derive(Debug, Clone)]
+pub struct RateBucket {
+    capacity: f64,
+    per_token_ms: f64,
+    tokens: f64,
+    updated_ms: u64,
+}
+
+impl RateBucket {
+    pub fn new(limit: RateLimit, now_ms: u64) -> RateBucket {
+        let capacity = f64::from(limit.messages.max(1));
+        RateBucket {
+            capacity,
+            per_token_ms: limit.per.as_millis() as f64 / capacity,
+            tokens: capacity,
+            updated_ms: now_ms,
+        }
+    }
+
+    fn refill(&mut self, now_ms: u64) {
+        let elapsed = now_ms.saturating_sub(self.updated_ms) as f64;
+        if self.per_token_ms > 0.0 {
+            self.tokens = (self.tokens + elapsed / self.per_token_ms).min(self.capacity);
+        } else {
+            self.tokens = self.capacity;
+        }
+        self.updated_ms = now_ms;
+    }
+
+    /// Takes a token if one is there.
+    pub fn try_take(&mut self, now_ms: u64) -> bool {
+        self.refill(now_ms);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// When the next token will be there (now, if one is).
+    pub fn next_token_at(&mut self, now_ms: u64) -> u64 {
+        self.refill(now_ms);
+        if self.tokens >= 1.0 {
+            return now_ms;
+        }
+        now_ms + ((1.0 - self.tokens) * self.per_token_ms).ceil() as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_within_bounds_with_jitter() {
+        let b = Backoff {
+            min: Duration::from_secs(60),
+            max: Duration::from_secs(3600),
+        };
+        for (attempts, base) in [(1, 60.0), (2, 120.0), (3, 240.0), (7, 3600.0), (30, 3600.0)] {
+            let got = b.after(attempts).as_secs_f64();
+            assert!(
+                got >= base * 0.9 - 0.001 && got <= base * 1.1 + 0.001,
+                "{attempts}: {got}"
+            );
+        }
+    }
+
+    #[test]
+    fn bucket_allows_a_burst_then_paces() {
+        let limit = RateLimit {
+            messages: 30,
+            per: Duration::from_secs(60),
+        };
+        let mut bucket = RateBucket::new(limit, 0);
+        assert_eq!((0..40).filter(|_| bucket.try_take(0)).count(), 30);
+        // One token every 2 s.
+        assert_eq!(bucket.next_token_at(0), 2000);
+        assert!(!bucket.try_take(1999));
+        assert!(bucket.try_take(2000));
+        // A long idle time refills to the burst size, not beyond.
+        assert_eq!((0..40).filter(|_| bucket.try_take(10_000_000)).count(), 30);
+    }
+}
