@@ -104,7 +104,7 @@ impl Config {
 // Every interface key is parsed and validated now; some fields are read only
 // by features still to come (local submission, bounces, OAuth, archive).
 #[allow(dead_code)]
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct DaemonConfig {
     pub spool_dir: PathBuf,
     pub archive_dir: PathBuf,
@@ -207,7 +207,7 @@ impl From<TenantName> for String {
 // Every interface key is parsed and validated now; some fields are read only
 // by features still to come (local submission, bounces, OAuth, archive).
 #[allow(dead_code)]
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TenantConfig {
     pub name: TenantName,
     /// Line of the `[tenant:NAME]` header.
@@ -429,7 +429,8 @@ pub enum ArchiveUsers {
 }
 
 /// A password or other credential. `Debug` hides it so it cannot leak into logs by accident.
-#[derive(Clone)]
+/// Compared (for reload) but never printed.
+#[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
 
 impl Secret {

@@ -1,15 +1,13 @@
-//! Start-up and shut-down order of the daemon: spool recovery, one thread per
-//! tenant, the dispatcher loop, then an orderly stop that waits a bounded
-//! time for sessions in progress. The spool makes an unfinished stop safe.
+//! Start-up and shut-down order of the daemon: take the spool's lock, recover
+//! the spool, start the dispatcher (which starts one thread per tenant), and
+//! on SIGTERM stop within a bounded grace period. The spool makes an
+//! unfinished stop safe.
 
-use crate::config::{Config, TenantName};
+use crate::config::Config;
 use crate::dispatch::Dispatcher;
 use crate::spool::Spool;
-use crate::tenant::TenantHandle;
 use crate::tls;
-use crossbeam_channel::unbounded;
-use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// How long SIGTERM waits for sessions in progress before exiting anyway.
 const STOP_GRACE: Duration = Duration::from_secs(10);
@@ -17,35 +15,18 @@ const STOP_GRACE: Duration = Duration::from_secs(10);
 pub fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     let spool = Spool::new(&config.daemon.spool_dir);
     spool.create_layout()?;
+    // Held until the process exits: one daemon per spool.
+    let _lock = spool.lock_for_daemon()?;
     let removed = spool.remove_abandoned()?;
     if removed > 0 {
         log::info!("spool: removed {removed} abandoned partial submissions");
     }
 
-    let roots = tls::system_roots();
-    let (finished_tx, finished_rx) = unbounded::<TenantName>();
-    let mut tenants = BTreeMap::new();
-    for tenant in &config.tenants {
-        if !tenant.tls_verify {
-            log::warn!(
-                "tenant {}: tls_verify = no: the relay's certificate is not checked",
-                tenant.name
-            );
-        }
-        let handle = TenantHandle::spawn(
-            tenant,
-            &config.daemon,
-            spool.clone(),
-            &roots,
-            finished_tx.clone(),
-        )?;
-        tenants.insert(tenant.name.as_str().to_string(), handle);
-    }
-    drop(finished_tx);
+    let configured: Vec<&str> = config.tenants.iter().map(|t| t.name.as_str()).collect();
     for orphan in spool
         .tenants()?
         .iter()
-        .filter(|t| !tenants.contains_key(*t))
+        .filter(|t| !configured.contains(&t.as_str()))
     {
         let count = spool.message_ids(orphan).map(|ids| ids.len()).unwrap_or(0);
         if count > 0 {
@@ -53,39 +34,14 @@ pub fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         }
     }
 
-    let dispatcher = Dispatcher::new(&spool, tenants)?;
+    let dispatcher = Dispatcher::start(&config, &spool, tls::system_roots())?;
     log::info!(
         "pbxmail {} started: {} tenants, spool {}",
         env!("CARGO_PKG_VERSION"),
-        config.tenants.len(),
+        dispatcher.tenant_count(),
         spool.root().display()
     );
-    let (_exit, mut tenants) = dispatcher.run()?;
-
-    log::info!("stopping: waiting up to {STOP_GRACE:?} for sessions in progress");
-    for handle in tenants.values_mut() {
-        handle.stop();
-    }
-    let deadline = Instant::now() + STOP_GRACE;
-    let mut running = tenants.len();
-    while running > 0 {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match finished_rx.recv_timeout(left) {
-            Ok(name) => {
-                if let Some(mut handle) = tenants.remove(name.as_str()) {
-                    handle.join();
-                }
-                running -= 1;
-            }
-            Err(_) => break,
-        }
-    }
-    for (name, handle) in std::mem::take(&mut tenants) {
-        // Still in a blocking session: leave it; its message stays queued and
-        // is retried at the next start.
-        log::warn!("tenant {name}: still busy at exit; its current message stays queued");
-        std::mem::forget(handle);
-    }
+    dispatcher.run(STOP_GRACE)?;
     log::info!("stopped");
     Ok(())
 }

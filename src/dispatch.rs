@@ -1,38 +1,47 @@
 //! The dispatcher: one mio loop that turns outside events (pickup hints from
-//! `sendmail`, signals) into jobs for tenant threads. It never blocks: no
-//! DNS, no fsync, no network I/O here; sends to tenants are `try_send`.
+//! `sendmail`, signals, tenant threads ending) into work for the tenant set.
+//! It never blocks on a tenant: no DNS, no fsync, no network I/O here; sends
+//! to tenants are `try_send`. Reading the config file on SIGHUP is the one
+//! small read it does.
 
+use crate::config::{self, Config};
 use crate::spool::{MessageId, Spool};
-use crate::tenant::{Job, TenantHandle};
+use crate::tenant::{Job, TenantSet};
 use mio::net::UnixDatagram;
-use mio::{Events, Interest, Poll, Token};
+use mio::{Events, Interest, Poll, Token, Waker};
+use rustls::RootCertStore;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
-use std::collections::BTreeMap;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
 const PICKUP: Token = Token(0);
 const SIGNALS: Token = Token(1);
+const TENANT_ENDED: Token = Token(2);
 
 pub struct Dispatcher {
     poll: Poll,
     pickup: UnixDatagram,
+    pickup_path: PathBuf,
     signals: Signals,
-    tenants: BTreeMap<String, TenantHandle>,
-}
-
-#[derive(Debug, PartialEq, Eq)]
-pub enum Exit {
-    /// SIGTERM or SIGINT: stop taking work and shut down.
-    Terminate,
+    config_path: PathBuf,
+    tenants: TenantSet,
 }
 
 impl Dispatcher {
-    pub fn new(spool: &Spool, tenants: BTreeMap<String, TenantHandle>) -> io::Result<Dispatcher> {
+    /// Binds the pickup socket and starts every tenant.
+    pub fn start(config: &Config, spool: &Spool, roots: RootCertStore) -> io::Result<Dispatcher> {
+        let poll = Poll::new()?;
+        let waker = Arc::new(Waker::new(poll.registry(), TENANT_ENDED)?);
+        let wake = Arc::new(move || {
+            let _ = waker.wake();
+        });
         let path = spool.pickup_socket();
-        // A socket file left by a daemon that died is in the way; no live daemon
-        // can be using it because the spool has one daemon (systemd's unit).
+        // The daemon holds the spool's lock, so a socket file here is left
+        // over from one that died.
         let _ = std::fs::remove_file(&path);
         let mut pickup = UnixDatagram::bind(&path).map_err(|e| {
             io::Error::new(e.kind(), format!("cannot create {}: {e}", path.display()))
@@ -40,23 +49,31 @@ impl Dispatcher {
         // Any local submitter may hint; a hint only makes a tenant look at its own folder.
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666))?;
         let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])?;
-        let poll = Poll::new()?;
         poll.registry()
             .register(&mut pickup, PICKUP, Interest::READABLE)?;
         poll.registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)?;
+
+        let mut tenants = TenantSet::new(&config.daemon, spool.clone(), roots, wake);
+        tenants.start_all(&config.tenants);
         Ok(Dispatcher {
             poll,
             pickup,
+            pickup_path: path,
             signals,
+            config_path: config.path.clone(),
             tenants,
         })
     }
 
-    /// Runs until told to stop; hands the tenants back for an orderly shutdown.
-    pub fn run(mut self) -> io::Result<(Exit, BTreeMap<String, TenantHandle>)> {
+    pub fn tenant_count(&self) -> usize {
+        self.tenants.len()
+    }
+
+    /// Runs until SIGTERM or SIGINT, then stops the tenants within `grace`.
+    pub fn run(mut self, grace: Duration) -> io::Result<()> {
         let mut events = Events::with_capacity(64);
-        loop {
+        'serve: loop {
             if let Err(e) = self.poll.poll(&mut events, None) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -66,15 +83,20 @@ impl Dispatcher {
             for event in events.iter() {
                 match event.token() {
                     PICKUP => self.read_hints(),
+                    TENANT_ENDED => self.tenants.reap(),
                     SIGNALS => {
-                        if let Some(exit) = self.read_signals() {
-                            return Ok((exit, self.tenants));
+                        if self.read_signals() {
+                            break 'serve;
                         }
                     }
                     _ => {}
                 }
             }
         }
+        log::info!("stopping: waiting up to {grace:?} for sessions in progress");
+        let _ = std::fs::remove_file(&self.pickup_path);
+        self.tenants.stop_all(grace);
+        Ok(())
     }
 
     fn read_hints(&mut self) {
@@ -100,21 +122,49 @@ impl Dispatcher {
             log::debug!("pickup: ignored malformed hint {text:?}");
             return;
         };
-        match (self.tenants.get(tenant), MessageId::parse(id)) {
-            (Some(handle), Some(id)) => handle.send(Job::Queued(id)),
-            (None, _) => log::warn!("pickup: message {id} is for tenant {tenant:?}, which is not configured; it stays queued"),
-            (_, None) => log::debug!("pickup: ignored hint with bad id {id:?}"),
+        match MessageId::parse(id) {
+            Some(id) => self.tenants.route(tenant, Job::Queued(id)),
+            None => log::debug!("pickup: ignored hint with bad id {id:?}"),
         }
     }
 
-    fn read_signals(&mut self) -> Option<Exit> {
+    /// True when it is time to stop.
+    fn read_signals(&mut self) -> bool {
+        let mut stop = false;
+        let mut reload = false;
         for signal in self.signals.pending() {
             match signal {
-                SIGTERM | SIGINT => return Some(Exit::Terminate),
-                SIGHUP => log::warn!("SIGHUP: reloading the configuration is not supported by this version yet; restart the daemon"),
+                SIGTERM | SIGINT => stop = true,
+                SIGHUP => reload = true,
                 _ => {}
             }
         }
-        None
+        if reload && !stop {
+            self.reload();
+        }
+        stop
+    }
+
+    /// Re-reads the configuration; an invalid one is refused and the old one kept.
+    fn reload(&mut self) {
+        match config::load(&self.config_path) {
+            Ok(config) => {
+                for warning in &config.warnings {
+                    log::warn!("{warning}");
+                }
+                self.tenants.reload(&config);
+                log::info!(
+                    "reloaded {}: {} tenants",
+                    self.config_path.display(),
+                    self.tenants.len()
+                );
+            }
+            Err(e) => {
+                for problem in &e.problems {
+                    log::error!("reload refused: {problem}");
+                }
+                log::error!("reload refused: the running configuration stays in force");
+            }
+        }
     }
 }

@@ -6,7 +6,10 @@
 
 mod delivery;
 mod pacing;
+mod set;
 mod worker;
+
+pub use set::TenantSet;
 
 use crate::config::{DaemonConfig, RateLimit, TenantConfig, TenantName};
 use crate::smtp::client::ClientSettings;
@@ -14,6 +17,9 @@ use crate::smtp::session::Timeouts;
 use crate::spool::{MessageId, Spool};
 use crate::tls;
 use crossbeam_channel::{bounded, Sender, TrySendError};
+
+/// Called once from the tenant's thread as it ends.
+pub type OnFinish = Box<dyn FnOnce(TenantName) + Send>;
 use pacing::Backoff;
 use rustls::RootCertStore;
 use std::io;
@@ -60,13 +66,13 @@ pub struct TenantHandle {
 }
 
 impl TenantHandle {
-    /// Starts the tenant's thread. `finished` receives the name when it ends.
+    /// Starts the tenant's thread; `on_finish` runs when it ends.
     pub fn spawn(
         tenant: &TenantConfig,
         daemon: &DaemonConfig,
         spool: Spool,
         roots: &RootCertStore,
-        finished: Sender<TenantName>,
+        on_finish: OnFinish,
     ) -> io::Result<TenantHandle> {
         let client = tls::client_config(tenant, roots).map(|tls| ClientSettings {
             hostname: daemon.hostname.clone(),
@@ -138,7 +144,7 @@ impl TenantHandle {
                         }
                     }
                 }
-                let _ = finished.send(name);
+                on_finish(name);
             })?;
         Ok(TenantHandle {
             name: tenant.name.clone(),
@@ -170,7 +176,7 @@ impl TenantHandle {
         self.jobs = None; // disconnecting wakes a worker waiting for jobs
     }
 
-    /// Waits for the thread; call after `stop` and once `finished` reported it.
+    /// Waits for the thread; call after `stop` and once `on_finish` reported it.
     pub fn join(&mut self) {
         if let Some(thread) = self.thread.take() {
             if thread.join().is_err() {

@@ -64,6 +64,7 @@ impl TenantWorker {
 
     pub(super) fn run(mut self) {
         log::debug!("tenant {}: worker started", self.name());
+        injected_panic(self.name());
         loop {
             // The rescan flag starts set, so the first pass loads what the spool holds.
             if self.rescan.swap(false, Ordering::AcqRel) {
@@ -253,3 +254,19 @@ impl TenantWorker {
         false
     }
 }
+
+/// Test builds only: `PBXMAIL_DEBUG_PANIC_ONCE=TENANT` makes that tenant's
+/// first worker panic, so tests can show the restart loses nothing.
+#[cfg(debug_assertions)]
+fn injected_panic(tenant: &str) {
+    use std::sync::atomic::AtomicBool;
+    static DONE: AtomicBool = AtomicBool::new(false);
+    if std::env::var("PBXMAIL_DEBUG_PANIC_ONCE").is_ok_and(|t| t == tenant)
+        && !DONE.swap(true, Ordering::AcqRel)
+    {
+        panic!("injected by PBXMAIL_DEBUG_PANIC_ONCE");
+    }
+}
+
+#[cfg(not(debug_assertions))]
+fn injected_panic(_tenant: &str) {}

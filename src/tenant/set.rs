@@ -1,0 +1,207 @@
+//! The running tenants as a whole: start them, route jobs, apply a reloaded
+//! configuration (added, removed, changed tenants) without a restart, and
+//! stop them all within a grace period. A changed tenant's new thread starts
+//! only after the old one has finished, so one message is never in two
+//! sessions at once.
+
+use super::{Job, TenantHandle};
+use crate::config::{Config, DaemonConfig, TenantConfig, TenantName};
+use crate::spool::Spool;
+use crossbeam_channel::{unbounded, Receiver, Sender};
+use rustls::RootCertStore;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Called from a tenant thread when it ends (after sending on the channel),
+/// so the dispatcher's loop wakes up to reap it.
+pub type Wake = Arc<dyn Fn() + Send + Sync>;
+
+pub struct TenantSet {
+    daemon: DaemonConfig,
+    spool: Spool,
+    roots: RootCertStore,
+    running: BTreeMap<String, (TenantConfig, TenantHandle)>,
+    /// Stopped, waiting for their thread to finish.
+    stopping: BTreeMap<String, TenantHandle>,
+    /// To start once the old thread of the same name has finished.
+    waiting: BTreeMap<String, TenantConfig>,
+    finished_tx: Sender<TenantName>,
+    finished_rx: Receiver<TenantName>,
+    wake: Wake,
+}
+
+impl TenantSet {
+    pub fn new(daemon: &DaemonConfig, spool: Spool, roots: RootCertStore, wake: Wake) -> TenantSet {
+        let (finished_tx, finished_rx) = unbounded();
+        TenantSet {
+            daemon: daemon.clone(),
+            spool,
+            roots,
+            running: BTreeMap::new(),
+            stopping: BTreeMap::new(),
+            waiting: BTreeMap::new(),
+            finished_tx,
+            finished_rx,
+            wake,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.running.len()
+    }
+
+    pub fn start_all(&mut self, tenants: &[TenantConfig]) {
+        for tenant in tenants {
+            self.start(tenant.clone());
+        }
+    }
+
+    fn start(&mut self, tenant: TenantConfig) {
+        if !tenant.tls_verify {
+            log::warn!(
+                "tenant {}: tls_verify = no: the relay's certificate is not checked",
+                tenant.name
+            );
+        }
+        let notify = self.finished_tx.clone();
+        let wake = Arc::clone(&self.wake);
+        let on_finish = move |name: TenantName| {
+            let _ = notify.send(name);
+            wake();
+        };
+        match TenantHandle::spawn(
+            &tenant,
+            &self.daemon,
+            self.spool.clone(),
+            &self.roots,
+            Box::new(on_finish),
+        ) {
+            Ok(handle) => {
+                self.running
+                    .insert(tenant.name.as_str().to_string(), (tenant, handle));
+            }
+            Err(e) => log::error!(
+                "tenant {}: cannot start its thread: {e}; its mail stays queued",
+                tenant.name
+            ),
+        }
+    }
+
+    /// Never blocks: a full channel becomes a rescan; an unknown tenant is logged.
+    pub fn route(&self, tenant: &str, job: Job) {
+        match self.running.get(tenant) {
+            Some((_, handle)) => handle.send(job),
+            None => log::warn!(
+                "pickup: mail for tenant {tenant:?}, which is not configured; it stays queued"
+            ),
+        }
+    }
+
+    /// Applies a new, valid configuration.
+    pub fn reload(&mut self, config: &Config) {
+        let daemon_changed = !same_for_tenants(&self.daemon, &config.daemon);
+        if config.daemon.spool_dir != self.daemon.spool_dir {
+            log::warn!("reload: spool_dir changes take effect after a restart");
+        }
+        self.daemon = DaemonConfig {
+            spool_dir: self.daemon.spool_dir.clone(),
+            ..config.daemon.clone()
+        };
+        log::set_max_level(config.daemon.log_level);
+
+        let wanted: BTreeMap<String, &TenantConfig> = config
+            .tenants
+            .iter()
+            .map(|t| (t.name.as_str().to_string(), t))
+            .collect();
+        let names: Vec<String> = self.running.keys().cloned().collect();
+        for name in names {
+            let keep = wanted.get(&name).is_some_and(|new| {
+                !daemon_changed
+                    && self
+                        .running
+                        .get(&name)
+                        .is_some_and(|(old, _)| same_tenant(old, new))
+            });
+            if keep {
+                continue;
+            }
+            if let Some((_, mut handle)) = self.running.remove(&name) {
+                log::info!("reload: stopping tenant {name}");
+                handle.stop();
+                self.stopping.insert(name.clone(), handle);
+            }
+        }
+        for (name, tenant) in wanted {
+            if self.running.contains_key(&name) {
+                continue;
+            }
+            if self.stopping.contains_key(&name) {
+                self.waiting.insert(name, tenant.clone());
+            } else {
+                log::info!("reload: starting tenant {name}");
+                self.start(tenant.clone());
+            }
+        }
+        self.reap();
+    }
+
+    /// Joins tenants whose threads have finished and starts their successors.
+    pub fn reap(&mut self) {
+        while let Ok(name) = self.finished_rx.try_recv() {
+            let name = name.as_str().to_string();
+            if let Some(mut handle) = self.stopping.remove(&name) {
+                handle.join();
+            }
+            if let Some(tenant) = self.waiting.remove(&name) {
+                log::info!("reload: starting tenant {name} with its new settings");
+                self.start(tenant);
+            }
+        }
+    }
+
+    /// Stops every tenant, waiting at most `grace` for sessions in progress.
+    pub fn stop_all(&mut self, grace: Duration) {
+        self.waiting.clear();
+        for (name, (_, mut handle)) in std::mem::take(&mut self.running) {
+            handle.stop();
+            self.stopping.insert(name, handle);
+        }
+        let deadline = Instant::now() + grace;
+        while !self.stopping.is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.finished_rx.recv_timeout(left) {
+                Ok(name) => {
+                    if let Some(mut handle) = self.stopping.remove(name.as_str()) {
+                        handle.join();
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        for (name, handle) in std::mem::take(&mut self.stopping) {
+            // Still in a blocking session: leave it; its message stays queued
+            // and is retried at the next start.
+            log::warn!("tenant {name}: still busy at exit; its current message stays queued");
+            std::mem::forget(handle);
+        }
+    }
+}
+
+/// A tenant whose settings are unchanged (its place in the file may move).
+fn same_tenant(old: &TenantConfig, new: &TenantConfig) -> bool {
+    TenantConfig {
+        line: old.line,
+        ..new.clone()
+    } == *old
+}
+
+/// The daemon settings every tenant worker copies; a change restarts them all.
+fn same_for_tenants(old: &DaemonConfig, new: &DaemonConfig) -> bool {
+    old.hostname == new.hostname
+        && old.retry_min == new.retry_min
+        && old.retry_max == new.retry_max
+        && old.max_queue_lifetime == new.max_queue_lifetime
+        && old.postmaster == new.postmaster
+}
