@@ -84,11 +84,7 @@ impl Dispatcher {
                 match event.token() {
                     PICKUP => self.read_hints(),
                     TENANT_ENDED => self.tenants.reap(),
-                    SIGNALS => {
-                        if self.read_signals() {
-                            break 'serve;
-                        }
-                    }
+                    SIGNALS if self.read_signals() => break 'serve,
                     _ => {}
                 }
             }

@@ -156,8 +156,11 @@ pub fn submit(
 fn check_free_space(spool: &Spool, minimum: FreeSpace) -> Result<(), SubmitError> {
     let (available, total) = match spool.free_space() {
         Ok(space) => space,
-        // A spool folder not made yet: begin_submission creates it and reports real errors.
-        Err(e) if e.is_not_found() => return Ok(()),
+        // A spool the daemon has not run on yet: make it, then measure.
+        Err(e) if e.is_not_found() => {
+            spool.create_layout().map_err(temp_fail)?;
+            spool.free_space().map_err(temp_fail)?
+        }
         Err(e) => return Err(temp_fail(e)),
     };
     let too_low = match minimum {

@@ -216,13 +216,17 @@ impl Spool {
         File::open(&path).map_err(SpoolError::io(&path))
     }
 
-    /// Appends a record and waits until it is on stable storage.
+    /// Appends a record and waits until it is on stable storage. A torn
+    /// final record (a crash mid-append) is cut off first: nothing acted on
+    /// it, and appending after it would fuse the two into one bad line.
     pub fn append(&self, tenant: &str, id: &MessageId, record: &Record) -> Result<()> {
         let path = self.envelope_path(tenant, id);
         let mut file = OpenOptions::new()
+            .read(true)
             .append(true)
             .open(&path)
             .map_err(SpoolError::io(&path))?;
+        cut_torn_tail(&mut file).map_err(SpoolError::io(&path))?;
         envelope::write_record(&mut file, record).map_err(SpoolError::io(&path))?;
         file.sync_data().map_err(SpoolError::io(&path))
     }
@@ -305,6 +309,12 @@ impl Spool {
             let Some(stem) = path.file_stem().and_then(|s| s.to_str()) else {
                 continue;
             };
+            // A note describes a quarantined message (stem.env / stem.msg) or
+            // stray (stem itself); a stray whose own name ends in .reason is not one.
+            let describes = |suffix: &str| path.with_file_name(format!("{stem}{suffix}")).exists();
+            if !(describes("") || describes(".env") || describes(".msg")) {
+                continue;
+            }
             // TENANT-ID or TENANT-stray.NAME: an ID has no '-', a tenant name may.
             let (tenant, id) = match stem.find("-stray.") {
                 Some(at) => (
@@ -525,6 +535,31 @@ impl Drop for Submission {
     }
 }
 
+/// Truncates `file` after its last newline if it does not end with one.
+fn cut_torn_tail(file: &mut File) -> io::Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    let len = file.metadata()?.len();
+    if len == 0 {
+        return Ok(());
+    }
+    let mut last = [0u8; 1];
+    file.seek(SeekFrom::Start(len - 1))?;
+    file.read_exact(&mut last)?;
+    if last[0] == b'\n' {
+        return Ok(());
+    }
+    // Envelopes are a few records long: reading one whole is cheap.
+    let mut content = Vec::with_capacity(len as usize);
+    file.seek(SeekFrom::Start(0))?;
+    file.read_to_end(&mut content)?;
+    let keep = content
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |i| i + 1);
+    file.set_len(keep as u64)?;
+    file.sync_data()
+}
+
 fn write_new_file(path: &Path, fill: impl FnOnce(&mut File) -> io::Result<()>) -> Result<()> {
     let mut file = OpenOptions::new()
         .write(true)
@@ -653,6 +688,33 @@ mod tests {
         assert!(spool.load_envelope("acme", &id).unwrap().is_done());
         spool.remove("acme", &id).unwrap();
         assert!(spool.message_ids("acme").unwrap().is_empty());
+        let _ = fs::remove_dir_all(spool.root());
+    }
+
+    #[test]
+    fn append_after_a_torn_tail_cuts_it_first() {
+        let spool = temp_spool("torn");
+        let mut sub = spool.begin_submission().unwrap();
+        sub.write_all(b"x\r\n").unwrap();
+        let id = sub
+            .commit("acme", "a@acme.example", &["b@x.example".into()])
+            .unwrap();
+        let env_path = spool.envelope_path("acme", &id);
+        let mut f = OpenOptions::new().append(true).open(&env_path).unwrap();
+        f.write_all(b"57 0badc0de {\"type\":\"attem").unwrap();
+        drop(f);
+        let sent = Record::Attempt {
+            at_ms: 1,
+            results: vec![envelope::RcptResult {
+                rcpt: 0,
+                status: envelope::RcptStatus::Sent,
+                reply: "250".into(),
+            }],
+            next_attempt_ms: None,
+            error: None,
+        };
+        spool.append("acme", &id, &sent).unwrap();
+        assert!(spool.load_envelope("acme", &id).unwrap().is_done());
         let _ = fs::remove_dir_all(spool.root());
     }
 
