@@ -218,6 +218,7 @@ mod tests {
             last_error: None,
             bounce: None,
             bounced_as: None,
+            held: false,
         }
     }
 

@@ -1,17 +1,20 @@
 //! The dispatcher: one mio loop that turns outside events (pickup hints from
-//! `sendmail`, signals, tenant threads ending) into work for the tenant set.
+//! `sendmail`, control requests, signals, tenant threads ending) into work
+//! for the tenant set.
 //! It never blocks on a tenant: no DNS, no fsync, no network I/O here; sends
 //! to tenants are `try_send`. Reading the config file on SIGHUP is the one
 //! small read it does.
 
 use crate::config::{self, Config};
+use crate::control::{self, ControlServer, Request, Response, Selection};
 use crate::spool::{MessageId, Spool};
-use crate::tenant::{Job, TenantSet};
+use crate::tenant::{Job, Target, TenantSet};
 use mio::net::UnixDatagram;
 use mio::{Events, Interest, Poll, Token, Waker};
 use rustls::RootCertStore;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
+use std::collections::BTreeMap;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
@@ -21,13 +24,18 @@ use std::time::Duration;
 const PICKUP: Token = Token(0);
 const SIGNALS: Token = Token(1);
 const TENANT_ENDED: Token = Token(2);
+const CONTROL: Token = Token(3);
+/// Control connections get tokens from here on.
+const CONTROL_CONNECTIONS: usize = 1000;
 
 pub struct Dispatcher {
     poll: Poll,
     pickup: UnixDatagram,
     pickup_path: PathBuf,
     signals: Signals,
+    control: ControlServer,
     config_path: PathBuf,
+    spool: Spool,
     tenants: TenantSet,
 }
 
@@ -39,6 +47,21 @@ impl Dispatcher {
         let wake = Arc::new(move || {
             let _ = waker.wake();
         });
+        // Signals first: from here on SIGTERM is an orderly stop, never a kill.
+        let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])?;
+        poll.registry()
+            .register(&mut signals, SIGNALS, Interest::READABLE)?;
+        let mut tenants = TenantSet::new(&config.daemon, spool.clone(), roots, wake);
+        tenants.start_all(&config.tenants);
+
+        let control = ControlServer::bind(
+            &config.daemon.control_socket,
+            poll.registry(),
+            CONTROL,
+            CONTROL_CONNECTIONS,
+        )?;
+
+        // The pickup socket last: its appearance tells the world we are ready.
         let path = spool.pickup_socket();
         // The daemon holds the spool's lock, so a socket file here is left
         // over from one that died.
@@ -48,20 +71,16 @@ impl Dispatcher {
         })?;
         // Any local submitter may hint; a hint only makes a tenant look at its own folder.
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666))?;
-        let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])?;
         poll.registry()
             .register(&mut pickup, PICKUP, Interest::READABLE)?;
-        poll.registry()
-            .register(&mut signals, SIGNALS, Interest::READABLE)?;
-
-        let mut tenants = TenantSet::new(&config.daemon, spool.clone(), roots, wake);
-        tenants.start_all(&config.tenants);
         Ok(Dispatcher {
             poll,
             pickup,
             pickup_path: path,
             signals,
+            control,
             config_path: config.path.clone(),
+            spool: spool.clone(),
             tenants,
         })
     }
@@ -85,12 +104,14 @@ impl Dispatcher {
                     PICKUP => self.read_hints(),
                     TENANT_ENDED => self.tenants.reap(),
                     SIGNALS if self.read_signals() => break 'serve,
+                    token if self.control.owns(token) => self.serve_control(token),
                     _ => {}
                 }
             }
         }
         log::info!("stopping: waiting up to {grace:?} for sessions in progress");
         let _ = std::fs::remove_file(&self.pickup_path);
+        self.control.remove_socket();
         self.tenants.stop_all(grace);
         Ok(())
     }
@@ -136,31 +157,106 @@ impl Dispatcher {
             }
         }
         if reload && !stop {
-            self.reload();
+            let _ = self.reload();
         }
         stop
     }
 
-    /// Re-reads the configuration; an invalid one is refused and the old one kept.
-    fn reload(&mut self) {
+    /// Re-reads the configuration; an invalid one is refused and the old one
+    /// kept. Returns the problems that made it refuse.
+    fn reload(&mut self) -> Result<(), Vec<String>> {
         match config::load(&self.config_path) {
             Ok(config) => {
                 for warning in &config.warnings {
                     log::warn!("{warning}");
                 }
                 self.tenants.reload(&config);
-                log::info!(
-                    "reloaded {}: {} tenants",
-                    self.config_path.display(),
-                    self.tenants.len()
-                );
+                let path = self.config_path.display();
+                log::info!("reloaded {path}: {} tenants", self.tenants.len());
+                Ok(())
             }
             Err(e) => {
                 for problem in &e.problems {
                     log::error!("reload refused: {problem}");
                 }
                 log::error!("reload refused: the running configuration stays in force");
+                Err(e.problems.iter().map(|p| p.to_string()).collect())
             }
+        }
+    }
+
+    fn serve_control(&mut self, token: Token) {
+        for event in self.control.ready(self.poll.registry(), token) {
+            if let control::Event::Request(token, request) = event {
+                let response = self.execute(request);
+                self.control.respond(self.poll.registry(), token, &response);
+            }
+        }
+    }
+
+    /// Carries out an admin's request. Work on messages is handed to their
+    /// tenant's thread, which records it durably; this only routes.
+    fn execute(&mut self, request: Request) -> Response {
+        match request {
+            Request::Status => {
+                Response::ok(serde_json::json!({ "tenants": self.tenants.status() }))
+            }
+            Request::Flush { tenant } => match tenant {
+                Some(tenant) => self.to_tenant(&tenant, Job::Flush),
+                None => {
+                    self.tenants.route_all(|| Job::Flush);
+                    Response::ok(serde_json::json!({ "tenants": self.tenants.len() }))
+                }
+            },
+            Request::Hold(selection) => self.select(selection, Job::Hold),
+            Request::Release(selection) => self.select(selection, Job::Release),
+            Request::Delete(selection) => self.select(selection, Job::Delete),
+            Request::Reload => match self.reload() {
+                Ok(()) => Response::ok(serde_json::json!({ "tenants": self.tenants.len() })),
+                Err(problems) => Response::error(format!(
+                    "the new configuration was refused; the old one stays in force:\n{}",
+                    problems.join("\n")
+                )),
+            },
+        }
+    }
+
+    fn to_tenant(&self, tenant: &str, job: Job) -> Response {
+        if !self.tenants.is_running(tenant) {
+            return Response::error(format!("no tenant named {tenant:?} is running"));
+        }
+        self.tenants.route(tenant, job);
+        Response::ok(serde_json::json!({ "tenant": tenant }))
+    }
+
+    /// A whole tenant, or listed IDs grouped by the tenant whose folder holds them.
+    fn select(&self, selection: Selection, job: fn(Target) -> Job) -> Response {
+        if let Some(tenant) = selection.tenant {
+            return self.to_tenant(&tenant, job(Target::All));
+        }
+        if selection.ids.is_empty() {
+            return Response::error("name message IDs, or --tenant T");
+        }
+        let mut by_tenant: BTreeMap<String, Vec<MessageId>> = BTreeMap::new();
+        let mut unknown = Vec::new();
+        for raw in &selection.ids {
+            let found = MessageId::parse(raw)
+                .and_then(|id| self.spool.tenant_of(&id).map(|tenant| (tenant, id)));
+            match found {
+                Some((tenant, id)) if self.tenants.is_running(&tenant) => {
+                    by_tenant.entry(tenant).or_default().push(id)
+                }
+                _ => unknown.push(raw.clone()),
+            }
+        }
+        let count: usize = by_tenant.values().map(Vec::len).sum();
+        for (tenant, ids) in by_tenant {
+            self.tenants.route(&tenant, job(Target::Ids(ids)));
+        }
+        if unknown.is_empty() {
+            Response::ok(serde_json::json!({ "messages": count }))
+        } else {
+            Response::error(format!("no queued message with ID {}", unknown.join(", ")))
         }
     }
 }

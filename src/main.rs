@@ -7,6 +7,7 @@ mod address;
 mod bounce;
 mod cli;
 mod config;
+mod control;
 mod daemon;
 mod dispatch;
 mod intake;

@@ -14,7 +14,7 @@ use base64::Engine as _;
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
 
-use support::smtp_server::{ServerOptions, TestCa, TestServer, Tls};
+use support::smtp_server::{CertKind, Fault, ServerOptions, TestCa, TestServer, Tls};
 
 const WAIT: Duration = Duration::from_secs(5);
 
@@ -453,4 +453,302 @@ fn drop_with_idle_clients_does_not_hang() {
     drop(server);
     assert!(started.elapsed() < Duration::from_secs(3));
     assert!(idle.at_eof());
+}
+
+// ---------------------------------------------------------------------------
+// Extensions, faults and TLS variants used by tests/smtp_client.rs.
+// ---------------------------------------------------------------------------
+
+#[test]
+fn extensions_are_advertised_as_configured() {
+    let server = TestServer::start(
+        ServerOptions {
+            pipelining: false,
+            eight_bit_mime: false,
+            smtputf8: true,
+            chunking: true,
+            size_limit: None,
+            require_auth: Some(("u".into(), "p".into())),
+            auth_mechanisms: vec!["LOGIN".into()],
+            ..ServerOptions::default()
+        },
+        None,
+    );
+    let mut client = Client::connect(&server);
+    client.reply();
+    let ehlo = client.expect("EHLO c", 250);
+    assert_eq!(ehlo, ["test.invalid", "SMTPUTF8", "CHUNKING", "AUTH LOGIN"]);
+    // A mechanism that is not advertised is refused.
+    client.expect(&format!("AUTH PLAIN {}", BASE64.encode(b"\0u\0p")), 504);
+}
+
+#[test]
+fn bdat_chunks_are_reassembled_without_unstuffing() {
+    let server = TestServer::start(
+        ServerOptions {
+            chunking: true,
+            ..ServerOptions::default()
+        },
+        None,
+    );
+    let mut client = Client::connect(&server);
+    client.reply();
+    client.expect("EHLO c", 250);
+    client.expect("MAIL FROM:<a@x> SIZE=9 BODY=8BITMIME", 250);
+    client.expect("RCPT TO:<b@x>", 250);
+    let stream = client.reader.get_mut();
+    stream.write_all(b"BDAT 5\r\nhello").expect("write");
+    stream.flush().expect("flush");
+    assert_eq!(client.reply().0, 250);
+    let stream = client.reader.get_mut();
+    stream.write_all(b"BDAT 4 LAST\r\n.x\r\n").expect("write");
+    stream.flush().expect("flush");
+    assert_eq!(client.reply().0, 250);
+    client.expect("NOOP", 250);
+
+    let m = server.wait_for_messages(1, WAIT);
+    assert_eq!(m.len(), 1);
+    assert_eq!(m[0].data, b"hello.x\r\n");
+    assert!(m[0].bdat);
+    assert_eq!(m[0].mail_params, "SIZE=9 BODY=8BITMIME");
+
+    // Without CHUNKING, BDAT is not a command.
+    let plain = TestServer::start(ServerOptions::default(), None);
+    let mut client = Client::connect(&plain);
+    client.reply();
+    client.expect("EHLO c", 250);
+    client.expect("BDAT 0 LAST", 500);
+}
+
+#[test]
+fn faults_hit_only_the_nth_occurrence_of_their_verb() {
+    let server = TestServer::start(
+        ServerOptions {
+            faults: vec![
+                ("MAIL".into(), 1, Fault::ReplyTwice("250 2.1.0 Ok".into())),
+                ("RCPT".into(), 2, Fault::Reply("550 5.1.1 Scripted".into())),
+                (".".into(), 1, Fault::Reply("451 4.3.0 Scripted".into())),
+                ("RSET".into(), 1, Fault::Delay(Duration::from_millis(300))),
+                ("NOOP".into(), 2, Fault::Disconnect),
+            ],
+            ..ServerOptions::default()
+        },
+        None,
+    );
+    let mut client = Client::connect(&server);
+    client.reply();
+    client.expect("EHLO c", 250);
+    // The doubled reply: the second copy is there, unasked.
+    client.expect("MAIL FROM:<a@x>", 250);
+    assert_eq!(client.reply().0, 250);
+    client.expect("RCPT TO:<one@x>", 250);
+    assert_eq!(
+        client.cmd("RCPT TO:<two@x>"),
+        (550, vec!["5.1.1 Scripted".to_string()])
+    );
+    client.expect("RCPT TO:<three@x>", 250);
+    client.expect("DATA", 354);
+    client.send("first body");
+    client.send(".");
+    assert_eq!(client.reply().0, 451);
+    assert!(server.messages().is_empty());
+
+    let started = Instant::now();
+    client.expect("RSET", 250);
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    // Second transaction: no more faults for MAIL, RCPT or ".".
+    assert_eq!(client.send_message("a@x", &["two@x"], "second"), 250);
+    let m = server.wait_for_messages(1, WAIT);
+    assert_eq!(m[0].rcpt_to, ["two@x"]);
+    client.expect("NOOP", 250);
+    client.send("NOOP");
+    assert!(
+        client.at_eof(),
+        "the second NOOP should drop the connection"
+    );
+}
+
+#[test]
+fn tarpitted_connection_does_not_hold_up_drop() {
+    let server = TestServer::start(
+        ServerOptions {
+            faults: vec![("EHLO".into(), 1, Fault::Delay(Duration::from_secs(60)))],
+            ..ServerOptions::default()
+        },
+        None,
+    );
+    let mut client = Client::connect(&server);
+    client.reply();
+    client.send("EHLO c");
+    assert!(server.wait_for_command("EHLO", WAIT));
+    let started = Instant::now();
+    drop(server);
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert!(client.at_eof());
+}
+
+#[test]
+fn recipient_and_size_limits_are_enforced() {
+    let server = TestServer::start(
+        ServerOptions {
+            max_rcpts_per_transaction: Some(1),
+            size_limit: Some(500),
+            ..ServerOptions::default()
+        },
+        None,
+    );
+    let mut client = Client::connect(&server);
+    client.reply();
+    let ehlo = client.expect("EHLO c", 250);
+    assert!(ehlo.contains(&"SIZE 500".to_string()), "{ehlo:?}");
+    client.expect("MAIL FROM:<a@x> SIZE=501", 552);
+    client.expect("MAIL FROM:<a@x> SIZE=500", 250);
+    client.expect("RCPT TO:<one@x>", 250);
+    assert_eq!(
+        client.cmd("RCPT TO:<two@x>"),
+        (452, vec!["4.5.3 Too many recipients".to_string()])
+    );
+    client.expect("DATA", 354);
+    client.send("x");
+    client.send(".");
+    assert_eq!(client.reply().0, 250);
+    // The limit is per transaction.
+    assert_eq!(client.send_message("a@x", &["two@x"], "y"), 250);
+    let m = server.wait_for_messages(2, WAIT);
+    assert_eq!(m[0].rcpt_to, ["one@x"]);
+    assert_eq!(m[1].rcpt_to, ["two@x"]);
+}
+
+#[test]
+fn pipelined_commands_are_answered_in_order_and_marked() {
+    let server = TestServer::start(ServerOptions::default(), None);
+    let mut client = Client::connect(&server);
+    client.reply();
+    client.expect("EHLO c", 250);
+    let stream = client.reader.get_mut();
+    stream
+        .write_all(b"MAIL FROM:<a@x>\r\nRCPT TO:<b@x>\r\nRCPT TO:<c@x>\r\nDATA\r\n")
+        .expect("write");
+    stream.flush().expect("flush");
+    for code in [250, 250, 250, 354] {
+        assert_eq!(client.reply().0, code);
+    }
+    client.send("body");
+    client.send(".");
+    assert_eq!(client.reply().0, 250);
+    let log = server.command_log();
+    let flags: Vec<(&str, bool)> = log.iter().map(|c| (c.line.as_str(), c.pipelined)).collect();
+    assert_eq!(
+        flags,
+        [
+            ("EHLO c", false),
+            ("MAIL FROM:<a@x>", true),
+            ("RCPT TO:<b@x>", true),
+            ("RCPT TO:<c@x>", true),
+            ("DATA", false),
+        ]
+    );
+    assert_eq!(server.wait_for_messages(1, WAIT)[0].rcpt_to, ["b@x", "c@x"]);
+}
+
+#[test]
+fn starttls_can_be_refused_hijacked_or_stalled() {
+    let ca = TestCa::new();
+    let refusing = TestServer::start(
+        ServerOptions {
+            tls: Tls::StartTls,
+            starttls_reply: Some("454 4.7.0 TLS not available".into()),
+            ..ServerOptions::default()
+        },
+        Some(&ca),
+    );
+    let mut client = Client::connect(&refusing);
+    client.reply();
+    client.expect("EHLO c", 250);
+    client.expect("STARTTLS", 454);
+    client.expect("NOOP", 250);
+    assert_eq!(refusing.tls_handshakes(), 0);
+
+    let injecting = TestServer::start(
+        ServerOptions {
+            tls: Tls::StartTls,
+            inject_after_starttls: Some("250 injected\r\n".into()),
+            ..ServerOptions::default()
+        },
+        Some(&ca),
+    );
+    let mut client = Client::connect(&injecting);
+    client.reply();
+    client.expect("EHLO c", 250);
+    client.expect("STARTTLS", 220);
+    // The injected reply arrived in the same segment as the 220.
+    assert_eq!(client.reader.buffer(), b"250 injected\r\n");
+
+    let stalling = TestServer::start(
+        ServerOptions {
+            tls: Tls::StartTls,
+            stall_after_starttls: true,
+            ..ServerOptions::default()
+        },
+        Some(&ca),
+    );
+    let mut client = Client::connect(&stalling);
+    client.reply();
+    client.expect("EHLO c", 250);
+    client.expect("STARTTLS", 220);
+    let name = ServerName::try_from("localhost").expect("server name");
+    let mut conn = ClientConnection::new(client_config(&ca), name).expect("client connection");
+    let mut sock = client.tcp.try_clone().expect("clone socket");
+    sock.set_read_timeout(Some(Duration::from_millis(300)))
+        .expect("timeout");
+    let err = loop {
+        match conn.complete_io(&mut sock) {
+            Ok(_) if conn.is_handshaking() => continue,
+            Ok(_) => panic!("handshake completed with a stalling server"),
+            Err(e) => break e,
+        }
+    };
+    assert!(
+        matches!(err.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut),
+        "{err:?}"
+    );
+    assert_eq!(stalling.tls_handshakes(), 0);
+}
+
+#[test]
+fn certificate_kinds_fail_verification_for_their_own_reason() {
+    let ca = TestCa::new();
+    for (kind, expect) in [
+        (CertKind::Valid, None),
+        (CertKind::Expired, Some("Expired")),
+        (CertKind::WrongName, Some("NotValidForName")),
+    ] {
+        let server = TestServer::start(
+            ServerOptions {
+                tls: Tls::Implicit,
+                cert: kind,
+                ..ServerOptions::default()
+            },
+            Some(&ca),
+        );
+        let tcp = TcpStream::connect(server.addr()).expect("connect");
+        tcp.set_read_timeout(Some(WAIT)).expect("timeout");
+        let name = ServerName::try_from("localhost").expect("server name");
+        let mut conn = ClientConnection::new(client_config(&ca), name).expect("client connection");
+        let mut sock = tcp.try_clone().expect("clone socket");
+        let mut result = Ok(());
+        while conn.is_handshaking() {
+            if let Err(e) = conn.complete_io(&mut sock) {
+                result = Err(e);
+                break;
+            }
+        }
+        match (expect, result) {
+            (None, Ok(())) => {}
+            (Some(reason), Err(e)) => {
+                assert!(format!("{e:?}").contains(reason), "{kind:?}: {e:?}")
+            }
+            (expect, result) => panic!("{kind:?}: expected {expect:?}, got {result:?}"),
+        }
+    }
 }

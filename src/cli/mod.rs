@@ -1,6 +1,7 @@
 //! Command line: picks the personality from argv[0] or the subcommand, and
 //! maps every failure to a sysexits code (the interface's exit codes).
 
+mod admin;
 mod check_config;
 mod daemon;
 mod fsck;
@@ -31,12 +32,14 @@ commands:
   queue [--tenant T] [--json] list queued, deferred and failed mail (also as `mailq`)
   check-config [-c FILE]      validate the configuration
   fsck [--json]               verify every spool entry; quarantine damaged ones
+  status [--json]             per-tenant state from the running daemon
+  flush [--tenant T]          retry deferred mail now
+  hold|release|delete ID...   queue control; --tenant T instead of IDs acts on a whole tenant
+  reload                      re-read the configuration (same as SIGHUP)
 config: -c FILE, else $PBXMAIL_CONFIG, else /etc/pbxmail/pbxmail.ini";
 
 /// Commands of the interface that later versions implement.
-const NOT_YET: &[&str] = &[
-    "status", "flush", "hold", "release", "delete", "test", "oauth", "reload", "archive",
-];
+const NOT_YET: &[&str] = &["test", "oauth", "archive"];
 
 pub fn run(args: Vec<String>) -> Exit {
     let program = args
@@ -59,6 +62,7 @@ pub fn run(args: Vec<String>) -> Exit {
         "queue" | "mailq" => queue::run(rest),
         "check-config" => check_config::run(rest),
         "fsck" => fsck::run(rest),
+        "status" | "flush" | "hold" | "release" | "delete" | "reload" => admin::run(command, rest),
         "help" | "--help" | "-h" => {
             println!("{USAGE}");
             Exit::Ok

@@ -86,9 +86,15 @@ fn collect(
         }
         for id in spool.message_ids(&tenant)? {
             let entry = match spool.load_envelope(&tenant, &id) {
+                // Delivered (or bounced) and about to be removed: no longer queued.
+                Ok(env) if env.is_done() && (!env.any_failed() || env.bounced_as.is_some()) => {
+                    continue
+                }
                 Ok(env) => {
                     let state = if env.is_done() && env.any_failed() {
                         "failed"
+                    } else if env.held {
+                        "held"
                     } else if env.attempts == 0 {
                         "queued"
                     } else {

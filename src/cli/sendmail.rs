@@ -64,11 +64,8 @@ pub fn run(args: &[String]) -> Exit {
         }
     }
     match mode {
-        Mode::ListQueue => return super::queue::run(&[]),
-        Mode::Flush => {
-            eprintln!("sendmail: -q (flush) is not available in this version; the daemon retries on its own schedule");
-            return Exit::Unavailable;
-        }
+        Mode::ListQueue => return super::queue::run(&config_args(config_path.as_ref())),
+        Mode::Flush => return super::admin::run("flush", &config_args(config_path.as_ref())),
         Mode::Deliver => {}
     }
 
@@ -93,5 +90,13 @@ pub fn run(args: &[String]) -> Exit {
             eprintln!("sendmail: {e}");
             Exit::TempFail
         }
+    }
+}
+
+/// `-C FILE` handed on to queue and flush as their `-c FILE`.
+fn config_args(path: Option<&PathBuf>) -> Vec<String> {
+    match path {
+        Some(p) => vec!["-c".into(), p.display().to_string()],
+        None => Vec::new(),
     }
 }

@@ -392,6 +392,15 @@ impl<S: Transport> Session<S> {
                     }
                     Err(e) => self.reply_behind_write_error(e)?,
                 },
+                // Only 354 invites the body (RFC 5321 §4.1.1.4). Any other
+                // positive reply would have us call a message delivered that
+                // was never sent.
+                Some(reply) if reply.code.is_positive() => {
+                    return Err(SessionError::Protocol(
+                        Phase::Data,
+                        format!("DATA answered with {} instead of 354", reply.summary()),
+                    ));
+                }
                 Some(reply) => {
                     self.reset()?;
                     reply
@@ -782,6 +791,16 @@ mod tests {
         assert_eq!(codes(&result), vec![550]);
         let next = s.transaction(&outgoing("a@x", &rcpts), &mut &b"body"[..]);
         assert!(matches!(next, Err(SessionError::Io(Phase::Mail, _))));
+    }
+
+    #[test]
+    fn positive_reply_to_data_other_than_354_is_not_delivery() {
+        let mut s = session(&["", "250 ok\r\n", "250 ok\r\n", "250 2.0.0 Ok\r\n"]);
+        let rcpts = ["b@y".to_string()];
+        let err = s
+            .transaction(&outgoing("a@x", &rcpts), &mut &b"body"[..])
+            .unwrap_err();
+        assert!(matches!(err, SessionError::Protocol(Phase::Data, _)));
     }
 
     #[test]

@@ -53,10 +53,17 @@ pub enum Record {
         error: Option<String>,
     },
     /// A bounce for this message was queued as `dsn`; the message itself is done.
-    Bounced { dsn: String },
+    Bounced {
+        dsn: String,
+    },
+    /// An admin put the message on hold (`pbxmail hold`): not sent until released.
+    Held,
+    Released,
     /// A bounce that its sender's address refused goes to the postmaster instead:
     /// the recipient list is replaced and every recipient is pending again.
-    Redirect { to: Vec<String> },
+    Redirect {
+        to: Vec<String>,
+    },
 }
 
 /// What a bounce message reports on, and whom it is addressed to.
@@ -133,6 +140,8 @@ pub struct Envelope {
     pub bounce: Option<BounceOf>,
     /// The queue ID of the bounce made for this message, once it was made.
     pub bounced_as: Option<String>,
+    /// On hold by an admin.
+    pub held: bool,
 }
 
 impl Envelope {
@@ -158,6 +167,14 @@ impl Envelope {
             Record::Created { .. } => Err("a second 'created' record".into()),
             Record::Bounced { dsn } => {
                 self.bounced_as = Some(dsn);
+                Ok(())
+            }
+            Record::Held => {
+                self.held = true;
+                Ok(())
+            }
+            Record::Released => {
+                self.held = false;
                 Ok(())
             }
             Record::Redirect { to } => {
@@ -266,6 +283,7 @@ pub fn read_envelope(input: &mut impl BufRead) -> Result<Envelope, EnvelopeError
                     last_error: None,
                     bounce,
                     bounced_as: None,
+                    held: false,
                 });
             }
             (None, _) => {

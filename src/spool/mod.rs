@@ -166,7 +166,7 @@ impl Spool {
     pub fn remove_abandoned(&self) -> Result<usize> {
         let mut removed = 0;
         for path in list_dir(&self.tmp_dir())? {
-            if is_abandoned(&path) && fs::remove_file(&path).is_ok() {
+            if remove_if_abandoned(&path, || true) {
                 removed += 1;
             }
         }
@@ -174,7 +174,8 @@ impl Spool {
             for path in list_dir(&self.tenant_dir(&tenant))? {
                 let orphan = path.extension().is_some_and(|e| e == "msg")
                     && !path.with_extension("env").exists();
-                if orphan && is_abandoned(&path) && fs::remove_file(&path).is_ok() {
+                let env = path.with_extension("env");
+                if orphan && remove_if_abandoned(&path, || !env.exists()) {
                     removed += 1;
                 }
             }
@@ -191,6 +192,14 @@ impl Spool {
             .collect();
         names.sort();
         Ok(names)
+    }
+
+    /// The tenant folder holding message `id`, if any.
+    pub fn tenant_of(&self, id: &MessageId) -> Option<String> {
+        self.tenants()
+            .ok()?
+            .into_iter()
+            .find(|t| self.envelope_path(t, id).exists())
     }
 
     /// IDs of the messages queued for one tenant (those with an envelope).
@@ -391,8 +400,26 @@ impl Spool {
         Ok(())
     }
 
-    /// Starts writing a new message into `tmp/`.
+    /// Starts writing a new message into `tmp/`, locked against recovery.
     pub fn begin_submission(&self) -> Result<Submission> {
+        // Recovery may remove a file between its creation and our lock; then
+        // its link count is 0 and we start over with a new one.
+        for _ in 0..8 {
+            let (id, path, file) = self.create_locked_tmp()?;
+            let linked = file
+                .metadata()
+                .map(|m| std::os::unix::fs::MetadataExt::nlink(&m) > 0);
+            if linked.map_err(SpoolError::io(&path))? {
+                return Ok(self.submission(id, path, file));
+            }
+        }
+        let tmp = self.tmp_dir();
+        Err(SpoolError::io(&tmp)(io::Error::other(
+            "new spool files keep disappearing; is a second recovery running?",
+        )))
+    }
+
+    fn create_locked_tmp(&self) -> Result<(MessageId, PathBuf, File)> {
         let id = MessageId::generate();
         let path = self.tmp_dir().join(format!("{id}.msg"));
         let create = || OpenOptions::new().write(true).create_new(true).open(&path);
@@ -407,7 +434,11 @@ impl Spool {
         .map_err(SpoolError::io(&path))?;
         // Held until this process closes the file: recovery leaves it alone.
         file.lock().map_err(SpoolError::io(&path))?;
-        Ok(Submission {
+        Ok((id, path, file))
+    }
+
+    fn submission(&self, id: MessageId, path: PathBuf, file: File) -> Submission {
+        Submission {
             spool: self.clone(),
             id,
             out: BufWriter::with_capacity(64 * 1024, file),
@@ -415,7 +446,7 @@ impl Spool {
             size: 0,
             tmp_message: path,
             committed: false,
-        })
+        }
     }
 
     /// Tells a running daemon that a message is waiting. Only a hint: if no
@@ -586,19 +617,28 @@ fn list_dir(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(entries.filter_map(|e| e.ok().map(|e| e.path())).collect())
 }
 
-/// True when no submitter holds the file's lock (it died or finished).
-/// A `.env` in tmp/ belongs to the `.msg` beside it and follows its lock.
-fn is_abandoned(path: &Path) -> bool {
+/// Removes `path` if no submitter holds its lock (it died or finished).
+/// The lock is held while unlinking, so a submitter that takes it next sees
+/// its file gone (link count 0) and starts over. A `.env` in tmp/ belongs to
+/// the `.msg` beside it and follows its lock.
+/// `still_removable` is checked again under the lock: a submitter may have
+/// finished its commit between the caller's look and the lock.
+fn remove_if_abandoned(path: &Path, still_removable: impl Fn() -> bool) -> bool {
     let lock_holder = if path.extension().is_some_and(|e| e == "env") {
         path.with_extension("msg")
     } else {
         path.to_path_buf()
     };
-    match File::open(&lock_holder) {
-        Ok(file) => file.try_lock().is_ok(),
+    let _lock = match File::open(&lock_holder) {
+        Ok(file) => match file.try_lock() {
+            Ok(()) => Some(file),
+            Err(_) => return false,
+        },
         // The .msg is gone: the .env is left over from a finished or failed commit.
-        Err(e) => e.kind() == io::ErrorKind::NotFound,
-    }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(_) => return false,
+    };
+    still_removable() && fs::remove_file(path).is_ok()
 }
 
 pub fn unix_millis() -> u64 {
@@ -758,9 +798,11 @@ mod tests {
         live.write_all(b"still being written").unwrap();
         live.flush().unwrap();
         // A dead submitter's leftovers: no lock held on them.
-        fs::write(spool.tmp_dir().join("0000DEAD.msg"), b"partial").unwrap();
+        let dead = spool.tmp_dir().join("0000DEAD.msg");
+        fs::write(&dead, b"partial").unwrap();
         fs::create_dir_all(spool.tenant_dir("acme")).unwrap();
-        fs::write(spool.tenant_dir("acme").join("0000BEEF.msg"), b"orphan").unwrap();
+        let orphan = spool.tenant_dir("acme").join("0000BEEF.msg");
+        fs::write(&orphan, b"orphan").unwrap();
 
         assert_eq!(spool.remove_abandoned().unwrap(), 2);
         assert_eq!(

@@ -18,6 +18,16 @@ use std::io::{BufReader, Seek};
 /// A recipient's outcome in one attempt: (index in the envelope, address, outcome).
 type RcptOutcome = (usize, String, Outcome);
 
+/// How a session's run of messages ended.
+enum SessionEnd {
+    /// Nothing more due, or messages_per_session reached: QUIT.
+    Done,
+    /// The rate limit says wait: QUIT, and no new session until the next token.
+    Paced,
+    /// The session failed; `tenant_failing` when the relay itself is the problem.
+    Broken { tenant_failing: bool },
+}
+
 impl TenantWorker {
     /// One SMTP session: up to messages_per_session due messages, the first
     /// of them `batch` (deferred together if the relay cannot be reached).
@@ -49,8 +59,26 @@ impl TenantWorker {
             }
         };
         self.tenant_backoff = None;
+        self.in_session = true;
+        self.publish();
+        let outcome = self.send_due_messages(&mut connected);
+        self.in_session = false;
+        match outcome {
+            SessionEnd::Done => {
+                connected.session.quit();
+                self.tenant_backoff.is_none()
+            }
+            SessionEnd::Paced => {
+                connected.session.quit();
+                false
+            }
+            SessionEnd::Broken { tenant_failing } => !tenant_failing,
+        }
+    }
+
+    /// Sends due messages over an open session, up to messages_per_session.
+    fn send_due_messages(&mut self, connected: &mut client::Connected) -> SessionEnd {
         let mut tried = HashSet::new();
-        let mut paced = false;
         while tried.len() < self.settings.messages_per_session && !self.stopping() {
             // Mail submitted meanwhile rides this session too.
             self.take_waiting_jobs();
@@ -58,8 +86,7 @@ impl TenantWorker {
                 break;
             };
             if !tried.is_empty() && !self.may_send_now() {
-                paced = true;
-                break;
+                return SessionEnd::Paced;
             }
             tried.insert(id.clone());
             if let Err(e) = self.deliver_one(&mut connected.session, &connected.peer, &id) {
@@ -75,15 +102,16 @@ impl TenantWorker {
                     outcome.reason(),
                     scope,
                 );
-                return scope != RetryScope::Tenant;
+                return SessionEnd::Broken {
+                    tenant_failing: scope == RetryScope::Tenant,
+                };
             }
             if self.tenant_backoff.is_some() {
                 // A reply showed the tenant's login is refused: stop here.
                 break;
             }
         }
-        connected.session.quit();
-        self.tenant_backoff.is_none() && !paced
+        SessionEnd::Done
     }
 
     /// Sends one message over an open session and records every recipient's result.
@@ -273,6 +301,7 @@ impl TenantWorker {
                 }
                 Outcome::Bounce { .. } => RcptStatus::Failed,
             };
+            self.count(&outcome);
             if status != RcptStatus::Sent {
                 last_problem = Some(outcome.reason().to_string());
             }
@@ -307,13 +336,11 @@ impl TenantWorker {
             );
             self.unrecorded.insert(id.clone(), record);
             let retry = now + self.settings.backoff.min.as_millis() as u64;
-            self.queue.insert(id.clone(), retry);
+            self.schedule(id, retry, true);
             return;
         }
         match next_attempt_ms {
-            Some(at) => {
-                self.queue.insert(id.clone(), at);
-            }
+            Some(at) => self.schedule(id, at, true),
             None => {
                 self.queue.remove(id);
                 match self.spool.load_envelope(self.name(), id) {
@@ -333,12 +360,15 @@ impl TenantWorker {
     /// in the spool as failed. `announce` logs the "kept" case (not on rescans).
     pub(super) fn finish_done(&mut self, id: &MessageId, envelope: &Envelope, announce: bool) {
         let tenant = self.name().to_string();
+        self.queue.remove(id);
         if !envelope.any_failed() || envelope.bounced_as.is_some() {
+            self.failed.remove(id);
             if let Err(e) = self.spool.remove(&tenant, id) {
                 log::error!("{id} tenant={tenant}: done, but cannot remove it from the spool: {e}");
             }
             return;
         }
+        self.failed.insert(id.clone());
         let kept = |why: &str| {
             if announce {
                 log::warn!("{id} tenant={tenant}: kept in the queue as failed: {why}");
@@ -354,7 +384,8 @@ impl TenantWorker {
                     match self.spool.append(&tenant, id, &redirect) {
                         Ok(()) => {
                             log::info!("{id} tenant={tenant}: bounce undeliverable to its sender; sending it to <{postmaster}>");
-                            self.queue.insert(id.clone(), 0);
+                            self.failed.remove(id);
+                            self.schedule(id, 0, false);
                         }
                         Err(e) => kept(&format!(
                             "cannot redirect the bounce to the postmaster: {e}"
@@ -409,7 +440,7 @@ impl TenantWorker {
             }
             Err(e) => log::error!("{id} tenant={tenant}: cannot record its bounce: {e}"),
         }
-        self.queue.insert(dsn, 0);
+        self.schedule(&dsn, 0, false);
     }
 
     /// Writes a result that could not be written before. False if it still cannot.
@@ -423,7 +454,7 @@ impl TenantWorker {
                 self.name()
             );
             let retry = spool::unix_millis() + self.settings.backoff.min.as_millis() as u64;
-            self.queue.insert(id.clone(), retry);
+            self.schedule(id, retry, true);
             return false;
         }
         self.unrecorded.remove(id);

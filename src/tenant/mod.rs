@@ -25,7 +25,7 @@ use rustls::RootCertStore;
 use std::io;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 use worker::TenantWorker;
@@ -39,7 +39,45 @@ const RESTART_PAUSE: Duration = Duration::from_secs(1);
 
 #[derive(Debug)]
 pub enum Job {
+    /// A message was spooled for this tenant (a hint; the spool is the truth).
     Queued(MessageId),
+    /// Retry everything now, backoff or not (`pbxmail flush`).
+    Flush,
+    Hold(Target),
+    Release(Target),
+    Delete(Target),
+}
+
+/// What an admin command acts on.
+#[derive(Debug, Clone)]
+pub enum Target {
+    All,
+    Ids(Vec<MessageId>),
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TenantState {
+    #[default]
+    Idle,
+    Sending,
+    Backoff,
+}
+
+/// One tenant as `pbxmail status` shows it (the interface's JSON shape).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct TenantStatus {
+    pub name: String,
+    pub relay: String,
+    pub state: TenantState,
+    pub queued: usize,
+    pub deferred: usize,
+    pub held: usize,
+    pub failed: usize,
+    pub delivered: u64,
+    pub bounced: u64,
+    pub last_success: Option<String>,
+    pub last_error: Option<String>,
 }
 
 /// Everything a worker needs that comes from the configuration.
@@ -59,6 +97,7 @@ struct Settings {
 
 pub struct TenantHandle {
     name: TenantName,
+    status: Arc<Mutex<TenantStatus>>,
     jobs: Option<Sender<Job>>,
     rescan: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
@@ -109,6 +148,12 @@ impl TenantHandle {
             postmaster: daemon.postmaster.clone(),
             hostname: daemon.hostname.clone(),
         };
+        let status = Arc::new(Mutex::new(TenantStatus {
+            name: tenant.name.as_str().to_string(),
+            relay: tenant.relay.to_string(),
+            ..TenantStatus::default()
+        }));
+        let thread_status = Arc::clone(&status);
         let (jobs, receiver) = bounded(JOB_CAPACITY);
         let rescan = Arc::new(AtomicBool::new(true));
         let stop = Arc::new(AtomicBool::new(false));
@@ -127,6 +172,7 @@ impl TenantHandle {
                         receiver.clone(),
                         Arc::clone(&thread_rescan),
                         Arc::clone(&thread_stop),
+                        Arc::clone(&thread_status),
                     );
                     match catch_unwind(AssertUnwindSafe(|| worker.run())) {
                         Ok(()) => break,
@@ -148,6 +194,7 @@ impl TenantHandle {
             })?;
         Ok(TenantHandle {
             name: tenant.name.clone(),
+            status,
             jobs: Some(jobs),
             rescan,
             stop,
@@ -167,6 +214,15 @@ impl TenantHandle {
                     self.name
                 )
             }
+        }
+    }
+
+    /// The tenant's last published state; never waits on the worker for long
+    /// (it holds the lock only to copy a small struct).
+    pub fn status(&self) -> TenantStatus {
+        match self.status.lock() {
+            Ok(status) => status.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
         }
     }
 

@@ -98,6 +98,24 @@ impl TenantSet {
         }
     }
 
+    pub fn is_running(&self, tenant: &str) -> bool {
+        self.running.contains_key(tenant)
+    }
+
+    pub fn route_all(&self, job: impl Fn() -> Job) {
+        for (_, handle) in self.running.values() {
+            handle.send(job());
+        }
+    }
+
+    /// What `pbxmail status` shows, tenant by tenant.
+    pub fn status(&self) -> Vec<super::TenantStatus> {
+        self.running
+            .values()
+            .map(|(_, handle)| handle.status())
+            .collect()
+    }
+
     /// Applies a new, valid configuration.
     pub fn reload(&mut self, config: &Config) {
         let daemon_changed = !same_for_tenants(&self.daemon, &config.daemon);

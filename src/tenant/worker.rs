@@ -3,13 +3,24 @@
 //! of a tenant backoff or the next rate-limit token is due. No polling.
 
 use super::pacing::RateBucket;
-use super::{Job, Settings};
+use super::{Job, Settings, Target, TenantState, TenantStatus};
+use crate::outcome::Outcome;
+use crate::spool::envelope::Record;
 use crate::spool::{self, MessageId, Spool};
 use crossbeam_channel::{Receiver, RecvTimeoutError};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+/// What the worker keeps in memory per queued message; the rest is on disk.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Queued {
+    /// Unix ms when it may be tried.
+    pub(super) due: u64,
+    /// Tried before (deferred), as opposed to new (queued).
+    pub(super) attempted: bool,
+}
 
 pub(super) struct TenantWorker {
     pub(super) settings: Settings,
@@ -17,8 +28,12 @@ pub(super) struct TenantWorker {
     jobs: Receiver<Job>,
     rescan: Arc<AtomicBool>,
     pub(super) stop: Arc<AtomicBool>,
-    /// Queued message → when it is due (unix ms). Small on purpose: the rest is on disk.
-    pub(super) queue: BTreeMap<MessageId, u64>,
+    /// Messages waiting to be sent.
+    pub(super) queue: BTreeMap<MessageId, Queued>,
+    /// On hold by an admin: not sent until released.
+    pub(super) held: BTreeSet<MessageId>,
+    /// Finished with failures that nobody could take; kept on disk for the admin.
+    pub(super) failed: BTreeSet<MessageId>,
     /// Results the relay gave that could not be written yet (disk full).
     pub(super) unrecorded: BTreeMap<MessageId, spool::envelope::Record>,
     /// When the relay itself failed: (failures in a row, no session before this time).
@@ -26,6 +41,10 @@ pub(super) struct TenantWorker {
     pub(super) rate: Option<RateBucket>,
     /// Set when the rate limit ended a session: no new session before this time.
     pub(super) rate_wait_until: u64,
+    pub(super) in_session: bool,
+    /// What `pbxmail status` shows; the dispatcher reads it without waiting on us.
+    status: Arc<Mutex<TenantStatus>>,
+    counters: TenantStatus,
 }
 
 enum Wake {
@@ -40,7 +59,10 @@ impl TenantWorker {
         jobs: Receiver<Job>,
         rescan: Arc<AtomicBool>,
         stop: Arc<AtomicBool>,
+        status: Arc<Mutex<TenantStatus>>,
     ) -> TenantWorker {
+        // Counters survive a restart after a panic.
+        let counters = status.lock().map(|s| s.clone()).unwrap_or_default();
         let rate = settings
             .rate_limit
             .map(|limit| RateBucket::new(limit, spool::unix_millis()));
@@ -51,10 +73,55 @@ impl TenantWorker {
             rescan,
             stop,
             queue: BTreeMap::new(),
+            held: BTreeSet::new(),
+            failed: BTreeSet::new(),
             unrecorded: BTreeMap::new(),
             tenant_backoff: None,
             rate,
             rate_wait_until: 0,
+            in_session: false,
+            status,
+            counters,
+        }
+    }
+
+    /// Puts a message in the index (or moves it) with its next due time.
+    pub(super) fn schedule(&mut self, id: &MessageId, due: u64, attempted: bool) {
+        self.queue.insert(id.clone(), Queued { due, attempted });
+    }
+
+    /// Counts an outcome for `status` (per recipient attempt).
+    pub(super) fn count(&mut self, outcome: &Outcome) {
+        let now = crate::time::rfc3339(spool::unix_millis() / 1000);
+        match outcome {
+            Outcome::Delivered { .. } => {
+                self.counters.delivered += 1;
+                self.counters.last_success = Some(now);
+            }
+            Outcome::Bounce { reason } => {
+                self.counters.bounced += 1;
+                self.counters.last_error = Some(reason.clone());
+            }
+            Outcome::Retry { reason, .. } => self.counters.last_error = Some(reason.clone()),
+        }
+    }
+
+    /// Makes the current state visible to `pbxmail status`.
+    pub(super) fn publish(&mut self) {
+        let now = spool::unix_millis();
+        self.counters.state = if self.in_session {
+            TenantState::Sending
+        } else if self.tenant_backoff.is_some_and(|(_, until)| now < until) {
+            TenantState::Backoff
+        } else {
+            TenantState::Idle
+        };
+        self.counters.queued = self.queue.values().filter(|q| !q.attempted).count();
+        self.counters.deferred = self.queue.len() - self.counters.queued;
+        self.counters.held = self.held.len();
+        self.counters.failed = self.failed.len();
+        if let Ok(mut shared) = self.status.lock() {
+            *shared = self.counters.clone();
         }
     }
 
@@ -71,6 +138,7 @@ impl TenantWorker {
                 self.rescan_spool();
             }
             self.deliver_due();
+            self.publish();
             if self.stopping() {
                 break;
             }
@@ -118,7 +186,70 @@ impl TenantWorker {
     fn handle(&mut self, job: Job) {
         match job {
             Job::Queued(id) => {
-                self.queue.entry(id).or_insert(0);
+                if !self.queue.contains_key(&id) && !self.held.contains(&id) {
+                    self.schedule(&id, 0, false);
+                }
+            }
+            Job::Flush => {
+                self.tenant_backoff = None;
+                self.queue.values_mut().for_each(|q| q.due = 0);
+            }
+            Job::Hold(target) => {
+                for id in self.targets(&target, |w| w.queue.keys().cloned().collect()) {
+                    if self.queue.contains_key(&id) && self.mark(&id, &Record::Held) {
+                        self.queue.remove(&id);
+                        self.held.insert(id);
+                    }
+                }
+            }
+            Job::Release(target) => {
+                for id in self.targets(&target, |w| w.held.iter().cloned().collect()) {
+                    if self.held.contains(&id) && self.mark(&id, &Record::Released) {
+                        self.held.remove(&id);
+                        self.schedule(&id, 0, true);
+                    }
+                }
+            }
+            Job::Delete(target) => {
+                let all = |w: &TenantWorker| {
+                    let mut ids: Vec<MessageId> = w.queue.keys().cloned().collect();
+                    ids.extend(w.held.iter().cloned());
+                    ids.extend(w.failed.iter().cloned());
+                    ids
+                };
+                for id in self.targets(&target, all) {
+                    match self.spool.remove(self.name(), &id) {
+                        Ok(()) => {
+                            log::info!("{id} tenant={}: deleted by an administrator", self.name())
+                        }
+                        Err(e) => log::warn!("{id} tenant={}: cannot delete: {e}", self.name()),
+                    }
+                    self.queue.remove(&id);
+                    self.held.remove(&id);
+                    self.failed.remove(&id);
+                }
+            }
+        }
+    }
+
+    fn targets(
+        &self,
+        target: &Target,
+        all: impl Fn(&TenantWorker) -> Vec<MessageId>,
+    ) -> Vec<MessageId> {
+        match target {
+            Target::All => all(self),
+            Target::Ids(ids) => ids.clone(),
+        }
+    }
+
+    /// Appends an admin's record durably; false (logged) if it cannot.
+    fn mark(&self, id: &MessageId, record: &Record) -> bool {
+        match self.spool.append(self.name(), id, record) {
+            Ok(()) => true,
+            Err(e) => {
+                log::error!("{id} tenant={}: cannot record {record:?}: {e}", self.name());
+                false
             }
         }
     }
@@ -126,7 +257,7 @@ impl TenantWorker {
     /// The earliest time anything may happen: a message due, but not before
     /// a tenant backoff or a rate-limit pause ends.
     fn next_wakeup(&self) -> Option<u64> {
-        let earliest = self.queue.values().min().copied()?;
+        let earliest = self.queue.values().map(|q| q.due).min()?;
         let backoff = self.tenant_backoff.map_or(0, |(_, until)| until);
         Some(earliest.max(backoff).max(self.rate_wait_until))
     }
@@ -141,15 +272,17 @@ impl TenantWorker {
             }
         };
         for id in ids {
-            if self.queue.contains_key(&id) {
+            if self.queue.contains_key(&id) || self.held.contains(&id) || self.failed.contains(&id)
+            {
                 continue;
             }
             match self.spool.load_envelope(self.name(), &id) {
                 // Finished, but a crash came before it was bounced or removed.
                 Ok(env) if env.is_done() => self.finish_done(&id, &env, false),
-                Ok(env) => {
-                    self.queue.insert(id, env.next_attempt_ms.unwrap_or(0));
+                Ok(env) if env.held => {
+                    self.held.insert(id);
                 }
+                Ok(env) => self.schedule(&id, env.next_attempt_ms.unwrap_or(0), env.attempts > 0),
                 Err(e) => self.quarantine(&id, &e.to_string()),
             }
         }
@@ -183,6 +316,7 @@ impl TenantWorker {
 
     pub(super) fn quarantine(&mut self, id: &MessageId, reason: &str) {
         self.queue.remove(id);
+        self.failed.remove(id);
         log::error!("{id} tenant={}: quarantined: {reason}", self.name());
         if let Err(e) = self.spool.quarantine(self.name(), id, reason) {
             log::error!("{id} tenant={}: cannot quarantine: {e}", self.name());
@@ -194,8 +328,8 @@ impl TenantWorker {
         let mut due: Vec<(u64, &MessageId)> = self
             .queue
             .iter()
-            .filter(|(_, &at)| at <= now)
-            .map(|(id, &at)| (at, id))
+            .filter(|(_, q)| q.due <= now)
+            .map(|(id, q)| (q.due, id))
             .collect();
         due.sort();
         due.into_iter()
@@ -209,8 +343,8 @@ impl TenantWorker {
         let now = spool::unix_millis();
         self.queue
             .iter()
-            .filter(|(id, &at)| at <= now && !tried.contains(*id))
-            .min_by_key(|(_, &at)| at)
+            .filter(|(id, q)| q.due <= now && !tried.contains(*id))
+            .min_by_key(|(_, q)| q.due)
             .map(|(id, _)| id.clone())
     }
 

@@ -28,13 +28,33 @@ const DRAIN_LIMIT: u64 = 1024 * 1024;
 /// Idle limit per read or write, so connection threads always end.
 const SOCKET_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A throwaway certificate authority and a server certificate it signed for
-/// `localhost`, `127.0.0.1` and `::1`. Fresh keys on every `new()`.
+/// Which server certificate a `TestServer` presents; all are signed by its
+/// `TestCa`, so only the named flaw is wrong with each.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CertKind {
+    /// For `localhost`, `127.0.0.1` and `::1`, valid now.
+    #[default]
+    Valid,
+    /// Same names, but valid only during 2001.
+    Expired,
+    /// Valid now, but only for `wrong.invalid`.
+    WrongName,
+}
+
+/// A throwaway certificate authority and server certificates it signed (see
+/// `CertKind`). Fresh keys on every `new()`.
 pub struct TestCa {
     ca_pem: String,
     ca_der: CertificateDer<'static>,
-    server_cert: CertificateDer<'static>,
-    server_key_pkcs8: Vec<u8>,
+    valid: Leaf,
+    expired: Leaf,
+    wrong_name: Leaf,
+}
+
+/// A server certificate and its PKCS#8 key.
+struct Leaf {
+    cert: CertificateDer<'static>,
+    key_pkcs8: Vec<u8>,
 }
 
 impl TestCa {
@@ -53,29 +73,14 @@ impl TestCa {
         let ca_key = rcgen::KeyPair::generate().expect("generate CA key");
         let ca_cert = ca_params.self_signed(&ca_key).expect("self-sign CA");
         let issuer = rcgen::Issuer::new(ca_params, ca_key);
-
-        let mut params = rcgen::CertificateParams::new(vec![
-            "localhost".to_string(),
-            "127.0.0.1".to_string(),
-            "::1".to_string(),
-        ])
-        .expect("valid SANs");
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "localhost");
-        params.use_authority_key_identifier_extension = true;
-        params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
-        let server_key = rcgen::KeyPair::generate().expect("generate server key");
-        let server_cert = params
-            .signed_by(&server_key, &issuer)
-            .expect("sign server certificate");
+        let local = ["localhost", "127.0.0.1", "::1"];
 
         TestCa {
             ca_pem: ca_cert.pem(),
             ca_der: ca_cert.der().clone(),
-            server_cert: server_cert.der().clone(),
-            server_key_pkcs8: server_key.serialize_der(),
+            valid: leaf(&issuer, &local, false),
+            expired: leaf(&issuer, &local, true),
+            wrong_name: leaf(&issuer, &["wrong.invalid"], false),
         }
     }
 
@@ -93,18 +98,52 @@ impl TestCa {
         fs::write(path, &self.ca_pem).expect("write CA PEM");
     }
 
-    /// Server config presenting the leaf certificate followed by nothing else:
-    /// the client must trust the CA itself.
+    /// Server config presenting the valid leaf certificate followed by
+    /// nothing else: the client must trust the CA itself.
     pub fn server_config(&self) -> Arc<ServerConfig> {
-        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.server_key_pkcs8.clone()));
+        self.server_config_with(CertKind::Valid)
+    }
+
+    /// Server config presenting the leaf certificate of the given kind.
+    pub fn server_config_with(&self, kind: CertKind) -> Arc<ServerConfig> {
+        let leaf = match kind {
+            CertKind::Valid => &self.valid,
+            CertKind::Expired => &self.expired,
+            CertKind::WrongName => &self.wrong_name,
+        };
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf.key_pkcs8.clone()));
         let config =
             ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
                 .with_safe_default_protocol_versions()
                 .expect("ring supports the default protocol versions")
                 .with_no_client_auth()
-                .with_single_cert(vec![self.server_cert.clone()], key)
+                .with_single_cert(vec![leaf.cert.clone()], key)
                 .expect("server certificate and key match");
         Arc::new(config)
+    }
+}
+
+/// Signs a server certificate for `names`; `expired` puts its validity in 2001.
+fn leaf(issuer: &rcgen::Issuer<'_, rcgen::KeyPair>, names: &[&str], expired: bool) -> Leaf {
+    let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    let mut params = rcgen::CertificateParams::new(names.clone()).expect("valid SANs");
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, names[0].as_str());
+    params.use_authority_key_identifier_extension = true;
+    params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    if expired {
+        params.not_before = rcgen::date_time_ymd(2001, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2001, 12, 31);
+    }
+    let key = rcgen::KeyPair::generate().expect("generate server key");
+    let cert = params
+        .signed_by(&key, issuer)
+        .expect("sign server certificate");
+    Leaf {
+        cert: cert.der().clone(),
+        key_pkcs8: key.serialize_der(),
     }
 }
 
@@ -151,6 +190,64 @@ pub struct ServerOptions {
     pub greeting: Option<String>,
     /// First word of the EHLO reply.
     pub hostname: String,
+    /// Advertise PIPELINING. The server answers pipelined commands in order
+    /// either way; `command_log()` shows whether the client pipelined.
+    pub pipelining: bool,
+    /// Advertise 8BITMIME.
+    pub eight_bit_mime: bool,
+    /// Advertise SMTPUTF8.
+    pub smtputf8: bool,
+    /// Advertise CHUNKING and accept BDAT (RFC 3030); without it BDAT is an
+    /// unknown command.
+    pub chunking: bool,
+    /// Advertised as `SIZE n`; a MAIL with a larger SIZE= gets 552. None: no
+    /// SIZE extension at all.
+    pub size_limit: Option<u64>,
+    /// SASL mechanisms advertised after `AUTH`, in this order; others get 504.
+    pub auth_mechanisms: Vec<String>,
+    /// Accepted recipients per transaction; further RCPTs get
+    /// `452 4.5.3 Too many recipients`.
+    pub max_rcpts_per_transaction: Option<usize>,
+    /// Reply to STARTTLS instead of 220; no TLS follows and the session goes on.
+    pub starttls_reply: Option<String>,
+    /// Bytes written right after the STARTTLS 220 line, in the same write
+    /// (a response-injection attempt); the server then waits for a handshake.
+    pub inject_after_starttls: Option<String>,
+    /// Answer STARTTLS with 220 and then never take part in the handshake:
+    /// hold the socket, discarding input, until the client goes.
+    pub stall_after_starttls: bool,
+    /// Faults by command: (verb, n, fault) applies `fault` to the n-th (from 1)
+    /// occurrence of `verb` over the server's lifetime, counted across all
+    /// connections. Verbs are upper-case command words ("MAIL", "RCPT",
+    /// "DATA", "BDAT", "STARTTLS", ...) or "." for the reply after a DATA body.
+    pub faults: Vec<(String, usize, Fault)>,
+    /// The certificate presented in TLS (needs a `TestCa`).
+    pub cert: CertKind,
+}
+
+/// A misbehaviour scripted for one command (see `ServerOptions::faults`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// This reply line (CRLF added) instead of the normal one; the server's
+    /// state follows it as if it were its own (a 2xx accepts).
+    Reply(String),
+    /// Like `Reply`, but written twice in one write: the second copy is a
+    /// reply nobody asked for.
+    ReplyTwice(String),
+    /// Close the connection without replying.
+    Disconnect,
+    /// Tarpit: wait this long (or until the server is dropped), then go on normally.
+    Delay(Duration),
+}
+
+/// One command line as received (see `TestServer::command_log`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CommandRecord {
+    pub connection: usize,
+    pub line: String,
+    /// More input had already arrived when this line was read: the client
+    /// sent what follows without waiting for this command's reply.
+    pub pipelined: bool,
 }
 
 impl Default for ServerOptions {
@@ -167,6 +264,18 @@ impl Default for ServerOptions {
             data_reply: None,
             greeting: None,
             hostname: "test.invalid".to_string(),
+            pipelining: true,
+            eight_bit_mime: true,
+            smtputf8: false,
+            chunking: false,
+            size_limit: Some(52_428_800),
+            auth_mechanisms: vec!["PLAIN".to_string(), "LOGIN".to_string()],
+            max_rcpts_per_transaction: None,
+            starttls_reply: None,
+            inject_after_starttls: None,
+            stall_after_starttls: false,
+            faults: Vec::new(),
+            cert: CertKind::Valid,
         }
     }
 }
@@ -190,6 +299,10 @@ pub struct Received {
     pub auth_user: Option<String>,
     /// Index (from 0) of the TCP connection it came on.
     pub connection: usize,
+    /// Parameters of its MAIL command after the path, as sent ("SIZE=12 BODY=8BITMIME").
+    pub mail_params: String,
+    /// Came in BDAT chunks (CHUNKING) rather than DATA.
+    pub bdat: bool,
 }
 
 impl Received {
@@ -204,7 +317,9 @@ struct State {
     messages: Vec<Received>,
     connections: usize,
     tls_handshakes: usize,
-    commands: Vec<(usize, String)>,
+    commands: Vec<CommandRecord>,
+    /// Occurrences of each verb so far, for `ServerOptions::faults`.
+    verbs_seen: HashMap<String, usize>,
     /// Clones of open client sockets, so drop can shut them down.
     open: HashMap<usize, TcpStream>,
     threads: Vec<JoinHandle<()>>,
@@ -264,7 +379,7 @@ impl TestServer {
             Tls::None => None,
             Tls::StartTls | Tls::Implicit => Some(
                 ca.expect("TestServer::start: a TestCa is required when tls != None")
-                    .server_config(),
+                    .server_config_with(opts.cert),
             ),
         };
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
@@ -329,13 +444,37 @@ impl TestServer {
     /// Every command line received, with its connection index, in order.
     /// AUTH continuation lines are included as sent; body lines are not.
     pub fn commands(&self) -> Vec<(usize, String)> {
+        self.shared
+            .lock()
+            .commands
+            .iter()
+            .map(|c| (c.connection, c.line.clone()))
+            .collect()
+    }
+
+    /// Like `commands()`, with whether each line arrived pipelined.
+    pub fn command_log(&self) -> Vec<CommandRecord> {
         self.shared.lock().commands.clone()
+    }
+
+    /// Waits until a command line starting with `prefix` (case-insensitive)
+    /// has arrived or `timeout` passed; returns whether one did.
+    pub fn wait_for_command(&self, prefix: &str, timeout: Duration) -> bool {
+        let prefix = prefix.to_ascii_uppercase();
+        let seen = |s: &State| {
+            s.commands
+                .iter()
+                .any(|c| c.line.to_ascii_uppercase().starts_with(&prefix))
+        };
+        self.shared.wait_until(timeout, seen, seen)
     }
 }
 
 impl Drop for TestServer {
     fn drop(&mut self) {
         self.shared.stopping.store(true, Ordering::SeqCst);
+        // Wake tarpitted connections (Fault::Delay).
+        self.shared.changed.notify_all();
         // Wake the blocking accept(); the loop sees `stopping` and exits.
         let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
         if let Some(handle) = self.accept_thread.take() {
@@ -509,6 +648,8 @@ fn read_line(reader: &mut impl BufRead, limit: usize) -> io::Result<Line> {
 enum Next {
     Continue,
     StartTls,
+    /// Said 220 to STARTTLS but will not shake hands (`stall_after_starttls`).
+    Stall,
     Close,
 }
 
@@ -521,7 +662,13 @@ struct Session<'a> {
     greeted: bool,
     auth_user: Option<String>,
     mail_from: Option<String>,
+    mail_params: String,
     rcpt_to: Vec<String>,
+    /// BDAT chunks of the open transaction.
+    chunks: Vec<u8>,
+    /// The scripted reply fault of the command being handled; the next
+    /// `reply()` uses (and consumes) it.
+    fault: Option<Fault>,
 }
 
 impl<'a> Session<'a> {
@@ -535,7 +682,10 @@ impl<'a> Session<'a> {
             greeted: false,
             auth_user: None,
             mail_from: None,
+            mail_params: String::new(),
             rcpt_to: Vec::new(),
+            chunks: Vec::new(),
+            fault: None,
         }
     }
 
@@ -555,6 +705,10 @@ impl<'a> Session<'a> {
             match self.command(&line)? {
                 Next::Continue => {}
                 Next::Close => return Ok(()),
+                Next::Stall => {
+                    self.hold();
+                    return Ok(());
+                }
                 Next::StartTls => self = self.upgrade()?,
             }
         }
@@ -564,12 +718,101 @@ impl<'a> Session<'a> {
         &self.config.opts
     }
 
+    /// Writes one reply (CRLF added) in one write, or the scripted fault's
+    /// reply instead: a reply split over two segments stalls on Nagle plus
+    /// delayed ACK.
     fn reply(&mut self, line: &str) -> io::Result<()> {
-        // One write per reply: a reply split over two segments stalls on
-        // Nagle plus delayed ACK.
+        let (text, times) = match self.fault.take() {
+            Some(Fault::Reply(text)) => (text, 1),
+            Some(Fault::ReplyTwice(text)) => (text, 2),
+            _ => (line.to_string(), 1),
+        };
+        self.write_raw(format!("{text}\r\n").repeat(times).as_bytes())
+    }
+
+    fn write_raw(&mut self, bytes: &[u8]) -> io::Result<()> {
         let stream = self.reader.get_mut();
-        stream.write_all(format!("{line}\r\n").as_bytes())?;
+        stream.write_all(bytes)?;
         stream.flush()
+    }
+
+    /// The reply the current command will get: the fault script's, else `default`.
+    fn scripted(&self, default: String) -> String {
+        match &self.fault {
+            Some(Fault::Reply(text) | Fault::ReplyTwice(text)) => text.clone(),
+            _ => default,
+        }
+    }
+
+    /// Counts this occurrence of `verb` and returns the fault scripted for it.
+    fn fault_for(&self, verb: &str) -> Option<Fault> {
+        let mut state = self.shared.lock();
+        let seen = state.verbs_seen.entry(verb.to_string()).or_insert(0);
+        *seen += 1;
+        let nth = *seen;
+        drop(state);
+        self.opts()
+            .faults
+            .iter()
+            .find(|(v, n, _)| v.eq_ignore_ascii_case(verb) && *n == nth)
+            .map(|(_, _, fault)| fault.clone())
+    }
+
+    /// Applies the fault scripted for this occurrence of `verb`: returns
+    /// false if the connection is to be dropped; a reply fault is kept for
+    /// the next `reply()`.
+    fn begin(&mut self, verb: &str) -> bool {
+        self.fault = None;
+        match self.fault_for(verb) {
+            Some(Fault::Disconnect) => {
+                let _ = self.tcp().shutdown(Shutdown::Both);
+                false
+            }
+            Some(Fault::Delay(delay)) => {
+                self.tarpit(delay);
+                !self.shared.stopping.load(Ordering::SeqCst)
+            }
+            other => {
+                self.fault = other;
+                true
+            }
+        }
+    }
+
+    fn tcp(&self) -> &TcpStream {
+        match self.reader.get_ref() {
+            Stream::Plain(tcp) => tcp,
+            Stream::Tls(tls) => &tls.sock,
+        }
+    }
+
+    /// Waits `delay`, or less if the server is being dropped.
+    fn tarpit(&self, delay: Duration) {
+        let deadline = Instant::now() + delay;
+        let mut state = self.shared.lock();
+        loop {
+            let now = Instant::now();
+            if now >= deadline || self.shared.stopping.load(Ordering::SeqCst) {
+                return;
+            }
+            state = self
+                .shared
+                .changed
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Holds the connection without answering, discarding input, until the
+    /// client hangs up or the server is dropped.
+    fn hold(&mut self) {
+        let mut sink = [0u8; 4096];
+        while let Ok(n) = self.reader.get_mut().read(&mut sink) {
+            if n == 0 {
+                return;
+            }
+        }
     }
 
     /// Reads and records one command line; `None` at EOF or after a too-long line.
@@ -582,9 +825,12 @@ impl<'a> Session<'a> {
             }
             Line::Text(bytes) => {
                 let line = String::from_utf8_lossy(&bytes).into_owned();
-                let index = self.index;
-                let recorded = line.clone();
-                self.shared.update(|s| s.commands.push((index, recorded)));
+                let record = CommandRecord {
+                    connection: self.index,
+                    line: line.clone(),
+                    pipelined: !self.reader.buffer().is_empty(),
+                };
+                self.shared.update(|s| s.commands.push(record));
                 Ok(Some(line))
             }
         }
@@ -604,7 +850,9 @@ impl<'a> Session<'a> {
 
     fn reset_transaction(&mut self) {
         self.mail_from = None;
+        self.mail_params.clear();
         self.rcpt_to.clear();
+        self.chunks.clear();
     }
 
     fn auth_offered(&self) -> bool {
@@ -616,7 +864,16 @@ impl<'a> Session<'a> {
             Some((v, a)) => (v.to_ascii_uppercase(), a.trim()),
             None => (line.trim().to_ascii_uppercase(), ""),
         };
-        match verb.as_str() {
+        if !self.begin(&verb) {
+            return Ok(Next::Close);
+        }
+        let next = self.dispatch(&verb, arg);
+        self.fault = None;
+        next
+    }
+
+    fn dispatch(&mut self, verb: &str, arg: &str) -> io::Result<Next> {
+        match verb {
             "EHLO" => self.ehlo()?,
             "HELO" => {
                 self.greeted = true;
@@ -629,6 +886,7 @@ impl<'a> Session<'a> {
             "MAIL" => self.mail(arg)?,
             "RCPT" => self.rcpt(arg)?,
             "DATA" => return self.data(),
+            "BDAT" if self.opts().chunking => return self.bdat(arg),
             "RSET" => {
                 self.reset_transaction();
                 self.reply("250 2.0.0 Ok")?;
@@ -653,27 +911,36 @@ impl<'a> Session<'a> {
         }
         self.greeted = true;
         self.reset_transaction();
-        let mut lines = vec![
-            self.opts().hostname.clone(),
-            "PIPELINING".to_string(),
-            "8BITMIME".to_string(),
-            "SIZE 52428800".to_string(),
-        ];
-        if self.opts().starttls_offered() && !self.in_tls {
+        let opts = self.opts();
+        let mut lines = vec![opts.hostname.clone()];
+        if opts.pipelining {
+            lines.push("PIPELINING".to_string());
+        }
+        if opts.eight_bit_mime {
+            lines.push("8BITMIME".to_string());
+        }
+        if let Some(limit) = opts.size_limit {
+            lines.push(format!("SIZE {limit}"));
+        }
+        if opts.smtputf8 {
+            lines.push("SMTPUTF8".to_string());
+        }
+        if opts.chunking {
+            lines.push("CHUNKING".to_string());
+        }
+        if opts.starttls_offered() && !self.in_tls {
             lines.push("STARTTLS".to_string());
         }
         if self.auth_offered() {
-            lines.push("AUTH PLAIN LOGIN".to_string());
+            lines.push(format!("AUTH {}", self.opts().auth_mechanisms.join(" ")));
         }
         let last = lines.len() - 1;
-        let mut text = String::new();
-        for (i, line) in lines.iter().enumerate() {
-            let sep = if i == last { ' ' } else { '-' };
-            text.push_str(&format!("250{sep}{line}\r\n"));
-        }
-        let stream = self.reader.get_mut();
-        stream.write_all(text.as_bytes())?;
-        stream.flush()
+        let text: Vec<String> = lines
+            .iter()
+            .enumerate()
+            .map(|(i, line)| format!("250{}{line}", if i == last { ' ' } else { '-' }))
+            .collect();
+        self.reply(&text.join("\r\n"))
     }
 
     fn starttls(&mut self) -> io::Result<Next> {
@@ -685,7 +952,25 @@ impl<'a> Session<'a> {
             self.reply("503 5.5.1 Already in TLS")?;
             return Ok(Next::Continue);
         }
-        self.reply("220 2.0.0 Ready to start TLS")?;
+        if let Some(refusal) = self.opts().starttls_reply.clone() {
+            self.reply(&refusal)?;
+            return Ok(Next::Continue);
+        }
+        let ready = self.scripted("220 2.0.0 Ready to start TLS".to_string());
+        if !ready.starts_with("220") {
+            self.reply(&ready)?;
+            return Ok(Next::Continue);
+        }
+        match self.opts().inject_after_starttls.clone() {
+            Some(injected) => {
+                self.fault = None;
+                self.write_raw(format!("{ready}\r\n{injected}").as_bytes())?;
+            }
+            None => self.reply(&ready)?,
+        }
+        if self.opts().stall_after_starttls {
+            return Ok(Next::Stall);
+        }
         Ok(Next::StartTls)
     }
 
@@ -732,6 +1017,14 @@ impl<'a> Session<'a> {
             Some((m, i)) => (m.to_ascii_uppercase(), Some(i.trim().to_string())),
             None => (arg.to_ascii_uppercase(), None),
         };
+        let offered = self
+            .opts()
+            .auth_mechanisms
+            .iter()
+            .any(|m| m.eq_ignore_ascii_case(&mechanism));
+        if !offered {
+            return self.reply("504 5.5.4 Unrecognized authentication type");
+        }
         let credentials = match mechanism.as_str() {
             "PLAIN" => {
                 let response = match initial {
@@ -822,13 +1115,27 @@ impl<'a> Session<'a> {
         let Some(address) = path_argument(arg, "FROM:") else {
             return self.reply("501 5.5.4 Syntax: MAIL FROM:<address>");
         };
-        let reply = self
-            .opts()
-            .mail_reply
-            .clone()
-            .unwrap_or_else(|| "250 2.1.0 Ok".to_string());
+        let params = mail_parameters(arg);
+        let declared: Option<u64> = params.split_ascii_whitespace().find_map(|p| {
+            let (key, value) = p.split_once('=')?;
+            key.eq_ignore_ascii_case("SIZE")
+                .then(|| value.parse().ok())
+                .flatten()
+        });
+        let too_big =
+            matches!((declared, self.opts().size_limit), (Some(n), Some(limit)) if n > limit);
+        let default = if too_big {
+            "552 5.3.4 Message size exceeds fixed maximum message size".to_string()
+        } else {
+            self.opts()
+                .mail_reply
+                .clone()
+                .unwrap_or_else(|| "250 2.1.0 Ok".to_string())
+        };
+        let reply = self.scripted(default);
         if reply.starts_with('2') {
             self.mail_from = Some(address);
+            self.mail_params = params;
         }
         self.reply(&reply)
     }
@@ -841,13 +1148,20 @@ impl<'a> Session<'a> {
             return self.reply("501 5.5.4 Syntax: RCPT TO:<address>");
         };
         let opts = self.opts();
-        let reply = opts
-            .rcpt_reply_for
-            .iter()
-            .find(|(a, _)| a.eq_ignore_ascii_case(&address))
-            .map(|(_, r)| r.clone())
-            .or_else(|| opts.rcpt_reply.clone())
-            .unwrap_or_else(|| "250 2.1.5 Ok".to_string());
+        let full = opts
+            .max_rcpts_per_transaction
+            .is_some_and(|max| self.rcpt_to.len() >= max);
+        let default = if full {
+            "452 4.5.3 Too many recipients".to_string()
+        } else {
+            opts.rcpt_reply_for
+                .iter()
+                .find(|(a, _)| a.eq_ignore_ascii_case(&address))
+                .map(|(_, r)| r.clone())
+                .or_else(|| opts.rcpt_reply.clone())
+                .unwrap_or_else(|| "250 2.1.5 Ok".to_string())
+        };
+        let reply = self.scripted(default);
         if reply.starts_with('2') {
             self.rcpt_to.push(address);
         }
@@ -855,15 +1169,19 @@ impl<'a> Session<'a> {
     }
 
     fn data(&mut self) -> io::Result<Next> {
-        let Some(mail_from) = self.mail_from.clone() else {
+        if self.mail_from.is_none() {
             self.reply("503 5.5.1 Need MAIL command")?;
             return Ok(Next::Continue);
-        };
+        }
         if self.rcpt_to.is_empty() {
             self.reply("554 5.5.1 No valid recipients")?;
             return Ok(Next::Continue);
         }
-        self.reply("354 End data with <CR><LF>.<CR><LF>")?;
+        let go_ahead = self.scripted("354 End data with <CR><LF>.<CR><LF>".to_string());
+        self.reply(&go_ahead)?;
+        if !go_ahead.starts_with("354") {
+            return Ok(Next::Continue);
+        }
         let mut data = Vec::new();
         loop {
             let mut line = Vec::new();
@@ -883,26 +1201,98 @@ impl<'a> Session<'a> {
             let unstuffed = line.strip_prefix(b".").unwrap_or(&line);
             data.extend_from_slice(unstuffed);
         }
-        let reply = self
+        if !self.begin(".") {
+            return Ok(Next::Close);
+        }
+        self.finish_message(data, false)?;
+        Ok(Next::Continue)
+    }
+
+    /// RFC 3030: `BDAT n [LAST]`, then exactly n octets; LAST ends the message.
+    fn bdat(&mut self, arg: &str) -> io::Result<Next> {
+        let mut words = arg.split_ascii_whitespace();
+        let size = words.next().and_then(|n| n.parse::<u64>().ok());
+        let last = match words.next() {
+            None => false,
+            Some(w) if w.eq_ignore_ascii_case("LAST") => true,
+            Some(_) => {
+                // Without a usable count the chunk cannot be skipped: give up.
+                self.reply("501 5.5.4 Syntax: BDAT size [LAST]")?;
+                return Ok(Next::Close);
+            }
+        };
+        let Some(size) = size else {
+            self.reply("501 5.5.4 Syntax: BDAT size [LAST]")?;
+            return Ok(Next::Close);
+        };
+        let mut chunk = Vec::new();
+        let n = (&mut self.reader).take(size).read_to_end(&mut chunk)?;
+        if (n as u64) < size {
+            // EOF inside a chunk: the transaction is lost.
+            return Ok(Next::Close);
+        }
+        if self.mail_from.is_none() {
+            self.reply("503 5.5.1 Need MAIL command")?;
+            return Ok(Next::Continue);
+        }
+        if self.rcpt_to.is_empty() {
+            self.reset_transaction();
+            self.reply("554 5.5.1 No valid recipients")?;
+            return Ok(Next::Continue);
+        }
+        self.chunks.extend_from_slice(&chunk);
+        if !last {
+            let reply = self.scripted(format!("250 2.0.0 {size} octets received"));
+            if !reply.starts_with('2') {
+                self.reset_transaction();
+            }
+            self.reply(&reply)?;
+            return Ok(Next::Continue);
+        }
+        let data = std::mem::take(&mut self.chunks);
+        self.finish_message(data, true)?;
+        Ok(Next::Continue)
+    }
+
+    /// The final reply of a transaction; a 2xx records the message.
+    fn finish_message(&mut self, data: Vec<u8>, bdat: bool) -> io::Result<()> {
+        let default = self
             .opts()
             .data_reply
             .clone()
             .unwrap_or_else(|| "250 2.0.0 Ok: queued".to_string());
+        let reply = self.scripted(default);
         if reply.starts_with('2') {
             let message = Received {
-                mail_from,
+                mail_from: self.mail_from.clone().unwrap_or_default(),
                 rcpt_to: std::mem::take(&mut self.rcpt_to),
                 data,
                 tls: self.in_tls,
                 auth_user: self.auth_user.clone(),
                 connection: self.index,
+                mail_params: self.mail_params.clone(),
+                bdat,
             };
             self.shared.update(|s| s.messages.push(message));
         }
         self.reset_transaction();
-        self.reply(&reply)?;
-        Ok(Next::Continue)
+        self.reply(&reply)
     }
+}
+
+/// The parameters after the path of `FROM:<addr> SIZE=1 BODY=8BITMIME`
+/// ("SIZE=1 BODY=8BITMIME"); empty if none.
+fn mail_parameters(arg: &str) -> String {
+    let rest = match arg.find('>') {
+        Some(end) => arg.get(end + 1..).unwrap_or(""),
+        // A bare address: everything after its first word.
+        None => arg
+            .split_once(':')
+            .map(|(_, r)| r.trim_start())
+            .and_then(|r| r.split_once(' '))
+            .map_or("", |(_, p)| p),
+    };
+    rest.trim().to_string()
 }
 
 /// Extracts the address from `FROM:<addr> params` / `TO:<addr>`; the keyword is

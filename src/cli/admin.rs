@@ -1,0 +1,162 @@
+//! `pbxmail status | flush | hold | release | delete | reload`: talk to the
+//! running daemon over its control socket. Exit 69 when it is not running.
+
+use super::{load_config, take_config_flag, Exit};
+use crate::control::{self, CallError, Request, Response, Selection};
+
+pub fn run(command: &str, args: &[String]) -> Exit {
+    let (path, rest) = match take_config_flag(args) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("pbxmail {command}: {e}");
+            return Exit::Usage;
+        }
+    };
+    let parsed = match parse(command, &rest) {
+        Ok(parsed) => parsed,
+        Err(e) => {
+            eprintln!("pbxmail {command}: {e}");
+            return Exit::Usage;
+        }
+    };
+    let config = match load_config(&path) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    match control::call(&config.daemon.control_socket, &parsed.request) {
+        Ok(response) => report(command, parsed.json, &response),
+        Err(e @ CallError::NotRunning(_)) => {
+            eprintln!("pbxmail {command}: {e}");
+            Exit::Unavailable
+        }
+        Err(e) => {
+            eprintln!("pbxmail {command}: {e}");
+            Exit::TempFail
+        }
+    }
+}
+
+pub struct Parsed {
+    pub request: Request,
+    pub json: bool,
+}
+
+/// Arguments → request: `--tenant T`, `--json` (status), IDs (hold, release, delete).
+pub fn parse(command: &str, args: &[String]) -> Result<Parsed, String> {
+    let mut tenant = None;
+    let mut json = false;
+    let mut ids = Vec::new();
+    let mut iter = args.iter();
+    while let Some(arg) = iter.next() {
+        match arg.as_str() {
+            "--tenant" => tenant = Some(iter.next().ok_or("--tenant needs a tenant name")?.clone()),
+            "--json" if command == "status" => json = true,
+            a if a.starts_with('-') => return Err(format!("unknown option {a}")),
+            id if matches!(command, "hold" | "release" | "delete") => ids.push(id.to_string()),
+            other => return Err(format!("unexpected argument '{other}'")),
+        }
+    }
+    let selection = || -> Result<Selection, String> {
+        match (&tenant, ids.is_empty()) {
+            (Some(_), false) => Err("give message IDs or --tenant T, not both".into()),
+            (None, true) => {
+                Err("give message IDs, or --tenant T for all of a tenant's mail".into())
+            }
+            _ => Ok(Selection {
+                tenant: tenant.clone(),
+                ids: ids.clone(),
+            }),
+        }
+    };
+    let request = match command {
+        "status" if tenant.is_none() => Request::Status,
+        "flush" => Request::Flush {
+            tenant: tenant.clone(),
+        },
+        "hold" => Request::Hold(selection()?),
+        "release" => Request::Release(selection()?),
+        "delete" => Request::Delete(selection()?),
+        "reload" if tenant.is_none() => Request::Reload,
+        _ => return Err("--tenant does not apply here".into()),
+    };
+    Ok(Parsed { request, json })
+}
+
+fn report(command: &str, json: bool, response: &Response) -> Exit {
+    if !response.ok {
+        eprintln!(
+            "pbxmail {command}: {}",
+            response.error.as_deref().unwrap_or("refused")
+        );
+        return Exit::DataErr;
+    }
+    let result = response.result.clone().unwrap_or_default();
+    match command {
+        "status" if json => match serde_json::to_string_pretty(&result) {
+            Ok(text) => println!("{text}"),
+            Err(e) => {
+                eprintln!("pbxmail status: {e}");
+                return Exit::Software;
+            }
+        },
+        "status" => print_status(&result),
+        "reload" => println!("configuration reloaded: {} tenants", result["tenants"]),
+        "flush" => println!("retrying deferred mail now"),
+        _ => println!(
+            "{command}: {} messages",
+            result["messages"]
+                .as_u64()
+                .map_or("all".into(), |n| n.to_string())
+        ),
+    }
+    Exit::Ok
+}
+
+fn print_status(result: &serde_json::Value) {
+    let empty = Vec::new();
+    let tenants = result["tenants"].as_array().unwrap_or(&empty);
+    println!(
+        "{:<16} {:<8} {:<28} {:>6} {:>8} {:>5} {:>6} {:>9} {:>7}  LAST ERROR",
+        "TENANT", "STATE", "RELAY", "QUEUED", "DEFERRED", "HELD", "FAILED", "DELIVERED", "BOUNCED"
+    );
+    for t in tenants {
+        let text = |key: &str| t[key].as_str().unwrap_or("").to_string();
+        let number = |key: &str| t[key].as_u64().unwrap_or(0);
+        println!(
+            "{:<16} {:<8} {:<28} {:>6} {:>8} {:>5} {:>6} {:>9} {:>7}  {}",
+            text("name"),
+            text("state"),
+            text("relay"),
+            number("queued"),
+            number("deferred"),
+            number("held"),
+            number("failed"),
+            number("delivered"),
+            number("bounced"),
+            text("last_error")
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn ids_or_a_tenant_never_both() {
+        assert!(parse("hold", &args(&["ABC", "DEF"])).is_ok());
+        assert!(parse("hold", &args(&["--tenant", "acme"])).is_ok());
+        assert!(parse("hold", &args(&["--tenant", "acme", "ABC"])).is_err());
+        assert!(parse("delete", &args(&[])).is_err());
+        assert!(parse("status", &args(&["ABC"])).is_err());
+        assert!(parse("flush", &args(&["--bogus"])).is_err());
+        assert!(matches!(
+            parse("status", &args(&["--json"])).unwrap().request,
+            Request::Status
+        ));
+    }
+}

@@ -1,0 +1,315 @@
+//! The control socket: a unix stream socket (mode 0660) where `pbxmail
+//! status`, `flush`, `hold`, `release`, `delete` and `reload` talk to the
+//! running daemon. One JSON request line in, one JSON reply line out, then
+//! the connection closes. Served non-blocking inside the dispatcher's mio
+//! loop; what a request *does* is the dispatcher's business.
+
+use mio::net::{UnixListener, UnixStream};
+use mio::{Interest, Registry, Token};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+/// A request is one short line; anything longer is not ours.
+const MAX_REQUEST: usize = 64 * 1024;
+/// Admin tools are few; more connections than this wait in the backlog.
+const MAX_CONNECTIONS: usize = 32;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "snake_case")]
+pub enum Request {
+    Status,
+    Flush {
+        #[serde(default)]
+        tenant: Option<String>,
+    },
+    Hold(Selection),
+    Release(Selection),
+    Delete(Selection),
+    Reload,
+}
+
+/// Which messages an admin command acts on: listed IDs, or a whole tenant.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Selection {
+    #[serde(default)]
+    pub tenant: Option<String>,
+    #[serde(default)]
+    pub ids: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
+}
+
+impl Response {
+    pub fn ok(result: serde_json::Value) -> Response {
+        Response {
+            ok: true,
+            error: None,
+            result: Some(result),
+        }
+    }
+
+    pub fn error(message: impl Into<String>) -> Response {
+        Response {
+            ok: false,
+            error: Some(message.into()),
+            result: None,
+        }
+    }
+}
+
+struct Connection {
+    stream: UnixStream,
+    input: Vec<u8>,
+    output: Vec<u8>,
+    written: usize,
+}
+
+/// Connection tokens are `first_token + n`; the listener has `first_token - 1`.
+pub struct ControlServer {
+    listener: UnixListener,
+    path: PathBuf,
+    listener_token: Token,
+    first_token: usize,
+    next: usize,
+    connections: HashMap<Token, Connection>,
+}
+
+pub enum Event {
+    /// A complete request from this connection; answer with `respond`.
+    Request(Token, Request),
+    Nothing,
+}
+
+impl ControlServer {
+    pub fn bind(
+        path: &Path,
+        registry: &Registry,
+        listener_token: Token,
+        first_token: usize,
+    ) -> io::Result<ControlServer> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        // A socket file left by a daemon that died; the spool lock makes us the only one.
+        let _ = std::fs::remove_file(path);
+        let mut listener = UnixListener::bind(path).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot create control socket {}: {e}", path.display()),
+            )
+        })?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+        registry.register(&mut listener, listener_token, Interest::READABLE)?;
+        Ok(ControlServer {
+            listener,
+            path: path.to_path_buf(),
+            listener_token,
+            first_token,
+            next: 0,
+            connections: HashMap::new(),
+        })
+    }
+
+    pub fn owns(&self, token: Token) -> bool {
+        token == self.listener_token || self.connections.contains_key(&token)
+    }
+
+    /// Handles readiness of the listener or a connection.
+    pub fn ready(&mut self, registry: &Registry, token: Token) -> Vec<Event> {
+        if token == self.listener_token {
+            self.accept(registry);
+            return vec![Event::Nothing];
+        }
+        let Some(conn) = self.connections.get_mut(&token) else {
+            return vec![Event::Nothing];
+        };
+        if !conn.output.is_empty() {
+            if flush(conn).unwrap_or(true) {
+                self.close(registry, token);
+            }
+            return vec![Event::Nothing];
+        }
+        let mut buf = [0u8; 4096];
+        loop {
+            match conn.stream.read(&mut buf) {
+                Ok(0) => {
+                    self.close(registry, token);
+                    return vec![Event::Nothing];
+                }
+                Ok(n) => {
+                    conn.input
+                        .extend_from_slice(buf.get(..n).unwrap_or_default());
+                    if let Some(end) = conn.input.iter().position(|&b| b == b'\n') {
+                        let line = conn.input.get(..end).unwrap_or_default();
+                        return vec![Event::Request(token, parse(line))];
+                    }
+                    if conn.input.len() > MAX_REQUEST {
+                        self.respond(registry, token, &Response::error("request too long"));
+                        return vec![Event::Nothing];
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return vec![Event::Nothing],
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    self.close(registry, token);
+                    return vec![Event::Nothing];
+                }
+            }
+        }
+    }
+
+    /// Queues the reply and writes what the socket takes now; the rest on WRITABLE.
+    pub fn respond(&mut self, registry: &Registry, token: Token, response: &Response) {
+        let Some(conn) = self.connections.get_mut(&token) else {
+            return;
+        };
+        let mut line = serde_json::to_vec(response).unwrap_or_else(|_| br#"{"ok":false}"#.to_vec());
+        line.push(b'\n');
+        conn.output = line;
+        conn.written = 0;
+        match flush(conn) {
+            Ok(false) => {
+                let _ = registry.reregister(&mut conn.stream, token, Interest::WRITABLE);
+            }
+            _ => self.close(registry, token),
+        }
+    }
+
+    fn accept(&mut self, registry: &Registry) {
+        loop {
+            match self.listener.accept() {
+                Ok((mut stream, _)) => {
+                    if self.connections.len() >= MAX_CONNECTIONS {
+                        continue; // dropped: the client sees the connection close
+                    }
+                    let token = Token(self.first_token + self.next);
+                    self.next = (self.next + 1) % 1_000_000;
+                    if registry
+                        .register(&mut stream, token, Interest::READABLE)
+                        .is_ok()
+                    {
+                        self.connections.insert(
+                            token,
+                            Connection {
+                                stream,
+                                input: Vec::new(),
+                                output: Vec::new(),
+                                written: 0,
+                            },
+                        );
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    log::warn!("control socket: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn close(&mut self, registry: &Registry, token: Token) {
+        if let Some(mut conn) = self.connections.remove(&token) {
+            let _ = registry.deregister(&mut conn.stream);
+        }
+    }
+
+    pub fn remove_socket(&self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Writes pending output; true when all of it is out (or the peer is gone).
+fn flush(conn: &mut Connection) -> io::Result<bool> {
+    while conn.written < conn.output.len() {
+        let rest = conn.output.get(conn.written..).unwrap_or_default();
+        match conn.stream.write(rest) {
+            Ok(0) => return Ok(true),
+            Ok(n) => conn.written += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => return Ok(true),
+        }
+    }
+    Ok(true)
+}
+
+fn parse(line: &[u8]) -> Request {
+    serde_json::from_slice(line).unwrap_or(Request::Status)
+}
+
+/// Client side, for the CLI: one request, one reply, bounded in time.
+pub fn call(path: &Path, request: &Request) -> Result<Response, CallError> {
+    use std::io::BufRead;
+    let stream = std::os::unix::net::UnixStream::connect(path).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
+            CallError::NotRunning(path.to_path_buf())
+        }
+        _ => CallError::Io(e),
+    })?;
+    let timeout = Some(std::time::Duration::from_secs(30));
+    stream.set_read_timeout(timeout).map_err(CallError::Io)?;
+    stream.set_write_timeout(timeout).map_err(CallError::Io)?;
+    let mut line = serde_json::to_vec(request).map_err(|e| CallError::Io(io::Error::other(e)))?;
+    line.push(b'\n');
+    (&stream).write_all(&line).map_err(CallError::Io)?;
+    let mut reply = String::new();
+    io::BufReader::new(&stream)
+        .take(16 * 1024 * 1024)
+        .read_line(&mut reply)
+        .map_err(CallError::Io)?;
+    serde_json::from_str(&reply).map_err(|e| {
+        CallError::Io(io::Error::other(format!(
+            "unreadable reply from the daemon: {e}"
+        )))
+    })
+}
+
+#[derive(Debug)]
+pub enum CallError {
+    /// Nobody listens on the control socket.
+    NotRunning(PathBuf),
+    Io(io::Error),
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CallError::NotRunning(path) => write!(
+                f,
+                "the pbxmail daemon is not running (nothing listens on {}); start it with `systemctl start pbxmail`",
+                path.display()
+            ),
+            CallError::Io(e) => write!(f, "talking to the daemon: {e}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_as_json_lines() {
+        let hold = Request::Hold(Selection {
+            tenant: None,
+            ids: vec!["ABC".into()],
+        });
+        let text = serde_json::to_string(&hold).unwrap();
+        assert_eq!(text, r#"{"command":"hold","tenant":null,"ids":["ABC"]}"#);
+        assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), hold);
+        let flush: Request = serde_json::from_str(r#"{"command":"flush"}"#).unwrap();
+        assert_eq!(flush, Request::Flush { tenant: None });
+    }
+}

@@ -1,0 +1,1280 @@
+//! Integration tests of the daemon's SMTP client against scripted relays:
+//! ESMTP extensions (PIPELINING, SIZE, 8BITMIME, SMTPUTF8, CHUNKING), session
+//! reuse, relay faults (421, drops, tarpits, malformed or unasked replies),
+//! transparency on the wire, and TLS safety (refused or hijacked STARTTLS,
+//! bad certificates). Each test runs its own daemon and servers on 127.0.0.1
+//! and asserts on what arrived and what the spool still holds.
+
+mod support;
+
+use std::net::ToSocketAddrs;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::harness::{wait_until, Daemon};
+use support::smtp_server::{CertKind, Fault, Received, ServerOptions, TestCa, TestServer, Tls};
+
+/// Upper bound for mail that should go out now; generous for a loaded CI box.
+const ARRIVAL: Duration = Duration::from_secs(10);
+
+const USER: &str = "pbx@acme.test";
+const PASSWORD: &str = "s3cret-pw";
+
+// ---------------------------------------------------------------------------
+// Helpers.
+// ---------------------------------------------------------------------------
+
+/// One `[tenant:NAME]` section; `extra` holds further `key = value` lines.
+fn tenant(name: &str, domain: &str, relay: &str, extra: &str) -> String {
+    format!("[tenant:{name}]\ndomains = {domain}\nrelay = {relay}\n{extra}\n")
+}
+
+/// A plain tenant section for a `TestServer` without TLS.
+fn plain_tenant(name: &str, domain: &str, server: &TestServer, extra: &str) -> String {
+    let relay = format!("127.0.0.1:{}", server.port());
+    tenant(name, domain, &relay, &format!("tls = none\n{extra}"))
+}
+
+/// A STARTTLS tenant trusting `ca_file`, relay named `localhost` (the name
+/// the test certificates are issued for).
+fn starttls_tenant(name: &str, domain: &str, server: &TestServer, extra: &str) -> String {
+    let relay = format!("localhost:{}", server.port());
+    tenant(name, domain, &relay, &format!("tls = starttls\n{extra}"))
+}
+
+/// A daemon whose retries wait a minute, so a deferred message stays
+/// visibly deferred (untried again) for the rest of the test.
+fn slow_retry_daemon(test: &str, tenants: &str) -> Daemon {
+    let daemon = Daemon::bare(test);
+    write_slow_retry_config(&daemon, tenants);
+    daemon
+}
+
+/// The config of `slow_retry_daemon`, for a daemon made with `Daemon::bare`.
+fn write_slow_retry_config(daemon: &Daemon, tenants: &str) {
+    daemon.write_config(&format!(
+        "[daemon]\n\
+         spool_dir = {}\n\
+         hostname = pbx.test\n\
+         retry_min = 1m\n\
+         retry_max = 1h\n\
+         log_level = debug\n\
+         \n\
+         {tenants}",
+        daemon.spool_dir().display()
+    ));
+}
+
+/// Writes the CA as `ca.pem` in the test dir; returns the `ca_file = ...` line.
+fn trust(daemon: &Daemon, ca: &TestCa) -> String {
+    let path = daemon.dir().join("ca.pem");
+    ca.write_ca_pem(&path);
+    format!("ca_file = {}\n", path.display())
+}
+
+/// A small RFC 5322 message with LF line ends, as a PBX would pipe it in.
+fn message(from: &str, to: &str, subject: &str, body: &str) -> Vec<u8> {
+    format!("From: {from}\nTo: {to}\nSubject: {subject}\n\n{body}\n").into_bytes()
+}
+
+/// Submits with `-i` and asserts exit 0 (durably spooled).
+fn submit(daemon: &Daemon, rcpts: &[&str], msg: &[u8]) {
+    let mut args = vec!["-i"];
+    args.extend_from_slice(rcpts);
+    let run = daemon.sendmail(&args, msg);
+    assert_eq!(run.code, 0, "sendmail failed: {}", run.stderr);
+}
+
+/// Submits `count` messages to alice@ with subjects n0, n1, ... while the
+/// daemon is stopped, so that all of them are due together at the next start.
+fn queue_while_stopped(daemon: &mut Daemon, count: usize) {
+    daemon.start();
+    assert_eq!(daemon.stop().code(), Some(0));
+    for n in 0..count {
+        submit(
+            daemon,
+            &["alice@example.com"],
+            &message("pbx@acme.test", "alice@example.com", &format!("n{n}"), "x"),
+        );
+    }
+}
+
+/// The body of a received message: everything after the first empty line.
+fn body(m: &Received) -> Vec<u8> {
+    let at = m
+        .data
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no header/body separator in {:?}", m.text()));
+    m.data[at + 4..].to_vec()
+}
+
+/// The Subject header's value.
+fn subject(m: &Received) -> String {
+    m.text()
+        .split("\r\n")
+        .take_while(|l| !l.is_empty())
+        .find_map(|l| l.strip_prefix("Subject: ").map(str::to_string))
+        .unwrap_or_default()
+}
+
+fn commands(server: &TestServer) -> Vec<String> {
+    server.commands().into_iter().map(|(_, c)| c).collect()
+}
+
+fn sent_verb(server: &TestServer, verb: &str) -> bool {
+    commands(server)
+        .iter()
+        .any(|c| c.to_ascii_uppercase().starts_with(verb))
+}
+
+fn str_of<'a>(entry: &'a Value, key: &str) -> &'a str {
+    entry[key].as_str().unwrap_or("")
+}
+
+fn attempts(entry: &Value) -> u64 {
+    entry["attempts"].as_u64().unwrap_or(0)
+}
+
+fn recipients(entry: &Value) -> Vec<String> {
+    entry["recipients"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Waits until the tenant's one queued message has been tried; returns it.
+fn wait_for_attempt(daemon: &Daemon, tenant: &str) -> Value {
+    let pick = |q: &[Value]| -> Option<Value> {
+        q.iter()
+            .find(|e| str_of(e, "tenant") == tenant && attempts(e) >= 1)
+            .cloned()
+    };
+    let queue = daemon.wait_for_queue(ARRIVAL, |q| pick(q).is_some());
+    pick(&queue).unwrap_or_else(|| panic!("tenant {tenant}: never attempted: {queue:#?}"))
+}
+
+/// Messages with a sender: what the daemon relayed, not the bounces it made.
+fn relayed(server: &TestServer) -> Vec<Received> {
+    server
+        .messages()
+        .into_iter()
+        .filter(|m| !m.mail_from.is_empty())
+        .collect()
+}
+
+/// Waits for the bounce (null sender, RFC 3464) to `sender` that reports
+/// `rcpt` as failed; returns its text.
+fn wait_for_bounce(server: &TestServer, sender: &str, rcpt: &str) -> String {
+    let field = format!("Final-Recipient: rfc822; {rcpt}");
+    let find = || {
+        server
+            .messages()
+            .into_iter()
+            .find(|m| m.mail_from.is_empty() && m.rcpt_to == [sender] && m.text().contains(&field))
+    };
+    wait_until(ARRIVAL, || find().is_some());
+    match find() {
+        Some(m) => m.text(),
+        None => panic!(
+            "no bounce to <{sender}> for {rcpt}: {:#?}",
+            server.messages()
+        ),
+    }
+}
+
+/// Asserts that a relay got nothing that matters: no MAIL, no AUTH, no message.
+fn assert_nothing_sent(server: &TestServer) {
+    assert!(!sent_verb(server, "MAIL"), "{:?}", commands(server));
+    assert!(!sent_verb(server, "AUTH"), "{:?}", commands(server));
+    assert!(server.messages().is_empty(), "{:#?}", server.messages());
+}
+
+// ---------------------------------------------------------------------------
+// ESMTP extensions.
+// ---------------------------------------------------------------------------
+
+#[test]
+fn pipelining_sends_mail_and_rcpts_without_waiting_when_offered() {
+    let server = TestServer::start(ServerOptions::default(), None);
+    let mut daemon = Daemon::new(
+        "pipelining_on",
+        &plain_tenant("acme", "acme.test", &server, ""),
+    );
+    daemon.start();
+    submit(
+        &daemon,
+        &["a@example.com", "b@example.com"],
+        &message("pbx@acme.test", "a@example.com", "piped", "x"),
+    );
+    let got = server.wait_for_messages(1, ARRIVAL);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].rcpt_to, ["a@example.com", "b@example.com"]);
+
+    let log = server.command_log();
+    let from_mail: Vec<_> = log
+        .iter()
+        .skip_while(|c| !c.line.starts_with("MAIL"))
+        .take(4)
+        .collect();
+    let lines: Vec<&str> = from_mail.iter().map(|c| c.line.as_str()).collect();
+    assert_eq!(
+        lines.iter().map(|l| &l[..4]).collect::<Vec<_>>(),
+        ["MAIL", "RCPT", "RCPT", "DATA"],
+        "{log:#?}"
+    );
+    // MAIL and both RCPTs arrived together with what follows them; DATA
+    // is the end of the group (the body waits for 354).
+    let pipelined: Vec<bool> = from_mail.iter().map(|c| c.pipelined).collect();
+    assert_eq!(pipelined, [true, true, true, false], "{log:#?}");
+}
+
+#[test]
+fn without_pipelining_every_command_waits_for_its_reply() {
+    let server = TestServer::start(
+        ServerOptions {
+            pipelining: false,
+            ..ServerOptions::default()
+        },
+        None,
+    );
+    let mut daemon = Daemon::new(
+        "pipelining_off",
+        &plain_tenant("acme", "acme.test", &server, ""),
+    );
+    daemon.start();
+    submit(
+        &daemon,
+        &["a@example.com", "b@example.com"],
+        &message("pbx@acme.test", "a@example.com", "lockstep", "x"),
+    );
+    let got = server.wait_for_messages(1, ARRIVAL);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].rcpt_to, ["a@example.com", "b@example.com"]);
+    let log = server.command_log();
+    assert!(log.iter().any(|c| c.line == "DATA"), "{log:#?}");
+    assert!(log.iter().all(|c| !c.pipelined), "{log:#?}");
+}
+
+/// The message is refused locally (552 5.3.4) before MAIL, so it bounces;
+/// the bounce (headers only) is small enough to go to the same relay.
+#[test]
+fn message_over_the_relays_size_limit_bounces_without_mail_from() {
+    let server = TestServer::start(
+        ServerOptions {
+            size_limit: Some(8000),
+            ..ServerOptions::default()
+        },
+        None,
+    );
+    let mut daemon = Daemon::new(
+        "size_limit",
+        &plain_tenant("acme", "acme.test", &server, ""),
+    );
+    daemon.start();
+    submit(
+        &daemon,
+        &["alice@example.com"],
+        &message(
+            "pbx@acme.test",
+            "alice@example.com",
+            "big",
+            &"0123456789".repeat(2000),
+        ),
+    );
+    let report = wait_for_bounce(&server, "pbx@acme.test", "alice@example.com");
+    assert!(report.contains("Status: 5.3.4"), "{report}");
+    assert!(report.contains("limit of 8000"), "{report}");
+    assert!(
+        !commands(&server)
+            .iter()
+            .any(|c| c.starts_with("MAIL FROM:<pbx@")),
+        "the oversized message was offered: {:?}",
+        commands(&server)
+    );
+    assert!(relayed(&server).is_empty());
+    let queue = daemon.wait_for_queue(ARRIVAL, |q| q.is_empty());
+    assert!(queue.is_empty(), "{queue:#?}");
+}
+
+#[test]
+fn mail_from_declares_the_exact_size_and_no_8bitmime_for_ascii() {
+    let server = TestServer::start(ServerOptions::default(), None);
+    let mut daemon = Daemon::new(
+        "size_param",
+        &plain_tenant("acme", "acme.test", &server, ""),
+    );
+    daemon.start();
+    submit(
+        &daemon,
+        &["alice@example.com"],
+        &message("pbx@acme.test", "alice@example.com", "sized", "plain ascii"),
+    );
+    let got = server.wait_for_messages(1, ARRIVAL);
+    assert_eq!(got.len(), 1);
+    let params = &got[0].mail_params;
+    assert!(
+        params
+            .split_whitespace()
+            .any(|p| p == format!("SIZE={}", got[0].data.len())),
+        "MAIL parameters {params:?} for {} octets",
+        got[0].data.len()
+    );
+    assert!(!params.contains("BODY="), "{params:?}");
+    assert!(!params.contains("SMTPUTF8"), "{params:?}");
+}
+
+#[test]
+fn eight_bit_body_declares_8bitmime_only_where_offered() {
+    let offers = TestServer::start(ServerOptions::default(), None);
+    let lacks = TestServer::start(
+        ServerOptions {
+            eight_bit_mime: false,
+            ..ServerOptions::default()
+        },
+        None,
+    );
+    let config =
+        plain_tenant("a", "a.test", &offers, "") + &plain_tenant("b", "b.test", &lacks, "");
+    let mut daemon = Daemon::new("eight_bit", &config);
+    daemon.start();
+    let umlauts = "Gr\u{fc}\u{df}e aus K\u{f6}ln";
+    submit(
+        &daemon,
+        &["x@example.com"],
+        &message("pbx@a.test", "x@example.com", "8bit", umlauts),
+    );
+    submit(
+        &daemon,
+        &["y@example.com"],
+        &message("pbx@b.test", "y@example.com", "8bit", umlauts),
+    );
+    for (server, expect_param) in [(&offers, true), (&lacks, false)] {
+        let got = server.wait_for_messages(1, ARRIVAL);
+        assert_eq!(got.len(), 1);
+        assert_eq!(body(&got[0]), format!("{umlauts}\r\n").into_bytes());
+        let params = &got[0].mail_params;
+        assert_eq!(
+            params.split_whitespace().any(|p| p == "BODY=8BITMIME"),
+            expect_param,
+            "8BITMIME offered: {expect_param}; MAIL parameters {params:?}"
+        );
+    }
+}
+
+#[test]
+fn non_ascii_recipient_without_smtputf8_fails_alone() {
+    let server = TestServer::start(ServerOptions::default(), None);
+    let mut daemon = Daemon::new(
+        "utf8_refused",
+        &plain_tenant("acme", "acme.test", &server, ""),
+    );
+    daemon.start();
+    submit(
+        &daemon,
+        &["j\u{f6}rg@example.com", "ok@example.com"],
+        &message("pbx@acme.test", "ok@example.com", "utf8", "x"),
+    );
+    let report = wait_for_bounce(&server, "pbx@acme.test", "j\u{f6}rg@example.com");
+    assert!(report.contains("Status: 5.6.7"), "{report}");
+    let got = relayed(&server);
+    assert_eq!(got.len(), 1, "{got:#?}");
+    assert_eq!(got[0].rcpt_to, ["ok@example.com"]);
+    assert!(
+        !commands(&server).iter().any(|c| !c.is_ascii()),
+        "a non-ASCII command went to a relay without SMTPUTF8: {:?}",
+        commands(&server)
+    );
+    let queue = daemon.wait_for_queue(ARRIVAL, |q| q.is_empty());
+    assert!(queue.is_empty(), "{queue:#?}");
+}
+
+#[test]
+fn non_ascii_recipient_goes_with_smtputf8_where_offered() {
+    let server = TestServer::start(
+        ServerOptions {
+            smtputf8: true,
+            ..ServerOptions::default()
+        },
+        None,
+    );
+    let mut daemon = Daemon::new(
+        "utf8_offered",
+        &plain_tenant("acme", "acme.test", &server, ""),
+    );
+    daemon.start();
+    submit(
+        &daemon,
+        &["j\u{f6}rg@example.com", "ok@example.com"],
+        &message("pbx@acme.test", "ok@example.com", "utf8", "x"),
+    );
+    let got = server.wait_for_messages(1, ARRIVAL);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].rcpt_to, ["j\u{f6}rg@example.com", "ok@example.com"]);
+    assert!(
+        got[0]
+            .mail_params
+            .split_whitespace()
+            .any(|p| p == "SMTPUTF8"),
+        "{:?}",
+        got[0].mail_params
+    );
+    let queue = daemon.wait_for_queue(ARRIVAL, |q| q.is_empty());
+    assert!(queue.is_empty(), "{queue:#?}");
+}
+
+/// Lines that test transparency: dots, the 998-octet limit and past it, a
+/// bare CR, and no newline at the very end. Returns (what is submitted after
+/// the header block, the body expected on arrival).
+fn tricky_body() -> (String, Vec<u8>) {
+    let (x998, y999, z1000) = ("x".repeat(998), "y".repeat(999), "z".repeat(1000));
+    let lines = [".", "..", ".x", &x998, &y999, &z1000, "a\rb", "", "end"];
+    let submitted = lines.join("\n");
+    let expected = format!(
+        ".\r\n..\r\n.x\r\n{x998}\r\n{y}\r\n y\r\n{z}\r\n zz\r\na\r\nb\r\n\r\nend\r\n",
+        y = "y".repeat(998),
+        z = "z".repeat(998),
+    );
+    (submitted, expected.into_bytes())
+}
+
+/// Panics with the first differing offset when two bodies differ.
+fn assert_same_bytes(actual: &[u8], expected: &[u8]) {
+    if actual == expected {
+        return;
+    }
+    let at = actual
+        .iter()
+        .zip(expected)
+        .position(|(a, b)| a != b)
+        .unwrap_or(actual.len().min(expected.len()));
+    let around = |b: &[u8]| {
+        String::from_utf8_lossy(&b[at.saturating_sub(30)..(at + 30).min(b.len())]).into_owned()
+    };
+    panic!(
+        "bodies differ at byte {at} (lengths {} vs {} expected): got {:?}, want {:?}",
+        actual.len(),
+        expected.len(),
+        around(actual),
+        around(expected)
+    );
+}
+
+#[test]
+fn dots_long_lines_and_bare_cr_arrive_byte_exact_over_data() {
+    let server = TestServer::start(ServerOptions::default(), None);
+    let mut daemon = Daemon::new(
+        "transparency_exact",
+        &plain_tenant("acme", "acme.test", &server, ""),
+    );
+    daemon.start();
+    let (submitted, expected) = tricky_body();
+    let msg = format!("From: pbx@acme.test\nTo: alice@example.com\nSubject: dots\n\n{submitted}");
+    submit(&daemon, &["alice@example.com"], msg.as_bytes());
+    let got = server.wait_for_messages(1, ARRIVAL);
+    assert_eq!(got.len(), 1);
+    assert!(!got[0].bdat);
+    assert_same_bytes(&body(&got[0]), &expected);
+}
+
+#[test]
+fn chunking_sends_bdat_chunks_byte_exact() {
+    let server = TestServer::start(
+        ServerOptions {
+            chunking: true,
+            ..ServerOptions::default()
+        },
+        None,
+    );
+    let mut daemon = Daemon::new("bdat", &plain_tenant("acme", "acme.test", &server, ""));
+    daemon.start();
+    let (submitted, expected) = tricky_body();
+    // About 200 KB more, so the body needs several chunks.
+    let filler: Vec<String> = (0..2500)
+        .map(|i| format!(".{i:05} {}", "f".repeat(72)))
+        .collect();
+    let msg = format!(
+        "From: pbx@acme.test\nTo: alice@example.com\nSubject: chunks\n\n{}\n{submitted}",
+        filler.join("\n")
+    );
+    submit(&daemon, &["alice@example.com"], msg.as_bytes());
+    let got = server.wait_for_messages(1, ARRIVAL);
+    assert_eq!(got.len(), 1);
+    assert!(got[0].bdat, "not sent with BDAT: {:?}", commands(&server));
+    let mut want = format!("{}\r\n", filler.join("\r\n")).into_bytes();
+    want.extend_from_slice(&expected);
+    assert_same_bytes(&body(&got[0]), &want);
+
+    let cmds = commands(&server);
+    assert!(!cmds.iter().any(|c| c == "DATA"), "{cmds:?}");
+    let bdat: Vec<&String> = cmds.iter().filter(|c| c.starts_with("BDAT")).collect();
+    assert!(bdat.len() >= 2, "one chunk for 200 KB: {bdat:?}");
+    assert!(
+        bdat.last().is_some_and(|c| c.ends_with(" LAST")),
+        "{bdat:?}"
+    );
+    assert_eq!(
+        bdat.iter().filter(|c| c.ends_with(" LAST")).count(),
+        1,
+        "{bdat:?}"
+    );
+    let counted: usize = bdat
+        .iter()
+        .filter_map(|c| c.split_whitespace().nth(1)?.parse::<usize>().ok())
+        .sum();
+    assert_eq!(counted, got[0].data.len());
+}
+
+// ---------------------------------------------------------------------------
+// Sessions.
+// ---------------------------------------------------------------------------
+
+#[test]
+fn messages_per_session_two_carries_three_messages_over_two_connections() {
+    let server = TestServer::start(ServerOptions::default(), None);
+    let mut daemon = Daemon::new(
+        "per_session_two",
+        &plain_tenant("acme", "acme.test", &server, "messages_per_session = 2\n"),
+    );
+    queue_while_stopped(&mut daemon, 3);
+    daemon.start();
+    let got = server.wait_for_messages(3, ARRIVAL);
+    assert_eq!(got.len(), 3);
+    let queue = daemon.wait_for_queue(ARRIVAL, |q| q.is_empty());
+    assert!(queue.is_empty(), "{queue:#?}");
+    assert_eq!(server.connections(), 2, "{:?}", server.commands());
+    let on_first = got.iter().filter(|m| m.connection == 0).count();
+    assert_eq!(on_first, 2, "{got:#?}");
+}
+
+#[test]
+fn messages_per_session_one_opens_a_connection_per_message() {
+    let server = TestServer::start(ServerOptions::default(), None);
+    let mut daemon = Daemon::new(
+        "per_session_one",
+        &plain_tenant("acme", "acme.test", &server, "messages_per_session = 1\n"),
+    );
+    queue_while_stopped(&mut daemon, 3);
+    daemon.start();
+    let got = server.wait_for_messages(3, ARRIVAL);
+    assert_eq!(got.len(), 3);
+    let queue = daemon.wait_for_queue(ARRIVAL, |q| q.is_empty());
+    assert!(queue.is_empty(), "{queue:#?}");
+    assert_eq!(server.connections(), 3);
+    let mut connections: Vec<usize> = got.iter().map(|m| m.connection).collect();
+    connections.sort();
+    assert_eq!(connections, [0, 1, 2]);
+}
+
+#[test]
+fn reply_421_to_second_mail_ends_the_session_and_keeps_the_rest_queued() {
+    let server = TestServer::start(
+        ServerOptions {
+            faults: vec![(
+                "MAIL".into(),
+                2,
+                Fault::Reply("421 4.3.2 Service shutting down".into()),
+            )],
+            ..ServerOptions::default()
+        },
+        None,
+    );
+    let mut daemon = slow_retry_daemon("mail_421", &plain_tenant("acme", "acme.test", &server, ""));
+    queue_while_stopped(&mut daemon, 3);
+    daemon.start();
+
+    let got = server.wait_for_messages(1, ARRIVAL);
+    assert_eq!(got.len(), 1);
+    // Two left: the one the 421 answered and the one never tried.
+    let queue = daemon.wait_for_queue(ARRIVAL, |q| {
+        q.len() == 2 && q.iter().any(|e| str_of(e, "last_error").contains("421"))
+    });
+    assert_eq!(queue.len(), 2, "{queue:#?}");
+    let delivered = subject(&got[0]);
+    let mut tried: Vec<&Value> = queue.iter().filter(|e| attempts(e) >= 1).collect();
+    assert_eq!(tried.len(), 1, "{queue:#?}");
+    let tried = tried.remove(0);
+    assert_eq!(str_of(tried, "state"), "deferred", "{tried:#?}");
+    assert!(str_of(tried, "last_error").contains("421"), "{tried:#?}");
+    let untried: Vec<&Value> = queue.iter().filter(|e| attempts(e) == 0).collect();
+    assert_eq!(untried.len(), 1, "{queue:#?}");
+    assert_ne!(str_of(untried[0], "state"), "failed", "{queue:#?}");
+    // The session ended at the 421: MAIL for the delivered one and the refused
+    // one, none for the third; the tenant backs off rather than reconnecting.
+    let mails = commands(&server)
+        .iter()
+        .filter(|c| c.starts_with("MAIL"))
+        .count();
+    assert_eq!(mails, 2, "{:?}", commands(&server));
+    assert_eq!(server.connections(), 1);
+    assert_eq!(server.messages().len(), 1, "{delivered} only");
+}
+
+#[test]
+fn connection_dropped_before_the_final_reply_loses_nothing() {
+    let server = TestServer::start(
+        ServerOptions {
+            faults: vec![(".".into(), 2, Fault::Disconnect)],
+            ..ServerOptions::default()
+        },
+        None,
+    );
+    let mut daemon = slow_retry_daemon(
+        "drop_in_data",
+        &plain_tenant("acme", "acme.test", &server, ""),
+    );
+    queue_while_stopped(&mut daemon, 3);
+    daemon.start();
+
+    // The first goes through, the second's body is sent but never
+    // acknowledged (so it must stay queued), the third goes in a new session.
+    let queue = daemon.wait_for_queue(ARRIVAL, |q| {
+        q.len() == 1 && attempts(&q[0]) >= 1 && server.messages().len() >= 2
+    });
+    let got = server.messages();
+    assert_eq!(got.len(), 2, "{got:#?}");
+    assert_eq!(queue.len(), 1, "{queue:#?}");
+    let entry = &queue[0];
+    assert_eq!(str_of(entry, "state"), "deferred", "{entry:#?}");
+    assert_eq!(recipients(entry), ["alice@example.com"]);
+    assert!(!str_of(entry, "last_error").is_empty(), "{entry:#?}");
+
+    let mut delivered: Vec<String> = got.iter().map(subject).collect();
+    delivered.sort();
+    delivered.dedup();
+    assert_eq!(delivered.len(), 2, "a duplicate arrived: {got:#?}");
+    assert_eq!(got[0].connection, 0);
+    assert_eq!(got[1].connection, 1);
+}
+
+#[test]
+fn recipients_beyond_the_relays_limit_go_in_following_transactions() {
+    let server = TestServer::start(
+        ServerOptions {
+            max_rcpts_per_transaction: Some(2),
+            ..ServerOptions::default()
+        },
+        None,
+    );
+    let mut daemon = Daemon::new(
+        "rcpt_limit",
+        &plain_tenant("acme", "acme.test", &server, ""),
+    );
+    daemon.start();
+    let rcpts = [
+        "r1@example.com",
+        "r2@example.com",
+        "r3@example.com",
+        "r4@example.com",
+        "r5@example.com",
+    ];
+    submit(
+        &daemon,
+        &rcpts,
+        &message("pbx@acme.test", "r1@example.com", "many", "same body"),
+    );
+    let got = server.wait_for_messages(3, ARRIVAL);
+    let queue = daemon.wait_for_queue(ARRIVAL, |q| q.is_empty());
+    assert!(queue.is_empty(), "{queue:#?}");
+    assert!(got.len() >= 3, "{got:#?}");
+    let mut all: Vec<String> = got.iter().flat_map(|m| m.rcpt_to.clone()).collect();
+    all.sort();
+    assert_eq!(all, rcpts, "every recipient exactly once");
+    for m in &got {
+        assert_eq!(m.connection, 0, "not on the same session: {got:#?}");
+        assert!(m.rcpt_to.len() <= 2);
+        assert_eq!(body(m), b"same body\r\n");
+    }
+    assert_eq!(server.connections(), 1);
+}
+
+// ---------------------------------------------------------------------------
+// Misbehaving relays.
+// ---------------------------------------------------------------------------
+
+#[test]
+fn unasked_extra_reply_aborts_the_session_undelivered() {
+    let server = TestServer::start(
+        ServerOptions {
+            faults: vec![("RCPT".into(), 1, Fault::ReplyTwice("250 2.1.5 Ok".into()))],
+            ..ServerOptions::default()
+        },
+        None,
+    );
+    let mut daemon = slow_retry_daemon(
+        "unasked_reply",
+        &plain_tenant("acme", "acme.test", &server, ""),
+    );
+    daemon.start();
+    submit(
+        &daemon,
+        &["alice@example.com"],
+        &message("pbx@acme.test", "alice@example.com", "twice", "x"),
+    );
+    let entry = wait_for_attempt(&daemon, "acme");
+    assert_eq!(str_of(&entry, "state"), "deferred", "{entry:#?}");
+    assert_eq!(recipients(&entry), ["alice@example.com"]);
+    assert!(server.messages().is_empty(), "{:#?}", server.messages());
+}
+
+/// Regression guard: only 354 invites the body. A relay answering DATA with
+/// 250 has not received the message, so it must not count as delivered.
+#[test]
+fn positive_reply_to_data_is_not_taken_as_delivery() {
+    let server = TestServer::start(
+        ServerOptions {
+            faults: vec![("DATA".into(), 1, Fault::Reply("250 2.0.0 Ok".into()))],
+            ..ServerOptions::default()
+        },
+        None,
+    );
+    // Default retries (1 s): the second DATA is answered properly.
+    let mut daemon = Daemon::new("data_250", &plain_tenant("acme", "acme.test", &server, ""));
+    daemon.start();
+    submit(
+        &daemon,
+        &["alice@example.com"],
+        &message("pbx@acme.test", "alice@example.com", "no 354", "body"),
+    );
+    // The queue empties only once the relay has the message (or, wrongly, on the 250).
+    let queue = daemon.wait_for_queue(ARRIVAL, |q| q.is_empty());
+    assert!(queue.is_empty(), "{queue:#?}");
+    let got = server.messages();
+    assert_eq!(
+        got.len(),
+        1,
+        "removed from the queue as delivered, but the relay never got the body; commands: {:?}",
+        commands(&server)
+    );
+    assert_eq!(body(&got[0]), b"body\r\n");
+}
+
+#[test]
+fn authentication_refusal_to_mail_or_rcpt_defers_instead_of_failing() {
+    let at_mail = TestServer::start(
+        ServerOptions {
+            mail_reply: Some("530 5.7.0 Authentication required".into()),
+            ..ServerOptions::default()
+        },
+        None,
+    );
+    let at_rcpt = TestServer::start(
+        ServerOptions {
+            rcpt_reply: Some("550 5.7.30 Basic authentication is not supported".into()),
+            ..ServerOptions::default()
+        },
+        None,
+    );
+    let config =
+        plain_tenant("a", "a.test", &at_mail, "") + &plain_tenant("b", "b.test", &at_rcpt, "");
+    let mut daemon = slow_retry_daemon("auth_refusal_codes", &config);
+    daemon.start();
+    submit(
+        &daemon,
+        &["x@example.com"],
+        &message("pbx@a.test", "x@example.com", "login", "x"),
+    );
+    submit(
+        &daemon,
+        &["y@example.com"],
+        &message("pbx@b.test", "y@example.com", "login", "y"),
+    );
+    for (tenant, code) in [("a", "530"), ("b", "5.7.30")] {
+        let entry = wait_for_attempt(&daemon, tenant);
+        assert_eq!(str_of(&entry, "state"), "deferred", "{entry:#?}");
+        assert!(str_of(&entry, "last_error").contains(code), "{entry:#?}");
+    }
+    assert!(at_mail.messages().is_empty() && at_rcpt.messages().is_empty());
+}
+
+#[test]
+fn refused_transaction_is_reset_and_the_session_goes_on() {
+    let server = TestServer::start(
+        ServerOptions {
+            rcpt_reply_for: vec![("gone@example.com".into(), "550 5.1.1 No such user".into())],
+            ..ServerOptions::default()
+        },
+        None,
+    );
+    let mut daemon = Daemon::new(
+        "rset_after_refusal",
+        &plain_tenant("acme", "acme.test", &server, ""),
+    );
+    daemon.start();
+    assert_eq!(daemon.stop().code(), Some(0));
+    for to in ["gone@example.com", "ok@example.com"] {
+        submit(&daemon, &[to], &message("pbx@acme.test", to, to, "x"));
+    }
+    daemon.start();
+    let report = wait_for_bounce(&server, "pbx@acme.test", "gone@example.com");
+    assert!(report.contains("Status: 5.1.1"), "{report}");
+    let got = relayed(&server);
+    assert_eq!(got.len(), 1, "{got:#?}");
+    assert_eq!(got[0].rcpt_to, ["ok@example.com"]);
+    assert_eq!(got[0].connection, 0, "not the refused one's session");
+    // Right after the refused recipient's transaction comes RSET (the
+    // pipelined DATA was answered 554), never a second MAIL in its place.
+    let cmds = commands(&server);
+    let refused = cmds
+        .iter()
+        .position(|c| c.contains("gone@example.com"))
+        .expect("RCPT for gone@");
+    assert_eq!(
+        cmds.get(refused + 1..refused + 3),
+        Some(&["DATA".to_string(), "RSET".to_string()][..]),
+        "{cmds:?}"
+    );
+    let queue = daemon.wait_for_queue(ARRIVAL, |q| q.is_empty());
+    assert!(queue.is_empty(), "{queue:#?}");
+}
+
+/// The first MAIL is answered with `reply`; that message must be deferred,
+/// and the next message must still go out over a new session.
+fn malformed_reply_defers_and_the_next_message_goes(test: &str, reply: &str) {
+    let server = TestServer::start(
+        ServerOptions {
+            faults: vec![("MAIL".into(), 1, Fault::Reply(reply.into()))],
+            ..ServerOptions::default()
+        },
+        None,
+    );
+    let mut daemon = slow_retry_daemon(test, &plain_tenant("acme", "acme.test", &server, ""));
+    daemon.start();
+    submit(
+        &daemon,
+        &["first@example.com"],
+        &message("pbx@acme.test", "first@example.com", "first", "x"),
+    );
+    let entry = wait_for_attempt(&daemon, "acme");
+    assert_eq!(str_of(&entry, "state"), "deferred", "{entry:#?}");
+    assert!(
+        str_of(&entry, "last_error").contains("protocol error"),
+        "{entry:#?}"
+    );
+    assert!(server.messages().is_empty());
+
+    submit(
+        &daemon,
+        &["second@example.com"],
+        &message("pbx@acme.test", "second@example.com", "second", "y"),
+    );
+    let got = server.wait_for_messages(1, ARRIVAL);
+    assert_eq!(got.len(), 1, "daemon stopped delivering: {}", daemon.log());
+    assert_eq!(got[0].rcpt_to, ["second@example.com"]);
+    let queue = daemon.wait_for_queue(ARRIVAL, |q| q.len() == 1);
+    assert_eq!(queue.len(), 1, "{queue:#?}");
+    assert_eq!(recipients(&queue[0]), ["first@example.com"]);
+}
+
+#[test]
+fn garbage_reply_defers_and_the_daemon_keeps_delivering() {
+    malformed_reply_defers_and_the_next_message_goes("reply_garbage", "hello there, friend");
+}
+
+#[test]
+fn nul_in_reply_defers_and_the_daemon_keeps_delivering() {
+    malformed_reply_defers_and_the_next_message_goes("reply_nul", "250 2.1.0 O\0k");
+}
+
+#[test]
+fn overlong_reply_line_defers_and_the_daemon_keeps_delivering() {
+    let long = format!("250 2.1.0 {}", "x".repeat(5000));
+    malformed_reply_defers_and_the_next_message_goes("reply_overlong", &long);
+}
+
+#[test]
+fn tarpit_longer_than_command_timeout_defers_within_seconds() {
+    let server = TestServer::start(
+        ServerOptions {
+            faults: vec![("MAIL".into(), 1, Fault::Delay(Duration::from_secs(60)))],
+            ..ServerOptions::default()
+        },
+        None,
+    );
+    let mut daemon = slow_retry_daemon(
+        "tarpit",
+        &plain_tenant("acme", "acme.test", &server, "command_timeout = 1s\n"),
+    );
+    daemon.start();
+    let started = Instant::now();
+    submit(
+        &daemon,
+        &["alice@example.com"],
+        &message("pbx@acme.test", "alice@example.com", "slow", "x"),
+    );
+    let entry = wait_for_attempt(&daemon, "acme");
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed < Duration::from_secs(5),
+        "a 1 s command_timeout took {elapsed:?}"
+    );
+    assert_eq!(str_of(&entry, "state"), "deferred", "{entry:#?}");
+    assert!(
+        str_of(&entry, "last_error").contains("timed out"),
+        "{entry:#?}"
+    );
+    assert!(server.messages().is_empty());
+}
+
+#[test]
+fn auth_auto_prefers_plain_and_uses_login_when_only_it_is_offered() {
+    let opts = |mechanisms: &[&str]| ServerOptions {
+        require_auth: Some((USER.into(), PASSWORD.into())),
+        auth_mechanisms: mechanisms.iter().map(|m| m.to_string()).collect(),
+        ..ServerOptions::default()
+    };
+    let both = TestServer::start(opts(&["LOGIN", "PLAIN"]), None);
+    let login_only = TestServer::start(opts(&["LOGIN"]), None);
+    let creds = format!(
+        "auth = auto\nusername = {USER}\npassword = {PASSWORD}\nallow_plaintext_auth = yes\n"
+    );
+    let config = plain_tenant("a", "a.test", &both, &creds)
+        + &plain_tenant("b", "b.test", &login_only, &creds);
+    let mut daemon = Daemon::new("auth_auto", &config);
+    daemon.start();
+    submit(
+        &daemon,
+        &["x@example.com"],
+        &message("pbx@a.test", "x@example.com", "auth", "x"),
+    );
+    submit(
+        &daemon,
+        &["y@example.com"],
+        &message("pbx@b.test", "y@example.com", "auth", "y"),
+    );
+    for (server, mechanism) in [(&both, "PLAIN"), (&login_only, "LOGIN")] {
+        let got = server.wait_for_messages(1, ARRIVAL);
+        assert_eq!(got.len(), 1, "{:?}", commands(server));
+        assert_eq!(got[0].auth_user.as_deref(), Some(USER));
+        let auth: Vec<String> = commands(server)
+            .into_iter()
+            .filter(|c| c.starts_with("AUTH"))
+            .collect();
+        assert_eq!(auth.len(), 1, "{auth:?}");
+        assert!(
+            auth[0].starts_with(&format!("AUTH {mechanism}")),
+            "expected {mechanism}: {auth:?}"
+        );
+    }
+}
+
+/// Where `localhost` has several addresses (::1 and 127.0.0.1 on most
+/// systems), the server listens on 127.0.0.1 only, so the client must go
+/// past a refused address. Where it has one, this covers only the name.
+#[test]
+fn relay_host_name_is_tried_on_every_address() {
+    let server = TestServer::start(ServerOptions::default(), None);
+    let addrs: Vec<_> = ("localhost", server.port())
+        .to_socket_addrs()
+        .map(|a| a.collect())
+        .unwrap_or_default();
+    if addrs.len() < 2 {
+        eprintln!("note: localhost resolves to {addrs:?} here; only one address is tried");
+    }
+    let relay = format!("localhost:{}", server.port());
+    let mut daemon = Daemon::new(
+        "several_addresses",
+        &tenant(
+            "acme",
+            "acme.test",
+            &relay,
+            "tls = none\nconnect_timeout = 5s\n",
+        ),
+    );
+    daemon.start();
+    submit(
+        &daemon,
+        &["alice@example.com"],
+        &message("pbx@acme.test", "alice@example.com", "by name", "x"),
+    );
+    let got = server.wait_for_messages(1, ARRIVAL);
+    assert_eq!(got.len(), 1, "{:#?}", daemon.queue());
+    let queue = daemon.wait_for_queue(ARRIVAL, |q| q.is_empty());
+    assert!(queue.is_empty(), "{queue:#?}");
+}
+
+// ---------------------------------------------------------------------------
+// TLS safety.
+// ---------------------------------------------------------------------------
+
+#[test]
+fn refused_starttls_never_falls_back_to_plaintext() {
+    let ca = TestCa::new();
+    let replies = [
+        "454 4.7.0 TLS not available due to temporary reason",
+        "502 5.5.1 Not implemented",
+        "554 5.7.0 TLS refused",
+        "421 4.3.2 Service shutting down",
+    ];
+    let servers: Vec<TestServer> = replies
+        .iter()
+        .map(|reply| {
+            TestServer::start(
+                ServerOptions {
+                    tls: Tls::StartTls,
+                    starttls_reply: Some(reply.to_string()),
+                    require_auth: Some((USER.into(), PASSWORD.into())),
+                    ..ServerOptions::default()
+                },
+                Some(&ca),
+            )
+        })
+        .collect();
+    let mut daemon = Daemon::bare("starttls_refused");
+    let extra = format!(
+        "{}username = {USER}\npassword = {PASSWORD}\n",
+        trust(&daemon, &ca)
+    );
+    let config: String = servers
+        .iter()
+        .enumerate()
+        .map(|(i, server)| starttls_tenant(&format!("t{i}"), &format!("t{i}.test"), server, &extra))
+        .collect();
+    daemon.configure(&config);
+    daemon.start();
+    for i in 0..servers.len() {
+        let from = format!("pbx@t{i}.test");
+        submit(
+            &daemon,
+            &["alice@example.com"],
+            &message(&from, "alice@example.com", "secret", "x"),
+        );
+    }
+    for (i, (server, reply)) in servers.iter().zip(replies).enumerate() {
+        let entry = wait_for_attempt(&daemon, &format!("t{i}"));
+        assert_eq!(str_of(&entry, "state"), "deferred", "{reply}: {entry:#?}");
+        let code = &reply[..3];
+        assert!(
+            str_of(&entry, "last_error").contains(code),
+            "{reply}: {entry:#?}"
+        );
+        assert_nothing_sent(server);
+        assert_eq!(server.tls_handshakes(), 0);
+        let unexpected: Vec<String> = commands(server)
+            .into_iter()
+            .filter(|c| !(c.starts_with("EHLO") || c == "STARTTLS" || c == "QUIT"))
+            .collect();
+        assert!(
+            unexpected.is_empty(),
+            "{reply}: plaintext after a refused STARTTLS: {unexpected:?}"
+        );
+    }
+}
+
+#[test]
+fn bytes_injected_after_starttls_220_abort_before_tls() {
+    let ca = TestCa::new();
+    let server = TestServer::start(
+        ServerOptions {
+            tls: Tls::StartTls,
+            inject_after_starttls: Some("250-PIPELINING\r\n250 AUTH PLAIN\r\n".into()),
+            require_auth: Some((USER.into(), PASSWORD.into())),
+            ..ServerOptions::default()
+        },
+        Some(&ca),
+    );
+    let mut daemon = Daemon::bare("starttls_injection");
+    let extra = format!(
+        "{}username = {USER}\npassword = {PASSWORD}\n",
+        trust(&daemon, &ca)
+    );
+    write_slow_retry_config(
+        &daemon,
+        &starttls_tenant("acme", "acme.test", &server, &extra),
+    );
+    daemon.start();
+    submit(
+        &daemon,
+        &["alice@example.com"],
+        &message("pbx@acme.test", "alice@example.com", "secret", "x"),
+    );
+    let entry = wait_for_attempt(&daemon, "acme");
+    assert_eq!(str_of(&entry, "state"), "deferred", "{entry:#?}");
+    assert!(
+        str_of(&entry, "last_error").contains("injection"),
+        "{entry:#?}"
+    );
+    assert_nothing_sent(&server);
+    assert_eq!(server.tls_handshakes(), 0);
+}
+
+#[test]
+fn stalled_tls_handshake_times_out_while_other_tenants_send() {
+    let ca = TestCa::new();
+    let stall = TestServer::start(
+        ServerOptions {
+            tls: Tls::StartTls,
+            stall_after_starttls: true,
+            ..ServerOptions::default()
+        },
+        Some(&ca),
+    );
+    let healthy = TestServer::start(ServerOptions::default(), None);
+    let timeout = Duration::from_secs(2);
+    let mut daemon = Daemon::bare("starttls_stall");
+    let a_extra = format!("{}command_timeout = 2s\n", trust(&daemon, &ca));
+    let config = starttls_tenant("a", "a.test", &stall, &a_extra)
+        + &plain_tenant("b", "b.test", &healthy, "");
+    write_slow_retry_config(&daemon, &config);
+    daemon.start();
+
+    submit(
+        &daemon,
+        &["x@example.com"],
+        &message("pbx@a.test", "x@example.com", "stuck", "x"),
+    );
+    assert!(stall.wait_for_command("STARTTLS", ARRIVAL));
+    let stalled_at = Instant::now();
+    submit(
+        &daemon,
+        &["y@example.com"],
+        &message("pbx@b.test", "y@example.com", "meanwhile", "y"),
+    );
+    let got = healthy.wait_for_messages(1, ARRIVAL);
+    assert_eq!(got.len(), 1);
+    assert!(
+        stalled_at.elapsed() < timeout,
+        "tenant b waited for tenant a's stalled handshake: {:?}",
+        stalled_at.elapsed()
+    );
+
+    let entry = wait_for_attempt(&daemon, "a");
+    let elapsed = stalled_at.elapsed();
+    assert!(
+        elapsed < timeout + Duration::from_secs(3),
+        "a 2 s command_timeout took {elapsed:?}"
+    );
+    assert_eq!(str_of(&entry, "state"), "deferred", "{entry:#?}");
+    assert!(
+        str_of(&entry, "last_error").contains("timed out"),
+        "{entry:#?}"
+    );
+    assert_nothing_sent(&stall);
+}
+
+/// One STARTTLS tenant trusting the test CA, against a server presenting
+/// `cert`; returns the queue entry after the first attempt.
+fn attempt_with_certificate(test: &str, cert: CertKind, extra: &str) -> (Value, TestServer) {
+    let ca = TestCa::new();
+    let server = TestServer::start(
+        ServerOptions {
+            tls: Tls::StartTls,
+            cert,
+            require_auth: Some((USER.into(), PASSWORD.into())),
+            ..ServerOptions::default()
+        },
+        Some(&ca),
+    );
+    let mut daemon = Daemon::bare(test);
+    let extra = format!(
+        "{}username = {USER}\npassword = {PASSWORD}\n{extra}",
+        trust(&daemon, &ca)
+    );
+    daemon.configure(&starttls_tenant("acme", "acme.test", &server, &extra));
+    daemon.start();
+    submit(
+        &daemon,
+        &["alice@example.com"],
+        &message("pbx@acme.test", "alice@example.com", "secret", "x"),
+    );
+    (wait_for_attempt(&daemon, "acme"), server)
+}
+
+#[test]
+fn expired_certificate_is_refused_with_advice() {
+    let (entry, server) = attempt_with_certificate("cert_expired", CertKind::Expired, "");
+    assert_eq!(str_of(&entry, "state"), "deferred", "{entry:#?}");
+    assert!(
+        str_of(&entry, "last_error").contains("expired"),
+        "{entry:#?}"
+    );
+    assert_nothing_sent(&server);
+    assert_eq!(server.tls_handshakes(), 0);
+}
+
+#[test]
+fn certificate_for_another_name_is_refused_with_advice() {
+    let (entry, server) = attempt_with_certificate("cert_wrong_name", CertKind::WrongName, "");
+    assert_eq!(str_of(&entry, "state"), "deferred", "{entry:#?}");
+    assert!(
+        str_of(&entry, "last_error").contains("host name"),
+        "{entry:#?}"
+    );
+    assert_nothing_sent(&server);
+    assert_eq!(server.tls_handshakes(), 0);
+}
+
+#[test]
+fn tls_verify_no_accepts_expired_and_untrusted_certificates() {
+    let ca = TestCa::new();
+    let start = |cert| {
+        TestServer::start(
+            ServerOptions {
+                tls: Tls::StartTls,
+                cert,
+                require_auth: Some((USER.into(), PASSWORD.into())),
+                ..ServerOptions::default()
+            },
+            Some(&ca),
+        )
+    };
+    let expired = start(CertKind::Expired);
+    let untrusted = start(CertKind::Valid);
+    // No ca_file anywhere: the test CA is not trusted at all.
+    let extra = format!("tls_verify = no\nusername = {USER}\npassword = {PASSWORD}\n");
+    let config = starttls_tenant("a", "a.test", &expired, &extra)
+        + &starttls_tenant("b", "b.test", &untrusted, &extra);
+    let mut daemon = Daemon::new("tls_verify_no", &config);
+    daemon.start();
+    submit(
+        &daemon,
+        &["x@example.com"],
+        &message("pbx@a.test", "x@example.com", "expired", "x"),
+    );
+    submit(
+        &daemon,
+        &["y@example.com"],
+        &message("pbx@b.test", "y@example.com", "untrusted", "y"),
+    );
+    for server in [&expired, &untrusted] {
+        let got = server.wait_for_messages(1, ARRIVAL);
+        assert_eq!(got.len(), 1, "{:#?}", daemon.queue());
+        assert!(got[0].tls);
+        assert_eq!(got[0].auth_user.as_deref(), Some(USER));
+    }
+    let queue = daemon.wait_for_queue(ARRIVAL, |q| q.is_empty());
+    assert!(queue.is_empty(), "{queue:#?}");
+}
+
+#[test]
+fn implicit_tls_tenant_against_plaintext_relay_defers_cleanly() {
+    let plaintext = TestServer::start(ServerOptions::default(), None);
+    let healthy = TestServer::start(ServerOptions::default(), None);
+    let relay = format!("localhost:{}", plaintext.port());
+    let config = tenant("a", "a.test", &relay, "tls = implicit\n")
+        + &plain_tenant("b", "b.test", &healthy, "");
+    let mut daemon = slow_retry_daemon("implicit_on_plaintext", &config);
+    daemon.start();
+    submit(
+        &daemon,
+        &["x@example.com"],
+        &message("pbx@a.test", "x@example.com", "sealed", "x"),
+    );
+    let entry = wait_for_attempt(&daemon, "a");
+    assert_eq!(str_of(&entry, "state"), "deferred", "{entry:#?}");
+    assert!(str_of(&entry, "last_error").contains("TLS"), "{entry:#?}");
+    assert_nothing_sent(&plaintext);
+
+    // The daemon is alive and still delivering.
+    submit(
+        &daemon,
+        &["y@example.com"],
+        &message("pbx@b.test", "y@example.com", "after", "y"),
+    );
+    let got = healthy.wait_for_messages(1, ARRIVAL);
+    assert_eq!(got.len(), 1, "{}", daemon.log());
+}
