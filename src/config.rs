@@ -312,7 +312,6 @@ pub enum TlsMode {
 }
 
 impl TlsMode {
-    #[allow(dead_code)] // for status output
     pub fn as_str(self) -> &'static str {
         match self {
             TlsMode::StartTls => "starttls",

@@ -4,6 +4,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 mod address;
+mod advice;
 mod bounce;
 mod cli;
 mod config;

@@ -71,9 +71,26 @@ pub fn rfc5322(unix_secs: u64) -> String {
     )
 }
 
+/// `45s`, `12m`, `3h`, `5d`: how long, roughly, for a person.
+pub fn human_duration(secs: u64) -> String {
+    match secs {
+        0..=119 => format!("{secs}s"),
+        120..=7199 => format!("{}m", secs / 60),
+        7200..=172_799 => format!("{}h", secs / 3600),
+        _ => format!("{}d", secs / 86_400),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_for_people() {
+        assert_eq!(human_duration(3), "3s");
+        assert_eq!(human_duration(600), "10m");
+        assert_eq!(human_duration(5 * 86_400), "5d");
+    }
 
     #[test]
     fn known_instants() {

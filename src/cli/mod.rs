@@ -7,6 +7,7 @@ mod daemon;
 mod fsck;
 mod queue;
 mod sendmail;
+mod test;
 
 use crate::config::{self, Config};
 use std::path::PathBuf;
@@ -36,6 +37,8 @@ commands:
   flush [--tenant T]          retry deferred mail now
   hold|release|delete ID...   queue control; --tenant T instead of IDs acts on a whole tenant
   reload                      re-read the configuration (same as SIGHUP)
+  test --tenant T --to ADDR [--from ADDR]
+                              one live session to the tenant's relay, with transcript
 config: -c FILE, else $PBXMAIL_CONFIG, else /etc/pbxmail/pbxmail.ini";
 
 /// Commands of the interface that later versions implement.
@@ -62,6 +65,7 @@ pub fn run(args: Vec<String>) -> Exit {
         "queue" | "mailq" => queue::run(rest),
         "check-config" => check_config::run(rest),
         "fsck" => fsck::run(rest),
+        "test" => test::run(rest),
         "status" | "flush" | "hold" | "release" | "delete" | "reload" => admin::run(command, rest),
         "help" | "--help" | "-h" => {
             println!("{USAGE}");

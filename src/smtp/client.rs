@@ -3,11 +3,11 @@
 //! TLS connection, EHLO again, AUTH. Credentials never cross a plaintext link
 //! unless the tenant says `tls = none` and `allow_plaintext_auth = yes`.
 
-use super::session::{AuthMechanism, Session, Timeouts};
+use super::session::{AuthMechanism, Session, Timeouts, Trace};
 use super::{Phase, SessionError};
-use crate::config::{AuthMode, Relay, Secret, TlsMode};
+use crate::config::{AuthMode, DaemonConfig, Relay, Secret, TenantConfig, TlsMode};
 use crate::tls::{self, Stream};
-use rustls::ClientConfig;
+use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::Instant;
@@ -26,6 +26,31 @@ pub struct ClientSettings {
     pub timeouts: Timeouts,
 }
 
+impl ClientSettings {
+    /// A tenant's settings, as its worker and `pbxmail test` both use them.
+    pub fn for_tenant(
+        tenant: &TenantConfig,
+        daemon: &DaemonConfig,
+        roots: &RootCertStore,
+    ) -> Result<ClientSettings, tls::TlsError> {
+        Ok(ClientSettings {
+            hostname: daemon.hostname.clone(),
+            relay: tenant.relay.clone(),
+            tls_mode: tenant.tls,
+            tls: tls::client_config(tenant, roots)?,
+            auth: tenant.auth,
+            username: tenant.username.clone(),
+            password: tenant.password.clone(),
+            allow_plaintext_auth: tenant.allow_plaintext_auth,
+            timeouts: Timeouts {
+                connect: tenant.connect_timeout,
+                command: tenant.command_timeout,
+                data: tenant.data_timeout,
+            },
+        })
+    }
+}
+
 pub struct Connected {
     pub session: Session<Stream>,
     /// `host[ip]:port`, as the delivery log line shows it.
@@ -40,35 +65,56 @@ pub struct OpenFailure {
 }
 
 pub fn open(settings: &ClientSettings) -> Result<Connected, OpenFailure> {
+    open_traced(settings, None)
+}
+
+/// `open`, reporting the conversation to `trace` (credentials redacted).
+pub fn open_traced(
+    settings: &ClientSettings,
+    mut trace: Option<Trace>,
+) -> Result<Connected, OpenFailure> {
+    let relay = &settings.relay;
+    note(
+        &mut trace,
+        &format!(
+            "-- connecting to {relay} (tls = {})",
+            settings.tls_mode.as_str()
+        ),
+    );
     let (tcp, addr) = connect(settings).map_err(|error| OpenFailure {
         peer: match &error {
             SessionError::Connect { peer, .. } => peer.clone(),
-            _ => settings.relay.to_string(),
+            _ => relay.to_string(),
         },
         error,
     })?;
-    let peer = format!("{}[{}]:{}", settings.relay.host, addr.ip(), addr.port());
-    match start(tcp, settings) {
+    let peer = format!("{}[{}]:{}", relay.host, addr.ip(), addr.port());
+    note(&mut trace, &format!("-- connected to {peer}"));
+    match start(tcp, settings, trace) {
         Ok(session) => Ok(Connected { session, peer }),
         Err(error) => Err(OpenFailure { peer, error }),
     }
 }
 
+fn note(trace: &mut Option<Trace>, line: &str) {
+    if let Some(trace) = trace.as_mut() {
+        trace(line);
+    }
+}
+
 /// Greeting, EHLO, TLS and AUTH over a fresh TCP connection.
-fn start(tcp: TcpStream, settings: &ClientSettings) -> Result<Session<Stream>, SessionError> {
+fn start(
+    tcp: TcpStream,
+    settings: &ClientSettings,
+    mut trace: Option<Trace>,
+) -> Result<Session<Stream>, SessionError> {
     let stream = if settings.tls_mode == TlsMode::Implicit {
-        let tls = tls::handshake(
-            tcp,
-            &settings.tls,
-            &settings.relay.host,
-            settings.timeouts.command,
-        )
-        .map_err(SessionError::Tls)?;
+        let tls = handshake(tcp, settings, &mut trace)?;
         Stream::Tls(Box::new(tls))
     } else {
         Stream::Plain(tcp)
     };
-    let mut session = Session::new(stream, settings.timeouts);
+    let mut session = Session::new(stream, settings.timeouts).with_trace(trace);
     session.greeting()?;
     session.hello(&settings.hostname)?;
 
@@ -78,6 +124,7 @@ fn start(tcp: TcpStream, settings: &ClientSettings) -> Result<Session<Stream>, S
             return Err(SessionError::StartTlsNotOffered);
         }
         session.start_tls()?;
+        let mut trace = session.take_trace();
         // Everything learned so far (capabilities, buffered bytes) is dropped here.
         let Stream::Plain(tcp) = session.into_stream()? else {
             return Err(SessionError::Protocol(
@@ -85,14 +132,8 @@ fn start(tcp: TcpStream, settings: &ClientSettings) -> Result<Session<Stream>, S
                 "STARTTLS inside TLS".into(),
             ));
         };
-        let tls = tls::handshake(
-            tcp,
-            &settings.tls,
-            &settings.relay.host,
-            settings.timeouts.command,
-        )
-        .map_err(SessionError::Tls)?;
-        session = Session::new(Stream::Tls(Box::new(tls)), settings.timeouts);
+        let tls = handshake(tcp, settings, &mut trace)?;
+        session = Session::new(Stream::Tls(Box::new(tls)), settings.timeouts).with_trace(trace);
         session.hello(&settings.hostname)?;
     }
 
@@ -104,6 +145,35 @@ fn start(tcp: TcpStream, settings: &ClientSettings) -> Result<Session<Stream>, S
         return Err(e);
     }
     Ok(session)
+}
+
+/// A fresh TLS connection (never resumed), noted in the transcript.
+fn handshake(
+    tcp: TcpStream,
+    settings: &ClientSettings,
+    trace: &mut Option<Trace>,
+) -> Result<StreamOwned<ClientConnection, TcpStream>, SessionError> {
+    let tls = tls::handshake(
+        tcp,
+        &settings.tls,
+        &settings.relay.host,
+        settings.timeouts.command,
+    )
+    .map_err(SessionError::Tls)?;
+    if trace.is_some() {
+        let version = tls
+            .conn
+            .protocol_version()
+            .map(|v| format!("{v:?}"))
+            .unwrap_or_default();
+        let suite = tls
+            .conn
+            .negotiated_cipher_suite()
+            .map(|s| format!("{:?}", s.suite()))
+            .unwrap_or_default();
+        note(trace, &format!("-- TLS established: {version}, {suite}"));
+    }
+    Ok(tls)
 }
 
 fn connect(settings: &ClientSettings) -> Result<(TcpStream, SocketAddr), SessionError> {

@@ -75,6 +75,18 @@ impl TransactionResult {
     }
 }
 
+/// What a transcript may show of a command: never a credential.
+fn redact(phase: Phase, line: &str) -> String {
+    if phase != Phase::Auth {
+        return line.to_string();
+    }
+    match line.split_ascii_whitespace().collect::<Vec<_>>().as_slice() {
+        ["AUTH", mechanism] => format!("AUTH {mechanism}"),
+        ["AUTH", mechanism, ..] => format!("AUTH {mechanism} <credentials redacted>"),
+        _ => "<credentials redacted>".to_string(),
+    }
+}
+
 /// Reads the next piece of the spooled body; None at its end.
 fn read_body(body: &mut impl Read, chunk: &mut [u8]) -> Result<Option<usize>, SessionError> {
     loop {
@@ -93,12 +105,17 @@ fn read_body(body: &mut impl Read, chunk: &mut [u8]) -> Result<Option<usize>, Se
     }
 }
 
+/// Receives the conversation line by line (`C: ...` / `S: ...`) for
+/// `pbxmail test`; credentials are already redacted when it sees them.
+pub type Trace = Box<dyn FnMut(&str) + Send>;
+
 pub struct Session<S: Transport> {
     io: BufReader<S>,
     timeouts: Timeouts,
     /// The relay hung up mid-body after replying; nothing more can be sent.
     closed: bool,
     pub caps: Capabilities,
+    trace: Option<Trace>,
 }
 
 impl<S: Transport> Session<S> {
@@ -108,6 +125,23 @@ impl<S: Transport> Session<S> {
             timeouts,
             closed: false,
             caps: Capabilities::default(),
+            trace: None,
+        }
+    }
+
+    pub fn with_trace(mut self, trace: Option<Trace>) -> Self {
+        self.trace = trace;
+        self
+    }
+
+    /// Hands the trace on (to the session that continues after STARTTLS).
+    pub fn take_trace(&mut self) -> Option<Trace> {
+        self.trace.take()
+    }
+
+    pub fn note(&mut self, line: &str) {
+        if let Some(trace) = self.trace.as_mut() {
+            trace(line);
         }
     }
 
@@ -136,7 +170,16 @@ impl<S: Transport> Session<S> {
     }
 
     pub fn read_reply(&mut self, phase: Phase) -> Result<Reply, SessionError> {
-        read_reply(&mut self.io).map_err(|e| SessionError::from_reply_error(phase, e))
+        let reply =
+            read_reply(&mut self.io).map_err(|e| SessionError::from_reply_error(phase, e))?;
+        if let Some(trace) = self.trace.as_mut() {
+            let last = reply.lines.len().saturating_sub(1);
+            for (i, text) in reply.lines.iter().enumerate() {
+                let separator = if i == last { ' ' } else { '-' };
+                trace(&format!("S: {}{separator}{text}", reply.code.0));
+            }
+        }
+        Ok(reply)
     }
 
     /// A reply, where 421 ends the session (RFC 5321 §3.8): the rest is deferred.
@@ -170,6 +213,11 @@ impl<S: Transport> Session<S> {
             return Err(SessionError::Io(phase, gone));
         }
         self.ensure_in_step(phase)?;
+        if let Some(trace) = self.trace.as_mut() {
+            for line in lines {
+                trace(&format!("C: {}", redact(phase, line)));
+            }
+        }
         let mut wire = Vec::with_capacity(lines.iter().map(|l| l.len() + 2).sum());
         for line in lines {
             wire.extend_from_slice(line.as_bytes());
@@ -437,6 +485,7 @@ impl<S: Transport> Session<S> {
         wire.clear();
         transparency.finish(&mut wire);
         self.write_all(Phase::Body, &wire)?;
+        self.note("C: (the message) and <CRLF>.<CRLF>");
         self.flush(Phase::Body)
     }
 
@@ -459,6 +508,10 @@ impl<S: Transport> Session<S> {
             let header = format!("BDAT {}{}\r\n", wire.len(), if last { " LAST" } else { "" });
             self.set_timeout(Phase::Body, self.timeouts.data)?;
             self.ensure_in_step(Phase::Body)?;
+            self.note(&format!(
+                "C: {} (and that many octets of the message)",
+                header.trim_end()
+            ));
             self.write_all(Phase::Body, header.as_bytes())?;
             self.write_all(Phase::Body, &wire)?;
             self.flush(Phase::Body)?;
@@ -791,6 +844,46 @@ mod tests {
         assert_eq!(codes(&result), vec![550]);
         let next = s.transaction(&outgoing("a@x", &rcpts), &mut &b"body"[..]);
         assert!(matches!(next, Err(SessionError::Io(Phase::Mail, _))));
+    }
+
+    #[test]
+    fn transcript_shows_both_sides_but_no_credentials() {
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let sink = std::sync::Arc::clone(&lines);
+        let mut s = session(&[
+            "",
+            "334 VXNlcm5hbWU6\r\n",
+            "334 UGFzc3dvcmQ6\r\n",
+            "235 ok\r\n",
+            "250 p\r\n",
+        ])
+        .with_trace(Some(Box::new(move |l: &str| {
+            sink.lock().unwrap().push(l.to_string())
+        })));
+        s.authenticate(
+            AuthMechanism::Login,
+            "user@x",
+            &Secret::new("hunter2".into()),
+        )
+        .unwrap();
+        s.authenticate(
+            AuthMechanism::Plain,
+            "user@x",
+            &Secret::new("hunter2".into()),
+        )
+        .unwrap_err();
+        let text = lines.lock().unwrap().join("\n");
+        assert!(
+            text.contains("C: AUTH LOGIN\nS: 334 VXNlcm5hbWU6\nC: <credentials redacted>"),
+            "{text}"
+        );
+        assert!(
+            text.contains("C: AUTH PLAIN <credentials redacted>"),
+            "{text}"
+        );
+        for secret in ["hunter2", "aHVudGVyMg", "dXNlckB4"] {
+            assert!(!text.contains(secret), "{secret} leaked: {text}");
+        }
     }
 
     #[test]

@@ -281,8 +281,8 @@ impl TenantWorker {
             let outcome = match outcome {
                 Outcome::Retry { reason, .. } if expired => Outcome::Bounce {
                     reason: format!(
-                        "4.4.7 gave up after {:.1} days in the queue; last error: {reason}",
-                        age_ms as f64 / 86_400_000.0
+                        "4.4.7 gave up after {} in the queue; last error: {reason}",
+                        crate::time::human_duration(age_ms / 1000)
                     ),
                 },
                 other => other,

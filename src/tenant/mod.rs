@@ -13,9 +13,7 @@ pub use set::TenantSet;
 
 use crate::config::{DaemonConfig, RateLimit, TenantConfig, TenantName};
 use crate::smtp::client::ClientSettings;
-use crate::smtp::session::Timeouts;
 use crate::spool::{MessageId, Spool};
-use crate::tls;
 use crossbeam_channel::{bounded, Sender, TrySendError};
 
 /// Called once from the tenant's thread as it ends.
@@ -113,21 +111,7 @@ impl TenantHandle {
         roots: &RootCertStore,
         on_finish: OnFinish,
     ) -> io::Result<TenantHandle> {
-        let client = tls::client_config(tenant, roots).map(|tls| ClientSettings {
-            hostname: daemon.hostname.clone(),
-            relay: tenant.relay.clone(),
-            tls_mode: tenant.tls,
-            tls,
-            auth: tenant.auth,
-            username: tenant.username.clone(),
-            password: tenant.password.clone(),
-            allow_plaintext_auth: tenant.allow_plaintext_auth,
-            timeouts: Timeouts {
-                connect: tenant.connect_timeout,
-                command: tenant.command_timeout,
-                data: tenant.data_timeout,
-            },
-        });
+        let client = ClientSettings::for_tenant(tenant, daemon, roots);
         if let Err(e) = &client {
             log::error!(
                 "tenant {}: {e}; its mail stays queued until the configuration is fixed",

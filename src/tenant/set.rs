@@ -47,8 +47,9 @@ impl TenantSet {
         }
     }
 
+    /// Tenants running or about to (a changed tenant between its old and new thread).
     pub fn len(&self) -> usize {
-        self.running.len()
+        self.running.len() + self.waiting.len()
     }
 
     pub fn start_all(&mut self, tenants: &[TenantConfig]) {

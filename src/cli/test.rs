@@ -1,0 +1,154 @@
+//! `pbxmail test --tenant T --to ADDR [--from ADDR]`: one live SMTP session to
+//! the tenant's relay with the tenant's own settings, printing the transcript
+//! (credentials redacted) and, when it fails, what to do about it.
+//! Exit 0 only when the relay accepted the test message (250 to its data).
+
+use super::{load_config, take_config_flag, Exit};
+use crate::address;
+use crate::advice;
+use crate::smtp::client::{self, ClientSettings};
+use crate::smtp::session::{Outgoing, Trace};
+use crate::{spool, time, tls};
+
+struct Args {
+    tenant: String,
+    to: String,
+    from: Option<String>,
+}
+
+fn parse(args: &[String]) -> Result<Args, String> {
+    let (mut tenant, mut to, mut from) = (None, None, None);
+    let mut iter = args.iter();
+    while let Some(arg) = iter.next() {
+        let mut value = || iter.next().cloned().ok_or(format!("{arg} needs a value"));
+        match arg.as_str() {
+            "--tenant" => tenant = Some(value()?),
+            "--to" => to = Some(value()?),
+            "--from" => from = Some(value()?),
+            other => return Err(format!("unknown argument '{other}'")),
+        }
+    }
+    let to = to.ok_or("--to ADDR is required")?;
+    if !address::is_valid(&to) {
+        return Err(format!("--to {to:?} is not an address"));
+    }
+    if let Some(from) = from.as_deref().filter(|f| !address::is_valid(f)) {
+        return Err(format!("--from {from:?} is not an address"));
+    }
+    Ok(Args {
+        tenant: tenant.ok_or("--tenant T is required")?,
+        to,
+        from,
+    })
+}
+
+pub fn run(args: &[String]) -> Exit {
+    let (path, rest) = match take_config_flag(args) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("pbxmail test: {e}");
+            return Exit::Usage;
+        }
+    };
+    let args = match parse(&rest) {
+        Ok(args) => args,
+        Err(e) => {
+            eprintln!("pbxmail test: {e}\nusage: pbxmail test --tenant T --to ADDR [--from ADDR]");
+            return Exit::Usage;
+        }
+    };
+    let config = match load_config(&path) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    let Some(tenant) = config
+        .tenants
+        .iter()
+        .find(|t| t.name.as_str() == args.tenant)
+    else {
+        eprintln!(
+            "pbxmail test: no tenant named {:?} in {}",
+            args.tenant,
+            path.display()
+        );
+        return Exit::Usage;
+    };
+    let settings = match ClientSettings::for_tenant(tenant, &config.daemon, &tls::system_roots()) {
+        Ok(settings) => settings,
+        Err(e) => {
+            eprintln!("pbxmail test: tenant {}: {e}", tenant.name);
+            return Exit::Config;
+        }
+    };
+    // The sender the relay will see: what the tenant's mail would carry.
+    let from = args
+        .from
+        .or_else(|| tenant.envelope_from.clone())
+        .or_else(|| tenant.username.clone().filter(|u| address::is_valid(u)))
+        .unwrap_or_else(|| format!("pbxmail-test@{}", config.daemon.hostname));
+    let relay_host = settings.relay.host.clone();
+
+    let trace: Trace = Box::new(|line: &str| println!("{line}"));
+    let mut connected = match client::open_traced(&settings, Some(trace)) {
+        Ok(connected) => connected,
+        Err(failure) => {
+            return failed(
+                &failure.error.to_string(),
+                advice::for_error(&failure.error, &relay_host),
+            )
+        }
+    };
+    let message = test_message(
+        &from,
+        &args.to,
+        tenant.name.as_str(),
+        &config.daemon.hostname,
+    );
+    let recipients = [args.to.clone()];
+    let outgoing = Outgoing {
+        mail_from: &from,
+        recipients: &recipients,
+        size: message.len() as u64,
+        eight_bit: false,
+    };
+    let result = connected
+        .session
+        .transaction(&outgoing, &mut message.as_slice());
+    match result {
+        Ok(result) => {
+            connected.session.quit();
+            match result.per_recipient.first() {
+                Some(reply) if reply.code.is_positive() => {
+                    println!(
+                        "OK: {} accepted the test message for <{}> ({reply})",
+                        connected.peer, args.to
+                    );
+                    Exit::Ok
+                }
+                Some(reply) => failed(&reply.summary(), advice::for_reply(reply, &relay_host)),
+                None => failed("no reply for the recipient", None),
+            }
+        }
+        Err(e) => failed(&e.to_string(), advice::for_error(&e, &relay_host)),
+    }
+}
+
+fn failed(what: &str, advice: Option<String>) -> Exit {
+    println!("FAILED: {what}");
+    if let Some(advice) = advice {
+        println!("What to do: {advice}");
+    }
+    Exit::Unavailable
+}
+
+fn test_message(from: &str, to: &str, tenant: &str, hostname: &str) -> Vec<u8> {
+    let now = spool::unix_millis() / 1000;
+    format!(
+        "From: <{from}>\r\nTo: <{to}>\r\nSubject: pbxmail test message (tenant {tenant})\r\n\
+         Date: {}\r\nMessage-ID: <{}.test@{hostname}>\r\nAuto-Submitted: auto-generated\r\n\r\n\
+         This message was sent by `pbxmail test` to check tenant {tenant}'s relay.\r\n",
+        time::rfc5322(now),
+        spool::MessageId::generate()
+    )
+    .into_bytes()
+}
