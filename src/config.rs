@@ -120,6 +120,28 @@ pub struct DaemonConfig {
     pub retry_max: Duration,
     pub min_free_space: FreeSpace,
     pub log_level: log::LevelFilter,
+    /// Local submission limits (`listen`).
+    pub listen_limits: ListenLimits,
+}
+
+/// What one local SMTP client may do; past these it gets a 4xx or 5xx.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenLimits {
+    pub max_message_size: u64,
+    pub max_recipients: u32,
+    pub idle_timeout: Duration,
+    pub max_connections: u32,
+}
+
+impl Default for ListenLimits {
+    fn default() -> Self {
+        ListenLimits {
+            max_message_size: 50 << 20,
+            max_recipients: 100,
+            idle_timeout: Duration::from_secs(300),
+            max_connections: 32,
+        }
+    }
 }
 
 impl Default for DaemonConfig {
@@ -137,6 +159,7 @@ impl Default for DaemonConfig {
             retry_max: Duration::from_secs(3600),
             min_free_space: FreeSpace::Percent(5),
             log_level: log::LevelFilter::Info,
+            listen_limits: ListenLimits::default(),
         }
     }
 }
@@ -785,6 +808,7 @@ fn parse_rate_limit(s: &str) -> Result<Option<RateLimit>, String> {
     Ok(Some(RateLimit { messages, per }))
 }
 
+/// A count of 1 or more (messages_per_session, listen limits).
 fn parse_messages_per_session(s: &str) -> Result<u32, String> {
     match s.trim().parse::<u32>() {
         Ok(n) if n >= 1 => Ok(n),
@@ -1077,6 +1101,10 @@ const DAEMON_KEYS: &[&str] = &[
     "retry_max",
     "min_free_space",
     "log_level",
+    "listen_max_message_size",
+    "listen_max_recipients",
+    "listen_idle_timeout",
+    "listen_max_connections",
 ];
 
 const TENANT_KEYS: &[&str] = &[
@@ -1391,9 +1419,21 @@ fn validate(path: &Path, raw: &[RawSection], out: &mut Problems) -> Config {
 fn daemon_config(sec: &Section, out: &mut Problems) -> DaemonConfig {
     let d = DaemonConfig::default();
     let listen = sec.value(out, "listen", parse_listen);
-    if listen.is_some() {
-        sec.warning(out, "listen", NOT_IMPLEMENTED);
-    }
+    let limits = d.listen_limits;
+    let listen_limits = ListenLimits {
+        max_message_size: sec
+            .value(out, "listen_max_message_size", parse_size)
+            .unwrap_or(limits.max_message_size),
+        max_recipients: sec
+            .value(out, "listen_max_recipients", parse_messages_per_session)
+            .unwrap_or(limits.max_recipients),
+        idle_timeout: sec
+            .value(out, "listen_idle_timeout", parse_nonzero_duration)
+            .unwrap_or(limits.idle_timeout),
+        max_connections: sec
+            .value(out, "listen_max_connections", parse_messages_per_session)
+            .unwrap_or(limits.max_connections),
+    };
     let retry_min = sec
         .value(out, "retry_min", parse_nonzero_duration)
         .unwrap_or(d.retry_min);
@@ -1448,6 +1488,7 @@ fn daemon_config(sec: &Section, out: &mut Problems) -> DaemonConfig {
         log_level: sec
             .value(out, "log_level", parse_log_level)
             .unwrap_or(d.log_level),
+        listen_limits,
     }
 }
 
@@ -1802,19 +1843,15 @@ archive_group = acme-admins
             .iter()
             .map(|w| (w.line, w.message.as_str()))
             .collect();
-        assert_eq!(warnings.len(), 4, "{warnings:#?}");
-        assert_eq!(warnings[0].0, Some(5));
+        assert_eq!(warnings.len(), 3, "{warnings:#?}");
+        assert_eq!(warnings[0].0, Some(19));
         assert!(warnings[0]
             .1
-            .contains("listen: not implemented in this version yet; ignored"));
-        assert_eq!(warnings[1].0, Some(19));
-        assert!(warnings[1]
-            .1
             .contains("certificates of the relay are not verified"));
-        assert_eq!(warnings[2].0, Some(22));
-        assert!(warnings[2].1.contains("not implemented"));
-        assert_eq!(warnings[3].0, Some(38));
-        assert!(warnings[3].1.starts_with("[tenant:acme] archive"));
+        assert_eq!(warnings[1].0, Some(22));
+        assert!(warnings[1].1.contains("not implemented"));
+        assert_eq!(warnings[2].0, Some(38));
+        assert!(warnings[2].1.starts_with("[tenant:acme] archive"));
     }
 
     #[test]

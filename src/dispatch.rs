@@ -1,12 +1,13 @@
 //! The dispatcher: one mio loop that turns outside events (pickup hints from
-//! `sendmail`, control requests, signals, tenant threads ending) into work
-//! for the tenant set.
+//! `sendmail`, local SMTP submissions, control requests, signals, tenant
+//! threads ending) into work for the tenant set.
 //! It never blocks on a tenant: no DNS, no fsync, no network I/O here; sends
 //! to tenants are `try_send`. Reading the config file on SIGHUP is the one
 //! small read it does.
 
 use crate::config::{self, Config};
 use crate::control::{self, ControlServer, Request, Response, Selection};
+use crate::intake::server::IntakeServer;
 use crate::spool::{MessageId, Spool};
 use crate::tenant::{Job, Target, TenantSet};
 use mio::net::UnixDatagram;
@@ -23,10 +24,14 @@ use std::time::Duration;
 
 const PICKUP: Token = Token(0);
 const SIGNALS: Token = Token(1);
-const TENANT_ENDED: Token = Token(2);
+/// Another thread has news: a tenant thread ended, or a submission was committed.
+const WAKE: Token = Token(2);
 const CONTROL: Token = Token(3);
+const INTAKE: Token = Token(4);
 /// Control connections get tokens from here on.
 const CONTROL_CONNECTIONS: usize = 1000;
+/// Local submission connections get tokens from here on.
+const INTAKE_CONNECTIONS: usize = 2_000_000;
 
 pub struct Dispatcher {
     poll: Poll,
@@ -34,7 +39,8 @@ pub struct Dispatcher {
     pickup_path: PathBuf,
     signals: Signals,
     control: ControlServer,
-    config_path: PathBuf,
+    intake: Option<IntakeServer>,
+    config: Config,
     spool: Spool,
     tenants: TenantSet,
 }
@@ -43,9 +49,11 @@ impl Dispatcher {
     /// Binds the pickup socket and starts every tenant.
     pub fn start(config: &Config, spool: &Spool, roots: RootCertStore) -> io::Result<Dispatcher> {
         let poll = Poll::new()?;
-        let waker = Arc::new(Waker::new(poll.registry(), TENANT_ENDED)?);
+        // mio allows one Waker per Poll: tenants and the committer share it.
+        let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);
+        let tenant_waker = Arc::clone(&waker);
         let wake = Arc::new(move || {
-            let _ = waker.wake();
+            let _ = tenant_waker.wake();
         });
         // Signals first: from here on SIGTERM is an orderly stop, never a kill.
         let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])?;
@@ -60,6 +68,21 @@ impl Dispatcher {
             CONTROL,
             CONTROL_CONNECTIONS,
         )?;
+        let intake = match &config.daemon.listen {
+            Some(addr) => Some(
+                IntakeServer::bind(
+                    addr,
+                    config,
+                    spool,
+                    poll.registry(),
+                    INTAKE,
+                    INTAKE_CONNECTIONS,
+                    waker,
+                )
+                .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr:?}: {e}")))?,
+            ),
+            None => None,
+        };
 
         // The pickup socket last: its appearance tells the world we are ready.
         let path = spool.pickup_socket();
@@ -79,7 +102,8 @@ impl Dispatcher {
             pickup_path: path,
             signals,
             control,
-            config_path: config.path.clone(),
+            intake,
+            config: config.clone(),
             spool: spool.clone(),
             tenants,
         })
@@ -93,7 +117,14 @@ impl Dispatcher {
     pub fn run(mut self, grace: Duration) -> io::Result<()> {
         let mut events = Events::with_capacity(64);
         'serve: loop {
-            if let Err(e) = self.poll.poll(&mut events, None) {
+            // Idle means idle: with no submission client connected, no timeout at all.
+            let idle = self.config.daemon.listen_limits.idle_timeout;
+            let registry = self.poll.registry();
+            let timeout = self
+                .intake
+                .as_mut()
+                .and_then(|intake| intake.expire_idle(registry, idle));
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
@@ -102,9 +133,17 @@ impl Dispatcher {
             for event in events.iter() {
                 match event.token() {
                     PICKUP => self.read_hints(),
-                    TENANT_ENDED => self.tenants.reap(),
+                    WAKE => {
+                        self.tenants.reap();
+                        self.take_submissions();
+                    }
                     SIGNALS if self.read_signals() => break 'serve,
                     token if self.control.owns(token) => self.serve_control(token),
+                    token if self.intake.as_ref().is_some_and(|i| i.owns(token)) => {
+                        if let Some(intake) = self.intake.as_mut() {
+                            intake.ready(self.poll.registry(), token, &self.config);
+                        }
+                    }
                     _ => {}
                 }
             }
@@ -114,6 +153,16 @@ impl Dispatcher {
         self.control.remove_socket();
         self.tenants.stop_all(grace);
         Ok(())
+    }
+
+    /// Submissions the committer made durable go to their tenant at once.
+    fn take_submissions(&mut self) {
+        let Some(intake) = self.intake.as_mut() else {
+            return;
+        };
+        for (tenant, id) in intake.take_committed(self.poll.registry(), &self.config) {
+            self.tenants.route(&tenant, Job::Queued(id));
+        }
     }
 
     fn read_hints(&mut self) {
@@ -165,13 +214,17 @@ impl Dispatcher {
     /// Re-reads the configuration; an invalid one is refused and the old one
     /// kept. Returns the problems that made it refuse.
     fn reload(&mut self) -> Result<(), Vec<String>> {
-        match config::load(&self.config_path) {
+        match config::load(&self.config.path) {
             Ok(config) => {
                 for warning in &config.warnings {
                     log::warn!("{warning}");
                 }
                 self.tenants.reload(&config);
-                let path = self.config_path.display();
+                if config.daemon.listen != self.config.daemon.listen {
+                    log::warn!("reload: a change of listen takes effect after a restart");
+                }
+                self.config = config;
+                let path = self.config.path.display();
                 log::info!("reloaded {path}: {} tenants", self.tenants.len());
                 Ok(())
             }

@@ -153,7 +153,7 @@ pub fn submit(
 
 /// Refuses new mail below `min_free_space`, so the spool never fills up to
 /// the point where results of deliveries in progress cannot be recorded.
-fn check_free_space(spool: &Spool, minimum: FreeSpace) -> Result<(), SubmitError> {
+pub fn check_free_space(spool: &Spool, minimum: FreeSpace) -> Result<(), SubmitError> {
     let (available, total) = match spool.free_space() {
         Ok(space) => space,
         // A spool the daemon has not run on yet: make it, then measure.

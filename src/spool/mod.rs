@@ -498,6 +498,10 @@ impl Write for Submission {
 }
 
 impl Submission {
+    pub fn id(&self) -> &MessageId {
+        &self.id
+    }
+
     /// Makes the message durable in `tenant`'s queue; on `Ok` it may be acknowledged.
     pub fn commit(self, tenant: &str, sender: &str, recipients: &[String]) -> Result<MessageId> {
         self.commit_as(tenant, sender, recipients, None)
