@@ -43,6 +43,10 @@ interop:
 # Benchmark, not a test (CI does not run it): messages per second for one
 # tenant through one SMTP session, with PIPELINING and without, on loopback and
 # with an added round-trip delay; prints figures and round trips per message.
+# Then tenant isolation and throughput beside a private Postfix 3.7
+# (isolation.sh), and memory, start-up and idle cost (memory.sh).
 bench:
 	$(CARGO) build --locked --release --bin pbxmail
 	bash tests/bench/run.sh
+	bash tests/bench/isolation.sh
+	bash tests/bench/memory.sh

@@ -25,7 +25,7 @@ pub struct ToCommit {
 enum State {
     Command,
     /// Receiving the body; `None` once it is over the size limit (still read to the end).
-    Data(Option<Submission>),
+    Data(Option<Box<Submission>>),
     /// The message went to be committed; input waits.
     Committing,
     Closed,
@@ -276,7 +276,7 @@ impl Conversation {
             time::rfc5322(crate::spool::unix_millis() / 1000)
         );
         let ok = submission.write_all(received.as_bytes()).is_ok();
-        self.state = State::Data(ok.then_some(submission));
+        self.state = State::Data(ok.then(|| Box::new(submission)));
         self.at_line_start = true;
         self.transparency = Transparency::for_storage();
         self.body_size = 0;
@@ -345,7 +345,7 @@ impl Conversation {
         }
         self.state = State::Committing;
         Some(ToCommit {
-            submission,
+            submission: *submission,
             tenant: self.tenant.clone().unwrap_or_default(),
             sender: self.sender.clone().unwrap_or_default(),
             recipients: self.recipients.clone(),
