@@ -302,14 +302,17 @@ impl Dispatcher {
                 _ => unknown.push(raw.clone()),
             }
         }
+        // All or nothing: a typo in one ID must not leave the command half done.
+        if !unknown.is_empty() {
+            return Response::error(format!(
+                "no queued message with ID {}; nothing was changed",
+                unknown.join(", ")
+            ));
+        }
         let count: usize = by_tenant.values().map(Vec::len).sum();
         for (tenant, ids) in by_tenant {
             self.tenants.route(&tenant, job(Target::Ids(ids)));
         }
-        if unknown.is_empty() {
-            Response::ok(serde_json::json!({ "messages": count }))
-        } else {
-            Response::error(format!("no queued message with ID {}", unknown.join(", ")))
-        }
+        Response::ok(serde_json::json!({ "messages": count }))
     }
 }

@@ -206,7 +206,11 @@ impl TenantWorker {
                 for id in self.targets(&target, |w| w.held.iter().cloned().collect()) {
                     if self.held.contains(&id) && self.mark(&id, &Record::Released) {
                         self.held.remove(&id);
-                        self.schedule(&id, 0, true);
+                        let attempted = self
+                            .spool
+                            .load_envelope(self.name(), &id)
+                            .map_or(true, |env| env.attempts > 0);
+                        self.schedule(&id, 0, attempted);
                     }
                 }
             }
