@@ -1538,9 +1538,6 @@ fn tenant_config(sec: &Section, name: TenantName, line: usize, out: &mut Problem
     });
 
     let auth = sec.value(out, "auth", parse_auth).unwrap_or(AuthMode::Auto);
-    if auth == AuthMode::XOAuth2 {
-        sec.warning(out, "auth", &format!("xoauth2: {NOT_IMPLEMENTED}"));
-    }
     let allow_plaintext_auth = sec
         .value(out, "allow_plaintext_auth", parse_bool)
         .unwrap_or(false);
@@ -1611,6 +1608,34 @@ fn tenant_config(sec: &Section, name: TenantName, line: usize, out: &mut Problem
         .value(out, "oauth_scope", parse_string)
         .or_else(|| preset.as_ref().map(|p| p.oauth_scope.to_owned()));
 
+    let oauth_client_id = sec.value(out, "oauth_client_id", parse_string);
+    let oauth_token_file = sec.value(out, "oauth_token_file", parse_absolute_path);
+    if auth == AuthMode::XOAuth2 {
+        let needed = [
+            ("username", username.is_some(), "the mailbox's address"),
+            (
+                "oauth_token_url",
+                oauth_token_url.is_some(),
+                "or set provider",
+            ),
+            (
+                "oauth_client_id",
+                oauth_client_id.is_some(),
+                "from the app registration",
+            ),
+            (
+                "oauth_token_file",
+                oauth_token_file.is_some(),
+                "e.g. /var/lib/pbxmail/oauth/NAME.json",
+            ),
+        ];
+        for (key, present, hint) in needed {
+            if !present {
+                sec.error(out, "auth", &format!("xoauth2 needs {key} ({hint})"));
+            }
+        }
+    }
+
     let rate_limit = if sec.is_set("rate_limit") {
         sec.value(out, "rate_limit", parse_rate_limit).flatten()
     } else {
@@ -1637,10 +1662,10 @@ fn tenant_config(sec: &Section, name: TenantName, line: usize, out: &mut Problem
         password,
         oauth_token_url,
         oauth_device_url,
-        oauth_client_id: sec.value(out, "oauth_client_id", parse_string),
+        oauth_client_id,
         oauth_client_secret_file: sec.value(out, "oauth_client_secret_file", parse_absolute_path),
         oauth_scope,
-        oauth_token_file: sec.value(out, "oauth_token_file", parse_absolute_path),
+        oauth_token_file,
         envelope_from: sec.value(out, "envelope_from", parse_address),
         rate_limit,
         messages_per_session: sec
@@ -1843,15 +1868,13 @@ archive_group = acme-admins
             .iter()
             .map(|w| (w.line, w.message.as_str()))
             .collect();
-        assert_eq!(warnings.len(), 3, "{warnings:#?}");
+        assert_eq!(warnings.len(), 2, "{warnings:#?}");
         assert_eq!(warnings[0].0, Some(19));
         assert!(warnings[0]
             .1
             .contains("certificates of the relay are not verified"));
-        assert_eq!(warnings[1].0, Some(22));
-        assert!(warnings[1].1.contains("not implemented"));
-        assert_eq!(warnings[2].0, Some(38));
-        assert!(warnings[2].1.starts_with("[tenant:acme] archive"));
+        assert_eq!(warnings[1].0, Some(38));
+        assert!(warnings[1].1.starts_with("[tenant:acme] archive"));
     }
 
     #[test]

@@ -47,7 +47,11 @@ pub struct Dispatcher {
 
 impl Dispatcher {
     /// Binds the pickup socket and starts every tenant.
-    pub fn start(config: &Config, spool: &Spool, roots: RootCertStore) -> io::Result<Dispatcher> {
+    pub fn start(
+        config: &Config,
+        spool: &Spool,
+        roots: Arc<RootCertStore>,
+    ) -> io::Result<Dispatcher> {
         let poll = Poll::new()?;
         // mio allows one Waker per Poll: tenants and the committer share it.
         let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);

@@ -12,6 +12,7 @@ mod control;
 mod daemon;
 mod dispatch;
 mod intake;
+mod oauth;
 mod outcome;
 mod smtp;
 mod spool;

@@ -5,6 +5,7 @@ mod admin;
 mod check_config;
 mod daemon;
 mod fsck;
+mod oauth;
 mod queue;
 mod sendmail;
 mod test;
@@ -37,6 +38,7 @@ commands:
   flush [--tenant T]          retry deferred mail now
   hold|release|delete ID...   queue control; --tenant T instead of IDs acts on a whole tenant
   reload                      re-read the configuration (same as SIGHUP)
+  oauth login --tenant T      OAuth 2.0 device sign-in for a tenant using auth = xoauth2
   test --tenant T --to ADDR [--from ADDR]
                               one live session to the tenant's relay, with transcript
 config: -c FILE, else $PBXMAIL_CONFIG, else /etc/pbxmail/pbxmail.ini";
@@ -66,6 +68,7 @@ pub fn run(args: Vec<String>) -> Exit {
         "check-config" => check_config::run(rest),
         "fsck" => fsck::run(rest),
         "test" => test::run(rest),
+        "oauth" => oauth::run(rest),
         "status" | "flush" | "hold" | "release" | "delete" | "reload" => admin::run(command, rest),
         "help" | "--help" | "-h" => {
             println!("{USAGE}");

@@ -73,13 +73,28 @@ pub fn run(args: &[String]) -> Exit {
         );
         return Exit::Usage;
     };
-    let settings = match ClientSettings::for_tenant(tenant, &config.daemon, &tls::system_roots()) {
-        Ok(settings) => settings,
-        Err(e) => {
-            eprintln!("pbxmail test: tenant {}: {e}", tenant.name);
-            return Exit::Config;
+    let mut settings =
+        match ClientSettings::for_tenant(tenant, &config.daemon, &tls::system_roots()) {
+            Ok(settings) => settings,
+            Err(e) => {
+                eprintln!("pbxmail test: tenant {}: {e}", tenant.name);
+                return Exit::Config;
+            }
+        };
+    if tenant.auth == crate::config::AuthMode::XOAuth2 {
+        println!("-- fetching an OAuth access token");
+        let token = crate::oauth::Endpoints::for_tenant(tenant).and_then(|endpoints| {
+            let agent = crate::oauth::http_agent(tenant.ca_file.as_deref())?;
+            crate::oauth::TokenSource::new(endpoints, agent).access_token()
+        });
+        match token {
+            Ok(token) => settings.bearer = Some(token),
+            Err(e) => {
+                let why = e.to_string().replace("TENANT", tenant.name.as_str());
+                return failed(&why, None);
+            }
         }
-    };
+    }
     // The sender the relay will see: what the tenant's mail would carry.
     let from = args
         .from

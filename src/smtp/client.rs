@@ -3,7 +3,7 @@
 //! TLS connection, EHLO again, AUTH. Credentials never cross a plaintext link
 //! unless the tenant says `tls = none` and `allow_plaintext_auth = yes`.
 
-use super::session::{AuthMechanism, Session, Timeouts, Trace};
+use super::session::{AuthMechanism, BearerMechanism, Session, Timeouts, Trace};
 use super::{Phase, SessionError};
 use crate::config::{AuthMode, DaemonConfig, Relay, Secret, TenantConfig, TlsMode};
 use crate::tls::{self, Stream};
@@ -24,6 +24,8 @@ pub struct ClientSettings {
     pub password: Option<Secret>,
     pub allow_plaintext_auth: bool,
     pub timeouts: Timeouts,
+    /// The OAuth 2.0 access token for `auth = xoauth2`, fetched per session.
+    pub bearer: Option<Secret>,
 }
 
 impl ClientSettings {
@@ -31,7 +33,7 @@ impl ClientSettings {
     pub fn for_tenant(
         tenant: &TenantConfig,
         daemon: &DaemonConfig,
-        roots: &RootCertStore,
+        roots: &Arc<RootCertStore>,
     ) -> Result<ClientSettings, tls::TlsError> {
         Ok(ClientSettings {
             hostname: daemon.hostname.clone(),
@@ -47,6 +49,7 @@ impl ClientSettings {
                 command: tenant.command_timeout,
                 data: tenant.data_timeout,
             },
+            bearer: None,
         })
     }
 }
@@ -220,33 +223,9 @@ fn authenticate(
     session: &mut Session<Stream>,
     settings: &ClientSettings,
 ) -> Result<(), SessionError> {
-    let (Some(username), Some(password)) = (&settings.username, &settings.password) else {
+    if settings.auth == AuthMode::None || settings.username.is_none() {
         return Ok(());
-    };
-    let mechanism = match settings.auth {
-        AuthMode::None => return Ok(()),
-        AuthMode::XOAuth2 => {
-            return Err(SessionError::Config(
-                "auth = xoauth2 is not available in this version; use plain or login".into(),
-            ))
-        }
-        AuthMode::Plain => AuthMechanism::Plain,
-        AuthMode::Login => AuthMechanism::Login,
-        AuthMode::Auto => {
-            let offers = |m: &str| session.caps.auth.iter().any(|a| a == m);
-            if offers("PLAIN") {
-                AuthMechanism::Plain
-            } else if offers("LOGIN") {
-                AuthMechanism::Login
-            } else {
-                log::debug!(
-                    "relay {} offers no PLAIN or LOGIN; sending without AUTH",
-                    settings.relay
-                );
-                return Ok(());
-            }
-        }
-    };
+    }
     let encrypted = settings.tls_mode != TlsMode::None;
     if !encrypted && !settings.allow_plaintext_auth {
         return Err(SessionError::Config(
@@ -255,5 +234,38 @@ fn authenticate(
                 .into(),
         ));
     }
+    let username = settings.username.as_deref().unwrap_or_default();
+    let offers = |m: &str| session.caps.auth.iter().any(|a| a == m);
+    if settings.auth == AuthMode::XOAuth2 {
+        let Some(token) = &settings.bearer else {
+            return Err(SessionError::Config(
+                "auth = xoauth2 but no access token was obtained".into(),
+            ));
+        };
+        // OAUTHBEARER is the standard (RFC 7628); XOAUTH2 is what most providers offer.
+        let mechanism = if offers("OAUTHBEARER") {
+            BearerMechanism::OAuthBearer
+        } else {
+            BearerMechanism::XOAuth2
+        };
+        let relay = &settings.relay;
+        return session.authenticate_bearer(mechanism, username, token, &relay.host, relay.port);
+    }
+    let Some(password) = &settings.password else {
+        return Ok(());
+    };
+    let mechanism = match settings.auth {
+        AuthMode::Plain => AuthMechanism::Plain,
+        AuthMode::Login => AuthMechanism::Login,
+        _ if offers("PLAIN") => AuthMechanism::Plain,
+        _ if offers("LOGIN") => AuthMechanism::Login,
+        _ => {
+            log::debug!(
+                "relay {} offers no PLAIN or LOGIN; sending without AUTH",
+                settings.relay
+            );
+            return Ok(());
+        }
+    };
     session.authenticate(mechanism, username, password)
 }

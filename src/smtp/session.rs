@@ -39,6 +39,12 @@ pub enum AuthMechanism {
     Login,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BearerMechanism {
+    XOAuth2,
+    OAuthBearer,
+}
+
 /// What a transaction needs to know about the message it carries.
 #[derive(Debug, Clone, Copy)]
 pub struct Outgoing<'a> {
@@ -297,6 +303,47 @@ impl<S: Transport> Session<S> {
                 self.command(Phase::Auth, &BASE64.encode(password.expose()))?
             }
         };
+        if reply.code.0 != 235 {
+            return Err(SessionError::Rejected(Phase::Auth, reply));
+        }
+        Ok(())
+    }
+
+    /// SASL with an OAuth 2.0 bearer token: OAUTHBEARER (RFC 7628) or
+    /// Google's and Microsoft's XOAUTH2. A refusal comes as a 334 carrying
+    /// error details; the client ends the exchange (RFC 7628 §3.2.3) and the
+    /// relay's final reply is returned in `Rejected(Auth, ..)`.
+    pub fn authenticate_bearer(
+        &mut self,
+        mechanism: BearerMechanism,
+        username: &str,
+        token: &Secret,
+        host: &str,
+        port: u16,
+    ) -> Result<(), SessionError> {
+        let (name, payload, end_exchange) = match mechanism {
+            BearerMechanism::XOAuth2 => (
+                "XOAUTH2",
+                format!("user={username}\x01auth=Bearer {}\x01\x01", token.expose()),
+                "",
+            ),
+            BearerMechanism::OAuthBearer => (
+                "OAUTHBEARER",
+                format!(
+                    "n,a={username},\x01host={host}\x01port={port}\x01auth=Bearer {}\x01\x01",
+                    token.expose()
+                ),
+                "AQ==",
+            ),
+        };
+        let reply = self.command(
+            Phase::Auth,
+            &format!("AUTH {name} {}", BASE64.encode(payload)),
+        )?;
+        if reply.code.0 == 334 {
+            let refusal = self.command(Phase::Auth, end_exchange)?;
+            return Err(SessionError::Rejected(Phase::Auth, refusal));
+        }
         if reply.code.0 != 235 {
             return Err(SessionError::Rejected(Phase::Auth, reply));
         }
@@ -884,6 +931,38 @@ mod tests {
         for secret in ["hunter2", "aHVudGVyMg", "dXNlckB4"] {
             assert!(!text.contains(secret), "{secret} leaked: {text}");
         }
+    }
+
+    #[test]
+    fn xoauth2_sends_the_bearer_string_and_ends_a_refusal() {
+        let mut s = session(&["", "235 2.7.0 Accepted\r\n"]);
+        s.authenticate_bearer(
+            BearerMechanism::XOAuth2,
+            "pbx@acme.example",
+            &Secret::new("tok".into()),
+            "h",
+            587,
+        )
+        .unwrap();
+        let expected = BASE64.encode("user=pbx@acme.example\x01auth=Bearer tok\x01\x01");
+        assert_eq!(written(s), format!("AUTH XOAUTH2 {expected}\r\n"));
+
+        let mut s = session(&[
+            "",
+            "334 eyJzdGF0dXMiOiI0MDEifQ==\r\n",
+            "535 5.7.8 bad token\r\n",
+        ]);
+        let err = s
+            .authenticate_bearer(
+                BearerMechanism::OAuthBearer,
+                "u",
+                &Secret::new("t".into()),
+                "h",
+                587,
+            )
+            .unwrap_err();
+        assert!(matches!(err, SessionError::Rejected(Phase::Auth, r) if r.code.0 == 535));
+        assert!(written(s).ends_with("\r\nAQ==\r\n"));
     }
 
     #[test]

@@ -33,7 +33,7 @@ impl TenantWorker {
     /// of them `batch` (deferred together if the relay cannot be reached).
     /// Returns false when the relay failed or pacing ended the session.
     pub(super) fn run_session(&mut self, batch: &[MessageId]) -> bool {
-        let settings = match &self.settings.client {
+        let mut settings = match &self.settings.client {
             Ok(settings) => settings.clone(),
             Err(why) => {
                 let why = format!("tenant TLS settings unusable: {why}");
@@ -44,9 +44,25 @@ impl TenantWorker {
         if !self.may_send_now() {
             return false;
         }
+        if self.settings.oauth.is_some() {
+            match self.access_token() {
+                Ok(token) => settings.bearer = Some(token),
+                Err(why) => {
+                    let relay = settings.relay.to_string();
+                    self.defer_all(batch, &relay, &why, RetryScope::Tenant);
+                    return false;
+                }
+            }
+        }
         let mut connected = match client::open(&settings) {
             Ok(connected) => connected,
             Err(failure) => {
+                if let (SessionError::Rejected(crate::smtp::Phase::Auth, _), Some(tokens)) =
+                    (&failure.error, self.tokens.as_mut())
+                {
+                    // The relay refused the token: fetch a fresh one next time.
+                    tokens.forget();
+                }
                 let outcome = outcome::of_session_error(&failure.error);
                 log::warn!(
                     "tenant {}: relay {}: {}",
@@ -73,6 +89,40 @@ impl TenantWorker {
                 false
             }
             SessionEnd::Broken { tenant_failing } => !tenant_failing,
+        }
+    }
+
+    /// An access token for this session, refreshed by this thread when due, so a
+    /// slow token endpoint delays only this tenant. Err: why the mail waits.
+    fn access_token(&mut self) -> Result<crate::config::Secret, String> {
+        if self.tokens.is_none() {
+            let endpoints = match &self.settings.oauth {
+                Some(Ok(endpoints)) => endpoints.clone(),
+                Some(Err(why)) => return Err(why.clone()),
+                None => return Err("auth = xoauth2 without OAuth settings".into()),
+            };
+            let agent = crate::oauth::http_agent(self.settings.ca_file.as_deref())
+                .map_err(|e| e.to_string())?;
+            self.tokens = Some(crate::oauth::TokenSource::new(endpoints, agent));
+        }
+        let Some(tokens) = self.tokens.as_mut() else {
+            return Err("no token source".into());
+        };
+        match tokens.access_token() {
+            Ok(token) => {
+                self.sign_in_logged = false;
+                Ok(token)
+            }
+            Err(e) => {
+                let why = e.to_string().replace("TENANT", self.name());
+                let quiet =
+                    matches!(e, crate::oauth::OAuthError::SignInNeeded(_)) && self.sign_in_logged;
+                if !quiet {
+                    log::error!("tenant {}: {why}", self.name());
+                }
+                self.sign_in_logged |= matches!(e, crate::oauth::OAuthError::SignInNeeded(_));
+                Err(why)
+            }
         }
     }
 

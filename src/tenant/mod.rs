@@ -91,6 +91,9 @@ struct Settings {
     rate_limit: Option<RateLimit>,
     postmaster: Option<String>,
     hostname: String,
+    /// `auth = xoauth2`: where tokens come from (Err: why they cannot).
+    oauth: Option<Result<crate::oauth::Endpoints, String>>,
+    ca_file: Option<std::path::PathBuf>,
 }
 
 pub struct TenantHandle {
@@ -108,7 +111,7 @@ impl TenantHandle {
         tenant: &TenantConfig,
         daemon: &DaemonConfig,
         spool: Spool,
-        roots: &RootCertStore,
+        roots: &Arc<RootCertStore>,
         on_finish: OnFinish,
     ) -> io::Result<TenantHandle> {
         let client = ClientSettings::for_tenant(tenant, daemon, roots);
@@ -131,6 +134,9 @@ impl TenantHandle {
             rate_limit: tenant.rate_limit,
             postmaster: daemon.postmaster.clone(),
             hostname: daemon.hostname.clone(),
+            oauth: (tenant.auth == crate::config::AuthMode::XOAuth2)
+                .then(|| crate::oauth::Endpoints::for_tenant(tenant).map_err(|e| e.to_string())),
+            ca_file: tenant.ca_file.clone(),
         };
         let status = Arc::new(Mutex::new(TenantStatus {
             name: tenant.name.as_str().to_string(),

@@ -20,7 +20,7 @@ pub type Wake = Arc<dyn Fn() + Send + Sync>;
 pub struct TenantSet {
     daemon: DaemonConfig,
     spool: Spool,
-    roots: RootCertStore,
+    roots: Arc<RootCertStore>,
     running: BTreeMap<String, (TenantConfig, TenantHandle)>,
     /// Stopped, waiting for their thread to finish.
     stopping: BTreeMap<String, TenantHandle>,
@@ -32,7 +32,12 @@ pub struct TenantSet {
 }
 
 impl TenantSet {
-    pub fn new(daemon: &DaemonConfig, spool: Spool, roots: RootCertStore, wake: Wake) -> TenantSet {
+    pub fn new(
+        daemon: &DaemonConfig,
+        spool: Spool,
+        roots: Arc<RootCertStore>,
+        wake: Wake,
+    ) -> TenantSet {
         let (finished_tx, finished_rx) = unbounded();
         TenantSet {
             daemon: daemon.clone(),

@@ -42,6 +42,10 @@ pub(super) struct TenantWorker {
     /// Set when the rate limit ended a session: no new session before this time.
     pub(super) rate_wait_until: u64,
     pub(super) in_session: bool,
+    /// Access tokens for `auth = xoauth2`, made on first use.
+    pub(super) tokens: Option<crate::oauth::TokenSource>,
+    /// "Sign in again" has been logged since the last good token (say it once).
+    pub(super) sign_in_logged: bool,
     /// What `pbxmail status` shows; the dispatcher reads it without waiting on us.
     status: Arc<Mutex<TenantStatus>>,
     counters: TenantStatus,
@@ -80,6 +84,8 @@ impl TenantWorker {
             rate,
             rate_wait_until: 0,
             in_session: false,
+            tokens: None,
+            sign_in_logged: false,
             status,
             counters,
         }
