@@ -41,7 +41,28 @@ pub fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         dispatcher.tenant_count(),
         spool.root().display()
     );
+    notify_systemd("READY=1");
     dispatcher.run(STOP_GRACE)?;
     log::info!("stopped");
     Ok(())
+}
+
+/// sd_notify(3) for `Type=notify`: one datagram to $NOTIFY_SOCKET, which may
+/// be in the abstract namespace ('@'). Without systemd it does nothing.
+fn notify_systemd(state: &str) {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    let path = path.to_string_lossy().into_owned();
+    let addr = match path.strip_prefix('@') {
+        Some(name) => SocketAddr::from_abstract_name(name.as_bytes()),
+        None => SocketAddr::from_pathname(&path),
+    };
+    let sent = addr.and_then(|addr| {
+        let socket = UnixDatagram::unbound()?;
+        socket.send_to_addr(state.as_bytes(), &addr)
+    });
+    if let Err(e) = sent {
+        log::warn!("cannot tell systemd {state}: {e}");
+    }
 }
