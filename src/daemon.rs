@@ -52,7 +52,9 @@ pub fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
 fn notify_systemd(state: &str) {
     use std::os::linux::net::SocketAddrExt;
     use std::os::unix::net::{SocketAddr, UnixDatagram};
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
     let path = path.to_string_lossy().into_owned();
     let addr = match path.strip_prefix('@') {
         Some(name) => SocketAddr::from_abstract_name(name.as_bytes()),

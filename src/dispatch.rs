@@ -124,15 +124,20 @@ impl Dispatcher {
             // Idle means idle: with no submission client connected, no timeout at all.
             let idle = self.config.daemon.listen_limits.idle_timeout;
             let registry = self.poll.registry();
-            let timeout = self
-                .intake
-                .as_mut()
-                .and_then(|intake| intake.expire_idle(registry, idle));
+            let timeout = match self.intake.as_mut() {
+                // Clients with unread input: look at new events, then come back at once.
+                Some(intake) if intake.has_backlog() => Some(Duration::ZERO),
+                Some(intake) => intake.expire_idle(registry, idle),
+                None => None,
+            };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
                 return Err(e);
+            }
+            if let Some(intake) = self.intake.as_mut() {
+                intake.serve_backlog(self.poll.registry(), &self.config);
             }
             for event in events.iter() {
                 match event.token() {

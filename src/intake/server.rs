@@ -63,7 +63,16 @@ pub struct Committed {
     pub result: Result<MessageId, String>,
 }
 
+/// Bytes read from one client per wake-up, so a fast sender cannot hold the loop.
+const READ_BUDGET: usize = 64 * 1024;
+/// Replies waiting for a client that does not read them: stop reading it past this.
+const MAX_PENDING_OUTPUT: usize = 64 * 1024;
+
 pub struct IntakeServer {
+    /// Clients with input left unread (budget spent, or output to drain first).
+    /// Edge-triggered readiness will not report them again: the loop comes back
+    /// for them, round-robin, after the other ready clients.
+    backlog: std::collections::VecDeque<Token>,
     listener: Listener,
     listener_token: Token,
     first_token: usize,
@@ -130,6 +139,7 @@ impl IntakeServer {
                 }
             })?;
         Ok(IntakeServer {
+            backlog: std::collections::VecDeque::new(),
             listener,
             listener_token,
             first_token,
@@ -149,19 +159,31 @@ impl IntakeServer {
         if token == self.listener_token {
             return self.accept(registry, config);
         }
+        self.flush(registry, token);
         let Some(client) = self.clients.get_mut(&token) else {
             return;
         };
         client.last_activity = Instant::now();
         let mut buf = [0u8; 16 * 1024];
+        let mut budget = READ_BUDGET;
         let mut closed = false;
+        let mut more_waiting = false;
         loop {
+            // Paused: a commit is pending, the client quit, or it is not reading our replies.
+            if client.conversation.is_committing() || client.conversation.is_closed() {
+                break;
+            }
+            if budget == 0 || client.conversation.output.len() > MAX_PENDING_OUTPUT {
+                more_waiting = true;
+                break;
+            }
             match client.stream.read(&mut buf) {
                 Ok(0) => {
                     closed = true;
                     break;
                 }
                 Ok(n) => {
+                    budget = budget.saturating_sub(n);
                     let commit = client.conversation.receive(
                         buf.get(..n).unwrap_or_default(),
                         config,
@@ -171,10 +193,6 @@ impl IntakeServer {
                         // Capacity equals the connection limit and each client
                         // has at most one commit in flight: this never blocks.
                         let _ = self.to_committer.send((token, message));
-                    }
-                    // Stop reading while a commit is pending or after QUIT.
-                    if client.conversation.is_committing() || client.conversation.is_closed() {
-                        break;
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -189,7 +207,24 @@ impl IntakeServer {
             self.drop_client(registry, token);
             return;
         }
+        if more_waiting && !self.backlog.contains(&token) {
+            self.backlog.push_back(token);
+        }
         self.flush(registry, token);
+    }
+
+    /// True when some client has input waiting that no event will announce.
+    pub fn has_backlog(&self) -> bool {
+        !self.backlog.is_empty()
+    }
+
+    /// Gives each backlogged client one more turn.
+    pub fn serve_backlog(&mut self, registry: &Registry, config: &Config) {
+        for _ in 0..self.backlog.len() {
+            if let Some(token) = self.backlog.pop_front() {
+                self.ready(registry, token, config);
+            }
+        }
     }
 
     /// Answers for finished commits; returns (tenant, id) of each message queued.
@@ -211,8 +246,10 @@ impl IntakeServer {
                 let _ = self.to_committer.send((done.token, message));
             }
             self.flush(registry, done.token);
-            // Input may have arrived while we waited; read it now.
-            self.ready(registry, done.token, config);
+            // Input may have arrived while we waited; read it on the next turn.
+            if !self.backlog.contains(&done.token) {
+                self.backlog.push_back(done.token);
+            }
         }
         queued
     }
@@ -301,6 +338,7 @@ impl IntakeServer {
     }
 
     fn drop_client(&mut self, registry: &Registry, token: Token) {
+        self.backlog.retain(|t| *t != token);
         if let Some(mut client) = self.clients.remove(&token) {
             let _ = registry.deregister(client.stream.source());
         }
