@@ -1136,8 +1136,6 @@ const TENANT_KEYS: &[&str] = &[
     "archive_group",
 ];
 
-const NOT_IMPLEMENTED: &str = "not implemented in this version yet; ignored";
-
 struct Problems {
     file: PathBuf,
     errors: Vec<Problem>,
@@ -1643,9 +1641,6 @@ fn tenant_config(sec: &Section, name: TenantName, line: usize, out: &mut Problem
     };
 
     let archive = sec.value(out, "archive", parse_bool).unwrap_or(false);
-    if archive {
-        sec.warning(out, "archive", &format!("yes: {NOT_IMPLEMENTED}"));
-    }
 
     TenantConfig {
         name,
@@ -1868,13 +1863,11 @@ archive_group = acme-admins
             .iter()
             .map(|w| (w.line, w.message.as_str()))
             .collect();
-        assert_eq!(warnings.len(), 2, "{warnings:#?}");
+        assert_eq!(warnings.len(), 1, "{warnings:#?}");
         assert_eq!(warnings[0].0, Some(19));
         assert!(warnings[0]
             .1
             .contains("certificates of the relay are not verified"));
-        assert_eq!(warnings[1].0, Some(38));
-        assert!(warnings[1].1.starts_with("[tenant:acme] archive"));
     }
 
     #[test]

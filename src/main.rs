@@ -5,6 +5,7 @@
 
 mod address;
 mod advice;
+mod archive;
 mod bounce;
 mod cli;
 mod config;

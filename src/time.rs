@@ -71,6 +71,28 @@ pub fn rfc5322(unix_secs: u64) -> String {
     )
 }
 
+/// `YYYY-MM-DD` → Unix seconds at 00:00 UTC that day.
+pub fn parse_date(text: &str) -> Option<u64> {
+    let mut parts = text.trim().splitn(3, '-');
+    let year: i64 = parts.next()?.parse().ok()?;
+    let month: i64 = parts.next()?.parse().ok()?;
+    let day: i64 = parts.next()?.parse().ok()?;
+    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || !(1970..=9999).contains(&year) {
+        return None;
+    }
+    // Inverse of civil_from_days (Howard Hinnant's algorithm).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = u64::try_from(days).ok()? * 86_400;
+    // Reject 2026-02-31 and the like: the date must survive the round trip.
+    (rfc3339(secs).get(..10) == Some(text.trim())).then_some(secs)
+}
+
 /// `45s`, `12m`, `3h`, `5d`: how long, roughly, for a person.
 pub fn human_duration(secs: u64) -> String {
     match secs {
@@ -84,6 +106,18 @@ pub fn human_duration(secs: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dates_parse_to_midnight_utc() {
+        assert_eq!(parse_date("1970-01-01"), Some(0));
+        assert_eq!(parse_date("2026-11-23"), Some(1_795_392_000));
+        assert_eq!(
+            parse_date("2024-02-29").map(rfc3339).as_deref(),
+            Some("2024-02-29T00:00:00Z")
+        );
+        assert_eq!(parse_date("2026-02-31"), None);
+        assert_eq!(parse_date("23.11.2026"), None);
+    }
 
     #[test]
     fn durations_for_people() {

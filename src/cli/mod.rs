@@ -2,6 +2,7 @@
 //! maps every failure to a sysexits code (the interface's exit codes).
 
 mod admin;
+mod archive;
 mod check_config;
 mod daemon;
 mod fsck;
@@ -39,12 +40,10 @@ commands:
   hold|release|delete ID...   queue control; --tenant T instead of IDs acts on a whole tenant
   reload                      re-read the configuration (same as SIGHUP)
   oauth login --tenant T      OAuth 2.0 device sign-in for a tenant using auth = xoauth2
+  archive verify [--tenant T] | prune --tenant T --before DATE | usage [--tenant T] [--month YYYY-MM] [--format csv|json]
   test --tenant T --to ADDR [--from ADDR]
                               one live session to the tenant's relay, with transcript
 config: -c FILE, else $PBXMAIL_CONFIG, else /etc/pbxmail/pbxmail.ini";
-
-/// Commands of the interface that later versions implement.
-const NOT_YET: &[&str] = &["test", "oauth", "archive"];
 
 pub fn run(args: Vec<String>) -> Exit {
     let program = args
@@ -69,14 +68,11 @@ pub fn run(args: Vec<String>) -> Exit {
         "fsck" => fsck::run(rest),
         "test" => test::run(rest),
         "oauth" => oauth::run(rest),
+        "archive" => archive::run(rest),
         "status" | "flush" | "hold" | "release" | "delete" | "reload" => admin::run(command, rest),
         "help" | "--help" | "-h" => {
             println!("{USAGE}");
             Exit::Ok
-        }
-        other if NOT_YET.contains(&other) => {
-            eprintln!("pbxmail: '{other}' is not available in this version");
-            Exit::Unavailable
         }
         other => {
             eprintln!("pbxmail: unknown command '{other}'\n{USAGE}");

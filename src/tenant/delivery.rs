@@ -413,6 +413,9 @@ impl TenantWorker {
         self.queue.remove(id);
         if !envelope.any_failed() || envelope.bounced_as.is_some() {
             self.failed.remove(id);
+            if !self.archive_before_removal(id, envelope) {
+                return;
+            }
             if let Err(e) = self.spool.remove(&tenant, id) {
                 log::error!("{id} tenant={tenant}: done, but cannot remove it from the spool: {e}");
             }
@@ -481,6 +484,7 @@ impl TenantWorker {
             dsn: dsn.to_string(),
         };
         match self.spool.append(&tenant, id, &marked) {
+            Ok(()) if !self.archive_before_removal(id, envelope) => {}
             Ok(()) => {
                 if let Err(e) = self.spool.remove(&tenant, id) {
                     log::error!(
@@ -491,6 +495,47 @@ impl TenantWorker {
             Err(e) => log::error!("{id} tenant={tenant}: cannot record its bounce: {e}"),
         }
         self.schedule(&dsn, 0, false);
+    }
+
+    /// Journals a message that reached at least one recipient into the
+    /// tenant's archive, if it keeps one; true when the spool entry may go.
+    /// On failure the entry stays and is tried again, so nothing sent is
+    /// missing from the archive.
+    fn archive_before_removal(&mut self, id: &MessageId, envelope: &Envelope) -> bool {
+        let Some(policy) = &self.settings.archive else {
+            return true;
+        };
+        let delivered = envelope
+            .recipients
+            .iter()
+            .any(|r| r.status == RcptStatus::Sent);
+        let addresses: Vec<String> = envelope
+            .recipients
+            .iter()
+            .map(|r| r.address.clone())
+            .collect();
+        let user = crate::archive::user_of(&envelope.sender, &addresses);
+        if !delivered || !policy.archives(&user) {
+            return true;
+        }
+        match policy.archive(
+            &self.spool,
+            self.name(),
+            id,
+            &user,
+            envelope.queued_at_ms / 1000,
+        ) {
+            Ok(()) => true,
+            Err(e) => {
+                log::error!(
+                    "{id} tenant={}: cannot archive it (kept in the spool, will retry): {e}",
+                    self.name()
+                );
+                let retry = spool::unix_millis() + self.settings.backoff.min.as_millis() as u64;
+                self.schedule(id, retry, true);
+                false
+            }
+        }
     }
 
     /// Writes a result that could not be written before. False if it still cannot.

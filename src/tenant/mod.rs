@@ -94,6 +94,8 @@ struct Settings {
     /// `auth = xoauth2`: where tokens come from (Err: why they cannot).
     oauth: Option<Result<crate::oauth::Endpoints, String>>,
     ca_file: Option<std::path::PathBuf>,
+    /// `archive = yes`: where and for whom to journal sent mail.
+    archive: Option<crate::archive::Policy>,
 }
 
 pub struct TenantHandle {
@@ -137,6 +139,15 @@ impl TenantHandle {
             oauth: (tenant.auth == crate::config::AuthMode::XOAuth2)
                 .then(|| crate::oauth::Endpoints::for_tenant(tenant).map_err(|e| e.to_string())),
             ca_file: tenant.ca_file.clone(),
+            archive: tenant.archive.then(|| crate::archive::Policy {
+                root: daemon.archive_dir.clone(),
+                users: match &tenant.archive_users {
+                    crate::config::ArchiveUsers::All => None,
+                    crate::config::ArchiveUsers::List(users) => Some(users.clone()),
+                },
+                group: tenant.archive_group.clone(),
+                hostname: daemon.hostname.clone(),
+            }),
         };
         let status = Arc::new(Mutex::new(TenantStatus {
             name: tenant.name.as_str().to_string(),
