@@ -136,8 +136,8 @@ fn last_record(file: &mut File) -> io::Result<Option<Record>> {
     Ok(tail
         .split(|&b| b == b'\n')
         .filter(|l| !l.is_empty())
-        .filter_map(|l| unframe(l).ok())
-        .last())
+        .rev()
+        .find_map(|l| unframe(l).ok()))
 }
 
 /// True if one of the last records archived `queue_id`: a retry after a crash
