@@ -100,7 +100,18 @@ impl ControlServer {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        // A socket file left by a daemon that died; the spool lock makes us the only one.
+        // A live socket belongs to another daemon (a different spool, same
+        // control_socket): refuse rather than steal it. A dead one is left
+        // over from a daemon that died and goes.
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!(
+                    "another pbxmail daemon serves the control socket {}; give each daemon its own control_socket",
+                    path.display()
+                ),
+            ));
+        }
         let _ = std::fs::remove_file(path);
         let mut listener = UnixListener::bind(path).map_err(|e| {
             io::Error::new(

@@ -39,7 +39,7 @@ impl fmt::Display for OAuthError {
             OAuthError::Temporary(why) => write!(f, "OAuth token endpoint: {why}; will retry"),
             OAuthError::SignInNeeded(why) => write!(
                 f,
-                "OAuth sign-in needed: the refresh token was refused ({why}); run `pbxmail oauth login --tenant TENANT`"
+                "OAuth sign-in needed ({why}); run `pbxmail oauth login --tenant TENANT`"
             ),
             OAuthError::Config(why) => write!(f, "OAuth configuration: {why}"),
             OAuthError::Denied(why) => write!(f, "OAuth sign-in did not complete: {why}"),
@@ -136,10 +136,26 @@ pub fn http_agent(ca_file: Option<&Path>) -> Result<ureq::Agent, OAuthError> {
 #[derive(Deserialize)]
 struct TokenResponse {
     access_token: Option<String>,
+    /// A number; some older endpoints send it as a string.
+    #[serde(default, deserialize_with = "number_or_string")]
     expires_in: Option<u64>,
     refresh_token: Option<String>,
     error: Option<String>,
     error_description: Option<String>,
+}
+
+fn number_or_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        Number(u64),
+        Text(String),
+    }
+    Ok(match Option::<Either>::deserialize(d)? {
+        Some(Either::Number(n)) => Some(n),
+        Some(Either::Text(t)) => t.trim().parse().ok(),
+        None => None,
+    })
 }
 
 /// The refresh token as stored in `oauth_token_file`.
@@ -149,8 +165,9 @@ struct TokenFileContent {
 }
 
 pub fn read_refresh_token(path: &Path) -> Result<Secret, OAuthError> {
-    let text = fs::read_to_string(path)
-        .map_err(|e| OAuthError::SignInNeeded(format!("cannot read {}: {e}", path.display())))?;
+    let text = fs::read_to_string(path).map_err(|e| {
+        OAuthError::SignInNeeded(format!("no refresh token stored: {}: {e}", path.display()))
+    })?;
     let content: TokenFileContent = serde_json::from_str(&text).map_err(|e| {
         OAuthError::SignInNeeded(format!("{} is not a token file: {e}", path.display()))
     })?;
@@ -164,8 +181,15 @@ pub fn write_refresh_token(path: &Path, token: &Secret) -> Result<(), OAuthError
         |e: std::io::Error| OAuthError::Config(format!("cannot write {}: {e}", path.display()));
     let dir = path.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(fail)?;
-    let tmp = path.with_extension("tmp");
-    let _ = fs::remove_file(&tmp);
+    // Unique, so the daemon rotating a token and `oauth login` never share one.
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(
+        ".{name}.{}.tmp",
+        crate::spool::MessageId::generate()
+    ));
     let content = serde_json::to_vec(&TokenFileContent {
         refresh_token: token.expose().to_string(),
     })
@@ -257,9 +281,10 @@ impl TokenSource {
             }
             (_, Some("invalid_grant")) => {
                 self.cached = None;
-                Err(OAuthError::SignInNeeded(
-                    answer.error_description.unwrap_or_else(|| "invalid_grant".into()),
-                ))
+                Err(OAuthError::SignInNeeded(format!(
+                    "the refresh token was refused: {}",
+                    answer.error_description.unwrap_or_else(|| "invalid_grant".into())
+                )))
             }
             (_, Some("invalid_client" | "unauthorized_client")) => Err(OAuthError::Config(format!(
                 "the token endpoint refused the client ({}): check oauth_client_id and the client secret",
@@ -394,8 +419,27 @@ mod tests {
             fs::metadata(&path).unwrap().permissions().mode() & 0o777,
             0o600
         );
-        assert!(!path.with_extension("tmp").exists());
+        let leftovers = fs::read_dir(&dir)
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(".tmp")
+            })
+            .count();
+        assert_eq!(leftovers, 0);
         let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn expires_in_may_be_a_string() {
+        let parsed: TokenResponse =
+            serde_json::from_str(r#"{"access_token":"a","expires_in":"3599"}"#).unwrap();
+        assert_eq!(parsed.expires_in, Some(3599));
+        let parsed: TokenResponse = serde_json::from_str(r#"{"access_token":"a"}"#).unwrap();
+        assert_eq!(parsed.expires_in, None);
     }
 
     #[test]

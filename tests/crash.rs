@@ -71,6 +71,7 @@ fn configure(d: &Daemon, server: &TestServer) {
     d.write_config(&format!(
         "[daemon]\n\
          spool_dir = {}\n\
+         control_socket = {}\n\
          hostname = pbx.test\n\
          retry_min = 1s\n\
          retry_max = 2s\n\
@@ -85,6 +86,7 @@ fn configure(d: &Daemon, server: &TestServer) {
          command_timeout = 10s\n\
          data_timeout = 10s\n",
         d.spool_dir().display(),
+        d.dir().join("control.sock").display(),
         server.port()
     ));
 }

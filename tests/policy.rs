@@ -43,13 +43,15 @@ fn config_text(daemon: &Daemon, daemon_extra: &str, tenants: &str) -> String {
     format!(
         "[daemon]\n\
          spool_dir = {}\n\
+         control_socket = {}\n\
          hostname = pbx.test\n\
          retry_min = 1s\n\
          retry_max = 4s\n\
          log_level = debug\n\
          {daemon_extra}\n\
          {tenants}",
-        daemon.spool_dir().display()
+        daemon.spool_dir().display(),
+        daemon.dir().join("control.sock").display()
     )
 }
 

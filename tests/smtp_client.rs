@@ -55,13 +55,15 @@ fn write_slow_retry_config(daemon: &Daemon, tenants: &str) {
     daemon.write_config(&format!(
         "[daemon]\n\
          spool_dir = {}\n\
+         control_socket = {}\n\
          hostname = pbx.test\n\
          retry_min = 1m\n\
          retry_max = 1h\n\
          log_level = debug\n\
          \n\
          {tenants}",
-        daemon.spool_dir().display()
+        daemon.spool_dir().display(),
+        daemon.dir().join("control.sock").display()
     ));
 }
 

@@ -32,13 +32,15 @@ fn write_config(daemon: &Daemon, extra: &str, tenants: &str) {
     daemon.write_config(&format!(
         "[daemon]\n\
          spool_dir = {}\n\
+         control_socket = {}\n\
          hostname = pbx.test\n\
          retry_min = 1s\n\
          retry_max = 4s\n\
          log_level = debug\n\
          {extra}\n\
          {tenants}",
-        daemon.spool_dir().display()
+        daemon.spool_dir().display(),
+        daemon.dir().join("control.sock").display()
     ));
 }
 

@@ -1,6 +1,8 @@
 //! Self-test of tests/support/smtp_server.rs: a tiny hand-written SMTP client
 //! drives the test server over plain TCP, STARTTLS and implicit TLS, so the
-//! daemon's integration tests can trust what the server reports.
+//! daemon's integration tests can trust what the server reports. The OAuth
+//! test endpoint (tests/support/oauth_server.rs) is checked the same way, with
+//! raw HTTPS requests and with ureq, the client the daemon uses.
 
 mod support;
 
@@ -14,7 +16,10 @@ use base64::Engine as _;
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
 
-use support::smtp_server::{CertKind, Fault, ServerOptions, TestCa, TestServer, Tls};
+use support::oauth_server::{decode_form, OAuthServer, Response};
+use support::smtp_server::{
+    CertKind, Fault, ServerOptions, TestCa, TestServer, Tls, OAUTH_ERROR_CHALLENGE,
+};
 
 const WAIT: Duration = Duration::from_secs(5);
 
@@ -751,4 +756,394 @@ fn certificate_kinds_fail_verification_for_their_own_reason() {
             (expect, result) => panic!("{kind:?}: expected {expect:?}, got {result:?}"),
         }
     }
+}
+
+// ---------------------------------------------------------------------------
+// XOAUTH2 / OAUTHBEARER in the SMTP test server
+// ---------------------------------------------------------------------------
+
+fn oauth_opts(offer_oauthbearer: bool) -> ServerOptions {
+    ServerOptions {
+        oauth_tokens: vec!["good-token".into()],
+        oauth_user: Some("pbx@acme.test".into()),
+        offer_oauthbearer,
+        ..ServerOptions::default()
+    }
+}
+
+#[test]
+fn xoauth2_is_advertised_checked_and_recorded_per_message() {
+    let server = TestServer::start(oauth_opts(false), None);
+    let mut client = Client::connect(&server);
+    client.reply();
+    let ehlo = client.expect("EHLO c", 250);
+    assert_eq!(ehlo.last().map(String::as_str), Some("AUTH XOAUTH2"));
+    client.expect("MAIL FROM:<a@x>", 530);
+    // The other mechanisms are not on offer without require_auth.
+    client.expect("AUTH PLAIN AHVzZXIAc2VjcmV0", 504);
+    client.expect("AUTH OAUTHBEARER bj1hPXgsAQEB", 504);
+    let good = BASE64.encode("user=pbx@acme.test\x01auth=Bearer good-token\x01\x01");
+    client.expect(&format!("AUTH XOAUTH2 {good}"), 235);
+    client.expect(&format!("AUTH XOAUTH2 {good}"), 503);
+    assert_eq!(client.send_message("a@x", &["b@x"], "hello"), 250);
+    client.expect("QUIT", 221);
+
+    let m = server.wait_for_messages(1, WAIT);
+    assert_eq!(m[0].auth_user.as_deref(), Some("pbx@acme.test"));
+    assert_eq!(m[0].auth_token.as_deref(), Some("good-token"));
+    assert_eq!(m[0].auth_mechanism.as_deref(), Some("XOAUTH2"));
+    let attempts = server.oauth_attempts();
+    assert_eq!(attempts.len(), 1, "{attempts:?}");
+    assert!(attempts[0].accepted);
+    assert_eq!(
+        attempts[0].decoded,
+        "user=pbx@acme.test\x01auth=Bearer good-token\x01\x01"
+    );
+    assert_eq!(attempts[0].client_ack, None);
+}
+
+#[test]
+fn xoauth2_refusal_is_error_challenge_then_535_and_challenge_form_works() {
+    let server = TestServer::start(oauth_opts(false), None);
+    let mut client = Client::connect(&server);
+    client.reply();
+    client.expect("EHLO c", 250);
+    // A token the server does not know.
+    let stale = BASE64.encode("user=pbx@acme.test\x01auth=Bearer stale\x01\x01");
+    let (code, text) = client.cmd(&format!("AUTH XOAUTH2 {stale}"));
+    assert_eq!(format!("{code} {}", text[0]), OAUTH_ERROR_CHALLENGE);
+    assert_eq!(
+        BASE64.decode(&text[0]).expect("base64"),
+        br#"{"status":"401"}"#
+    );
+    let (code, text) = client.cmd("");
+    assert_eq!(
+        (code, text),
+        (535, vec!["5.7.8 Username and Password not accepted".into()])
+    );
+    // The right token for the wrong user.
+    let wrong_user = BASE64.encode("user=other@acme.test\x01auth=Bearer good-token\x01\x01");
+    client.expect(&format!("AUTH XOAUTH2 {wrong_user}"), 334);
+    client.expect("", 535);
+    // Malformed: no trailing \x01\x01.
+    let malformed = BASE64.encode("user=pbx@acme.test\x01auth=Bearer good-token");
+    client.expect(&format!("AUTH XOAUTH2 {malformed}"), 501);
+    // Without an initial response: an empty 334, then the string.
+    client.expect("AUTH XOAUTH2", 334);
+    let good = BASE64.encode("user=pbx@acme.test\x01auth=Bearer good-token\x01\x01");
+    client.expect(&good, 235);
+    assert_eq!(client.send_message("a@x", &["b@x"], "hi"), 250);
+
+    let attempts = server.oauth_attempts();
+    let summary: Vec<(Option<&str>, bool, Option<&str>)> = attempts
+        .iter()
+        .map(|a| (a.token.as_deref(), a.accepted, a.client_ack.as_deref()))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            (Some("stale"), false, Some("")),
+            (Some("good-token"), false, Some("")),
+            (None, false, None),
+            (Some("good-token"), true, None),
+        ]
+    );
+    assert_eq!(attempts[1].user.as_deref(), Some("other@acme.test"));
+    let m = server.wait_for_messages(1, WAIT);
+    assert_eq!(m[0].auth_token.as_deref(), Some("good-token"));
+}
+
+#[test]
+fn oauthbearer_is_offered_on_request_and_parsed_per_rfc7628() {
+    let server = TestServer::start(oauth_opts(true), None);
+    let mut client = Client::connect(&server);
+    client.reply();
+    let ehlo = client.expect("EHLO c", 250);
+    assert_eq!(
+        ehlo.last().map(String::as_str),
+        Some("AUTH OAUTHBEARER XOAUTH2")
+    );
+    let bad = BASE64
+        .encode("n,a=pbx@acme.test,\x01host=localhost\x01port=25\x01auth=Bearer nope\x01\x01");
+    client.expect(&format!("AUTH OAUTHBEARER {bad}"), 334);
+    client.expect("AQ==", 535);
+    let good = BASE64.encode(
+        "n,a=pbx@acme.test,\x01host=localhost\x01port=25\x01auth=Bearer good-token\x01\x01",
+    );
+    client.expect(&format!("AUTH OAUTHBEARER {good}"), 235);
+    assert_eq!(client.send_message("a@x", &["b@x"], "hi"), 250);
+
+    let attempts = server.oauth_attempts();
+    assert_eq!(attempts.len(), 2);
+    assert_eq!(attempts[0].mechanism, "OAUTHBEARER");
+    assert_eq!(attempts[0].client_ack.as_deref(), Some("AQ=="));
+    assert_eq!(attempts[1].user.as_deref(), Some("pbx@acme.test"));
+    assert_eq!(attempts[1].host.as_deref(), Some("localhost"));
+    assert_eq!(attempts[1].port.as_deref(), Some("25"));
+    let m = server.wait_for_messages(1, WAIT);
+    assert_eq!(m[0].auth_mechanism.as_deref(), Some("OAUTHBEARER"));
+    assert_eq!(m[0].auth_token.as_deref(), Some("good-token"));
+}
+
+#[test]
+fn scripted_auth_refusal_answers_an_oauth_response_directly() {
+    let opts = ServerOptions {
+        faults: vec![(
+            "AUTH".into(),
+            1,
+            Fault::Reply("535 5.7.3 Authentication unsuccessful".into()),
+        )],
+        ..oauth_opts(false)
+    };
+    let server = TestServer::start(opts, None);
+    let mut client = Client::connect(&server);
+    client.reply();
+    client.expect("EHLO c", 250);
+    let good = BASE64.encode("user=pbx@acme.test\x01auth=Bearer good-token\x01\x01");
+    // The first AUTH gets the scripted 535 at once, even with a good token.
+    let (code, text) = client.cmd(&format!("AUTH XOAUTH2 {good}"));
+    assert_eq!(
+        (code, text),
+        (535, vec!["5.7.3 Authentication unsuccessful".into()])
+    );
+    client.expect(&format!("AUTH XOAUTH2 {good}"), 235);
+    let attempts = server.oauth_attempts();
+    assert_eq!(attempts.len(), 2);
+    assert!(!attempts[0].accepted && attempts[0].client_ack.is_none());
+    assert!(attempts[1].accepted);
+}
+
+#[test]
+fn oauth_beside_password_auth_and_only_after_starttls() {
+    let ca = TestCa::new();
+    let opts = ServerOptions {
+        tls: Tls::StartTls,
+        require_auth: Some(("user".into(), "secret".into())),
+        ..oauth_opts(false)
+    };
+    let server = TestServer::start(opts, Some(&ca));
+    let mut client = Client::connect(&server);
+    client.reply();
+    let ehlo = client.expect("EHLO c", 250);
+    assert!(!ehlo.iter().any(|l| l.starts_with("AUTH")), "{ehlo:?}");
+    let good = BASE64.encode("user=pbx@acme.test\x01auth=Bearer good-token\x01\x01");
+    client.expect(&format!("AUTH XOAUTH2 {good}"), 530);
+    client.starttls(&ca);
+    let ehlo = client.expect("EHLO c", 250);
+    assert_eq!(
+        ehlo.last().map(String::as_str),
+        Some("AUTH PLAIN LOGIN XOAUTH2")
+    );
+    client.expect(&format!("AUTH XOAUTH2 {good}"), 235);
+    assert_eq!(client.send_message("a@x", &["b@x"], "hi"), 250);
+    let m = server.wait_for_messages(1, WAIT);
+    assert!(m[0].tls);
+    assert_eq!(m[0].auth_token.as_deref(), Some("good-token"));
+}
+
+// ---------------------------------------------------------------------------
+// OAuth test endpoint
+// ---------------------------------------------------------------------------
+
+/// A raw HTTPS/1.1 exchange: sends `request` as is, returns (status, headers, body).
+fn https_raw(server: &OAuthServer, ca: &TestCa, request: &str) -> (u16, String, String) {
+    let tcp = TcpStream::connect(server.addr()).expect("connect");
+    tcp.set_read_timeout(Some(WAIT)).expect("timeout");
+    let mut stream = tls_wrap(&tcp, ca);
+    stream.write_all(request.as_bytes()).expect("write request");
+    stream.flush().expect("flush");
+    let mut raw = Vec::new();
+    // The server closes after one response (with close_notify).
+    stream.read_to_end(&mut raw).expect("read response");
+    let raw = String::from_utf8(raw).expect("UTF-8 response");
+    let (head, body) = raw.split_once("\r\n\r\n").expect("header/body separator");
+    let status = head[9..12].parse().expect("status code");
+    (status, head.to_string(), body.to_string())
+}
+
+fn post(path: &str, body: &str) -> String {
+    format!(
+        "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+#[test]
+fn form_decoding_handles_escapes_plus_and_empty_values() {
+    assert_eq!(
+        decode_form("a=1&b=x+y&c=%2Fp%3Fq%3D%26&d=&e&f=%C3%A9"),
+        Some(vec![
+            ("a".into(), "1".into()),
+            ("b".into(), "x y".into()),
+            ("c".into(), "/p?q=&".into()),
+            ("d".into(), "".into()),
+            ("e".into(), "".into()),
+            ("f".into(), "é".into()),
+        ])
+    );
+    assert_eq!(decode_form("a=%2"), None);
+    assert_eq!(decode_form("a=%zz"), None);
+    assert_eq!(decode_form(""), Some(vec![]));
+}
+
+#[test]
+fn oauth_server_answers_queue_then_handler_then_404_and_records_forms() {
+    let ca = TestCa::new();
+    let server = OAuthServer::start(&ca);
+    assert!(server.url("/token").starts_with("https://localhost:"));
+    let (status, head, body) = https_raw(&server, &ca, &post("/token", "x=1"));
+    assert_eq!(status, 404, "{head}");
+    assert_eq!(body, r#"{"error":"not_found"}"#);
+
+    server.push("/token", Response::error("invalid_grant"));
+    server.push("/token", Response::token("at-1", 3600, Some("rt-2")));
+    server.set_handler(|req| {
+        Response::json(
+            200,
+            serde_json::json!({ "echo": req.param("scope").unwrap_or("") }),
+        )
+    });
+    assert_eq!(server.pending("/token"), 2);
+    let form = "grant_type=refresh_token&refresh_token=r%2Bt%2F1&client_id=C&scope=a+b%3Ac";
+    let (status, head, body) = https_raw(&server, &ca, &post("/token", form));
+    assert_eq!(status, 400);
+    assert!(head.contains("Content-Type: application/json"), "{head}");
+    assert!(head.contains("Connection: close"), "{head}");
+    assert_eq!(body, r#"{"error":"invalid_grant"}"#);
+    let (status, _, body) = https_raw(&server, &ca, &post("/token", form));
+    assert_eq!(status, 200);
+    let json: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(json["access_token"], "at-1");
+    assert_eq!(json["refresh_token"], "rt-2");
+    assert_eq!(json["expires_in"], 3600);
+    let (_, _, body) = https_raw(&server, &ca, &post("/token?x=y", form));
+    assert_eq!(body, r#"{"echo":"a b:c"}"#);
+    assert_eq!(server.pending("/token"), 0);
+
+    let requests = server.requests_to("/token");
+    assert_eq!(requests.len(), 4);
+    let r = &requests[1];
+    assert_eq!(r.method, "POST");
+    assert_eq!(r.grant_type(), "refresh_token");
+    assert_eq!(r.param("refresh_token"), Some("r+t/1"));
+    assert_eq!(r.param("client_id"), Some("C"));
+    assert_eq!(r.param("scope"), Some("a b:c"));
+    assert_eq!(
+        r.header("content-type"),
+        Some("application/x-www-form-urlencoded")
+    );
+    assert_eq!(requests[3].query, "x=y");
+    assert_eq!(server.count("/token"), 4);
+    assert_eq!(server.count("/device"), 0);
+    assert_eq!(server.connections(), 4);
+}
+
+#[test]
+fn oauth_server_reads_chunked_bodies() {
+    let ca = TestCa::new();
+    let server = OAuthServer::start_with(&ca, |_| Response::text(503, "busy"));
+    let request = "POST /device HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n\
+                   9\r\nclient_id\r\n4\r\n=C&s\r\n6\r\ncope=S\r\n0\r\n\r\n";
+    let (status, head, body) = https_raw(&server, &ca, request);
+    assert_eq!(status, 503, "{head}");
+    assert_eq!(body, "busy");
+    let r = &server.requests()[0];
+    assert_eq!(r.path, "/device");
+    assert_eq!(r.param("client_id"), Some("C"));
+    assert_eq!(r.param("scope"), Some("S"));
+}
+
+#[test]
+fn oauth_server_works_with_ureq_over_the_test_ca_and_refuses_others() {
+    let ca = TestCa::new();
+    let server = OAuthServer::start_with(&ca, |req| {
+        Response::token(
+            &format!("for-{}", req.param("client_id").unwrap_or("")),
+            121,
+            None,
+        )
+    });
+    let roots = vec![ureq::tls::Certificate::from_der(ca.ca_der().as_ref()).to_owned()];
+    let tls = ureq::tls::TlsConfig::builder()
+        .root_certs(ureq::tls::RootCerts::Specific(Arc::new(roots)))
+        .unversioned_rustls_crypto_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .build();
+    let agent = ureq::Agent::new_with_config(
+        ureq::Agent::config_builder()
+            .tls_config(tls)
+            .http_status_as_error(false)
+            .build(),
+    );
+    for host in ["localhost", "127.0.0.1"] {
+        let url = format!("https://{host}:{}/token", server.port());
+        let mut response = agent
+            .post(&url)
+            .send_form([("client_id", "c&d é"), ("grant_type", "refresh_token")])
+            .expect("POST");
+        assert_eq!(response.status().as_u16(), 200);
+        let body = response.body_mut().read_to_string().expect("body");
+        let json: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        assert_eq!(json["access_token"], "for-c&d é");
+        assert_eq!(json["expires_in"], 121);
+    }
+    assert_eq!(server.count("/token"), 2);
+
+    // A client that does not trust the test CA fails the handshake.
+    let other = TestCa::new();
+    let tcp = TcpStream::connect(server.addr()).expect("connect");
+    tcp.set_read_timeout(Some(WAIT)).expect("timeout");
+    let name = ServerName::try_from("localhost").expect("server name");
+    let mut conn = ClientConnection::new(client_config(&other), name).expect("client");
+    let mut sock = tcp.try_clone().expect("clone socket");
+    let mut failed = false;
+    while conn.is_handshaking() {
+        if conn.complete_io(&mut sock).is_err() {
+            failed = true;
+            break;
+        }
+    }
+    assert!(failed, "handshake with an untrusted CA succeeded");
+    drop(sock);
+    drop(tcp);
+    assert!(
+        support::harness::wait_until(WAIT, || server.tls_failures() == 1),
+        "tls_failures = {}",
+        server.tls_failures()
+    );
+    assert_eq!(server.count("/token"), 2);
+}
+
+#[test]
+fn oauth_server_goes_down_and_comes_back_on_the_same_port() {
+    let ca = TestCa::new();
+    let server = OAuthServer::start_with(&ca, |_| Response::token("at", 3600, None));
+    let addr = server.addr();
+    assert_eq!(https_raw(&server, &ca, &post("/token", "")).0, 200);
+    server.down();
+    assert!(!server.is_up());
+    let err = TcpStream::connect(addr).expect_err("connect while down");
+    assert_eq!(err.kind(), ErrorKind::ConnectionRefused);
+    server.up();
+    assert!(server.is_up());
+    assert_eq!(server.addr(), addr);
+    assert_eq!(https_raw(&server, &ca, &post("/token", "")).0, 200);
+    assert_eq!(server.count("/token"), 2);
+}
+
+#[test]
+fn oauth_server_drop_does_not_wait_for_delayed_responses() {
+    let ca = TestCa::new();
+    let server = OAuthServer::start_with(&ca, |_| {
+        Response::token("at", 3600, None).delayed(Duration::from_secs(60))
+    });
+    let tcp = TcpStream::connect(server.addr()).expect("connect");
+    let mut stream = tls_wrap(&tcp, &ca);
+    stream
+        .write_all(post("/token", "a=b").as_bytes())
+        .expect("write");
+    stream.flush().expect("flush");
+    assert_eq!(server.wait_for_requests("/token", 1, WAIT).len(), 1);
+    let started = Instant::now();
+    server.stop();
+    assert!(started.elapsed() < Duration::from_secs(5));
 }

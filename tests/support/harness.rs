@@ -81,13 +81,16 @@ impl Daemon {
         let ini = format!(
             "[daemon]\n\
              spool_dir = {}\n\
+             control_socket = {}\n\
              hostname = pbx.test\n\
              retry_min = 1s\n\
              retry_max = 4s\n\
              log_level = debug\n\
              \n\
              {tenants}",
-            self.spool.display()
+            self.spool.display(),
+            // Each test's own: daemons of parallel tests must not meet.
+            self.spool.with_file_name("control.sock").display()
         );
         self.write_config(&ini);
     }

@@ -220,9 +220,22 @@ pub struct ServerOptions {
     /// occurrence of `verb` over the server's lifetime, counted across all
     /// connections. Verbs are upper-case command words ("MAIL", "RCPT",
     /// "DATA", "BDAT", "STARTTLS", ...) or "." for the reply after a DATA body.
+    /// For XOAUTH2/OAUTHBEARER, a non-2xx `Reply` fault on "AUTH" is the
+    /// answer to the initial response, whatever the token.
     pub faults: Vec<(String, usize, Fault)>,
     /// The certificate presented in TLS (needs a `TestCa`).
     pub cert: CertKind,
+    /// Bearer tokens accepted by `AUTH XOAUTH2` / `AUTH OAUTHBEARER`. When
+    /// non-empty, `XOAUTH2` is advertised (after `auth_mechanisms` if
+    /// `require_auth` is also set) and MAIL before a successful AUTH gets 530.
+    /// A refused token gets `334 <base64 JSON error>`, then, after the
+    /// client's answer, `535 5.7.8` (Gmail's and Microsoft's behaviour).
+    pub oauth_tokens: Vec<String>,
+    /// The only user the OAuth mechanisms accept (`user=` of XOAUTH2, `a=` of
+    /// OAUTHBEARER); None: any user.
+    pub oauth_user: Option<String>,
+    /// Also advertise `OAUTHBEARER` (RFC 7628), before `XOAUTH2`.
+    pub offer_oauthbearer: bool,
 }
 
 /// A misbehaviour scripted for one command (see `ServerOptions::faults`).
@@ -276,6 +289,9 @@ impl Default for ServerOptions {
             stall_after_starttls: false,
             faults: Vec::new(),
             cert: CertKind::Valid,
+            oauth_tokens: Vec::new(),
+            oauth_user: None,
+            offer_oauthbearer: false,
         }
     }
 }
@@ -284,6 +300,55 @@ impl ServerOptions {
     fn starttls_offered(&self) -> bool {
         self.tls == Tls::StartTls && self.advertise_starttls
     }
+
+    fn oauth_enabled(&self) -> bool {
+        !self.oauth_tokens.is_empty()
+    }
+
+    /// Some AUTH must succeed before MAIL.
+    fn auth_required(&self) -> bool {
+        self.require_auth.is_some() || self.oauth_enabled()
+    }
+
+    /// The mechanisms after `AUTH` in the EHLO reply, in order.
+    fn advertised_mechanisms(&self) -> Vec<String> {
+        let mut mechanisms = Vec::new();
+        if self.require_auth.is_some() {
+            mechanisms.extend(self.auth_mechanisms.iter().cloned());
+        }
+        if self.oauth_enabled() {
+            if self.offer_oauthbearer {
+                mechanisms.push("OAUTHBEARER".to_string());
+            }
+            mechanisms.push("XOAUTH2".to_string());
+        }
+        mechanisms
+    }
+}
+
+/// The error a refused bearer token gets in the 334 challenge: base64 of
+/// `{"status":"401"}`.
+pub const OAUTH_ERROR_CHALLENGE: &str = "334 eyJzdGF0dXMiOiI0MDEifQ==";
+
+/// One `AUTH XOAUTH2` / `AUTH OAUTHBEARER` exchange (see `TestServer::oauth_attempts`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OAuthAttempt {
+    pub connection: usize,
+    /// "XOAUTH2" or "OAUTHBEARER".
+    pub mechanism: String,
+    /// The decoded initial response, exactly as sent (\x01 separators included).
+    pub decoded: String,
+    /// `user=` (XOAUTH2) or `a=` (OAUTHBEARER); None when absent or malformed.
+    pub user: Option<String>,
+    /// The bearer token; None when absent or malformed.
+    pub token: Option<String>,
+    /// `host=` and `port=` of OAUTHBEARER.
+    pub host: Option<String>,
+    pub port: Option<String>,
+    pub accepted: bool,
+    /// After a refusal: the line the client answered the error challenge
+    /// with ("" for XOAUTH2, "AQ==" for OAUTHBEARER per RFC 7628 §3.2.3).
+    pub client_ack: Option<String>,
 }
 
 /// One accepted message.
@@ -303,6 +368,10 @@ pub struct Received {
     pub mail_params: String,
     /// Came in BDAT chunks (CHUNKING) rather than DATA.
     pub bdat: bool,
+    /// The bearer token of the session's successful XOAUTH2/OAUTHBEARER AUTH.
+    pub auth_token: Option<String>,
+    /// The SASL mechanism of the session's successful AUTH.
+    pub auth_mechanism: Option<String>,
 }
 
 impl Received {
@@ -318,6 +387,7 @@ struct State {
     connections: usize,
     tls_handshakes: usize,
     commands: Vec<CommandRecord>,
+    oauth_attempts: Vec<OAuthAttempt>,
     /// Occurrences of each verb so far, for `ServerOptions::faults`.
     verbs_seen: HashMap<String, usize>,
     /// Clones of open client sockets, so drop can shut them down.
@@ -455,6 +525,21 @@ impl TestServer {
     /// Like `commands()`, with whether each line arrived pipelined.
     pub fn command_log(&self) -> Vec<CommandRecord> {
         self.shared.lock().commands.clone()
+    }
+
+    /// Every XOAUTH2/OAUTHBEARER exchange, in order.
+    pub fn oauth_attempts(&self) -> Vec<OAuthAttempt> {
+        self.shared.lock().oauth_attempts.clone()
+    }
+
+    /// Waits until at least `n` OAuth exchanges happened or `timeout` passed;
+    /// returns them.
+    pub fn wait_for_oauth_attempts(&self, n: usize, timeout: Duration) -> Vec<OAuthAttempt> {
+        self.shared.wait_until(
+            timeout,
+            |s| s.oauth_attempts.len() >= n,
+            |s| s.oauth_attempts.clone(),
+        )
     }
 
     /// Waits until a command line starting with `prefix` (case-insensitive)
@@ -661,6 +746,8 @@ struct Session<'a> {
     in_tls: bool,
     greeted: bool,
     auth_user: Option<String>,
+    auth_token: Option<String>,
+    auth_mechanism: Option<String>,
     mail_from: Option<String>,
     mail_params: String,
     rcpt_to: Vec<String>,
@@ -681,6 +768,8 @@ impl<'a> Session<'a> {
             config,
             greeted: false,
             auth_user: None,
+            auth_token: None,
+            auth_mechanism: None,
             mail_from: None,
             mail_params: String::new(),
             rcpt_to: Vec::new(),
@@ -856,7 +945,7 @@ impl<'a> Session<'a> {
     }
 
     fn auth_offered(&self) -> bool {
-        self.opts().require_auth.is_some() && (self.opts().tls != Tls::StartTls || self.in_tls)
+        self.opts().auth_required() && (self.opts().tls != Tls::StartTls || self.in_tls)
     }
 
     fn command(&mut self, line: &str) -> io::Result<Next> {
@@ -932,7 +1021,10 @@ impl<'a> Session<'a> {
             lines.push("STARTTLS".to_string());
         }
         if self.auth_offered() {
-            lines.push(format!("AUTH {}", self.opts().auth_mechanisms.join(" ")));
+            lines.push(format!(
+                "AUTH {}",
+                self.opts().advertised_mechanisms().join(" ")
+            ));
         }
         let last = lines.len() - 1;
         let text: Vec<String> = lines
@@ -1001,9 +1093,9 @@ impl<'a> Session<'a> {
     }
 
     fn auth(&mut self, arg: &str) -> io::Result<()> {
-        let Some((user, password)) = self.opts().require_auth.clone() else {
+        if !self.opts().auth_required() {
             return self.reply("502 5.5.1 AUTH not supported");
-        };
+        }
         if !self.greeted {
             return self.reply("503 5.5.1 EHLO first");
         }
@@ -1019,12 +1111,18 @@ impl<'a> Session<'a> {
         };
         let offered = self
             .opts()
-            .auth_mechanisms
+            .advertised_mechanisms()
             .iter()
             .any(|m| m.eq_ignore_ascii_case(&mechanism));
         if !offered {
             return self.reply("504 5.5.4 Unrecognized authentication type");
         }
+        if mechanism == "XOAUTH2" || mechanism == "OAUTHBEARER" {
+            return self.oauth(&mechanism, initial);
+        }
+        let Some((user, password)) = self.opts().require_auth.clone() else {
+            return self.reply("504 5.5.4 Unrecognized authentication type");
+        };
         let credentials = match mechanism.as_str() {
             "PLAIN" => {
                 let response = match initial {
@@ -1069,9 +1167,99 @@ impl<'a> Session<'a> {
         };
         if credentials.0 == user.as_bytes() && credentials.1 == password.as_bytes() {
             self.auth_user = Some(user);
+            self.auth_mechanism = Some(mechanism);
             self.reply("235 2.7.0 Authentication successful")
         } else {
             self.reply("535 5.7.8 Authentication credentials invalid")
+        }
+    }
+
+    /// XOAUTH2 (Google's and Microsoft's format) or OAUTHBEARER (RFC 7628):
+    /// checks the bearer token and user; a refusal is the error challenge,
+    /// the client's answer, then 535 (RFC 7628 §3.2.3).
+    fn oauth(&mut self, mechanism: &str, initial: Option<String>) -> io::Result<()> {
+        // A scripted non-2xx reply to AUTH is the whole answer (Microsoft 365
+        // says `535 5.7.3 Authentication unsuccessful` without a challenge).
+        let scripted_refusal = match &self.fault {
+            Some(Fault::Reply(text) | Fault::ReplyTwice(text)) if !text.starts_with('2') => {
+                Some(text.clone())
+            }
+            _ => None,
+        };
+        if let (Some(refusal), None) = (&scripted_refusal, &initial) {
+            // No initial response: the refusal answers AUTH itself.
+            let refusal = refusal.clone();
+            return self.reply(&refusal);
+        }
+        let response = match initial {
+            Some(r) if r != "=" => r,
+            Some(_) => String::new(),
+            None => match self.challenge("334 ")? {
+                Some(r) => r,
+                None => return Ok(()),
+            },
+        };
+        let Some(bytes) = self.decode(&response)? else {
+            return Ok(());
+        };
+        let decoded = String::from_utf8_lossy(&bytes).into_owned();
+        let parsed = if mechanism == "XOAUTH2" {
+            parse_xoauth2(&decoded)
+        } else {
+            parse_oauthbearer(&decoded)
+        };
+        let mut attempt = OAuthAttempt {
+            connection: self.index,
+            mechanism: mechanism.to_string(),
+            decoded,
+            user: None,
+            token: None,
+            host: None,
+            port: None,
+            accepted: false,
+            client_ack: None,
+        };
+        let Some(fields) = parsed else {
+            self.shared.update(|s| s.oauth_attempts.push(attempt));
+            return self.reply(&format!("501 5.5.2 Malformed {mechanism} response"));
+        };
+        attempt.user = fields.user;
+        attempt.token = fields.token;
+        attempt.host = fields.host;
+        attempt.port = fields.port;
+        if let Some(refusal) = scripted_refusal {
+            self.shared.update(|s| s.oauth_attempts.push(attempt));
+            return self.reply(&refusal);
+        }
+        let opts = self.opts();
+        let user_ok = match (&opts.oauth_user, &attempt.user) {
+            (Some(want), Some(got)) => want == got,
+            (Some(_), None) => false,
+            (None, _) => true,
+        };
+        let token_ok = attempt
+            .token
+            .as_ref()
+            .is_some_and(|t| opts.oauth_tokens.iter().any(|ok| ok == t));
+        if user_ok && token_ok {
+            attempt.accepted = true;
+            self.auth_user = Some(attempt.user.clone().unwrap_or_default());
+            self.auth_token = attempt.token.clone();
+            self.auth_mechanism = Some(mechanism.to_string());
+            self.shared.update(|s| s.oauth_attempts.push(attempt));
+            return self.reply("235 2.7.0 Accepted");
+        }
+        self.reply(OAUTH_ERROR_CHALLENGE)?;
+        let ack = self.read_command()?;
+        attempt.client_ack = ack.clone();
+        self.shared.update(|s| s.oauth_attempts.push(attempt));
+        match ack {
+            None => Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "EOF during AUTH",
+            )),
+            Some(line) if line.trim() == "*" => self.reply("501 5.7.0 Authentication cancelled"),
+            Some(_) => self.reply("535 5.7.8 Username and Password not accepted"),
         }
     }
 
@@ -1106,7 +1294,7 @@ impl<'a> Session<'a> {
         if !self.greeted {
             return self.reply("503 5.5.1 EHLO/HELO first");
         }
-        if self.opts().require_auth.is_some() && self.auth_user.is_none() {
+        if self.opts().auth_required() && self.auth_user.is_none() {
             return self.reply("530 5.7.0 Authentication required");
         }
         if self.mail_from.is_some() {
@@ -1272,12 +1460,73 @@ impl<'a> Session<'a> {
                 connection: self.index,
                 mail_params: self.mail_params.clone(),
                 bdat,
+                auth_token: self.auth_token.clone(),
+                auth_mechanism: self.auth_mechanism.clone(),
             };
             self.shared.update(|s| s.messages.push(message));
         }
         self.reset_transaction();
         self.reply(&reply)
     }
+}
+
+/// What an OAuth SASL response carried.
+struct OAuthFields {
+    user: Option<String>,
+    token: Option<String>,
+    host: Option<String>,
+    port: Option<String>,
+}
+
+/// `user=U\x01auth=Bearer T\x01\x01`; None unless exactly that shape.
+fn parse_xoauth2(decoded: &str) -> Option<OAuthFields> {
+    let body = decoded.strip_suffix("\x01\x01")?;
+    let mut fields = OAuthFields {
+        user: None,
+        token: None,
+        host: None,
+        port: None,
+    };
+    for pair in body.split('\x01') {
+        let (key, value) = pair.split_once('=')?;
+        match key {
+            "user" => fields.user = Some(value.to_string()),
+            "auth" => fields.token = Some(value.strip_prefix("Bearer ")?.to_string()),
+            _ => return None,
+        }
+    }
+    fields.user.as_ref()?;
+    fields.token.as_ref()?;
+    Some(fields)
+}
+
+/// RFC 7628 §3.1: `gs2-header \x01 *(key=value \x01) \x01`, the GS2 header
+/// being `n,a=U,` (or `n,,`); None unless that shape with an `auth=` pair.
+fn parse_oauthbearer(decoded: &str) -> Option<OAuthFields> {
+    let (gs2, rest) = decoded.split_once('\x01')?;
+    let authzid = gs2.strip_prefix("n,")?.strip_suffix(',')?;
+    let user = match authzid {
+        "" => None,
+        a => Some(a.strip_prefix("a=")?.to_string()),
+    };
+    let body = rest.strip_suffix("\x01\x01")?;
+    let mut fields = OAuthFields {
+        user,
+        token: None,
+        host: None,
+        port: None,
+    };
+    for pair in body.split('\x01') {
+        let (key, value) = pair.split_once('=')?;
+        match key {
+            "auth" => fields.token = Some(value.strip_prefix("Bearer ")?.to_string()),
+            "host" => fields.host = Some(value.to_string()),
+            "port" => fields.port = Some(value.to_string()),
+            _ => {}
+        }
+    }
+    fields.token.as_ref()?;
+    Some(fields)
 }
 
 /// The parameters after the path of `FROM:<addr> SIZE=1 BODY=8BITMIME`

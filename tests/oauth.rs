@@ -1,0 +1,1190 @@
+//! OAuth 2.0 (auth = xoauth2), end to end: the real daemon and `pbxmail oauth
+//! login` against a token endpoint on loopback (HTTPS, the test CA) that
+//! implements the refresh grant (RFC 6749 §6) and the device grant (RFC 8628)
+//! with their error answers, and the test SMTP server checking the XOAUTH2 and
+//! OAUTHBEARER strings. Covered: the first send, expiry and refresh, rotation of
+//! the refresh token, invalid_grant, an endpoint that is down or failing, a
+//! token the relay refuses, device login through each server answer, and that
+//! no token ever shows in a log or an output.
+
+mod support;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
+use serde_json::Value;
+use support::harness::{wait_until, Daemon, Run};
+use support::oauth_server::{OAuthServer, Request, Response};
+use support::smtp_server::{Fault, Received, ServerOptions, TestCa, TestServer, Tls};
+
+/// Upper bound for mail that should go out now; generous for a loaded CI box.
+const ARRIVAL: Duration = Duration::from_secs(15);
+
+const USER: &str = "pbx@acme.test";
+const CLIENT_ID: &str = "pbx-client-42";
+const CLIENT_SECRET: &str = "cl1ent-s3cret-zq";
+const SCOPE: &str = "https://outlook.office.com/SMTP.Send offline_access";
+/// Every token this file hands out contains this, so a leak is easy to find.
+const MARK: &str = "-zq";
+
+fn access_token(n: usize) -> String {
+    format!("acc3ss-tok-{n}{MARK}")
+}
+
+fn refresh_token(n: usize) -> String {
+    format!("r3fresh-tok-{n}{MARK}")
+}
+
+// ---------------------------------------------------------------------------
+// A token endpoint that behaves like a provider's.
+// ---------------------------------------------------------------------------
+
+/// What the simulated provider knows and does.
+struct ProviderState {
+    /// Refresh tokens it accepts now.
+    valid_refresh: Vec<String>,
+    /// Access tokens issued so far (the next is `access_token(issued + 1)`).
+    issued: usize,
+    expires_in: u64,
+    /// Hand out a new refresh token with each access token and revoke the
+    /// one that was used (as Microsoft and Google may).
+    rotate: bool,
+    /// Refresh tokens minted so far (rotation), starting after rt-1.
+    minted: usize,
+}
+
+/// The refresh grant on /token; /device and device polling are scripted per test.
+#[derive(Clone)]
+struct Provider {
+    state: Arc<Mutex<ProviderState>>,
+}
+
+impl Provider {
+    fn new(expires_in: u64, rotate: bool) -> Provider {
+        Provider {
+            state: Arc::new(Mutex::new(ProviderState {
+                valid_refresh: vec![refresh_token(1)],
+                issued: 0,
+                expires_in,
+                rotate,
+                minted: 1,
+            })),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ProviderState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn accept_refresh(&self, token: &str) {
+        self.lock().valid_refresh.push(token.to_string());
+    }
+
+    fn revoke_all(&self) {
+        self.lock().valid_refresh.clear();
+    }
+
+    fn answer(&self, req: &Request) -> Response {
+        if req.path != "/token" || req.method != "POST" {
+            return Response::json(404, serde_json::json!({"error": "not_found"}));
+        }
+        if req.param("client_id") != Some(CLIENT_ID) {
+            return Response::json(401, serde_json::json!({"error": "invalid_client"}));
+        }
+        if req.grant_type() != "refresh_token" {
+            return Response::error("unsupported_grant_type");
+        }
+        let mut s = self.lock();
+        let offered = req.param("refresh_token").unwrap_or("");
+        if !s.valid_refresh.iter().any(|t| t == offered) {
+            return Response::json(
+                400,
+                serde_json::json!({
+                    "error": "invalid_grant",
+                    "error_description": "AADSTS70000: The refresh token has expired or was revoked."
+                }),
+            );
+        }
+        s.issued += 1;
+        let access = access_token(s.issued);
+        let rotated = if s.rotate {
+            s.minted += 1;
+            let new = refresh_token(s.minted);
+            s.valid_refresh = vec![new.clone()];
+            Some(new)
+        } else {
+            None
+        };
+        Response::token(&access, s.expires_in, rotated.as_deref())
+    }
+
+    /// An endpoint whose handler is this provider.
+    fn serve(&self, ca: &TestCa) -> OAuthServer {
+        let provider = self.clone();
+        OAuthServer::start_with(ca, move |req| provider.answer(req))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Test setup
+// ---------------------------------------------------------------------------
+
+/// A relay accepting the given access tokens for USER.
+fn relay_options(tokens: &[usize], offer_oauthbearer: bool) -> ServerOptions {
+    ServerOptions {
+        oauth_tokens: tokens.iter().map(|&n| access_token(n)).collect(),
+        oauth_user: Some(USER.to_string()),
+        offer_oauthbearer,
+        ..ServerOptions::default()
+    }
+}
+
+/// A test's installation: the daemon's directory, the CA file, the token file.
+struct Site {
+    daemon: Daemon,
+    token_file: PathBuf,
+}
+
+/// `site_with` and no other tenant.
+fn site(
+    test: &str,
+    ca: &TestCa,
+    endpoint: &OAuthServer,
+    relay: &str,
+    refresh: Option<&str>,
+) -> Site {
+    site_with(test, ca, endpoint, relay, refresh, "")
+}
+
+/// Writes the CA, the client secret and (if `refresh` is Some) the token file
+/// (0600), then the config: one xoauth2 tenant `acme` with `relay` lines, and
+/// `others` (more tenant sections).
+fn site_with(
+    test: &str,
+    ca: &TestCa,
+    endpoint: &OAuthServer,
+    relay: &str,
+    refresh: Option<&str>,
+    others: &str,
+) -> Site {
+    let daemon = Daemon::bare(test);
+    let ca_file = daemon.dir().join("ca.pem");
+    ca.write_ca_pem(&ca_file);
+    let secret_file = daemon.write_file("client.secret", &format!("{CLIENT_SECRET}\n"));
+    let token_file = daemon.dir().join("oauth").join("acme.json");
+    if let Some(refresh) = refresh {
+        write_token_file(&token_file, refresh);
+    }
+    let section = format!(
+        "[tenant:acme]\n\
+         domains = acme.test\n\
+         {relay}\
+         auth = xoauth2\n\
+         username = {USER}\n\
+         oauth_token_url = {}\n\
+         oauth_device_url = {}\n\
+         oauth_client_id = {CLIENT_ID}\n\
+         oauth_client_secret_file = {}\n\
+         oauth_scope = {SCOPE}\n\
+         oauth_token_file = {}\n\
+         ca_file = {}\n",
+        endpoint.url("/token"),
+        endpoint.url("/device"),
+        secret_file.display(),
+        token_file.display(),
+        ca_file.display(),
+    );
+    // The harness's [daemon] section, plus a control socket of this test's
+    // own (the default is shared by every daemon on the machine).
+    daemon.write_config(&format!(
+        "[daemon]\n\
+         spool_dir = {}\n\
+         control_socket = {}\n\
+         hostname = pbx.test\n\
+         retry_min = 1s\n\
+         retry_max = 4s\n\
+         log_level = debug\n\
+         \n\
+         {section}\n\
+         {others}",
+        daemon.spool_dir().display(),
+        daemon.dir().join("control.sock").display(),
+    ));
+    Site { daemon, token_file }
+}
+
+/// Relay lines for a plaintext test server (AUTH allowed without TLS).
+fn plain_relay(server: &TestServer) -> String {
+    format!(
+        "relay = 127.0.0.1:{}\ntls = none\nallow_plaintext_auth = yes\n",
+        server.port()
+    )
+}
+
+fn write_token_file(path: &Path, refresh: &str) {
+    fs::create_dir_all(path.parent().expect("token file has a folder")).expect("mkdir");
+    fs::write(
+        path,
+        serde_json::json!({ "refresh_token": refresh }).to_string(),
+    )
+    .expect("write token file");
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600)).expect("chmod 0600");
+}
+
+fn read_token_file(path: &Path) -> Value {
+    let text = fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("{} is not JSON ({e}): {text}", path.display()))
+}
+
+fn mode(path: &Path) -> u32 {
+    fs::metadata(path).expect("stat").permissions().mode() & 0o777
+}
+
+fn message(subject: &str) -> Vec<u8> {
+    format!("From: {USER}\nTo: alice@example.com\nSubject: {subject}\n\nbody of {subject}\n")
+        .into_bytes()
+}
+
+/// Submits one message from USER and asserts it was spooled.
+fn submit(daemon: &Daemon, subject: &str) {
+    let run = daemon.sendmail(&["-i", "alice@example.com"], &message(subject));
+    assert_eq!(run.code, 0, "sendmail failed: {run:?}");
+}
+
+fn subject(m: &Received) -> String {
+    let text = m.text();
+    let head = text.split("\r\n\r\n").next().unwrap_or("");
+    head.split("\r\n")
+        .find_map(|l| l.strip_prefix("Subject: "))
+        .unwrap_or("")
+        .to_string()
+}
+
+fn str_of<'a>(entry: &'a Value, key: &str) -> &'a str {
+    entry[key].as_str().unwrap_or("")
+}
+
+fn attempts(entry: &Value) -> u64 {
+    entry["attempts"].as_u64().unwrap_or(0)
+}
+
+/// `pbxmail status --json`, parsed (Null if the command failed).
+fn status(daemon: &Daemon) -> (Value, Run) {
+    let run = daemon.run(&["status", "--json"], b"");
+    let value = serde_json::from_str(&run.stdout).unwrap_or(Value::Null);
+    (value, run)
+}
+
+fn tenant_status(daemon: &Daemon) -> Value {
+    status(daemon).0["tenants"]
+        .as_array()
+        .and_then(|t| t.iter().find(|t| t["name"] == "acme"))
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+/// The XOAUTH2 initial response for `token`, in the format Google and
+/// Microsoft document (there is no RFC).
+fn xoauth2_string(token: &str) -> String {
+    format!("user={USER}\x01auth=Bearer {token}\x01\x01")
+}
+
+/// Asserts that no secret (nor the base64 of an AUTH string carrying one)
+/// shows in the daemon's log, in `queue --json`, in `status --json` (when
+/// the daemon runs), or in any of `runs`.
+fn assert_no_secrets(site: &Site, relay: Option<&TestServer>, runs: &[&Run]) {
+    let daemon = &site.daemon;
+    let mut texts = vec![
+        ("daemon.log".to_string(), daemon.log()),
+        (
+            "queue --json".to_string(),
+            daemon.run(&["queue", "--json"], b"").stdout,
+        ),
+    ];
+    let (_, st) = status(daemon);
+    texts.push((
+        "status --json".to_string(),
+        format!("{}{}", st.stdout, st.stderr),
+    ));
+    for (i, run) in runs.iter().enumerate() {
+        texts.push((format!("run {i} stdout"), run.stdout.clone()));
+        texts.push((format!("run {i} stderr"), run.stderr.clone()));
+    }
+    let mut needles = vec![CLIENT_SECRET.to_string(), MARK.to_string()];
+    if let Some(relay) = relay {
+        for attempt in relay.oauth_attempts() {
+            needles.push(BASE64.encode(&attempt.decoded));
+        }
+    }
+    for (name, text) in &texts {
+        for needle in &needles {
+            assert!(
+                !text.contains(needle.as_str()),
+                "{name} shows a secret ({needle:?}):\n{text}"
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The daemon: refresh grant and XOAUTH2
+// ---------------------------------------------------------------------------
+
+#[test]
+fn first_send_fetches_a_token_and_authenticates_with_the_exact_xoauth2_string() {
+    let ca = TestCa::new();
+    let provider = Provider::new(3600, false);
+    let endpoint = provider.serve(&ca);
+    // A STARTTLS relay under the same test CA: ca_file is trusted for both.
+    let relay = TestServer::start(
+        ServerOptions {
+            tls: Tls::StartTls,
+            ..relay_options(&[1], false)
+        },
+        Some(&ca),
+    );
+    let relay_lines = format!("relay = localhost:{}\ntls = starttls\n", relay.port());
+    let mut site = site(
+        "oauth_first_send",
+        &ca,
+        &endpoint,
+        &relay_lines,
+        Some(&refresh_token(1)),
+    );
+    site.daemon.start();
+    submit(&site.daemon, "first");
+
+    let got = relay.wait_for_messages(1, ARRIVAL);
+    assert_eq!(got.len(), 1, "log:\n{}", site.daemon.log());
+    assert_eq!(subject(&got[0]), "first");
+    assert!(got[0].tls);
+    assert_eq!(got[0].auth_mechanism.as_deref(), Some("XOAUTH2"));
+    assert_eq!(got[0].auth_token, Some(access_token(1)));
+    assert_eq!(got[0].auth_user.as_deref(), Some(USER));
+
+    // The refresh request, field by field (RFC 6749 §6).
+    let requests = endpoint.requests_to("/token");
+    assert_eq!(requests.len(), 1, "{requests:#?}");
+    let r = &requests[0];
+    assert_eq!(r.method, "POST");
+    assert_eq!(
+        r.header("content-type"),
+        Some("application/x-www-form-urlencoded")
+    );
+    assert_eq!(r.grant_type(), "refresh_token");
+    assert_eq!(r.param("refresh_token"), Some(refresh_token(1).as_str()));
+    assert_eq!(r.param("client_id"), Some(CLIENT_ID));
+    assert_eq!(r.param("client_secret"), Some(CLIENT_SECRET));
+    assert_eq!(r.param("scope"), Some(SCOPE));
+    assert_eq!(endpoint.tls_failures(), 0);
+
+    // The XOAUTH2 string on the wire, exactly, as the initial response.
+    let expected = xoauth2_string(&access_token(1));
+    let attempts = relay.oauth_attempts();
+    assert_eq!(attempts.len(), 1, "{attempts:#?}");
+    assert_eq!(attempts[0].decoded, expected);
+    let auth_lines: Vec<String> = relay
+        .commands()
+        .into_iter()
+        .map(|(_, c)| c)
+        .filter(|c| c.to_ascii_uppercase().starts_with("AUTH"))
+        .collect();
+    assert_eq!(
+        auth_lines,
+        [format!("AUTH XOAUTH2 {}", BASE64.encode(&expected))]
+    );
+
+    let queue = site.daemon.wait_for_queue(ARRIVAL, |q| q.is_empty());
+    assert!(queue.is_empty(), "{queue:#?}");
+    // Not rotated: the token file is as it was.
+    assert_eq!(
+        read_token_file(&site.token_file)["refresh_token"],
+        refresh_token(1)
+    );
+    assert_no_secrets(&site, Some(&relay), &[]);
+}
+
+#[test]
+fn cached_access_token_serves_later_sessions_until_it_expires() {
+    let ca = TestCa::new();
+    let provider = Provider::new(3600, false);
+    let endpoint = provider.serve(&ca);
+    let relay = TestServer::start(relay_options(&[1], false), None);
+    let mut site = site(
+        "oauth_cached",
+        &ca,
+        &endpoint,
+        &plain_relay(&relay),
+        Some(&refresh_token(1)),
+    );
+    site.daemon.start();
+    submit(&site.daemon, "one");
+    assert_eq!(relay.wait_for_messages(1, ARRIVAL).len(), 1);
+    submit(&site.daemon, "two");
+    let got = relay.wait_for_messages(2, ARRIVAL);
+    assert_eq!(got.len(), 2, "log:\n{}", site.daemon.log());
+    // Two sessions, one token: valid for an hour, so no second refresh.
+    assert_eq!(relay.oauth_attempts().len(), 2);
+    assert_eq!(endpoint.count("/token"), 1);
+    assert!(got.iter().all(|m| m.auth_token == Some(access_token(1))));
+    assert_no_secrets(&site, Some(&relay), &[]);
+}
+
+#[test]
+fn expired_access_token_is_refreshed_before_the_next_session() {
+    let ca = TestCa::new();
+    // 121 s minus the daemon's 120 s margin: stale after about a second.
+    let provider = Provider::new(121, false);
+    let endpoint = provider.serve(&ca);
+    let relay = TestServer::start(relay_options(&[1, 2], false), None);
+    let mut site = site(
+        "oauth_expiry",
+        &ca,
+        &endpoint,
+        &plain_relay(&relay),
+        Some(&refresh_token(1)),
+    );
+    site.daemon.start();
+
+    submit(&site.daemon, "one");
+    let got = relay.wait_for_messages(1, ARRIVAL);
+    assert_eq!(got.len(), 1, "log:\n{}", site.daemon.log());
+    assert_eq!(got[0].auth_token, Some(access_token(1)));
+    assert_eq!(endpoint.count("/token"), 1);
+
+    thread::sleep(Duration::from_millis(1500));
+    submit(&site.daemon, "two");
+    let got = relay.wait_for_messages(2, ARRIVAL);
+    assert_eq!(got.len(), 2, "log:\n{}", site.daemon.log());
+    assert_eq!(subject(&got[1]), "two");
+    assert_eq!(got[1].auth_token, Some(access_token(2)));
+    let requests = endpoint.requests_to("/token");
+    assert_eq!(requests.len(), 2, "{requests:#?}");
+    // Without rotation the same refresh token serves again.
+    assert_eq!(
+        requests[1].param("refresh_token"),
+        Some(refresh_token(1).as_str())
+    );
+    // No AUTH was refused: the stale token was never tried.
+    assert!(relay.oauth_attempts().iter().all(|a| a.accepted));
+    assert_no_secrets(&site, Some(&relay), &[]);
+}
+
+#[test]
+fn rotated_refresh_token_replaces_the_file_and_is_used_next() {
+    let ca = TestCa::new();
+    let provider = Provider::new(121, true);
+    let endpoint = provider.serve(&ca);
+    let relay = TestServer::start(relay_options(&[1, 2], false), None);
+    let mut site = site(
+        "oauth_rotation",
+        &ca,
+        &endpoint,
+        &plain_relay(&relay),
+        Some(&refresh_token(1)),
+    );
+    site.daemon.start();
+
+    submit(&site.daemon, "one");
+    assert_eq!(
+        relay.wait_for_messages(1, ARRIVAL).len(),
+        1,
+        "log:\n{}",
+        site.daemon.log()
+    );
+    // rt-1 was answered with rt-2 (and revoked): the file holds rt-2, 0600,
+    // and no temporary file is left beside it.
+    let rotated = wait_until(ARRIVAL, || {
+        read_token_file(&site.token_file)["refresh_token"] == refresh_token(2)
+    });
+    assert!(rotated, "token file: {}", read_token_file(&site.token_file));
+    assert_eq!(mode(&site.token_file), 0o600);
+    let leftovers: Vec<String> = fs::read_dir(site.token_file.parent().expect("folder"))
+        .expect("read token folder")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(leftovers, ["acme.json"]);
+
+    thread::sleep(Duration::from_millis(1500));
+    submit(&site.daemon, "two");
+    let got = relay.wait_for_messages(2, ARRIVAL);
+    assert_eq!(got.len(), 2, "log:\n{}", site.daemon.log());
+    assert_eq!(got[1].auth_token, Some(access_token(2)));
+    let used: Vec<Option<String>> = endpoint
+        .requests_to("/token")
+        .iter()
+        .map(|r| r.param("refresh_token").map(str::to_string))
+        .collect();
+    assert_eq!(used, [Some(refresh_token(1)), Some(refresh_token(2))]);
+    assert_eq!(
+        read_token_file(&site.token_file)["refresh_token"],
+        refresh_token(3)
+    );
+    assert_eq!(mode(&site.token_file), 0o600);
+    assert_no_secrets(&site, Some(&relay), &[]);
+}
+
+#[test]
+fn invalid_grant_defers_the_tenants_mail_and_asks_for_oauth_login_once() {
+    let ca = TestCa::new();
+    let provider = Provider::new(3600, false);
+    provider.revoke_all();
+    let endpoint = provider.serve(&ca);
+    let relay = TestServer::start(relay_options(&[1], false), None);
+    let mut site = site(
+        "oauth_invalid_grant",
+        &ca,
+        &endpoint,
+        &plain_relay(&relay),
+        Some(&refresh_token(1)),
+    );
+    site.daemon.start();
+    for subject in ["one", "two", "three"] {
+        submit(&site.daemon, subject);
+    }
+
+    // Every message tried, and the endpoint asked again on a later retry.
+    let queue = site.daemon.wait_for_queue(ARRIVAL, |q| {
+        q.len() == 3 && q.iter().all(|e| attempts(e) >= 1)
+    });
+    assert_eq!(queue.len(), 3, "{queue:#?}");
+    assert!(
+        endpoint.wait_for_requests("/token", 3, ARRIVAL).len() >= 3,
+        "the daemon stopped asking the endpoint"
+    );
+    let queue = site.daemon.queue();
+    for entry in &queue {
+        assert_eq!(str_of(entry, "state"), "deferred", "{entry:#}");
+        assert!(
+            str_of(entry, "last_error").contains("oauth login"),
+            "{entry:#}"
+        );
+    }
+    // Deferred, not bounced: nothing went to the relay at all.
+    assert_eq!(relay.connections(), 0);
+    let acme = tenant_status(&site.daemon);
+    assert!(
+        str_of(&acme, "last_error").contains("oauth login"),
+        "status: {acme:#}"
+    );
+    assert_eq!(acme["bounced"], 0, "status: {acme:#}");
+    // The error is logged once, not per message or per retry (the delivery
+    // lines, one per recipient attempt, are the interface's and not counted).
+    let log = site.daemon.log();
+    let errors: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("oauth login") && !l.contains("status=deferred"))
+        .collect();
+    assert_eq!(errors.len(), 1, "{errors:#?}\nlog:\n{log}");
+
+    // The admin signs in again (simulated: the provider accepts a new token,
+    // which is stored where `oauth login` would put it); a flush delivers.
+    provider.accept_refresh(&refresh_token(7));
+    write_token_file(&site.token_file, &refresh_token(7));
+    let flush = site.daemon.run(&["flush", "--tenant", "acme"], b"");
+    assert_eq!(flush.code, 0, "{flush:?}");
+    let got = relay.wait_for_messages(3, ARRIVAL);
+    assert_eq!(got.len(), 3, "log:\n{}", site.daemon.log());
+    let queue = site.daemon.wait_for_queue(ARRIVAL, |q| q.is_empty());
+    assert!(queue.is_empty(), "{queue:#?}");
+    assert_no_secrets(&site, Some(&relay), &[&flush]);
+}
+
+#[test]
+fn token_endpoint_down_defers_and_mail_goes_when_it_is_back() {
+    let ca = TestCa::new();
+    let provider = Provider::new(3600, false);
+    let endpoint = provider.serve(&ca);
+    let relay = TestServer::start(relay_options(&[1], false), None);
+    let mut site = site(
+        "oauth_endpoint_down",
+        &ca,
+        &endpoint,
+        &plain_relay(&relay),
+        Some(&refresh_token(1)),
+    );
+    endpoint.down();
+    site.daemon.start();
+    submit(&site.daemon, "while down");
+
+    let queue = site
+        .daemon
+        .wait_for_queue(ARRIVAL, |q| q.len() == 1 && attempts(&q[0]) >= 1);
+    assert_eq!(queue.len(), 1, "{queue:#?}");
+    assert_eq!(str_of(&queue[0], "state"), "deferred", "{queue:#?}");
+    assert!(!str_of(&queue[0], "last_error").is_empty(), "{queue:#?}");
+    assert_eq!(relay.connections(), 0);
+
+    endpoint.up();
+    let got = relay.wait_for_messages(1, ARRIVAL);
+    assert_eq!(got.len(), 1, "log:\n{}", site.daemon.log());
+    assert_eq!(got[0].auth_token, Some(access_token(1)));
+    let queue = site.daemon.wait_for_queue(ARRIVAL, |q| q.is_empty());
+    assert!(queue.is_empty(), "{queue:#?}");
+    assert_no_secrets(&site, Some(&relay), &[]);
+}
+
+#[test]
+fn token_endpoint_5xx_is_temporary_and_retried() {
+    let ca = TestCa::new();
+    let provider = Provider::new(3600, false);
+    let endpoint = provider.serve(&ca);
+    endpoint.push(
+        "/token",
+        Response::text(503, "<html>Service Unavailable</html>"),
+    );
+    endpoint.push(
+        "/token",
+        Response::json(500, serde_json::json!({"error": "server_error"})),
+    );
+    let relay = TestServer::start(relay_options(&[1], false), None);
+    let mut site = site(
+        "oauth_endpoint_5xx",
+        &ca,
+        &endpoint,
+        &plain_relay(&relay),
+        Some(&refresh_token(1)),
+    );
+    site.daemon.start();
+    submit(&site.daemon, "retried");
+
+    let got = relay.wait_for_messages(1, ARRIVAL);
+    assert_eq!(got.len(), 1, "log:\n{}", site.daemon.log());
+    assert_eq!(got[0].auth_token, Some(access_token(1)));
+    assert_eq!(endpoint.pending("/token"), 0);
+    assert_eq!(endpoint.count("/token"), 3);
+    // Deferred twice, never bounced; delivered on the third attempt.
+    assert_eq!(relay.messages().len(), 1);
+    let queue = site.daemon.wait_for_queue(ARRIVAL, |q| q.is_empty());
+    assert!(queue.is_empty(), "{queue:#?}");
+    let acme = tenant_status(&site.daemon);
+    assert_eq!(acme["bounced"], 0, "status: {acme:#}");
+    assert_eq!(acme["delivered"], 1, "status: {acme:#}");
+    assert_no_secrets(&site, Some(&relay), &[]);
+}
+
+/// An endpoint that takes a minute to answer, and a second, plain tenant.
+fn stalled_endpoint_site(
+    test: &str,
+    other_relay: &TestServer,
+) -> (TestCa, OAuthServer, TestServer, Site) {
+    let ca = TestCa::new();
+    let endpoint = OAuthServer::start_with(&ca, |_| {
+        Response::token(&access_token(1), 3600, None).delayed(Duration::from_secs(60))
+    });
+    let relay = TestServer::start(relay_options(&[1], false), None);
+    let beta = format!(
+        "[tenant:beta]\ndomains = beta.test\nrelay = 127.0.0.1:{}\ntls = none\n",
+        other_relay.port()
+    );
+    let site = site_with(
+        test,
+        &ca,
+        &endpoint,
+        &plain_relay(&relay),
+        Some(&refresh_token(1)),
+        &beta,
+    );
+    (ca, endpoint, relay, site)
+}
+
+#[test]
+fn stalled_token_endpoint_delays_only_its_tenant() {
+    let beta_relay = TestServer::start(ServerOptions::default(), None);
+    let (_ca, endpoint, relay, mut site) =
+        stalled_endpoint_site("oauth_stalled_isolation", &beta_relay);
+    site.daemon.start();
+    submit(&site.daemon, "stuck behind the endpoint");
+    assert_eq!(endpoint.wait_for_requests("/token", 1, ARRIVAL).len(), 1);
+
+    let started = Instant::now();
+    let run = site.daemon.sendmail(
+        &["-i", "bob@example.com"],
+        b"From: pbx@beta.test\nTo: bob@example.com\nSubject: beta\n\nb\n",
+    );
+    assert_eq!(run.code, 0, "{run:?}");
+    let got = beta_relay.wait_for_messages(1, Duration::from_secs(5));
+    assert_eq!(got.len(), 1, "log:\n{}", site.daemon.log());
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(relay.connections(), 0);
+}
+
+#[test]
+fn sigterm_with_a_stalled_token_endpoint_exits_within_the_session_grace() {
+    let beta_relay = TestServer::start(ServerOptions::default(), None);
+    let (_ca, endpoint, _relay, mut site) =
+        stalled_endpoint_site("oauth_stalled_sigterm", &beta_relay);
+    site.daemon.start();
+    submit(&site.daemon, "stuck behind the endpoint");
+    assert_eq!(endpoint.wait_for_requests("/token", 1, ARRIVAL).len(), 1);
+    // The daemon gives sessions 10 s; a token fetch must not hold it longer.
+    let started = Instant::now();
+    let status = site.daemon.stop();
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(14), "SIGTERM took {took:?}");
+    assert!(status.success() || status.code().is_some(), "{status:?}");
+    // The message is still queued for the next start.
+    let queue = site.daemon.queue();
+    assert_eq!(queue.len(), 1, "{queue:#?}");
+}
+
+#[test]
+fn oauthbearer_is_preferred_when_the_relay_offers_it() {
+    let ca = TestCa::new();
+    let provider = Provider::new(3600, false);
+    let endpoint = provider.serve(&ca);
+    let relay = TestServer::start(relay_options(&[1], true), None);
+    let mut site = site(
+        "oauth_oauthbearer",
+        &ca,
+        &endpoint,
+        &plain_relay(&relay),
+        Some(&refresh_token(1)),
+    );
+    site.daemon.start();
+    submit(&site.daemon, "bearer");
+
+    let got = relay.wait_for_messages(1, ARRIVAL);
+    assert_eq!(got.len(), 1, "log:\n{}", site.daemon.log());
+    assert_eq!(got[0].auth_mechanism.as_deref(), Some("OAUTHBEARER"));
+    let attempts = relay.oauth_attempts();
+    assert_eq!(attempts.len(), 1, "{attempts:#?}");
+    // RFC 7628 §3.1, with the relay's host and port as configured.
+    assert_eq!(
+        attempts[0].decoded,
+        format!(
+            "n,a={USER},\x01host=127.0.0.1\x01port={}\x01auth=Bearer {}\x01\x01",
+            relay.port(),
+            access_token(1)
+        )
+    );
+    assert_no_secrets(&site, Some(&relay), &[]);
+}
+
+/// The relay refuses the first token (334 error, then 535 after the client's
+/// answer): the message is deferred, not bounced, the token forgotten, and
+/// the next attempt fetches a fresh one although the first had an hour left.
+fn refused_token_is_forgotten_and_refreshed(test: &str, oauthbearer: bool, ack: &str) {
+    let ca = TestCa::new();
+    let provider = Provider::new(3600, false);
+    let endpoint = provider.serve(&ca);
+    let relay = TestServer::start(relay_options(&[2], oauthbearer), None);
+    let mut site = site(
+        test,
+        &ca,
+        &endpoint,
+        &plain_relay(&relay),
+        Some(&refresh_token(1)),
+    );
+    site.daemon.start();
+    submit(&site.daemon, "refused first");
+
+    let got = relay.wait_for_messages(1, ARRIVAL);
+    assert_eq!(got.len(), 1, "log:\n{}", site.daemon.log());
+    assert_eq!(got[0].auth_token, Some(access_token(2)));
+    let attempts = relay.oauth_attempts();
+    let summary: Vec<(Option<String>, bool, Option<String>)> = attempts
+        .iter()
+        .map(|a| (a.token.clone(), a.accepted, a.client_ack.clone()))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            (Some(access_token(1)), false, Some(ack.to_string())),
+            (Some(access_token(2)), true, None),
+        ]
+    );
+    assert_eq!(endpoint.count("/token"), 2);
+    // The 535 deferred the message (no bounce went out through the relay).
+    assert_eq!(relay.messages().len(), 1);
+    let queue = site.daemon.wait_for_queue(ARRIVAL, |q| q.is_empty());
+    assert!(queue.is_empty(), "{queue:#?}");
+    let acme = tenant_status(&site.daemon);
+    assert_eq!(acme["bounced"], 0, "status: {acme:#}");
+    assert_no_secrets(&site, Some(&relay), &[]);
+}
+
+#[test]
+fn token_refused_with_a_plain_535_is_forgotten_and_refreshed() {
+    // Microsoft 365 answers a bad token with 535 5.7.3 and no 334 challenge.
+    let ca = TestCa::new();
+    let provider = Provider::new(3600, false);
+    let endpoint = provider.serve(&ca);
+    let relay = TestServer::start(
+        ServerOptions {
+            faults: vec![(
+                "AUTH".into(),
+                1,
+                Fault::Reply("535 5.7.3 Authentication unsuccessful".into()),
+            )],
+            ..relay_options(&[1, 2], false)
+        },
+        None,
+    );
+    let mut site = site(
+        "oauth_refused_535",
+        &ca,
+        &endpoint,
+        &plain_relay(&relay),
+        Some(&refresh_token(1)),
+    );
+    site.daemon.start();
+    submit(&site.daemon, "refused first");
+    let got = relay.wait_for_messages(1, ARRIVAL);
+    assert_eq!(got.len(), 1, "log:\n{}", site.daemon.log());
+    assert_eq!(got[0].auth_token, Some(access_token(2)));
+    let tokens: Vec<Option<String>> = relay
+        .oauth_attempts()
+        .iter()
+        .map(|a| a.token.clone())
+        .collect();
+    assert_eq!(tokens, [Some(access_token(1)), Some(access_token(2))]);
+    assert_eq!(endpoint.count("/token"), 2);
+    let acme = tenant_status(&site.daemon);
+    assert_eq!(acme["bounced"], 0, "status: {acme:#}");
+    assert_no_secrets(&site, Some(&relay), &[]);
+}
+
+#[test]
+fn missing_token_file_defers_and_asks_for_oauth_login() {
+    let ca = TestCa::new();
+    let provider = Provider::new(3600, false);
+    let endpoint = provider.serve(&ca);
+    let relay = TestServer::start(relay_options(&[1], false), None);
+    let mut site = site(
+        "oauth_no_token_file",
+        &ca,
+        &endpoint,
+        &plain_relay(&relay),
+        None,
+    );
+    site.daemon.start();
+    submit(&site.daemon, "never signed in");
+    let queue = site
+        .daemon
+        .wait_for_queue(ARRIVAL, |q| q.len() == 1 && attempts(&q[0]) >= 1);
+    assert_eq!(queue.len(), 1, "{queue:#?}");
+    assert_eq!(str_of(&queue[0], "state"), "deferred", "{queue:#?}");
+    let why = str_of(&queue[0], "last_error");
+    assert!(why.contains("oauth login"), "{why}");
+    // Nothing to refresh with: the endpoint and the relay are not bothered.
+    assert_eq!(endpoint.count("/token"), 0);
+    assert_eq!(relay.connections(), 0);
+    assert_no_secrets(&site, Some(&relay), &[]);
+}
+
+#[test]
+fn xoauth2_token_refused_by_the_relay_is_forgotten_and_refreshed() {
+    refused_token_is_forgotten_and_refreshed("oauth_refused_xoauth2", false, "");
+}
+
+#[test]
+fn oauthbearer_token_refused_by_the_relay_is_forgotten_and_refreshed() {
+    refused_token_is_forgotten_and_refreshed("oauth_refused_oauthbearer", true, "AQ==");
+}
+
+#[test]
+fn test_command_authenticates_with_a_fresh_token_and_redacts_it() {
+    let ca = TestCa::new();
+    let provider = Provider::new(3600, false);
+    let endpoint = provider.serve(&ca);
+    let relay = TestServer::start(relay_options(&[1], false), None);
+    let site = site(
+        "oauth_test_command",
+        &ca,
+        &endpoint,
+        &plain_relay(&relay),
+        Some(&refresh_token(1)),
+    );
+    let config = site.daemon.config_path().to_string_lossy().into_owned();
+    let args = [
+        "test",
+        "--tenant",
+        "acme",
+        "--to",
+        "alice@example.com",
+        "-c",
+        &config,
+    ];
+    let ok = site.daemon.run(&args, b"");
+    assert_eq!(ok.code, 0, "{ok:?}");
+    assert!(
+        ok.stdout.contains("AUTH XOAUTH2 <credentials redacted>"),
+        "{ok:?}"
+    );
+    let got = relay.wait_for_messages(1, ARRIVAL);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].auth_token, Some(access_token(1)));
+
+    // A refused refresh token: the command says what to do, and fails.
+    provider.revoke_all();
+    let refused = site.daemon.run(&args, b"");
+    assert_ne!(refused.code, 0, "{refused:?}");
+    let said = format!("{}{}", refused.stdout, refused.stderr);
+    assert!(said.contains("oauth login"), "{refused:?}");
+    assert_eq!(relay.connections(), 1, "connected without a token");
+    assert_no_secrets(&site, Some(&relay), &[&ok, &refused]);
+}
+
+// ---------------------------------------------------------------------------
+// `pbxmail oauth login`: the device grant
+// ---------------------------------------------------------------------------
+
+const DEVICE_CODE: &str = "d3vice-code-zq";
+const USER_CODE: &str = "WDJB-MJHT";
+const VERIFY_URI: &str = "https://microsoft.com/devicelogin";
+
+fn device_answer() -> Response {
+    Response::json(
+        200,
+        serde_json::json!({
+            "device_code": DEVICE_CODE,
+            "user_code": USER_CODE,
+            "verification_uri": VERIFY_URI,
+            "expires_in": 900,
+            "interval": 1,
+            "message": "To sign in, use a web browser"
+        }),
+    )
+}
+
+/// One `pbxmail oauth login` and what it left behind.
+struct Login {
+    site: Site,
+    endpoint: OAuthServer,
+    /// The tenant's relay (for tests that go on to send).
+    relay: TestServer,
+    run: Run,
+    device: Request,
+    /// The device-grant polls of /token.
+    polls: Vec<Request>,
+    took: Duration,
+}
+
+/// Scripts /device and the device-grant polls of /token, runs `pbxmail oauth
+/// login --tenant acme -c FILE`, and checks the requests every login makes.
+fn device_login(test: &str, polls: Vec<Response>) -> Login {
+    let ca = TestCa::new();
+    let endpoint = OAuthServer::start(&ca);
+    endpoint.push("/device", device_answer());
+    for poll in polls {
+        endpoint.push("/token", poll);
+    }
+    let relay = TestServer::start(relay_options(&[1], false), None);
+    let site = site(test, &ca, &endpoint, &plain_relay(&relay), None);
+    let config = site.daemon.config_path().to_string_lossy().into_owned();
+    let started = Instant::now();
+    let run = site
+        .daemon
+        .run(&["oauth", "login", "--tenant", "acme", "-c", &config], b"");
+    let took = started.elapsed();
+
+    let device = endpoint.requests_to("/device");
+    assert_eq!(device.len(), 1, "{device:#?}");
+    assert_eq!(device[0].method, "POST");
+    assert_eq!(device[0].param("client_id"), Some(CLIENT_ID));
+    assert_eq!(device[0].param("scope"), Some(SCOPE));
+    assert!(
+        run.stdout.contains(&format!(
+            "To sign in, open {VERIFY_URI} and enter the code {USER_CODE}"
+        )),
+        "{run:?}"
+    );
+    let polls = endpoint.requests_to("/token");
+    for poll in &polls {
+        assert_eq!(
+            poll.grant_type(),
+            "urn:ietf:params:oauth:grant-type:device_code"
+        );
+        assert_eq!(poll.param("device_code"), Some(DEVICE_CODE));
+        assert_eq!(poll.param("client_id"), Some(CLIENT_ID));
+        assert!(poll.at >= device[0].at);
+    }
+    Login {
+        site,
+        endpoint,
+        relay,
+        run,
+        device: device[0].clone(),
+        polls,
+        took,
+    }
+}
+
+fn signed_in() -> Response {
+    Response::token(&access_token(1), 3600, Some(&refresh_token(1)))
+}
+
+/// Seconds between consecutive requests.
+fn gaps(device: &Request, polls: &[Request]) -> Vec<f64> {
+    let mut last = device.at;
+    polls
+        .iter()
+        .map(|p| {
+            let gap = p.at.duration_since(last).as_secs_f64();
+            last = p.at;
+            gap
+        })
+        .collect()
+}
+
+fn assert_signed_in(site: &Site, run: &Run) {
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(
+        read_token_file(&site.token_file)["refresh_token"],
+        refresh_token(1)
+    );
+    assert_eq!(mode(&site.token_file), 0o600);
+    assert_no_secrets(site, None, &[run]);
+}
+
+fn assert_not_signed_in(site: &Site, run: &Run) {
+    assert_ne!(run.code, 0, "{run:?}");
+    assert!(!site.token_file.exists(), "a token file was written");
+    assert_no_secrets(site, None, &[run]);
+}
+
+#[test]
+fn device_login_stores_the_refresh_token() {
+    let login = device_login("oauth_login_ok", vec![signed_in()]);
+    assert_eq!(login.polls.len(), 1);
+    assert_signed_in(&login.site, &login.run);
+    assert_eq!(login.endpoint.pending("/token"), 0);
+}
+
+#[test]
+fn device_login_keeps_polling_while_authorization_is_pending() {
+    let pending = || Response::error("authorization_pending");
+    let login = device_login(
+        "oauth_login_pending",
+        vec![pending(), pending(), signed_in()],
+    );
+    assert_eq!(login.polls.len(), 3);
+    assert_signed_in(&login.site, &login.run);
+    // interval = 1: about a second between polls, never hammering.
+    let gaps = gaps(&login.device, &login.polls);
+    assert!(gaps.iter().all(|&g| g >= 0.9), "polled too soon: {gaps:?}");
+    assert!(
+        login.took < Duration::from_secs(10),
+        "took {:?}",
+        login.took
+    );
+}
+
+#[test]
+fn device_login_slows_down_by_five_seconds_when_told() {
+    let login = device_login(
+        "oauth_login_slow_down",
+        vec![Response::error("slow_down"), signed_in()],
+    );
+    assert_eq!(login.polls.len(), 2);
+    assert_signed_in(&login.site, &login.run);
+    // RFC 8628 §3.5: the interval grows by 5 s, from 1 s to 6 s.
+    let gaps = gaps(&login.device, &login.polls);
+    assert!(gaps[0] >= 0.9, "{gaps:?}");
+    assert!(gaps[1] >= 5.9, "did not slow down: {gaps:?}");
+    assert!(
+        login.took < Duration::from_secs(12),
+        "took {:?}",
+        login.took
+    );
+}
+
+#[test]
+fn device_login_fails_when_the_code_expires() {
+    let login = device_login(
+        "oauth_login_expired",
+        vec![
+            Response::error("authorization_pending"),
+            Response::error("expired_token"),
+        ],
+    );
+    assert_eq!(login.polls.len(), 2);
+    assert_not_signed_in(&login.site, &login.run);
+    assert!(login.run.stderr.contains("expired"), "{:?}", login.run);
+}
+
+#[test]
+fn device_login_fails_when_access_is_denied() {
+    let login = device_login("oauth_login_denied", vec![Response::error("access_denied")]);
+    assert_eq!(login.polls.len(), 1);
+    assert_not_signed_in(&login.site, &login.run);
+    let stderr = &login.run.stderr;
+    assert!(
+        stderr.contains("declined") || stderr.contains("denied"),
+        "{:?}",
+        login.run
+    );
+}
+
+#[test]
+fn device_login_gives_up_when_the_code_lifetime_ends() {
+    // The server never decides; the client stops at the code's expires_in.
+    let ca = TestCa::new();
+    let endpoint = OAuthServer::start_with(&ca, |_| Response::error("authorization_pending"));
+    endpoint.push(
+        "/device",
+        Response::json(
+            200,
+            serde_json::json!({
+                "device_code": DEVICE_CODE,
+                "user_code": USER_CODE,
+                "verification_uri": VERIFY_URI,
+                "expires_in": 3,
+                "interval": 1
+            }),
+        ),
+    );
+    let relay = TestServer::start(relay_options(&[1], false), None);
+    let site = site(
+        "oauth_login_lifetime",
+        &ca,
+        &endpoint,
+        &plain_relay(&relay),
+        None,
+    );
+    let config = site.daemon.config_path().to_string_lossy().into_owned();
+    let started = Instant::now();
+    let run = site
+        .daemon
+        .run(&["oauth", "login", "--tenant", "acme", "-c", &config], b"");
+    let took = started.elapsed();
+    assert_not_signed_in(&site, &run);
+    assert!(run.stderr.contains("expired"), "{run:?}");
+    assert!(took < Duration::from_secs(8), "took {took:?}");
+    let polls = endpoint.count("/token");
+    assert!((1..=4).contains(&polls), "{polls} polls in a 3 s lifetime");
+}
+
+#[test]
+fn device_login_token_is_then_used_by_the_daemon() {
+    let mut login = device_login("oauth_login_then_send", vec![signed_in()]);
+    assert_signed_in(&login.site, &login.run);
+    // The daemon refreshes with the stored token against the same endpoint.
+    let provider = Provider::new(3600, false);
+    login.endpoint.set_handler(move |req| provider.answer(req));
+    login.site.daemon.start();
+    submit(&login.site.daemon, "after login");
+    let got = login.relay.wait_for_messages(1, ARRIVAL);
+    assert_eq!(got.len(), 1, "log:\n{}", login.site.daemon.log());
+    assert_eq!(got[0].auth_token, Some(access_token(1)));
+    let refresh: Vec<Request> = login
+        .endpoint
+        .requests_to("/token")
+        .into_iter()
+        .filter(|r| r.grant_type() == "refresh_token")
+        .collect();
+    assert_eq!(refresh.len(), 1);
+    assert_eq!(
+        refresh[0].param("refresh_token"),
+        Some(refresh_token(1).as_str())
+    );
+    assert_no_secrets(&login.site, Some(&login.relay), &[&login.run]);
+}
