@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
 use serde_json::Value;
-use support::harness::{closed_port, wait_until, Daemon, Run, PBXMAIL};
+use support::harness::{closed_port, str_of, wait_until, Daemon, Run, PBXMAIL};
 use support::smtp_server::{Fault, Received, ServerOptions, TestCa, TestServer, Tls};
 
 /// Upper bound for mail that should go out now; generous for a loaded CI box.
@@ -132,10 +132,6 @@ fn personality(daemon: &Daemon, name: &str) -> PathBuf {
     let link = daemon.dir().join(name);
     std::os::unix::fs::symlink(PBXMAIL, &link).expect("symlink to the binary");
     link
-}
-
-fn str_of<'a>(entry: &'a Value, key: &str) -> &'a str {
-    entry[key].as_str().unwrap_or("")
 }
 
 /// The queue entry with this ID, if the queue holds it.

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
 use serde_json::Value;
-use support::harness::{wait_until, Daemon, Run};
+use support::harness::{attempts, str_of, wait_until, Daemon, Run};
 use support::oauth_server::{OAuthServer, Request, Response};
 use support::smtp_server::{Fault, Received, ServerOptions, TestCa, TestServer, Tls};
 
@@ -265,14 +265,6 @@ fn subject(m: &Received) -> String {
         .find_map(|l| l.strip_prefix("Subject: "))
         .unwrap_or("")
         .to_string()
-}
-
-fn str_of<'a>(entry: &'a Value, key: &str) -> &'a str {
-    entry[key].as_str().unwrap_or("")
-}
-
-fn attempts(entry: &Value) -> u64 {
-    entry["attempts"].as_u64().unwrap_or(0)
 }
 
 /// `pbxmail status --json`, parsed (Null if the command failed).

@@ -15,7 +15,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::harness::{closed_port, wait_until, Daemon, PBXMAIL};
+use support::harness::{attempts, closed_port, recipients, str_of, wait_until, Daemon, PBXMAIL};
 use support::smtp_server::{Fault, Received, ServerOptions, TestServer};
 
 /// Upper bound for mail that should go out now; generous for a loaded CI box.
@@ -99,25 +99,6 @@ fn submit_with_config(config: &Path, from: &str, to: &str, subject: &str) {
         "sendmail ({subject}) failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-fn str_of<'a>(entry: &'a Value, key: &str) -> &'a str {
-    entry[key].as_str().unwrap_or("")
-}
-
-fn attempts(entry: &Value) -> u64 {
-    entry["attempts"].as_u64().unwrap_or(0)
-}
-
-fn recipients(entry: &Value) -> Vec<String> {
-    entry["recipients"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|v| v.as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 fn of_tenant<'a>(queue: &'a [Value], tenant: &str) -> Vec<&'a Value> {

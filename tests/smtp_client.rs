@@ -11,7 +11,7 @@ use std::net::ToSocketAddrs;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::harness::{wait_until, Daemon};
+use support::harness::{attempts, recipients, str_of, wait_until, Daemon};
 use support::smtp_server::{CertKind, Fault, Received, ServerOptions, TestCa, TestServer, Tls};
 
 /// Upper bound for mail that should go out now; generous for a loaded CI box.
@@ -128,25 +128,6 @@ fn sent_verb(server: &TestServer, verb: &str) -> bool {
     commands(server)
         .iter()
         .any(|c| c.to_ascii_uppercase().starts_with(verb))
-}
-
-fn str_of<'a>(entry: &'a Value, key: &str) -> &'a str {
-    entry[key].as_str().unwrap_or("")
-}
-
-fn attempts(entry: &Value) -> u64 {
-    entry["attempts"].as_u64().unwrap_or(0)
-}
-
-fn recipients(entry: &Value) -> Vec<String> {
-    entry["recipients"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|v| v.as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// Waits until the tenant's one queued message has been tried; returns it.

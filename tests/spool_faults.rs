@@ -17,7 +17,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use serde_json::Value;
-use support::harness::{closed_port, Daemon, Run, PBXMAIL};
+use support::harness::{closed_port, str_of, Daemon, Run, PBXMAIL};
 use support::smtp_server::{Fault, ServerOptions, TestServer};
 
 /// Upper bound for mail that should go out now; generous for a loaded CI box.
@@ -58,10 +58,6 @@ fn message(to: &str, body: &str) -> Vec<u8> {
 fn submit(daemon: &Daemon, to: &str) {
     let run = daemon.sendmail(&["-i", to], &message(to, &format!("body for {to}")));
     assert_eq!(run.code, 0, "sendmail {to} failed: {}", run.stderr);
-}
-
-fn str_of<'a>(entry: &'a Value, key: &str) -> &'a str {
-    entry[key].as_str().unwrap_or("")
 }
 
 /// Submits one message per recipient with the daemon stopped and returns the

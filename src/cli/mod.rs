@@ -110,3 +110,22 @@ fn load_config(path: &std::path::Path) -> Result<Config, Exit> {
         }
     }
 }
+
+/// The tenant named on the command line, or the message and exit code for its absence.
+fn find_tenant<'a>(
+    config: &'a Config,
+    name: &str,
+    command: &str,
+) -> Result<&'a crate::config::TenantConfig, Exit> {
+    config
+        .tenants
+        .iter()
+        .find(|t| t.name.as_str() == name)
+        .ok_or_else(|| {
+            eprintln!(
+                "pbxmail {command}: no tenant named {name:?} in {}",
+                config.path.display()
+            );
+            Exit::Usage
+        })
+}

@@ -26,16 +26,9 @@ pub fn run(args: &[String]) -> Exit {
         Ok(config) => config,
         Err(code) => return code,
     };
-    let Some(tenant) = config
-        .tenants
-        .iter()
-        .find(|t| t.name.as_str() == tenant_name)
-    else {
-        eprintln!(
-            "pbxmail oauth: no tenant named {tenant_name:?} in {}",
-            path.display()
-        );
-        return Exit::Usage;
+    let tenant = match super::find_tenant(&config, &tenant_name, "oauth") {
+        Ok(tenant) => tenant,
+        Err(code) => return code,
     };
     if tenant.auth != AuthMode::XOAuth2 {
         eprintln!("pbxmail oauth: tenant {tenant_name} does not use auth = xoauth2");

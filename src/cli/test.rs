@@ -61,17 +61,9 @@ pub fn run(args: &[String]) -> Exit {
         Ok(config) => config,
         Err(code) => return code,
     };
-    let Some(tenant) = config
-        .tenants
-        .iter()
-        .find(|t| t.name.as_str() == args.tenant)
-    else {
-        eprintln!(
-            "pbxmail test: no tenant named {:?} in {}",
-            args.tenant,
-            path.display()
-        );
-        return Exit::Usage;
+    let tenant = match super::find_tenant(&config, &args.tenant, "test") {
+        Ok(tenant) => tenant,
+        Err(code) => return code,
     };
     let mut settings =
         match ClientSettings::for_tenant(tenant, &config.daemon, &tls::system_roots()) {

@@ -287,3 +287,24 @@ impl Drop for Daemon {
         }
     }
 }
+
+// Reading `pbxmail queue --json` entries.
+
+pub fn str_of<'a>(entry: &'a serde_json::Value, key: &str) -> &'a str {
+    entry[key].as_str().unwrap_or("")
+}
+
+pub fn attempts(entry: &serde_json::Value) -> u64 {
+    entry["attempts"].as_u64().unwrap_or(0)
+}
+
+pub fn recipients(entry: &serde_json::Value) -> Vec<String> {
+    entry["recipients"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
