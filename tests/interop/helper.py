@@ -146,14 +146,26 @@ def compare(stored, sent_paths, kind):
     return ok
 
 
-def queue_entries(pbxmail, config, sender):
+def all_entries(pbxmail, config):
     out = subprocess.run(
         [pbxmail, "queue", "-c", config, "--json"],
         capture_output=True, timeout=20, check=False,
     )
     if out.returncode != 0:
         raise RuntimeError(f"pbxmail queue exited {out.returncode}: {out.stderr.decode(errors='replace').strip()}")
-    return [e for e in json.loads(out.stdout or b"[]") if e.get("sender") == sender]
+    return json.loads(out.stdout or b"[]")
+
+
+def queue_entries(pbxmail, config, sender):
+    return [e for e in all_entries(pbxmail, config) if e.get("sender") == sender]
+
+
+def bounces_to(pbxmail, config, sender):
+    """Bounces (null sender) addressed to `sender`."""
+    return [
+        e for e in all_entries(pbxmail, config)
+        if e.get("sender") == "" and sender in (e.get("recipients") or [])
+    ]
 
 
 def wait_queue(pbxmail, config, sender, expect, secs):
@@ -168,6 +180,15 @@ def wait_queue(pbxmail, config, sender, expect, secs):
                 return True
             if expect == "failed" and entries and all(e["state"] == "failed" for e in entries):
                 break
+            # A 5xx bounces the message to its sender through the same relay;
+            # a relay that refuses everything refuses the bounce too, and with
+            # no postmaster configured the bounce stays failed.
+            if expect == "bounced" and not entries:
+                bounces = bounces_to(pbxmail, config, sender)
+                if bounces and all(b["state"] == "failed" for b in bounces):
+                    entries = bounces
+                    print("  queue: the message was bounced; its bounce was refused too and stays failed")
+                    break
             if expect == "deferred" and entries and all(
                 e["state"] == "deferred" and int(e.get("attempts") or 0) >= 1 for e in entries
             ):

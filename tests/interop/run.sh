@@ -257,13 +257,13 @@ log "Postfix $(postconf -c "$CONF" -h mail_version) running (master PID $(tr -d 
 # name|flags|expected pbxmail queue state for its mail
 SINK_CASES=(
     "sink-ok||gone"
-    "sink-rcpt-5xx|-f RCPT|failed"
+    "sink-rcpt-5xx|-f RCPT|bounced"
     "sink-rcpt-4xx|-r RCPT|deferred"
-    "sink-dot-5xx|-f .|failed"
+    "sink-dot-5xx|-f .|bounced"
     "sink-dot-4xx|-r .|deferred"
     "sink-data-drop|-q DATA|deferred"
     "sink-mail-421|-Q MAIL|deferred"
-    "sink-data-abort|-A 0|failed"
+    "sink-data-abort|-A 0|bounced"
 )
 declare -A SINK_PORT
 i=2
@@ -466,10 +466,10 @@ for t in starttls implicit; do
 done
 
 echo "--- pbxmail queue, pf-noauth (no AUTH: Postfix refuses the recipient) ---"
-if python3 "$HELPER" queue "$PBXMAIL" "$CONFIG" "100@pf-noauth.pbx.test" failed "$WAIT"; then
-    pass "pf-noauth: Postfix's 5xx relay refusal left the message failed, not delivered"
+if python3 "$HELPER" queue "$PBXMAIL" "$CONFIG" "100@pf-noauth.pbx.test" bounced "$WAIT"; then
+    pass "pf-noauth: Postfix's 5xx relay refusal bounced the message (not delivered)"
 else
-    fail "pf-noauth: expected state failed after Postfix's 5xx"
+    fail "pf-noauth: expected the message bounced after Postfix's 5xx"
 fi
 echo "--- pbxmail queue, pf-badauth (wrong password: AUTH fails with 535) ---"
 if python3 "$HELPER" queue "$PBXMAIL" "$CONFIG" "100@pf-badauth.pbx.test" kept "$WAIT"; then
