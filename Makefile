@@ -2,7 +2,7 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR = never
 
-.PHONY: all build release test unit integration demo lint fmt clean interop bench
+.PHONY: all build release test unit integration demo lint fmt clean interop bench archive-interop
 
 all: build
 
@@ -51,3 +51,28 @@ bench:
 	bash tests/bench/run.sh
 	bash tests/bench/isolation.sh
 	bash tests/bench/memory.sh
+	bash tests/bench/archive.sh
+
+# Packages (see packaging/README-install.md): .deb and .rpm built with
+# dpkg-deb and rpmbuild from one staged tree (packaging/build.sh says why),
+# for amd64 and, where the Rust target and cross linker are installed, arm64.
+# Output in target/packages/. package-test installs the .deb into a clean
+# debootstrapped Debian 12, runs the daemon, delivers a message, purges.
+.PHONY: deb rpm package-test
+deb:
+	bash packaging/build.sh deb
+
+rpm:
+	bash packaging/build.sh rpm
+
+package-test:
+	bash packaging/package-test.sh
+
+# The journal archive over IMAP: installs Dovecot from Debian's packages (as
+# root, when missing) and runs a private instance on 127.0.0.1 with the
+# shipped packaging/dovecot/ configuration; Python's imaplib, as the tenant's
+# administrator, lists and fetches the archived mail and cannot change it.
+# See tests/archive_interop/run.sh.
+archive-interop:
+	$(CARGO) build --locked --bin pbxmail --example smtp_sink
+	bash tests/archive_interop/run.sh

@@ -168,6 +168,8 @@ pub fn append(path: &Path, entry: Entry, time: u64) -> io::Result<Record> {
         .mode(0o640)
         .open(path)?;
     file.lock()?;
+    // A record torn by a power cut would swallow this one; nothing acted on it.
+    crate::spool::cut_torn_tail(&mut file)?;
     let last = last_record(&mut file)?;
     let mut record = Record {
         seq: last.as_ref().map_or(1, |r| r.seq + 1),
@@ -195,6 +197,24 @@ mod tests {
             size: n,
             sha256: "00".into(),
         }
+    }
+
+    #[test]
+    fn a_torn_tail_is_cut_before_the_next_record() {
+        let dir = std::env::temp_dir().join(format!("pbxmail-journal-torn-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("journal");
+        append(&path, archived(1), 10).unwrap();
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(b"99 deadbeef {\"seq\":2").unwrap();
+        drop(f);
+        let next = append(&path, archived(3), 12).unwrap();
+        assert_eq!(next.seq, 2);
+        let records = read_all(&path).unwrap();
+        assert_eq!(records.len(), 2);
+        assert!(records.iter().all(|r| matches!(r, Line::Record(_))));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

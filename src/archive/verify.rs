@@ -81,9 +81,19 @@ fn index(
                 ),
             });
         } else if record.seq > expected_seq || record.prev != expected_prev {
+            let missing = if record.seq > expected_seq + 1 {
+                format!("records {} to {}", expected_seq, record.seq - 1)
+            } else if record.seq > expected_seq {
+                format!("record {expected_seq}")
+            } else {
+                "a record".to_string()
+            };
             findings.push(Finding {
                 problem: Problem::RemovedRecord,
-                what: format!("record(s) before record {} are missing", record.seq),
+                what: format!(
+                    "{missing} removed from the journal before record {} (their files show as Added)",
+                    record.seq
+                ),
             });
         }
         expected_prev = record.hash.clone();

@@ -570,8 +570,10 @@ impl Drop for Submission {
     }
 }
 
-/// Truncates `file` after its last newline if it does not end with one.
-fn cut_torn_tail(file: &mut File) -> io::Result<()> {
+/// Truncates `file` after its last newline if it does not end with one: a
+/// record torn by a crash mid-append, never acted on (spool envelopes and
+/// the archive journal share this framing).
+pub fn cut_torn_tail(file: &mut File) -> io::Result<()> {
     use std::io::{Read, Seek, SeekFrom};
     let len = file.metadata()?.len();
     if len == 0 {
