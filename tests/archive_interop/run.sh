@@ -240,25 +240,31 @@ log "dovecot: private instance on 127.0.0.1:$IMAP_PORT"
 # ---------------------------------------------------------------------------
 # 5. The IMAP checks, then the archive must be untouched
 FAILED=0
+CHECKS=$WORK/checks.log
 python3 "$HERE/imap_check.py" --port "$IMAP_PORT" --user admin@acme --password "$PASSWORD" \
-    --archive "$ARCHIVE/acme" --expect 101=vm-101-a,vm-101-b --expect 102=vm-102-a || FAILED=1
+    --archive "$ARCHIVE/acme" --expect 101=vm-101-a,vm-101-b --expect 102=vm-102-a | tee "$CHECKS" ||
+    FAILED=1
+((${PIPESTATUS[0]} == 0)) || FAILED=1
 
 snapshot >"$WORK/archive.after"
 if diff -u "$WORK/archive.before" "$WORK/archive.after"; then
-    echo "PASS archive unchanged: same files, modes, owners, sizes and SHA-256 as before Dovecot ran"
+    echo "PASS archive unchanged: same files, modes, owners, sizes and SHA-256 as before Dovecot ran" | tee -a "$CHECKS"
 else
-    echo "FAIL archive changed while Dovecot served it (diff above)"
+    echo "FAIL archive changed while Dovecot served it (diff above)" | tee -a "$CHECKS"
     FAILED=1
 fi
 if out=$("$PBXMAIL" archive verify -c "$WORK/pbxmail.ini" 2>&1); then
-    echo "PASS pbxmail archive verify: $out"
+    echo "PASS pbxmail archive verify: $out" | tee -a "$CHECKS"
 else
-    echo "FAIL pbxmail archive verify: $out"
+    echo "FAIL pbxmail archive verify: $out" | tee -a "$CHECKS"
     FAILED=1
 fi
 if grep -E 'Error|Fatal|Panic' "$DC/dovecot.log" | grep -v 'acl' >"$WORK/dovecot.errors"; then
     echo "note: Dovecot logged errors:"
     sed 's/^/  | /' "$WORK/dovecot.errors"
 fi
-((FAILED == 0)) || die "some checks failed"
+npass=$(grep -c '^PASS' "$CHECKS" || true)
+nfail=$(grep -c '^FAIL' "$CHECKS" || true)
+((FAILED == 0)) || { echo "archive-interop: $npass passed, $nfail failed"; die "some checks failed"; }
 log "PASS: all checks"
+echo "archive-interop: $npass passed, $nfail failed"
