@@ -53,7 +53,7 @@ bench:
 	bash tests/bench/memory.sh
 	bash tests/bench/archive.sh
 
-# Packages (see packaging/README-install.md): .deb and .rpm built with
+# Packages (see README.md, "Install, configure, start, upgrade, remove"): .deb and .rpm built with
 # dpkg-deb and rpmbuild from one staged tree (packaging/build.sh says why),
 # for amd64 and, where the Rust target and cross linker are installed, arm64.
 # Output in target/packages/. package-test installs the .deb into a clean

@@ -15,6 +15,7 @@ mod dispatch;
 mod intake;
 mod oauth;
 mod outcome;
+mod privilege;
 mod smtp;
 mod spool;
 mod tenant;

@@ -51,6 +51,18 @@ pub fn run(args: Vec<String>) -> Exit {
         .map(|a| a.rsplit('/').next().unwrap_or(a).to_string())
         .unwrap_or_default();
     let rest = args.get(1..).unwrap_or_default();
+    // Installed setgid for submission only: everything else runs as the caller.
+    let command = rest.first().map(String::as_str);
+    let chosen_config = rest
+        .iter()
+        .any(|a| a.starts_with("-C") || a == "-c" || a == "--config")
+        || std::env::var_os("PBXMAIL_CONFIG").is_some();
+    if !crate::privilege::keeps_group(&program, command) || chosen_config {
+        if let Err(e) = crate::privilege::drop_group() {
+            eprintln!("pbxmail: cannot drop the setgid group: {e}");
+            return Exit::Software;
+        }
+    }
     match program.as_str() {
         "sendmail" => return sendmail::run(rest),
         "mailq" => return queue::run(rest),

@@ -148,14 +148,17 @@ impl Spool {
     }
 
     /// Creates the folders if missing (the daemon at start; packages make them too).
+    /// Submitters write as members of the spool's group (sendmail is setgid),
+    /// so tmp/ and queue/ are group-writable and setgid: what is made inside
+    /// keeps the group.
     pub fn create_layout(&self) -> Result<()> {
-        for dir in [
-            self.root.clone(),
-            self.tmp_dir(),
-            self.queue_dir(),
-            self.quarantine_dir(),
+        for (dir, mode) in [
+            (self.root.clone(), 0o2750),
+            (self.tmp_dir(), 0o2770),
+            (self.queue_dir(), 0o2770),
+            (self.quarantine_dir(), 0o2750),
         ] {
-            fs::create_dir_all(&dir).map_err(SpoolError::io(&dir))?;
+            make_dir(&dir, mode)?;
         }
         Ok(())
     }
@@ -432,6 +435,7 @@ impl Spool {
             other => other,
         }
         .map_err(SpoolError::io(&path))?;
+        group_writable(&file).map_err(SpoolError::io(&path))?;
         // Held until this process closes the file: recovery leaves it alone.
         file.lock().map_err(SpoolError::io(&path))?;
         Ok((id, path, file))
@@ -547,7 +551,7 @@ impl Submission {
     fn move_into_queue(&self, tenant: &str, tmp_env: &Path) -> Result<()> {
         let dir = self.spool.tenant_dir(tenant);
         if !dir.is_dir() {
-            fs::create_dir_all(&dir).map_err(SpoolError::io(&dir))?;
+            make_dir(&dir, 0o2770)?;
             sync_dir(&self.spool.queue_dir())?;
         }
         let msg = self.spool.message_path(tenant, &self.id);
@@ -603,8 +607,26 @@ fn write_new_file(path: &Path, fill: impl FnOnce(&mut File) -> io::Result<()>) -
         .create_new(true)
         .open(path)
         .map_err(SpoolError::io(path))?;
+    group_writable(&file).map_err(SpoolError::io(path))?;
     fill(&mut file).map_err(SpoolError::io(path))?;
     file.sync_all().map_err(SpoolError::io(path))
+}
+
+/// 0660 whatever the submitter's umask: the daemon (the spool's group) appends
+/// delivery results to envelopes that a PBX user's sendmail created.
+fn group_writable(file: &File) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    file.set_permissions(fs::Permissions::from_mode(0o660))
+}
+
+/// Creates a spool folder with its mode (setgid keeps the spool's group below).
+fn make_dir(dir: &Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    fs::create_dir_all(dir).map_err(SpoolError::io(dir))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(mode)).map_err(SpoolError::io(dir))
 }
 
 /// A rename or unlink is durable only once its directory is fsynced.

@@ -1,0 +1,231 @@
+//! sendmail for a PBX process outside the pbxmail group, as the packages
+//! install it: the binary setgid to the mail group, the configuration
+//! 0640 root:group, the spool 2770 group-writable. Needs root (CI runs as
+//! root) to make the group, the setgid copy and to switch users.
+
+mod support;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+use support::harness::wait_until;
+use support::smtp_server::{ServerOptions, TestServer};
+
+const GROUP: &str = "pbxtest-mail";
+const DAEMON_USER: &str = "daemon";
+const SUBMITTER: &str = "nobody";
+
+fn sh(cmd: &str, args: &[&str]) -> Output {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"))
+}
+
+fn is_root() -> bool {
+    String::from_utf8_lossy(&sh("id", &["-u"]).stdout).trim() == "0"
+}
+
+/// Runs `bin args` as `user` (primary group `group`, no supplementary groups).
+fn as_user(user: &str, group: &str, bin: &Path, args: &[&str], stdin: &[u8]) -> Output {
+    let mut child = Command::new("setpriv")
+        .args(["--reuid", user, "--regid", group, "--clear-groups", "--"])
+        .arg(bin)
+        .args(args)
+        .env_remove("PBXMAIL_CONFIG")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("setpriv");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin)
+        .expect("write stdin");
+    child.wait_with_output().expect("wait")
+}
+
+struct Setup {
+    dir: PathBuf,
+    bin: PathBuf,
+    sendmail: PathBuf,
+    config: PathBuf,
+    spool: PathBuf,
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn setup(name: &str, server: &TestServer) -> Setup {
+    assert!(
+        is_root(),
+        "this test installs a setgid binary and switches users: run it as root (CI does)"
+    );
+    let out = sh("groupadd", &["-f", GROUP]);
+    assert!(out.status.success(), "groupadd: {out:?}");
+    // Under /var/tmp, not a temp dir mounted nosuid.
+    let dir = PathBuf::from(format!(
+        "/var/tmp/pbxmail-priv-{name}-{}",
+        std::process::id()
+    ));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap();
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = dir.join("pbxmail");
+    fs::copy(env!("CARGO_BIN_EXE_pbxmail"), &bin).unwrap();
+    sh("chown", &[&format!("root:{GROUP}"), bin.to_str().unwrap()]);
+    fs::set_permissions(&bin, fs::Permissions::from_mode(0o2755)).unwrap();
+    let sendmail = dir.join("sendmail");
+    std::os::unix::fs::symlink(&bin, &sendmail).unwrap();
+
+    let spool = dir.join("spool");
+    fs::create_dir(&spool).unwrap();
+    sh(
+        "chown",
+        &[&format!("root:{GROUP}"), spool.to_str().unwrap()],
+    );
+    fs::set_permissions(&spool, fs::Permissions::from_mode(0o2770)).unwrap();
+    let config = dir.join("pbxmail.ini");
+    fs::write(
+        &config,
+        format!(
+            "[daemon]\nspool_dir = {}\ncontrol_socket = {}/control.sock\nhostname = pbx.test\nretry_min = 1s\n\
+             [tenant:acme]\ndomains = acme.test\nrelay = 127.0.0.1:{}\ntls = none\n\
+             password = not-for-nobody\nusername = u\nauth = none\n",
+            spool.display(),
+            spool.display(),
+            server.port()
+        ),
+    )
+    .unwrap();
+    sh(
+        "chown",
+        &[&format!("root:{GROUP}"), config.to_str().unwrap()],
+    );
+    fs::set_permissions(&config, fs::Permissions::from_mode(0o640)).unwrap();
+    Setup {
+        dir,
+        bin,
+        sendmail,
+        config,
+        spool,
+    }
+}
+
+#[test]
+fn a_user_outside_the_group_submits_and_the_daemon_delivers() {
+    let server = TestServer::start(ServerOptions::default(), None);
+    let s = setup("submit", &server);
+    let config = s.config.to_str().unwrap();
+    // Choosing a config drops the group first (a setgid -C could otherwise
+    // read any file the group may read), so nobody gets EX_CONFIG here.
+    let out = as_user(
+        SUBMITTER,
+        "nogroup",
+        &s.sendmail,
+        &["-C", config, "-i", "a@example.com"],
+        b"From: 101@acme.test\nSubject: from nobody\n\nhello\n",
+    );
+    // -C chooses a config: the group is dropped first, so nobody cannot read it.
+    assert_eq!(
+        out.status.code(),
+        Some(78),
+        "-C must not read a group-only file: {out:?}"
+    );
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("not-for-nobody"));
+
+    // The installed way: the default config path. A setgid run keeps the group for it.
+    let default = Path::new("/etc/pbxmail/pbxmail.ini");
+    let installed_here = !default.exists();
+    if installed_here {
+        fs::create_dir_all("/etc/pbxmail").unwrap();
+        fs::copy(&s.config, default).unwrap();
+        sh(
+            "chown",
+            &[&format!("root:{GROUP}"), default.to_str().unwrap()],
+        );
+        fs::set_permissions(default, fs::Permissions::from_mode(0o640)).unwrap();
+    }
+    struct RemoveOnDrop(bool);
+    impl Drop for RemoveOnDrop {
+        fn drop(&mut self) {
+            if self.0 {
+                let _ = fs::remove_file("/etc/pbxmail/pbxmail.ini");
+                let _ = fs::remove_dir("/etc/pbxmail");
+            }
+        }
+    }
+    let _cleanup = RemoveOnDrop(installed_here);
+    assert!(
+        installed_here,
+        "/etc/pbxmail/pbxmail.ini exists on this machine; this test will not touch it"
+    );
+
+    let out = as_user(
+        SUBMITTER,
+        "nogroup",
+        &s.sendmail,
+        &["-i", "a@example.com"],
+        b"From: 101@acme.test\nSubject: from nobody\n\nhello\n",
+    );
+    assert_eq!(out.status.code(), Some(0), "sendmail as nobody: {out:?}");
+
+    // Spooled 0660 in the group, owned by the submitter.
+    let tenant_dir = s.spool.join("queue/acme");
+    let entries: Vec<_> = fs::read_dir(&tenant_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(entries.len(), 2, "{entries:?}");
+    for path in &entries {
+        let mode = fs::metadata(path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o660, "{}", path.display());
+    }
+
+    // mailq keeps the group to list; other commands drop it.
+    let out = as_user(SUBMITTER, "nogroup", &s.bin, &["queue"], b"");
+    assert_eq!(out.status.code(), Some(0), "queue as nobody: {out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("101@acme.test"));
+    let out = as_user(SUBMITTER, "nogroup", &s.bin, &["check-config"], b"");
+    assert_eq!(
+        out.status.code(),
+        Some(78),
+        "check-config as nobody must not read the config: {out:?}"
+    );
+
+    // The daemon as an unprivileged member of the group delivers it.
+    let mut daemon = Command::new("setpriv")
+        .args([
+            "--reuid",
+            DAEMON_USER,
+            "--regid",
+            GROUP,
+            "--clear-groups",
+            "--",
+        ])
+        .arg(&s.bin)
+        .args(["daemon", "-c", config])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("daemon");
+    let got = server.wait_for_messages(1, Duration::from_secs(10));
+    assert_eq!(got.len(), 1, "the daemon delivered nobody's message");
+    assert!(wait_until(Duration::from_secs(5), || fs::read_dir(
+        &tenant_dir
+    )
+    .map(|d| d.count() == 0)
+    .unwrap_or(false)));
+    let _ = Command::new("kill")
+        .args(["-TERM", &daemon.id().to_string()])
+        .status();
+    let _ = daemon.wait();
+}
