@@ -12,8 +12,19 @@ pub fn for_reply(reply: &Reply, relay_host: &str) -> Option<String> {
     let lower = text.to_ascii_lowercase();
     let enhanced = reply.enhanced().unwrap_or_default();
     let gmail = relay_host.ends_with("gmail.com") || relay_host.ends_with("googlemail.com");
+    if lower.contains("oauth error from the relay") {
+        let advice = if lower.contains("\"status\":\"400\"") {
+            "the relay refused the OAuth token for this mailbox or scope (400): check that username \
+             is the mailbox that signed in, and oauth_scope (Google: https://mail.google.com/; \
+             Microsoft 365: https://outlook.office.com/SMTP.Send)"
+        } else {
+            "the relay refused the OAuth access token (expired, revoked or for another mailbox): \
+             run `pbxmail oauth login --tenant T` again and sign in as the mailbox in username"
+        };
+        return Some(advice.to_string());
+    }
     let advice = match (reply.code.0, enhanced) {
-        (535, "5.7.139") | (550, "5.7.30") => {
+        (_, "5.7.139" | "5.7.30") => {
             "Microsoft 365 refuses password sign-in (basic authentication) for this mailbox: \
              enable Authenticated SMTP for it in the Microsoft 365 admin center, or switch the \
              tenant to OAuth (auth = xoauth2)"
@@ -122,6 +133,21 @@ mod tests {
                 "larger",
             ),
         ];
+        let google = reply(535, "5.7.8 Username and Password not accepted");
+        let mut google = google;
+        google
+            .lines
+            .push(r#"(OAuth error from the relay: {"status":"401","schemes":"bearer","scope":"https://mail.google.com/"})"#.into());
+        assert!(for_reply(&google, "smtp.gmail.com")
+            .unwrap_or_default()
+            .contains("oauth login"));
+        let basic_off = reply(
+            535,
+            "5.7.30 Basic authentication is not supported for Client Submission",
+        );
+        assert!(for_reply(&basic_off, "smtp.office365.com")
+            .unwrap_or_default()
+            .contains("Microsoft 365"));
         for (reply, host, expected) in cases {
             let advice = for_reply(&reply, host).unwrap_or_default();
             assert!(advice.contains(expected), "{reply}: {advice}");

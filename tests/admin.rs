@@ -9,15 +9,14 @@
 
 mod support;
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
 use serde_json::Value;
-use support::harness::{closed_port, str_of, wait_until, Daemon, Run, PBXMAIL};
+use support::harness::{closed_port, str_of, wait_until, Daemon, Run, Running, PBXMAIL};
 use support::smtp_server::{Fault, Received, ServerOptions, TestCa, TestServer, Tls};
 
 /// Upper bound for mail that should go out now; generous for a loaded CI box.
@@ -288,87 +287,6 @@ fn deferred_messages(daemon: &Daemon, subjects: &[&str]) -> (Running, Vec<String
 // ---------------------------------------------------------------------------
 // The daemon as a child process with an environment of the test's choosing.
 // ---------------------------------------------------------------------------
-
-/// `pbxmail daemon -c FILE`, stderr appended to the harness's daemon.log (so
-/// a failing test prints it). Killed on drop.
-struct Running {
-    child: Option<Child>,
-}
-
-impl Running {
-    fn start(daemon: &Daemon) -> Running {
-        Running::start_with_env(daemon, &[])
-    }
-
-    /// Spawns the daemon with `env` added and waits until both of its sockets
-    /// exist (the control socket is bound before the pickup socket).
-    fn start_with_env(daemon: &Daemon, env: &[(&str, &str)]) -> Running {
-        let log = File::options()
-            .create(true)
-            .append(true)
-            .open(daemon.dir().join("daemon.log"))
-            .expect("open daemon log");
-        let mut command = Command::new(PBXMAIL);
-        command
-            .arg("daemon")
-            .arg("-c")
-            .arg(daemon.config_path())
-            .env_remove("PBXMAIL_CONFIG")
-            .env_remove("PBXMAIL_LOG")
-            .env_remove("JOURNAL_STREAM")
-            .env_remove("PBXMAIL_DEBUG_PANIC_ONCE")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log));
-        for (key, value) in env {
-            command.env(key, value);
-        }
-        let child = command.spawn().expect("spawn pbxmail daemon");
-        let mut running = Running { child: Some(child) };
-        let pickup = daemon.spool_dir().join("pickup.sock");
-        let control = control_socket(daemon);
-        let ready = wait_until(ARRIVAL, || {
-            !running.is_running() || (pickup.exists() && control.exists())
-        });
-        assert!(running.is_running(), "daemon exited during start-up");
-        assert!(ready, "daemon did not create its sockets in time");
-        running
-    }
-
-    /// SIGTERM, then waits (bounded) for the exit.
-    fn stop(&mut self) {
-        let mut child = self.child.take().expect("daemon running");
-        let sent = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(sent.success(), "kill -TERM failed");
-        let stopped = wait_until(Duration::from_secs(12), || {
-            matches!(child.try_wait(), Ok(Some(_)))
-        });
-        if !stopped {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("daemon did not stop after SIGTERM");
-        }
-    }
-
-    fn is_running(&mut self) -> bool {
-        match self.child.as_mut() {
-            Some(child) => matches!(child.try_wait(), Ok(None)),
-            None => false,
-        }
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
 
 // ---------------------------------------------------------------------------
 // status

@@ -9,13 +9,15 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::fs::File;
+
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::harness::{attempts, closed_port, recipients, str_of, wait_until, Daemon, PBXMAIL};
+use support::harness::{
+    attempts, closed_port, recipients, str_of, wait_until, Daemon, Running, PBXMAIL,
+};
 use support::smtp_server::{Fault, Received, ServerOptions, TestServer};
 
 /// Upper bound for mail that should go out now; generous for a loaded CI box.
@@ -142,103 +144,6 @@ fn count_commands(server: &TestServer, prefix: &str) -> usize {
 // ---------------------------------------------------------------------------
 // The daemon as a child process we can signal.
 // ---------------------------------------------------------------------------
-
-/// `pbxmail daemon -c FILE`, stderr appended to the harness's daemon.log (so
-/// a failing test prints it). Killed on drop if still running.
-struct Running {
-    child: Option<Child>,
-}
-
-impl Running {
-    /// Spawns the daemon and waits until its pickup socket exists.
-    fn start(daemon: &Daemon) -> Running {
-        Running::start_with_env(daemon, &[])
-    }
-
-    fn start_with_env(daemon: &Daemon, env: &[(&str, &str)]) -> Running {
-        let log = File::options()
-            .create(true)
-            .append(true)
-            .open(daemon.dir().join("daemon.log"))
-            .expect("open daemon log");
-        let mut command = Command::new(PBXMAIL);
-        command
-            .arg("daemon")
-            .arg("-c")
-            .arg(daemon.config_path())
-            .env_remove("PBXMAIL_CONFIG")
-            .env_remove("PBXMAIL_LOG")
-            .env_remove("JOURNAL_STREAM")
-            .env_remove("PBXMAIL_DEBUG_PANIC_ONCE")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log));
-        for (key, value) in env {
-            command.env(key, value);
-        }
-        let child = command.spawn().expect("spawn pbxmail daemon");
-        let mut running = Running { child: Some(child) };
-        let socket = daemon.spool_dir().join("pickup.sock");
-        let ready = wait_until(ARRIVAL, || !running.is_running() || socket.exists());
-        assert!(running.is_running(), "daemon exited during start-up");
-        assert!(ready, "daemon did not create {} in time", socket.display());
-        running
-    }
-
-    fn pid(&self) -> String {
-        self.child
-            .as_ref()
-            .expect("daemon running")
-            .id()
-            .to_string()
-    }
-
-    fn signal(&self, signal: &str) {
-        let sent = Command::new("kill")
-            .args([signal, &self.pid()])
-            .status()
-            .expect("run kill");
-        assert!(sent.success(), "kill {signal} failed");
-    }
-
-    /// SIGHUP: re-read the config.
-    fn reload(&self) {
-        self.signal("-HUP");
-    }
-
-    fn is_running(&mut self) -> bool {
-        match self.child.as_mut() {
-            Some(child) => matches!(child.try_wait(), Ok(None)),
-            None => false,
-        }
-    }
-
-    /// SIGTERM, then waits at most `timeout` for the exit.
-    fn stop_within(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        self.signal("-TERM");
-        let mut status = None;
-        wait_until(timeout, || {
-            status = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten());
-            status.is_some()
-        });
-        if status.is_some() {
-            self.child = None;
-        }
-        status
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
 
 // ---------------------------------------------------------------------------
 // A small RFC 3464 reader: enough MIME to check a bounce's structure.

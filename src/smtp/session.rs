@@ -341,7 +341,19 @@ impl<S: Transport> Session<S> {
             &format!("AUTH {name} {}", BASE64.encode(payload)),
         )?;
         if reply.code.0 == 334 {
-            let refusal = self.command(Phase::Auth, end_exchange)?;
+            // The challenge is the provider's reason, base64 JSON, e.g. Google's
+            // {"status":"401","schemes":"bearer","scope":"https://mail.google.com/"}.
+            let reason = reply
+                .lines
+                .first()
+                .and_then(|l| BASE64.decode(l.trim()).ok())
+                .map(|b| String::from_utf8_lossy(&b).into_owned());
+            let mut refusal = self.command(Phase::Auth, end_exchange)?;
+            if let Some(reason) = reason {
+                refusal
+                    .lines
+                    .push(format!("(OAuth error from the relay: {reason})"));
+            }
             return Err(SessionError::Rejected(Phase::Auth, refusal));
         }
         if reply.code.0 != 235 {
@@ -961,7 +973,10 @@ mod tests {
                 587,
             )
             .unwrap_err();
-        assert!(matches!(err, SessionError::Rejected(Phase::Auth, r) if r.code.0 == 535));
+        assert!(
+            matches!(&err, SessionError::Rejected(Phase::Auth, r) if r.code.0 == 535 && r.summary().contains(r#"{"status":"401"}"#)),
+            "{err:?}"
+        );
         assert!(written(s).ends_with("\r\nAQ==\r\n"));
     }
 

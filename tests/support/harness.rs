@@ -308,3 +308,108 @@ pub fn recipients(entry: &serde_json::Value) -> Vec<String> {
         })
         .unwrap_or_default()
 }
+
+/// A daemon the test starts itself, for an environment of its own and for
+/// signals (SIGHUP, SIGTERM). Its stderr goes to the harness's `daemon.log`.
+pub struct Running {
+    child: Option<Child>,
+}
+
+impl Running {
+    /// Spawns the daemon and waits until its pickup socket exists (bound last).
+    pub fn start(daemon: &Daemon) -> Running {
+        Running::start_with_env(daemon, &[])
+    }
+
+    pub fn start_with_env(daemon: &Daemon, env: &[(&str, &str)]) -> Running {
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(daemon.dir().join("daemon.log"))
+            .expect("open daemon log");
+        let mut command = Command::new(PBXMAIL);
+        command
+            .arg("daemon")
+            .arg("-c")
+            .arg(daemon.config_path())
+            .env_remove("PBXMAIL_CONFIG")
+            .env_remove("PBXMAIL_LOG")
+            .env_remove("JOURNAL_STREAM")
+            .env_remove("PBXMAIL_DEBUG_PANIC_ONCE")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log));
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let child = command.spawn().expect("spawn pbxmail daemon");
+        let mut running = Running { child: Some(child) };
+        let socket = daemon.spool_dir().join("pickup.sock");
+        let ready = wait_until(READY_TIMEOUT, || !running.is_running() || socket.exists());
+        assert!(running.is_running(), "daemon exited during start-up");
+        assert!(ready, "daemon did not create {} in time", socket.display());
+        running
+    }
+
+    pub fn pid(&self) -> String {
+        self.child
+            .as_ref()
+            .expect("daemon running")
+            .id()
+            .to_string()
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let sent = Command::new("kill")
+            .args([signal, &self.pid()])
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "kill {signal} failed");
+    }
+
+    /// SIGHUP: re-read the config.
+    pub fn reload(&self) {
+        self.signal("-HUP");
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(child) => matches!(child.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// SIGTERM, then waits at most `timeout` for the exit.
+    pub fn stop_within(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        self.signal("-TERM");
+        let mut status = None;
+        wait_until(timeout, || {
+            status = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            status.is_some()
+        });
+        if status.is_some() {
+            self.child = None;
+        }
+        status
+    }
+
+    /// SIGTERM; the daemon must be gone within 12 s (its grace is 10 s).
+    pub fn stop(&mut self) {
+        assert!(
+            self.stop_within(Duration::from_secs(12)).is_some(),
+            "daemon did not stop after SIGTERM"
+        );
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
