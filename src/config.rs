@@ -892,10 +892,14 @@ fn check_readable_file(path: &Path) -> Result<(), String> {
 
 fn read_password_file(path: &Path) -> Result<Secret, String> {
     let text = std::fs::read_to_string(path).map_err(|e| {
-        format!(
-            "cannot read {}: {e}; check the path and that pbxmail's user may read it",
-            path.display()
-        )
+        // A path is named; anything else is not shown: admins sometimes type
+        // the password itself here.
+        let what = if path.is_absolute() {
+            path.display().to_string()
+        } else {
+            "the file it names (not an absolute path; not shown)".to_string()
+        };
+        format!("cannot read {what}: {e}; check the path and that pbxmail's user may read it")
     })?;
     // Editors add a final newline that is not part of the password.
     let password = text.trim_end_matches(['\n', '\r']);
@@ -1186,10 +1190,23 @@ impl<'a> Section<'a> {
                         .map(|k| format!("; did you mean {k}?"))
                         .unwrap_or_default()
                 };
-                out.error(
-                    entry.line,
-                    format!("{label} unknown key {:?}{hint}", entry.key),
-                );
+                // Only a word that looks like a key is quoted back: a line such
+                // as "S3cret:pw" is a password pasted without its key.
+                let looks_like_key = !entry.key.is_empty()
+                    && entry.key.len() <= 40
+                    && entry
+                        .key
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+                let message = if looks_like_key {
+                    format!("{label} unknown key {:?}{hint}", entry.key)
+                } else {
+                    format!(
+                        "{label} this line is not a known key (not shown: it may be a password \
+                         pasted without \"password =\"); write key = value"
+                    )
+                };
+                out.error(entry.line, message);
                 continue;
             };
             if let Some(first) = values.get(key) {
