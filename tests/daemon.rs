@@ -8,7 +8,9 @@ mod support;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::harness::{attempts, closed_port, recipients, str_of, wait_until, Daemon};
+use support::harness::{
+    attempts, closed_port, commands, plain_tenant, recipients, str_of, tenant, wait_until, Daemon,
+};
 use support::smtp_server::{Received, ServerOptions, TestCa, TestServer, Tls};
 
 /// Upper bound for mail that should go out now; generous for a loaded CI box.
@@ -16,17 +18,6 @@ const ARRIVAL: Duration = Duration::from_secs(10);
 
 const USER: &str = "pbx@acme.test";
 const PASSWORD: &str = "s3cret-pw";
-
-/// One `[tenant:NAME]` section; `extra` holds further `key = value` lines.
-fn tenant(name: &str, domain: &str, relay: &str, extra: &str) -> String {
-    format!("[tenant:{name}]\ndomains = {domain}\nrelay = {relay}\n{extra}\n")
-}
-
-/// A plain tenant section for a `TestServer` without TLS.
-fn plain_tenant(name: &str, domain: &str, server: &TestServer, extra: &str) -> String {
-    let relay = format!("127.0.0.1:{}", server.port());
-    tenant(name, domain, &relay, &format!("tls = none\n{extra}"))
-}
 
 /// A small RFC 5322 message with LF line ends, as a PBX would pipe it in.
 fn message(from: &str, to: &str, subject: &str, body: &str) -> Vec<u8> {
@@ -56,10 +47,6 @@ fn headers(m: &Received) -> String {
     text.split_once("\r\n\r\n")
         .map(|(h, _)| h.to_string())
         .unwrap_or(text)
-}
-
-fn commands(server: &TestServer) -> Vec<String> {
-    server.commands().into_iter().map(|(_, c)| c).collect()
 }
 
 fn sent_verb(server: &TestServer, verb: &str) -> bool {

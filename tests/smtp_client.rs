@@ -11,7 +11,9 @@ use std::net::ToSocketAddrs;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::harness::{attempts, recipients, str_of, wait_until, Daemon};
+use support::harness::{
+    attempts, commands, plain_tenant, recipients, str_of, tenant, wait_until, Daemon,
+};
 use support::smtp_server::{CertKind, Fault, Received, ServerOptions, TestCa, TestServer, Tls};
 
 /// Upper bound for mail that should go out now; generous for a loaded CI box.
@@ -23,17 +25,6 @@ const PASSWORD: &str = "s3cret-pw";
 // ---------------------------------------------------------------------------
 // Helpers.
 // ---------------------------------------------------------------------------
-
-/// One `[tenant:NAME]` section; `extra` holds further `key = value` lines.
-fn tenant(name: &str, domain: &str, relay: &str, extra: &str) -> String {
-    format!("[tenant:{name}]\ndomains = {domain}\nrelay = {relay}\n{extra}\n")
-}
-
-/// A plain tenant section for a `TestServer` without TLS.
-fn plain_tenant(name: &str, domain: &str, server: &TestServer, extra: &str) -> String {
-    let relay = format!("127.0.0.1:{}", server.port());
-    tenant(name, domain, &relay, &format!("tls = none\n{extra}"))
-}
 
 /// A STARTTLS tenant trusting `ca_file`, relay named `localhost` (the name
 /// the test certificates are issued for).
@@ -118,10 +109,6 @@ fn subject(m: &Received) -> String {
         .take_while(|l| !l.is_empty())
         .find_map(|l| l.strip_prefix("Subject: ").map(str::to_string))
         .unwrap_or_default()
-}
-
-fn commands(server: &TestServer) -> Vec<String> {
-    server.commands().into_iter().map(|(_, c)| c).collect()
 }
 
 fn sent_verb(server: &TestServer, verb: &str) -> bool {

@@ -4,6 +4,7 @@
 //! `check-config` runs against the same configuration. Assertions are left
 //! to the tests; this only starts, stops, waits and reads.
 
+use super::smtp_server::TestServer;
 use std::fs::{self, File};
 use std::io::Write;
 use std::net::TcpListener;
@@ -412,4 +413,21 @@ impl Drop for Running {
             let _ = child.wait();
         }
     }
+}
+
+// Writing tenant sections and reading what a test server heard.
+
+/// One `[tenant:NAME]` section; `extra` holds further `key = value` lines.
+pub fn tenant(name: &str, domain: &str, relay: &str, extra: &str) -> String {
+    format!("[tenant:{name}]\ndomains = {domain}\nrelay = {relay}\n{extra}\n")
+}
+
+/// A plain tenant section for a `TestServer` without TLS.
+pub fn plain_tenant(name: &str, domain: &str, server: &TestServer, extra: &str) -> String {
+    let relay = format!("127.0.0.1:{}", server.port());
+    tenant(name, domain, &relay, &format!("tls = none\n{extra}"))
+}
+
+pub fn commands(server: &TestServer) -> Vec<String> {
+    server.commands().into_iter().map(|(_, c)| c).collect()
 }
