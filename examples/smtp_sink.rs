@@ -5,6 +5,8 @@
 //!
 //! Usage: cargo run --example smtp_sink -- --dir DIR
 
+#[path = "../tests/support/observed.rs"]
+mod observed;
 #[allow(dead_code)]
 #[path = "../tests/support/smtp_server.rs"]
 mod smtp_server;

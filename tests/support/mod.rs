@@ -3,4 +3,5 @@
 
 pub mod harness;
 pub mod oauth_server;
+pub mod observed;
 pub mod smtp_server;

@@ -11,7 +11,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -140,44 +140,7 @@ struct State {
     threads: Vec<JoinHandle<()>>,
 }
 
-struct Shared {
-    state: Mutex<State>,
-    changed: Condvar,
-    /// The whole server is going away.
-    stopping: AtomicBool,
-}
-
-impl Shared {
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn update(&self, f: impl FnOnce(&mut State)) {
-        f(&mut self.lock());
-        self.changed.notify_all();
-    }
-
-    fn wait_until<T>(
-        &self,
-        timeout: Duration,
-        done: impl Fn(&State) -> bool,
-        result: impl Fn(&State) -> T,
-    ) -> T {
-        let deadline = Instant::now() + timeout;
-        let mut state = self.lock();
-        loop {
-            let now = Instant::now();
-            if done(&state) || now >= deadline {
-                return result(&state);
-            }
-            state = self
-                .changed
-                .wait_timeout(state, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
-    }
-}
+type Shared = super::observed::Shared<State>;
 
 /// The accept loop of one listener; dropping the listener is going down.
 struct Acceptor {
@@ -202,11 +165,7 @@ impl OAuthServer {
         let addr = listener.local_addr().expect("listener address");
         let server = OAuthServer {
             addr,
-            shared: Arc::new(Shared {
-                state: Mutex::new(State::default()),
-                changed: Condvar::new(),
-                stopping: AtomicBool::new(false),
-            }),
+            shared: Arc::new(Shared::new(State::default())),
             tls: ca.server_config(),
             acceptor: Mutex::new(None),
         };

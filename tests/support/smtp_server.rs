@@ -8,8 +8,8 @@ use std::fs;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -395,44 +395,7 @@ struct State {
     threads: Vec<JoinHandle<()>>,
 }
 
-struct Shared {
-    state: Mutex<State>,
-    changed: Condvar,
-    stopping: AtomicBool,
-}
-
-impl Shared {
-    /// A panicking test thread must not take the server's bookkeeping with it.
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn update(&self, f: impl FnOnce(&mut State)) {
-        f(&mut self.lock());
-        self.changed.notify_all();
-    }
-
-    fn wait_until<T>(
-        &self,
-        timeout: Duration,
-        done: impl Fn(&State) -> bool,
-        result: impl Fn(&State) -> T,
-    ) -> T {
-        let deadline = Instant::now() + timeout;
-        let mut state = self.lock();
-        loop {
-            let now = Instant::now();
-            if done(&state) || now >= deadline {
-                return result(&state);
-            }
-            state = self
-                .changed
-                .wait_timeout(state, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
-    }
-}
+type Shared = super::observed::Shared<State>;
 
 /// A running server; dropping it stops accepting, closes client sockets and
 /// joins its threads.
@@ -454,11 +417,7 @@ impl TestServer {
         };
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
         let addr = listener.local_addr().expect("listener address");
-        let shared = Arc::new(Shared {
-            state: Mutex::new(State::default()),
-            changed: Condvar::new(),
-            stopping: AtomicBool::new(false),
-        });
+        let shared = Arc::new(Shared::new(State::default()));
         let config = Arc::new(ConnConfig {
             opts,
             tls: tls_config,
