@@ -969,6 +969,7 @@ fn permfail_after_data_bounces_and_a_refused_bounce_stays_failed() {
     assert_eq!(recipients(bounce), ["pbx@acme.test"]);
     assert!(str_of(bounce, "last_error").contains("554"), "{bounce:#?}");
     assert!(server.messages().is_empty());
+    assert!(server.wait_for_idle(ARRIVAL), "{:?}", server.commands());
     let commands_at_rest = server.commands().len();
     // No retry of a permanent failure: nothing more is said to the relay.
     let retried = wait_until(Duration::from_secs(3), || {

@@ -753,6 +753,7 @@ fn bounce_refused_by_sender_and_postmaster_stays_failed_and_is_never_bounced() {
     assert_eq!(str_of(bounce, "sender"), "", "{bounce:#?}");
     assert_eq!(recipients(bounce), ["pm@acme.test"], "{bounce:#?}");
     // Nothing more is sent: no retry, no bounce of the bounce.
+    assert!(server.wait_for_idle(ARRIVAL), "{:?}", server.commands());
     let at_rest = server.commands().len();
     let more = wait_until(Duration::from_secs(3), || server.commands().len() > at_rest);
     assert!(!more, "{:?}", server.commands());
@@ -843,6 +844,7 @@ fn null_sender_message_without_postmaster_stays_failed_and_sends_no_bounce() {
         str_of(&queue[0], "last_error").contains("550"),
         "{queue:#?}"
     );
+    assert!(server.wait_for_idle(ARRIVAL), "{:?}", server.commands());
     let at_rest = server.commands().len();
     let more = wait_until(Duration::from_secs(3), || server.commands().len() > at_rest);
     assert!(!more, "{:?}", server.commands());

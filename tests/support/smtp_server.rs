@@ -465,6 +465,15 @@ impl TestServer {
             .wait_until(timeout, |s| s.connections >= n, |s| s.connections)
     }
 
+    /// Waits until no client connection is open (the client said QUIT or
+    /// hung up) or `timeout` passed; returns whether the server is idle.
+    /// A test that checks "nothing more is said" waits for this first: the
+    /// spool records a result before the session's RSET and QUIT.
+    pub fn wait_for_idle(&self, timeout: Duration) -> bool {
+        self.shared
+            .wait_until(timeout, |s| s.open.is_empty(), |s| s.open.is_empty())
+    }
+
     /// Completed TLS handshakes (STARTTLS and implicit).
     pub fn tls_handshakes(&self) -> usize {
         self.shared.lock().tls_handshakes
