@@ -1,0 +1,171 @@
+//! Stage 1: INI text → raw sections with line numbers. rust-ini parses; a line
+//! scan of our own finds where each section and key is, which rust-ini does not report.
+
+use std::collections::HashMap;
+
+use super::section::Problems;
+
+pub(super) struct RawEntry {
+    pub(super) key: String,
+    pub(super) value: String,
+    pub(super) line: Option<usize>,
+}
+
+pub(super) struct RawSection {
+    /// `None` for keys before the first header (rust-ini's general section).
+    pub(super) name: Option<String>,
+    pub(super) line: Option<usize>,
+    pub(super) entries: Vec<RawEntry>,
+}
+
+/// Where things are, from a line scan; rust-ini reports no positions for keys.
+pub(super) struct ScannedSection {
+    pub(super) name: Option<String>,
+    pub(super) line: Option<usize>,
+    pub(super) keys: Vec<ScannedKey>,
+}
+
+pub(super) struct ScannedKey {
+    pub(super) key: String,
+    pub(super) line: usize,
+    /// `key =   ; comment`: rust-ini would return "; comment" as the value.
+    pub(super) comment_only: bool,
+}
+
+pub(super) fn read_raw(text: &str, out: &mut Problems) -> Option<Vec<RawSection>> {
+    let (normalized, layout) = scan(text, out)?;
+    let options = ini::ParseOption {
+        enabled_quote: false,
+        enabled_escape: false,
+        ..Default::default()
+    };
+    let parsed = match ini::Ini::load_from_str_opt(&normalized, options) {
+        Ok(parsed) => parsed,
+        Err(e) => {
+            out.error(Some(e.line), format!("syntax error: {}", e.msg));
+            return None;
+        }
+    };
+
+    // Pair rust-ini's sections and keys with the scan by occurrence: the n-th
+    // `[x]` is the n-th scanned `[x]`, the n-th `k` in it the n-th scanned `k`.
+    let mut section_seen: HashMap<Option<&str>, usize> = HashMap::new();
+    let mut sections = Vec::new();
+    for (name, props) in parsed.iter() {
+        let nth = section_seen.entry(name).or_default();
+        let scanned = layout
+            .iter()
+            .filter(|s| s.name.as_deref() == name)
+            .nth(*nth);
+        *nth += 1;
+        let mut key_seen: HashMap<&str, usize> = HashMap::new();
+        let entries: Vec<RawEntry> = props
+            .iter()
+            .map(|(key, value)| {
+                let nth = key_seen.entry(key).or_default();
+                let at = scanned.and_then(|s| s.keys.iter().filter(|k| k.key == key).nth(*nth));
+                *nth += 1;
+                let comment_only = at.is_some_and(|k| k.comment_only);
+                RawEntry {
+                    key: key.to_owned(),
+                    value: if comment_only {
+                        String::new()
+                    } else {
+                        value.trim().to_owned()
+                    },
+                    line: at.map(|k| k.line),
+                }
+            })
+            .collect();
+        if name.is_none() && entries.is_empty() {
+            continue;
+        }
+        sections.push(RawSection {
+            name: name.map(str::to_owned),
+            line: scanned.and_then(|s| s.line),
+            entries,
+        });
+    }
+    Some(sections)
+}
+
+/// Checks the line structure and returns the text rust-ini should parse: comment
+/// lines blanked and lines trimmed (rust-ini reads an indented `; comment` as part
+/// of the next key), same line count, so its error lines stay right.
+pub(super) fn scan(text: &str, out: &mut Problems) -> Option<(String, Vec<ScannedSection>)> {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let mut normalized = String::with_capacity(text.len());
+    let mut layout = vec![ScannedSection {
+        name: None,
+        line: None,
+        keys: Vec::new(),
+    }];
+    let mut ok = true;
+    for (index, raw) in text.split('\n').enumerate() {
+        let n = index + 1;
+        let line = raw.trim();
+        if index > 0 {
+            normalized.push('\n');
+        }
+        if line.is_empty() || line.starts_with([';', '#']) {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix('[') {
+            match rest.split_once(']') {
+                None => {
+                    out.error(Some(n), "section header has no closing ]".to_owned());
+                    ok = false;
+                }
+                Some((_, after))
+                    if !(after.trim().is_empty() || after.trim_start().starts_with([';', '#'])) =>
+                {
+                    out.error(
+                        Some(n),
+                        "unexpected text after the section header's ]".to_owned(),
+                    );
+                    ok = false;
+                }
+                Some((name, _)) => layout.push(ScannedSection {
+                    name: Some(name.trim().to_owned()),
+                    line: Some(n),
+                    keys: Vec::new(),
+                }),
+            }
+        } else if let Some((key, value)) = line.split_once(['=', ':']) {
+            if key.trim().is_empty() {
+                out.error(
+                    Some(n),
+                    "a line starts with = but has no key before it".to_owned(),
+                );
+                ok = false;
+            } else if line.ends_with('\\') {
+                // rust-ini would join the next line to this one; nobody expects that here.
+                out.error(
+                    Some(n),
+                    format!(
+                        "{}: a value may not end with \\ (it would continue on the next line); \
+                         put such a password in password_file",
+                        key.trim()
+                    ),
+                );
+                ok = false;
+            } else if let Some(current) = layout.last_mut() {
+                current.keys.push(ScannedKey {
+                    key: key.trim().to_owned(),
+                    line: n,
+                    comment_only: value.starts_with([' ', '\t'])
+                        && value.trim_start().starts_with([';', '#']),
+                });
+            }
+        } else {
+            // The line's text is not echoed: it may be a password written without a key.
+            out.error(
+                Some(n),
+                "expected key = value, a [section] header or a ; comment".to_owned(),
+            );
+            ok = false;
+        }
+        normalized.push_str(line);
+    }
+    ok.then_some((normalized, layout))
+}

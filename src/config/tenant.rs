@@ -1,0 +1,467 @@
+//! `[tenant:NAME]`: one tenant's relay, TLS, login, pacing and archive settings.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::provider::Provider;
+use super::section::{Problems, Section};
+use super::values::*;
+
+/// A tenant's name: `[a-z0-9._-]`, 1 to 64 characters, so it is safe in paths,
+/// thread names and log lines.
+#[derive(
+    Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(try_from = "String", into = "String")]
+pub struct TenantName(String);
+
+impl TenantName {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let valid_char = |c: char| matches!(c, 'a'..='z' | '0'..='9' | '.' | '_' | '-');
+        if (1..=64).contains(&s.len()) && s.chars().all(valid_char) {
+            return Ok(TenantName(s.to_owned()));
+        }
+        let hint = if s.chars().any(|c| c.is_ascii_uppercase()) {
+            " (lowercase only)"
+        } else {
+            ""
+        };
+        Err(format!(
+            "{s:?} is not a tenant name: use 1 to 64 of a-z, 0-9, '.', '_', '-'{hint}"
+        ))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for TenantName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl TryFrom<String> for TenantName {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        TenantName::parse(&s)
+    }
+}
+
+impl From<TenantName> for String {
+    fn from(name: TenantName) -> String {
+        name.0
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TenantConfig {
+    pub name: TenantName,
+    /// Line of the `[tenant:NAME]` header.
+    pub line: usize,
+    pub domains: Vec<DomainPattern>,
+    pub relay: Relay,
+    pub tls: TlsMode,
+    pub tls_verify: bool,
+    pub ca_file: Option<PathBuf>,
+    pub provider: Option<Provider>,
+    pub auth: AuthMode,
+    pub allow_plaintext_auth: bool,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub oauth_token_url: Option<String>,
+    pub oauth_device_url: Option<String>,
+    pub oauth_client_id: Option<String>,
+    pub oauth_client_secret_file: Option<PathBuf>,
+    pub oauth_scope: Option<String>,
+    pub oauth_token_file: Option<PathBuf>,
+    pub envelope_from: Option<String>,
+    pub rate_limit: Option<RateLimit>,
+    pub messages_per_session: u32,
+    pub connect_timeout: Duration,
+    pub command_timeout: Duration,
+    pub data_timeout: Duration,
+    pub archive: bool,
+    pub archive_users: ArchiveUsers,
+    pub archive_group: Option<String>,
+}
+
+/// One entry of `domains`, lowercased.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum DomainPattern {
+    Exact(String),
+    /// `*.acme.example`, stored as the suffix `acme.example`.
+    Wildcard(String),
+}
+
+impl DomainPattern {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let s = s.trim().to_ascii_lowercase();
+        if let Some(suffix) = s.strip_prefix("*.") {
+            check_domain(suffix)?;
+            Ok(DomainPattern::Wildcard(suffix.to_owned()))
+        } else if s.contains('*') {
+            Err(format!(
+                "{s:?}: a wildcard is written *.domain, e.g. *.acme.example \
+                 (for senders no tenant claims, use default_tenant in [daemon])"
+            ))
+        } else {
+            check_domain(&s)?;
+            Ok(DomainPattern::Exact(s))
+        }
+    }
+
+    /// Whether this pattern claims `domain`, which must already be lowercase.
+    pub fn matches(&self, domain: &str) -> bool {
+        match self {
+            DomainPattern::Exact(exact) => exact == domain,
+            DomainPattern::Wildcard(suffix) => domain
+                .strip_suffix(suffix.as_str())
+                .is_some_and(|head| head.len() > 1 && head.ends_with('.')),
+        }
+    }
+}
+
+impl fmt::Display for DomainPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DomainPattern::Exact(d) => f.write_str(d),
+            DomainPattern::Wildcard(suffix) => write!(f, "*.{suffix}"),
+        }
+    }
+}
+
+/// The smarthost a tenant delivers through.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Relay {
+    /// Host name or IP address, IPv6 without brackets.
+    pub host: String,
+    pub port: u16,
+}
+
+impl fmt::Display for Relay {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsMode {
+    /// STARTTLS is required; never falls back to plaintext.
+    StartTls,
+    /// TLS from the first byte (port 465).
+    Implicit,
+    None,
+}
+
+impl TlsMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsMode::StartTls => "starttls",
+            TlsMode::Implicit => "implicit",
+            TlsMode::None => "none",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMode {
+    /// Whatever the relay offers after TLS, if credentials are configured.
+    Auto,
+    Plain,
+    Login,
+    XOAuth2,
+    None,
+}
+
+impl AuthMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthMode::Auto => "auto",
+            AuthMode::Plain => "plain",
+            AuthMode::Login => "login",
+            AuthMode::XOAuth2 => "xoauth2",
+            AuthMode::None => "none",
+        }
+    }
+}
+
+/// At most `messages` per `per`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    pub messages: u32,
+    pub per: Duration,
+}
+
+impl fmt::Display for RateLimit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.per.as_secs() {
+            1 => write!(f, "{}/s", self.messages),
+            60 => write!(f, "{}/min", self.messages),
+            3600 => write!(f, "{}/h", self.messages),
+            86_400 => write!(f, "{}/day", self.messages),
+            secs => write!(f, "{}/{}s", self.messages, secs),
+        }
+    }
+}
+
+/// Whose mail a tenant archives: every sender, or these local parts (extensions).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ArchiveUsers {
+    All,
+    List(Vec<String>),
+}
+
+/// A password or other credential. `Debug` hides it so it cannot leak into logs by accident.
+/// Compared (for reload) but never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(secret: String) -> Self {
+        Secret(secret)
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+pub(super) const TENANT_KEYS: &[&str] = &[
+    "domains",
+    "relay",
+    "tls",
+    "tls_verify",
+    "ca_file",
+    "provider",
+    "auth",
+    "allow_plaintext_auth",
+    "username",
+    "password",
+    "password_file",
+    "oauth_token_url",
+    "oauth_device_url",
+    "oauth_client_id",
+    "oauth_client_secret_file",
+    "oauth_scope",
+    "oauth_token_file",
+    "envelope_from",
+    "rate_limit",
+    "messages_per_session",
+    "connect_timeout",
+    "command_timeout",
+    "data_timeout",
+    "archive",
+    "archive_users",
+    "archive_group",
+];
+
+pub(super) fn tenant_config(
+    sec: &Section,
+    name: TenantName,
+    line: usize,
+    out: &mut Problems,
+) -> TenantConfig {
+    let provider = sec.value(out, "provider", parse_provider);
+    let preset = provider.map(Provider::preset);
+
+    let domains = sec.value(out, "domains", parse_domains).unwrap_or_default();
+    if !sec.is_set("domains") {
+        sec.error(
+            out,
+            "domains",
+            "missing; list the sender domains of this tenant, e.g. domains = acme.example, *.acme.example",
+        );
+    }
+
+    let relay = sec
+        .value(out, "relay", parse_relay)
+        .or_else(|| preset.as_ref().map(|p| p.relay.clone()));
+    if !sec.is_set("relay") && preset.is_none() {
+        sec.error(
+            out,
+            "relay",
+            "missing; write the smarthost as host:port, e.g. relay = smtp.example.com:587, or set provider = office365 | gmail",
+        );
+    }
+    // Only reached when an error has been recorded, so it never leaves this module.
+    let relay = relay.unwrap_or(Relay {
+        host: String::new(),
+        port: 0,
+    });
+
+    let tls = sec
+        .value(out, "tls", parse_tls)
+        .unwrap_or(TlsMode::StartTls);
+    let tls_verify = sec.value(out, "tls_verify", parse_bool).unwrap_or(true);
+    if !tls_verify {
+        sec.warning(
+            out,
+            "tls_verify",
+            "certificates of the relay are not verified; anyone on the path can read the password and the mail",
+        );
+    }
+    let ca_file = sec.value(out, "ca_file", |s| {
+        let path = PathBuf::from(s.trim());
+        check_readable_file(&path).map(|()| path)
+    });
+
+    let auth = sec.value(out, "auth", parse_auth).unwrap_or(AuthMode::Auto);
+    let allow_plaintext_auth = sec
+        .value(out, "allow_plaintext_auth", parse_bool)
+        .unwrap_or(false);
+    let username = sec.value(out, "username", parse_string);
+
+    let password = match (sec.is_set("password"), sec.is_set("password_file")) {
+        (true, true) => {
+            let later = if sec.line("password") > sec.line("password_file") {
+                "password"
+            } else {
+                "password_file"
+            };
+            sec.error(
+                out,
+                later,
+                "password and password_file are both set; keep one (password_file keeps the secret out of this file)",
+            );
+            None
+        }
+        (true, false) => sec.get("password").map(|p| Secret::new(p.to_owned())),
+        (false, true) => sec.value(out, "password_file", |s| {
+            read_password_file(Path::new(s.trim()))
+        }),
+        (false, false) => None,
+    };
+    let password_key = if sec.is_set("password_file") {
+        "password_file"
+    } else {
+        "password"
+    };
+    let has_password = sec.is_set("password") || sec.is_set("password_file");
+    match (&username, has_password, auth) {
+        (Some(_), false, AuthMode::Auto | AuthMode::Plain | AuthMode::Login) => sec.error(
+            out,
+            "username",
+            "is set but there is no password; add password_file = PATH (or password = ...), or set auth = none",
+        ),
+        (None, _, AuthMode::Plain | AuthMode::Login) => sec.error(
+            out,
+            "auth",
+            &format!("{} needs username and password_file (or password)", auth.as_str()),
+        ),
+        (None, true, _) => sec.error(
+            out,
+            password_key,
+            "is set but username is not; add username = the relay login",
+        ),
+        _ => {}
+    }
+    if tls == TlsMode::None && username.is_some() && !allow_plaintext_auth && auth != AuthMode::None
+    {
+        sec.warning(
+            out,
+            "tls",
+            "none with allow_plaintext_auth = no: the password is never sent in plaintext, so this tenant's \
+             mail is deferred until that changes; use tls = starttls, or allow_plaintext_auth = yes \
+             for a trusted LAN relay (or auth = none if the relay needs no login)",
+        );
+    }
+
+    let oauth_token_url = sec
+        .value(out, "oauth_token_url", parse_url)
+        .or_else(|| preset.as_ref().map(|p| p.oauth_token_url.to_owned()));
+    let oauth_device_url = sec
+        .value(out, "oauth_device_url", parse_url)
+        .or_else(|| preset.as_ref().map(|p| p.oauth_device_url.to_owned()));
+    let oauth_scope = sec
+        .value(out, "oauth_scope", parse_string)
+        .or_else(|| preset.as_ref().map(|p| p.oauth_scope.to_owned()));
+
+    let oauth_client_id = sec.value(out, "oauth_client_id", parse_string);
+    let oauth_token_file = sec.value(out, "oauth_token_file", parse_absolute_path);
+    if auth == AuthMode::XOAuth2 {
+        let needed = [
+            ("username", username.is_some(), "the mailbox's address"),
+            (
+                "oauth_token_url",
+                oauth_token_url.is_some(),
+                "or set provider",
+            ),
+            (
+                "oauth_client_id",
+                oauth_client_id.is_some(),
+                "from the app registration",
+            ),
+            (
+                "oauth_token_file",
+                oauth_token_file.is_some(),
+                "e.g. /var/lib/pbxmail/oauth/NAME.json",
+            ),
+        ];
+        for (key, present, hint) in needed {
+            if !present {
+                sec.error(out, "auth", &format!("xoauth2 needs {key} ({hint})"));
+            }
+        }
+    }
+
+    let rate_limit = if sec.is_set("rate_limit") {
+        sec.value(out, "rate_limit", parse_rate_limit).flatten()
+    } else {
+        preset.as_ref().and_then(|p| p.rate_limit)
+    };
+
+    let archive = sec.value(out, "archive", parse_bool).unwrap_or(false);
+
+    TenantConfig {
+        name,
+        line,
+        domains,
+        relay,
+        tls,
+        tls_verify,
+        ca_file,
+        provider,
+        auth,
+        allow_plaintext_auth,
+        username,
+        password,
+        oauth_token_url,
+        oauth_device_url,
+        oauth_client_id,
+        oauth_client_secret_file: sec.value(out, "oauth_client_secret_file", parse_absolute_path),
+        oauth_scope,
+        oauth_token_file,
+        envelope_from: sec.value(out, "envelope_from", parse_address),
+        rate_limit,
+        messages_per_session: sec
+            .value(out, "messages_per_session", parse_messages_per_session)
+            .unwrap_or(20),
+        connect_timeout: sec
+            .value(out, "connect_timeout", parse_nonzero_duration)
+            .unwrap_or(Duration::from_secs(30)),
+        command_timeout: sec
+            .value(out, "command_timeout", parse_nonzero_duration)
+            .unwrap_or(Duration::from_secs(5 * 60)),
+        data_timeout: sec
+            .value(out, "data_timeout", parse_nonzero_duration)
+            .unwrap_or(Duration::from_secs(10 * 60)),
+        archive,
+        archive_users: sec
+            .value(out, "archive_users", parse_archive_users)
+            .unwrap_or(ArchiveUsers::All),
+        archive_group: sec.value(out, "archive_group", parse_group),
+    }
+}

@@ -1,0 +1,756 @@
+use std::time::Duration;
+
+use super::provider::Provider;
+use super::section::edit_distance;
+use super::values::*;
+use super::*;
+
+fn path() -> PathBuf {
+    PathBuf::from("pbxmail.ini")
+}
+
+/// A fresh directory per test (tests run in parallel).
+fn temp_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("pbxmail-config-{}-{tag}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn ok(text: &str) -> Config {
+    match parse(&path(), text) {
+        Ok(config) => config,
+        Err(e) => panic!("expected a valid config, got:\n{e}"),
+    }
+}
+
+fn problems(text: &str) -> Vec<Problem> {
+    match parse(&path(), text) {
+        Ok(_) => panic!("expected errors for:\n{text}"),
+        Err(e) => e.problems,
+    }
+}
+
+/// The one error the text has: its line and message.
+fn one_error(text: &str) -> (Option<usize>, String) {
+    let p = problems(text);
+    assert_eq!(p.len(), 1, "expected exactly one problem, got {p:#?}");
+    (p[0].line, p[0].message.clone())
+}
+
+const MINIMAL: &str = "[tenant:acme]\ndomains = acme.example\nrelay = smtp.acme.example:587\n";
+
+#[test]
+fn full_config_with_every_key() {
+    let dir = temp_dir("full");
+    let secret = dir.join("acme.secret");
+    std::fs::write(&secret, "s3cret\n").unwrap();
+    let ca = dir.join("ca.pem");
+    std::fs::write(&ca, "-----BEGIN CERTIFICATE-----\n").unwrap();
+    let text = format!(
+        "[daemon]
+spool_dir = /srv/spool
+archive_dir = /srv/archive
+control_socket = /srv/control.sock
+listen = 127.0.0.1:2525        ; local submission
+hostname = pbx.example.com
+postmaster = postmaster@pbx.example.com
+default_tenant = acme
+max_queue_lifetime = 3d
+retry_min = 30s
+retry_max = 2h
+min_free_space = 100M
+log_level = debug
+
+[tenant:acme]
+domains = Acme.Example, *.acme.example
+relay = [2001:db8::25]:465
+tls = implicit
+tls_verify = no
+ca_file = {ca}
+provider = office365
+auth = xoauth2
+allow_plaintext_auth = yes
+username = pbx@acme.example
+password_file = {secret}
+oauth_token_url = https://login.example/token
+oauth_device_url = https://login.example/device
+oauth_client_id = abc-123
+oauth_client_secret_file = /etc/pbxmail/acme.client
+oauth_scope = https://outlook.office.com/SMTP.Send offline_access
+oauth_token_file = /var/lib/pbxmail/oauth/acme.json
+envelope_from = pbx@acme.example
+rate_limit = 100/h
+messages_per_session = 5
+connect_timeout = 10s
+command_timeout = 2m
+data_timeout = 20m
+archive = yes
+archive_users = 101, 102
+archive_group = acme-admins
+",
+        ca = ca.display(),
+        secret = secret.display()
+    );
+    let c = ok(&text);
+    let d = &c.daemon;
+    assert_eq!(d.spool_dir, PathBuf::from("/srv/spool"));
+    assert_eq!(d.archive_dir, PathBuf::from("/srv/archive"));
+    assert_eq!(d.control_socket, PathBuf::from("/srv/control.sock"));
+    assert_eq!(
+        d.listen,
+        Some(ListenAddr::Tcp("127.0.0.1:2525".parse().unwrap()))
+    );
+    assert_eq!(d.hostname, "pbx.example.com");
+    assert_eq!(d.postmaster.as_deref(), Some("postmaster@pbx.example.com"));
+    assert_eq!(d.default_tenant, Some(TenantName::parse("acme").unwrap()));
+    assert_eq!(d.max_queue_lifetime, Duration::from_secs(3 * 86_400));
+    assert_eq!(d.retry_min, Duration::from_secs(30));
+    assert_eq!(d.retry_max, Duration::from_secs(7200));
+    assert_eq!(d.min_free_space, FreeSpace::Bytes(100 << 20));
+    assert_eq!(d.log_level, log::LevelFilter::Debug);
+
+    let t = &c.tenants[0];
+    assert_eq!(t.name.as_str(), "acme");
+    assert_eq!(t.line, 15);
+    assert_eq!(
+        t.domains,
+        vec![
+            DomainPattern::Exact("acme.example".into()),
+            DomainPattern::Wildcard("acme.example".into())
+        ]
+    );
+    assert_eq!(
+        t.relay,
+        Relay {
+            host: "2001:db8::25".into(),
+            port: 465
+        }
+    );
+    assert_eq!(t.relay.to_string(), "[2001:db8::25]:465");
+    assert_eq!(t.tls, TlsMode::Implicit);
+    assert!(!t.tls_verify);
+    assert_eq!(t.ca_file.as_deref(), Some(ca.as_path()));
+    assert_eq!(t.provider, Some(Provider::Office365));
+    assert_eq!(t.auth, AuthMode::XOAuth2);
+    assert!(t.allow_plaintext_auth);
+    assert_eq!(t.username.as_deref(), Some("pbx@acme.example"));
+    assert_eq!(t.password.as_ref().map(Secret::expose), Some("s3cret"));
+    assert_eq!(
+        t.oauth_token_url.as_deref(),
+        Some("https://login.example/token")
+    );
+    assert_eq!(
+        t.oauth_device_url.as_deref(),
+        Some("https://login.example/device")
+    );
+    assert_eq!(t.oauth_client_id.as_deref(), Some("abc-123"));
+    assert_eq!(
+        t.oauth_client_secret_file.as_deref(),
+        Some(Path::new("/etc/pbxmail/acme.client"))
+    );
+    assert_eq!(
+        t.oauth_scope.as_deref(),
+        Some("https://outlook.office.com/SMTP.Send offline_access")
+    );
+    assert_eq!(
+        t.oauth_token_file.as_deref(),
+        Some(Path::new("/var/lib/pbxmail/oauth/acme.json"))
+    );
+    assert_eq!(t.envelope_from.as_deref(), Some("pbx@acme.example"));
+    assert_eq!(
+        t.rate_limit,
+        Some(RateLimit {
+            messages: 100,
+            per: Duration::from_secs(3600)
+        })
+    );
+    assert_eq!(t.messages_per_session, 5);
+    assert_eq!(t.connect_timeout, Duration::from_secs(10));
+    assert_eq!(t.command_timeout, Duration::from_secs(120));
+    assert_eq!(t.data_timeout, Duration::from_secs(1200));
+    assert!(t.archive);
+    assert_eq!(
+        t.archive_users,
+        ArchiveUsers::List(vec!["101".into(), "102".into()])
+    );
+    assert_eq!(t.archive_group.as_deref(), Some("acme-admins"));
+
+    // Accepted, but the admin is told: unverified certificates and features still to come.
+    let warnings: Vec<(Option<usize>, &str)> = c
+        .warnings
+        .iter()
+        .map(|w| (w.line, w.message.as_str()))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{warnings:#?}");
+    assert_eq!(warnings[0].0, Some(19));
+    assert!(warnings[0]
+        .1
+        .contains("certificates of the relay are not verified"));
+}
+
+#[test]
+fn defaults_fill_every_optional_key() {
+    let c = ok(MINIMAL);
+    assert_eq!(c.path, path());
+    let d = &c.daemon;
+    assert_eq!(d.spool_dir, PathBuf::from("/var/spool/pbxmail"));
+    assert_eq!(d.archive_dir, PathBuf::from("/var/lib/pbxmail/archive"));
+    assert_eq!(d.control_socket, PathBuf::from("/run/pbxmail/control.sock"));
+    assert_eq!(d.listen, None);
+    assert!(!d.hostname.is_empty());
+    assert_eq!(d.postmaster, None);
+    assert_eq!(d.default_tenant, None);
+    assert_eq!(d.max_queue_lifetime, Duration::from_secs(5 * 86_400));
+    assert_eq!(d.retry_min, Duration::from_secs(60));
+    assert_eq!(d.retry_max, Duration::from_secs(3600));
+    assert_eq!(d.min_free_space, FreeSpace::Percent(5));
+    assert_eq!(d.log_level, log::LevelFilter::Info);
+
+    let t = &c.tenants[0];
+    assert_eq!(t.line, 1);
+    assert_eq!(
+        t.relay,
+        Relay {
+            host: "smtp.acme.example".into(),
+            port: 587
+        }
+    );
+    assert_eq!(t.relay.to_string(), "smtp.acme.example:587");
+    assert_eq!(t.tls, TlsMode::StartTls);
+    assert!(t.tls_verify);
+    assert_eq!(t.ca_file, None);
+    assert_eq!(t.provider, None);
+    assert_eq!(t.auth, AuthMode::Auto);
+    assert!(!t.allow_plaintext_auth);
+    assert!(t.username.is_none() && t.password.is_none());
+    assert!(t.oauth_token_url.is_none() && t.oauth_scope.is_none());
+    assert_eq!(t.rate_limit, None);
+    assert_eq!(t.messages_per_session, 20);
+    assert_eq!(t.connect_timeout, Duration::from_secs(30));
+    assert_eq!(t.command_timeout, Duration::from_secs(300));
+    assert_eq!(t.data_timeout, Duration::from_secs(600));
+    assert!(!t.archive);
+    assert_eq!(t.archive_users, ArchiveUsers::All);
+    assert_eq!(t.archive_group, None);
+    assert!(c.warnings.is_empty(), "{:#?}", c.warnings);
+}
+
+#[test]
+fn empty_values_and_comment_only_values_mean_default() {
+    let c = ok("[daemon]\nlisten =\ndefault_tenant =      ; empty = refuse\n  ; an indented comment\nlog_level = warn\n[tenant:acme]\ndomains = acme.example\nrelay = smtp.acme.example:587\nrate_limit =\n");
+    assert_eq!(c.daemon.listen, None);
+    assert_eq!(c.daemon.default_tenant, None);
+    assert_eq!(c.daemon.log_level, log::LevelFilter::Warn);
+    assert_eq!(c.tenants[0].rate_limit, None);
+}
+
+#[test]
+fn no_tenant_is_valid_but_warned() {
+    let c = ok("[daemon]\nlog_level = info\n");
+    assert!(c.tenants.is_empty());
+    assert_eq!(c.warnings.len(), 1);
+    assert!(c.warnings[0].message.contains("no [tenant:NAME]"));
+}
+
+#[test]
+fn unknown_key_is_reported_at_its_line_with_a_suggestion() {
+    let p = problems(&format!("{MINIMAL}\nrelay_host = x\nconect_timeout = 5s\n"));
+    assert_eq!(p.len(), 2);
+    assert_eq!(p[0].line, Some(5));
+    assert!(
+        p[0].message.contains("unknown key \"relay_host\""),
+        "{}",
+        p[0].message
+    );
+    assert_eq!(p[1].line, Some(6));
+    assert!(
+        p[1].message.contains("did you mean connect_timeout?"),
+        "{}",
+        p[1].message
+    );
+    assert_eq!(p[1].to_string(), format!("pbxmail.ini:6: {}", p[1].message));
+}
+
+#[test]
+fn key_of_the_other_section_says_where_it_belongs() {
+    let (line, msg) = one_error(&format!("[daemon]\nrelay = a.example:25\n{MINIMAL}"));
+    assert_eq!(line, Some(2));
+    assert!(msg.contains("it belongs in [tenant:NAME]"), "{msg}");
+}
+
+#[test]
+fn unknown_section_is_reported_at_its_header() {
+    let (line, msg) = one_error(&format!("{MINIMAL}\n[deamon]\nlog_level = info\n"));
+    assert_eq!(line, Some(5));
+    assert!(
+        msg.contains("unknown section [deamon]; did you mean [daemon]?"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn key_outside_any_section_is_an_error() {
+    let (line, msg) = one_error(&format!("log_level = info\n{MINIMAL}"));
+    assert_eq!(line, Some(1));
+    assert!(msg.contains("outside any section"), "{msg}");
+}
+
+#[test]
+fn bad_duration_names_key_and_value() {
+    let (line, msg) = one_error("[daemon]\nretry_min = 1m\nretry_max = 30\n");
+    assert_eq!(line, Some(3));
+    assert_eq!(
+        msg,
+        "[daemon] retry_max: \"30\" has no unit; write a number and a unit: 30s, 5m, 2h or 5d"
+    );
+    let (line, msg) = one_error(&format!("{MINIMAL}data_timeout = 10 minutes\n"));
+    assert_eq!(line, Some(4));
+    assert!(msg.starts_with("[tenant:acme] data_timeout:"), "{msg}");
+}
+
+#[test]
+fn relay_without_port_tells_how_to_write_it() {
+    let (line, msg) =
+        one_error("[tenant:acme]\ndomains = acme.example\nrelay = smtp.example.com\n");
+    assert_eq!(line, Some(3));
+    assert_eq!(
+        msg,
+        "[tenant:acme] relay: \"smtp.example.com\" has no port; write host:port, e.g. smtp.example.com:587"
+    );
+}
+
+#[test]
+fn relay_with_bad_port_is_an_error() {
+    for relay in [
+        "smtp.example.com:smtp",
+        "smtp.example.com:0",
+        "smtp.example.com:70000",
+        "[::1]:x",
+    ] {
+        let (line, msg) = one_error(&format!(
+            "[tenant:acme]\ndomains = acme.example\nrelay = {relay}\n"
+        ));
+        assert_eq!(line, Some(3), "{relay}");
+        assert!(msg.contains("is not a port number"), "{relay}: {msg}");
+    }
+    let (_, msg) = one_error("[tenant:acme]\ndomains = acme.example\nrelay = 2001:db8::1:587\n");
+    assert!(msg.contains("in brackets"), "{msg}");
+}
+
+#[test]
+fn empty_or_missing_relay_is_an_error() {
+    let (line, msg) = one_error("[tenant:acme]\ndomains = acme.example\nrelay =\n");
+    assert_eq!(line, Some(3));
+    assert!(msg.starts_with("[tenant:acme] relay: missing"), "{msg}");
+    let (line, _) = one_error("\n[tenant:acme]\ndomains = acme.example\n");
+    assert_eq!(
+        line,
+        Some(2),
+        "a missing key is reported at the section header"
+    );
+}
+
+#[test]
+fn provider_presets_fill_relay_and_rate_but_explicit_keys_win() {
+    let c = ok("[tenant:a]\ndomains = a.example\nprovider = office365\n[tenant:b]\ndomains = b.example\nprovider = office365\nrelay = smtp.b.example:25\nrate_limit = none\n[tenant:g]\ndomains = g.example\nprovider = gmail\n");
+    let a = &c.tenants[0];
+    assert_eq!(a.relay.to_string(), "smtp.office365.com:587");
+    assert_eq!(a.tls, TlsMode::StartTls);
+    assert_eq!(
+        a.rate_limit,
+        Some(RateLimit {
+            messages: 30,
+            per: Duration::from_secs(60)
+        })
+    );
+    assert!(a.oauth_token_url.is_some());
+    let b = &c.tenants[1];
+    assert_eq!(b.relay.to_string(), "smtp.b.example:25");
+    assert_eq!(b.rate_limit, None);
+    let g = &c.tenants[2];
+    assert_eq!(g.relay.to_string(), "smtp.gmail.com:587");
+    assert_eq!(g.rate_limit, None);
+}
+
+#[test]
+fn duplicate_domain_across_tenants_names_both() {
+    let p = problems("[tenant:a]\ndomains = a.example, *.shared.example\nrelay = r.example:587\n\n[tenant:b]\nrelay = r.example:587\ndomains = b.example, *.SHARED.example\n");
+    assert_eq!(p.len(), 1, "{p:#?}");
+    assert_eq!(p[0].line, Some(7));
+    assert_eq!(
+        p[0].message,
+        "[tenant:b] domains: \"*.shared.example\" is already claimed by [tenant:a] (line 1); a domain belongs to exactly one tenant"
+    );
+}
+
+#[test]
+fn bad_tenant_name_is_reported_at_its_header() {
+    let (line, msg) = one_error(&format!(
+        "{MINIMAL}\n[tenant:Big Corp]\ndomains = big.example\nrelay = r.example:587\n"
+    ));
+    assert_eq!(line, Some(5));
+    assert!(msg.contains("\"Big Corp\" is not a tenant name"), "{msg}");
+    assert!(TenantName::parse(&"a".repeat(64)).is_ok());
+    assert!(TenantName::parse(&"a".repeat(65)).is_err());
+    assert!(TenantName::parse("").is_err());
+    assert!(TenantName::parse("a.b_c-9").is_ok());
+}
+
+#[test]
+fn tenant_given_twice_is_an_error() {
+    let (line, msg) = one_error(&format!("{MINIMAL}{MINIMAL}"));
+    assert_eq!(line, Some(4));
+    assert!(msg.contains("given twice (first at line 1)"), "{msg}");
+}
+
+#[test]
+fn bad_bool_is_reported_at_its_line() {
+    let (line, msg) = one_error(&format!("{MINIMAL}tls_verify = maybe\n"));
+    assert_eq!(line, Some(4));
+    assert_eq!(
+        msg,
+        "[tenant:acme] tls_verify: \"maybe\" is not a boolean; write yes or no (true/false, on/off)"
+    );
+}
+
+#[test]
+fn duplicate_key_is_reported_at_the_second_line() {
+    let (line, msg) = one_error(&format!("{MINIMAL}tls = starttls\ntls = none\n"));
+    assert_eq!(line, Some(5));
+    assert_eq!(
+        msg,
+        "[tenant:acme] tls: given twice (first at line 4); keep one"
+    );
+}
+
+#[test]
+fn every_problem_is_reported_not_just_the_first() {
+    let p = problems("[daemon]\nretry_min = soon\nlog_level = loud\n[tenant:acme]\ndomains = acme.example\nrelay = nowhere\ntls = maybe\n[x]\n");
+    let lines: Vec<Option<usize>> = p.iter().map(|p| p.line).collect();
+    assert_eq!(lines, vec![Some(2), Some(3), Some(6), Some(7), Some(8)]);
+    let err = ConfigError { problems: p };
+    assert_eq!(err.to_string().lines().count(), 5);
+}
+
+#[test]
+fn syntax_errors_carry_their_line() {
+    let (line, msg) = one_error("[daemon]\nlog_level = info\njust some words\n");
+    assert_eq!(line, Some(3));
+    assert!(msg.contains("expected key = value"), "{msg}");
+    let (line, _) = one_error("[daemon\nlog_level = info\n");
+    assert_eq!(line, Some(1));
+}
+
+#[test]
+fn listen_must_be_loopback_or_a_unix_path() {
+    let (line, msg) = one_error("[daemon]\nlisten = 0.0.0.0:25\n");
+    assert_eq!(line, Some(2));
+    assert!(msg.contains("not a loopback address"), "{msg}");
+    assert_eq!(
+        parse_listen("[::1]:2525"),
+        Ok(ListenAddr::Tcp("[::1]:2525".parse().unwrap()))
+    );
+    assert_eq!(
+        parse_listen("127.1.2.3:25"),
+        Ok(ListenAddr::Tcp("127.1.2.3:25".parse().unwrap()))
+    );
+    assert_eq!(
+        parse_listen("/run/pbxmail/submit.sock"),
+        Ok(ListenAddr::Unix("/run/pbxmail/submit.sock".into()))
+    );
+    assert!(parse_listen("localhost:25").is_err());
+}
+
+#[test]
+fn retry_max_below_retry_min_is_an_error() {
+    let (line, msg) = one_error("[daemon]\nretry_min = 2h\nretry_max = 1h\n");
+    assert_eq!(line, Some(3));
+    assert!(msg.contains("shorter than retry_min"), "{msg}");
+}
+
+#[test]
+fn credentials_must_be_complete_and_single() {
+    let dir = temp_dir("creds");
+    let secret = dir.join("pw");
+    std::fs::write(&secret, "pw\n").unwrap();
+    let (line, msg) = one_error(&format!(
+        "{MINIMAL}username = u\npassword = a\npassword_file = {}\n",
+        secret.display()
+    ));
+    assert_eq!(line, Some(6));
+    assert!(msg.contains("both set"), "{msg}");
+    let (line, msg) = one_error(&format!("{MINIMAL}username = u\n"));
+    assert_eq!(line, Some(4));
+    assert!(msg.contains("no password"), "{msg}");
+    // auth = none: a username alone is fine.
+    ok(&format!("{MINIMAL}username = u\nauth = none\n"));
+    let (line, msg) = one_error(&format!("{MINIMAL}auth = plain\n"));
+    assert_eq!(line, Some(4));
+    assert!(msg.contains("needs username"), "{msg}");
+}
+
+#[test]
+fn auth_over_plaintext_is_refused_with_a_warning() {
+    let c = ok(&format!(
+        "{MINIMAL}tls = none\nusername = u\npassword = p\n"
+    ));
+    assert_eq!(c.warnings.len(), 1);
+    assert_eq!(c.warnings[0].line, Some(4));
+    assert!(c.warnings[0]
+        .message
+        .contains("deferred until that changes"));
+    let c = ok(&format!(
+        "{MINIMAL}tls = none\nusername = u\npassword = p\nallow_plaintext_auth = yes\n"
+    ));
+    assert!(c.warnings.is_empty());
+}
+
+#[test]
+fn password_file_is_read_and_secret_debug_hides_it() {
+    let dir = temp_dir("pwfile");
+    let secret = dir.join("acme.secret");
+    std::fs::write(&secret, "hunter2 with spaces\r\n").unwrap();
+    let c = ok(&format!(
+        "{MINIMAL}username = u\npassword_file = {}\n",
+        secret.display()
+    ));
+    let t = &c.tenants[0];
+    let password = t.password.as_ref().unwrap();
+    assert_eq!(password.expose(), "hunter2 with spaces");
+    assert_eq!(format!("{password:?}"), "Secret(<redacted>)");
+    assert!(!format!("{t:?}").contains("hunter2"));
+    assert!(!format!("{c:?}").contains("hunter2"));
+}
+
+#[test]
+fn unreadable_password_file_names_the_path() {
+    let missing = temp_dir("pwmissing").join("nope.secret");
+    let (line, msg) = one_error(&format!(
+        "{MINIMAL}username = u\npassword_file = {}\n",
+        missing.display()
+    ));
+    assert_eq!(line, Some(5));
+    assert!(msg.contains(&missing.display().to_string()), "{msg}");
+    let (line, msg) = one_error(&format!("{MINIMAL}ca_file = {}\n", missing.display()));
+    assert_eq!(line, Some(4));
+    assert!(
+        msg.starts_with("[tenant:acme] ca_file: cannot read"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn default_tenant_must_name_a_tenant() {
+    let (line, msg) = one_error(&format!(
+        "[daemon]\nlog_level = info\ndefault_tenant = other\n{MINIMAL}"
+    ));
+    assert_eq!(line, Some(3));
+    assert_eq!(
+        msg,
+        "[daemon] default_tenant: there is no [tenant:other] section; configured tenants: acme"
+    );
+}
+
+fn routing_config() -> Config {
+    ok("[daemon]\ndefault_tenant = fallback\n\
+        [tenant:apex]\ndomains = acme.example\nrelay = r.example:587\n\
+        [tenant:wide]\ndomains = *.acme.example\nrelay = r.example:587\n\
+        [tenant:deep]\ndomains = *.eu.acme.example, sales.acme.example\nrelay = r.example:587\n\
+        [tenant:fallback]\ndomains = fallback.example\nrelay = r.example:587\n")
+}
+
+fn owner<'c>(c: &'c Config, domain: &str) -> Option<&'c str> {
+    c.tenant_for_domain(domain).map(|t| t.name.as_str())
+}
+
+#[test]
+fn exact_domain_beats_wildcard_and_longest_wildcard_wins() {
+    let c = routing_config();
+    assert_eq!(owner(&c, "acme.example"), Some("apex"));
+    assert_eq!(owner(&c, "a.acme.example"), Some("wide"));
+    assert_eq!(owner(&c, "b.a.acme.example"), Some("wide"));
+    assert_eq!(owner(&c, "sales.acme.example"), Some("deep"));
+    assert_eq!(owner(&c, "paris.eu.acme.example"), Some("deep"));
+}
+
+#[test]
+fn domain_matching_ignores_case() {
+    let c = routing_config();
+    assert_eq!(owner(&c, "ACME.Example"), Some("apex"));
+    assert_eq!(owner(&c, "X.Acme.EXAMPLE"), Some("wide"));
+}
+
+#[test]
+fn wildcard_does_not_match_its_apex() {
+    let c = ok("[tenant:w]\ndomains = *.acme.example\nrelay = r.example:587\n");
+    assert_eq!(owner(&c, "acme.example"), None);
+    assert_eq!(owner(&c, "notacme.example"), None);
+    assert_eq!(owner(&c, "x.acme.example"), Some("w"));
+}
+
+#[test]
+fn sender_domain_falls_back_to_default_tenant() {
+    let c = routing_config();
+    let name = |d: &str| c.tenant_for_sender_domain(d).map(|t| t.name.as_str());
+    assert_eq!(name("other.example"), Some("fallback"));
+    assert_eq!(name("acme.example"), Some("apex"));
+    assert_eq!(
+        c.tenant(&TenantName::parse("deep").unwrap())
+            .map(|t| t.line),
+        Some(9)
+    );
+}
+
+#[test]
+fn value_syntax() {
+    assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+    assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+    assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+    assert_eq!(parse_duration("5d"), Ok(Duration::from_secs(432_000)));
+    assert!(parse_duration("30").is_err());
+    assert!(parse_duration("m").is_err());
+    assert!(parse_duration("5w").is_err());
+    assert!(parse_duration("-5s").is_err());
+    assert!(parse_duration("99999999999999999999d").is_err());
+    assert_eq!(parse_size("512K"), Ok(512 * 1024));
+    assert_eq!(parse_size("25M"), Ok(25 << 20));
+    assert_eq!(parse_size("1G"), Ok(1 << 30));
+    assert_eq!(parse_size("1000"), Ok(1000));
+    assert!(parse_size("1X").is_err());
+    for (s, b) in [
+        ("yes", true),
+        ("No", false),
+        ("TRUE", true),
+        ("false", false),
+        ("on", true),
+        ("off", false),
+    ] {
+        assert_eq!(parse_bool(s), Ok(b), "{s}");
+    }
+    assert!(parse_bool("1").is_err());
+    assert_eq!(parse_free_space("5%"), Ok(FreeSpace::Percent(5)));
+    assert!(parse_free_space("100%").is_err());
+    let rate = |messages, secs| {
+        Ok(Some(RateLimit {
+            messages,
+            per: Duration::from_secs(secs),
+        }))
+    };
+    assert_eq!(parse_rate_limit("30/min"), rate(30, 60));
+    assert_eq!(parse_rate_limit("100/h"), rate(100, 3600));
+    assert_eq!(parse_rate_limit("5/s"), rate(5, 1));
+    assert_eq!(parse_rate_limit("1000/day"), rate(1000, 86_400));
+    assert_eq!(parse_rate_limit("10/5m"), rate(10, 300));
+    assert_eq!(parse_rate_limit("none"), Ok(None));
+    assert!(parse_rate_limit("0/min").is_err());
+    assert!(parse_rate_limit("30").is_err());
+    assert_eq!(
+        parse_rate_limit("30/min").unwrap().unwrap().to_string(),
+        "30/min"
+    );
+    assert_eq!(parse_archive_users("*"), Ok(ArchiveUsers::All));
+    assert!(DomainPattern::parse("*").is_err());
+    assert!(DomainPattern::parse("a.*.example").is_err());
+}
+
+#[test]
+fn as_str_gives_back_the_ini_value() {
+    for tls in [TlsMode::StartTls, TlsMode::Implicit, TlsMode::None] {
+        assert_eq!(parse_tls(tls.as_str()), Ok(tls));
+    }
+    assert_eq!(parse_provider("office365"), Ok(Provider::Office365));
+    assert_eq!(parse_provider("Gmail"), Ok(Provider::Gmail));
+    for auth in [
+        AuthMode::Auto,
+        AuthMode::Plain,
+        AuthMode::Login,
+        AuthMode::XOAuth2,
+        AuthMode::None,
+    ] {
+        assert_eq!(parse_auth(auth.as_str()), Ok(auth));
+    }
+}
+
+#[test]
+fn default_path_follows_the_environment() {
+    // Reads the environment only: setting it would race with other tests.
+    let expected = match std::env::var_os("PBXMAIL_CONFIG") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => PathBuf::from(DEFAULT_PATH),
+    };
+    assert_eq!(default_path(), expected);
+}
+
+#[test]
+fn edit_distance_counts_single_edits() {
+    assert_eq!(edit_distance("relay", "relay"), 0);
+    assert_eq!(edit_distance("conect_timeout", "connect_timeout"), 1);
+    assert_eq!(edit_distance("tsl", "tls"), 2);
+    assert_eq!(edit_distance("", "abc"), 3);
+}
+
+#[test]
+fn config_error_display_is_one_problem_per_line() {
+    let p = |line| Problem {
+        file: PathBuf::from("/etc/pbxmail/pbxmail.ini"),
+        line,
+        message: "m".into(),
+    };
+    let e = ConfigError {
+        problems: vec![p(Some(3)), p(None)],
+    };
+    assert_eq!(
+        e.to_string(),
+        "/etc/pbxmail/pbxmail.ini:3: m\n/etc/pbxmail/pbxmail.ini: m"
+    );
+}
+
+#[test]
+fn load_reports_a_missing_file() {
+    let missing = temp_dir("load").join("absent.ini");
+    let e = load(&missing).unwrap_err();
+    assert_eq!(e.problems.len(), 1);
+    assert_eq!(e.problems[0].line, None);
+    assert!(e.to_string().starts_with(&missing.display().to_string()));
+}
+
+const SAMPLE: &str = include_str!("../../etc/pbxmail.ini");
+
+#[test]
+fn sample_config_is_accepted_apart_from_its_password_files() {
+    // The sample points at secret files that only exist on a real appliance.
+    let p = problems(SAMPLE);
+    assert_eq!(p.len(), 2, "{p:#?}");
+    for problem in &p {
+        assert!(
+            problem
+                .message
+                .contains("password_file: cannot read /etc/pbxmail/"),
+            "{problem}"
+        );
+    }
+    // With the secret files present, the sample is valid as it stands.
+    let dir = temp_dir("sample");
+    let mut text = SAMPLE.to_owned();
+    for name in ["acme.secret", "hoster.secret"] {
+        let secret = dir.join(name);
+        std::fs::write(&secret, "pw\n").unwrap();
+        text = text.replace(
+            &format!("/etc/pbxmail/{name}"),
+            &secret.display().to_string(),
+        );
+    }
+    let c = ok(&text);
+    assert_eq!(c.tenants.len(), 2);
+    assert_eq!(c.tenants[0].relay.to_string(), "smtp.office365.com:587");
+    assert_eq!(c.tenants[1].relay.to_string(), "mail.hoster.example:587");
+    assert!(c.warnings.is_empty(), "{:#?}", c.warnings);
+}
+
+#[test]
+fn tenant_name_round_trips_through_serde() {
+    let name = TenantName::parse("acme").unwrap();
+    let json = serde_json::to_string(&name).unwrap();
+    assert_eq!(json, "\"acme\"");
+    assert!(serde_json::from_str::<TenantName>("\"Bad Name\"").is_err());
+}

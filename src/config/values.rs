@@ -1,0 +1,393 @@
+//! Value syntax: one parser per kind of value, each returning a message an
+//! admin can act on. Public where the CLI and tests parse the same forms.
+
+use std::net::{Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::daemon::{FreeSpace, ListenAddr};
+use super::provider::Provider;
+use super::tenant::{ArchiveUsers, AuthMode, DomainPattern, RateLimit, Relay, Secret, TlsMode};
+
+/// `30s`, `5m`, `2h`, `5d`. The unit is required: a bare `30` is ambiguous.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let number = t.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    let unit = t.strip_prefix(number).unwrap_or_default();
+    let number = number.trim_end();
+    let hint = "write a number and a unit: 30s, 5m, 2h or 5d";
+    if number.is_empty() || !number.chars().all(|c| c.is_ascii_digit()) {
+        return Err(format!("{t:?} is not a duration; {hint}"));
+    }
+    let scale: u64 = match unit.to_ascii_lowercase().as_str() {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        "" => return Err(format!("{t:?} has no unit; {hint}")),
+        _ => return Err(format!("{t:?} has an unknown unit {unit:?}; {hint}")),
+    };
+    number
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("{t:?} is too large"))
+}
+
+/// `512K`, `25M`, `1G` (1024-based), or plain bytes.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let number = t.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    let unit = t.strip_prefix(number).unwrap_or_default();
+    let number = number.trim_end();
+    let hint = "write bytes or a number with K, M or G, e.g. 512K, 25M";
+    if number.is_empty() || !number.chars().all(|c| c.is_ascii_digit()) {
+        return Err(format!("{t:?} is not a size; {hint}"));
+    }
+    let scale: u64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1 << 10,
+        "m" | "mb" => 1 << 20,
+        "g" | "gb" => 1 << 30,
+        "t" | "tb" => 1 << 40,
+        _ => return Err(format!("{t:?} has an unknown unit {unit:?}; {hint}")),
+    };
+    number
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .ok_or_else(|| format!("{t:?} is too large"))
+}
+
+/// `yes`/`no`, `true`/`false`, `on`/`off`, in any case.
+pub fn parse_bool(s: &str) -> Result<bool, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "yes" | "true" | "on" => Ok(true),
+        "no" | "false" | "off" => Ok(false),
+        _ => Err(format!(
+            "{:?} is not a boolean; write yes or no (true/false, on/off)",
+            s.trim()
+        )),
+    }
+}
+
+pub(super) fn parse_nonzero_duration(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        d if d.is_zero() => Err(format!("{:?} must be longer than zero", s.trim())),
+        d => Ok(d),
+    }
+}
+
+pub(super) fn parse_relay(s: &str) -> Result<Relay, String> {
+    let s = s.trim();
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let (addr, after) = rest.split_once(']').ok_or_else(|| {
+            format!("{s:?} has no closing ]; write [IPv6]:port, e.g. [2001:db8::25]:587")
+        })?;
+        if addr.parse::<Ipv6Addr>().is_err() {
+            return Err(format!("{addr:?} in {s:?} is not an IPv6 address"));
+        }
+        let port = match after.strip_prefix(':') {
+            Some(port) => port,
+            None if after.is_empty() => {
+                return Err(format!(
+                    "{s:?} has no port; write [{addr}]:port, e.g. [{addr}]:587"
+                ))
+            }
+            None => return Err(format!("{s:?}: expected :port after ]")),
+        };
+        (addr, port)
+    } else {
+        let (host, port) = s
+            .rsplit_once(':')
+            .ok_or_else(|| format!("{s:?} has no port; write host:port, e.g. {s}:587"))?;
+        if host.contains(':') {
+            return Err(format!(
+                "{s:?}: write an IPv6 address in brackets with a port, e.g. [2001:db8::25]:587"
+            ));
+        }
+        check_domain(host).map_err(|e| format!("relay host {e}"))?;
+        (host, port)
+    };
+    let port = match port.parse::<u16>() {
+        Ok(port) if port != 0 => port,
+        _ => {
+            return Err(format!(
+                "{port:?} in {s:?} is not a port number (1-65535); the submission port is usually 587, or 465 with tls = implicit"
+            ))
+        }
+    };
+    Ok(Relay {
+        host: host.to_ascii_lowercase(),
+        port,
+    })
+}
+
+/// A DNS name or IPv4 address, ASCII, labels of letters, digits and hyphens.
+pub(super) fn check_domain(d: &str) -> Result<(), String> {
+    if d.is_empty() {
+        return Err("is empty".to_owned());
+    }
+    if !d.is_ascii() {
+        return Err(format!(
+            "{d:?} is not ASCII; write internationalized domains in their xn-- form"
+        ));
+    }
+    let label_ok = |l: &str| {
+        (1..=63).contains(&l.len())
+            && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if d.len() > 253 || !d.split('.').all(label_ok) {
+        return Err(format!("{d:?} is not a valid domain name"));
+    }
+    Ok(())
+}
+
+pub(super) fn parse_domains(s: &str) -> Result<Vec<DomainPattern>, String> {
+    let mut domains: Vec<DomainPattern> = Vec::new();
+    // Empty items are skipped so a trailing comma is harmless.
+    for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let pattern = DomainPattern::parse(item)?;
+        if !domains.contains(&pattern) {
+            domains.push(pattern);
+        }
+    }
+    if domains.is_empty() {
+        return Err("lists no domain".to_owned());
+    }
+    Ok(domains)
+}
+
+pub(super) fn parse_address(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    let bad =
+        || format!("{s:?} is not an address; write local@domain, e.g. postmaster@pbx.example.com");
+    let (local, domain) = s.rsplit_once('@').ok_or_else(bad)?;
+    let local_ok = !local.is_empty()
+        && !local
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || matches!(c, '<' | '>' | ','));
+    if !local_ok || check_domain(domain).is_err() {
+        return Err(bad());
+    }
+    Ok(s.to_owned())
+}
+
+pub(super) fn parse_listen(s: &str) -> Result<ListenAddr, String> {
+    let s = s.trim();
+    if s.starts_with('/') {
+        return Ok(ListenAddr::Unix(PathBuf::from(s)));
+    }
+    let addr: SocketAddr = s.parse().map_err(|_| {
+        format!("{s:?} is not ip:port; write 127.0.0.1:2525, [::1]:2525 or a unix socket path such as /run/pbxmail/submit.sock")
+    })?;
+    if !addr.ip().is_loopback() {
+        return Err(format!(
+            "{addr} is not a loopback address; submission is unauthenticated, so listen on 127.0.0.1, [::1] or a unix socket only"
+        ));
+    }
+    Ok(ListenAddr::Tcp(addr))
+}
+
+pub(super) fn parse_free_space(s: &str) -> Result<FreeSpace, String> {
+    let s = s.trim();
+    match s.strip_suffix('%') {
+        Some(percent) => match percent.trim().parse::<u8>() {
+            Ok(p) if p <= 99 => Ok(FreeSpace::Percent(p)),
+            _ => Err(format!(
+                "{s:?} is not a percentage from 0% to 99%; e.g. 5% or a size such as 100M"
+            )),
+        },
+        None => parse_size(s)
+            .map(FreeSpace::Bytes)
+            .map_err(|e| format!("{e}, or a percentage such as 5%")),
+    }
+}
+
+pub(super) fn parse_log_level(s: &str) -> Result<log::LevelFilter, String> {
+    use log::LevelFilter as L;
+    match s.trim().to_ascii_lowercase().as_str() {
+        "off" => Ok(L::Off),
+        "error" => Ok(L::Error),
+        "warn" => Ok(L::Warn),
+        "info" => Ok(L::Info),
+        "debug" => Ok(L::Debug),
+        "trace" => Ok(L::Trace),
+        _ => Err(format!(
+            "{:?} is not a log level; write off, error, warn, info, debug or trace",
+            s.trim()
+        )),
+    }
+}
+
+pub(super) fn parse_tls(s: &str) -> Result<TlsMode, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "starttls" => Ok(TlsMode::StartTls),
+        "implicit" => Ok(TlsMode::Implicit),
+        "none" => Ok(TlsMode::None),
+        _ => Err(format!(
+            "{:?} is not a TLS mode; write starttls (port 587), implicit (port 465) or none",
+            s.trim()
+        )),
+    }
+}
+
+pub(super) fn parse_provider(s: &str) -> Result<Provider, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "office365" => Ok(Provider::Office365),
+        "gmail" => Ok(Provider::Gmail),
+        _ => Err(format!(
+            "{:?} is not a known provider; write office365, gmail, or leave it empty and set relay",
+            s.trim()
+        )),
+    }
+}
+
+pub(super) fn parse_auth(s: &str) -> Result<AuthMode, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "auto" => Ok(AuthMode::Auto),
+        "plain" => Ok(AuthMode::Plain),
+        "login" => Ok(AuthMode::Login),
+        "xoauth2" => Ok(AuthMode::XOAuth2),
+        "none" => Ok(AuthMode::None),
+        _ => Err(format!(
+            "{:?} is not an auth mode; write auto, plain, login, xoauth2 or none",
+            s.trim()
+        )),
+    }
+}
+
+/// `30/min`, `100/h`, `5/s`, `1000/day`, or `N/DURATION` (`10/5m`); `none` = unlimited,
+/// which also overrides a provider's preset.
+pub(super) fn parse_rate_limit(s: &str) -> Result<Option<RateLimit>, String> {
+    let s = s.trim();
+    if matches!(s.to_ascii_lowercase().as_str(), "none" | "unlimited") {
+        return Ok(None);
+    }
+    let hint = "write messages/interval, e.g. 30/min, 100/h, 5/s, 1000/day, or none";
+    let (count, interval) = s
+        .split_once('/')
+        .ok_or_else(|| format!("{s:?} is not a rate; {hint}"))?;
+    let messages = match count.trim().parse::<u32>() {
+        Ok(n) if n >= 1 => n,
+        _ => {
+            return Err(format!(
+                "{:?} in {s:?} is not a count of 1 or more; {hint}",
+                count.trim()
+            ))
+        }
+    };
+    let per = match interval.trim().to_ascii_lowercase().as_str() {
+        "s" | "sec" | "second" => Duration::from_secs(1),
+        "m" | "min" | "minute" => Duration::from_secs(60),
+        "h" | "hour" => Duration::from_secs(3600),
+        "d" | "day" => Duration::from_secs(86_400),
+        other => parse_nonzero_duration(other)
+            .map_err(|_| format!("{:?} in {s:?} is not an interval; {hint}", interval.trim()))?,
+    };
+    Ok(Some(RateLimit { messages, per }))
+}
+
+/// A count of 1 or more (messages_per_session, listen limits).
+pub(super) fn parse_messages_per_session(s: &str) -> Result<u32, String> {
+    match s.trim().parse::<u32>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("{:?} is not a whole number of 1 or more", s.trim())),
+    }
+}
+
+pub(super) fn parse_archive_users(s: &str) -> Result<ArchiveUsers, String> {
+    if s.trim() == "*" {
+        return Ok(ArchiveUsers::All);
+    }
+    let mut users: Vec<String> = Vec::new();
+    for user in s.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+        if user == "*" || user.contains('@') || user.chars().any(char::is_whitespace) {
+            return Err(format!(
+                "{user:?} is not a sender local part; write * or a list such as 101, 102"
+            ));
+        }
+        if !users.iter().any(|u| u == user) {
+            users.push(user.to_owned());
+        }
+    }
+    if users.is_empty() {
+        return Err("lists nobody; write * or a list such as 101, 102".to_owned());
+    }
+    Ok(ArchiveUsers::List(users))
+}
+
+pub(super) fn parse_group(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    if s.chars()
+        .any(|c| c.is_whitespace() || c == ':' || c.is_control())
+    {
+        return Err(format!("{s:?} is not a group name"));
+    }
+    Ok(s.to_owned())
+}
+
+pub(super) fn parse_absolute_path(s: &str) -> Result<PathBuf, String> {
+    let path = PathBuf::from(s.trim());
+    if path.is_absolute() {
+        Ok(path)
+    } else {
+        Err(format!(
+            "{:?} is a relative path; write an absolute one (the daemon runs from /)",
+            s.trim()
+        ))
+    }
+}
+
+/// OAuth endpoints carry secrets, so plain http is only accepted on loopback (tests).
+pub(super) fn parse_url(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    let loopback_http = ["http://127.0.0.1", "http://localhost", "http://[::1]"]
+        .iter()
+        .any(|prefix| {
+            s.strip_prefix(prefix)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with([':', '/']))
+        });
+    if (s.starts_with("https://") && s.len() > "https://".len()) || loopback_http {
+        Ok(s.to_owned())
+    } else {
+        Err(format!("{s:?} is not an https:// URL"))
+    }
+}
+
+pub(super) fn parse_string(s: &str) -> Result<String, String> {
+    Ok(s.trim().to_owned())
+}
+
+pub(super) fn check_readable_file(path: &Path) -> Result<(), String> {
+    match std::fs::File::open(path).and_then(|f| f.metadata()) {
+        Ok(meta) if meta.is_file() => Ok(()),
+        Ok(_) => Err(format!("{} is not a regular file", path.display())),
+        Err(e) => Err(format!(
+            "cannot read {}: {e}; check the path and that pbxmail's user may read it",
+            path.display()
+        )),
+    }
+}
+
+pub(super) fn read_password_file(path: &Path) -> Result<Secret, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        // A path is named; anything else is not shown: admins sometimes type
+        // the password itself here.
+        let what = if path.is_absolute() {
+            path.display().to_string()
+        } else {
+            "the file it names (not an absolute path; not shown)".to_string()
+        };
+        format!("cannot read {what}: {e}; check the path and that pbxmail's user may read it")
+    })?;
+    // Editors add a final newline that is not part of the password.
+    let password = text.trim_end_matches(['\n', '\r']);
+    if password.is_empty() {
+        return Err(format!("{} is empty", path.display()));
+    }
+    Ok(Secret::new(password.to_owned()))
+}
