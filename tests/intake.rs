@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
 use serde_json::{json, Value};
-use support::harness::{closed_port, wait_until, Daemon};
+use support::harness::{free_port, wait_until, Daemon};
 use support::smtp_server::{Received, ServerOptions, TestServer};
 
 /// Upper bound for mail that should go out now; generous for a loaded CI box.
@@ -56,7 +56,7 @@ struct Site {
 impl Site {
     /// Listens on a free loopback port; `daemon_extra` goes into `[daemon]`.
     fn tcp(test: &str, daemon_extra: &str) -> Site {
-        Site::start(test, daemon_extra, |_| Listen::Tcp(closed_port()))
+        Site::start(test, daemon_extra, |_| Listen::Tcp(free_port()))
     }
 
     /// Listens on `submit.sock` in the test dir.

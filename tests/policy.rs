@@ -22,9 +22,12 @@ use support::smtp_server::{Fault, Received, ServerOptions, TestServer};
 
 /// Upper bound for mail that should go out now; generous for a loaded CI box.
 const ARRIVAL: Duration = Duration::from_secs(10);
-/// How long the healthy tenants get while another tenant's relay is faulty:
-/// far below the faulty tenant's 30 s connect and command timeouts.
-const ISOLATION_BOUND: Duration = Duration::from_secs(5);
+/// How long the healthy tenants get, from the start of their submissions,
+/// while another tenant's relay is faulty: below the tarpit's 10 s per reply
+/// and far below the faulty tenant's 30 s timeouts, so a healthy tenant that
+/// waited for the faulty one cannot make it; the rest is room for 27
+/// sendmail processes and their fsyncs on a loaded 2-core CI machine.
+const ISOLATION_BOUND: Duration = Duration::from_secs(8);
 /// The daemon waits at most 10 s for sessions in progress at SIGTERM.
 const SIGTERM_BOUND: Duration = Duration::from_secs(12);
 
@@ -441,17 +444,12 @@ fn healthy_tenants_are_not_delayed_by(fault: Faulty, test: &str) {
         }
         _ => Vec::new(),
     };
-    let elapsed = started.elapsed();
     assert!(
         got.len() >= on_healthy && shared_got.len() >= on_shared,
         "{fault:?}: only {} + {} of 27 healthy messages arrived within {ISOLATION_BOUND:?} \
          (submitting took {submitted:?})",
         got.len(),
         shared_got.len()
-    );
-    assert!(
-        elapsed <= ISOLATION_BOUND + Duration::from_millis(100),
-        "{elapsed:?}"
     );
 
     let mut servers = vec![&healthy];
@@ -529,6 +527,13 @@ fn failing_relay_backs_off_the_tenant_not_each_message() {
         submit(&daemon, "pbx@acme.test", "a@example.com", &format!("m{i}"));
     }
     let _running = Running::start(&daemon);
+    assert_eq!(
+        relay.wait_for_connections(1, ARRIVAL),
+        1,
+        "the relay was never tried"
+    );
+    // The window opens at the first failure, not when the queue shows it.
+    let window = Instant::now();
     let queue = daemon.wait_for_queue(ARRIVAL, |q| {
         q.len() == 5 && q.iter().all(|e| attempts(e) >= 1)
     });
@@ -537,9 +542,10 @@ fn failing_relay_backs_off_the_tenant_not_each_message() {
         "{queue:#?}"
     );
     // Backoff 1 s, 2 s, 4 s (±10%): within 4 s of the first failure at most
-    // the probes at ~1 s and ~3 s follow it.
-    let window = Instant::now();
-    let too_many = wait_until(Duration::from_secs(4), || relay.connections() > 3);
+    // the probes at ~1 s and ~3 s follow it; one retry per message would be
+    // five connections at ~1 s.
+    let left = Duration::from_secs(4).saturating_sub(window.elapsed());
+    let too_many = wait_until(left, || relay.connections() > 3);
     assert!(
         !too_many,
         "{} connections within {:?}: the messages were retried one by one",
@@ -994,6 +1000,7 @@ fn rate_limit_paces_one_tenant_and_not_the_other() {
 
     let got_free = free.wait_for_messages(10, ARRIVAL);
     let free_took = started.elapsed();
+    let paced_by_then = paced.messages().len();
     let got_paced = paced.wait_for_messages(10, Duration::from_secs(15));
     let paced_took = started.elapsed();
     assert_eq!(got_free.len(), 10, "{got_free:#?}");
@@ -1008,11 +1015,13 @@ fn rate_limit_paces_one_tenant_and_not_the_other() {
         paced_took >= Duration::from_secs(3),
         "rate_limit = 2/s did not pace: 10 messages in {paced_took:?}"
     );
-    // Both clocks include the start-up; the unlimited tenant's ten go in
-    // one session while the paced tenant's take about 4 s more.
+    // The unlimited tenant's ten go in one session, not at the paced rate:
+    // they are all in while the paced tenant still has some to send (a
+    // comparison of two counts, not of clock readings on a loaded machine).
     assert!(
-        free_took + Duration::from_secs(2) <= paced_took,
-        "the unlimited tenant was paced too: {free_took:?} against {paced_took:?}"
+        paced_by_then < 10,
+        "the unlimited tenant was paced too: its ten took {free_took:?}, \
+         by when all ten paced ones were in as well (paced took {paced_took:?})"
     );
     let counts = subject_counts(&[&paced, &free]);
     assert_eq!(counts.len(), 20, "{counts:?}");
@@ -1320,10 +1329,11 @@ fn second_daemon_on_the_same_spool_is_refused() {
 
 #[test]
 fn sigterm_lets_the_session_in_flight_finish_and_loses_nothing() {
-    // The reply to the first message's final "." takes 2 s.
+    // The reply to the first message's final "." takes 5 s: time enough for
+    // SIGTERM to land while that message is in flight, even on a loaded box.
     let slow = TestServer::start(
         ServerOptions {
-            faults: vec![(".".into(), 1, Fault::Delay(Duration::from_secs(2)))],
+            faults: vec![(".".into(), 1, Fault::Delay(Duration::from_secs(5)))],
             ..ServerOptions::default()
         },
         None,

@@ -17,7 +17,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use serde_json::Value;
-use support::harness::{closed_port, str_of, Daemon, Run, PBXMAIL};
+use support::harness::{closed_port, str_of, wait_until, Daemon, Run, PBXMAIL};
 use support::smtp_server::{Fault, ServerOptions, TestServer};
 
 /// Upper bound for mail that should go out now; generous for a loaded CI box.
@@ -179,6 +179,14 @@ fn rcpt_commands_for(server: &TestServer, to: &str) -> Vec<String> {
         .collect()
 }
 
+/// The files of delivered mail go once their result is durable: the queue
+/// hides a done entry as soon as its record is written, a moment before the
+/// fsync that precedes removal, so this waits rather than looks.
+fn assert_tenant_dir_empties(dir: &Path) {
+    let empty = wait_until(ARRIVAL, || names_in(dir).is_empty());
+    assert!(empty, "left in {}: {:?}", dir.display(), names_in(dir));
+}
+
 /// Waits until the daemon has delivered `good` and the queue holds exactly
 /// `failed` entries, all failed; returns them by ID.
 fn wait_for_delivery_and_quarantine(
@@ -254,11 +262,7 @@ fn flipped_byte_in_envelope_is_quarantined_and_the_rest_delivered() {
     let reason = fs::read_to_string(quarantine_file(&daemon, &format!("acme-{bad}.reason")))
         .expect("reason file");
     assert!(reason.contains("CRC"), "{reason}");
-    assert!(
-        names_in(&tenant_dir(&daemon, "acme")).is_empty(),
-        "{:?}",
-        names_in(&tenant_dir(&daemon, "acme"))
-    );
+    assert_tenant_dir_empties(&tenant_dir(&daemon, "acme"));
 }
 
 #[test]
@@ -382,7 +386,7 @@ fn garbage_in_spool_is_quarantined() {
             .unwrap_or_else(|e| panic!("{note}: {e}"));
         assert!(!reason.trim().is_empty(), "{note} is empty");
     }
-    assert!(names_in(&dir).is_empty(), "{:?}", names_in(&dir));
+    assert_tenant_dir_empties(&dir);
     assert_eq!(server.messages().len(), 2);
 }
 

@@ -1147,3 +1147,22 @@ fn oauth_server_drop_does_not_wait_for_delayed_responses() {
     server.stop();
     assert!(started.elapsed() < Duration::from_secs(5));
 }
+
+#[test]
+fn closed_port_refuses_connections_and_is_not_handed_out_again() {
+    let port = support::harness::closed_port();
+    for _ in 0..3 {
+        let refused = TcpStream::connect(("127.0.0.1", port));
+        assert!(
+            matches!(&refused, Err(e) if e.kind() == ErrorKind::ConnectionRefused),
+            "{refused:?}"
+        );
+    }
+    // New servers get other ports while it is held.
+    let servers: Vec<_> = (0..50)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
+        .collect();
+    for server in &servers {
+        assert_ne!(server.local_addr().expect("addr").port(), port);
+    }
+}

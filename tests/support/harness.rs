@@ -7,9 +7,10 @@
 use super::smtp_server::TestServer;
 use std::fs::{self, File};
 use std::io::Write;
-use std::net::TcpListener;
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -39,8 +40,26 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
 }
 
-/// A loopback port nothing listens on: bound, noted, released.
+/// A loopback port that refuses connections for as long as the test process
+/// runs. Its listener is gone, so a connect gets a reset; one accepted
+/// connection, held to the end, keeps the port bound, so neither a parallel
+/// test's server nor a connection's own source port can take it meanwhile.
 pub fn closed_port() -> u16 {
+    static HELD: Mutex<Vec<(TcpStream, TcpStream)>> = Mutex::new(Vec::new());
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    let port = listener.local_addr().expect("listener address").port();
+    let client = TcpStream::connect(("127.0.0.1", port)).expect("connect to the held port");
+    let (server, _) = listener.accept().expect("accept on the held port");
+    drop(listener);
+    HELD.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push((client, server));
+    port
+}
+
+/// A loopback port that was free a moment ago, for a listener the daemon
+/// itself binds (another process may take it first; rare, and loud).
+pub fn free_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
     listener.local_addr().expect("listener address").port()
 }
@@ -314,6 +333,8 @@ pub fn recipients(entry: &serde_json::Value) -> Vec<String> {
 /// signals (SIGHUP, SIGTERM). Its stderr goes to the harness's `daemon.log`.
 pub struct Running {
     child: Option<Child>,
+    /// The daemon's stderr, where `reload` looks for the outcome.
+    log: PathBuf,
 }
 
 impl Running {
@@ -323,10 +344,11 @@ impl Running {
     }
 
     pub fn start_with_env(daemon: &Daemon, env: &[(&str, &str)]) -> Running {
+        let log_path = daemon.dir().join("daemon.log");
         let log = std::fs::File::options()
             .create(true)
             .append(true)
-            .open(daemon.dir().join("daemon.log"))
+            .open(&log_path)
             .expect("open daemon log");
         let mut command = Command::new(PBXMAIL);
         command
@@ -344,7 +366,10 @@ impl Running {
             command.env(key, value);
         }
         let child = command.spawn().expect("spawn pbxmail daemon");
-        let mut running = Running { child: Some(child) };
+        let mut running = Running {
+            child: Some(child),
+            log: log_path,
+        };
         let socket = daemon.spool_dir().join("pickup.sock");
         let ready = wait_until(READY_TIMEOUT, || !running.is_running() || socket.exists());
         assert!(running.is_running(), "daemon exited during start-up");
@@ -368,9 +393,21 @@ impl Running {
         assert!(sent.success(), "kill {signal} failed");
     }
 
-    /// SIGHUP: re-read the config.
+    /// SIGHUP, then waits until the daemon has logged the outcome (applied
+    /// or refused): the signal is handled asynchronously, and mail submitted
+    /// before that would still go to the old tenants.
     pub fn reload(&self) {
+        let outcomes = || {
+            let log = fs::read_to_string(&self.log).unwrap_or_default();
+            log.matches("INFO: reloaded ").count()
+                + log
+                    .matches("reload refused: the running configuration")
+                    .count()
+        };
+        let before = outcomes();
         self.signal("-HUP");
+        let done = wait_until(READY_TIMEOUT, || outcomes() > before);
+        assert!(done, "the daemon logged no reload outcome after SIGHUP");
     }
 
     pub fn is_running(&mut self) -> bool {
