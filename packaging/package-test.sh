@@ -202,7 +202,7 @@ rm -rf "$WORK/sink"
 python3 packaging/test/smtp_sink.py --outdir "$WORK/sink" --port-file "$WORK/sink.port" --lifetime 240 \
     >"$WORK/sink.log" 2>&1 &
 SINK_PID=$!
-for _ in $(seq 50); do [ -s "$WORK/sink.port" ] && break; sleep 0.1; done
+for _ in $(seq 300); do [ -s "$WORK/sink.port" ] && break; sleep 0.1; done
 rm -f "$WORK/sink.port.used"; PORT=$(cat "$WORK/sink.port"); rm -f "$WORK/sink.port"
 [ -n "$PORT" ] || { fail "sink did not start"; exit 1; }
 
@@ -263,9 +263,14 @@ if wait_mail "package-test root" 30; then pass "root's message arrived at the si
 fi
 
 # The daemon (user pbxmail) must finish root's message: append its attempt
-# record and remove it from the spool.
-sleep 1
-left_root=$(grep -ls 'package-test root' "$CH"/var/spool/pbxmail/queue/*/*.msg 2>/dev/null || true)
+# record and remove it from the spool. The sink stores before it answers 250,
+# so the daemon's record, removal and fsyncs may still be under way: poll.
+left_root=x
+for _ in $(seq 150); do
+    left_root=$(grep -ls 'package-test root' "$CH"/var/spool/pbxmail/queue/*/*.msg 2>/dev/null || true)
+    [ -z "$left_root" ] && break
+    sleep 0.2
+done
 if [ -z "$left_root" ]; then pass "root's message left the spool after delivery"; else
     fail "root's message still in the spool after delivery: $(cd "$CH" && for f in $left_root; do stat -c '%a %U:%G %n' "${f#"$CH"}" "${f%.msg}.env" 2>/dev/null; done | paste -sd' ')"
     in_ch /usr/sbin/pbxmail queue 2>&1 | sed 's/^/    queue: /' | head -5

@@ -282,7 +282,6 @@ fn files_under(dir: &Path, into: &mut Vec<Output>) {
 
 #[test]
 fn no_secret_in_any_output_or_log_line() {
-    let started = Instant::now();
     let ca = TestCa::new();
     let pw_server = auth_server(&ca, PW_USER, PW_PASSWORD);
     let pf_server = auth_server(&ca, PF_USER, PF_PASSWORD);
@@ -659,9 +658,4 @@ fn no_secret_in_any_output_or_log_line() {
         .iter()
         .any(|(_, c)| c.contains(&STANDARD.encode(PF_PASSWORD)));
     assert!(sent, "pf's AUTH LOGIN: {:?}", pf_server.commands());
-    assert!(
-        started.elapsed() < Duration::from_secs(20),
-        "took {:?}",
-        started.elapsed()
-    );
 }

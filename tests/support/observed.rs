@@ -3,7 +3,7 @@
 //! scriptable servers (SMTP, OAuth) use it; waiting is on the condvar, never
 //! by polling.
 
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -31,6 +31,17 @@ impl<S> Shared<S> {
 
     pub fn update(&self, f: impl FnOnce(&mut S)) {
         f(&mut self.lock());
+        self.changed.notify_all();
+    }
+
+    /// Sets `stopping` and wakes every waiter. The flag is set under the lock:
+    /// a waiter checks it with the lock held and then waits, so a change made
+    /// between its check and its wait would otherwise be a lost wake-up.
+    pub fn stop(&self) {
+        {
+            let _state = self.lock();
+            self.stopping.store(true, Ordering::SeqCst);
+        }
         self.changed.notify_all();
     }
 

@@ -525,9 +525,8 @@ impl TestServer {
 
 impl Drop for TestServer {
     fn drop(&mut self) {
-        self.shared.stopping.store(true, Ordering::SeqCst);
-        // Wake tarpitted connections (Fault::Delay).
-        self.shared.changed.notify_all();
+        // Wakes tarpitted connections (Fault::Delay) too.
+        self.shared.stop();
         // Wake the blocking accept(); the loop sees `stopping` and exits.
         let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
         if let Some(handle) = self.accept_thread.take() {
