@@ -5,7 +5,8 @@
 //! scripted responses, else by a handler closure, else 404; every request is
 //! recorded with its decoded form so tests can assert on what the client sent.
 //! It can be taken down (the listener closed: connection refused) and brought
-//! back on the same port. It judges nothing itself.
+//! back on the same port, which nothing else can take meanwhile. It judges
+//! nothing itself.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -142,11 +143,25 @@ struct State {
 
 type Shared = super::observed::Shared<State>;
 
-/// The accept loop of one listener; dropping the listener is going down.
+/// The accept loop of one listener.
 struct Acceptor {
-    /// Tells this loop (only) to return and drop its listener.
+    /// Tells this loop (only) to return, handing back its listener.
     quit: Arc<AtomicBool>,
-    thread: JoinHandle<()>,
+    thread: JoinHandle<TcpListener>,
+}
+
+/// What keeps the server's port bound.
+enum Port {
+    /// Listening: the accept loop owns the listener.
+    Up(Acceptor),
+    /// Not listening, but both ends of one connection the listener accepted
+    /// before it closed are held: a connect is refused, yet the port stays
+    /// bound, so neither a parallel test's `bind(0)` nor a connection's
+    /// source port can take it before `up()` (as `harness::closed_port`).
+    Down {
+        client: TcpStream,
+        server: TcpStream,
+    },
 }
 
 /// A running endpoint; dropping it closes the listener and every open
@@ -155,7 +170,8 @@ pub struct OAuthServer {
     addr: SocketAddr,
     shared: Arc<Shared>,
     tls: Arc<ServerConfig>,
-    acceptor: Mutex<Option<Acceptor>>,
+    /// None only while `down` or `up` is changing it.
+    port: Mutex<Option<Port>>,
 }
 
 impl OAuthServer {
@@ -167,9 +183,10 @@ impl OAuthServer {
             addr,
             shared: Arc::new(Shared::new(State::default())),
             tls: ca.server_config(),
-            acceptor: Mutex::new(None),
+            port: Mutex::new(None),
         };
-        server.spawn_acceptor(listener);
+        let acceptor = server.spawn_acceptor(listener);
+        *server.lock_port() = Some(Port::Up(acceptor));
         server
     }
 
@@ -183,7 +200,7 @@ impl OAuthServer {
         server
     }
 
-    fn spawn_acceptor(&self, listener: TcpListener) {
+    fn spawn_acceptor(&self, listener: TcpListener) -> Acceptor {
         let quit = Arc::new(AtomicBool::new(false));
         let loop_quit = Arc::clone(&quit);
         let shared = Arc::clone(&self.shared);
@@ -192,11 +209,20 @@ impl OAuthServer {
             .name(format!("oauth-test:{}", self.addr.port()))
             .spawn(move || accept_loop(listener, shared, tls, loop_quit))
             .expect("spawn accept thread");
-        *self.lock_acceptor() = Some(Acceptor { quit, thread });
+        Acceptor { quit, thread }
     }
 
-    fn lock_acceptor(&self) -> MutexGuard<'_, Option<Acceptor>> {
-        self.acceptor.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock_port(&self) -> MutexGuard<'_, Option<Port>> {
+        self.port.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Ends the accept loop and takes its listener back (Err if the loop
+    /// panicked).
+    fn stop_acceptor(&self, acceptor: Acceptor) -> thread::Result<TcpListener> {
+        acceptor.quit.store(true, Ordering::SeqCst);
+        // Wake the blocking accept(); the loop sees `quit` and returns.
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+        acceptor.thread.join()
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -287,23 +313,46 @@ impl OAuthServer {
         self.shared.lock().tls_failures
     }
 
-    /// Closes the listener: connects are refused until `up()`. Connections
-    /// already open are finished normally.
+    /// Closes the listener: connects are refused until `up()`, and the port
+    /// stays reserved for it. Connections already open are finished normally;
+    /// any not yet accepted are closed.
     pub fn down(&self) {
-        let Some(acceptor) = self.lock_acceptor().take() else {
-            return;
+        let mut port = self.lock_port();
+        let acceptor = match port.take() {
+            Some(Port::Up(acceptor)) => acceptor,
+            other => {
+                *port = other;
+                return;
+            }
         };
-        acceptor.quit.store(true, Ordering::SeqCst);
-        // Wake the blocking accept(); the loop sees `quit` and drops the listener.
-        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
-        let _ = acceptor.thread.join();
+        let listener = self
+            .stop_acceptor(acceptor)
+            .expect("accept thread panicked");
+        let client = TcpStream::connect(self.addr).expect("connect to hold the port");
+        let own = client.local_addr().expect("holding connection's address");
+        // Others may be queued before ours (a client of the test, the wake-up
+        // connect): closing them is what going down does to them anyway.
+        let server = loop {
+            let (server, peer) = listener.accept().expect("accept the holding connection");
+            if peer == own {
+                break server;
+            }
+        };
+        drop(listener);
+        *port = Some(Port::Down { client, server });
     }
 
-    /// Listens again on the same port (std sets SO_REUSEADDR on Unix).
+    /// Listens again on the same port.
     pub fn up(&self) {
-        if self.is_up() {
+        let mut port = self.lock_port();
+        let Some(Port::Down { client, server }) = port.take() else {
             return;
-        }
+        };
+        // The client closes first, so the TIME_WAIT is on its side; were one
+        // left on the server's port, std's SO_REUSEADDR (on Unix) still lets
+        // the bind below succeed.
+        drop(client);
+        drop(server);
         let deadline = Instant::now() + Duration::from_secs(5);
         let listener = loop {
             match TcpListener::bind(self.addr) {
@@ -314,11 +363,11 @@ impl OAuthServer {
                 Err(_) => thread::sleep(Duration::from_millis(50)),
             }
         };
-        self.spawn_acceptor(listener);
+        *port = Some(Port::Up(self.spawn_acceptor(listener)));
     }
 
     pub fn is_up(&self) -> bool {
-        self.lock_acceptor().is_some()
+        matches!(*self.lock_port(), Some(Port::Up(_)))
     }
 
     /// Drop by another name, for readability in tests.
@@ -327,10 +376,11 @@ impl OAuthServer {
 
 impl Drop for OAuthServer {
     fn drop(&mut self) {
-        self.shared.stopping.store(true, Ordering::SeqCst);
-        // Wake delayed responses.
-        self.shared.changed.notify_all();
-        self.down();
+        // Wakes delayed responses too, without a lost wake-up (see `stop`).
+        self.shared.stop();
+        if let Some(Port::Up(acceptor)) = self.lock_port().take() {
+            let _ = self.stop_acceptor(acceptor);
+        }
         let threads = {
             let mut state = self.shared.lock();
             for sock in state.open.values() {
@@ -344,17 +394,20 @@ impl Drop for OAuthServer {
     }
 }
 
+/// Serves connections until told to quit (by `quit` or the whole server
+/// stopping); then returns the listener, still bound.
 fn accept_loop(
     listener: TcpListener,
     shared: Arc<Shared>,
     tls: Arc<ServerConfig>,
     quit: Arc<AtomicBool>,
-) {
-    for incoming in listener.incoming() {
+) -> TcpListener {
+    loop {
+        let incoming = listener.accept();
         if quit.load(Ordering::SeqCst) || shared.stopping.load(Ordering::SeqCst) {
-            return;
+            return listener;
         }
-        let Ok(tcp) = incoming else { continue };
+        let Ok((tcp, _)) = incoming else { continue };
         let Ok(registered) = tcp.try_clone() else {
             continue;
         };
