@@ -10,7 +10,7 @@ use crate::tls::{self, Stream};
 use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 #[derive(Clone)]
 pub struct ClientSettings {
@@ -188,35 +188,64 @@ fn connect(settings: &ClientSettings) -> Result<(TcpStream, SocketAddr), Session
             reason: format!("cannot resolve the host name: {e}"),
         })?
         .collect();
-    let deadline = Instant::now() + settings.timeouts.connect;
-    let several = addrs.len() > 1;
-    let mut failure = SessionError::Connect {
-        peer: relay.to_string(),
-        reason: "the host name has no addresses".into(),
-    };
-    for addr in addrs {
-        let peer = format!("{}[{}]:{}", relay.host, addr.ip(), addr.port());
+    connect_any(relay, &addrs, settings.timeouts.connect)
+}
+
+/// Tries the relay's addresses in turn (RFC 5321 §5.1) until one accepts,
+/// all within `timeout`. Each try gets an equal share of the time left, so a
+/// black-holed first address cannot use up the time the others need.
+fn connect_any(
+    relay: &Relay,
+    addrs: &[SocketAddr],
+    timeout: Duration,
+) -> Result<(TcpStream, SocketAddr), SessionError> {
+    let deadline = Instant::now() + timeout;
+    let mut failures: Vec<(SocketAddr, String)> = Vec::new();
+    for (tried, addr) in addrs.iter().enumerate() {
         let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            break;
+        let share = left / u32::try_from(addrs.len() - tried).unwrap_or(u32::MAX);
+        if share.is_zero() {
+            failures.push((*addr, "not tried: connect_timeout used up".into()));
+            continue;
         }
-        match TcpStream::connect_timeout(&addr, left) {
+        match TcpStream::connect_timeout(addr, share) {
             Ok(tcp) => {
+                if !failures.is_empty() {
+                    log::info!(
+                        "relay {relay}: connected to {} after {}",
+                        addr.ip(),
+                        describe(&failures)
+                    );
+                }
                 let _ = tcp.set_nodelay(true);
-                return Ok((tcp, addr));
+                return Ok((tcp, *addr));
             }
-            Err(e) => {
-                // With several addresses, say which one failed how.
-                let reason = if several {
-                    format!("{}: {e}", addr.ip())
-                } else {
-                    e.to_string()
-                };
-                failure = SessionError::Connect { peer, reason };
-            }
+            Err(e) => failures.push((*addr, e.to_string())),
         }
     }
-    Err(failure)
+    Err(match failures.as_slice() {
+        [] => SessionError::Connect {
+            peer: relay.to_string(),
+            reason: "the host name has no addresses".into(),
+        },
+        [(addr, reason)] => SessionError::Connect {
+            peer: format!("{}[{}]:{}", relay.host, addr.ip(), addr.port()),
+            reason: reason.clone(),
+        },
+        several => SessionError::Connect {
+            peer: relay.to_string(),
+            reason: describe(several),
+        },
+    })
+}
+
+/// `192.0.2.1: connection refused; 2001:db8::1: timed out`
+fn describe(failures: &[(SocketAddr, String)]) -> String {
+    failures
+        .iter()
+        .map(|(addr, reason)| format!("{}: {reason}", addr.ip()))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 fn authenticate(
@@ -268,4 +297,109 @@ fn authenticate(
         }
     };
     session.authenticate(mechanism, username, password)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{Ipv4Addr, TcpListener};
+
+    fn relay(port: u16) -> Relay {
+        Relay {
+            host: "relay.test".into(),
+            port,
+        }
+    }
+
+    /// A listener that completes handshakes in the kernel; never accepts.
+    fn listening() -> (TcpListener, SocketAddr) {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        (listener, addr)
+    }
+
+    /// An address that drops SYNs, as a black-holed relay does: a listener
+    /// with a backlog of 0 whose one queue slot is taken and never accepted.
+    struct BlackHole {
+        addr: SocketAddr,
+        _listener: TcpListener,
+        _queued: Vec<TcpStream>,
+    }
+
+    fn black_hole() -> BlackHole {
+        use rustix::net::{bind, listen, socket, AddressFamily, SocketType};
+        let fd = socket(AddressFamily::INET, SocketType::STREAM, None).expect("socket");
+        bind(&fd, &SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).expect("bind");
+        listen(&fd, 0).expect("listen");
+        let listener = TcpListener::from(fd);
+        let addr = listener.local_addr().expect("addr");
+        let mut queued = Vec::new();
+        for _ in 0..16 {
+            match TcpStream::connect_timeout(&addr, Duration::from_millis(300)) {
+                Ok(tcp) => queued.push(tcp),
+                Err(_) => {
+                    return BlackHole {
+                        addr,
+                        _listener: listener,
+                        _queued: queued,
+                    }
+                }
+            }
+        }
+        panic!("the listen queue of {addr} never filled");
+    }
+
+    #[test]
+    fn black_holed_first_address_leaves_time_for_the_next() {
+        let hole = black_hole();
+        let (_good, good) = listening();
+        let timeout = Duration::from_secs(2);
+        let started = Instant::now();
+        let connected = connect_any(&relay(good.port()), &[hole.addr, good], timeout);
+        let took = started.elapsed();
+        let (_tcp, addr) = connected.expect("the second address answers");
+        assert_eq!(addr, good);
+        // The hole had its half of the time, not all of it.
+        assert!(took >= Duration::from_millis(900), "{took:?}");
+        assert!(took < timeout + Duration::from_millis(500), "{took:?}");
+    }
+
+    #[test]
+    fn every_address_failing_names_each_with_its_reason() {
+        // Bound to 127.0.0.1 only: the same port on .2 and .3 refuses.
+        let (_held, on_one) = listening();
+        let port = on_one.port();
+        let refused = |last: u8| SocketAddr::from((Ipv4Addr::new(127, 0, 0, last), port));
+        let hole = black_hole();
+        let addrs = [refused(2), hole.addr, refused(3)];
+        let error =
+            connect_any(&relay(port), &addrs, Duration::from_secs(1)).expect_err("nothing answers");
+        let SessionError::Connect { peer, reason } = &error else {
+            panic!("{error:?}");
+        };
+        assert_eq!(peer, &format!("relay.test:{port}"));
+        let parts: Vec<&str> = reason.split("; ").collect();
+        assert_eq!(parts.len(), 3, "{reason}");
+        assert!(
+            parts[0].starts_with("127.0.0.2: ") && parts[0].contains("refused"),
+            "{reason}"
+        );
+        assert!(parts[1].starts_with("127.0.0.1: "), "{reason}");
+        assert!(
+            parts[2].starts_with("127.0.0.3: ") && parts[2].contains("refused"),
+            "{reason}"
+        );
+    }
+
+    #[test]
+    fn one_address_is_named_with_its_host() {
+        let (_held, on_one) = listening();
+        let addr = SocketAddr::from((Ipv4Addr::new(127, 0, 0, 2), on_one.port()));
+        let error =
+            connect_any(&relay(addr.port()), &[addr], Duration::from_secs(1)).expect_err("refused");
+        let SessionError::Connect { peer, .. } = &error else {
+            panic!("{error:?}");
+        };
+        assert_eq!(peer, &format!("relay.test[127.0.0.2]:{}", addr.port()));
+    }
 }

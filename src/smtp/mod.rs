@@ -51,7 +51,8 @@ impl Phase {
 #[derive(Debug)]
 pub enum SessionError {
     /// No address of the relay accepted a TCP connection. `peer` is
-    /// `host[ip]:port` of the last address tried (`host:port` if none was).
+    /// `host[ip]:port` when the host had one address, else `host:port` and
+    /// `reason` names each address with its failure.
     Connect {
         peer: String,
         reason: String,
