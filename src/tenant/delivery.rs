@@ -139,19 +139,17 @@ impl TenantWorker {
                 return SessionEnd::Paced;
             }
             tried.insert(id.clone());
-            if let Err(e) = self.deliver_one(&mut connected.session, &connected.peer, &id) {
-                let outcome = outcome::of_session_error(&e);
+            if let Err(broke) = self.deliver_one(&mut connected.session, &connected.peer, &id) {
+                let e = &broke.error;
                 log::warn!("tenant {}: relay {}: {e}", self.name(), connected.peer);
-                let scope = match outcome {
-                    Outcome::Retry { scope, .. } => scope,
-                    _ => RetryScope::Message,
-                };
-                self.defer_all(
-                    std::slice::from_ref(&id),
-                    &connected.peer,
-                    outcome.reason(),
-                    scope,
-                );
+                let (scope, reason) = retry_after(e);
+                if broke.recorded {
+                    if scope == RetryScope::Tenant {
+                        self.back_off_tenant();
+                    }
+                } else {
+                    self.defer_all(std::slice::from_ref(&id), &connected.peer, &reason, scope);
+                }
                 return SessionEnd::Broken {
                     tenant_failing: scope == RetryScope::Tenant,
                 };
@@ -170,7 +168,7 @@ impl TenantWorker {
         session: &mut Session<Stream>,
         peer: &str,
         id: &MessageId,
-    ) -> Result<(), SessionError> {
+    ) -> Result<(), SessionBroke> {
         if !self.write_unrecorded(id) {
             return Ok(());
         }
@@ -217,10 +215,37 @@ impl TenantWorker {
                 size: envelope.size,
                 eight_bit,
             };
-            file.rewind().map_err(|e| {
-                SessionError::Local(format!("cannot rewind the spooled message: {e}"))
-            })?;
-            let result = session.transaction(&message, &mut BufReader::new(&mut file))?;
+            let sent = file
+                .rewind()
+                .map_err(|e| SessionError::Local(format!("cannot rewind the spooled message: {e}")))
+                .and_then(|()| session.transaction(&message, &mut BufReader::new(&mut file)));
+            let result = match sent {
+                Ok(result) => result,
+                Err(error) if outcomes.is_empty() => {
+                    return Err(SessionBroke {
+                        error,
+                        recorded: false,
+                    })
+                }
+                Err(error) => {
+                    // A later transaction broke: what the relay already took
+                    // stands (sending it again would duplicate it); only the
+                    // recipients still unanswered are deferred.
+                    let (scope, reason) = retry_after(&error);
+                    outcomes.extend(pending.into_iter().map(|(index, address)| {
+                        let retry = Outcome::Retry {
+                            scope,
+                            reason: reason.clone(),
+                        };
+                        (index, address, retry)
+                    }));
+                    self.record(id, &envelope, peer, outcomes, Some(reason));
+                    return Err(SessionBroke {
+                        error,
+                        recorded: true,
+                    });
+                }
+            };
             let any_delivered = result.per_recipient.iter().any(|r| r.code.is_positive());
             let mut again = Vec::new();
             for ((index, address), reply) in pending.into_iter().zip(result.per_recipient.iter()) {
@@ -554,5 +579,21 @@ impl TenantWorker {
         }
         self.unrecorded.remove(id);
         true
+    }
+}
+
+/// A session that broke while one message was being sent.
+struct SessionBroke {
+    error: SessionError,
+    /// The message's results are already recorded (some recipients were
+    /// answered before the break); there is nothing left to defer.
+    recorded: bool,
+}
+
+/// The retry a broken session means for the mail it was carrying.
+fn retry_after(error: &SessionError) -> (RetryScope, String) {
+    match outcome::of_session_error(error) {
+        Outcome::Retry { scope, reason } => (scope, reason),
+        other => (RetryScope::Message, other.reason().to_string()),
     }
 }
