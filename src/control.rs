@@ -162,7 +162,13 @@ impl ControlServer {
                         .extend_from_slice(buf.get(..n).unwrap_or_default());
                     if let Some(end) = conn.input.iter().position(|&b| b == b'\n') {
                         let line = conn.input.get(..end).unwrap_or_default();
-                        return vec![Event::Request(token, parse(line))];
+                        match parse(line) {
+                            Ok(request) => return vec![Event::Request(token, request)],
+                            Err(why) => {
+                                self.respond(registry, token, &Response::error(why));
+                                return vec![Event::Nothing];
+                            }
+                        }
                     }
                     if conn.input.len() > MAX_REQUEST {
                         self.respond(registry, token, &Response::error("request too long"));
@@ -256,8 +262,12 @@ fn flush(conn: &mut Connection) -> io::Result<bool> {
     Ok(true)
 }
 
-fn parse(line: &[u8]) -> Request {
-    serde_json::from_slice(line).unwrap_or(Request::Status)
+/// A request the daemon does not understand is answered with an error, never
+/// guessed at: a newer CLI's command must not run as something else.
+fn parse(line: &[u8]) -> Result<Request, String> {
+    serde_json::from_slice(line).map_err(|e| {
+        format!("not a request this daemon understands ({e}); is the pbxmail CLI the same version as the daemon?")
+    })
 }
 
 /// Client side, for the CLI: one request, one reply, bounded in time.
@@ -322,5 +332,23 @@ mod tests {
         assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), hold);
         let flush: Request = serde_json::from_str(r#"{"command":"flush"}"#).unwrap();
         assert_eq!(flush, Request::Flush { tenant: None });
+    }
+
+    #[test]
+    fn an_unknown_or_garbled_request_is_an_error_not_a_status() {
+        assert_eq!(parse(br#"{"command":"status"}"#), Ok(Request::Status));
+        for line in [
+            &br#"{"command":"explode"}"#[..],
+            b"status",
+            b"",
+            b"{\"command\":",
+        ] {
+            let parsed = parse(line);
+            assert!(
+                parsed.is_err(),
+                "{:?}: {parsed:?}",
+                String::from_utf8_lossy(line)
+            );
+        }
     }
 }

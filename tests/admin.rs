@@ -445,6 +445,42 @@ fn status_json_has_the_interface_shape_and_counts_per_tenant() {
 // Without a daemon
 // ---------------------------------------------------------------------------
 
+/// A request from a newer or broken client is refused with a reason, never
+/// taken for another command.
+#[test]
+fn control_socket_answers_an_unknown_request_with_an_error() {
+    use std::io::{BufRead, BufReader, Write};
+    let server = TestServer::start(ServerOptions::default(), None);
+    let daemon = Daemon::bare("adm_unknown_request");
+    configure(
+        &daemon,
+        SLOW_RETRY,
+        &plain_tenant("acme", "acme.test", &server),
+    );
+    let _running = Running::start(&daemon);
+    for request in [&b"{\"command\":\"explode\"}\n"[..], b"status\n"] {
+        let mut stream =
+            std::os::unix::net::UnixStream::connect(control_socket(&daemon)).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        stream.write_all(request).expect("send the request");
+        let mut line = String::new();
+        BufReader::new(&stream)
+            .read_line(&mut line)
+            .expect("read the reply");
+        let reply: Value = serde_json::from_str(&line).expect("a JSON reply");
+        assert_eq!(reply["ok"], false, "{line}");
+        assert!(reply["result"].is_null(), "{line}");
+        assert!(
+            reply["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("not a request")),
+            "{line}"
+        );
+    }
+}
+
 #[test]
 fn admin_commands_without_a_daemon_exit_69_and_name_the_socket() {
     let daemon = Daemon::bare("adm_nodaemon");
@@ -919,7 +955,7 @@ fn write_invalid_config(daemon: &Daemon, elsewhere: &TestServer) -> usize {
 }
 
 #[test]
-fn reload_command_with_an_invalid_config_exits_65_and_keeps_the_old_one() {
+fn reload_command_with_an_invalid_config_exits_78_and_keeps_the_old_one() {
     // The request reaches the daemon (the CLI reads a valid copy that names
     // the same control socket), which refuses the invalid file.
     let server = TestServer::start(ServerOptions::default(), None);
@@ -937,7 +973,7 @@ fn reload_command_with_an_invalid_config_exits_65_and_keeps_the_old_one() {
     let line = write_invalid_config(&daemon, &elsewhere);
     let copy_text = copy.display().to_string();
     let run = cli(&daemon, &["reload", "-c", &copy_text]);
-    assert_eq!(run.code, 65, "{run:?}");
+    assert_eq!(run.code, 78, "{run:?}");
     let problem = format!("{}:{line}:", daemon.config_path().display());
     assert!(
         run.stderr.contains(&problem),
@@ -1371,7 +1407,17 @@ fn check_delivery_line(rest: &str, id: &str, to: &str, port: u16) -> Result<(), 
 
 /// Delivers one message with the daemon's environment extended by `env` and
 /// returns (the delivery log line, its ID, the relay port).
-fn delivery_log_line(test: &str, env: &[(&str, &str)]) -> (String, String, u16) {
+/// Where the daemon's stderr goes, as JOURNAL_STREAM describes it.
+enum Journal {
+    Absent,
+    /// `device:inode` of the daemon's stderr, as systemd sets it.
+    IsStderr,
+    /// Inherited from a parent whose stderr was the journal; ours is a file.
+    Elsewhere,
+}
+
+fn delivery_log_line(test: &str, journal: Journal) -> (String, String, u16) {
+    use std::os::unix::fs::MetadataExt;
     let server = TestServer::start(ServerOptions::default(), None);
     let daemon = Daemon::bare(test);
     configure(
@@ -1379,7 +1425,20 @@ fn delivery_log_line(test: &str, env: &[(&str, &str)]) -> (String, String, u16) 
         SLOW_RETRY,
         &plain_tenant("acme", "acme.test", &server),
     );
-    let _running = Running::start_with_env(&daemon, env);
+    // The daemon's stderr is this file (Running appends to it).
+    let log = daemon.write_file("daemon.log", "");
+    let meta = std::fs::metadata(&log).expect("stat daemon.log");
+    let stream = match journal {
+        Journal::Absent => None,
+        Journal::IsStderr => Some(format!("{}:{}", meta.dev(), meta.ino())),
+        Journal::Elsewhere => Some(format!("{}:{}", meta.dev(), meta.ino() + 1)),
+    };
+    let env: Vec<(&str, &str)> = stream
+        .as_deref()
+        .map(|value| ("JOURNAL_STREAM", value))
+        .into_iter()
+        .collect();
+    let _running = Running::start_with_env(&daemon, &env);
     let id = submit(&daemon, "pbx@acme.test", "log@example.com", "logged");
     assert_eq!(server.wait_for_messages(1, ARRIVAL).len(), 1);
     let mut line = None;
@@ -1397,7 +1456,7 @@ fn delivery_log_line(test: &str, env: &[(&str, &str)]) -> (String, String, u16) 
 
 #[test]
 fn under_journald_the_delivery_line_starts_with_the_level() {
-    let (line, id, port) = delivery_log_line("adm_log_journal", &[("JOURNAL_STREAM", "1:2")]);
+    let (line, id, port) = delivery_log_line("adm_log_journal", Journal::IsStderr);
     let rest = line
         .strip_prefix("INFO: ")
         .unwrap_or_else(|| panic!("does not start with 'INFO: ': {line:?}"));
@@ -1408,7 +1467,16 @@ fn under_journald_the_delivery_line_starts_with_the_level() {
 
 #[test]
 fn without_journald_the_delivery_line_starts_with_a_utc_timestamp() {
-    let (line, id, port) = delivery_log_line("adm_log_stamp", &[]);
+    for (test, journal) in [
+        ("adm_log_stamp", Journal::Absent),
+        ("adm_log_inherited", Journal::Elsewhere),
+    ] {
+        timestamped_delivery_line(test, journal);
+    }
+}
+
+fn timestamped_delivery_line(test: &str, journal: Journal) {
+    let (line, id, port) = delivery_log_line(test, journal);
     let (stamp, rest) = line
         .split_once(' ')
         .unwrap_or_else(|| panic!("no timestamp: {line:?}"));

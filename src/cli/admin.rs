@@ -88,7 +88,12 @@ fn report(command: &str, json: bool, response: &Response) -> Exit {
             "pbxmail {command}: {}",
             response.error.as_deref().unwrap_or("refused")
         );
-        return Exit::DataErr;
+        // The daemon refuses a reload only for an invalid configuration.
+        return if command == "reload" {
+            Exit::Config
+        } else {
+            Exit::DataErr
+        };
     }
     let result = response.result.clone().unwrap_or_default();
     match command {

@@ -34,7 +34,7 @@ pub fn run(args: &[String]) -> Exit {
 
 /// The journal adds its own timestamps; a terminal or file gets ours.
 fn init_logging(level: log::LevelFilter) {
-    let under_journal = std::env::var_os("JOURNAL_STREAM").is_some();
+    let under_journal = stderr_is_the_journal();
     let mut builder = env_logger::Builder::new();
     builder.filter_level(level);
     if let Ok(spec) = std::env::var("PBXMAIL_LOG") {
@@ -50,4 +50,23 @@ fn init_logging(level: log::LevelFilter) {
         }
     });
     builder.init();
+}
+
+/// Whether stderr is the journal's stream: systemd sets JOURNAL_STREAM to
+/// its `device:inode`, and a child whose stderr was redirected elsewhere
+/// inherits the variable, so it is compared, not just looked for.
+fn stderr_is_the_journal() -> bool {
+    let Some(value) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((device, inode)) = value.to_str().and_then(|v| v.split_once(':')) else {
+        return false;
+    };
+    let (Ok(device), Ok(inode)) = (device.parse::<u64>(), inode.parse::<u64>()) else {
+        return false;
+    };
+    match rustix::fs::fstat(std::io::stderr()) {
+        Ok(stat) => stat.st_dev == device && stat.st_ino == inode,
+        Err(_) => false,
+    }
 }
