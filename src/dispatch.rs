@@ -301,6 +301,7 @@ impl Dispatcher {
         }
         let mut by_tenant: BTreeMap<String, Vec<MessageId>> = BTreeMap::new();
         let mut unknown = Vec::new();
+        let mut orphaned = Vec::new();
         for raw in &selection.ids {
             let found = MessageId::parse(raw)
                 .and_then(|id| self.spool.tenant_of(&id).map(|tenant| (tenant, id)));
@@ -308,7 +309,8 @@ impl Dispatcher {
                 Some((tenant, id)) if self.tenants.is_running(&tenant) => {
                     by_tenant.entry(tenant).or_default().push(id)
                 }
-                _ => unknown.push(raw.clone()),
+                Some((tenant, _)) => orphaned.push(format!("{raw} (tenant {tenant})")),
+                None => unknown.push(raw.clone()),
             }
         }
         // All or nothing: a typo in one ID must not leave the command half done.
@@ -316,6 +318,13 @@ impl Dispatcher {
             return Response::error(format!(
                 "no queued message with ID {}; nothing was changed",
                 unknown.join(", ")
+            ));
+        }
+        if !orphaned.is_empty() {
+            return Response::error(format!(
+                "{} belong to a tenant that is no longer configured; nothing was changed. \
+                 Add its [tenant:NAME] section back and reload to act on them",
+                orphaned.join(", ")
             ));
         }
         let count: usize = by_tenant.values().map(Vec::len).sum();

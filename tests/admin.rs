@@ -445,6 +445,49 @@ fn status_json_has_the_interface_shape_and_counts_per_tenant() {
 // Without a daemon
 // ---------------------------------------------------------------------------
 
+/// Mail of a tenant removed from the configuration stays queued and says so:
+/// `tenant_configured: false`, no next attempt, a line in the table; the
+/// daemon refuses to act on it by ID with a reason, and changes nothing.
+#[test]
+fn mail_of_a_removed_tenant_is_shown_as_having_no_tenant() {
+    let server = TestServer::start(ServerOptions::default(), None);
+    let daemon = Daemon::bare("adm_no_tenant");
+    let staying = plain_tenant("staying", "staying.test", &server);
+    configure(
+        &daemon,
+        SLOW_RETRY,
+        &(plain_tenant("gone", "gone.test", &server) + &staying),
+    );
+    let id = submit(&daemon, "pbx@gone.test", "a@example.com", "orphan");
+    configure(&daemon, SLOW_RETRY, &staying);
+
+    let run = cli(&daemon, &["queue", "--json"]);
+    assert_eq!(run.code, 0, "{run:?}");
+    let queue: Value = serde_json::from_str(&run.stdout).expect("queue JSON");
+    let entry = &queue[0];
+    assert_eq!(entry["id"], id.as_str(), "{queue:#}");
+    assert_eq!(entry["tenant"], "gone", "{queue:#}");
+    assert_eq!(entry["tenant_configured"], false, "{queue:#}");
+    assert!(entry["next_attempt"].is_null(), "{queue:#}");
+    let table = cli(&daemon, &["queue"]);
+    assert!(
+        table
+            .stdout
+            .contains("no tenant: [tenant:gone] is not in the configuration"),
+        "{}",
+        table.stdout
+    );
+
+    let _running = Running::start(&daemon);
+    let run = cli(&daemon, &["hold", &id]);
+    assert_eq!(run.code, 65, "{run:?}");
+    assert!(run.stderr.contains("no longer configured"), "{run:?}");
+    let after: Value =
+        serde_json::from_str(&cli(&daemon, &["queue", "--json"]).stdout).expect("queue JSON");
+    assert_eq!(after[0]["state"], "queued", "{after:#}");
+    assert!(server.messages().is_empty());
+}
+
 /// A request from a newer or broken client is refused with a reason, never
 /// taken for another command.
 #[test]

@@ -11,6 +11,9 @@ use serde::Serialize;
 struct QueueEntry {
     id: String,
     tenant: String,
+    /// False when no `[tenant:NAME]` section names the tenant any more (it
+    /// was removed): the mail waits, unsent, until the tenant comes back.
+    tenant_configured: bool,
     sender: String,
     /// Recipients not yet delivered.
     recipients: Vec<String>,
@@ -55,7 +58,18 @@ pub fn run(args: &[String]) -> Exit {
     };
     let spool = Spool::new(&config.daemon.spool_dir);
     let entries = match collect(&spool, only_tenant.as_deref()) {
-        Ok(entries) => entries,
+        Ok(mut entries) => {
+            for entry in &mut entries {
+                entry.tenant_configured = config
+                    .tenants
+                    .iter()
+                    .any(|t| t.name.as_str() == entry.tenant);
+                if !entry.tenant_configured {
+                    entry.next_attempt = None;
+                }
+            }
+            entries
+        }
         Err(e) => {
             eprintln!("pbxmail queue: cannot read the spool: {e}");
             return Exit::TempFail;
@@ -103,6 +117,7 @@ fn collect(
                     QueueEntry {
                         id: id.to_string(),
                         tenant: tenant.clone(),
+                        tenant_configured: true,
                         sender: env.sender.clone(),
                         recipients: env
                             .recipients
@@ -126,6 +141,7 @@ fn collect(
                 Err(e) => QueueEntry {
                     id: id.to_string(),
                     tenant: tenant.clone(),
+                    tenant_configured: true,
                     sender: String::new(),
                     recipients: Vec::new(),
                     size: 0,
@@ -148,6 +164,7 @@ fn collect(
         entries.push(QueueEntry {
             id: q.id.clone(),
             tenant: q.tenant.clone(),
+            tenant_configured: true,
             sender: env.map(|e| e.sender.clone()).unwrap_or_default(),
             recipients: env
                 .map(|e| {
@@ -196,6 +213,12 @@ fn print_table(entries: &[QueueEntry]) {
             sender,
             e.recipients.join(", ")
         );
+        if !e.tenant_configured {
+            println!(
+                "{:<24} no tenant: [tenant:{}] is not in the configuration; kept, unsent, until it is",
+                "", e.tenant
+            );
+        }
         if let Some(error) = &e.last_error {
             println!("{:<24} last error: {error}", "");
         }

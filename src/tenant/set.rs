@@ -152,7 +152,15 @@ impl TenantSet {
                 continue;
             }
             if let Some((_, mut handle)) = self.running.remove(&name) {
-                log::info!("reload: stopping tenant {name}");
+                if wanted.contains_key(&name) {
+                    log::info!("reload: stopping tenant {name}");
+                } else {
+                    // No disk I/O here (this is the dispatcher): no count.
+                    log::warn!(
+                        "reload: tenant {name} removed; any mail it has queued stays in the spool, \
+                         unsent, until [tenant:{name}] is configured again"
+                    );
+                }
                 handle.stop();
                 self.stopping.insert(name.clone(), handle);
             }
