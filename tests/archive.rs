@@ -645,10 +645,20 @@ fn verify_names_the_message_after_each_kind_of_tampering() {
     );
     let run = archive_cmd(&d, &["prune", "--tenant", "acme", "--before", "2100-01-01"]);
     assert_eq!(run.code, 0, "prune: {}", run.stderr);
-    assert!(run.stdout.contains("pruned 3"), "{}", run.stdout);
+    // Who ran it is journaled, and the one summary line says so.
+    let uid = fs::metadata("/proc/self").expect("stat /proc/self").uid();
+    assert_eq!(run.stdout.lines().count(), 1, "{}", run.stdout);
+    assert!(
+        run.stdout.starts_with(
+            "acme: pruned 3 messages archived before 2100-01-01, journal record 4, by uid "
+        ) && run.stdout.contains(&format!("by uid {uid}")),
+        "{}",
+        run.stdout
+    );
     let records = journal(&d, "acme");
     assert_eq!(records.len(), 4);
     assert_eq!(str_of(&records[3], "type"), "pruned");
+    assert_eq!(records[3]["uid"], uid, "{}", records[3]);
     let mut seqs: Vec<u64> = records[3]["seqs"]
         .as_array()
         .map(|a| a.iter().filter_map(Value::as_u64).collect())
@@ -661,6 +671,43 @@ fn verify_names_the_message_after_each_kind_of_tampering() {
         .collect();
     assert!(left.is_empty(), "pruned files remain: {left:#?}");
     verify_ok("after prune");
+}
+
+/// `usage --month` takes YYYY-MM only: anything else is exit 64 naming the
+/// form, not an empty report that reads as "nothing archived".
+#[test]
+fn usage_refuses_a_month_that_is_not_yyyy_mm() {
+    let server = TestServer::start(ServerOptions::default(), None);
+    let d = Daemon::bare("archive_usage_month");
+    write_config(&d, &tenant("acme", &server, &archiving("*", None)));
+    for bad in [
+        "garbage",
+        "2026-13",
+        "2026-00",
+        "2026-1",
+        "26-11",
+        "2026-11-01",
+        "",
+    ] {
+        let run = archive_cmd(&d, &["usage", "--month", bad]);
+        assert_eq!(
+            run.code, 64,
+            "--month {bad:?}: {}{}",
+            run.stdout, run.stderr
+        );
+        assert!(run.stdout.is_empty(), "--month {bad:?}: {}", run.stdout);
+        assert!(
+            run.stderr.contains("YYYY-MM"),
+            "--month {bad:?}: {}",
+            run.stderr
+        );
+    }
+    let run = archive_cmd(&d, &["usage", "--month", "2026-11"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(
+        run.stdout, "tenant,month,user,messages,bytes\nTOTAL,,,0,0\n",
+        "nothing archived yet"
+    );
 }
 
 /// The crash window between journaling and removing the spool entry (and

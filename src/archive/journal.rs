@@ -28,8 +28,23 @@ pub enum Entry {
         size: u64,
         sha256: String,
     },
-    /// `archive prune`: these records' files were removed on purpose.
-    Pruned { before: String, seqs: Vec<u64> },
+    /// `archive prune`: these records' files were removed on purpose. It is
+    /// written (and fsynced) before any file goes, so a file is never
+    /// missing without a record that accounts for it.
+    Pruned {
+        before: String,
+        seqs: Vec<u64>,
+        /// Who ran it: the real user ID. Absent in records written before
+        /// pbxmail recorded it; skipped when absent so their hashes still hold.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        uid: Option<u32>,
+        /// That user ID's name in /etc/passwd, if it has one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        user_name: Option<String>,
+        /// `SUDO_USER` as sudo set it: the person behind a `sudo` prune.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sudo_user: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -140,23 +155,45 @@ fn last_record(file: &mut File) -> io::Result<Option<Record>> {
         .find_map(|l| unframe(l).ok()))
 }
 
-/// True if one of the last records archived `queue_id`: a retry after a crash
-/// between journaling and spool removal must not archive twice.
-pub fn recently_archived(path: &Path, queue_id: &str) -> io::Result<bool> {
-    let mut file = match File::open(path) {
+/// True if any record in the journal archived `queue_id`. Reads the whole
+/// journal, however long, so the answer is right; callers ask only when the
+/// message's Maildir file already exists (a retry after a crash), never on
+/// the common path. A damaged or torn record does not count: nothing acted
+/// on it, and the next append cuts a torn one.
+pub fn has_archived(path: &Path, queue_id: &str) -> io::Result<bool> {
+    let file = match File::open(path) {
         Ok(file) => file,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
         Err(e) => return Err(e),
     };
-    let len = file.metadata()?.len();
-    let window = len.min(256 * 1024);
-    file.seek(SeekFrom::Start(len - window))?;
-    let mut tail = Vec::with_capacity(window as usize);
-    file.read_to_end(&mut tail)?;
-    Ok(tail
-        .split(|&b| b == b'\n')
-        .filter_map(|l| unframe(l).ok())
-        .any(|r| matches!(r.entry, Entry::Archived { queue_id: ref q, .. } if q == queue_id)))
+    file.lock_shared()?;
+    // Only lines that mention the ID are parsed: a byte search is far
+    // cheaper than a CRC and a JSON parse per record.
+    let quoted = serde_json::to_string(queue_id).map_err(io::Error::other)?;
+    let needle = format!("\"queue_id\":{quoted}").into_bytes();
+    let mut reader = BufReader::new(file);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        if reader.read_until(b'\n', &mut line)? == 0 {
+            return Ok(false);
+        }
+        if !line.windows(needle.len()).any(|w| w == needle) {
+            continue;
+        }
+        let Some(body) = line.strip_suffix(b"\n") else {
+            continue;
+        };
+        if let Ok(Record {
+            entry: Entry::Archived { queue_id: q, .. },
+            ..
+        }) = unframe(body)
+        {
+            if q == queue_id {
+                return Ok(true);
+            }
+        }
+    }
 }
 
 /// Appends an entry, chained to the last record, and fsyncs it.
@@ -182,6 +219,36 @@ pub fn append(path: &Path, entry: Entry, time: u64) -> io::Result<Record> {
     file.write_all(&frame(&record)?)?;
     file.sync_data()?;
     Ok(record)
+}
+
+/// Test builds only: appends `count` chained records (archiving `FILLERn`)
+/// with one fsync, to make a long journal quickly.
+#[cfg(test)]
+pub(crate) fn pad(path: &Path, count: u64) -> io::Result<()> {
+    let mut file = OpenOptions::new().read(true).append(true).open(path)?;
+    let mut last = last_record(&mut file)?;
+    let mut out = Vec::new();
+    for n in 0..count {
+        let mut record = Record {
+            seq: last.as_ref().map_or(1, |r| r.seq + 1),
+            time: last.as_ref().map_or(0, |r| r.time),
+            entry: Entry::Archived {
+                queue_id: format!("FILLER{n}"),
+                message_id: Some(format!("<filler{n}@pbx.test>")),
+                user: "199".into(),
+                file: format!("199/new/1.PFILLER{n}.pbx"),
+                size: 1,
+                sha256: "0".repeat(64),
+            },
+            prev: last.map_or_else(|| GENESIS.to_string(), |r| r.hash),
+            hash: String::new(),
+        };
+        record.hash = record.compute_hash();
+        out.extend_from_slice(&frame(&record)?);
+        last = Some(record);
+    }
+    file.write_all(&out)?;
+    file.sync_data()
 }
 
 #[cfg(test)]
@@ -229,10 +296,40 @@ mod tests {
         assert_eq!(second.prev, first.hash);
         assert_eq!(second.seq, 2);
         assert_eq!(second.compute_hash(), second.hash);
-        assert!(recently_archived(&path, "ID2").unwrap());
-        assert!(!recently_archived(&path, "ID3").unwrap());
+        assert!(has_archived(&path, "ID2").unwrap());
+        assert!(!has_archived(&path, "ID3").unwrap());
         let records = read_all(&path).unwrap();
         assert!(records.iter().all(|r| matches!(r, Line::Record(_))));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_record_far_from_the_end_is_still_found() {
+        let dir = std::env::temp_dir().join(format!("pbxmail-journal-long-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("journal");
+        append(&path, archived(1), 10).unwrap();
+        // Well past the 256 KiB that the old tail scan looked at.
+        pad(&path, 2000).unwrap();
+        assert!(std::fs::metadata(&path).unwrap().len() > 512 * 1024);
+        assert!(has_archived(&path, "ID1").unwrap());
+        assert!(!has_archived(&path, "ID2").unwrap());
+        assert!(has_archived(&path, "FILLER1999").unwrap());
+        // A prefix of an ID is not the ID.
+        assert!(!has_archived(&path, "FILLER").unwrap());
+        let next = append(&path, archived(2), 12).unwrap();
+        assert_eq!(next.seq, 2002);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Records written before prune records said who ran them must keep
+    /// their hashes: the new fields are left out when absent.
+    #[test]
+    fn prune_records_without_an_operator_keep_their_hash() {
+        let old = r#"{"seq":4,"time":9,"type":"pruned","before":"2000-01-01","seqs":[1],"prev":"ab","hash":""}"#;
+        // compute_hash hashes exactly this re-serialization.
+        let record: Record = serde_json::from_str(old).unwrap();
+        assert_eq!(serde_json::to_string(&record).unwrap(), old);
     }
 }

@@ -73,7 +73,14 @@ impl Policy {
 
     /// Copies a finished message into the archive and journals it, unless it
     /// already was (a retry after a crash between journaling and spool
-    /// removal): exactly one copy either way. Call before removing it from the spool.
+    /// removal): exactly one copy and one record either way. Call before
+    /// removing it from the spool.
+    ///
+    /// The Maildir name comes from the queue ID and a record is appended only
+    /// once its file is in new/, so a missing file means no record: the
+    /// common path never reads the journal. Only when the file is already
+    /// there (a retry after a crash, before or after its record was written)
+    /// is the whole journal searched, so a record far from its end is found.
     pub fn archive(
         &self,
         spool: &Spool,
@@ -84,9 +91,6 @@ impl Policy {
     ) -> io::Result<()> {
         let tenant_dir = tenant_dir(&self.root, tenant);
         let journal = journal_path(&self.root, tenant);
-        if journal::recently_archived(&journal, &id.to_string())? {
-            return Ok(());
-        }
         let gid = self.group.as_deref().map(group_id).transpose()?;
         make_dir(&self.root, None)?;
         make_dir(&tenant_dir, gid)?;
@@ -97,7 +101,11 @@ impl Policy {
         // The name comes from the queue ID, so a retry finds its own copy.
         let name = format!("{queued_at_secs}.P{id}.{}", self.hostname);
         let final_path = user_dir.join("new").join(&name);
-        if !final_path.exists() {
+        if final_path.try_exists()? {
+            if journal::has_archived(&journal, &id.to_string())? {
+                return Ok(());
+            }
+        } else {
             let tmp = user_dir.join("tmp").join(&name);
             let mut source = spool.open_message(tenant, id).map_err(io::Error::other)?;
             copy_durably(&mut source, &tmp)?;
@@ -172,6 +180,53 @@ pub fn group_id(name: &str) -> io::Result<u32> {
         })
 }
 
+/// Who runs an admin command that changes the archive, for its journal
+/// record: the real user ID is what counts; the names help a reader.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Operator {
+    pub uid: u32,
+    /// The user ID's name in /etc/passwd.
+    pub user_name: Option<String>,
+    /// `SUDO_USER`: who ran it through sudo (as root or `sudo -u pbxmail`).
+    pub sudo_user: Option<String>,
+}
+
+impl Operator {
+    pub fn current() -> Operator {
+        let uid = rustix::process::getuid().as_raw();
+        Operator {
+            uid,
+            user_name: user_name(uid),
+            sudo_user: std::env::var("SUDO_USER").ok().filter(|u| !u.is_empty()),
+        }
+    }
+}
+
+impl std::fmt::Display for Operator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "uid {}", self.uid)?;
+        if let Some(name) = &self.user_name {
+            write!(f, " ({name})")?;
+        }
+        if let Some(sudo) = &self.sudo_user {
+            write!(f, " via sudo by {sudo}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A user ID's name from /etc/passwd (no NSS lookups, as for groups); None
+/// if it has none or the file cannot be read: the uid alone still says who.
+fn user_name(uid: u32) -> Option<String> {
+    let users = fs::read_to_string("/etc/passwd").ok()?;
+    users.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        let name = fields.next()?;
+        let id: u32 = fields.nth(1)?.parse().ok()?;
+        (id == uid).then(|| name.to_string())
+    })
+}
+
 fn message_id_header(path: &Path) -> Option<String> {
     let file = File::open(path).ok()?;
     let reader = BufReader::new(file.take(64 * 1024));
@@ -230,6 +285,54 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o7777, 0o2750);
+        let _ = fs::remove_dir_all(&base);
+    }
+
+    /// The old check read only the journal's last 256 KiB: a retry after
+    /// that much more archiving journaled the message a second time.
+    #[test]
+    fn a_retry_after_a_long_journal_adds_no_second_record() {
+        let base =
+            std::env::temp_dir().join(format!("pbxmail-archive-long-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&base);
+        let spool = Spool::new(&base.join("spool"));
+        spool.create_layout().unwrap();
+        let mut sub = spool.begin_submission().unwrap();
+        sub.write_all(b"Message-ID: <m1@x>\r\n\r\nbody\r\n")
+            .unwrap();
+        let id = sub
+            .commit("acme", "101@acme.example", &["a@x.example".into()])
+            .unwrap();
+        let policy = Policy {
+            root: base.join("archive"),
+            users: None,
+            group: None,
+            hostname: "pbx".into(),
+        };
+        let journal = journal_path(&policy.root, "acme");
+        policy.archive(&spool, "acme", &id, "101", 1).unwrap();
+        journal::pad(&journal, 2000).unwrap();
+        assert!(fs::metadata(&journal).unwrap().len() > 512 * 1024);
+        policy.archive(&spool, "acme", &id, "101", 1).unwrap();
+        let records = journal::read_all(&journal).unwrap();
+        assert_eq!(records.len(), 2001);
+        let ours = records
+            .iter()
+            .filter_map(|line| match line {
+                journal::Line::Record(r) => Some(&r.entry),
+                journal::Line::Damaged { .. } => None,
+            })
+            .filter(
+                |e| matches!(e, Entry::Archived { queue_id, .. } if *queue_id == id.to_string()),
+            )
+            .count();
+        assert_eq!(ours, 1);
+        assert_eq!(
+            fs::read_dir(base.join("archive/acme/101/new"))
+                .unwrap()
+                .count(),
+            1
+        );
         let _ = fs::remove_dir_all(&base);
     }
 }

@@ -4,12 +4,12 @@
 //! way files leave the archive, and it is journaled.
 
 use super::journal::{self, Entry, Line};
-use super::{journal_path, tenant_dir};
+use super::{journal_path, tenant_dir, Operator};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -127,6 +127,9 @@ pub fn verify(root: &Path, tenant: &str) -> io::Result<Vec<Finding>> {
     let (files, pruned) = index(root, tenant, &mut findings)?;
     let on_disk = archived_files(&tenant_dir(root, tenant))?;
     for (file, archived) in &files {
+        // Pruned: gone, or still there because that prune was interrupted
+        // after its record (running prune again removes it). Either is what
+        // the journal says.
         if pruned.contains(&archived.seq) {
             continue;
         }
@@ -165,7 +168,7 @@ fn describe(file: &str, archived: &Archived) -> String {
 
 /// Archived files on disk, keyed as the journal names them (`USER/new/NAME`);
 /// a copy an IMAP server moved to cur/ (NAME:2,FLAGS) counts as the same file.
-fn archived_files(dir: &Path) -> io::Result<BTreeMap<String, std::path::PathBuf>> {
+fn archived_files(dir: &Path) -> io::Result<BTreeMap<String, PathBuf>> {
     let mut found = BTreeMap::new();
     let users = match fs::read_dir(dir) {
         Ok(entries) => entries,
@@ -188,36 +191,100 @@ fn archived_files(dir: &Path) -> io::Result<BTreeMap<String, std::path::PathBuf>
     Ok(found)
 }
 
-/// Removes archived files journaled before `before` (unix seconds) and
-/// journals what was removed. Returns how many files went.
-pub fn prune(root: &Path, tenant: &str, before: u64, before_text: &str) -> io::Result<usize> {
+/// What one `archive prune` did, for its summary line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pruned {
+    /// Messages this run pruned (and journaled).
+    pub messages: usize,
+    /// The sequence number of the prune record it wrote, if it wrote one.
+    pub record: Option<u64>,
+    /// Files an earlier prune journaled but did not get to remove (it was
+    /// interrupted), removed now.
+    pub leftovers: usize,
+}
+
+/// Removes the archived files journaled before `before` (unix seconds).
+/// The prune record is written and fsynced first and the files removed
+/// after, so a crash in between leaves files the journal says are gone,
+/// never a missing file that no record accounts for (which `verify` would
+/// call Deleted). Running prune again removes what such a run left.
+pub fn prune(
+    root: &Path,
+    tenant: &str,
+    before: u64,
+    before_text: &str,
+    by: &Operator,
+) -> io::Result<Pruned> {
+    let (pruned, files) = journal_prune(root, tenant, before, before_text, by)?;
+    let mut dirs = BTreeSet::new();
+    for path in &files {
+        match fs::remove_file(path) {
+            Ok(()) => {}
+            // Another prune got there first.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        if let Some(dir) = path.parent() {
+            dirs.insert(dir.to_path_buf());
+        }
+    }
+    // A removal lost to a power cut would bring a file back; prune again
+    // would remove it, but make the common case final now.
+    for dir in dirs {
+        fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(pruned)
+}
+
+/// Prune's first half: journals which records are pruned (fsynced, with who
+/// ran it) and returns the files to remove, including those an earlier,
+/// interrupted prune left behind.
+fn journal_prune(
+    root: &Path,
+    tenant: &str,
+    before: u64,
+    before_text: &str,
+    by: &Operator,
+) -> io::Result<(Pruned, Vec<PathBuf>)> {
     let mut ignored = Vec::new();
-    let (files, pruned) = index(root, tenant, &mut ignored)?;
+    let (files, already) = index(root, tenant, &mut ignored)?;
     let on_disk = archived_files(&tenant_dir(root, tenant))?;
     let mut seqs = Vec::new();
+    let mut remove = Vec::new();
+    let mut leftovers = 0;
     for (file, archived) in &files {
-        if archived.time >= before || pruned.contains(&archived.seq) {
+        let earlier = already.contains(&archived.seq);
+        if !earlier && archived.time >= before {
             continue;
         }
-        if let Some(path) = on_disk.get(file) {
-            fs::remove_file(path)?;
+        let path = on_disk.get(file);
+        if earlier {
+            leftovers += usize::from(path.is_some());
+        } else {
+            seqs.push(archived.seq);
         }
-        seqs.push(archived.seq);
+        remove.extend(path.cloned());
     }
-    if seqs.is_empty() {
-        return Ok(0);
-    }
-    let count = seqs.len();
-    journal::append(
-        &journal_path(root, tenant),
-        Entry::Pruned {
+    let messages = seqs.len();
+    let record = if seqs.is_empty() {
+        None
+    } else {
+        let entry = Entry::Pruned {
             before: before_text.to_string(),
             seqs,
-        },
-        crate::spool::unix_millis() / 1000,
-    )?;
-    log::info!("archive {tenant}: pruned {count} messages archived before {before_text}");
-    Ok(count)
+            uid: Some(by.uid),
+            user_name: by.user_name.clone(),
+            sudo_user: by.sudo_user.clone(),
+        };
+        let time = crate::spool::unix_millis() / 1000;
+        Some(journal::append(&journal_path(root, tenant), entry, time)?.seq)
+    };
+    let pruned = Pruned {
+        messages,
+        record,
+        leftovers,
+    };
+    Ok((pruned, remove))
 }
 
 /// One line of `archive usage`: what was archived for a user in a month.
@@ -261,4 +328,88 @@ pub fn usage(root: &Path, tenant: &str, month: Option<&str>) -> io::Result<Vec<U
             bytes,
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::archive::Policy;
+    use crate::spool::Spool;
+    use std::io::Write;
+
+    #[test]
+    fn a_prune_interrupted_after_its_record_verifies_clean_and_finishes_when_run_again() {
+        let base = std::env::temp_dir().join(format!("pbxmail-prune-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&base);
+        let spool = Spool::new(&base.join("spool"));
+        spool.create_layout().unwrap();
+        let root = base.join("archive");
+        let policy = Policy {
+            root: root.clone(),
+            users: None,
+            group: None,
+            hostname: "pbx".into(),
+        };
+        for n in 0..2 {
+            let mut sub = spool.begin_submission().unwrap();
+            write!(sub, "Message-ID: <p{n}@x>\r\n\r\nbody\r\n").unwrap();
+            let id = sub
+                .commit("acme", "101@acme.example", &["a@x.example".into()])
+                .unwrap();
+            policy.archive(&spool, "acme", &id, "101", 1).unwrap();
+        }
+        let by = Operator {
+            uid: 4242,
+            user_name: Some("alice".into()),
+            sudo_user: Some("bob".into()),
+        };
+
+        // Prune's first half only: the process dies before removing anything.
+        let (first, files) = journal_prune(&root, "acme", u64::MAX, "2100-01-01", &by).unwrap();
+        assert_eq!(
+            first,
+            Pruned {
+                messages: 2,
+                record: Some(3),
+                leftovers: 0
+            }
+        );
+        assert_eq!(files.len(), 2);
+        assert!(files.iter().all(|f| f.exists()), "{files:?}");
+        let records = journal::read_all(&journal_path(&root, "acme")).unwrap();
+        let Some(Line::Record(last)) = records.last() else {
+            panic!("no prune record");
+        };
+        assert_eq!(
+            last.entry,
+            Entry::Pruned {
+                before: "2100-01-01".into(),
+                seqs: vec![1, 2],
+                uid: Some(4242),
+                user_name: Some("alice".into()),
+                sudo_user: Some("bob".into()),
+            }
+        );
+        assert!(verify(&root, "acme").unwrap().is_empty());
+
+        // Run again: the files go, and no second record says so.
+        let again = prune(&root, "acme", u64::MAX, "2100-01-01", &by).unwrap();
+        assert_eq!(
+            again,
+            Pruned {
+                messages: 0,
+                record: None,
+                leftovers: 2
+            }
+        );
+        assert!(files.iter().all(|f| !f.exists()), "{files:?}");
+        assert_eq!(
+            journal::read_all(&journal_path(&root, "acme"))
+                .unwrap()
+                .len(),
+            3
+        );
+        assert!(verify(&root, "acme").unwrap().is_empty());
+        let _ = fs::remove_dir_all(&base);
+    }
 }

@@ -4,6 +4,7 @@
 
 use super::{load_config, take_config_flag, Exit};
 use crate::archive::verify::{self, Usage};
+use crate::archive::Operator;
 use crate::config::Config;
 
 pub fn run(args: &[String]) -> Exit {
@@ -58,13 +59,32 @@ impl Options {
             match arg.as_str() {
                 "--tenant" => o.tenant = Some(value()?),
                 "--before" => o.before = Some(value()?),
-                "--month" => o.month = Some(value()?),
+                "--month" => o.month = Some(month(&value()?)?),
                 "--format" => o.format = Some(value()?),
                 "--json" => o.json = true,
                 other => return Err(format!("unknown argument '{other}'")),
             }
         }
         Ok(o)
+    }
+}
+
+/// `--month`: `YYYY-MM`, as `usage` prints it; anything else would match
+/// no record and print an empty report that looks like "nothing archived".
+fn month(text: &str) -> Result<String, String> {
+    let valid = match text.as_bytes() {
+        [y1, y2, y3, y4, b'-', m1, m2] => {
+            [y1, y2, y3, y4, m1, m2].iter().all(|b| b.is_ascii_digit())
+                && matches!((m1, m2), (b'0', b'1'..=b'9') | (b'1', b'0'..=b'2'))
+        }
+        _ => false,
+    };
+    if valid {
+        Ok(text.to_string())
+    } else {
+        Err(format!(
+            "--month {text:?} is not a month: use YYYY-MM (UTC), e.g. 2026-11"
+        ))
     }
 }
 
@@ -148,9 +168,24 @@ fn prune(config: &Config, options: &Options) -> Exit {
         eprintln!("pbxmail archive prune: --before {before:?} is not a date (YYYY-MM-DD)");
         return Exit::Usage;
     };
-    match verify::prune(&config.daemon.archive_dir, tenant, cutoff, before) {
-        Ok(count) => {
-            println!("{tenant}: pruned {count} messages archived before {before}");
+    let by = Operator::current();
+    match verify::prune(&config.daemon.archive_dir, tenant, cutoff, before, &by) {
+        Ok(done) => {
+            // The one line an admin (or cron's mail) sees: nothing is logged.
+            let mut line = format!(
+                "{tenant}: pruned {} messages archived before {before}",
+                done.messages
+            );
+            if let Some(seq) = done.record {
+                line.push_str(&format!(", journal record {seq}, by {by}"));
+            }
+            if done.leftovers > 0 {
+                line.push_str(&format!(
+                    "; removed {} files an interrupted prune had left",
+                    done.leftovers
+                ));
+            }
+            println!("{line}");
             Exit::Ok
         }
         Err(e) => {
