@@ -18,7 +18,7 @@ use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 #[derive(Debug)]
 pub enum TlsError {
@@ -110,9 +110,16 @@ pub fn handshake(
         .map_err(|_| TlsError::Config(format!("\"{host}\" is not a valid TLS server name")))?;
     let mut conn = ClientConnection::new(Arc::clone(config), name)
         .map_err(|e| TlsError::Handshake(e.to_string()))?;
-    tcp.set_timeout(timeout)
-        .map_err(|e| TlsError::Handshake(e.to_string()))?;
+    // The handshake as a whole, not each read, is bounded: a relay that
+    // trickles its handshake one record at a time is given up on in time.
+    let deadline = Instant::now() + timeout;
     while conn.is_handshaking() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(TlsError::Timeout);
+        }
+        tcp.set_timeout(left)
+            .map_err(|e| TlsError::Handshake(e.to_string()))?;
         conn.complete_io(&mut tcp)
             .map_err(explain_handshake_error)?;
     }

@@ -5,6 +5,7 @@
 
 pub mod client;
 pub mod data;
+mod deadline;
 pub mod reply;
 pub mod session;
 

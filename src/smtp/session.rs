@@ -3,6 +3,7 @@
 //! data (`Reply`); only a broken conversation is an error.
 
 use super::data::Transparency;
+use super::deadline::Deadlined;
 use super::reply::{read_reply, Reply};
 use super::{Capabilities, Phase, SessionError};
 use crate::config::Secret;
@@ -116,8 +117,10 @@ fn read_body(body: &mut impl Read, chunk: &mut [u8]) -> Result<Option<usize>, Se
 pub type Trace = Box<dyn FnMut(&str) + Send>;
 
 pub struct Session<S: Transport> {
-    io: BufReader<S>,
+    io: BufReader<Deadlined<S>>,
     timeouts: Timeouts,
+    /// The current phase's timeout: per write, and for each reply as a whole.
+    phase_timeout: Duration,
     /// The relay hung up mid-body after replying; nothing more can be sent.
     closed: bool,
     pub caps: Capabilities,
@@ -127,8 +130,9 @@ pub struct Session<S: Transport> {
 impl<S: Transport> Session<S> {
     pub fn new(stream: S, timeouts: Timeouts) -> Self {
         Session {
-            io: BufReader::with_capacity(8 * 1024, stream),
+            io: BufReader::with_capacity(8 * 1024, Deadlined::new(stream)),
             timeouts,
+            phase_timeout: timeouts.command,
             closed: false,
             caps: Capabilities::default(),
             trace: None,
@@ -165,19 +169,24 @@ impl<S: Transport> Session<S> {
                 ),
             ));
         }
-        Ok(self.io.into_inner())
+        Ok(self.io.into_inner().into_inner())
     }
 
     fn set_timeout(&mut self, phase: Phase, timeout: Duration) -> Result<(), SessionError> {
+        self.phase_timeout = timeout;
         self.io
             .get_mut()
             .set_timeout(timeout)
             .map_err(|e| SessionError::Io(phase, e))
     }
 
+    /// Reads one reply, all of it within the phase's timeout.
     pub fn read_reply(&mut self, phase: Phase) -> Result<Reply, SessionError> {
-        let reply =
-            read_reply(&mut self.io).map_err(|e| SessionError::from_reply_error(phase, e))?;
+        self.io.get_mut().start(self.phase_timeout);
+        let read = read_reply(&mut self.io);
+        self.io.get_mut().clear();
+        self.set_timeout(phase, self.phase_timeout)?;
+        let reply = read.map_err(|e| SessionError::from_reply_error(phase, e))?;
         if let Some(trace) = self.trace.as_mut() {
             let last = reply.lines.len().saturating_sub(1);
             for (i, text) in reply.lines.iter().enumerate() {
@@ -592,9 +601,7 @@ impl<S: Transport> Session<S> {
         };
         self.closed = true;
         if self
-            .io
-            .get_mut()
-            .set_timeout(Duration::from_secs(1))
+            .set_timeout(Phase::DataEnd, Duration::from_secs(1))
             .is_err()
         {
             return Err(error);
@@ -704,7 +711,7 @@ mod tests {
     }
 
     fn written(s: Session<Script>) -> String {
-        String::from_utf8(s.io.into_inner().written).unwrap()
+        String::from_utf8(s.io.into_inner().into_inner().written).unwrap()
     }
 
     fn codes(result: &TransactionResult) -> Vec<u16> {
@@ -885,7 +892,7 @@ mod tests {
         let scripted = session(&["", "250 ok\r\n", "250 ok\r\n", "354 go\r\n"]);
         let t = Duration::from_secs(1);
         let stream = RefusesMidBody {
-            inner: scripted.io.into_inner(),
+            inner: scripted.io.into_inner().into_inner(),
             body_writes: 0,
         };
         let mut s = Session::new(
