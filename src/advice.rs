@@ -2,16 +2,27 @@
 //! admins meet most (shown by `pbxmail test`). Matching is on the enhanced
 //! status code and the provider's wording, which are stable across versions.
 
+use crate::config::AuthMode;
 use crate::smtp::reply::Reply;
 use crate::smtp::SessionError;
 use crate::tls::TlsError;
 
+/// What the advice depends on besides the reply: whom we talked to, and how
+/// we signed in (a password refusal and a token refusal need different steps).
+#[derive(Debug, Clone, Copy)]
+pub struct Tenant<'a> {
+    pub relay_host: &'a str,
+    pub auth: AuthMode,
+}
+
 /// Advice for a refusal from the relay, if we know one.
-pub fn for_reply(reply: &Reply, relay_host: &str) -> Option<String> {
+pub fn for_reply(reply: &Reply, tenant: Tenant) -> Option<String> {
     let text = reply.summary();
     let lower = text.to_ascii_lowercase();
     let enhanced = reply.enhanced().unwrap_or_default();
+    let relay_host = tenant.relay_host;
     let gmail = relay_host.ends_with("gmail.com") || relay_host.ends_with("googlemail.com");
+    let oauth = tenant.auth == AuthMode::XOAuth2;
     if lower.contains("oauth error from the relay") {
         let advice = if lower.contains("\"status\":\"400\"") {
             "the relay refused the OAuth token for this mailbox or scope (400): check that username \
@@ -24,6 +35,16 @@ pub fn for_reply(reply: &Reply, relay_host: &str) -> Option<String> {
         return Some(advice.to_string());
     }
     let advice = match (reply.code.0, enhanced) {
+        (_, "5.7.139" | "5.7.30") if oauth => {
+            "Microsoft 365 has SMTP AUTH turned off for this mailbox (or the whole organisation), \
+             which refuses OAuth sign-ins too: enable Authenticated SMTP for the mailbox in the \
+             Microsoft 365 admin center (Users > the mailbox > Mail > Manage email apps), and \
+             check that the app registration has the SMTP.Send permission"
+        }
+        (535, _) if oauth => {
+            "the relay refused the OAuth access token: check that username is the mailbox that \
+             signed in, and if it still fails run `pbxmail oauth login --tenant T` again"
+        }
         (_, "5.7.139" | "5.7.30") => {
             "Microsoft 365 refuses password sign-in (basic authentication) for this mailbox: \
              enable Authenticated SMTP for it in the Microsoft 365 admin center, or switch the \
@@ -54,7 +75,8 @@ pub fn for_reply(reply: &Reply, relay_host: &str) -> Option<String> {
 }
 
 /// Advice for a failure before any reply could decide.
-pub fn for_error(error: &SessionError, relay_host: &str) -> Option<String> {
+pub fn for_error(error: &SessionError, tenant: Tenant) -> Option<String> {
+    let relay_host = tenant.relay_host;
     let advice = match error {
         SessionError::Connect { .. } => format!(
             "nothing answers at the relay: check relay = host:port, DNS for {relay_host}, \
@@ -80,7 +102,7 @@ pub fn for_error(error: &SessionError, relay_host: &str) -> Option<String> {
              rather than implicit"
                 .to_string()
         }
-        SessionError::Rejected(_, reply) => return for_reply(reply, relay_host),
+        SessionError::Rejected(_, reply) => return for_reply(reply, tenant),
         _ => return None,
     };
     Some(advice)
@@ -90,6 +112,20 @@ pub fn for_error(error: &SessionError, relay_host: &str) -> Option<String> {
 mod tests {
     use super::*;
     use crate::smtp::reply::ReplyCode;
+
+    fn with_password(relay_host: &str) -> Tenant<'_> {
+        Tenant {
+            relay_host,
+            auth: AuthMode::Auto,
+        }
+    }
+
+    fn with_oauth(relay_host: &str) -> Tenant<'_> {
+        Tenant {
+            relay_host,
+            auth: AuthMode::XOAuth2,
+        }
+    }
 
     fn reply(code: u16, text: &str) -> Reply {
         Reply {
@@ -138,20 +174,41 @@ mod tests {
         google
             .lines
             .push(r#"(OAuth error from the relay: {"status":"401","schemes":"bearer","scope":"https://mail.google.com/"})"#.into());
-        assert!(for_reply(&google, "smtp.gmail.com")
+        assert!(for_reply(&google, with_oauth("smtp.gmail.com"))
             .unwrap_or_default()
             .contains("oauth login"));
         let basic_off = reply(
             535,
             "5.7.30 Basic authentication is not supported for Client Submission",
         );
-        assert!(for_reply(&basic_off, "smtp.office365.com")
+        assert!(for_reply(&basic_off, with_password("smtp.office365.com"))
             .unwrap_or_default()
             .contains("Microsoft 365"));
         for (reply, host, expected) in cases {
-            let advice = for_reply(&reply, host).unwrap_or_default();
+            let advice = for_reply(&reply, with_password(host)).unwrap_or_default();
             assert!(advice.contains(expected), "{reply}: {advice}");
         }
-        assert!(for_reply(&reply(250, "ok"), "x").is_none());
+        assert!(for_reply(&reply(250, "ok"), with_password("x")).is_none());
+    }
+
+    #[test]
+    fn an_oauth_tenant_is_not_told_to_switch_to_oauth_or_check_its_password() {
+        let cases = [
+            (
+                reply(535, "5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant"),
+                "Authenticated SMTP",
+            ),
+            (reply(550, "5.7.30 Basic authentication is not supported"), "Authenticated SMTP"),
+            (reply(535, "5.7.3 Authentication unsuccessful"), "oauth login"),
+        ];
+        for (reply, expected) in cases {
+            let advice = for_reply(&reply, with_oauth("smtp.office365.com")).unwrap_or_default();
+            assert!(advice.contains(expected), "{reply}: {advice}");
+            assert!(
+                !advice.contains("switch the tenant to OAuth"),
+                "{reply}: {advice}"
+            );
+            assert!(!advice.contains("password"), "{reply}: {advice}");
+        }
     }
 }

@@ -94,6 +94,10 @@ pub fn run(args: &[String]) -> Exit {
         .or_else(|| tenant.username.clone().filter(|u| address::is_valid(u)))
         .unwrap_or_else(|| format!("pbxmail-test@{}", config.daemon.hostname));
     let relay_host = settings.relay.host.clone();
+    let advice_for = advice::Tenant {
+        relay_host: &relay_host,
+        auth: settings.auth,
+    };
 
     let trace: Trace = Box::new(|line: &str| println!("{line}"));
     let mut connected = match client::open_traced(&settings, Some(trace)) {
@@ -101,7 +105,7 @@ pub fn run(args: &[String]) -> Exit {
         Err(failure) => {
             return failed(
                 &failure.error.to_string(),
-                advice::for_error(&failure.error, &relay_host),
+                advice::for_error(&failure.error, advice_for),
             )
         }
     };
@@ -132,11 +136,11 @@ pub fn run(args: &[String]) -> Exit {
                     );
                     Exit::Ok
                 }
-                Some(reply) => failed(&reply.summary(), advice::for_reply(reply, &relay_host)),
+                Some(reply) => failed(&reply.summary(), advice::for_reply(reply, advice_for)),
                 None => failed("no reply for the recipient", None),
             }
         }
-        Err(e) => failed(&e.to_string(), advice::for_error(&e, &relay_host)),
+        Err(e) => failed(&e.to_string(), advice::for_error(&e, advice_for)),
     }
 }
 
