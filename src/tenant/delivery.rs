@@ -37,7 +37,7 @@ impl TenantWorker {
             Ok(settings) => settings.clone(),
             Err(why) => {
                 let why = format!("tenant TLS settings unusable: {why}");
-                self.defer_all(batch, "-", &why, RetryScope::Tenant);
+                self.defer_all(batch, "-", &why, RetryScope::Tenant, Announce::Each);
                 return false;
             }
         };
@@ -47,9 +47,21 @@ impl TenantWorker {
         if self.settings.oauth.is_some() {
             match self.access_token() {
                 Ok(token) => settings.bearer = Some(token),
-                Err(why) => {
+                Err(unavailable) => {
                     let relay = settings.relay.to_string();
-                    self.defer_all(batch, &relay, &why, RetryScope::Tenant);
+                    // "Sign in again" is logged once, not once per message.
+                    let announce = if unavailable.already_logged {
+                        Announce::Repeat
+                    } else {
+                        Announce::Each
+                    };
+                    self.defer_all(
+                        batch,
+                        &relay,
+                        &unavailable.why,
+                        RetryScope::Tenant,
+                        announce,
+                    );
                     return false;
                 }
             }
@@ -70,7 +82,13 @@ impl TenantWorker {
                     failure.peer,
                     failure.error
                 );
-                self.defer_all(batch, &failure.peer, outcome.reason(), RetryScope::Tenant);
+                self.defer_all(
+                    batch,
+                    &failure.peer,
+                    outcome.reason(),
+                    RetryScope::Tenant,
+                    Announce::Each,
+                );
                 return false;
             }
         };
@@ -94,19 +112,19 @@ impl TenantWorker {
 
     /// An access token for this session, refreshed by this thread when due, so a
     /// slow token endpoint delays only this tenant. Err: why the mail waits.
-    fn access_token(&mut self) -> Result<crate::config::Secret, String> {
+    fn access_token(&mut self) -> Result<crate::config::Secret, TokenUnavailable> {
         if self.tokens.is_none() {
             let endpoints = match &self.settings.oauth {
                 Some(Ok(endpoints)) => endpoints.clone(),
-                Some(Err(why)) => return Err(why.clone()),
-                None => return Err("auth = xoauth2 without OAuth settings".into()),
+                Some(Err(why)) => return Err(why.clone().into()),
+                None => return Err(String::from("auth = xoauth2 without OAuth settings").into()),
             };
             let agent = crate::oauth::http_agent(self.settings.ca_file.as_deref())
                 .map_err(|e| e.to_string())?;
             self.tokens = Some(crate::oauth::TokenSource::new(endpoints, agent));
         }
         let Some(tokens) = self.tokens.as_mut() else {
-            return Err("no token source".into());
+            return Err(String::from("no token source").into());
         };
         match tokens.access_token() {
             Ok(token) => {
@@ -115,13 +133,15 @@ impl TenantWorker {
             }
             Err(e) => {
                 let why = e.to_string().replace("TENANT", self.name());
-                let quiet =
-                    matches!(e, crate::oauth::OAuthError::SignInNeeded(_)) && self.sign_in_logged;
-                if !quiet {
+                let sign_in = matches!(e, crate::oauth::OAuthError::SignInNeeded(_));
+                if !(sign_in && self.sign_in_logged) {
                     log::error!("tenant {}: {why}", self.name());
                 }
-                self.sign_in_logged |= matches!(e, crate::oauth::OAuthError::SignInNeeded(_));
-                Err(why)
+                self.sign_in_logged |= sign_in;
+                Err(TokenUnavailable {
+                    why,
+                    already_logged: sign_in,
+                })
             }
         }
     }
@@ -148,7 +168,13 @@ impl TenantWorker {
                         self.back_off_tenant();
                     }
                 } else {
-                    self.defer_all(std::slice::from_ref(&id), &connected.peer, &reason, scope);
+                    self.defer_all(
+                        std::slice::from_ref(&id),
+                        &connected.peer,
+                        &reason,
+                        scope,
+                        Announce::Each,
+                    );
                 }
                 return SessionEnd::Broken {
                     tenant_failing: scope == RetryScope::Tenant,
@@ -239,7 +265,7 @@ impl TenantWorker {
                         };
                         (index, address, retry)
                     }));
-                    self.record(id, &envelope, peer, outcomes, Some(reason));
+                    self.record(id, &envelope, peer, outcomes, Some(reason), Announce::Each);
                     return Err(SessionBroke {
                         error,
                         recorded: true,
@@ -266,7 +292,7 @@ impl TenantWorker {
                 }
             )
         });
-        self.record(id, &envelope, peer, outcomes, None);
+        self.record(id, &envelope, peer, outcomes, None, Announce::Each);
         if tenant_refused {
             self.back_off_tenant();
         }
@@ -302,6 +328,7 @@ impl TenantWorker {
         relay: &str,
         reason: &str,
         scope: RetryScope,
+        announce: Announce,
     ) {
         if scope == RetryScope::Tenant {
             self.back_off_tenant();
@@ -331,7 +358,14 @@ impl TenantWorker {
                     (i, r.address.clone(), retry)
                 })
                 .collect();
-            self.record(id, &envelope, relay, outcomes, Some(reason.to_string()));
+            self.record(
+                id,
+                &envelope,
+                relay,
+                outcomes,
+                Some(reason.to_string()),
+                announce,
+            );
         }
     }
 
@@ -344,6 +378,7 @@ impl TenantWorker {
         relay: &str,
         outcomes: Vec<RcptOutcome>,
         error: Option<String>,
+        announce: Announce,
     ) {
         let now = spool::unix_millis();
         let age_ms = now.saturating_sub(envelope.queued_at_ms);
@@ -362,7 +397,12 @@ impl TenantWorker {
                 },
                 other => other,
             };
-            log::info!(
+            let level = match (&outcome, announce) {
+                (Outcome::Retry { .. }, Announce::Repeat) => log::Level::Debug,
+                _ => log::Level::Info,
+            };
+            log::log!(
+                level,
                 "{id} tenant={} to=<{address}> relay={relay} delay={delay:.1}s status={} ({})",
                 self.name(),
                 outcome.status(),
@@ -596,4 +636,29 @@ fn retry_after(error: &SessionError) -> (RetryScope, String) {
         Outcome::Retry { scope, reason } => (scope, reason),
         other => (RetryScope::Message, other.reason().to_string()),
     }
+}
+
+/// Why a session cannot have an access token.
+struct TokenUnavailable {
+    why: String,
+    /// Said once in the log already (a sign-in is needed): the deferrals it
+    /// causes are not logged again recipient by recipient.
+    already_logged: bool,
+}
+
+impl From<String> for TokenUnavailable {
+    fn from(why: String) -> Self {
+        TokenUnavailable {
+            why,
+            already_logged: false,
+        }
+    }
+}
+
+/// Whether a recipient's result goes to the delivery log (info), or only to
+/// debug, being a repeat of a tenant-wide failure the log has already told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Announce {
+    Each,
+    Repeat,
 }
