@@ -491,7 +491,7 @@ fn mail_of_a_removed_tenant_is_shown_as_having_no_tenant() {
 /// A request from a newer or broken client is refused with a reason, never
 /// taken for another command.
 #[test]
-fn control_socket_answers_an_unknown_request_with_an_error() {
+fn control_socket_is_0660_and_answers_an_unknown_request_with_an_error() {
     use std::io::{BufRead, BufReader, Write};
     let server = TestServer::start(ServerOptions::default(), None);
     let daemon = Daemon::bare("adm_unknown_request");
@@ -501,6 +501,14 @@ fn control_socket_answers_an_unknown_request_with_an_error() {
         &plain_tenant("acme", "acme.test", &server),
     );
     let _running = Running::start(&daemon);
+    // Mode 0660, in the daemon's group: the admins' group may steer it, nobody else.
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let meta = std::fs::metadata(control_socket(&daemon)).expect("stat the control socket");
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660, "{meta:?}");
+    let own_group = std::fs::metadata(daemon.dir())
+        .expect("stat the test dir")
+        .gid();
+    assert_eq!(meta.gid(), own_group, "{meta:?}");
     for request in [&b"{\"command\":\"explode\"}\n"[..], b"status\n"] {
         let mut stream =
             std::os::unix::net::UnixStream::connect(control_socket(&daemon)).expect("connect");

@@ -14,7 +14,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{self, TryRecvError};
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -854,24 +854,23 @@ fn dribbling_client_does_not_delay_another_submission() {
     let done_dribbling = Arc::new(AtomicBool::new(false));
     let done = Arc::clone(&done_dribbling);
     let slow_thread = thread::spawn(move || {
-        // One byte every 150 ms (about 8 s for the command without its line
-        // end) until the fast client has its 354; then the rest at once, so
-        // the test need not wait out the dribble.
+        // One byte a second (48 s for the command without its line end)
+        // until the fast client has its 354; then the rest at once, so the
+        // test need not wait out the dribble.
         let command = b"MAIL FROM:<a-slow-client-extension-101@acme.test>\r\n";
         let without_line_end = &command[..command.len() - 2];
         let mut sent = 0;
         for (i, byte) in without_line_end.iter().enumerate() {
-            // Released, or the test is over (the sender is gone).
-            if release.try_recv() != Err(TryRecvError::Empty) {
-                break;
-            }
             slow.send([*byte]);
             sent = i + 1;
-            if i == 3 {
+            if i == 0 {
                 let _ = dribbling_tx.send(());
             }
-            // The client's pace, not synchronisation.
-            thread::sleep(Duration::from_millis(150));
+            // The client's pace; released early, or the test is over.
+            match release.recv_timeout(Duration::from_secs(1)) {
+                Err(RecvTimeoutError::Timeout) => continue,
+                Ok(()) | Err(RecvTimeoutError::Disconnected) => break,
+            }
         }
         slow.send(&command[sent..]);
         done.store(true, Ordering::SeqCst);

@@ -129,7 +129,9 @@ pub fn run(args: &[String]) -> Exit {
         Ok(result) => {
             connected.session.quit();
             match result.per_recipient.first() {
-                Some(reply) if reply.code.is_positive() => {
+                // Only 250 for the message passes: any other reply, even
+                // another 2yz, is shown to the admin as not plain success.
+                Some(reply) if reply.code.0 == 250 => {
                     println!(
                         "OK: {} accepted the test message for <{}> ({reply})",
                         connected.peer, args.to
