@@ -39,7 +39,8 @@ commands:
   flush [--tenant T]          retry deferred mail now
   hold|release|delete ID...   queue control; --tenant T instead of IDs acts on a whole tenant
   reload                      re-read the configuration (same as SIGHUP)
-  oauth login --tenant T      OAuth 2.0 device sign-in for a tenant using auth = xoauth2
+  oauth login --tenant T [--flow device|code]
+                              OAuth 2.0 sign-in for a tenant using auth = xoauth2
   archive verify [--tenant T] | prune --tenant T --before DATE | usage [--tenant T] [--month YYYY-MM] [--format csv|json]
   test --tenant T --to ADDR [--from ADDR]
                               one live session to the tenant's relay, with transcript

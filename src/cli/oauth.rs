@@ -1,11 +1,15 @@
-//! `pbxmail oauth login --tenant T`: the OAuth 2.0 device authorization grant
-//! (RFC 8628) for a tenant's mailbox. Prints where to sign in and the code,
-//! waits as the server says, and stores the refresh token (0600, atomically)
-//! where `oauth_token_file` says. The running daemon picks it up at its next try.
+//! `pbxmail oauth login --tenant T [--flow device|code]`: signs a tenant's
+//! mailbox in and stores the refresh token (0600, atomically) where
+//! `oauth_token_file` says; the running daemon picks it up at its next try.
+//! The flow is the tenant's own (the code grant where `oauth_auth_url` is set,
+//! else the device grant) unless `--flow` names one; the grants themselves
+//! are in `crate::oauth`.
 
 use super::{load_config, take_config_flag, Exit};
 use crate::config::AuthMode;
-use crate::oauth::{self, Endpoints, OAuthError};
+use crate::oauth::{self, Endpoints, LoginFlow, OAuthError};
+
+const USAGE: &str = "usage: pbxmail oauth login --tenant T [--flow device|code] [-c FILE]";
 
 pub fn run(args: &[String]) -> Exit {
     let (path, rest) = match take_config_flag(args) {
@@ -15,10 +19,10 @@ pub fn run(args: &[String]) -> Exit {
             return Exit::Usage;
         }
     };
-    let tenant_name = match rest.as_slice() {
-        [login, flag, tenant] if login == "login" && flag == "--tenant" => tenant.clone(),
-        _ => {
-            eprintln!("usage: pbxmail oauth login --tenant T");
+    let (tenant_name, flow) = match parse_login_args(&rest) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("pbxmail oauth: {e}\n{USAGE}");
             return Exit::Usage;
         }
     };
@@ -35,8 +39,22 @@ pub fn run(args: &[String]) -> Exit {
         return Exit::Config;
     }
     let result = Endpoints::for_tenant(tenant).and_then(|endpoints| {
+        let flow = match flow {
+            Some(flow) => flow,
+            None => LoginFlow::for_endpoints(&endpoints)?,
+        };
         let agent = oauth::http_agent(tenant.ca_file.as_deref())?;
-        oauth::device_login(&endpoints, &agent, |line| println!("{line}"))
+        let say = |line: &str| println!("{line}");
+        match flow {
+            LoginFlow::Device => oauth::device_login(&endpoints, &agent, say),
+            LoginFlow::Code => oauth::code_login(
+                &endpoints,
+                &agent,
+                tenant.username.as_deref(),
+                &mut std::io::stdin().lock(),
+                say,
+            ),
+        }
     });
     match result {
         Ok(()) => Exit::Ok,
@@ -47,6 +65,64 @@ pub fn run(args: &[String]) -> Exit {
                 OAuthError::Temporary(_) => Exit::TempFail,
                 OAuthError::SignInNeeded(_) | OAuthError::Denied(_) => Exit::DataErr,
             }
+        }
+    }
+}
+
+/// `login --tenant T [--flow device|code]`, options in any order.
+fn parse_login_args(args: &[String]) -> Result<(String, Option<LoginFlow>), String> {
+    let mut iter = args.iter();
+    if iter.next().map(String::as_str) != Some("login") {
+        return Err("the only subcommand is login".into());
+    }
+    let (mut tenant, mut flow) = (None, None);
+    while let Some(arg) = iter.next() {
+        let mut value = || iter.next().ok_or(format!("{arg} needs a value"));
+        match arg.as_str() {
+            "--tenant" if tenant.is_none() => tenant = Some(value()?.clone()),
+            "--flow" if flow.is_none() => flow = Some(LoginFlow::parse(value()?)?),
+            other => return Err(format!("unexpected argument {other:?}")),
+        }
+    }
+    let tenant = tenant.ok_or("--tenant T is required")?;
+    Ok((tenant, flow))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn login_takes_a_tenant_and_an_optional_flow_in_any_order() {
+        assert_eq!(
+            parse_login_args(&args(&["login", "--tenant", "acme"])),
+            Ok(("acme".into(), None))
+        );
+        assert_eq!(
+            parse_login_args(&args(&["login", "--flow", "code", "--tenant", "acme"])),
+            Ok(("acme".into(), Some(LoginFlow::Code)))
+        );
+        assert_eq!(
+            parse_login_args(&args(&["login", "--tenant", "acme", "--flow", "device"])),
+            Ok(("acme".into(), Some(LoginFlow::Device)))
+        );
+    }
+
+    #[test]
+    fn bad_login_arguments_are_refused() {
+        for bad in [
+            &["login"][..],
+            &["logout", "--tenant", "acme"],
+            &["login", "--tenant"],
+            &["login", "--tenant", "acme", "--flow", "browser"],
+            &["login", "--tenant", "acme", "--tenant", "other"],
+            &["login", "--tenant", "acme", "extra"],
+        ] {
+            assert!(parse_login_args(&args(bad)).is_err(), "{bad:?}");
         }
     }
 }

@@ -15,7 +15,12 @@ pub(super) struct Preset {
     pub(super) relay: Relay,
     pub(super) rate_limit: Option<RateLimit>,
     pub(super) oauth_token_url: &'static str,
-    pub(super) oauth_device_url: &'static str,
+    /// RFC 8628 device authorization endpoint, where the provider's device
+    /// grant allows `oauth_scope`.
+    pub(super) oauth_device_url: Option<&'static str>,
+    /// RFC 6749 §4.1 authorization endpoint, for providers whose device grant
+    /// does not allow the mail scope; its query is kept in the sign-in address.
+    pub(super) oauth_auth_url: Option<&'static str>,
     pub(super) oauth_scope: &'static str,
 }
 
@@ -34,8 +39,10 @@ impl Provider {
                 }),
                 oauth_token_url:
                     "https://login.microsoftonline.com/organizations/oauth2/v2.0/token",
-                oauth_device_url:
+                oauth_device_url: Some(
                     "https://login.microsoftonline.com/organizations/oauth2/v2.0/devicecode",
+                ),
+                oauth_auth_url: None,
                 oauth_scope: "https://outlook.office.com/SMTP.Send offline_access",
             },
             Provider::Gmail => Preset {
@@ -45,7 +52,15 @@ impl Provider {
                 },
                 rate_limit: None,
                 oauth_token_url: "https://oauth2.googleapis.com/token",
-                oauth_device_url: "https://oauth2.googleapis.com/device/code",
+                // Google's device grant allows only a few scopes, and
+                // https://mail.google.com/ is not one of them (invalid_scope):
+                // Gmail signs in with the code grant and a Desktop app client.
+                // access_type=offline asks for a refresh token; prompt=consent
+                // makes Google send one again when the account already consented.
+                oauth_device_url: None,
+                oauth_auth_url: Some(
+                    "https://accounts.google.com/o/oauth2/v2/auth?access_type=offline&prompt=consent",
+                ),
                 oauth_scope: "https://mail.google.com/",
             },
         }

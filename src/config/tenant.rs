@@ -73,6 +73,9 @@ pub struct TenantConfig {
     pub password: Option<Secret>,
     pub oauth_token_url: Option<String>,
     pub oauth_device_url: Option<String>,
+    /// Authorization endpoint for the code grant with PKCE (`oauth login`);
+    /// may carry query parameters of its own, which are kept.
+    pub oauth_auth_url: Option<String>,
     pub oauth_client_id: Option<String>,
     pub oauth_client_secret_file: Option<PathBuf>,
     pub oauth_scope: Option<String>,
@@ -253,6 +256,7 @@ pub(super) const TENANT_KEYS: &[&str] = &[
     "password_file",
     "oauth_token_url",
     "oauth_device_url",
+    "oauth_auth_url",
     "oauth_client_id",
     "oauth_client_secret_file",
     "oauth_scope",
@@ -267,6 +271,18 @@ pub(super) const TENANT_KEYS: &[&str] = &[
     "archive_users",
     "archive_group",
 ];
+
+/// An authorization endpoint: an https URL (http only on loopback) whose own
+/// query is kept, so nothing may follow it but the parameters `oauth login` adds.
+fn parse_auth_url(s: &str) -> Result<String, String> {
+    let url = parse_url(s)?;
+    if url.contains('#') {
+        return Err(format!(
+            "{url:?} has a #fragment; an authorization endpoint has none (query parameters are kept)"
+        ));
+    }
+    Ok(url)
+}
 
 pub(super) fn tenant_config(
     sec: &Section,
@@ -382,9 +398,20 @@ pub(super) fn tenant_config(
     let oauth_token_url = sec
         .value(out, "oauth_token_url", parse_url)
         .or_else(|| preset.as_ref().map(|p| p.oauth_token_url.to_owned()));
-    let oauth_device_url = sec
-        .value(out, "oauth_device_url", parse_url)
-        .or_else(|| preset.as_ref().map(|p| p.oauth_device_url.to_owned()));
+    let oauth_device_url = sec.value(out, "oauth_device_url", parse_url).or_else(|| {
+        preset
+            .as_ref()
+            .and_then(|p| p.oauth_device_url)
+            .map(str::to_owned)
+    });
+    let oauth_auth_url = sec
+        .value(out, "oauth_auth_url", parse_auth_url)
+        .or_else(|| {
+            preset
+                .as_ref()
+                .and_then(|p| p.oauth_auth_url)
+                .map(str::to_owned)
+        });
     let oauth_scope = sec
         .value(out, "oauth_scope", parse_string)
         .or_else(|| preset.as_ref().map(|p| p.oauth_scope.to_owned()));
@@ -440,6 +467,7 @@ pub(super) fn tenant_config(
         password,
         oauth_token_url,
         oauth_device_url,
+        oauth_auth_url,
         oauth_client_id,
         oauth_client_secret_file: sec.value(out, "oauth_client_secret_file", parse_absolute_path),
         oauth_scope,

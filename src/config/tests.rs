@@ -754,3 +754,77 @@ fn tenant_name_round_trips_through_serde() {
     assert_eq!(json, "\"acme\"");
     assert!(serde_json::from_str::<TenantName>("\"Bad Name\"").is_err());
 }
+
+#[test]
+fn oauth_auth_url_is_read_and_checked() {
+    let c = ok(&format!(
+        "{MINIMAL}oauth_auth_url = https://idp.example/authorize?prompt=consent\n"
+    ));
+    assert_eq!(
+        c.tenants[0].oauth_auth_url.as_deref(),
+        Some("https://idp.example/authorize?prompt=consent")
+    );
+    assert_eq!(ok(MINIMAL).tenants[0].oauth_auth_url, None);
+    // http only on loopback, as every endpoint; no fragment (the query is appended to).
+    let (line, message) = one_error(&format!(
+        "{MINIMAL}oauth_auth_url = http://idp.example/authorize\n"
+    ));
+    assert_eq!(line, Some(4));
+    assert!(message.contains("oauth_auth_url"), "{message}");
+    assert!(message.contains("https://"), "{message}");
+    let (_, message) = one_error(&format!(
+        "{MINIMAL}oauth_auth_url = https://idp.example/authorize#x\n"
+    ));
+    assert!(message.contains("fragment"), "{message}");
+    ok(&format!(
+        "{MINIMAL}oauth_auth_url = http://127.0.0.1:8080/authorize\n"
+    ));
+}
+
+#[test]
+fn gmail_preset_signs_in_with_the_code_grant_and_office365_with_the_device_grant() {
+    let c = ok("[tenant:g]\ndomains = g.example\nprovider = gmail\n\
+                [tenant:m]\ndomains = m.example\nprovider = office365\n");
+    let g = &c.tenants[0];
+    // Google's device grant refuses https://mail.google.com/ (invalid_scope).
+    assert_eq!(g.oauth_device_url, None);
+    assert_eq!(
+        g.oauth_auth_url.as_deref(),
+        Some("https://accounts.google.com/o/oauth2/v2/auth?access_type=offline&prompt=consent")
+    );
+    assert_eq!(
+        g.oauth_token_url.as_deref(),
+        Some("https://oauth2.googleapis.com/token")
+    );
+    assert_eq!(g.oauth_scope.as_deref(), Some("https://mail.google.com/"));
+    let m = &c.tenants[1];
+    assert_eq!(m.oauth_auth_url, None);
+    assert_eq!(
+        m.oauth_device_url.as_deref(),
+        Some("https://login.microsoftonline.com/organizations/oauth2/v2.0/devicecode")
+    );
+    assert_eq!(
+        m.oauth_token_url.as_deref(),
+        Some("https://login.microsoftonline.com/organizations/oauth2/v2.0/token")
+    );
+    assert_eq!(
+        m.oauth_scope.as_deref(),
+        Some("https://outlook.office.com/SMTP.Send offline_access")
+    );
+}
+
+#[test]
+fn explicit_oauth_endpoints_win_over_the_gmail_preset() {
+    let c = ok("[tenant:g]\ndomains = g.example\nprovider = gmail\n\
+                oauth_auth_url = https://idp.example/authorize\n\
+                oauth_device_url = https://idp.example/device\n");
+    let g = &c.tenants[0];
+    assert_eq!(
+        g.oauth_auth_url.as_deref(),
+        Some("https://idp.example/authorize")
+    );
+    assert_eq!(
+        g.oauth_device_url.as_deref(),
+        Some("https://idp.example/device")
+    );
+}

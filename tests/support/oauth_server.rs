@@ -3,7 +3,9 @@
 //! 127.0.0.1), one thread per connection, one request per connection
 //! (`Connection: close`). Each request is answered from a per-path queue of
 //! scripted responses, else by a handler closure, else 404; every request is
-//! recorded with its decoded form so tests can assert on what the client sent.
+//! recorded with its decoded form so tests can assert on what the client sent
+//! (a GET's query is decoded the same way, for an authorization endpoint that
+//! a test visits as the browser would).
 //! It can be taken down (the listener closed: connection refused) and brought
 //! back on the same port, which nothing else can take meanwhile. It judges
 //! nothing itself.
@@ -66,6 +68,20 @@ impl Request {
             .map(|(_, v)| v.as_str())
     }
 
+    /// The query string decoded as a form, pairs in order (empty if it is
+    /// not valid form syntax).
+    pub fn query_params(&self) -> Vec<(String, String)> {
+        decode_form(&self.query).unwrap_or_default()
+    }
+
+    /// The first query parameter named `key`, decoded.
+    pub fn query_param(&self, key: &str) -> Option<String> {
+        self.query_params()
+            .into_iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v)
+    }
+
     /// The form's `grant_type` ("" if none).
     pub fn grant_type(&self) -> &str {
         self.param("grant_type").unwrap_or("")
@@ -78,6 +94,8 @@ pub struct Response {
     pub status: u16,
     pub content_type: String,
     pub body: String,
+    /// More header lines, e.g. `Location` of a redirect.
+    pub headers: Vec<(String, String)>,
     /// Wait this long before answering (or until the server is dropped).
     pub delay: Option<Duration>,
 }
@@ -89,6 +107,7 @@ impl Response {
             status,
             content_type: "application/json".to_string(),
             body: value.to_string(),
+            headers: Vec::new(),
             delay: None,
         }
     }
@@ -99,6 +118,7 @@ impl Response {
             status,
             content_type: "text/plain".to_string(),
             body: body.to_string(),
+            headers: Vec::new(),
             delay: None,
         }
     }
@@ -119,6 +139,15 @@ impl Response {
             value["refresh_token"] = serde_json::Value::String(refresh.to_string());
         }
         Response::json(200, value)
+    }
+
+    /// HTTP 302 to `location` (an authorization endpoint's answer, RFC 6749 §4.1.2).
+    pub fn redirect(location: &str) -> Response {
+        let mut response = Response::text(302, "");
+        response
+            .headers
+            .push(("Location".to_string(), location.to_string()));
+        response
     }
 
     pub fn delayed(mut self, delay: Duration) -> Response {
@@ -477,8 +506,13 @@ fn serve(
     if let Some(delay) = response.delay {
         tarpit(shared, delay);
     }
+    let extra: String = response
+        .headers
+        .iter()
+        .map(|(name, value)| format!("{name}: {value}\r\n"))
+        .collect();
     let head = format!(
-        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nCache-Control: no-store\r\n{extra}Connection: close\r\n\r\n",
         response.status,
         reason(response.status),
         response.content_type,
@@ -517,6 +551,7 @@ fn tarpit(shared: &Shared, delay: Duration) {
 fn reason(status: u16) -> &'static str {
     match status {
         200 => "OK",
+        302 => "Found",
         400 => "Bad Request",
         401 => "Unauthorized",
         403 => "Forbidden",
