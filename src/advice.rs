@@ -63,6 +63,15 @@ pub fn for_reply(reply: &Reply, tenant: Tenant) -> Option<String> {
             "the mailbox may not send as this sender: set envelope_from to the login's address, \
              or grant it Send As permission for the sender"
         }
+        (_, "5.4.5") => {
+            "the mailbox has used up its daily sending quota: pbxmail keeps such mail queued and \
+             retries, so nothing bounces; set rate_limit below the provider's quota \
+             (Gmail: 2000/day for Workspace, 500/day for free accounts)"
+        }
+        _ if lower.contains("submissionquotaexceeded") => {
+            "Exchange Online's sending quota for this mailbox is used up: pbxmail keeps such mail \
+             queued and retries; keep rate_limit at 30/min or lower"
+        }
         (552, _) | (_, "5.3.4") => "the message is larger than the relay accepts",
         (550 | 553, "5.7.1") if lower.contains("relay") => {
             "the relay will not relay for us: check the login, or allow this PBX's address on the relay"
@@ -167,6 +176,11 @@ mod tests {
                 reply(552, "5.3.4 Message size exceeds fixed limit"),
                 "mail.example",
                 "larger",
+            ),
+            (
+                reply(550, "5.4.5 Daily user sending limit exceeded."),
+                "smtp.gmail.com",
+                "rate_limit",
             ),
         ];
         let google = reply(535, "5.7.8 Username and Password not accepted");

@@ -55,6 +55,16 @@ pub fn of_reply(reply: &Reply) -> Outcome {
                 "{text} (the relay wants a working login: check username, password and auth)"
             ),
         }
+    } else if is_sending_quota(reply) {
+        // The mailbox sent too much today: every message waits, none is
+        // wrong. Bouncing a voicemail over a daily quota would lose it.
+        Outcome::Retry {
+            scope: RetryScope::Tenant,
+            reason: format!(
+                "{text} (the mailbox's sending quota is used up: mail waits until the provider \
+                 lets it send again; a rate_limit below the quota avoids this)"
+            ),
+        }
     } else if reply.code.is_permanent() {
         Outcome::Bounce { reason: text }
     } else {
@@ -76,6 +86,17 @@ fn is_authentication_problem(reply: &Reply) -> bool {
             reply.enhanced(),
             Some("5.7.8" | "5.7.139" | "5.7.30" | "5.7.57")
         )
+}
+
+/// The provider's daily or per-minute sending quota for the mailbox, which
+/// ends by itself: Gmail's 5.4.5 "Daily user sending limit exceeded" and
+/// Exchange Online's SubmissionQuotaExceeded / "message rate limit".
+fn is_sending_quota(reply: &Reply) -> bool {
+    let lower = reply.summary().to_ascii_lowercase();
+    reply.enhanced() == Some("5.4.5")
+        || lower.contains("submissionquotaexceeded")
+        || lower.contains("sending limit exceeded")
+        || lower.contains("message rate limit")
 }
 
 /// A failure that ended the session. It never bounces: the message is fine,
@@ -124,6 +145,32 @@ mod tests {
             code: ReplyCode(code),
             lines: vec!["text".into()],
         }
+    }
+
+    fn reply_saying(code: u16, text: &str) -> Reply {
+        Reply {
+            code: ReplyCode(code),
+            lines: vec![text.into()],
+        }
+    }
+
+    #[test]
+    fn a_used_up_sending_quota_defers_the_tenant_and_bounces_nothing() {
+        for quota in [
+            reply_saying(550, "5.4.5 Daily user sending limit exceeded. For more information on Gmail sending limits go to https://support.google.com/a/answer/166852"),
+            reply_saying(554, "5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException; Failed to process message due to a permanent exception"),
+            reply_saying(550, "5.7.60 ... message rate limit exceeded"),
+        ] {
+            assert!(
+                matches!(of_reply(&quota), Outcome::Retry { scope: RetryScope::Tenant, .. }),
+                "{quota}"
+            );
+        }
+        // A permanent refusal that is not a quota still bounces.
+        assert_eq!(
+            of_reply(&reply_saying(550, "5.1.1 No such user")).status(),
+            "bounced"
+        );
     }
 
     #[test]

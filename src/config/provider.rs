@@ -50,7 +50,14 @@ impl Provider {
                     host: "smtp.gmail.com".to_owned(),
                     port: 587,
                 },
-                rate_limit: None,
+                // Google Workspace's published limit is 2,000 messages a day per
+                // user (free accounts: 500, set rate_limit = 500/day). Past it,
+                // Google refuses with 5.4.5 for up to a day; pacing keeps the
+                // mail flowing instead.
+                rate_limit: Some(RateLimit {
+                    messages: 2000,
+                    per: Duration::from_secs(86_400),
+                }),
                 oauth_token_url: "https://oauth2.googleapis.com/token",
                 // Google's device grant allows only a few scopes, and
                 // https://mail.google.com/ is not one of them (invalid_scope):

@@ -369,7 +369,13 @@ fn provider_presets_fill_relay_and_rate_but_explicit_keys_win() {
     assert_eq!(b.rate_limit, None);
     let g = &c.tenants[2];
     assert_eq!(g.relay.to_string(), "smtp.gmail.com:587");
-    assert_eq!(g.rate_limit, None);
+    assert_eq!(
+        g.rate_limit,
+        Some(RateLimit {
+            messages: 2000,
+            per: Duration::from_secs(86_400)
+        })
+    );
 }
 
 #[test]
