@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use support::harness::{
     attempts, closed_port, commands, plain_tenant, recipients, str_of, tenant, wait_until, Daemon,
+    Running,
 };
 use support::smtp_server::{Fault, Received, ServerOptions, TestCa, TestServer, Tls};
 
@@ -1149,4 +1150,32 @@ fn folded_bcc_header_is_removed_entirely() {
     assert!(data.contains("\r\nto: alice@example.com\r\n"), "{data:?}");
     assert!(data.contains("\r\nsubject: folded\r\n"), "{data:?}");
     assert_eq!(body(&got[0]), "body\r\n");
+}
+
+/// Type=notify: systemd starts the next unit only on READY=1, which must come
+/// once the daemon takes mail (its pickup socket exists), not before.
+#[test]
+fn tells_systemd_ready_once_it_takes_mail() {
+    use std::os::unix::net::UnixDatagram;
+    let server = TestServer::start(ServerOptions::default(), None);
+    let daemon = Daemon::new("sd_notify", &plain_tenant("acme", "acme.test", &server, ""));
+    let notify = daemon.dir().join("notify.sock");
+    let systemd = UnixDatagram::bind(&notify).expect("bind the notify socket");
+    systemd
+        .set_read_timeout(Some(ARRIVAL))
+        .expect("read timeout");
+    let notify_text = notify.display().to_string();
+    let _running = Running::start_with_env(&daemon, &[("NOTIFY_SOCKET", notify_text.as_str())]);
+    let mut buf = [0u8; 256];
+    let n = systemd
+        .recv(&mut buf)
+        .expect("a notification within the timeout");
+    assert_eq!(&buf[..n], b"READY=1");
+    assert!(daemon.spool_dir().join("pickup.sock").exists());
+    submit(
+        &daemon,
+        &["x@example.com"],
+        &message("pbx@acme.test", "x@example.com", "after ready", "x"),
+    );
+    assert_eq!(server.wait_for_messages(1, ARRIVAL).len(), 1);
 }
