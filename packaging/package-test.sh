@@ -101,7 +101,15 @@ check "rpm scripts: %preun disables the unit on erase" grep -q 'disable --now pb
 echo "  rpm Provides/Conflicts: $(rpm -qp --provides "$RPM" 2>/dev/null | paste -sd' ') / $(rpm -qp --conflicts "$RPM" 2>/dev/null | paste -sd' ')"
 if command -v rpmlint >/dev/null; then
     timeout 120 rpmlint -r packaging/rpm/pbxmail.rpmlintrc "$RPM" >"$WORK/rpmlint.txt" 2>&1 || true
-    echo "  rpmlint: $(tail -1 "$WORK/rpmlint.txt") (full output: $WORK/rpmlint.txt)"
+    summary=$(grep -E 'checked; [0-9]+ errors' "$WORK/rpmlint.txt" | tail -1)
+    if [[ $summary =~ checked\;\ 0\ errors ]]; then
+        pass "rpmlint: no errors (${summary# })"
+    else
+        fail "rpmlint: ${summary:-no summary} ($(grep -c ': E: ' "$WORK/rpmlint.txt") E: lines; full output: $WORK/rpmlint.txt)"
+        grep ': E: ' "$WORK/rpmlint.txt" | head -10 | sed 's/^/    /'
+    fi
+else
+    warn "rpmlint is not installed: the .rpm was not linted"
 fi
 
 # ---------------------------------------------------------------- chroot
@@ -194,6 +202,8 @@ if command -v systemd-analyze >/dev/null && [ -d /lib/systemd/system ]; then
     echo "  systemd-analyze security --offline=yes:" \
         "$(systemd-analyze security --offline=yes --root="$VR" pbxmail.service 2>&1 | grep -o 'exposure level.*')"
     rm -rf "$VR"
+else
+    warn "systemd-analyze is not available: the unit was not verified"
 fi
 
 # ---------------------------------------------------------------- deliver
