@@ -50,6 +50,7 @@ interop:
 # (isolation.sh), and memory, start-up and idle cost (memory.sh).
 bench:
 	$(CARGO) build --locked --release --bin pbxmail
+	$(CARGO) build --locked --example smtp_sink
 	bash tests/bench/run.sh
 	bash tests/bench/isolation.sh
 	bash tests/bench/memory.sh

@@ -21,6 +21,8 @@
 #     closed port, nothing queued) versus 1: start-up to pickup.sock and to all
 #     1,000 "0 messages queued" lines, VmRSS, threads, idle CPU over 5 s (goal
 #     ~0: no polling), and how long SIGTERM takes to stop it.
+# D.  A tenant thread's stack: the resident part of its 512 KiB mapping after
+#     STARTTLS+AUTH and implicit-TLS sessions (what a session needs).
 #
 # Everything listens and connects on 127.0.0.1 only; every wait is bounded.
 # Stops every sink and daemon it started (by PID) on every exit.
@@ -178,9 +180,75 @@ mkdir -p "$DT"
 config "$DT/pbxmail.ini" "$DT/spool" "$CLOSED_PORT" debug "$NTEN"
 startup "$NTEN tenants, 0 queued" "$DT" "$NTEN" 0 'tenant c[0-9]+: 0 messages queued' "$NTEN"
 
+# ---------------------------------------------------------------------------
+# D. What a session needs of a tenant thread's 512 KiB stack: one tenant
+#    sending over STARTTLS with AUTH, one over implicit TLS, to the demo sink
+#    (examples/smtp_sink, its own test CA); then the resident part of each
+#    512 KiB stack mapping in /proc/PID/smaps, the deepest reported.
+TLS_SINK=$ROOT/target/debug/examples/smtp_sink
+[[ -x $TLS_SINK ]] || die "$TLS_SINK is missing; run 'make bench' (it builds it)"
+DS=$WORK/stack
+mkdir -p "$DS"
+"$TLS_SINK" --dir "$DS/sink" >"$DS/sink.log" 2>&1 &
+PIDS+=("$!")
+for _ in $(seq 100); do [[ -s $DS/sink/ports ]] && break; sleep 0.05; done
+[[ -s $DS/sink/ports ]] || die "the demo sink did not start: $(cat "$DS/sink.log")"
+STARTTLS_PORT=$(sed -n 's/^starttls=//p' "$DS/sink/ports")
+IMPLICIT_PORT=$(sed -n 's/^implicit=//p' "$DS/sink/ports")
+printf 'demo-secret\n' >"$DS/password"
+cat >"$DS/pbxmail.ini" <<INI
+[daemon]
+spool_dir = $DS/spool
+control_socket = $DS/control.sock
+hostname = bench.test
+
+[tenant:starttls]
+domains = starttls.test
+relay = localhost:$STARTTLS_PORT
+tls = starttls
+ca_file = $DS/sink/ca.pem
+username = demo
+password_file = $DS/password
+
+[tenant:implicit]
+domains = implicit.test
+relay = localhost:$IMPLICIT_PORT
+tls = implicit
+ca_file = $DS/sink/ca.pem
+username = demo
+password_file = $DS/password
+INI
+"$PBXMAIL" daemon -c "$DS/pbxmail.ini" >"$DS/daemon.log" 2>&1 &
+STACK_PID=$!
+PIDS+=("$STACK_PID")
+for _ in $(seq 200); do [[ -S $DS/spool/pickup.sock ]] && break; sleep 0.05; done
+for t in starttls implicit; do
+    for i in 1 2 3; do
+        PBXMAIL_CONFIG=$DS/pbxmail.ini "$PBXMAIL" sendmail -i -f "pbx@$t.test" "ext$i@sink.test" <"$WORK/small.txt" ||
+            die "sendmail for $t failed"
+    done
+done
+queued_tls() { echo $(($(count_env "$DS/spool/queue/starttls") + $(count_env "$DS/spool/queue/implicit"))); }
+for _ in $(seq 300); do [[ $(queued_tls) == 0 ]] && break; sleep 0.05; done
+[[ $(queued_tls) == 0 ]] || die "the TLS sessions did not deliver: $(tail -n 5 "$DS/daemon.log")"
+# Mappings of exactly 512 KiB, read-write and anonymous: the tenant threads'
+# stacks (the intake thread's is 256 KiB, the main thread's 8 MiB).
+STACK_KB=$(awk '
+    /^[0-9a-f]+-[0-9a-f]+ / { rw_anon = ($2 ~ /^rw/ && NF == 5); size = 0; next }
+    $1 == "Size:" { size = $2; next }
+    $1 == "Rss:" && rw_anon && size == 512 { if ($2 > max) max = $2; found = 1 }
+    END { if (found) print max; else print "none" }
+' "/proc/$STACK_PID/smaps")
+kill -TERM "$STACK_PID" 2>/dev/null || true
+wait "$STACK_PID" 2>/dev/null || true
+[[ $STACK_KB != none ]] || die "no 512 KiB stack mapping found in /proc/$STACK_PID/smaps"
+log "tenant thread stack after STARTTLS+AUTH and implicit-TLS sessions: $STACK_KB KiB resident of 512 KiB"
+
 echo
 echo "B/C. pbxmail memory, start-up and idle cost (one run each; Linux /proc figures of the daemon process)"
 echo
 python3 "$MEASURE" table-memory "$RESULTS"
+echo
+echo "D. a tenant thread's stack after STARTTLS+AUTH and implicit-TLS sessions: $STACK_KB KiB resident of 512 KiB reserved"
 echo
 log "done"
