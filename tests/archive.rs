@@ -20,7 +20,7 @@ use std::thread;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
-use support::harness::{wait_until, Daemon, Run, PBXMAIL};
+use support::harness::{wait_until, Daemon, Run, Running, PBXMAIL};
 use support::smtp_server::{Received, ServerOptions, TestServer};
 
 /// The archive group the tests give the archiving tenant.
@@ -945,4 +945,52 @@ fn spawn_daemon(d: &Daemon) -> Child {
         panic!("daemon did not start: {}", d.log());
     }
     child
+}
+
+/// The archive cannot be written (its folder is in the way): the delivered
+/// message stays in the spool, `status` says why, and once the folder can be
+/// written it is archived exactly once and leaves the spool.
+#[test]
+fn unwritable_archive_keeps_the_message_and_status_says_why() {
+    let server = TestServer::start(ServerOptions::default(), None);
+    let d = Daemon::bare("archive_unwritable");
+    write_config(&d, &tenant("acme", &server, &archiving("*", None)));
+    // A file where the archive's folder should be: even root cannot write there.
+    fs::write(archive_dir(&d), "not a folder").expect("block the archive folder");
+    let _running = Running::start(&d);
+    submit(&d, "101@acme.test", &["a@example.com"], "blocked");
+    assert_eq!(server.wait_for_messages(1, ARRIVAL).len(), 1);
+
+    let status = || {
+        let run = d.run(&["status", "--json"], b"");
+        let parsed: Value = serde_json::from_str(&run.stdout).unwrap_or_default();
+        parsed["tenants"][0].clone()
+    };
+    let mut acme = Value::Null;
+    let told = wait_until(ARRIVAL, || {
+        acme = status();
+        str_of(&acme, "last_error").contains("cannot archive")
+    });
+    assert!(told, "status: {acme:#}");
+    let spooled = fs::read_dir(d.spool_dir().join("queue").join("acme"))
+        .map(|entries| entries.count())
+        .unwrap_or(0);
+    assert!(spooled > 0, "the unarchived message left the spool");
+
+    fs::remove_file(archive_dir(&d)).expect("unblock");
+    let left = d.wait_for_queue(ARRIVAL, |q| q.is_empty());
+    assert!(left.is_empty(), "{left:#?}");
+    let emptied = wait_until(ARRIVAL, || {
+        fs::read_dir(d.spool_dir().join("queue").join("acme"))
+            .map(|mut entries| entries.next().is_none())
+            .unwrap_or(true)
+    });
+    assert!(emptied, "archived, yet still in the spool");
+    let records = journal(&d, "acme");
+    let archived = records
+        .iter()
+        .filter(|r| str_of(r, "type") == "archived")
+        .count();
+    assert_eq!(archived, 1, "{records:#?}");
+    assert_eq!(server.messages().len(), 1, "delivered once, not again");
 }

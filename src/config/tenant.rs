@@ -451,6 +451,18 @@ pub(super) fn tenant_config(
     };
 
     let archive = sec.value(out, "archive", parse_bool).unwrap_or(false);
+    let archive_group = sec.value(out, "archive_group", parse_group);
+    if let (true, Some(group)) = (archive, &archive_group) {
+        // Accepted (the group may be created later), but every archive
+        // attempt fails until it exists: say so now, not at the first mail.
+        if let Err(e) = crate::archive::group_id(group) {
+            sec.warning(
+                out,
+                "archive_group",
+                &format!("{e}; archiving for this tenant fails (mail stays in the spool) until the group exists"),
+            );
+        }
+    }
 
     TenantConfig {
         name,
@@ -490,6 +502,6 @@ pub(super) fn tenant_config(
         archive_users: sec
             .value(out, "archive_users", parse_archive_users)
             .unwrap_or(ArchiveUsers::All),
-        archive_group: sec.value(out, "archive_group", parse_group),
+        archive_group,
     }
 }

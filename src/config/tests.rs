@@ -175,17 +175,25 @@ archive_group = acme-admins
     );
     assert_eq!(t.archive_group.as_deref(), Some("acme-admins"));
 
-    // Accepted, but the admin is told: unverified certificates and features still to come.
+    // Accepted, but the admin is told: unverified certificates, and an
+    // archive group this machine does not have.
     let warnings: Vec<(Option<usize>, &str)> = c
         .warnings
         .iter()
         .map(|w| (w.line, w.message.as_str()))
         .collect();
-    assert_eq!(warnings.len(), 1, "{warnings:#?}");
+    assert_eq!(warnings.len(), 2, "{warnings:#?}");
     assert_eq!(warnings[0].0, Some(19));
     assert!(warnings[0]
         .1
         .contains("certificates of the relay are not verified"));
+    assert_eq!(warnings[1].0, Some(40), "{warnings:#?}");
+    assert!(
+        warnings[1]
+            .1
+            .contains("\"acme-admins\" does not exist in /etc/group"),
+        "{warnings:#?}"
+    );
 }
 
 #[test]

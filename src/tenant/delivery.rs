@@ -596,6 +596,10 @@ impl TenantWorker {
                     "{id} tenant={}: cannot archive it (kept in the spool, will retry): {e}",
                     self.name()
                 );
+                // Delivered but not yet journaled: `status` shows why it waits.
+                self.note_error(format!(
+                    "delivered, but cannot archive {id} (kept in the spool, retried): {e}"
+                ));
                 let retry = spool::unix_millis() + self.settings.backoff.min.as_millis() as u64;
                 self.schedule(id, retry, true);
                 false

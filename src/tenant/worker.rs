@@ -112,6 +112,11 @@ impl TenantWorker {
         }
     }
 
+    /// A problem `status` should show that is not a delivery outcome.
+    pub(super) fn note_error(&mut self, problem: String) {
+        self.counters.last_error = Some(problem);
+    }
+
     /// Makes the current state visible to `pbxmail status`.
     pub(super) fn publish(&mut self) {
         let now = spool::unix_millis();
