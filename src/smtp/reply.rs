@@ -245,6 +245,69 @@ mod tests {
     }
 
     #[test]
+    fn random_replies_parse_within_bounds_and_never_past_one_reply() {
+        // Replies shaped like a server's, mutated: 1 to 130 lines of up to
+        // 3000 octets, codes sometimes changing, separators sometimes wrong,
+        // NULs and bare LFs sprinkled in. Whatever the input, an accepted
+        // reply obeys every bound, and the parser stops at its last line.
+        let mut s: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = |n: u64| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s % n.max(1)
+        };
+        let noise = [b'a', b' ', b'-', b'.', b'\r', 0u8, 0xc3, b'9'];
+        let mut accepted = 0;
+        for _ in 0..3_000 {
+            let mut input = Vec::new();
+            let lines = 1 + next(130);
+            let code = format!("{}{}{}", 2 + next(4), next(6), next(10));
+            for i in 0..lines {
+                let this_code = if next(40) == 0 {
+                    format!("{}", 100 + next(900))
+                } else {
+                    code.clone()
+                };
+                input.extend_from_slice(this_code.as_bytes());
+                let last = i + 1 == lines;
+                input.push(match next(30) {
+                    0 => b'x',
+                    _ if last => b' ',
+                    _ => b'-',
+                });
+                let len = if next(20) == 0 { next(3000) } else { next(60) };
+                for _ in 0..len {
+                    input.push(if next(200) == 0 {
+                        noise[next(8) as usize]
+                    } else {
+                        b'a' + next(26) as u8
+                    });
+                }
+                input.extend_from_slice(if next(10) == 0 { b"\n" } else { b"\r\n" });
+            }
+            let after = b"250 NEXT\r\n";
+            input.extend_from_slice(after);
+            let mut reader = &input[..];
+            if let Ok(reply) = read_reply(&mut reader) {
+                accepted += 1;
+                assert!((200..=559).contains(&reply.code.0), "{reply:?}");
+                assert!(
+                    reply.lines.len() <= MAX_LINES,
+                    "{} lines",
+                    reply.lines.len()
+                );
+                assert!(reply.lines.iter().all(|l| l.len() <= MAX_LINE));
+                // Exactly the reply was read: its last line ends it, and
+                // what follows is still unread.
+                assert_eq!(reader, &after[..], "read past or short of the reply");
+            }
+        }
+        // Enough of them well-formed that the bounds above were really checked.
+        assert!(accepted >= 200, "only {accepted} of 3000 parsed");
+    }
+
+    #[test]
     fn never_panics_on_arbitrary_bytes() {
         // A cheap deterministic fuzz: every short mix of the bytes that matter.
         let alphabet = [b'2', b'5', b'0', b' ', b'-', b'\r', b'\n', 0u8, 0xff, b'x'];
