@@ -7,13 +7,15 @@
 //! refresh token, invalid_grant, an endpoint that is down or failing, a token
 //! the relay refuses, device login through each server answer, code login with
 //! the test as the admin's browser (a pasted address, a bare code, a foreign
-//! state, a refused code), the choice of flow, and that no token, code or
-//! verifier ever shows in a log or an output.
+//! state, a refused code), the choice of flow, that a login as root leaves
+//! the token file to the token folder's owner, that a rotated token the disk
+//! refuses is kept and used, that a crash's temporary files are removed, and
+//! that no token, code or verifier ever shows in a log or an output.
 
 mod support;
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -238,6 +240,27 @@ fn write_token_file(path: &Path, refresh: &str) {
     )
     .expect("write token file");
     fs::set_permissions(path, fs::Permissions::from_mode(0o600)).expect("chmod 0600");
+}
+
+/// The `.tmp` files in the token file's folder.
+fn temp_files(token_file: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(token_file.parent().expect("token folder"))
+        .expect("read token folder")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .filter(|name| name.ends_with(".tmp"))
+        .collect();
+    names.sort();
+    names
+}
+
+/// The ID of a process that has exited (and been reaped).
+fn dead_pid() -> u32 {
+    let mut child = std::process::Command::new("true")
+        .spawn()
+        .expect("spawn true");
+    let pid = child.id();
+    child.wait().expect("wait for true");
+    pid
 }
 
 fn read_token_file(path: &Path) -> Value {
@@ -542,6 +565,139 @@ fn rotated_refresh_token_replaces_the_file_and_is_used_next() {
         refresh_token(3)
     );
     assert_eq!(mode(&site.token_file), 0o600);
+    assert_no_secrets(&site, Some(&relay), &[]);
+}
+
+/// The provider rotates the refresh token and revokes the old one, but the
+/// disk will not take the new one: the daemon keeps it in memory, says so
+/// once, and offers it at the next refresh, so mail keeps going out.
+#[test]
+fn rotated_refresh_token_the_disk_refuses_is_kept_and_used() {
+    let ca = TestCa::new();
+    let provider = Provider::new(121, true);
+    let endpoint = provider.serve(&ca);
+    let relay = TestServer::start(relay_options(&[1, 2], false), None);
+    let mut site = site(
+        "oauth_rotation_unsaved",
+        &ca,
+        &endpoint,
+        &plain_relay(&relay),
+        Some(&refresh_token(1)),
+    );
+    // A token file whose temporary files' names would be longer than a file
+    // name may be (255 bytes): every save fails, even for root, while the
+    // file itself reads fine.
+    let unsavable = site
+        .token_file
+        .with_file_name(format!("{}.json", "t".repeat(225)));
+    fs::rename(&site.token_file, &unsavable).expect("rename token file");
+    let config = fs::read_to_string(site.daemon.config_path())
+        .expect("read config")
+        .replace(
+            &site.token_file.display().to_string(),
+            &unsavable.display().to_string(),
+        );
+    site.daemon.write_config(&config);
+    site.token_file = unsavable;
+    site.daemon.start();
+
+    submit(&site.daemon, "one");
+    let got = relay.wait_for_messages(1, ARRIVAL);
+    assert_eq!(got.len(), 1, "log:\n{}", site.daemon.log());
+    assert!(
+        relay.wait_for_idle(ARRIVAL),
+        "the first session did not end"
+    );
+    // The access token goes stale (121 s minus the 120 s margin).
+    thread::sleep(Duration::from_millis(1500));
+    submit(&site.daemon, "two");
+    let got = relay.wait_for_messages(2, ARRIVAL);
+    assert_eq!(got.len(), 2, "log:\n{}", site.daemon.log());
+    assert_eq!(got[1].auth_token, Some(access_token(2)));
+    // rt-1 was revoked when rt-2 was issued: only the kept rt-2 could work.
+    let used: Vec<Option<String>> = endpoint
+        .requests_to("/token")
+        .iter()
+        .map(|r| r.param("refresh_token").map(str::to_string))
+        .collect();
+    assert_eq!(used, [Some(refresh_token(1)), Some(refresh_token(2))]);
+    assert_eq!(
+        read_token_file(&site.token_file)["refresh_token"],
+        refresh_token(1)
+    );
+    assert_eq!(mode(&site.token_file), 0o600);
+    assert!(temp_files(&site.token_file).is_empty());
+    let queue = site.daemon.wait_for_queue(ARRIVAL, |q| q.is_empty());
+    assert!(queue.is_empty(), "{queue:#?}");
+    // Said once, though both rotations and every retry failed to save.
+    let log = site.daemon.log();
+    let told = log
+        .lines()
+        .filter(|l| l.contains("cannot be saved"))
+        .count();
+    assert_eq!(told, 1, "log:\n{log}");
+    assert_no_secrets(&site, Some(&relay), &[]);
+}
+
+/// A crash during rotation can leave `.acme.json.PID.ID.tmp` files beside the
+/// token file, each holding a refresh token. When the daemon first uses the
+/// token file it removes those whose writer is gone (or that are old), and
+/// keeps the token file, a write in progress and other files' temporaries.
+#[test]
+fn temp_files_of_an_interrupted_rotation_are_removed_and_the_token_file_kept() {
+    let ca = TestCa::new();
+    let provider = Provider::new(3600, false);
+    let endpoint = provider.serve(&ca);
+    let relay = TestServer::start(relay_options(&[1], false), None);
+    let mut site = site(
+        "oauth_stale_temps",
+        &ca,
+        &endpoint,
+        &plain_relay(&relay),
+        Some(&refresh_token(1)),
+    );
+    let folder = site
+        .token_file
+        .parent()
+        .expect("token folder")
+        .to_path_buf();
+    let dead = dead_pid();
+    let crashed = format!(".acme.json.{dead}.0A1B2C3D4E5F60718293A4B.tmp");
+    let old_style = ".acme.json.06B03E181B954E001FA6001.tmp".to_string();
+    let in_progress = format!(
+        ".acme.json.{}.0A1B2C3D4E5F60718293A4C.tmp",
+        std::process::id()
+    );
+    let other_file = format!(".shop.json.{dead}.0A1B2C3D4E5F60718293A4D.tmp");
+    for name in [&crashed, &old_style, &in_progress, &other_file] {
+        write_token_file(&folder.join(name), &refresh_token(9));
+    }
+    // Written an hour ago, by a version that did not name its process.
+    fs::File::options()
+        .write(true)
+        .open(folder.join(&old_style))
+        .expect("open old temp")
+        .set_modified(std::time::SystemTime::now() - Duration::from_secs(3600))
+        .expect("age old temp");
+    site.daemon.start();
+    submit(&site.daemon, "after a crash");
+
+    let got = relay.wait_for_messages(1, ARRIVAL);
+    assert_eq!(got.len(), 1, "log:\n{}", site.daemon.log());
+    assert_eq!(got[0].auth_token, Some(access_token(1)));
+    let mut kept = vec![in_progress, other_file];
+    kept.sort();
+    assert_eq!(temp_files(&site.token_file), kept);
+    assert_eq!(
+        read_token_file(&site.token_file)["refresh_token"],
+        refresh_token(1)
+    );
+    let requests = endpoint.requests_to("/token");
+    assert_eq!(requests.len(), 1, "{requests:#?}");
+    assert_eq!(
+        requests[0].param("refresh_token"),
+        Some(refresh_token(1).as_str())
+    );
     assert_no_secrets(&site, Some(&relay), &[]);
 }
 
@@ -996,6 +1152,11 @@ struct Login {
 /// Scripts /device and the device-grant polls of /token, runs `pbxmail oauth
 /// login --tenant acme -c FILE`, and checks the requests every login makes.
 fn device_login(test: &str, polls: Vec<Response>) -> Login {
+    device_login_prepared(test, polls, |_| {})
+}
+
+/// `device_login`, with `prepare` run on the site before the login.
+fn device_login_prepared(test: &str, polls: Vec<Response>, prepare: impl FnOnce(&Site)) -> Login {
     let ca = TestCa::new();
     let endpoint = OAuthServer::start(&ca);
     endpoint.push("/device", device_answer());
@@ -1004,6 +1165,7 @@ fn device_login(test: &str, polls: Vec<Response>) -> Login {
     }
     let relay = TestServer::start(relay_options(&[1], false), None);
     let site = site(test, &ca, &endpoint, &plain_relay(&relay), None);
+    prepare(&site);
     let config = site.daemon.config_path().to_string_lossy().into_owned();
     let run = site
         .daemon
@@ -1216,6 +1378,75 @@ fn device_login_token_is_then_used_by_the_daemon() {
         Some(refresh_token(1).as_str())
     );
     assert_no_secrets(&login.site, Some(&login.relay), &[&login.run]);
+}
+
+/// `sudo pbxmail oauth login` into the folder the package made for the
+/// daemon's user: the token file becomes that user's (still 0600), or the
+/// daemon, not root, could not read it and would report "sign-in needed".
+#[test]
+fn login_as_root_hands_the_token_file_to_the_token_folders_owner() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!(
+            "login_as_root_hands_the_token_file_to_the_token_folders_owner: skipped, needs \
+             root; the owner rule is unit-tested in src/oauth/token_file.rs"
+        );
+        return;
+    }
+    const NOBODY: u32 = 65534;
+    let login = device_login_prepared("oauth_login_owner", vec![signed_in()], |site| {
+        let folder = site.token_file.parent().expect("token folder");
+        fs::create_dir_all(folder).expect("mkdir token folder");
+        std::os::unix::fs::chown(folder, Some(NOBODY), Some(NOBODY)).expect("chown folder");
+    });
+    assert_signed_in(&login.site, &login.run);
+    let meta = fs::metadata(&login.site.token_file).expect("stat token file");
+    assert_eq!((meta.uid(), meta.gid()), (NOBODY, NOBODY));
+    assert_eq!(meta.mode() & 0o777, 0o600);
+    assert!(
+        login
+            .run
+            .stdout
+            .contains(&format!("(uid {NOBODY}), mode 0600")),
+        "{:?}",
+        login.run
+    );
+    assert!(
+        !login.run.stdout.contains("belongs to root"),
+        "{:?}",
+        login.run
+    );
+    assert!(temp_files(&login.site.token_file).is_empty());
+}
+
+/// The daemon's text for an unreachable endpoint ends in "will retry"; the
+/// login retries nothing, so it says what to check and to run it again.
+#[test]
+fn login_with_the_endpoint_unreachable_says_to_check_it_and_run_again() {
+    let ca = TestCa::new();
+    let endpoint = OAuthServer::start(&ca);
+    let relay = TestServer::start(relay_options(&[1], false), None);
+    let site = site(
+        "oauth_login_unreachable",
+        &ca,
+        &endpoint,
+        &plain_relay(&relay),
+        None,
+    );
+    endpoint.down();
+    let config = site.daemon.config_path().to_string_lossy().into_owned();
+    let run = site
+        .daemon
+        .run(&["oauth", "login", "--tenant", "acme", "-c", &config], b"");
+    assert_eq!(run.code, 75, "{run:?}");
+    assert!(run.stderr.contains(&endpoint.url("/device")), "{run:?}");
+    assert!(run.stderr.contains("Check the network"), "{run:?}");
+    assert!(
+        run.stderr
+            .contains("run `pbxmail oauth login --tenant acme` again"),
+        "{run:?}"
+    );
+    assert!(!run.stderr.contains("will retry"), "{run:?}");
+    assert_not_signed_in(&site, &run);
 }
 
 // ---------------------------------------------------------------------------

@@ -4,9 +4,10 @@
 //! kill the tenant must still have a valid token file: present, mode 0600,
 //! JSON whose `refresh_token` the endpoint issued (and the newest one the
 //! daemon could know of). Leftover temporary files of an interrupted write
-//! are allowed, but only under the writer's own `.NAME.*.tmp` names, and the
+//! are allowed, but only under the writer's own `.NAME.*.tmp` names; the
 //! restarted daemon must refresh with the token file's token, not with one
-//! of those.
+//! of those, and removes them (they hold refresh tokens): none is left once
+//! a daemon has run undisturbed.
 //!
 //! Random choices come from a seeded PRNG; the seed is printed, and
 //! `PBXMAIL_CRASH_SEED=N` repeats a run's choices.
@@ -582,6 +583,12 @@ fn crash_during_token_rotation_never_leaves_the_tenant_without_a_token() {
     assert!(
         grants.len() > grants_before,
         "the final daemon never refreshed"
+    );
+    // The final daemon removed what the killed ones left (their writers are
+    // gone) and left nothing of its own.
+    assert!(
+        temps.is_empty(),
+        "temporary files of the killed daemons are left: {temps:?}"
     );
     // The final daemon stopped cleanly: the file holds the newest token.
     let newest = grants.last().map_or(refresh_token(1), |g| g.issued.clone());

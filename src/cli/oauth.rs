@@ -1,6 +1,7 @@
 //! `pbxmail oauth login --tenant T [--flow device|code]`: signs a tenant's
-//! mailbox in and stores the refresh token (0600, atomically) where
-//! `oauth_token_file` says; the running daemon picks it up at its next try.
+//! mailbox in and stores the refresh token (0600, atomically; run as root,
+//! owned as its folder is) where `oauth_token_file` says; the running daemon
+//! picks it up at its next try.
 //! The flow is the tenant's own (the code grant where `oauth_auth_url` is set,
 //! else the device grant) unless `--flow` names one; the grants themselves
 //! are in `crate::oauth`.
@@ -59,13 +60,26 @@ pub fn run(args: &[String]) -> Exit {
     match result {
         Ok(()) => Exit::Ok,
         Err(e) => {
-            eprintln!("pbxmail oauth: {e}");
+            eprintln!("pbxmail oauth: {}", failure_text(&e, &tenant_name));
             match e {
                 OAuthError::Config(_) => Exit::Config,
                 OAuthError::Temporary(_) => Exit::TempFail,
                 OAuthError::SignInNeeded(_) | OAuthError::Denied(_) => Exit::DataErr,
             }
         }
+    }
+}
+
+/// What the admin reads when the sign-in fails. The error's own text is the
+/// daemon's ("will retry"); here nothing retries, so it says what to do.
+fn failure_text(e: &OAuthError, tenant: &str) -> String {
+    match e {
+        OAuthError::Temporary(why) => format!(
+            "the provider's sign-in endpoint could not be reached or failed: {why}. Check the \
+             network (DNS, firewall, proxy) and the endpoint URLs in the tenant's oauth_* \
+             settings, then run `pbxmail oauth login --tenant {tenant}` again"
+        ),
+        other => other.to_string(),
     }
 }
 
@@ -110,6 +124,21 @@ mod tests {
             parse_login_args(&args(&["login", "--tenant", "acme", "--flow", "device"])),
             Ok(("acme".into(), Some(LoginFlow::Device)))
         );
+    }
+
+    #[test]
+    fn an_unreachable_endpoint_says_what_to_do_not_that_it_will_retry() {
+        let e = OAuthError::Temporary("https://idp.example/token: connection refused".into());
+        let text = failure_text(&e, "acme");
+        assert!(!text.contains("will retry"), "{text}");
+        assert!(text.contains("connection refused"), "{text}");
+        assert!(text.contains("Check the network"), "{text}");
+        assert!(
+            text.contains("run `pbxmail oauth login --tenant acme` again"),
+            "{text}"
+        );
+        let denied = OAuthError::Denied("sign-in was declined".into());
+        assert_eq!(failure_text(&denied, "acme"), denied.to_string());
     }
 
     #[test]

@@ -1,0 +1,106 @@
+//! HTTPS to the provider's endpoints: an agent with the system's trust
+//! store plus the tenant's `ca_file`, and the form POST every grant makes,
+//! with its JSON answer (RFC 6749 §5.1, §5.2). What an answer means is left
+//! to the grant that asked.
+
+use super::OAuthError;
+use serde::Deserialize;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// One HTTP exchange with an endpoint, at most.
+const HTTP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// An HTTPS client trusting the system store plus the tenant's `ca_file`.
+pub fn http_agent(ca_file: Option<&Path>) -> Result<ureq::Agent, OAuthError> {
+    let mut roots: Vec<ureq::tls::Certificate<'static>> = rustls_native_certs::load_native_certs()
+        .certs
+        .iter()
+        .map(|c| ureq::tls::Certificate::from_der(c.as_ref()).to_owned())
+        .collect();
+    if let Some(path) = ca_file {
+        use rustls::pki_types::pem::PemObject;
+        let certs = rustls::pki_types::CertificateDer::pem_file_iter(path)
+            .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| OAuthError::Config(format!("ca_file {}: {e}", path.display())))?;
+        roots.extend(
+            certs
+                .iter()
+                .map(|c| ureq::tls::Certificate::from_der(c.as_ref()).to_owned()),
+        );
+    }
+    let tls = ureq::tls::TlsConfig::builder()
+        .root_certs(ureq::tls::RootCerts::Specific(Arc::new(roots)))
+        .unversioned_rustls_crypto_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .build();
+    let config = ureq::Agent::config_builder()
+        .tls_config(tls)
+        .http_status_as_error(false)
+        .timeout_global(Some(HTTP_TIMEOUT))
+        .https_only(false)
+        .build();
+    Ok(ureq::Agent::new_with_config(config))
+}
+
+#[derive(Deserialize)]
+pub(super) struct TokenResponse {
+    pub(super) access_token: Option<String>,
+    /// A number; some older endpoints send it as a string.
+    #[serde(default, deserialize_with = "number_or_string")]
+    pub(super) expires_in: Option<u64>,
+    pub(super) refresh_token: Option<String>,
+    pub(super) error: Option<String>,
+    pub(super) error_description: Option<String>,
+}
+
+fn number_or_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        Number(u64),
+        Text(String),
+    }
+    Ok(match Option::<Either>::deserialize(d)? {
+        Some(Either::Number(n)) => Some(n),
+        Some(Either::Text(t)) => t.trim().parse().ok(),
+        None => None,
+    })
+}
+
+/// POSTs a form to a token endpoint and reads its JSON answer.
+pub(super) fn post_form(
+    agent: &ureq::Agent,
+    url: &str,
+    form: &[(&str, &str)],
+) -> Result<(u16, TokenResponse), OAuthError> {
+    let mut response = agent
+        .post(url)
+        .send_form(form.iter().copied())
+        .map_err(|e| OAuthError::Temporary(format!("{url}: {e}")))?;
+    let status = response.status().as_u16();
+    let body = response
+        .body_mut()
+        .read_to_string()
+        .map_err(|e| OAuthError::Temporary(format!("{url}: {e}")))?;
+    let parsed: TokenResponse = serde_json::from_str(&body).map_err(|_| {
+        OAuthError::Temporary(format!(
+            "{url} answered HTTP {status} without a JSON token response"
+        ))
+    })?;
+    Ok((status, parsed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expires_in_may_be_a_string() {
+        let parsed: TokenResponse =
+            serde_json::from_str(r#"{"access_token":"a","expires_in":"3599"}"#).unwrap();
+        assert_eq!(parsed.expires_in, Some(3599));
+        let parsed: TokenResponse = serde_json::from_str(r#"{"access_token":"a"}"#).unwrap();
+        assert_eq!(parsed.expires_in, None);
+    }
+}
