@@ -30,6 +30,9 @@ const ARRIVAL: Duration = Duration::from_secs(10);
 const ISOLATION_BOUND: Duration = Duration::from_secs(8);
 /// The daemon waits at most 10 s for sessions in progress at SIGTERM.
 const SIGTERM_BOUND: Duration = Duration::from_secs(12);
+/// Upper bound for the next step of a flow whose relays hold every final
+/// reply: a few held replies plus a tenant restart, on a loaded machine.
+const HOLD_BOUND: Duration = Duration::from_secs(20);
 
 const USER: &str = "pbx@shared.test";
 const PASSWORD: &str = "s3cret-pw";
@@ -1276,6 +1279,186 @@ fn reload_restarting_every_tenant_does_not_wait_for_a_stuck_one() {
     let queue = daemon.queue();
     let bad = of_tenant(&queue, "bad");
     assert_eq!(bad.len(), 1, "{queue:#?}");
+}
+
+/// A relay that holds its reply to the final "." of each of its first
+/// `replies` messages for `hold`.
+fn relay_holding_replies(hold: Duration, replies: usize) -> TestServer {
+    let faults = (1..=replies)
+        .map(|n| (".".to_string(), n, Fault::Delay(hold)))
+        .collect();
+    TestServer::start(
+        ServerOptions {
+            faults,
+            ..ServerOptions::default()
+        },
+        None,
+    )
+}
+
+/// A changed tenant's session in flight when the reload comes finishes on
+/// the old relay, and the new settings' thread starts only after it: nothing
+/// is lost, and nothing is sent twice (once by each thread). Both ways of
+/// asking: SIGHUP, then `pbxmail reload`. Each of the first two relays holds
+/// its reply to the first message's final "." for 5 s, and the test checks
+/// that each reload was applied while that message was in flight.
+#[test]
+fn reload_with_mail_in_flight_delivers_each_message_exactly_once() {
+    const HOLD: Duration = Duration::from_secs(5);
+    let first = relay_holding_replies(HOLD, 1);
+    let second = relay_holding_replies(HOLD, 1);
+    let third = TestServer::start(ServerOptions::default(), None);
+    let daemon = Daemon::bare("reload_in_flight");
+    configure(&daemon, "", &tenant("acme", "acme.test", &first, ""));
+    for i in 1..=3 {
+        submit(
+            &daemon,
+            "pbx@acme.test",
+            "a@example.com",
+            &format!("queued-{i}"),
+        );
+    }
+    let running = Running::start(&daemon);
+
+    // SIGHUP while the first relay holds a complete message.
+    assert_eq!(
+        first.wait_for_verb(".", 1, ARRIVAL),
+        1,
+        "no message reached the first relay"
+    );
+    configure(&daemon, "", &tenant("acme", "acme.test", &second, ""));
+    running.reload();
+    assert!(
+        first.messages().is_empty(),
+        "the SIGHUP reload was applied only after the message in flight was done"
+    );
+
+    // `pbxmail reload` while the second relay holds one; mail submitted
+    // after it goes by the new settings.
+    assert_eq!(
+        second.wait_for_verb(".", 1, HOLD + ARRIVAL),
+        1,
+        "no message reached the second relay after the first reload"
+    );
+    configure(&daemon, "", &tenant("acme", "acme.test", &third, ""));
+    let reloaded = daemon.run(&["reload"], b"");
+    assert_eq!(reloaded.code, 0, "pbxmail reload: {reloaded:?}");
+    assert!(
+        second.messages().is_empty(),
+        "`pbxmail reload` was applied only after the message in flight was done"
+    );
+    for i in 1..=2 {
+        submit(
+            &daemon,
+            "pbx@acme.test",
+            "a@example.com",
+            &format!("after-{i}"),
+        );
+    }
+
+    let queue = daemon.wait_for_queue(HOLD + ARRIVAL, |q| q.is_empty());
+    assert!(queue.is_empty(), "{queue:#?}");
+    // Nothing more can come once every session has ended.
+    for relay in [&first, &second, &third] {
+        assert!(relay.wait_for_idle(ARRIVAL), "a session is still open");
+    }
+    let counts = subject_counts(&[&first, &second, &third]);
+    let expected: BTreeMap<String, usize> =
+        ["queued-1", "queued-2", "queued-3", "after-1", "after-2"]
+            .into_iter()
+            .map(|s| (s.to_string(), 1))
+            .collect();
+    assert_eq!(
+        counts, expected,
+        "each message exactly once over all relays"
+    );
+    // Each old session finished its message and began no other.
+    for (name, relay) in [("first", &first), ("second", &second)] {
+        assert_eq!(relay.messages().len(), 1, "{name}: {:?}", relay.commands());
+        assert_eq!(
+            count_commands(relay, "MAIL"),
+            1,
+            "{name}: {:?}",
+            relay.commands()
+        );
+    }
+}
+
+/// Reload after reload, each aimed at a message in flight, while mail keeps
+/// coming: the tenant moves back and forth between two relays, and every
+/// message arrives exactly once over both. Every final reply is held 300 ms,
+/// so each reload (SIGHUP and `pbxmail reload` in turn) lands while the
+/// relay holds a complete message; the submitter keeps a few messages
+/// queued, so submissions meet reloads too.
+#[test]
+fn repeated_reloads_under_a_steady_flow_deliver_each_message_exactly_once() {
+    const MESSAGES: usize = 20;
+    const RELOADS: usize = 6;
+    /// Submitted but not yet arrived, at most.
+    const BACKLOG: usize = 3;
+    let held = Duration::from_millis(300);
+    let relays = [
+        relay_holding_replies(held, MESSAGES),
+        relay_holding_replies(held, MESSAGES),
+    ];
+    let arrived = || relays.iter().map(|r| r.messages().len()).sum::<usize>();
+    let daemon = Daemon::bare("reload_steady_flow");
+    let config = config_text(&daemon, "", &tenant("acme", "acme.test", &relays[0], ""));
+    daemon.write_config(&config);
+    // sendmail reads a config too: a copy of its own, which the reloads
+    // do not rewrite under it.
+    let submit_config = daemon.write_file("submit.ini", &config);
+    let running = Running::start(&daemon);
+
+    std::thread::scope(|scope| {
+        let submitter = scope.spawn(|| {
+            for i in 0..MESSAGES {
+                let room = wait_until(HOLD_BOUND, || arrived() + BACKLOG > i);
+                assert!(room, "flow-{i}: the earlier messages stopped arriving");
+                submit_with_config(
+                    &submit_config,
+                    "pbx@acme.test",
+                    "a@example.com",
+                    &format!("flow-{i}"),
+                );
+            }
+        });
+        for k in 0..RELOADS {
+            let current = &relays[k % 2];
+            let before = current.wait_for_verb(".", 0, Duration::ZERO);
+            assert!(
+                current.wait_for_verb(".", before + 1, HOLD_BOUND) > before,
+                "reload {k}: no message in flight on relay {}",
+                k % 2
+            );
+            let next = &relays[(k + 1) % 2];
+            configure(&daemon, "", &tenant("acme", "acme.test", next, ""));
+            if k % 2 == 0 {
+                running.reload();
+            } else {
+                let reloaded = daemon.run(&["reload"], b"");
+                assert_eq!(reloaded.code, 0, "reload {k}: {reloaded:?}");
+            }
+        }
+        submitter.join().expect("submitter thread");
+    });
+
+    let queue = daemon.wait_for_queue(HOLD_BOUND, |q| q.is_empty());
+    assert!(queue.is_empty(), "{queue:#?}");
+    for relay in &relays {
+        assert!(relay.wait_for_idle(ARRIVAL), "a session is still open");
+    }
+    let counts = subject_counts(&[&relays[0], &relays[1]]);
+    let expected: BTreeMap<String, usize> =
+        (0..MESSAGES).map(|i| (format!("flow-{i}"), 1)).collect();
+    assert_eq!(
+        counts, expected,
+        "each message exactly once over both relays"
+    );
+    assert!(
+        relays.iter().all(|r| !r.messages().is_empty()),
+        "the reloads did not move the tenant"
+    );
 }
 
 #[test]

@@ -14,7 +14,9 @@ use serde_json::Value;
 use support::harness::{
     attempts, commands, plain_tenant, recipients, str_of, tenant, wait_until, Daemon,
 };
-use support::smtp_server::{CertKind, Fault, Received, ServerOptions, TestCa, TestServer, Tls};
+use support::smtp_server::{
+    CertKind, CommandRecord, Fault, Received, ServerOptions, TestCa, TestServer, Tls,
+};
 
 /// Upper bound for mail that should go out now; generous for a loaded CI box.
 const ARRIVAL: Duration = Duration::from_secs(10);
@@ -1075,6 +1077,109 @@ fn bytes_injected_after_starttls_220_abort_before_tls() {
     );
     assert_nothing_sent(&server);
     assert_eq!(server.tls_handshakes(), 0);
+}
+
+/// A STARTTLS relay whose plaintext EHLO offers `before_tls` and whose EHLO
+/// in TLS follows `opts`; one message to two recipients, so pipelining would
+/// show, is sent through it. Returns what arrived and the command log.
+fn send_over_starttls(
+    test: &str,
+    opts: ServerOptions,
+    before_tls: &[&str],
+    body: &str,
+) -> (Received, Vec<CommandRecord>) {
+    let ca = TestCa::new();
+    let server = TestServer::start(
+        ServerOptions {
+            tls: Tls::StartTls,
+            ehlo_before_tls: Some(before_tls.iter().map(|k| k.to_string()).collect()),
+            ..opts
+        },
+        Some(&ca),
+    );
+    let mut daemon = Daemon::bare(test);
+    daemon.configure(&starttls_tenant(
+        "acme",
+        "acme.test",
+        &server,
+        &trust(&daemon, &ca),
+    ));
+    daemon.start();
+    submit(
+        &daemon,
+        &["a@example.com", "b@example.com"],
+        &message("pbx@acme.test", "a@example.com", "over tls", body),
+    );
+    let got = server.wait_for_messages(1, ARRIVAL);
+    assert_eq!(
+        got.len(),
+        1,
+        "not delivered: {:?}; queue: {:#?}",
+        commands(&server),
+        daemon.queue()
+    );
+    let queue = daemon.wait_for_queue(ARRIVAL, |q| q.is_empty());
+    assert!(queue.is_empty(), "{queue:#?}");
+    assert_eq!(server.tls_handshakes(), 1);
+    let m = got.into_iter().next().expect("one message");
+    assert!(m.tls, "sent before TLS: {:?}", commands(&server));
+    assert_eq!(m.rcpt_to, ["a@example.com", "b@example.com"]);
+    (m, server.command_log())
+}
+
+/// RFC 3207 §4.2: after STARTTLS the client must discard what it learned
+/// from the plaintext EHLO. Extensions offered only there (a man in the
+/// middle can add them) are not used in TLS: no pipelining, no BDAT, and
+/// the plaintext SIZE of 10 octets neither refuses the message nor appears
+/// as a SIZE= parameter the relay no longer offers.
+#[test]
+fn extensions_offered_only_before_starttls_are_forgotten_after_it() {
+    let opts = ServerOptions {
+        pipelining: false,
+        chunking: false,
+        size_limit: None,
+        ..ServerOptions::default()
+    };
+    let before_tls = ["PIPELINING", "CHUNKING", "SIZE 10", "8BITMIME"];
+    let body = "far more than the ten octets the plaintext EHLO allowed";
+    let (m, log) = send_over_starttls("starttls_forgets_plaintext_ehlo", opts, &before_tls, body);
+    assert!(m.data.len() > 10, "{:?}", m.text());
+    assert!(m.text().contains(body), "{:?}", m.text());
+    assert!(!m.bdat, "sent with BDAT: {log:#?}");
+    assert!(!m.mail_params.contains("SIZE="), "{:?}", m.mail_params);
+    assert!(log.iter().any(|c| c.line == "STARTTLS"), "{log:#?}");
+    assert!(log.iter().any(|c| c.line == "DATA"), "{log:#?}");
+    assert!(!log.iter().any(|c| c.line.starts_with("BDAT")), "{log:#?}");
+    assert!(log.iter().all(|c| !c.pipelined), "pipelined: {log:#?}");
+}
+
+/// The converse: extensions the relay offers only once in TLS are used.
+#[test]
+fn extensions_offered_only_after_starttls_are_used() {
+    let opts = ServerOptions {
+        pipelining: true,
+        chunking: true,
+        size_limit: Some(1_000_000),
+        ..ServerOptions::default()
+    };
+    let (m, log) = send_over_starttls("starttls_learns_tls_ehlo", opts, &[], "x");
+    assert!(m.bdat, "not sent with BDAT: {log:#?}");
+    assert!(
+        m.mail_params
+            .split_whitespace()
+            .any(|p| p == format!("SIZE={}", m.data.len())),
+        "{:?} for {} octets",
+        m.mail_params,
+        m.data.len()
+    );
+    let from_mail: Vec<(&str, bool)> = log
+        .iter()
+        .skip_while(|c| !c.line.starts_with("MAIL"))
+        .take(2)
+        .map(|c| (c.line.get(..4).unwrap_or(""), c.pipelined))
+        .collect();
+    // MAIL and the first RCPT arrived together with what follows them.
+    assert_eq!(from_mail, [("MAIL", true), ("RCPT", true)], "{log:#?}");
 }
 
 #[test]

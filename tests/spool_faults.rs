@@ -837,6 +837,114 @@ fn disk_full_refuses_with_tempfail_and_leaves_nothing() {
     assert_eq!(report["ok"], 4, "{report:#}");
 }
 
+/// A full disk stops new mail, not the mail already queued: with the spool's
+/// filesystem filled to the last block by something else, a daemon started
+/// on it delivers every queued message exactly once and empties the spool
+/// (its results fit in the envelopes' allocated blocks, and each removal
+/// frees space), while `sendmail` is refused with 75 meanwhile. The relay
+/// holds its reply to the first message for 5 s, so the refused submission
+/// lands while all three messages are still queued and in delivery.
+#[test]
+fn disk_full_the_daemon_still_delivers_what_it_has() {
+    const HOLD: Duration = Duration::from_secs(5);
+    let server = TestServer::start(
+        ServerOptions {
+            faults: vec![(".".into(), 1, Fault::Delay(HOLD))],
+            ..ServerOptions::default()
+        },
+        None,
+    );
+    let daemon = Daemon::bare("fault_disk_full_delivers");
+    write_config(
+        &daemon,
+        "min_free_space = 1%",
+        &tenant("acme", server.port()),
+    );
+    for to in ["a", "b", "c", "late"] {
+        let addr = format!("{to}@example.com");
+        fs::write(
+            daemon.dir().join(format!("{to}.eml")),
+            message(&addr, &format!("small {to}")),
+        )
+        .expect("write message");
+    }
+
+    // Every wait is a bounded poll (200 x 0.1 s); the daemon is killed on
+    // any way out, so the tmpfs goes with the script.
+    in_mount_namespace(
+        &daemon,
+        "1m",
+        r#"
+        pid=
+        trap '[ -n "$pid" ] && kill -KILL $pid 2>/dev/null' EXIT
+        poll() {
+            i=0
+            until eval "$1"; do
+                i=$((i + 1)); [ $i -ge 200 ] && return 1; sleep 0.1
+            done
+        }
+        for m in a b c; do run send_$m sendmail -i $m@example.com <"$OUT/$m.eml"; done
+        dd if=/dev/zero of="$SPOOL/filler" bs=4k 2>/dev/null
+        stat -f -c %a "$SPOOL" >"$OUT/free.full"
+        "$PBX" daemon -c "$PBXMAIL_CONFIG" </dev/null >/dev/null 2>>"$OUT/daemon.log" &
+        pid=$!
+        poll '[ -S "$SPOOL/pickup.sock" ]' || { echo 'daemon not ready' >&2; exit 92; }
+        run send_late sendmail -i late@example.com <"$OUT/late.eml"
+        ls -A "$SPOOL/queue/acme" >"$OUT/queued.during"
+        stat -f -c %a "$SPOOL" >"$OUT/free.during"
+        poll '[ -z "$(ls -A "$SPOOL/queue/acme")" ]'
+        ls -A "$SPOOL/queue/acme" >"$OUT/left.queue"
+        ls -A "$SPOOL/tmp" >"$OUT/left.tmp"
+        kill -TERM $pid; wait $pid; echo $? >"$OUT/daemon.code"; pid=
+        "#,
+    );
+
+    let read = |name: &str| {
+        fs::read_to_string(daemon.dir().join(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
+    };
+    for m in ["a", "b", "c"] {
+        let run = result(&daemon, &format!("send_{m}"));
+        assert_eq!(
+            run.code, 0,
+            "message {m} must fit before the disk fills: {run:#?}"
+        );
+    }
+    // The test's premise: not one block was free while the daemon ran.
+    assert_eq!(read("free.full").trim(), "0", "the filler left space");
+    assert_eq!(read("free.during").trim(), "0", "space was freed too early");
+    let late = result(&daemon, "send_late");
+    assert_eq!(late.code, 75, "EX_TEMPFAIL expected: {late:#?}");
+    assert!(late.stderr.contains("try again later"), "{}", late.stderr);
+    let queued = read("queued.during");
+    let during: Vec<&str> = queued
+        .split_whitespace()
+        .filter(|name| name.ends_with(".env"))
+        .collect();
+    assert_eq!(
+        during.len(),
+        3,
+        "the refusal came while all three were queued: {during:?}"
+    );
+
+    let mut arrived: Vec<String> = server
+        .messages()
+        .iter()
+        .flat_map(|m| m.rcpt_to.clone())
+        .collect();
+    arrived.sort();
+    assert_eq!(
+        arrived,
+        ["a@example.com", "b@example.com", "c@example.com"],
+        "each queued message exactly once, the refused one never: {:#?}",
+        server.messages()
+    );
+    for dir in ["queue", "tmp"] {
+        let left = read(&format!("left.{dir}"));
+        assert!(left.trim().is_empty(), "left in the spool's {dir}/: {left}");
+    }
+    assert_eq!(read("daemon.code").trim(), "0", "daemon exit after SIGTERM");
+}
+
 #[test]
 fn read_only_spool_refuses_with_tempfail() {
     let daemon = Daemon::bare("fault_read_only");

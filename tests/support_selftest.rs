@@ -721,6 +721,94 @@ fn starttls_can_be_refused_hijacked_or_stalled() {
 }
 
 #[test]
+fn ehlo_before_tls_replaces_only_the_plaintext_keywords() {
+    let ca = TestCa::new();
+    let server = TestServer::start(
+        ServerOptions {
+            tls: Tls::StartTls,
+            pipelining: false,
+            size_limit: None,
+            ehlo_before_tls: Some(vec![
+                "PIPELINING".into(),
+                "CHUNKING".into(),
+                "SIZE 10".into(),
+            ]),
+            ..ServerOptions::default()
+        },
+        Some(&ca),
+    );
+    let mut client = Client::connect(&server);
+    client.reply();
+    let plain = client.expect("EHLO c", 250);
+    assert_eq!(
+        plain,
+        [
+            "test.invalid",
+            "PIPELINING",
+            "CHUNKING",
+            "SIZE 10",
+            "STARTTLS"
+        ]
+    );
+    // Advertised, not accepted: the options decide what the server takes.
+    client.expect("BDAT 0 LAST", 500);
+    client.starttls(&ca);
+    let in_tls = client.expect("EHLO c", 250);
+    assert_eq!(in_tls, ["test.invalid", "8BITMIME"]);
+    // No SIZE in force: a MAIL declaring more than 10 octets is taken.
+    client.expect("MAIL FROM:<a@x> SIZE=1000", 250);
+
+    // Unset, the plaintext EHLO is the usual one.
+    let usual = TestServer::start(
+        ServerOptions {
+            tls: Tls::StartTls,
+            ..ServerOptions::default()
+        },
+        Some(&ca),
+    );
+    let mut client = Client::connect(&usual);
+    client.reply();
+    assert_eq!(
+        client.expect("EHLO c", 250),
+        [
+            "test.invalid",
+            "PIPELINING",
+            "8BITMIME",
+            "SIZE 52428800",
+            "STARTTLS"
+        ]
+    );
+}
+
+#[test]
+fn wait_for_verb_sees_a_body_end_before_its_tarpitted_reply() {
+    let server = TestServer::start(
+        ServerOptions {
+            faults: vec![(".".into(), 1, Fault::Delay(Duration::from_secs(60)))],
+            ..ServerOptions::default()
+        },
+        None,
+    );
+    let mut client = Client::connect(&server);
+    client.reply();
+    client.expect("EHLO c", 250);
+    client.expect("MAIL FROM:<a@x>", 250);
+    client.expect("RCPT TO:<b@x>", 250);
+    assert_eq!(server.wait_for_verb("DATA", 1, Duration::ZERO), 0);
+    client.expect("DATA", 354);
+    assert_eq!(server.wait_for_verb("data", 1, WAIT), 1);
+    assert_eq!(server.wait_for_verb(".", 1, Duration::ZERO), 0);
+    client.send("body");
+    client.send(".");
+    // Counted as soon as the body is in, while its reply is held back.
+    assert_eq!(server.wait_for_verb(".", 1, WAIT), 1);
+    assert!(server.messages().is_empty());
+    let started = Instant::now();
+    drop(server);
+    assert!(started.elapsed() < Duration::from_secs(3));
+}
+
+#[test]
 fn certificate_kinds_fail_verification_for_their_own_reason() {
     let ca = TestCa::new();
     for (kind, expect) in [

@@ -143,9 +143,14 @@ impl Daemon {
         &self.config
     }
 
-    /// Replaces the config file with `text` verbatim.
+    /// Replaces the config file with `text` verbatim, atomically (a temp
+    /// file renamed over it), so a sendmail or a reload reading it meanwhile
+    /// sees the old file or the new one, never half of one, as after an
+    /// admin's editor.
     pub fn write_config(&self, text: &str) {
-        fs::write(&self.config, text).expect("write config");
+        let temp = self.config.with_extension("ini.new");
+        fs::write(&temp, text).expect("write config");
+        fs::rename(&temp, &self.config).expect("replace config");
     }
 
     /// Writes a file into the test dir and returns its path.

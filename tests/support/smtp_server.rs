@@ -236,6 +236,13 @@ pub struct ServerOptions {
     pub oauth_user: Option<String>,
     /// Also advertise `OAUTHBEARER` (RFC 7628), before `XOAUTH2`.
     pub offer_oauthbearer: bool,
+    /// With `Tls::StartTls`: the EHLO keywords of the plaintext session (the
+    /// lines after the hostname), instead of those the options above imply;
+    /// `STARTTLS` is added when offered. The EHLO in TLS follows the options
+    /// as usual. What the server accepts does not change: BDAT, say, is
+    /// taken only with `chunking`, and a MAIL's SIZE= is held against
+    /// `size_limit`. None: the same keywords before and after STARTTLS.
+    pub ehlo_before_tls: Option<Vec<String>>,
 }
 
 /// A misbehaviour scripted for one command (see `ServerOptions::faults`).
@@ -292,6 +299,7 @@ impl Default for ServerOptions {
             oauth_tokens: Vec::new(),
             oauth_user: None,
             offer_oauthbearer: false,
+            ehlo_before_tls: None,
         }
     }
 }
@@ -508,6 +516,17 @@ impl TestServer {
             |s| s.oauth_attempts.len() >= n,
             |s| s.oauth_attempts.clone(),
         )
+    }
+
+    /// Waits until `verb` has occurred at least `n` times over the server's
+    /// lifetime or `timeout` passed; returns the count. Occurrences are
+    /// counted as `ServerOptions::faults` counts them, before the fault
+    /// applies: "." is a DATA body that arrived complete, so a test sees a
+    /// tarpitted final reply (`Fault::Delay` on ".") begin.
+    pub fn wait_for_verb(&self, verb: &str, n: usize, timeout: Duration) -> usize {
+        let verb = verb.to_ascii_uppercase();
+        let count = |s: &State| s.verbs_seen.get(&verb).copied().unwrap_or(0);
+        self.shared.wait_until(timeout, |s| count(s) >= n, count)
     }
 
     /// Waits until a command line starting with `prefix` (case-insensitive)
@@ -800,13 +819,15 @@ impl<'a> Session<'a> {
         }
     }
 
-    /// Counts this occurrence of `verb` and returns the fault scripted for it.
+    /// Counts this occurrence of `verb` (waking `wait_for_verb`) and returns
+    /// the fault scripted for it.
     fn fault_for(&self, verb: &str) -> Option<Fault> {
-        let mut state = self.shared.lock();
-        let seen = state.verbs_seen.entry(verb.to_string()).or_insert(0);
-        *seen += 1;
-        let nth = *seen;
-        drop(state);
+        let mut nth = 0;
+        self.shared.update(|s| {
+            let seen = s.verbs_seen.entry(verb.to_string()).or_insert(0);
+            *seen += 1;
+            nth = *seen;
+        });
         self.opts()
             .faults
             .iter()
@@ -969,20 +990,27 @@ impl<'a> Session<'a> {
         self.reset_transaction();
         let opts = self.opts();
         let mut lines = vec![opts.hostname.clone()];
-        if opts.pipelining {
-            lines.push("PIPELINING".to_string());
-        }
-        if opts.eight_bit_mime {
-            lines.push("8BITMIME".to_string());
-        }
-        if let Some(limit) = opts.size_limit {
-            lines.push(format!("SIZE {limit}"));
-        }
-        if opts.smtputf8 {
-            lines.push("SMTPUTF8".to_string());
-        }
-        if opts.chunking {
-            lines.push("CHUNKING".to_string());
+        match &opts.ehlo_before_tls {
+            Some(keywords) if opts.tls == Tls::StartTls && !self.in_tls => {
+                lines.extend(keywords.iter().cloned());
+            }
+            _ => {
+                if opts.pipelining {
+                    lines.push("PIPELINING".to_string());
+                }
+                if opts.eight_bit_mime {
+                    lines.push("8BITMIME".to_string());
+                }
+                if let Some(limit) = opts.size_limit {
+                    lines.push(format!("SIZE {limit}"));
+                }
+                if opts.smtputf8 {
+                    lines.push("SMTPUTF8".to_string());
+                }
+                if opts.chunking {
+                    lines.push("CHUNKING".to_string());
+                }
+            }
         }
         if opts.starttls_offered() && !self.in_tls {
             lines.push("STARTTLS".to_string());
