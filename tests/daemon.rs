@@ -12,7 +12,7 @@ use support::harness::{
     attempts, closed_port, commands, plain_tenant, recipients, str_of, tenant, wait_until, Daemon,
     Running,
 };
-use support::smtp_server::{Fault, Received, ServerOptions, TestCa, TestServer, Tls};
+use support::smtp_server::{Received, ServerOptions, TestCa, TestServer, Tls};
 
 /// Upper bound for mail that should go out now; generous for a loaded CI box.
 const ARRIVAL: Duration = Duration::from_secs(10);
@@ -777,47 +777,6 @@ fn sendmail_refuses_bad_invocations_without_spooling() {
 
     assert!(daemon.queue().is_empty(), "{:#?}", daemon.queue());
     assert_eq!(server.connections(), 0);
-}
-
-/// A relay that takes two recipients per transaction and drops the
-/// connection at the end of the second: the first two were answered 250 and
-/// must not be sent again; the other three are retried, each exactly once.
-#[test]
-fn dropped_connection_after_a_452_split_resends_only_the_unanswered() {
-    let server = TestServer::start(
-        ServerOptions {
-            max_rcpts_per_transaction: Some(2),
-            faults: vec![(".".into(), 2, Fault::Disconnect)],
-            ..ServerOptions::default()
-        },
-        None,
-    );
-    let mut daemon = Daemon::new(
-        "split_then_drop",
-        &plain_tenant("acme", "acme.test", &server, ""),
-    );
-    daemon.start();
-    let rcpts = [
-        "r1@example.com",
-        "r2@example.com",
-        "r3@example.com",
-        "r4@example.com",
-        "r5@example.com",
-    ];
-    submit(
-        &daemon,
-        &rcpts,
-        &message("pbx@acme.test", "r1@example.com", "split", "body"),
-    );
-    let queue = daemon.wait_for_queue(ARRIVAL, |q| q.is_empty());
-    assert!(queue.is_empty(), "{queue:#?}");
-    let got = server.messages();
-    let mut all: Vec<String> = got.iter().flat_map(|m| m.rcpt_to.clone()).collect();
-    all.sort();
-    assert_eq!(all, rcpts, "every recipient exactly once: {got:#?}");
-    // The break really came between the transactions, and the retry was a new session.
-    assert_eq!(got[0].rcpt_to, ["r1@example.com", "r2@example.com"]);
-    assert!(got[1..].iter().all(|m| m.connection > 0), "{got:#?}");
 }
 
 #[test]

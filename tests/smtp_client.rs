@@ -627,19 +627,15 @@ fn connection_dropped_before_the_final_reply_loses_nothing() {
     assert_eq!(got[1].connection, 1);
 }
 
-#[test]
-fn recipients_beyond_the_relays_limit_go_in_following_transactions() {
-    let server = TestServer::start(
-        ServerOptions {
-            max_rcpts_per_transaction: Some(2),
-            ..ServerOptions::default()
-        },
-        None,
-    );
-    let mut daemon = Daemon::new(
-        "rcpt_limit",
-        &plain_tenant("acme", "acme.test", &server, ""),
-    );
+/// A running daemon with one plain tenant relaying to `server`, and one
+/// message to five recipients submitted; returns the daemon and them.
+fn five_recipients(
+    test: &str,
+    server: &TestServer,
+    subject: &str,
+    body: &str,
+) -> (Daemon, [&'static str; 5]) {
+    let mut daemon = Daemon::new(test, &plain_tenant("acme", "acme.test", server, ""));
     daemon.start();
     let rcpts = [
         "r1@example.com",
@@ -651,8 +647,21 @@ fn recipients_beyond_the_relays_limit_go_in_following_transactions() {
     submit(
         &daemon,
         &rcpts,
-        &message("pbx@acme.test", "r1@example.com", "many", "same body"),
+        &message("pbx@acme.test", "r1@example.com", subject, body),
     );
+    (daemon, rcpts)
+}
+
+#[test]
+fn recipients_beyond_the_relays_limit_go_in_following_transactions() {
+    let server = TestServer::start(
+        ServerOptions {
+            max_rcpts_per_transaction: Some(2),
+            ..ServerOptions::default()
+        },
+        None,
+    );
+    let (daemon, rcpts) = five_recipients("rcpt_limit", &server, "many", "same body");
     let got = server.wait_for_messages(3, ARRIVAL);
     let queue = daemon.wait_for_queue(ARRIVAL, |q| q.is_empty());
     assert!(queue.is_empty(), "{queue:#?}");
@@ -666,6 +675,31 @@ fn recipients_beyond_the_relays_limit_go_in_following_transactions() {
         assert_eq!(body(m), b"same body\r\n");
     }
     assert_eq!(server.connections(), 1);
+}
+
+/// A relay that takes two recipients per transaction and drops the
+/// connection at the end of the second: the first two were answered 250 and
+/// must not be sent again; the other three are retried, each exactly once.
+#[test]
+fn dropped_connection_after_a_452_split_resends_only_the_unanswered() {
+    let server = TestServer::start(
+        ServerOptions {
+            max_rcpts_per_transaction: Some(2),
+            faults: vec![(".".into(), 2, Fault::Disconnect)],
+            ..ServerOptions::default()
+        },
+        None,
+    );
+    let (daemon, rcpts) = five_recipients("split_then_drop", &server, "split", "body");
+    let queue = daemon.wait_for_queue(ARRIVAL, |q| q.is_empty());
+    assert!(queue.is_empty(), "{queue:#?}");
+    let got = server.messages();
+    let mut all: Vec<String> = got.iter().flat_map(|m| m.rcpt_to.clone()).collect();
+    all.sort();
+    assert_eq!(all, rcpts, "every recipient exactly once: {got:#?}");
+    // The break really came between the transactions, and the retry was a new session.
+    assert_eq!(got[0].rcpt_to, ["r1@example.com", "r2@example.com"]);
+    assert!(got[1..].iter().all(|m| m.connection > 0), "{got:#?}");
 }
 
 // ---------------------------------------------------------------------------
