@@ -91,7 +91,11 @@ impl Policy {
     ) -> io::Result<()> {
         let tenant_dir = tenant_dir(&self.root, tenant);
         let journal = journal_path(&self.root, tenant);
-        let gid = self.group.as_deref().map(group_id).transpose()?;
+        let gid = self
+            .group
+            .as_deref()
+            .map(crate::accounts::group_id)
+            .transpose()?;
         make_dir(&self.root, None)?;
         make_dir(&tenant_dir, gid)?;
         let user_dir = tenant_dir.join(user);
@@ -160,26 +164,6 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// The group's ID from /etc/group (no NSS lookups: appliances keep groups local).
-pub fn group_id(name: &str) -> io::Result<u32> {
-    let groups = fs::read_to_string("/etc/group")?;
-    groups
-        .lines()
-        .filter_map(|line| {
-            let mut fields = line.split(':');
-            let group = fields.next()?;
-            let gid = fields.nth(1)?.parse().ok()?;
-            (group == name).then_some(gid)
-        })
-        .next()
-        .ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::NotFound,
-                format!("archive_group {name:?} does not exist in /etc/group"),
-            )
-        })
-}
-
 /// Who runs an admin command that changes the archive, for its journal
 /// record: the real user ID is what counts; the names help a reader.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -196,7 +180,7 @@ impl Operator {
         let uid = rustix::process::getuid().as_raw();
         Operator {
             uid,
-            user_name: user_name(uid),
+            user_name: crate::accounts::user_name(uid),
             sudo_user: std::env::var("SUDO_USER").ok().filter(|u| !u.is_empty()),
         }
     }
@@ -213,18 +197,6 @@ impl std::fmt::Display for Operator {
         }
         Ok(())
     }
-}
-
-/// A user ID's name from /etc/passwd (no NSS lookups, as for groups); None
-/// if it has none or the file cannot be read: the uid alone still says who.
-fn user_name(uid: u32) -> Option<String> {
-    let users = fs::read_to_string("/etc/passwd").ok()?;
-    users.lines().find_map(|line| {
-        let mut fields = line.split(':');
-        let name = fields.next()?;
-        let id: u32 = fields.nth(1)?.parse().ok()?;
-        (id == uid).then(|| name.to_string())
-    })
 }
 
 fn message_id_header(path: &Path) -> Option<String> {

@@ -455,7 +455,7 @@ pub(super) fn tenant_config(
     if let (true, Some(group)) = (archive, &archive_group) {
         // Accepted (the group may be created later), but every archive
         // attempt fails until it exists: say so now, not at the first mail.
-        if let Err(e) = crate::archive::group_id(group) {
+        if let Err(e) = crate::accounts::group_id(group) {
             sec.warning(
                 out,
                 "archive_group",

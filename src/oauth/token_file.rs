@@ -89,7 +89,7 @@ pub fn write_refresh_token(path: &Path, token: &Secret) -> Result<Owner, OAuthEr
     };
     folder.sync_all().map_err(fail)?;
     Ok(Owner {
-        name: user_name(owner),
+        name: crate::accounts::user_name(owner),
         uid: owner,
     })
 }
@@ -245,18 +245,6 @@ pub fn remove_stale_temps(path: &Path) -> io::Result<Vec<PathBuf>> {
         }
     }
     Ok(removed)
-}
-
-/// A user ID's name from /etc/passwd (no NSS lookups: appliances keep users
-/// local); None if it has none: the uid alone still says who.
-fn user_name(uid: u32) -> Option<String> {
-    let users = fs::read_to_string("/etc/passwd").ok()?;
-    users.lines().find_map(|line| {
-        let mut fields = line.split(':');
-        let name = fields.next()?;
-        let id: u32 = fields.nth(1)?.parse().ok()?;
-        (id == uid).then(|| name.to_string())
-    })
 }
 
 #[cfg(test)]
