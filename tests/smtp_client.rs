@@ -1,9 +1,11 @@
 //! Integration tests of the daemon's SMTP client against scripted relays:
-//! ESMTP extensions (PIPELINING, SIZE, 8BITMIME, SMTPUTF8, CHUNKING), session
-//! reuse, relay faults (421, drops, tarpits, malformed or unasked replies),
-//! transparency on the wire, and TLS safety (refused or hijacked STARTTLS,
-//! bad certificates). Each test runs its own daemon and servers on 127.0.0.1
-//! and asserts on what arrived and what the spool still holds.
+//! ESMTP extensions (PIPELINING, SIZE, 8BITMIME, SMTPUTF8, CHUNKING, keyword
+//! case, HELO fallback), session reuse, refused recipients and the status
+//! codes they carry, relay faults (421, drops, tarpits, malformed, overlong,
+//! bare-LF or unasked replies), transparency on the wire, and TLS safety
+//! (refused or hijacked STARTTLS, bad certificates). Each test runs its own
+//! daemon and servers on 127.0.0.1 and asserts on what arrived and what the
+//! spool still holds.
 
 mod support;
 
@@ -161,6 +163,29 @@ fn wait_for_bounce(server: &TestServer, sender: &str, rcpt: &str) -> String {
             server.messages()
         ),
     }
+}
+
+/// The per-recipient fields of a delivery status report for `rcpt`: the
+/// block from its Final-Recipient line to the next empty line.
+fn dsn_fields(report: &str, rcpt: &str) -> String {
+    let start = format!("Final-Recipient: rfc822; {rcpt}\r\n");
+    let at = report
+        .find(&start)
+        .unwrap_or_else(|| panic!("no fields for {rcpt} in {report}"));
+    let block = &report[at..];
+    let end = block.find("\r\n\r\n").unwrap_or(block.len());
+    block[..end].to_string()
+}
+
+/// The command lines `server` received after the first one starting with
+/// `prefix`, in order.
+fn commands_after(server: &TestServer, prefix: &str) -> Vec<String> {
+    let cmds = commands(server);
+    let at = cmds
+        .iter()
+        .position(|c| c.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no {prefix:?} in {cmds:?}"));
+    cmds[at + 1..].to_vec()
 }
 
 /// Asserts that a relay got nothing that matters: no MAIL, no AUTH, no message.
@@ -340,6 +365,121 @@ fn eight_bit_body_declares_8bitmime_only_where_offered() {
             "8BITMIME offered: {expect_param}; MAIL parameters {params:?}"
         );
     }
+}
+
+/// RFC 5321 §2.4: EHLO keywords are case-insensitive. A relay that
+/// advertises them in lower and mixed case still gets pipelined commands,
+/// SIZE= and BODY=8BITMIME.
+#[test]
+fn ehlo_keywords_in_lower_or_mixed_case_are_recognised() {
+    let ehlo = "250-test.invalid\r\n250-pipelining\r\n250-Size 100000\r\n250 8bitmime";
+    let server = TestServer::start(
+        ServerOptions {
+            size_limit: Some(100_000),
+            faults: vec![("EHLO".into(), 1, Fault::Reply(ehlo.into()))],
+            ..ServerOptions::default()
+        },
+        None,
+    );
+    let mut daemon = Daemon::new(
+        "ehlo_keyword_case",
+        &plain_tenant("acme", "acme.test", &server, ""),
+    );
+    daemon.start();
+    submit(
+        &daemon,
+        &["a@example.com", "b@example.com"],
+        &message("pbx@acme.test", "a@example.com", "case", "Gr\u{fc}\u{df}e"),
+    );
+    let got = server.wait_for_messages(1, ARRIVAL);
+    assert_eq!(got.len(), 1, "{:#?}", daemon.queue());
+    // Sent in the session that saw the lower-case EHLO reply.
+    assert_eq!(got[0].connection, 0);
+    assert_eq!(server.connections(), 1);
+    let params: Vec<&str> = got[0].mail_params.split_whitespace().collect();
+    let size = format!("SIZE={}", got[0].data.len());
+    assert!(params.contains(&size.as_str()), "{params:?}");
+    assert!(params.contains(&"BODY=8BITMIME"), "{params:?}");
+
+    let log = server.command_log();
+    let group: Vec<(&str, bool)> = log
+        .iter()
+        .skip_while(|c| !c.line.starts_with("MAIL"))
+        .take(4)
+        .map(|c| (c.line.get(..4).unwrap_or(""), c.pipelined))
+        .collect();
+    assert_eq!(
+        group,
+        [
+            ("MAIL", true),
+            ("RCPT", true),
+            ("RCPT", true),
+            ("DATA", false)
+        ],
+        "{log:#?}"
+    );
+}
+
+/// RFC 5321 §3.2: a relay that does not know EHLO (500, or 502 "not
+/// implemented") is greeted with HELO, and the mail goes without any ESMTP
+/// extension: no SIZE=, no pipelining.
+#[test]
+fn relay_refusing_ehlo_gets_helo_and_the_mail() {
+    let refuses_500 = TestServer::start(
+        ServerOptions {
+            refuse_ehlo: true,
+            ..ServerOptions::default()
+        },
+        None,
+    );
+    let refuses_502 = TestServer::start(
+        ServerOptions {
+            faults: vec![(
+                "EHLO".into(),
+                1,
+                Fault::Reply("502 5.5.1 Command not implemented".into()),
+            )],
+            ..ServerOptions::default()
+        },
+        None,
+    );
+    let config = plain_tenant("a", "a.test", &refuses_500, "")
+        + &plain_tenant("b", "b.test", &refuses_502, "");
+    // No quick retry: the first session has to get it right.
+    let mut daemon = slow_retry_daemon("helo_fallback", &config);
+    daemon.start();
+    for (tenant, to) in [("a", "x@example.com"), ("b", "y@example.com")] {
+        let from = format!("pbx@{tenant}.test");
+        submit(&daemon, &[to], &message(&from, to, "helo", "x"));
+    }
+    for (server, to) in [
+        (&refuses_500, "x@example.com"),
+        (&refuses_502, "y@example.com"),
+    ] {
+        let got = server.wait_for_messages(1, ARRIVAL);
+        assert_eq!(
+            got.len(),
+            1,
+            "{:?}; {:#?}",
+            commands(server),
+            daemon.queue()
+        );
+        assert_eq!(got[0].rcpt_to, [to]);
+        assert_eq!(got[0].mail_params, "", "ESMTP parameter after HELO");
+        let cmds = commands(server);
+        assert_eq!(
+            cmds.get(..2),
+            Some(&["EHLO pbx.test".to_string(), "HELO pbx.test".to_string()][..]),
+            "{cmds:?}"
+        );
+        let log = server.command_log();
+        assert!(
+            log.iter().all(|c| !c.pipelined),
+            "pipelined after HELO: {log:#?}"
+        );
+    }
+    let queue = daemon.wait_for_queue(ARRIVAL, |q| q.is_empty());
+    assert!(queue.is_empty(), "{queue:#?}");
 }
 
 #[test]
@@ -842,6 +982,140 @@ fn refused_transaction_is_reset_and_the_session_goes_on() {
     assert!(queue.is_empty(), "{queue:#?}");
 }
 
+/// One message to two recipients, both refused (550 5.1.1) by a pipelining
+/// relay (`data_without_recipients`: one that answers DATA 354 all the
+/// same). The RCPT replies decide: the message bounces with them. Right
+/// after the second RCPT come DATA and RSET, then the bounce's MAIL: body
+/// lines sent outside a DATA the relay took would show here as commands.
+/// Returns the relay, once the queue is empty, for the test's own checks.
+fn both_recipients_refused(test: &str, data_without_recipients: bool) -> TestServer {
+    let rcpts = ["gone1@example.com", "gone2@example.com"];
+    let server = TestServer::start(
+        ServerOptions {
+            rcpt_reply_for: rcpts
+                .iter()
+                .map(|r| (r.to_string(), format!("550 5.1.1 <{r}>: user unknown")))
+                .collect(),
+            data_without_recipients,
+            ..ServerOptions::default()
+        },
+        None,
+    );
+    let mut daemon = Daemon::new(test, &plain_tenant("acme", "acme.test", &server, ""));
+    daemon.start();
+    submit(
+        &daemon,
+        &rcpts,
+        &message("pbx@acme.test", "gone1@example.com", "nobody", "the body"),
+    );
+    let report = wait_for_bounce(&server, "pbx@acme.test", rcpts[0]);
+    for rcpt in rcpts {
+        let fields = dsn_fields(&report, rcpt);
+        assert!(fields.contains("Status: 5.1.1"), "{fields}");
+        assert!(
+            fields.contains(&format!("<{rcpt}>: user unknown")),
+            "{fields}"
+        );
+    }
+    let queue = daemon.wait_for_queue(ARRIVAL, |q| q.is_empty());
+    assert!(queue.is_empty(), "{queue:#?}");
+    // MAIL went in a pipelined group (RFC 2920), DATA at its end.
+    let log = server.command_log();
+    let mail = log.iter().find(|c| c.line.starts_with("MAIL FROM:<pbx@"));
+    assert!(mail.is_some_and(|c| c.pipelined), "{log:#?}");
+    let after = commands_after(&server, "RCPT TO:<gone2@");
+    assert!(
+        after.len() >= 3 && after[..2] == ["DATA", "RSET"] && after[2].starts_with("MAIL FROM:<>"),
+        "{after:?}"
+    );
+    server
+}
+
+/// RFC 2920 §3.1: DATA is sent in the pipeline before the RCPT replies are
+/// known. When every RCPT failed the relay answers DATA 554, and no body
+/// goes out: RSET follows.
+#[test]
+fn no_body_goes_out_when_every_recipient_is_refused() {
+    let server = both_recipients_refused("all_refused", false);
+    assert!(relayed(&server).is_empty(), "{:#?}", relayed(&server));
+}
+
+/// RFC 2920 §3.1 again, against a relay that answers the pipelined DATA
+/// 354 although no recipient was accepted: the client ends the data at
+/// once with a lone "." and resets. The relay records what the final 250
+/// closed: no recipients and an empty body. That 250 is no delivery.
+#[test]
+fn pipelined_data_taken_with_no_recipient_gets_only_the_final_dot() {
+    let server = both_recipients_refused("all_refused_354", true);
+    let got = relayed(&server);
+    assert_eq!(got.len(), 1, "{got:#?}");
+    assert!(got[0].rcpt_to.is_empty(), "{got:#?}");
+    assert_eq!(got[0].text(), "", "body lines were sent");
+}
+
+/// RFC 3463 enhanced status codes travel from the relay's reply to where a
+/// sender or an admin reads them: a bounce's Status and Diagnostic-Code, and
+/// the queue's last_error for a deferral. A reply without one gets a status
+/// from its class (5.0.0), not a made-up detail.
+#[test]
+fn enhanced_status_codes_reach_the_bounce_and_the_queue() {
+    let dmarc =
+        "550 5.7.509 Access denied, sending domain acme.test does not pass DMARC verification";
+    let bare = "550 Requested action not taken: mailbox unavailable";
+    let later = "451 4.7.650 The mail server has been temporarily rate limited";
+    let server = TestServer::start(
+        ServerOptions {
+            rcpt_reply_for: vec![
+                ("dmarc@example.com".into(), dmarc.into()),
+                ("bare@example.com".into(), bare.into()),
+                ("later@example.com".into(), later.into()),
+            ],
+            ..ServerOptions::default()
+        },
+        None,
+    );
+    let mut daemon = slow_retry_daemon(
+        "enhanced_codes",
+        &plain_tenant("acme", "acme.test", &server, ""),
+    );
+    daemon.start();
+    submit(
+        &daemon,
+        &["dmarc@example.com", "bare@example.com"],
+        &message("pbx@acme.test", "dmarc@example.com", "refused", "x"),
+    );
+    submit(
+        &daemon,
+        &["later@example.com"],
+        &message("pbx@acme.test", "later@example.com", "deferred", "y"),
+    );
+
+    let report = wait_for_bounce(&server, "pbx@acme.test", "dmarc@example.com");
+    let fields = dsn_fields(&report, "dmarc@example.com");
+    assert!(fields.contains("Status: 5.7.509\r\n"), "{fields}");
+    assert!(
+        fields.contains(&format!("Diagnostic-Code: smtp; {dmarc}")),
+        "{fields}"
+    );
+    let fields = dsn_fields(&report, "bare@example.com");
+    assert!(fields.contains("Status: 5.0.0\r\n"), "{fields}");
+    assert!(
+        fields.contains(&format!("Diagnostic-Code: smtp; {bare}")),
+        "{fields}"
+    );
+
+    let tried = |q: &[Value]| {
+        q.len() == 1 && attempts(&q[0]) >= 1 && recipients(&q[0]) == ["later@example.com"]
+    };
+    let queue = daemon.wait_for_queue(ARRIVAL, tried);
+    assert!(tried(&queue), "{queue:#?}");
+    assert_eq!(str_of(&queue[0], "state"), "deferred", "{queue:#?}");
+    assert!(
+        str_of(&queue[0], "last_error").contains(later),
+        "{queue:#?}"
+    );
+}
+
 /// The first MAIL is answered with `reply`; that message must be deferred,
 /// and the next message must still go out over a new session.
 fn malformed_reply_defers_and_the_next_message_goes(test: &str, reply: &str) {
@@ -894,6 +1168,141 @@ fn nul_in_reply_defers_and_the_daemon_keeps_delivering() {
 fn overlong_reply_line_defers_and_the_daemon_keeps_delivering() {
     let long = format!("250 2.1.0 {}", "x".repeat(5000));
     malformed_reply_defers_and_the_next_message_goes("reply_overlong", &long);
+}
+
+/// An EHLO-style reply of `lines` lines: "250-" on all but the last.
+fn reply_of_lines(lines: usize, first: &str, filler: &str, last: &str) -> String {
+    let mut text = vec![format!("250-{first}")];
+    text.extend((2..lines).map(|n| format!("250-{filler}{n}")));
+    text.push(format!("250 {last}"));
+    text.join("\r\n")
+}
+
+/// The relay breaks the protocol as `faults` script it, so the first attempt
+/// fails: the message must be deferred (not delivered, not bounced) with a
+/// protocol error saying `why`. After a flush the relay answers sanely and
+/// the same message goes out on a new connection.
+fn protocol_failure_defers_until_a_flush_delivers(
+    test: &str,
+    faults: Vec<(String, usize, Fault)>,
+    why: &str,
+) {
+    let server = TestServer::start(
+        ServerOptions {
+            faults,
+            ..ServerOptions::default()
+        },
+        None,
+    );
+    let mut daemon = slow_retry_daemon(test, &plain_tenant("acme", "acme.test", &server, ""));
+    daemon.start();
+    submit(
+        &daemon,
+        &["alice@example.com"],
+        &message("pbx@acme.test", "alice@example.com", "retried", "x"),
+    );
+    // Tried, or (wrongly) gone from the queue.
+    let queue = daemon.wait_for_queue(ARRIVAL, |q| q.is_empty() || attempts(&q[0]) >= 1);
+    let entry = queue.first().unwrap_or_else(|| {
+        panic!(
+            "delivered despite the broken reply: {:#?}",
+            server.messages()
+        )
+    });
+    assert_eq!(str_of(entry, "state"), "deferred", "{entry:#?}");
+    assert_eq!(recipients(entry), ["alice@example.com"]);
+    let error = str_of(entry, "last_error");
+    assert!(
+        error.contains("protocol error") && error.contains(why),
+        "{entry:#?}"
+    );
+    assert!(server.messages().is_empty(), "{:#?}", server.messages());
+
+    let run = daemon.run(&["flush"], b"");
+    assert_eq!(run.code, 0, "{run:?}");
+    let got = server.wait_for_messages(1, ARRIVAL);
+    assert_eq!(
+        got.len(),
+        1,
+        "not delivered after the flush: {}",
+        daemon.log()
+    );
+    assert_eq!(got[0].mail_from, "pbx@acme.test", "{got:#?}");
+    assert_eq!(got[0].rcpt_to, ["alice@example.com"]);
+    assert_eq!(got[0].connection, 1);
+    let queue = daemon.wait_for_queue(ARRIVAL, |q| q.is_empty());
+    assert!(queue.is_empty(), "{queue:#?}");
+}
+
+/// A reply is at most 100 lines: an EHLO reply of 101 ends the session as a
+/// protocol failure; on the retry, 100 lines (the most allowed) are fine.
+#[test]
+fn ehlo_reply_over_100_lines_defers_and_100_lines_deliver() {
+    let ehlo = |lines| reply_of_lines(lines, "test.invalid", "X-FILLER-", "8BITMIME");
+    let faults = vec![
+        ("EHLO".into(), 1, Fault::Reply(ehlo(101))),
+        ("EHLO".into(), 2, Fault::Reply(ehlo(100))),
+    ];
+    protocol_failure_defers_until_a_flush_delivers("ehlo_101_lines", faults, "more than 100 lines");
+}
+
+/// The same bound on a RCPT reply: the session ends mid-transaction, before
+/// any body, and the message waits for its retry.
+#[test]
+fn rcpt_reply_over_100_lines_defers_the_message() {
+    let rcpt = reply_of_lines(101, "2.1.5 Ok", "2.1.5 and more ", "2.1.5 Ok");
+    protocol_failure_defers_until_a_flush_delivers(
+        "rcpt_101_lines",
+        vec![("RCPT".into(), 1, Fault::Reply(rcpt))],
+        "more than 100 lines",
+    );
+}
+
+/// RFC 5321 wants CRLF, but a relay ending its replies in LF alone (multi-
+/// line EHLO and pipelined replies included) is understood and gets the mail.
+#[test]
+fn relay_replying_with_bare_lf_line_ends_gets_the_mail() {
+    let server = TestServer::start(
+        ServerOptions {
+            bare_lf_replies: true,
+            ..ServerOptions::default()
+        },
+        None,
+    );
+    let mut daemon = Daemon::new(
+        "bare_lf_replies",
+        &plain_tenant("acme", "acme.test", &server, ""),
+    );
+    daemon.start();
+    submit(
+        &daemon,
+        &["a@example.com", "b@example.com"],
+        &message("pbx@acme.test", "a@example.com", "lf", "body"),
+    );
+    let got = server.wait_for_messages(1, ARRIVAL);
+    assert_eq!(
+        got.len(),
+        1,
+        "{:?}; {:#?}",
+        commands(&server),
+        daemon.queue()
+    );
+    assert_eq!(got[0].rcpt_to, ["a@example.com", "b@example.com"]);
+    assert_eq!(body(&got[0]), b"body\r\n");
+    // Understood as an ESMTP relay: SIZE and PIPELINING were used.
+    assert!(
+        got[0].mail_params.contains("SIZE="),
+        "{:?}",
+        got[0].mail_params
+    );
+    let log = server.command_log();
+    assert!(
+        log.iter()
+            .any(|c| c.line.starts_with("MAIL") && c.pipelined),
+        "{log:#?}"
+    );
+    let queue = daemon.wait_for_queue(ARRIVAL, |q| q.is_empty());
+    assert!(queue.is_empty(), "{queue:#?}");
 }
 
 #[test]

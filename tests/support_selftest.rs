@@ -341,6 +341,38 @@ fn scripted_rcpt_replies_keep_only_accepted_recipients() {
 }
 
 #[test]
+fn data_without_recipients_takes_and_records_the_body() {
+    let server = TestServer::start(
+        ServerOptions {
+            rcpt_reply: Some("550 5.1.1 No such user".into()),
+            data_without_recipients: true,
+            ..ServerOptions::default()
+        },
+        None,
+    );
+    let mut client = Client::connect(&server);
+    client.reply();
+    client.expect("EHLO c", 250);
+    client.expect("MAIL FROM:<a@x>", 250);
+    client.expect("RCPT TO:<b@x>", 550);
+    client.expect("DATA", 354);
+    client.send(".");
+    assert_eq!(client.reply().0, 250);
+    assert_eq!(client.send_message("c@x", &["d@x"], "some body"), 250);
+    let m = server.wait_for_messages(2, WAIT);
+    assert_eq!(m.len(), 2);
+    assert_eq!(
+        (m[0].mail_from.as_str(), m[0].data.as_slice()),
+        ("a@x", &b""[..])
+    );
+    assert!(m[0].rcpt_to.is_empty());
+    assert_eq!(m[1].data, b"some body\r\n");
+    assert!(m[1].rcpt_to.is_empty());
+    // Without MAIL there is still no DATA.
+    client.expect("DATA", 503);
+}
+
+#[test]
 fn implicit_tls_greets_over_tls() {
     let ca = TestCa::new();
     let opts = ServerOptions {
@@ -405,6 +437,64 @@ fn overlong_line_is_refused_and_bare_lf_tolerated() {
     // The server survives and accepts the next client.
     let mut again = Client::connect(&server);
     assert_eq!(again.reply().0, 220);
+}
+
+/// Reads one (multi-line) reply as the bytes that came, line ends included.
+fn raw_reply(client: &mut Client) -> Vec<u8> {
+    let mut wire = Vec::new();
+    loop {
+        let start = wire.len();
+        let n = client
+            .reader
+            .read_until(b'\n', &mut wire)
+            .expect("read reply");
+        assert!(n > 0, "connection closed while reading a reply");
+        if wire.get(start + 3) != Some(&b'-') {
+            return wire;
+        }
+    }
+}
+
+#[test]
+fn bare_lf_replies_end_every_line_in_lf_alone() {
+    let server = TestServer::start(
+        ServerOptions {
+            bare_lf_replies: true,
+            faults: vec![(
+                "RCPT".into(),
+                1,
+                Fault::Reply("250-2.1.5 scripted\r\n250 2.1.5 Ok".into()),
+            )],
+            ..ServerOptions::default()
+        },
+        None,
+    );
+    let mut client = Client::connect(&server);
+    assert_eq!(raw_reply(&mut client), b"220 test.invalid ESMTP\n");
+    client.send("EHLO c");
+    assert_eq!(
+        raw_reply(&mut client),
+        b"250-test.invalid\n250-PIPELINING\n250-8BITMIME\n250 SIZE 52428800\n"
+    );
+    client.send("MAIL FROM:<a@x>");
+    assert_eq!(raw_reply(&mut client), b"250 2.1.0 Ok\n");
+    // A scripted reply's own line ends are bare LF too.
+    client.send("RCPT TO:<b@x>");
+    assert_eq!(
+        raw_reply(&mut client),
+        b"250-2.1.5 scripted\n250 2.1.5 Ok\n"
+    );
+    client.send("DATA");
+    assert_eq!(raw_reply(&mut client)[..4], *b"354 ");
+    client.send("body");
+    client.send(".");
+    assert_eq!(raw_reply(&mut client), b"250 2.0.0 Ok: queued\n");
+    assert_eq!(server.wait_for_messages(1, WAIT)[0].rcpt_to, ["b@x"]);
+
+    // Off (the default), replies end in CRLF.
+    let usual = TestServer::start(ServerOptions::default(), None);
+    let mut client = Client::connect(&usual);
+    assert_eq!(raw_reply(&mut client), b"220 test.invalid ESMTP\r\n");
 }
 
 #[test]

@@ -178,6 +178,10 @@ pub struct ServerOptions {
     pub require_auth: Option<(String, String)>,
     /// Reply 500 to EHLO so the client has to fall back to HELO.
     pub refuse_ehlo: bool,
+    /// End every reply line with a bare LF instead of CRLF (scripted `Fault`
+    /// replies too, embedded line ends included), as some broken relays do.
+    /// `inject_after_starttls` bytes are still sent exactly as given.
+    pub bare_lf_replies: bool,
     /// Reply sent for every RCPT instead of 250 (a 2xx reply still accepts).
     pub rcpt_reply: Option<String>,
     /// Per-recipient overrides (address compared case-insensitively, without <>).
@@ -186,6 +190,10 @@ pub struct ServerOptions {
     pub mail_reply: Option<String>,
     /// Final reply after the body's "."; only 2xx replies record a message.
     pub data_reply: Option<String>,
+    /// Answer DATA 354 even when no recipient was accepted (as a server may
+    /// when DATA came pipelined, RFC 2920 §3.1), and take the body; a 2xx
+    /// final reply then records it with no recipients. Off: 554.
+    pub data_without_recipients: bool,
     /// Greeting line, default "220 test.invalid ESMTP".
     pub greeting: Option<String>,
     /// First word of the EHLO reply.
@@ -278,10 +286,12 @@ impl Default for ServerOptions {
             greet: true,
             require_auth: None,
             refuse_ehlo: false,
+            bare_lf_replies: false,
             rcpt_reply: None,
             rcpt_reply_for: Vec::new(),
             mail_reply: None,
             data_reply: None,
+            data_without_recipients: false,
             greeting: None,
             hostname: "test.invalid".to_string(),
             pipelining: true,
@@ -802,7 +812,18 @@ impl<'a> Session<'a> {
             Some(Fault::ReplyTwice(text)) => (text, 2),
             _ => (line.to_string(), 1),
         };
-        self.write_raw(format!("{text}\r\n").repeat(times).as_bytes())
+        let wire = self.line_ends(format!("{text}\r\n").repeat(times));
+        self.write_raw(wire.as_bytes())
+    }
+
+    /// `text` with the line ends this server writes: CRLF as given, or bare
+    /// LF with `bare_lf_replies`.
+    fn line_ends(&self, text: String) -> String {
+        if self.opts().bare_lf_replies {
+            text.replace("\r\n", "\n")
+        } else {
+            text
+        }
     }
 
     fn write_raw(&mut self, bytes: &[u8]) -> io::Result<()> {
@@ -1051,7 +1072,8 @@ impl<'a> Session<'a> {
         match self.opts().inject_after_starttls.clone() {
             Some(injected) => {
                 self.fault = None;
-                self.write_raw(format!("{ready}\r\n{injected}").as_bytes())?;
+                let ready = self.line_ends(format!("{ready}\r\n"));
+                self.write_raw(format!("{ready}{injected}").as_bytes())?;
             }
             None => self.reply(&ready)?,
         }
@@ -1356,7 +1378,7 @@ impl<'a> Session<'a> {
             self.reply("503 5.5.1 Need MAIL command")?;
             return Ok(Next::Continue);
         }
-        if self.rcpt_to.is_empty() {
+        if self.rcpt_to.is_empty() && !self.opts().data_without_recipients {
             self.reply("554 5.5.1 No valid recipients")?;
             return Ok(Next::Continue);
         }
