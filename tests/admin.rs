@@ -41,21 +41,8 @@ fn control_socket(daemon: &Daemon) -> PathBuf {
 /// The whole config: a `[daemon]` section for this spool and control socket
 /// with the given retry_min / retry_max, then the tenant sections.
 fn config_text(daemon: &Daemon, retry: (&str, &str), tenants: &str) -> String {
-    format!(
-        "[daemon]\n\
-         spool_dir = {}\n\
-         control_socket = {}\n\
-         hostname = pbx.test\n\
-         retry_min = {}\n\
-         retry_max = {}\n\
-         log_level = debug\n\
-         \n\
-         {tenants}",
-        daemon.spool_dir().display(),
-        control_socket(daemon).display(),
-        retry.0,
-        retry.1,
-    )
+    let keys = format!("retry_min = {}\nretry_max = {}", retry.0, retry.1);
+    format!("{}\n{tenants}", daemon.daemon_section(&keys))
 }
 
 fn configure(daemon: &Daemon, retry: (&str, &str), tenants: &str) {

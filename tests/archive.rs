@@ -20,7 +20,8 @@ use std::thread;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
-use support::harness::{wait_until, Daemon, Run, Running, PBXMAIL};
+use support::harness::{files_under, wait_until, Daemon, Run, Running, PBXMAIL};
+use support::rng::Rng;
 use support::smtp_server::{Received, ServerOptions, TestServer};
 
 /// The archive group the tests give the archiving tenant.
@@ -56,21 +57,11 @@ fn archive_group() -> Option<u32> {
 
 /// The daemon's INI: this test's spool and archive, `tenants` after it.
 fn write_config(d: &Daemon, tenants: &str) {
-    d.write_config(&format!(
-        "[daemon]\n\
-         spool_dir = {}\n\
-         control_socket = {}\n\
-         archive_dir = {}\n\
-         hostname = {HOSTNAME}\n\
-         retry_min = 1s\n\
-         retry_max = 2s\n\
-         log_level = debug\n\
-         \n\
-         {tenants}",
-        d.spool_dir().display(),
-        d.dir().join("control.sock").display(),
-        archive_dir(d).display(),
-    ));
+    let keys = format!(
+        "archive_dir = {}\nhostname = {HOSTNAME}\nretry_max = 2s",
+        archive_dir(d).display()
+    );
+    d.configure_with(&keys, tenants);
 }
 
 fn archive_dir(d: &Daemon) -> PathBuf {
@@ -120,27 +111,6 @@ fn archive_cmd(d: &Daemon, args: &[&str]) -> Run {
     full.extend_from_slice(args);
     full.extend_from_slice(&["-c", &config]);
     d.run(&full, b"")
-}
-
-/// Every file below `dir`, sorted (none if it does not exist).
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut files = Vec::new();
-    let mut todo = vec![dir.to_path_buf()];
-    while let Some(dir) = todo.pop() {
-        let Ok(entries) = fs::read_dir(&dir) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                todo.push(path);
-            } else {
-                files.push(path);
-            }
-        }
-    }
-    files.sort();
-    files
 }
 
 fn names_in(dir: &Path) -> BTreeSet<String> {
@@ -804,19 +774,8 @@ fn daemon_killed_at_random_moments_archives_each_message_once() {
             &format!("messages_per_session = 3\n{}", archiving("*", None)),
         ),
     );
-    let seed = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|t| t.as_nanos() as u64)
-        .unwrap_or(1)
-        .max(1);
-    eprintln!("archive kill test: seed {seed}");
-    let mut rng = seed;
-    let mut below = |n: u64| {
-        rng ^= rng >> 12;
-        rng ^= rng << 25;
-        rng ^= rng >> 27;
-        rng.wrapping_mul(0x2545_f491_4f6c_dd1d) % n
-    };
+    let mut rng = Rng::from_env("daemon_killed_at_random_moments_archives_each_message_once");
+    let mut below = |n: u64| rng.below(n);
     let queue = d.spool_dir().join("queue").join("acme");
     let journal_path = archive_dir(&d).join("acme").join("journal");
     let mut next = 0;

@@ -24,7 +24,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use support::harness::{wait_until, Daemon, PBXMAIL};
+use support::harness::{files_under, wait_until, Daemon, PBXMAIL};
+use support::rng::Rng;
 use support::smtp_server::{Fault, Received, ServerOptions, TestServer};
 
 const SENDER: &str = "pbx@acme.test";
@@ -48,51 +49,12 @@ const DRAIN: Duration = Duration::from_secs(60);
 /// Longest wait for a daemon to create its pickup socket.
 const READY: Duration = Duration::from_secs(10);
 
-/// xorshift64*: small, seedable, good enough to pick delays and sizes.
-struct Rng(u64);
-
-impl Rng {
-    /// Seeded from `PBXMAIL_CRASH_SEED` or the clock; prints the seed.
-    fn from_env(test: &str) -> Rng {
-        let seed = match std::env::var("PBXMAIL_CRASH_SEED") {
-            Ok(s) => s
-                .trim()
-                .parse()
-                .unwrap_or_else(|e| panic!("PBXMAIL_CRASH_SEED={s:?}: {e}")),
-            Err(_) => SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(1),
-        };
-        eprintln!("{test}: seed {seed} (PBXMAIL_CRASH_SEED={seed} repeats this run)");
-        Rng(seed.max(1))
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    /// Uniform enough in 0..n.
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 /// Daemon config: one tenant relaying to `server`, short retries and timeouts.
 fn configure(d: &Daemon, server: &TestServer) {
-    d.write_config(&format!(
-        "[daemon]\n\
-         spool_dir = {}\n\
-         control_socket = {}\n\
-         hostname = pbx.test\n\
-         retry_min = 1s\n\
-         retry_max = 2s\n\
-         log_level = info\n\
-         \n\
-         [tenant:acme]\n\
+    d.configure_with(
+        "retry_max = 2s\nlog_level = info",
+        &format!(
+            "[tenant:acme]\n\
          domains = acme.test\n\
          relay = 127.0.0.1:{}\n\
          tls = none\n\
@@ -100,10 +62,9 @@ fn configure(d: &Daemon, server: &TestServer) {
          connect_timeout = 5s\n\
          command_timeout = 10s\n\
          data_timeout = 10s\n",
-        d.spool_dir().display(),
-        d.dir().join("control.sock").display(),
-        server.port()
-    ));
+            server.port()
+        ),
+    );
 }
 
 /// A body of `lines` lines of 80 octets (CRLF included), each naming its
@@ -219,27 +180,6 @@ fn kill9(child: &mut Child) -> ExitStatus {
 fn restart(d: &mut Daemon) {
     let _ = fs::remove_file(d.spool_dir().join("pickup.sock"));
     d.start();
-}
-
-/// Every file below `dir` (none if it does not exist).
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut files = Vec::new();
-    let mut todo = vec![dir.to_path_buf()];
-    while let Some(dir) = todo.pop() {
-        let Ok(entries) = fs::read_dir(&dir) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                todo.push(path);
-            } else {
-                files.push(path);
-            }
-        }
-    }
-    files.sort();
-    files
 }
 
 /// Asserts that nothing is left in tmp/, queue/ or quarantine/.

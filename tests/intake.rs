@@ -85,25 +85,13 @@ impl Site {
             Listen::Tcp(port) => format!("127.0.0.1:{port}"),
             Listen::Unix(path) => path.display().to_string(),
         };
-        daemon.write_config(&format!(
-            "[daemon]\n\
-             spool_dir = {spool}\n\
-             control_socket = {control}\n\
-             hostname = pbx.test\n\
-             retry_min = 1s\n\
-             retry_max = 4s\n\
-             log_level = debug\n\
-             listen = {listen_value}\n\
-             {daemon_extra}\n\
-             \n\
-             [tenant:acme]\n\
-             domains = acme.test\n\
-             relay = 127.0.0.1:{relay_port}\n\
-             tls = none\n",
-            spool = daemon.spool_dir().display(),
-            control = daemon.dir().join("control.sock").display(),
-            relay_port = relay.port(),
-        ));
+        daemon.configure_with(
+            &format!("listen = {listen_value}\n{daemon_extra}"),
+            &format!(
+                "[tenant:acme]\ndomains = acme.test\nrelay = 127.0.0.1:{}\ntls = none\n",
+                relay.port()
+            ),
+        );
         daemon.start();
         Site {
             daemon,

@@ -232,22 +232,7 @@ fn site_with(
         token_file.display(),
         ca_file.display(),
     );
-    // The harness's [daemon] section, plus a control socket of this test's
-    // own (the default is shared by every daemon on the machine).
-    daemon.write_config(&format!(
-        "[daemon]\n\
-         spool_dir = {}\n\
-         control_socket = {}\n\
-         hostname = pbx.test\n\
-         retry_min = 1s\n\
-         retry_max = 4s\n\
-         log_level = debug\n\
-         \n\
-         {section}\n\
-         {others}",
-        daemon.spool_dir().display(),
-        daemon.dir().join("control.sock").display(),
-    ));
+    daemon.configure(&format!("{section}\n{others}"));
     Site { daemon, token_file }
 }
 

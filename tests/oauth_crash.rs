@@ -23,11 +23,12 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use support::harness::{wait_until, Daemon, PBXMAIL};
 use support::oauth_server::{OAuthServer, Request, Response};
+use support::rng::Rng;
 use support::smtp_server::{Received, ServerOptions, TestCa, TestServer};
 
 const USER: &str = "pbx@acme.test";
@@ -58,39 +59,6 @@ fn access_token(n: usize) -> String {
 
 fn refresh_token(n: usize) -> String {
     format!("r3fresh-tok-{n}-zq")
-}
-
-/// xorshift64*: small, seedable, good enough to pick delays.
-struct Rng(u64);
-
-impl Rng {
-    /// Seeded from `PBXMAIL_CRASH_SEED` or the clock; prints the seed.
-    fn from_env(test: &str) -> Rng {
-        let seed = match std::env::var("PBXMAIL_CRASH_SEED") {
-            Ok(s) => s
-                .trim()
-                .parse()
-                .unwrap_or_else(|e| panic!("PBXMAIL_CRASH_SEED={s:?}: {e}")),
-            Err(_) => SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(1),
-        };
-        eprintln!("{test}: seed {seed} (PBXMAIL_CRASH_SEED={seed} repeats this run)");
-        Rng(seed.max(1))
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    /// Uniform enough in 0..n.
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -198,16 +166,10 @@ fn site(test: &str, ca: &TestCa, endpoint: &OAuthServer, relay: &TestServer) -> 
     )
     .expect("write token file");
     fs::set_permissions(&token_file, fs::Permissions::from_mode(0o600)).expect("chmod 0600");
-    daemon.write_config(&format!(
-        "[daemon]\n\
-         spool_dir = {}\n\
-         control_socket = {}\n\
-         hostname = pbx.test\n\
-         retry_min = 1s\n\
-         retry_max = 2s\n\
-         log_level = info\n\
-         \n\
-         [tenant:acme]\n\
+    daemon.configure_with(
+        "retry_max = 2s\nlog_level = info",
+        &format!(
+            "[tenant:acme]\n\
          domains = acme.test\n\
          relay = 127.0.0.1:{}\n\
          tls = none\n\
@@ -223,14 +185,13 @@ fn site(test: &str, ca: &TestCa, endpoint: &OAuthServer, relay: &TestServer) -> 
          oauth_scope = {SCOPE}\n\
          oauth_token_file = {}\n\
          ca_file = {}\n",
-        daemon.spool_dir().display(),
-        daemon.dir().join("control.sock").display(),
-        relay.port(),
-        endpoint.url("/token"),
-        secret_file.display(),
-        token_file.display(),
-        ca_file.display(),
-    ));
+            relay.port(),
+            endpoint.url("/token"),
+            secret_file.display(),
+            token_file.display(),
+            ca_file.display(),
+        ),
+    );
     (daemon, token_file)
 }
 

@@ -44,23 +44,11 @@ const PASSWORD: &str = "s3cret-pw";
 /// Writes the whole config: a `[daemon]` section for this spool (retry_min =
 /// 1s, retry_max = 4s), `daemon_extra` lines in it, then the tenant sections.
 fn configure(daemon: &Daemon, daemon_extra: &str, tenants: &str) {
-    daemon.write_config(&config_text(daemon, daemon_extra, tenants));
+    daemon.configure_with(daemon_extra, tenants);
 }
 
 fn config_text(daemon: &Daemon, daemon_extra: &str, tenants: &str) -> String {
-    format!(
-        "[daemon]\n\
-         spool_dir = {}\n\
-         control_socket = {}\n\
-         hostname = pbx.test\n\
-         retry_min = 1s\n\
-         retry_max = 4s\n\
-         log_level = debug\n\
-         {daemon_extra}\n\
-         {tenants}",
-        daemon.spool_dir().display(),
-        daemon.dir().join("control.sock").display()
-    )
+    format!("{}\n{tenants}", daemon.daemon_section(daemon_extra))
 }
 
 /// A `[tenant:NAME]` section relaying without TLS to `relay`.

@@ -200,20 +200,11 @@ fn auth_server(ca: &TestCa, user: &str, password: &str) -> TestServer {
 }
 
 fn daemon_section(daemon: &Daemon) -> String {
-    format!(
-        "[daemon]\n\
-         spool_dir = {}\n\
-         control_socket = {}\n\
-         archive_dir = {}\n\
-         hostname = pbx.test\n\
-         retry_min = 1h\n\
-         retry_max = 2h\n\
-         log_level = trace\n\
-         \n",
-        daemon.spool_dir().display(),
-        daemon.dir().join("control.sock").display(),
-        daemon.dir().join("archive").display(),
-    )
+    let keys = format!(
+        "archive_dir = {}\nretry_min = 1h\nretry_max = 2h\nlog_level = trace",
+        daemon.dir().join("archive").display()
+    );
+    format!("{}\n", daemon.daemon_section(&keys))
 }
 
 fn tenant(name: &str, server: &TestServer, ca_file: &Path, login: &str) -> String {

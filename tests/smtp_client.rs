@@ -47,19 +47,7 @@ fn slow_retry_daemon(test: &str, tenants: &str) -> Daemon {
 
 /// The config of `slow_retry_daemon`, for a daemon made with `Daemon::bare`.
 fn write_slow_retry_config(daemon: &Daemon, tenants: &str) {
-    daemon.write_config(&format!(
-        "[daemon]\n\
-         spool_dir = {}\n\
-         control_socket = {}\n\
-         hostname = pbx.test\n\
-         retry_min = 1m\n\
-         retry_max = 1h\n\
-         log_level = debug\n\
-         \n\
-         {tenants}",
-        daemon.spool_dir().display(),
-        daemon.dir().join("control.sock").display()
-    ));
+    daemon.configure_with("retry_min = 1m\nretry_max = 1h", tenants);
 }
 
 /// Writes the CA as `ca.pem` in the test dir; returns the `ca_file = ...` line.

@@ -29,19 +29,7 @@ const SENDER: &str = "pbx@acme.test";
 
 /// The `[daemon]` section the harness writes, plus `extra` lines, then `tenants`.
 fn write_config(daemon: &Daemon, extra: &str, tenants: &str) {
-    daemon.write_config(&format!(
-        "[daemon]\n\
-         spool_dir = {}\n\
-         control_socket = {}\n\
-         hostname = pbx.test\n\
-         retry_min = 1s\n\
-         retry_max = 4s\n\
-         log_level = debug\n\
-         {extra}\n\
-         {tenants}",
-        daemon.spool_dir().display(),
-        daemon.dir().join("control.sock").display()
-    ));
+    daemon.configure_with(extra, tenants);
 }
 
 /// A tenant without TLS relaying to `port` on 127.0.0.1.

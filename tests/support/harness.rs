@@ -64,6 +64,27 @@ pub fn free_port() -> u16 {
     listener.local_addr().expect("listener address").port()
 }
 
+/// Every file below `dir`, sorted (none if it does not exist).
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(dir) = todo.pop() {
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                todo.push(path);
+            } else {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
 /// What a one-shot command returned.
 #[derive(Debug)]
 pub struct Run {
@@ -94,25 +115,48 @@ impl Daemon {
         daemon
     }
 
-    /// Writes the config: a `[daemon]` section (this spool, retry_min = 1s,
-    /// retry_max = 4s, debug logging) followed by `tenants`, the test's
-    /// `[tenant:…]` sections.
+    /// Writes the config: `daemon_section("")` followed by `tenants`, the
+    /// test's `[tenant:…]` sections.
     pub fn configure(&self, tenants: &str) {
-        let ini = format!(
-            "[daemon]\n\
-             spool_dir = {}\n\
-             control_socket = {}\n\
-             hostname = pbx.test\n\
-             retry_min = 1s\n\
-             retry_max = 4s\n\
-             log_level = debug\n\
-             \n\
-             {tenants}",
-            self.spool.display(),
-            // Each test's own: daemons of parallel tests must not meet.
-            self.spool.with_file_name("control.sock").display()
-        );
-        self.write_config(&ini);
+        self.configure_with("", tenants);
+    }
+
+    /// Writes the config: `daemon_section(keys)` followed by `tenants`.
+    pub fn configure_with(&self, keys: &str, tenants: &str) {
+        self.write_config(&format!("{}\n{tenants}", self.daemon_section(keys)));
+    }
+
+    /// A test's `[daemon]` section: this test's spool and control socket
+    /// (daemons of parallel tests must not meet), hostname pbx.test,
+    /// retry_min = 1s, retry_max = 4s, debug logging. `keys` holds
+    /// `key = value` lines that replace those or add to them.
+    pub fn daemon_section(&self, keys: &str) -> String {
+        let mut lines: Vec<(String, String)> = [
+            ("spool_dir", self.spool.display().to_string()),
+            (
+                "control_socket",
+                self.dir.join("control.sock").display().to_string(),
+            ),
+            ("hostname", "pbx.test".to_string()),
+            ("retry_min", "1s".to_string()),
+            ("retry_max", "4s".to_string()),
+            ("log_level", "debug".to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        for line in keys.lines() {
+            let Some((key, value)) = line.split_once('=') else {
+                continue;
+            };
+            let (key, value) = (key.trim().to_string(), value.trim().to_string());
+            match lines.iter_mut().find(|(k, _)| *k == key) {
+                Some(slot) => slot.1 = value,
+                None => lines.push((key, value)),
+            }
+        }
+        let body: Vec<String> = lines.iter().map(|(k, v)| format!("{k} = {v}")).collect();
+        format!("[daemon]\n{}\n", body.join("\n"))
     }
 
     /// Like `new`, without writing any config: for tests about the config itself.

@@ -4,4 +4,5 @@
 pub mod harness;
 pub mod oauth_server;
 pub mod observed;
+pub mod rng;
 pub mod smtp_server;
