@@ -80,14 +80,12 @@ fn two_messages_over_starttls_use_two_fresh_handshakes() {
         Some(&ca),
     );
     let mut daemon = Daemon::bare("two_starttls_handshakes");
-    let ca_file = daemon.dir().join("ca.pem");
     let relay = format!("localhost:{}", server.port());
     let extra = format!(
-        "tls = starttls\nca_file = {}\nusername = {USER}\npassword = {PASSWORD}\nmessages_per_session = 1\n",
-        ca_file.display()
+        "tls = starttls\n{}username = {USER}\npassword = {PASSWORD}\nmessages_per_session = 1\n",
+        daemon.trust(&ca)
     );
     daemon.configure(&tenant("acme", "acme.test", &relay, &extra));
-    ca.write_ca_pem(&ca_file);
     daemon.start();
 
     submit(
@@ -489,14 +487,12 @@ fn wrong_password_is_deferred_not_bounced() {
         Some(&ca),
     );
     let mut daemon = Daemon::bare("wrong_password");
-    let ca_file = daemon.dir().join("ca.pem");
     let relay = format!("127.0.0.1:{}", server.port());
     let extra = format!(
-        "tls = starttls\nca_file = {}\nusername = {USER}\npassword = not-the-password\n",
-        ca_file.display()
+        "tls = starttls\n{}username = {USER}\npassword = not-the-password\n",
+        daemon.trust(&ca)
     );
     daemon.configure(&tenant("acme", "acme.test", &relay, &extra));
-    ca.write_ca_pem(&ca_file);
     daemon.start();
     submit(
         &daemon,
@@ -600,11 +596,9 @@ fn implicit_tls_tenant_delivers() {
         Some(&ca),
     );
     let mut daemon = Daemon::bare("implicit_tls");
-    let ca_file = daemon.dir().join("ca.pem");
     let relay = format!("localhost:{}", server.port());
-    let extra = format!("tls = implicit\nca_file = {}\n", ca_file.display());
+    let extra = format!("tls = implicit\n{}", daemon.trust(&ca));
     daemon.configure(&tenant("acme", "acme.test", &relay, &extra));
-    ca.write_ca_pem(&ca_file);
     daemon.start();
     submit(
         &daemon,

@@ -50,13 +50,6 @@ fn write_slow_retry_config(daemon: &Daemon, tenants: &str) {
     daemon.configure_with("retry_min = 1m\nretry_max = 1h", tenants);
 }
 
-/// Writes the CA as `ca.pem` in the test dir; returns the `ca_file = ...` line.
-fn trust(daemon: &Daemon, ca: &TestCa) -> String {
-    let path = daemon.dir().join("ca.pem");
-    ca.write_ca_pem(&path);
-    format!("ca_file = {}\n", path.display())
-}
-
 /// A small RFC 5322 message with LF line ends, as a PBX would pipe it in.
 fn message(from: &str, to: &str, subject: &str, body: &str) -> Vec<u8> {
     format!("From: {from}\nTo: {to}\nSubject: {subject}\n\n{body}\n").into_bytes()
@@ -1435,7 +1428,7 @@ fn refused_starttls_never_falls_back_to_plaintext() {
     let mut daemon = Daemon::bare("starttls_refused");
     let extra = format!(
         "{}username = {USER}\npassword = {PASSWORD}\n",
-        trust(&daemon, &ca)
+        daemon.trust(&ca)
     );
     let config: String = servers
         .iter()
@@ -1488,7 +1481,7 @@ fn bytes_injected_after_starttls_220_abort_before_tls() {
     let mut daemon = Daemon::bare("starttls_injection");
     let extra = format!(
         "{}username = {USER}\npassword = {PASSWORD}\n",
-        trust(&daemon, &ca)
+        daemon.trust(&ca)
     );
     write_slow_retry_config(
         &daemon,
@@ -1533,7 +1526,7 @@ fn send_over_starttls(
         "acme",
         "acme.test",
         &server,
-        &trust(&daemon, &ca),
+        &daemon.trust(&ca),
     ));
     daemon.start();
     submit(
@@ -1629,7 +1622,7 @@ fn stalled_tls_handshake_times_out_while_other_tenants_send() {
     // it on a loaded machine; short against the default of 5 minutes.
     let timeout = Duration::from_secs(10);
     let mut daemon = Daemon::bare("starttls_stall");
-    let a_extra = format!("{}command_timeout = 10s\n", trust(&daemon, &ca));
+    let a_extra = format!("{}command_timeout = 10s\n", daemon.trust(&ca));
     let config = starttls_tenant("a", "a.test", &stall, &a_extra)
         + &plain_tenant("b", "b.test", &healthy, "");
     write_slow_retry_config(&daemon, &config);
@@ -1692,7 +1685,7 @@ fn attempt_with_certificate(test: &str, cert: CertKind, extra: &str) -> (Value, 
     let mut daemon = Daemon::bare(test);
     let extra = format!(
         "{}username = {USER}\npassword = {PASSWORD}\n{extra}",
-        trust(&daemon, &ca)
+        daemon.trust(&ca)
     );
     daemon.configure(&starttls_tenant("acme", "acme.test", &server, &extra));
     daemon.start();

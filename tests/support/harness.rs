@@ -4,7 +4,7 @@
 //! `check-config` runs against the same configuration. Assertions are left
 //! to the tests; this only starts, stops, waits and reads.
 
-use super::smtp_server::TestServer;
+use super::smtp_server::{TestCa, TestServer};
 use std::fs::{self, File};
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};
@@ -185,6 +185,14 @@ impl Daemon {
 
     pub fn config_path(&self) -> &Path {
         &self.config
+    }
+
+    /// Writes `ca`'s certificate as `ca.pem` in the test dir; returns the
+    /// tenant line `ca_file = ...` that trusts it.
+    pub fn trust(&self, ca: &TestCa) -> String {
+        let path = self.dir.join("ca.pem");
+        ca.write_ca_pem(&path);
+        format!("ca_file = {}\n", path.display())
     }
 
     /// Replaces the config file with `text` verbatim, atomically (a temp
