@@ -3,8 +3,9 @@
 //! bounce is queued like any message, with the null sender, for the same
 //! tenant; the tenant worker decides when one is due (outcome of a message).
 
+use crate::base::names::MessageId;
 use crate::spool::envelope::{BounceOf, BounceStage, Envelope, RcptStatus};
-use crate::spool::{MessageId, Spool, SpoolError};
+use crate::spool::{Spool, SpoolError};
 use crate::time;
 use std::io::{BufRead, BufReader, Read, Write};
 
@@ -111,7 +112,7 @@ fn diagnostic(reply: &str) -> String {
 }
 
 fn render(report: &Report<'_>, to: &str, original_headers: &str) -> String {
-    let now = crate::spool::unix_millis() / 1000;
+    let now = crate::base::clock::now_secs();
     let host = report.hostname;
     let boundary = format!("{}/{host}", report.id);
     let failed: Vec<_> = report

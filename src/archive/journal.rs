@@ -4,9 +4,11 @@
 //! is detected. Appends are fsynced under an exclusive lock (the daemon and
 //! `archive prune` may both write).
 
+use crate::base::framing::{self, cut_torn_tail, FrameError, Frames, Line as Framed};
+use crate::base::hex::hex;
 use serde::{Deserialize, Serialize};
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
@@ -72,7 +74,7 @@ impl Record {
         ctx.update(self.prev.as_bytes());
         ctx.update(b"\n");
         ctx.update(&json);
-        crate::spool::hex(ctx.finish().as_ref())
+        hex(ctx.finish().as_ref())
     }
 }
 
@@ -82,31 +84,8 @@ pub enum Line {
     Damaged { line: usize, why: String },
 }
 
-fn frame(record: &Record) -> io::Result<Vec<u8>> {
-    let json = serde_json::to_vec(record).map_err(io::Error::other)?;
-    let mut line = format!("{} {:08x} ", json.len(), crc32c::crc32c(&json)).into_bytes();
-    line.extend_from_slice(&json);
-    line.push(b'\n');
-    Ok(line)
-}
-
-fn unframe(line: &[u8]) -> Result<Record, String> {
-    let mut parts = line.splitn(3, |&b| b == b' ');
-    let (Some(len), Some(crc), Some(json)) = (parts.next(), parts.next(), parts.next()) else {
-        return Err("not a framed record".into());
-    };
-    let len: usize = std::str::from_utf8(len)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .ok_or("bad length")?;
-    let crc = std::str::from_utf8(crc)
-        .ok()
-        .and_then(|s| u32::from_str_radix(s, 16).ok())
-        .ok_or("bad CRC field")?;
-    if json.len() != len || crc32c::crc32c(json) != crc {
-        return Err("length or CRC32C mismatch".into());
-    }
-    serde_json::from_slice(json).map_err(|e| format!("unreadable record: {e}"))
+fn unframe(line: &[u8]) -> Result<Record, FrameError> {
+    framing::decode(line)
 }
 
 /// Reads every record in order; damage is reported in place, not skipped silently.
@@ -118,24 +97,21 @@ pub fn read_all(path: &Path) -> io::Result<Vec<Line>> {
     };
     file.lock_shared()?;
     let mut out = Vec::new();
-    let mut reader = BufReader::new(file);
-    let mut line = Vec::new();
+    let mut frames = Frames::unbounded(BufReader::new(file));
     let mut number = 0;
-    loop {
-        line.clear();
-        if reader.read_until(b'\n', &mut line)? == 0 {
-            break;
-        }
+    // Unlike an envelope's, a torn final record is reported: verify names it.
+    while let Some(line) = frames.next_line()? {
         number += 1;
-        let complete = line.last() == Some(&b'\n');
-        let body = if complete {
-            &line[..line.len() - 1]
-        } else {
-            &line[..]
+        let decoded = match line {
+            Framed::Complete(body) | Framed::Torn(body) => unframe(body),
+            Framed::TooLong => Err(FrameError::NotFramed),
         };
-        out.push(match unframe(body) {
+        out.push(match decoded {
             Ok(record) => Line::Record(record),
-            Err(why) => Line::Damaged { line: number, why },
+            Err(why) => Line::Damaged {
+                line: number,
+                why: why.to_string(),
+            },
         });
     }
     Ok(out)
@@ -145,8 +121,8 @@ pub fn read_all(path: &Path) -> io::Result<Vec<Line>> {
 fn last_record(file: &mut File) -> io::Result<Option<Record>> {
     let len = file.metadata()?.len();
     let window = len.min(256 * 1024);
-    file.seek(SeekFrom::Start(len - window))?;
-    let mut tail = Vec::with_capacity(window as usize);
+    file.seek(SeekFrom::Start(len.saturating_sub(window)))?;
+    let mut tail = Vec::with_capacity(usize::try_from(window).unwrap_or(0));
     file.read_to_end(&mut tail)?;
     Ok(tail
         .split(|&b| b == b'\n')
@@ -171,19 +147,16 @@ pub fn has_archived(path: &Path, queue_id: &str) -> io::Result<bool> {
     // cheaper than a CRC and a JSON parse per record.
     let quoted = serde_json::to_string(queue_id).map_err(io::Error::other)?;
     let needle = format!("\"queue_id\":{quoted}").into_bytes();
-    let mut reader = BufReader::new(file);
-    let mut line = Vec::new();
+    let mut frames = Frames::unbounded(BufReader::new(file));
     loop {
-        line.clear();
-        if reader.read_until(b'\n', &mut line)? == 0 {
-            return Ok(false);
-        }
-        if !line.windows(needle.len()).any(|w| w == needle) {
-            continue;
-        }
-        let Some(body) = line.strip_suffix(b"\n") else {
-            continue;
+        let body = match frames.next_line()? {
+            None => return Ok(false),
+            Some(Framed::Complete(body)) => body,
+            Some(Framed::Torn(_) | Framed::TooLong) => continue,
         };
+        if !body.windows(needle.len()).any(|w| w == needle) {
+            continue;
+        }
         if let Ok(Record {
             entry: Entry::Archived { queue_id: q, .. },
             ..
@@ -206,7 +179,7 @@ pub fn append(path: &Path, entry: Entry, time: u64) -> io::Result<Record> {
         .open(path)?;
     file.lock()?;
     // A record torn by a power cut would swallow this one; nothing acted on it.
-    crate::spool::cut_torn_tail(&mut file)?;
+    cut_torn_tail(&mut file)?;
     let last = last_record(&mut file)?;
     let mut record = Record {
         seq: last.as_ref().map_or(1, |r| r.seq + 1),
@@ -216,7 +189,7 @@ pub fn append(path: &Path, entry: Entry, time: u64) -> io::Result<Record> {
         hash: String::new(),
     };
     record.hash = record.compute_hash();
-    file.write_all(&frame(&record)?)?;
+    file.write_all(&framing::encode(&record)?)?;
     file.sync_data()?;
     Ok(record)
 }
@@ -244,7 +217,7 @@ pub(crate) fn pad(path: &Path, count: u64) -> io::Result<()> {
             hash: String::new(),
         };
         record.hash = record.compute_hash();
-        out.extend_from_slice(&frame(&record)?);
+        out.extend_from_slice(&framing::encode(&record)?);
         last = Some(record);
     }
     file.write_all(&out)?;
@@ -331,5 +304,49 @@ mod tests {
         // compute_hash hashes exactly this re-serialization.
         let record: Record = serde_json::from_str(old).unwrap();
         assert_eq!(serde_json::to_string(&record).unwrap(), old);
+    }
+
+    /// The bytes on disk are a format: journals written by earlier versions
+    /// must verify, and tests/archive.rs edits them by hand. Pinned.
+    #[test]
+    fn a_record_keeps_its_exact_bytes() {
+        let dir = std::env::temp_dir().join(format!("pbxmail-journal-pin-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("journal");
+        let entry = Entry::Archived {
+            queue_id: "ID1".into(),
+            message_id: None,
+            user: "101".into(),
+            file: "101/new/1".into(),
+            size: 1,
+            sha256: "00".into(),
+        };
+        append(&path, entry, 10).unwrap();
+        let pinned = concat!(
+            "275 7b6937eb {\"seq\":1,\"time\":10,\"type\":\"archived\",\"queue_id\":\"ID1\",",
+            "\"message_id\":null,\"user\":\"101\",\"file\":\"101/new/1\",\"size\":1,",
+            "\"sha256\":\"00\",\"prev\":\"0000000000000000000000000000000000000000000000000000000000000000\",",
+            "\"hash\":\"d1d92e3de24d25cb3c00971a6d19f874bdf910cb67ce0baa6618b72c59af5ebe\"}\n",
+        );
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), pinned);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_torn_final_record_is_reported_as_damaged() {
+        let dir =
+            std::env::temp_dir().join(format!("pbxmail-journal-tornread-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("journal");
+        append(&path, archived(1), 10).unwrap();
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(b"99 deadbeef {\"seq\":2").unwrap();
+        drop(f);
+        let records = read_all(&path).unwrap();
+        assert!(matches!(records[0], Line::Record(_)));
+        assert!(matches!(records[1], Line::Damaged { line: 2, .. }));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -12,7 +12,10 @@
 pub mod journal;
 pub mod verify;
 
-use crate::spool::{MessageId, Spool};
+use crate::base::clock::now_secs;
+use crate::base::fs::sync_dir;
+use crate::base::names::MessageId;
+use crate::spool::Spool;
 use journal::Entry;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read};
@@ -126,7 +129,7 @@ impl Policy {
             size: file.metadata()?.len(),
             sha256: scan.sha256,
         };
-        journal::append(&journal, entry, crate::spool::unix_millis() / 1000)?;
+        journal::append(&journal, entry, now_secs())?;
         Ok(())
     }
 }
@@ -158,10 +161,6 @@ fn make_dir(path: &Path, gid: Option<u32>) -> io::Result<()> {
         }
     }
     Ok(())
-}
-
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
 }
 
 /// Who runs an admin command that changes the archive, for its journal

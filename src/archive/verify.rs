@@ -231,7 +231,7 @@ pub fn prune(
     // A removal lost to a power cut would bring a file back; prune again
     // would remove it, but make the common case final now.
     for dir in dirs {
-        fs::File::open(dir)?.sync_all()?;
+        crate::base::fs::sync_dir(&dir)?;
     }
     Ok(pruned)
 }
@@ -276,7 +276,7 @@ fn journal_prune(
             user_name: by.user_name.clone(),
             sudo_user: by.sudo_user.clone(),
         };
-        let time = crate::spool::unix_millis() / 1000;
+        let time = crate::base::clock::now_secs();
         Some(journal::append(&journal_path(root, tenant), entry, time)?.seq)
     };
     let pruned = Pruned {

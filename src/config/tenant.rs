@@ -8,53 +8,8 @@ use super::provider::Provider;
 use super::section::{Problems, Section};
 use super::values::*;
 
-/// A tenant's name: `[a-z0-9._-]`, 1 to 64 characters, so it is safe in paths,
-/// thread names and log lines.
-#[derive(
-    Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
-)]
-#[serde(try_from = "String", into = "String")]
-pub struct TenantName(String);
-
-impl TenantName {
-    pub fn parse(s: &str) -> Result<Self, String> {
-        let valid_char = |c: char| matches!(c, 'a'..='z' | '0'..='9' | '.' | '_' | '-');
-        if (1..=64).contains(&s.len()) && s.chars().all(valid_char) {
-            return Ok(TenantName(s.to_owned()));
-        }
-        let hint = if s.chars().any(|c| c.is_ascii_uppercase()) {
-            " (lowercase only)"
-        } else {
-            ""
-        };
-        Err(format!(
-            "{s:?} is not a tenant name: use 1 to 64 of a-z, 0-9, '.', '_', '-'{hint}"
-        ))
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for TenantName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl TryFrom<String> for TenantName {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
-        TenantName::parse(&s)
-    }
-}
-
-impl From<TenantName> for String {
-    fn from(name: TenantName) -> String {
-        name.0
-    }
-}
+// Moved to the bottom floor; re-exported so `config::TenantName` keeps working.
+pub use crate::base::names::TenantName;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct TenantConfig {
@@ -221,26 +176,8 @@ pub enum ArchiveUsers {
     List(Vec<String>),
 }
 
-/// A password or other credential. `Debug` hides it so it cannot leak into logs by accident.
-/// Compared (for reload) but never printed.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(secret: String) -> Self {
-        Secret(secret)
-    }
-
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(<redacted>)")
-    }
-}
+// Moved to the bottom floor; re-exported so `config::Secret` keeps working.
+pub use crate::base::secret::Secret;
 
 pub(super) const TENANT_KEYS: &[&str] = &[
     "domains",

@@ -1,0 +1,10 @@
+//! The bottom floor: shared types and primitives (names, secrets, the clock,
+//! record framing, fs helpers) that every module above may import and that
+//! import nothing above them.
+
+pub mod clock;
+pub mod framing;
+pub mod fs;
+pub mod hex;
+pub mod names;
+pub mod secret;

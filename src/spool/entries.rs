@@ -1,0 +1,68 @@
+//! One queued entry's life after commit: read its envelope and message,
+//! append delivery records, check it (fsck), remove it when done.
+
+use super::envelope::{self, Envelope, Record};
+use super::layout::sync_dir;
+use super::scan::scan_message;
+use super::{MessageId, Result, Spool, SpoolError};
+use crate::base::framing::cut_torn_tail;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufReader};
+
+impl Spool {
+    pub fn load_envelope(&self, tenant: &str, id: &MessageId) -> Result<Envelope> {
+        let path = self.envelope_path(tenant, id);
+        let file = File::open(&path).map_err(SpoolError::io(&path))?;
+        envelope::read_envelope(&mut BufReader::new(file))
+            .map_err(|source| SpoolError::Envelope { path, source })
+    }
+
+    pub fn open_message(&self, tenant: &str, id: &MessageId) -> Result<File> {
+        let path = self.message_path(tenant, id);
+        File::open(&path).map_err(SpoolError::io(&path))
+    }
+
+    /// Appends a record and waits until it is on stable storage. A torn
+    /// final record (a crash mid-append) is cut off first: nothing acted on
+    /// it, and appending after it would fuse the two into one bad line.
+    pub fn append(&self, tenant: &str, id: &MessageId, record: &Record) -> Result<()> {
+        let path = self.envelope_path(tenant, id);
+        let mut file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .open(&path)
+            .map_err(SpoolError::io(&path))?;
+        cut_torn_tail(&mut file).map_err(SpoolError::io(&path))?;
+        envelope::write_record(&mut file, record).map_err(SpoolError::io(&path))?;
+        file.sync_data().map_err(SpoolError::io(&path))
+    }
+
+    /// Removes a finished message: envelope first, so a crash in between leaves
+    /// only an orphan `.msg` that start-up recovery removes.
+    pub fn remove(&self, tenant: &str, id: &MessageId) -> Result<()> {
+        let env = self.envelope_path(tenant, id);
+        fs::remove_file(&env).map_err(SpoolError::io(&env))?;
+        let msg = self.message_path(tenant, id);
+        match fs::remove_file(&msg) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(SpoolError::io(&msg)(e)),
+            _ => {}
+        }
+        sync_dir(&self.tenant_dir(tenant))
+    }
+
+    /// fsck's check of one entry: envelope records and the message checksum.
+    pub fn verify(&self, tenant: &str, id: &MessageId) -> std::result::Result<(), String> {
+        let envelope = self.load_envelope(tenant, id).map_err(|e| e.to_string())?;
+        let mut file = self
+            .open_message(tenant, id)
+            .map_err(|e| format!("message file missing or unreadable: {e}"))?;
+        let scan = scan_message(&mut file).map_err(|e| format!("message file unreadable: {e}"))?;
+        if scan.sha256 != envelope.sha256 {
+            return Err(format!(
+                "message file checksum mismatch (SHA-256 {}, envelope says {})",
+                scan.sha256, envelope.sha256
+            ));
+        }
+        Ok(())
+    }
+}
