@@ -182,7 +182,7 @@ pub fn append(path: &Path, entry: Entry, time: u64) -> io::Result<Record> {
     cut_torn_tail(&mut file)?;
     let last = last_record(&mut file)?;
     let mut record = Record {
-        seq: last.as_ref().map_or(1, |r| r.seq + 1),
+        seq: last.as_ref().map_or(1, |r| r.seq.saturating_add(1)),
         time,
         entry,
         prev: last.map_or_else(|| GENESIS.to_string(), |r| r.hash),
@@ -203,7 +203,7 @@ pub(crate) fn pad(path: &Path, count: u64) -> io::Result<()> {
     let mut out = Vec::new();
     for n in 0..count {
         let mut record = Record {
-            seq: last.as_ref().map_or(1, |r| r.seq + 1),
+            seq: last.as_ref().map_or(1, |r| r.seq.saturating_add(1)),
             time: last.as_ref().map_or(0, |r| r.time),
             entry: Entry::Archived {
                 queue_id: format!("FILLER{n}"),
@@ -228,6 +228,16 @@ pub(crate) fn pad(path: &Path, count: u64) -> io::Result<()> {
 mod tests {
     use super::*;
 
+    /// A fresh folder for one test, and the journal path inside it.
+    fn temp_journal(name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+        let dir =
+            std::env::temp_dir().join(format!("pbxmail-journal-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("journal");
+        (dir, path)
+    }
+
     fn archived(n: u64) -> Entry {
         Entry::Archived {
             queue_id: format!("ID{n}"),
@@ -241,10 +251,7 @@ mod tests {
 
     #[test]
     fn a_torn_tail_is_cut_before_the_next_record() {
-        let dir = std::env::temp_dir().join(format!("pbxmail-journal-torn-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("journal");
+        let (dir, path) = temp_journal("torn");
         append(&path, archived(1), 10).unwrap();
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();
         f.write_all(b"99 deadbeef {\"seq\":2").unwrap();
@@ -259,10 +266,7 @@ mod tests {
 
     #[test]
     fn records_chain_and_are_found_again() {
-        let dir = std::env::temp_dir().join(format!("pbxmail-journal-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("journal");
+        let (dir, path) = temp_journal("chain");
         let first = append(&path, archived(1), 10).unwrap();
         let second = append(&path, archived(2), 11).unwrap();
         assert_eq!(first.prev, GENESIS);
@@ -278,10 +282,7 @@ mod tests {
 
     #[test]
     fn a_record_far_from_the_end_is_still_found() {
-        let dir = std::env::temp_dir().join(format!("pbxmail-journal-long-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("journal");
+        let (dir, path) = temp_journal("long");
         append(&path, archived(1), 10).unwrap();
         // Well past the 256 KiB that the old tail scan looked at.
         pad(&path, 2000).unwrap();
@@ -310,10 +311,7 @@ mod tests {
     /// must verify, and tests/archive.rs edits them by hand. Pinned.
     #[test]
     fn a_record_keeps_its_exact_bytes() {
-        let dir = std::env::temp_dir().join(format!("pbxmail-journal-pin-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("journal");
+        let (dir, path) = temp_journal("pin");
         let entry = Entry::Archived {
             queue_id: "ID1".into(),
             message_id: None,
@@ -335,11 +333,7 @@ mod tests {
 
     #[test]
     fn a_torn_final_record_is_reported_as_damaged() {
-        let dir =
-            std::env::temp_dir().join(format!("pbxmail-journal-tornread-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("journal");
+        let (dir, path) = temp_journal("tornread");
         append(&path, archived(1), 10).unwrap();
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();
         f.write_all(b"99 deadbeef {\"seq\":2").unwrap();

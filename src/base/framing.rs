@@ -193,6 +193,14 @@ mod tests {
         n: u32,
     }
 
+    fn open_to_append(path: &std::path::Path) -> File {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .append(true)
+            .open(path)
+            .unwrap()
+    }
+
     fn lines(bytes: &[u8], max: Option<u64>) -> Vec<String> {
         let mut frames = match max {
             Some(max) => Frames::bounded(bytes, max),
@@ -307,11 +315,7 @@ mod tests {
         f.write_all(&whole).unwrap();
         f.write_all(b"7 cb29818d {\"n").unwrap();
         drop(f);
-        let mut f = std::fs::OpenOptions::new()
-            .read(true)
-            .append(true)
-            .open(&path)
-            .unwrap();
+        let mut f = open_to_append(&path);
         cut_torn_tail(&mut f).unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), whole);
         // Nothing to cut: unchanged, and an empty file stays empty.
@@ -321,11 +325,7 @@ mod tests {
         cut_torn_tail(&mut empty).unwrap();
         // Only a torn line: all of it goes.
         std::fs::write(&path, b"12 00").unwrap();
-        let mut f = std::fs::OpenOptions::new()
-            .read(true)
-            .append(true)
-            .open(&path)
-            .unwrap();
+        let mut f = open_to_append(&path);
         cut_torn_tail(&mut f).unwrap();
         assert!(std::fs::read(&path).unwrap().is_empty());
         let _ = std::fs::remove_dir_all(&dir);

@@ -32,3 +32,36 @@ pub fn scan_message(file: &mut File) -> io::Result<MessageScan> {
         eight_bit,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scan_of(name: &str, content: &[u8]) -> MessageScan {
+        let path = std::env::temp_dir().join(format!("pbxmail-scan-{name}-{}", std::process::id()));
+        std::fs::write(&path, content).unwrap();
+        let scan = scan_message(&mut File::open(&path).unwrap()).unwrap();
+        let _ = std::fs::remove_file(&path);
+        scan
+    }
+
+    #[test]
+    fn the_digest_is_sha256_in_lowercase_hex() {
+        let scan = scan_of("abc", b"abc");
+        // FIPS 180-2, appendix B.1.
+        assert_eq!(
+            scan.sha256,
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert!(!scan.eight_bit);
+    }
+
+    #[test]
+    fn one_byte_past_ascii_makes_the_message_8bit() {
+        assert!(scan_of("8bit", "Subject: caf\u{e9}\r\n\r\n".as_bytes()).eight_bit);
+        // Beyond the first 64 KiB read, too.
+        let mut long = vec![b'a'; 70 * 1024];
+        long.push(0xff);
+        assert!(scan_of("8bit-late", &long).eight_bit);
+    }
+}
