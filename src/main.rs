@@ -7,6 +7,7 @@ mod accounts;
 mod address;
 mod advice;
 mod archive;
+mod base;
 mod bounce;
 mod cli;
 mod config;

@@ -1,10 +1,10 @@
 //! TLS for relays: one rustls `ClientConfig` per tenant (trust anchors from the
 //! system store plus the tenant's `ca_file`), and a brand-new
 //! `ClientConnection` for every session. Session resumption is off, so no TLS
-//! state ever carries from one session into the next.
+//! state ever carries from one session into the next. Knows nothing of the
+//! configuration file: callers pass the values.
 
-use crate::config::TenantConfig;
-use crate::smtp::session::Transport;
+use crate::base::stream::Transport;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::Resumption;
 use rustls::crypto::CryptoProvider;
@@ -17,6 +17,7 @@ use rustls::{
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -63,17 +64,20 @@ pub fn system_roots() -> Arc<RootCertStore> {
     Arc::new(roots)
 }
 
-/// Builds the tenant's client configuration (once per tenant, at start or reload).
+/// Builds a tenant's client configuration (once per tenant, at start or
+/// reload): with `verify`, the relay's certificate must chain to `system` or
+/// to a certificate in `ca_file`; without, `ca_file` is not read.
 pub fn client_config(
-    tenant: &TenantConfig,
+    verify: bool,
+    ca_file: Option<&Path>,
     system: &Arc<RootCertStore>,
 ) -> Result<Arc<ClientConfig>, TlsError> {
     let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Config(e.to_string()))?;
-    let mut config = if tenant.tls_verify {
+    let mut config = if verify {
         let mut roots = Arc::clone(system);
-        if let Some(path) = &tenant.ca_file {
+        if let Some(path) = ca_file {
             // Only a tenant with its own anchors gets its own copy of the store.
             let roots = Arc::make_mut(&mut roots);
             let certs = CertificateDer::pem_file_iter(path)

@@ -4,7 +4,7 @@
 //! here the phase's timeout bounds the reply as a whole. Writes keep their
 //! per-call timeout (RFC 5321 §4.5.3.2 times each data block, not the body).
 
-use super::session::Transport;
+use crate::base::stream::Transport;
 use std::io::{self, Read, Write};
 use std::time::{Duration, Instant};
 

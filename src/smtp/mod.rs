@@ -1,9 +1,10 @@
 //! The SMTP client: a blocking session state machine (session.rs) over any
-//! stream, the reply parser, message transparency, and `client::open`, which
+//! stream, typed commands, the reply parser, message transparency, and `client::open`, which
 //! connects, upgrades to TLS and authenticates for one tenant.
 //! What a failure *means* is decided elsewhere (outcome.rs); this module only talks.
 
 pub mod client;
+pub mod command;
 pub mod data;
 mod deadline;
 pub mod reply;

@@ -1,29 +1,22 @@
-//! One SMTP conversation over any `Read + Write` stream: commands out, replies
-//! in, one at a time, each phase under its own timeout. A negative reply is
-//! data (`Reply`); only a broken conversation is an error.
+//! One SMTP conversation over any `Read + Write` stream: typed commands out
+//! (alone or as a group, pipelined where the relay allows), replies in, each
+//! phase under its own timeout. A negative reply is data (`Reply`); only a
+//! broken conversation is an error.
 
+use super::command::{Command, MailParameter};
 use super::data::Transparency;
 use super::deadline::Deadlined;
 use super::reply::{read_reply, Reply};
 use super::{Capabilities, Phase, SessionError};
+use crate::base::stream::Transport;
 use crate::config::Secret;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
 use std::io::{self, BufReader, Read, Write};
 use std::time::Duration;
 
-/// A stream whose blocking operations can be bounded in time.
-pub trait Transport: Read + Write {
-    fn set_timeout(&mut self, timeout: Duration) -> io::Result<()>;
-}
-
-impl Transport for std::net::TcpStream {
-    fn set_timeout(&mut self, timeout: Duration) -> io::Result<()> {
-        let t = Some(timeout.max(Duration::from_millis(1)));
-        self.set_read_timeout(t)?;
-        self.set_write_timeout(t)
-    }
-}
+/// Where client.rs has always found them; they live with the commands now.
+pub use super::command::{AuthMechanism, BearerMechanism};
 
 /// Per-phase limits (RFC 5321 §4.5.3.2 gives 5 minutes for commands, 10 for
 /// the end of data); `connect` covers the TCP connect and the greeting.
@@ -32,18 +25,6 @@ pub struct Timeouts {
     pub connect: Duration,
     pub command: Duration,
     pub data: Duration,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AuthMechanism {
-    Plain,
-    Login,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BearerMechanism {
-    XOAuth2,
-    OAuthBearer,
 }
 
 /// What a transaction needs to know about the message it carries.
@@ -57,6 +38,13 @@ pub struct Outgoing<'a> {
     pub eight_bit: bool,
 }
 
+impl Outgoing<'_> {
+    /// A non-ASCII address anywhere in the envelope (RFC 6531).
+    fn needs_smtputf8(&self) -> bool {
+        !self.mail_from.is_ascii() || self.recipients.iter().any(|r| !r.is_ascii())
+    }
+}
+
 /// The result of one MAIL/RCPT/DATA transaction: for every recipient, the
 /// reply that decided it (its RCPT reply if refused, else the final DATA reply).
 #[derive(Debug)]
@@ -65,12 +53,6 @@ pub struct TransactionResult {
 }
 
 impl TransactionResult {
-    fn all(reply: Reply, count: usize) -> Self {
-        TransactionResult {
-            per_recipient: vec![reply; count],
-        }
-    }
-
     fn from_decided(decided: Vec<Option<Reply>>) -> Self {
         let missing = Reply::local(451, "4.3.0 no reply recorded for this recipient");
         TransactionResult {
@@ -82,15 +64,27 @@ impl TransactionResult {
     }
 }
 
-/// What a transcript may show of a command: never a credential.
-fn redact(phase: Phase, line: &str) -> String {
-    if phase != Phase::Auth {
-        return line.to_string();
+/// In lockstep, whether the replies to the commands sent so far leave
+/// `next` nothing to do (RFC 5321 §3.3): RCPT needs an accepted MAIL, DATA
+/// an accepted MAIL and, if the group has RCPTs, an accepted one.
+fn needless(next: &Command, sent: &[Command], replies: &[Reply]) -> bool {
+    let mut mail_refused = false;
+    let mut rcpt_sent = false;
+    let mut rcpt_accepted = false;
+    for (command, reply) in sent.iter().zip(replies) {
+        match command {
+            Command::Mail { .. } => mail_refused |= !reply.code.is_positive(),
+            Command::Rcpt(_) => {
+                rcpt_sent = true;
+                rcpt_accepted |= reply.code.is_positive();
+            }
+            _ => {}
+        }
     }
-    match line.split_ascii_whitespace().collect::<Vec<_>>().as_slice() {
-        ["AUTH", mechanism] => format!("AUTH {mechanism}"),
-        ["AUTH", mechanism, ..] => format!("AUTH {mechanism} <credentials redacted>"),
-        _ => "<credentials redacted>".to_string(),
+    match next {
+        Command::Rcpt(_) => mail_refused,
+        Command::Data => mail_refused || (rcpt_sent && !rcpt_accepted),
+        _ => false,
     }
 }
 
@@ -221,32 +215,64 @@ impl<S: Transport> Session<S> {
         ))
     }
 
-    /// Writes command lines in one go (one line, or a pipelined group).
-    fn send_lines(&mut self, phase: Phase, lines: &[&str]) -> Result<(), SessionError> {
+    /// Writes commands in one go (one, or a pipelined group); `phase` names
+    /// the step a failure is reported against.
+    fn send(&mut self, phase: Phase, commands: &[Command]) -> Result<(), SessionError> {
         if self.closed {
             let gone = io::Error::new(io::ErrorKind::BrokenPipe, "the relay closed the connection");
             return Err(SessionError::Io(phase, gone));
         }
         self.ensure_in_step(phase)?;
         if let Some(trace) = self.trace.as_mut() {
-            for line in lines {
-                trace(&format!("C: {}", redact(phase, line)));
+            for command in commands {
+                trace(&format!("C: {}", command.redacted()));
             }
         }
-        let mut wire = Vec::with_capacity(lines.iter().map(|l| l.len() + 2).sum());
-        for line in lines {
-            wire.extend_from_slice(line.as_bytes());
-            wire.extend_from_slice(b"\r\n");
+        let mut wire = String::new();
+        for command in commands {
+            wire.push_str(&command.to_string());
+            wire.push_str("\r\n");
         }
-        self.write_all(phase, &wire)?;
+        self.write_all(phase, wire.as_bytes())?;
         self.flush(phase)
     }
 
-    /// Sends one command line and reads its reply, under the command timeout.
-    pub fn command(&mut self, phase: Phase, line: &str) -> Result<Reply, SessionError> {
+    /// Sends one command and reads its reply, under the command timeout.
+    pub fn command(&mut self, command: &Command) -> Result<Reply, SessionError> {
+        let phase = command.phase();
         self.set_timeout(phase, self.timeouts.command)?;
-        self.send_lines(phase, &[line])?;
+        self.send(phase, std::slice::from_ref(command))?;
         self.read_checked(phase)
+    }
+
+    /// Sends a group of commands under the command timeout and returns their
+    /// replies in order, one per command sent. Where the relay offers
+    /// PIPELINING (RFC 2920) the whole group goes out in one write and every
+    /// reply is then read; the group must end with a command that may end
+    /// one (DATA, or any RCPT; RFC 2920 §3.1). Otherwise each command waits
+    /// for the reply before it, and the group stops early at a command those
+    /// replies leave nothing to do (`needless`), so fewer replies come back.
+    /// A 421 anywhere ends the session (`Rejected`).
+    pub fn command_group(&mut self, group: &[Command]) -> Result<Vec<Reply>, SessionError> {
+        let mut replies = Vec::with_capacity(group.len());
+        let Some(first) = group.first() else {
+            return Ok(replies);
+        };
+        if !self.caps.pipelining {
+            for command in group {
+                if needless(command, group, &replies) {
+                    break;
+                }
+                replies.push(self.command(command)?);
+            }
+            return Ok(replies);
+        }
+        self.set_timeout(first.phase(), self.timeouts.command)?;
+        self.send(first.phase(), group)?;
+        for command in group {
+            replies.push(self.read_checked(command.phase())?);
+        }
+        Ok(replies)
     }
 
     /// The greeting counts as part of connecting: a relay that accepts TCP but
@@ -264,7 +290,7 @@ impl<S: Transport> Session<S> {
     /// Replaces every capability learned before (after STARTTLS only the new EHLO counts).
     pub fn hello(&mut self, hostname: &str) -> Result<(), SessionError> {
         self.caps = Capabilities::default();
-        let reply = self.command(Phase::Ehlo, &format!("EHLO {hostname}"))?;
+        let reply = self.command(&Command::Ehlo(hostname.to_string()))?;
         if reply.code.is_positive() {
             self.caps = Capabilities::from_ehlo(&reply);
             return Ok(());
@@ -272,7 +298,7 @@ impl<S: Transport> Session<S> {
         if !reply.code.is_permanent() {
             return Err(SessionError::Rejected(Phase::Ehlo, reply));
         }
-        let reply = self.command(Phase::Ehlo, &format!("HELO {hostname}"))?;
+        let reply = self.command(&Command::Helo(hostname.to_string()))?;
         if !reply.code.is_positive() {
             return Err(SessionError::Rejected(Phase::Ehlo, reply));
         }
@@ -281,7 +307,7 @@ impl<S: Transport> Session<S> {
 
     /// Asks for STARTTLS; the caller upgrades with `into_stream` on success.
     pub fn start_tls(&mut self) -> Result<(), SessionError> {
-        let reply = self.command(Phase::StartTls, "STARTTLS")?;
+        let reply = self.command(&Command::StartTls)?;
         if reply.code.0 != 220 {
             return Err(SessionError::Rejected(Phase::StartTls, reply));
         }
@@ -296,20 +322,15 @@ impl<S: Transport> Session<S> {
         password: &Secret,
     ) -> Result<(), SessionError> {
         let reply = match mechanism {
-            AuthMechanism::Plain => {
-                let token = BASE64.encode(format!("\0{username}\0{}", password.expose()));
-                self.command(Phase::Auth, &format!("AUTH PLAIN {token}"))?
-            }
+            AuthMechanism::Plain => self.command(&Command::auth_plain(username, password))?,
             AuthMechanism::Login => {
-                let reply = self.command(Phase::Auth, "AUTH LOGIN")?;
-                if reply.code.0 != 334 {
-                    return Err(SessionError::Rejected(Phase::Auth, reply));
+                for step in [Command::auth_login(), Command::login_response(username)] {
+                    let reply = self.command(&step)?;
+                    if reply.code.0 != 334 {
+                        return Err(SessionError::Rejected(Phase::Auth, reply));
+                    }
                 }
-                let reply = self.command(Phase::Auth, &BASE64.encode(username))?;
-                if reply.code.0 != 334 {
-                    return Err(SessionError::Rejected(Phase::Auth, reply));
-                }
-                self.command(Phase::Auth, &BASE64.encode(password.expose()))?
+                self.command(&Command::login_response(password.expose()))?
             }
         };
         if reply.code.0 != 235 {
@@ -330,25 +351,8 @@ impl<S: Transport> Session<S> {
         host: &str,
         port: u16,
     ) -> Result<(), SessionError> {
-        let (name, payload, end_exchange) = match mechanism {
-            BearerMechanism::XOAuth2 => (
-                "XOAUTH2",
-                format!("user={username}\x01auth=Bearer {}\x01\x01", token.expose()),
-                "",
-            ),
-            BearerMechanism::OAuthBearer => (
-                "OAUTHBEARER",
-                format!(
-                    "n,a={username},\x01host={host}\x01port={port}\x01auth=Bearer {}\x01\x01",
-                    token.expose()
-                ),
-                "AQ==",
-            ),
-        };
-        let reply = self.command(
-            Phase::Auth,
-            &format!("AUTH {name} {}", BASE64.encode(payload)),
-        )?;
+        let auth = Command::auth_bearer(mechanism, username, token, host, port);
+        let reply = self.command(&auth)?;
         if reply.code.0 == 334 {
             // The challenge is the provider's reason, base64 JSON, e.g. Google's
             // {"status":"401","schemes":"bearer","scope":"https://mail.google.com/"}.
@@ -357,7 +361,7 @@ impl<S: Transport> Session<S> {
                 .first()
                 .and_then(|l| BASE64.decode(l.trim()).ok())
                 .map(|b| String::from_utf8_lossy(&b).into_owned());
-            let mut refusal = self.command(Phase::Auth, end_exchange)?;
+            let mut refusal = self.command(&Command::bearer_end(mechanism))?;
             if let Some(reason) = reason {
                 refusal
                     .lines
@@ -371,18 +375,78 @@ impl<S: Transport> Session<S> {
         Ok(())
     }
 
-    /// One transaction: MAIL, RCPT for each recipient, then DATA (or BDAT
-    /// where CHUNKING is offered) and the body. With PIPELINING (RFC 2920)
-    /// MAIL, every RCPT and DATA go out in one write and every reply is
-    /// checked in order. Limits the relay declared are applied before
-    /// anything is sent, as local replies.
+    /// One transaction: MAIL, RCPT for each recipient and DATA as one
+    /// command group, then the body (or MAIL and RCPTs, then BDAT chunks
+    /// where CHUNKING is offered). Limits the relay declared are applied
+    /// before anything is sent, as local replies.
     pub fn transaction(
         &mut self,
         message: &Outgoing<'_>,
         body: &mut impl Read,
     ) -> Result<TransactionResult, SessionError> {
+        let mut decided = self.decide_locally(message);
+        let sendable: Vec<usize> = (0..decided.len())
+            .filter(|&i| decided.get(i).is_some_and(Option::is_none))
+            .collect();
+        if sendable.is_empty() {
+            return Ok(TransactionResult::from_decided(decided));
+        }
+        let chunking = self.caps.chunking;
+        let mut group = vec![self.mail_command(message)];
+        let recipients = sendable.iter().filter_map(|&i| message.recipients.get(i));
+        group.extend(recipients.map(|r| Command::Rcpt(r.clone())));
+        if !chunking {
+            group.push(Command::Data);
+        }
+        let mut replies = self.command_group(&group)?.into_iter();
+        let Some(mail) = replies.next() else {
+            return Err(SessionError::Protocol(
+                Phase::Mail,
+                "no reply to MAIL".into(),
+            ));
+        };
+        let rcpt_replies: Vec<Reply> = replies.by_ref().take(sendable.len()).collect();
+        let data_reply = replies.next();
+
+        let mut accepted = Vec::new();
+        for (position, &index) in sendable.iter().enumerate() {
+            let reply = match rcpt_replies.get(position) {
+                Some(reply) if mail.code.is_positive() => reply.clone(),
+                _ => mail.clone(),
+            };
+            if reply.code.is_positive() {
+                accepted.push(index);
+            } else if let Some(slot) = decided.get_mut(index) {
+                *slot = Some(reply);
+            }
+        }
+        if accepted.is_empty() {
+            self.abandon(data_reply.as_ref())?;
+            return Ok(TransactionResult::from_decided(decided));
+        }
+        let final_reply = if chunking {
+            let reply = self.send_bdat(body)?;
+            if !reply.code.is_positive() && !self.closed {
+                self.reset()?;
+            }
+            reply
+        } else {
+            self.send_data(data_reply, body)?
+        };
+        for index in accepted {
+            if let Some(slot) = decided.get_mut(index) {
+                *slot = Some(final_reply.clone());
+            }
+        }
+        Ok(TransactionResult::from_decided(decided))
+    }
+
+    /// What the relay's declared limits decide before anything is sent, as
+    /// local replies: a message over its SIZE fails every recipient; without
+    /// SMTPUTF8 a non-ASCII sender fails every recipient, a non-ASCII
+    /// recipient only itself. `None` is a recipient still to send to.
+    fn decide_locally(&self, message: &Outgoing<'_>) -> Vec<Option<Reply>> {
         let count = message.recipients.len();
-        let mut decided: Vec<Option<Reply>> = vec![None; count];
         if let Some(limit) = self.caps.size.filter(|&limit| message.size > limit) {
             let reply = Reply::local(
                 552,
@@ -391,153 +455,86 @@ impl<S: Transport> Session<S> {
                     message.size
                 ),
             );
-            return Ok(TransactionResult::all(reply, count));
+            return vec![Some(reply); count];
         }
-        let needs_utf8 =
-            !message.mail_from.is_ascii() || message.recipients.iter().any(|r| !r.is_ascii());
-        if needs_utf8 && !self.caps.smtputf8 {
-            let reply = Reply::local(
-                553,
-                "5.6.7 non-ASCII address and the relay does not offer SMTPUTF8; not sent",
-            );
-            if !message.mail_from.is_ascii() {
-                return Ok(TransactionResult::all(reply, count));
-            }
-            for (slot, rcpt) in decided.iter_mut().zip(message.recipients) {
-                if !rcpt.is_ascii() {
-                    *slot = Some(reply.clone());
-                }
-            }
+        if self.caps.smtputf8 {
+            return vec![None; count];
         }
-        let sendable: Vec<usize> = (0..count)
-            .filter(|&i| decided.get(i).is_some_and(Option::is_none))
-            .collect();
-        if sendable.is_empty() {
-            return Ok(TransactionResult::from_decided(decided));
+        let reply = Reply::local(
+            553,
+            "5.6.7 non-ASCII address and the relay does not offer SMTPUTF8; not sent",
+        );
+        if !message.mail_from.is_ascii() {
+            return vec![Some(reply); count];
         }
+        message
+            .recipients
+            .iter()
+            .map(|r| (!r.is_ascii()).then(|| reply.clone()))
+            .collect()
+    }
 
-        let mut mail = format!("MAIL FROM:<{}>", message.mail_from);
+    /// MAIL FROM with the parameters the relay offers and the message needs.
+    fn mail_command(&self, message: &Outgoing<'_>) -> Command {
+        let mut parameters = Vec::new();
         if self.caps.size_ext {
-            mail.push_str(&format!(" SIZE={}", message.size));
+            parameters.push(MailParameter::Size(message.size));
         }
         if message.eight_bit && self.caps.eight_bit_mime {
-            mail.push_str(" BODY=8BITMIME");
+            parameters.push(MailParameter::EightBitMime);
         }
-        if needs_utf8 && self.caps.smtputf8 {
-            mail.push_str(" SMTPUTF8");
+        if message.needs_smtputf8() && self.caps.smtputf8 {
+            parameters.push(MailParameter::SmtpUtf8);
         }
-        let rcpt_lines: Vec<String> = sendable
-            .iter()
-            .filter_map(|&i| message.recipients.get(i))
-            .map(|r| format!("RCPT TO:<{r}>"))
-            .collect();
-        let chunking = self.caps.chunking;
+        Command::Mail {
+            from: message.mail_from.to_string(),
+            parameters,
+        }
+    }
 
-        let (mail_reply, rcpt_replies, data_reply) = if self.caps.pipelining {
-            let mut batch: Vec<&str> = vec![&mail];
-            batch.extend(rcpt_lines.iter().map(String::as_str));
-            if !chunking {
-                batch.push("DATA");
-            }
-            self.send_lines(Phase::Mail, &batch)?;
-            let mail_reply = self.read_checked(Phase::Mail)?;
-            let mut rcpt_replies = Vec::with_capacity(rcpt_lines.len());
-            for _ in &rcpt_lines {
-                rcpt_replies.push(self.read_checked(Phase::Rcpt)?);
-            }
-            let data_reply = if chunking {
-                None
-            } else {
-                Some(self.read_checked(Phase::Data)?)
-            };
-            (mail_reply, rcpt_replies, data_reply)
-        } else {
-            let mail_reply = self.command(Phase::Mail, &mail)?;
-            if !mail_reply.code.is_positive() {
-                (mail_reply, Vec::new(), None)
-            } else {
-                let mut rcpt_replies = Vec::with_capacity(rcpt_lines.len());
-                for line in &rcpt_lines {
-                    rcpt_replies.push(self.command(Phase::Rcpt, line)?);
-                }
-                let any_accepted = rcpt_replies.iter().any(|r| r.code.is_positive());
-                let data_reply = if any_accepted && !chunking {
-                    Some(self.command(Phase::Data, "DATA")?)
-                } else {
-                    None
-                };
-                (mail_reply, rcpt_replies, data_reply)
-            }
-        };
+    /// Ends a transaction no recipient survived: a pipelined DATA the relay
+    /// accepted anyway is ended empty (RFC 2920 §3.1), then RSET.
+    fn abandon(&mut self, data_reply: Option<&Reply>) -> Result<(), SessionError> {
+        if data_reply.is_some_and(|r| r.code.0 == 354) {
+            self.set_timeout(Phase::DataEnd, self.timeouts.data)?;
+            self.write_all(Phase::Body, b".\r\n")?;
+            self.flush(Phase::Body)?;
+            self.read_checked(Phase::DataEnd)?;
+        }
+        self.reset()
+    }
 
-        let mut accepted = Vec::new();
-        for (position, &index) in sendable.iter().enumerate() {
-            let reply = if mail_reply.code.is_positive() {
-                rcpt_replies
-                    .get(position)
-                    .cloned()
-                    .unwrap_or_else(|| mail_reply.clone())
-            } else {
-                mail_reply.clone()
-            };
-            if reply.code.is_positive() {
-                accepted.push(index);
-            } else if let Some(slot) = decided.get_mut(index) {
-                *slot = Some(reply);
-            }
-        }
-
-        let final_reply = if accepted.is_empty() {
-            if data_reply.as_ref().is_some_and(|r| r.code.0 == 354) {
-                // Pipelined DATA was accepted with no recipient: end it empty (RFC 2920 §3.1).
-                self.set_timeout(Phase::DataEnd, self.timeouts.data)?;
-                self.write_all(Phase::Body, b".\r\n")?;
-                self.flush(Phase::Body)?;
-                self.read_checked(Phase::DataEnd)?;
-            }
-            self.reset()?;
-            return Ok(TransactionResult::from_decided(decided));
-        } else if chunking {
-            self.send_bdat(body)?
-        } else {
-            match data_reply {
-                Some(reply) if reply.code.0 == 354 => match self.send_body(body) {
-                    Ok(()) => {
-                        self.set_timeout(Phase::DataEnd, self.timeouts.data)?;
-                        self.read_checked(Phase::DataEnd)?
-                    }
-                    Err(e) => self.reply_behind_write_error(e)?,
-                },
-                // Only 354 invites the body (RFC 5321 §4.1.1.4). Any other
-                // positive reply would have us call a message delivered that
-                // was never sent.
-                Some(reply) if reply.code.is_positive() => {
-                    return Err(SessionError::Protocol(
-                        Phase::Data,
-                        format!("DATA answered with {} instead of 354", reply.summary()),
-                    ));
+    /// The body after DATA's reply; returns the reply that decides the
+    /// accepted recipients (a refused DATA's own, after RSET).
+    fn send_data(
+        &mut self,
+        data_reply: Option<Reply>,
+        body: &mut impl Read,
+    ) -> Result<Reply, SessionError> {
+        match data_reply {
+            Some(reply) if reply.code.0 == 354 => match self.send_body(body) {
+                Ok(()) => {
+                    self.set_timeout(Phase::DataEnd, self.timeouts.data)?;
+                    self.read_checked(Phase::DataEnd)
                 }
-                Some(reply) => {
-                    self.reset()?;
-                    reply
-                }
-                None => {
-                    return Err(SessionError::Protocol(
-                        Phase::Data,
-                        "no reply to DATA".into(),
-                    ));
-                }
+                Err(e) => self.reply_behind_write_error(e),
+            },
+            // Only 354 invites the body (RFC 5321 §4.1.1.4). Any other
+            // positive reply would have us call a message delivered that
+            // was never sent.
+            Some(reply) if reply.code.is_positive() => Err(SessionError::Protocol(
+                Phase::Data,
+                format!("DATA answered with {} instead of 354", reply.summary()),
+            )),
+            Some(reply) => {
+                self.reset()?;
+                Ok(reply)
             }
-        };
-        if !final_reply.code.is_positive() && chunking && !self.closed {
-            self.reset()?;
+            None => Err(SessionError::Protocol(
+                Phase::Data,
+                "no reply to DATA".into(),
+            )),
         }
-        for index in accepted {
-            if let Some(slot) = decided.get_mut(index) {
-                *slot = Some(final_reply.clone());
-            }
-        }
-        Ok(TransactionResult::from_decided(decided))
     }
 
     fn send_body(&mut self, body: &mut impl Read) -> Result<(), SessionError> {
@@ -573,18 +570,21 @@ impl<S: Transport> Session<S> {
                 continue;
             }
             let last = more.is_none();
-            let header = format!("BDAT {}{}\r\n", wire.len(), if last { " LAST" } else { "" });
+            let bdat = Command::Bdat {
+                size: wire.len(),
+                last,
+            };
             self.set_timeout(Phase::Body, self.timeouts.data)?;
             self.ensure_in_step(Phase::Body)?;
             self.note(&format!(
                 "C: {} (and that many octets of the message)",
-                header.trim_end()
+                bdat.redacted()
             ));
-            self.write_all(Phase::Body, header.as_bytes())?;
+            self.write_all(Phase::Body, format!("{bdat}\r\n").as_bytes())?;
             self.write_all(Phase::Body, &wire)?;
             self.flush(Phase::Body)?;
             wire.clear();
-            let reply = self.read_checked(if last { Phase::DataEnd } else { Phase::Body })?;
+            let reply = self.read_checked(bdat.phase())?;
             if last || !reply.code.is_positive() {
                 return Ok(reply);
             }
@@ -628,7 +628,7 @@ impl<S: Transport> Session<S> {
 
     /// RSET after a failed transaction so the next one starts clean.
     fn reset(&mut self) -> Result<(), SessionError> {
-        let reply = self.command(Phase::Reset, "RSET")?;
+        let reply = self.command(&Command::Rset)?;
         if !reply.code.is_positive() {
             return Err(SessionError::Rejected(Phase::Reset, reply));
         }
@@ -637,7 +637,7 @@ impl<S: Transport> Session<S> {
 
     /// Polite close; the reply does not matter any more.
     pub fn quit(mut self) {
-        let _ = self.command(Phase::Quit, "QUIT");
+        let _ = self.command(&Command::Quit);
     }
 }
 
