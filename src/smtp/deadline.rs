@@ -26,6 +26,12 @@ impl<S: Transport> Deadlined<S> {
         self.inner
     }
 
+    /// For tests that look at what a scripted stream saw.
+    #[cfg(test)]
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
     /// The per-call timeout for reads and writes outside a deadline.
     pub fn set_timeout(&mut self, timeout: Duration) -> io::Result<()> {
         self.inner.set_timeout(timeout)

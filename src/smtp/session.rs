@@ -248,8 +248,8 @@ impl<S: Transport> Session<S> {
     /// Sends a group of commands under the command timeout and returns their
     /// replies in order, one per command sent. Where the relay offers
     /// PIPELINING (RFC 2920) the whole group goes out in one write and every
-    /// reply is then read; the group must end with a command that may end
-    /// one (DATA, or any RCPT; RFC 2920 §3.1). Otherwise each command waits
+    /// reply is then read; a command that must end a group (EHLO, DATA,
+    /// QUIT; RFC 2920 §3.1) may only come last. Otherwise each command waits
     /// for the reply before it, and the group stops early at a command those
     /// replies leave nothing to do (`needless`), so fewer replies come back.
     /// A 421 anywhere ends the session (`Rejected`).
@@ -652,6 +652,8 @@ mod tests {
         input: io::Cursor<Vec<u8>>,
         replies: std::collections::VecDeque<Vec<u8>>,
         written: Vec<u8>,
+        /// How many writes the client made: a pipelined group is one.
+        writes: usize,
     }
 
     impl Read for Script {
@@ -663,6 +665,7 @@ mod tests {
     impl Write for Script {
         fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
             self.written.extend_from_slice(buf);
+            self.writes += 1;
             Ok(buf.len())
         }
         fn flush(&mut self) -> io::Result<()> {
@@ -692,6 +695,7 @@ mod tests {
                 input: io::Cursor::new(first),
                 replies,
                 written: Vec::new(),
+                writes: 0,
             },
             Timeouts {
                 connect: t,
@@ -715,7 +719,158 @@ mod tests {
     }
 
     fn codes(result: &TransactionResult) -> Vec<u16> {
-        result.per_recipient.iter().map(|r| r.code.0).collect()
+        codes_of(&result.per_recipient)
+    }
+
+    fn codes_of(replies: &[Reply]) -> Vec<u16> {
+        replies.iter().map(|r| r.code.0).collect()
+    }
+
+    fn script(s: &Session<Script>) -> &Script {
+        s.io.get_ref().get_ref()
+    }
+
+    fn transaction_group(rcpts: &[&str]) -> Vec<Command> {
+        let mut group = vec![Command::Mail {
+            from: "a@x".into(),
+            parameters: Vec::new(),
+        }];
+        group.extend(rcpts.iter().map(|r| Command::Rcpt(r.to_string())));
+        group.push(Command::Data);
+        group
+    }
+
+    fn texts(replies: &[Reply]) -> Vec<String> {
+        replies.iter().map(Reply::summary).collect()
+    }
+
+    #[test]
+    fn pipelined_group_is_one_write_and_replies_come_back_in_order() {
+        let mut s = session(&[
+            "",
+            "250-mx\r\n250 PIPELINING\r\n",
+            "250 2.1.0 sender\r\n550 5.1.1 b\r\n250 2.1.5 c\r\n354 go\r\n",
+        ]);
+        s.hello("pbx").unwrap();
+        let before = script(&s).writes;
+        let replies = s
+            .command_group(&transaction_group(&["b@y", "c@y"]))
+            .unwrap();
+        assert_eq!(script(&s).writes - before, 1);
+        assert_eq!(codes_of(&replies), vec![250, 550, 250, 354]);
+        assert_eq!(
+            texts(&replies),
+            vec!["250 2.1.0 sender", "550 5.1.1 b", "250 2.1.5 c", "354 go"]
+        );
+        assert_eq!(
+            written(s),
+            "EHLO pbx\r\nMAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nRCPT TO:<c@y>\r\nDATA\r\n"
+        );
+    }
+
+    #[test]
+    fn pipelined_group_reads_every_reply_even_after_a_refused_mail() {
+        let mut s = session(&[
+            "",
+            "250-mx\r\n250 PIPELINING\r\n",
+            "550 no sender\r\n503 need MAIL\r\n503 need RCPT\r\n",
+        ]);
+        s.hello("pbx").unwrap();
+        let replies = s.command_group(&transaction_group(&["b@y"])).unwrap();
+        assert_eq!(codes_of(&replies), vec![550, 503, 503]);
+        assert!(written(s).ends_with("MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nDATA\r\n"));
+    }
+
+    #[test]
+    fn lockstep_group_waits_for_each_reply() {
+        let mut s = session(&[
+            "",
+            "250 mx\r\n",
+            "250 sender\r\n",
+            "550 b\r\n",
+            "250 c\r\n",
+            "354 go\r\n",
+        ]);
+        s.hello("pbx").unwrap();
+        let before = script(&s).writes;
+        let replies = s
+            .command_group(&transaction_group(&["b@y", "c@y"]))
+            .unwrap();
+        assert_eq!(script(&s).writes - before, 4);
+        assert_eq!(
+            texts(&replies),
+            vec!["250 sender", "550 b", "250 c", "354 go"]
+        );
+        assert_eq!(
+            written(s),
+            "EHLO pbx\r\nMAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nRCPT TO:<c@y>\r\nDATA\r\n"
+        );
+    }
+
+    #[test]
+    fn lockstep_group_stops_after_a_refused_mail() {
+        let mut s = session(&["", "550 no sender\r\n"]);
+        let replies = s.command_group(&transaction_group(&["b@y"])).unwrap();
+        assert_eq!(codes_of(&replies), vec![550]);
+        assert_eq!(written(s), "MAIL FROM:<a@x>\r\n");
+    }
+
+    #[test]
+    fn lockstep_group_sends_no_data_when_every_rcpt_is_refused() {
+        let mut s = session(&["", "250 ok\r\n", "550 b\r\n", "450 c\r\n"]);
+        let replies = s
+            .command_group(&transaction_group(&["b@y", "c@y"]))
+            .unwrap();
+        assert_eq!(codes_of(&replies), vec![250, 550, 450]);
+        assert_eq!(
+            written(s),
+            "MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nRCPT TO:<c@y>\r\n"
+        );
+    }
+
+    #[test]
+    fn group_421_ends_the_session_in_either_mode() {
+        let mut s = session(&["", "250 ok\r\n", "421 4.3.2 bye\r\n"]);
+        let err = s.command_group(&transaction_group(&["b@y"])).unwrap_err();
+        assert!(matches!(err, SessionError::Rejected(Phase::Rcpt, r) if r.code.0 == 421));
+
+        let mut s = session(&[
+            "",
+            "250-mx\r\n250 PIPELINING\r\n",
+            "250 ok\r\n421 4.3.2 bye\r\n",
+        ]);
+        s.hello("pbx").unwrap();
+        let err = s.command_group(&transaction_group(&["b@y"])).unwrap_err();
+        assert!(matches!(err, SessionError::Rejected(Phase::Rcpt, r) if r.code.0 == 421));
+    }
+
+    #[test]
+    fn empty_group_sends_nothing() {
+        let mut s = session(&["", "250-mx\r\n250 PIPELINING\r\n"]);
+        s.hello("pbx").unwrap();
+        assert!(s.command_group(&[]).unwrap().is_empty());
+        assert_eq!(written(s), "EHLO pbx\r\n");
+    }
+
+    #[test]
+    fn needless_follows_the_replies_to_mail_and_rcpt() {
+        let ok = Reply::local(250, "ok");
+        let no = Reply::local(550, "no");
+        let group = transaction_group(&["b@y", "c@y"]);
+        let rcpt = Command::Rcpt("d@y".into());
+        assert!(!needless(&rcpt, &group, std::slice::from_ref(&ok)));
+        assert!(needless(&rcpt, &group, std::slice::from_ref(&no)));
+        let replies = [ok.clone(), no.clone(), no.clone()];
+        assert!(needless(&Command::Data, &group, &replies));
+        let replies = [ok.clone(), no.clone(), ok.clone()];
+        assert!(!needless(&Command::Data, &group, &replies));
+        // A group without RCPT does not hold DATA back.
+        assert!(!needless(
+            &Command::Data,
+            &group[..1],
+            std::slice::from_ref(&ok)
+        ));
+        assert!(!needless(&Command::Rset, &group, std::slice::from_ref(&no)));
     }
 
     #[test]
