@@ -15,7 +15,7 @@ use base64::Engine;
 use std::io::{self, BufReader, Read, Write};
 use std::time::Duration;
 
-/// Where client.rs has always found them; they live with the commands now.
+/// Named from here by client.rs; they belong with the AUTH commands.
 pub use super::command::{AuthMechanism, BearerMechanism};
 
 /// Per-phase limits (RFC 5321 §4.5.3.2 gives 5 minutes for commands, 10 for
@@ -385,8 +385,10 @@ impl<S: Transport> Session<S> {
         body: &mut impl Read,
     ) -> Result<TransactionResult, SessionError> {
         let mut decided = self.decide_locally(message);
-        let sendable: Vec<usize> = (0..decided.len())
-            .filter(|&i| decided.get(i).is_some_and(Option::is_none))
+        let sendable: Vec<usize> = decided
+            .iter()
+            .enumerate()
+            .filter_map(|(i, reply)| reply.is_none().then_some(i))
             .collect();
         if sendable.is_empty() {
             return Ok(TransactionResult::from_decided(decided));
