@@ -32,6 +32,11 @@ impl<S: Transport> Deadlined<S> {
         &self.inner
     }
 
+    #[cfg(test)]
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
     /// The per-call timeout for reads and writes outside a deadline.
     pub fn set_timeout(&mut self, timeout: Duration) -> io::Result<()> {
         self.inner.set_timeout(timeout)

@@ -656,6 +656,8 @@ mod tests {
         written: Vec<u8>,
         /// How many writes the client made: a pipelined group is one.
         writes: usize,
+        /// Every timeout the client set, in order.
+        timeouts: Vec<Duration>,
     }
 
     impl Read for Script {
@@ -681,7 +683,8 @@ mod tests {
     }
 
     impl Transport for Script {
-        fn set_timeout(&mut self, _: Duration) -> io::Result<()> {
+        fn set_timeout(&mut self, timeout: Duration) -> io::Result<()> {
+            self.timeouts.push(timeout);
             Ok(())
         }
     }
@@ -689,6 +692,17 @@ mod tests {
     /// `replies[0]` is sent unasked (a greeting, or ""), the rest one per flush.
     fn session(replies: &[&str]) -> Session<Script> {
         let t = Duration::from_secs(1);
+        session_with(
+            replies,
+            Timeouts {
+                connect: t,
+                command: t,
+                data: t,
+            },
+        )
+    }
+
+    fn session_with(replies: &[&str], timeouts: Timeouts) -> Session<Script> {
         let mut replies: std::collections::VecDeque<Vec<u8>> =
             replies.iter().map(|r| r.as_bytes().to_vec()).collect();
         let first = replies.pop_front().unwrap_or_default();
@@ -698,12 +712,9 @@ mod tests {
                 replies,
                 written: Vec::new(),
                 writes: 0,
+                timeouts: Vec::new(),
             },
-            Timeouts {
-                connect: t,
-                command: t,
-                data: t,
-            },
+            timeouts,
         )
     }
 
@@ -767,6 +778,39 @@ mod tests {
         assert_eq!(
             written(s),
             "EHLO pbx\r\nMAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nRCPT TO:<c@y>\r\nDATA\r\n"
+        );
+    }
+
+    /// The group after a message's end of data (10 minutes by default) is
+    /// bounded by the command timeout again, pipelined as in lockstep.
+    #[test]
+    fn pipelined_group_after_a_message_waits_the_command_timeout() {
+        let command = Duration::from_secs(1);
+        let mut s = session_with(
+            &[
+                "",
+                "250-mx\r\n250 PIPELINING\r\n",
+                "250 ok\r\n250 ok\r\n354 go\r\n",
+                "250 queued\r\n",
+                "250 ok\r\n250 ok\r\n354 go\r\n",
+            ],
+            Timeouts {
+                connect: command,
+                command,
+                data: Duration::from_secs(600),
+            },
+        );
+        s.hello("pbx").unwrap();
+        let rcpts = ["b@y".to_string()];
+        s.transaction(&outgoing("a@x", &rcpts), &mut &b"x"[..])
+            .unwrap();
+        s.io.get_mut().get_mut().timeouts.clear();
+        let replies = s.command_group(&transaction_group(&["b@y"])).unwrap();
+        assert_eq!(codes_of(&replies), vec![250, 250, 354]);
+        let set = &script(&s).timeouts;
+        assert!(
+            !set.is_empty() && set.iter().all(|&t| t <= command),
+            "{set:?}"
         );
     }
 
