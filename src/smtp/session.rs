@@ -1278,4 +1278,80 @@ mod tests {
             Err(SessionError::Protocol(Phase::Ehlo, _))
         ));
     }
+
+    /// The whole-reply deadline (deadline.rs) as a session meets it.
+    mod whole_reply_deadline {
+        use super::*;
+        use std::thread::sleep;
+        use std::time::Instant;
+
+        /// A relay that answers one byte per read, 20 ms apart: each read is
+        /// quick, the reply as a whole is slow.
+        struct Trickle {
+            reply: Vec<u8>,
+            at: usize,
+        }
+
+        impl Read for Trickle {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                let (Some(byte), Some(slot)) = (self.reply.get(self.at), buf.first_mut()) else {
+                    return Ok(0);
+                };
+                sleep(Duration::from_millis(20));
+                *slot = *byte;
+                self.at += 1;
+                Ok(1)
+            }
+        }
+
+        impl Write for Trickle {
+            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+
+        impl Transport for Trickle {
+            fn set_timeout(&mut self, _: Duration) -> io::Result<()> {
+                Ok(())
+            }
+        }
+
+        fn greeting_within(connect: Duration) -> Result<(), SessionError> {
+            // 30 bytes at 20 ms: about 0.6 s for the whole greeting.
+            let stream = Trickle {
+                reply: b"220 relay.test ESMTP ready ok\r\n".to_vec(),
+                at: 0,
+            };
+            let timeouts = Timeouts {
+                connect,
+                command: connect,
+                data: connect,
+            };
+            Session::new(stream, timeouts).greeting().map(|_| ())
+        }
+
+        #[test]
+        fn a_trickled_reply_times_out_as_a_whole() {
+            let started = Instant::now();
+            let result = greeting_within(Duration::from_millis(200));
+            assert!(
+                matches!(result, Err(SessionError::Timeout(Phase::Greeting))),
+                "{result:?}"
+            );
+            assert!(
+                started.elapsed() < Duration::from_millis(400),
+                "{:?}",
+                started.elapsed()
+            );
+        }
+
+        #[test]
+        fn a_trickled_reply_within_the_timeout_is_read() {
+            let result = greeting_within(Duration::from_secs(10));
+            assert!(result.is_ok(), "{result:?}");
+        }
+    }
 }
