@@ -9,9 +9,6 @@ use super::deadline::Deadlined;
 use super::reply::{read_reply, Reply};
 use super::{Capabilities, Phase, SessionError};
 use crate::base::stream::Transport;
-use crate::config::Secret;
-use base64::engine::general_purpose::STANDARD as BASE64;
-use base64::Engine;
 use std::io::{self, BufReader, Read, Write};
 use std::time::Duration;
 
@@ -166,6 +163,17 @@ impl<S: Transport> Session<S> {
         Ok(self.io.into_inner().into_inner())
     }
 
+    /// The stream underneath, for tests that look at what it saw.
+    #[cfg(test)]
+    pub(super) fn stream(&self) -> &S {
+        self.io.get_ref().get_ref()
+    }
+
+    #[cfg(test)]
+    pub(super) fn stream_mut(&mut self) -> &mut S {
+        self.io.get_mut().get_mut()
+    }
+
     fn set_timeout(&mut self, phase: Phase, timeout: Duration) -> Result<(), SessionError> {
         self.phase_timeout = timeout;
         self.io
@@ -310,67 +318,6 @@ impl<S: Transport> Session<S> {
         let reply = self.command(&Command::StartTls)?;
         if reply.code.0 != 220 {
             return Err(SessionError::Rejected(Phase::StartTls, reply));
-        }
-        Ok(())
-    }
-
-    /// SASL PLAIN or LOGIN (RFC 4954). A refusal is `Rejected(Auth, reply)`.
-    pub fn authenticate(
-        &mut self,
-        mechanism: AuthMechanism,
-        username: &str,
-        password: &Secret,
-    ) -> Result<(), SessionError> {
-        let reply = match mechanism {
-            AuthMechanism::Plain => self.command(&Command::auth_plain(username, password))?,
-            AuthMechanism::Login => {
-                for step in [Command::auth_login(), Command::login_response(username)] {
-                    let reply = self.command(&step)?;
-                    if reply.code.0 != 334 {
-                        return Err(SessionError::Rejected(Phase::Auth, reply));
-                    }
-                }
-                self.command(&Command::login_response(password.expose()))?
-            }
-        };
-        if reply.code.0 != 235 {
-            return Err(SessionError::Rejected(Phase::Auth, reply));
-        }
-        Ok(())
-    }
-
-    /// SASL with an OAuth 2.0 bearer token: OAUTHBEARER (RFC 7628) or
-    /// Google's and Microsoft's XOAUTH2. A refusal comes as a 334 carrying
-    /// error details; the client ends the exchange (RFC 7628 §3.2.3) and the
-    /// relay's final reply is returned in `Rejected(Auth, ..)`.
-    pub fn authenticate_bearer(
-        &mut self,
-        mechanism: BearerMechanism,
-        username: &str,
-        token: &Secret,
-        host: &str,
-        port: u16,
-    ) -> Result<(), SessionError> {
-        let auth = Command::auth_bearer(mechanism, username, token, host, port);
-        let reply = self.command(&auth)?;
-        if reply.code.0 == 334 {
-            // The challenge is the provider's reason, base64 JSON, e.g. Google's
-            // {"status":"401","schemes":"bearer","scope":"https://mail.google.com/"}.
-            let reason = reply
-                .lines
-                .first()
-                .and_then(|l| BASE64.decode(l.trim()).ok())
-                .map(|b| String::from_utf8_lossy(&b).into_owned());
-            let mut refusal = self.command(&Command::bearer_end(mechanism))?;
-            if let Some(reason) = reason {
-                refusal
-                    .lines
-                    .push(format!("(OAuth error from the relay: {reason})"));
-            }
-            return Err(SessionError::Rejected(Phase::Auth, refusal));
-        }
-        if reply.code.0 != 235 {
-            return Err(SessionError::Rejected(Phase::Auth, reply));
         }
         Ok(())
     }
@@ -646,77 +593,7 @@ impl<S: Transport> Session<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A scripted server: the first reply is there at once, each further one
-    /// only after the client flushes (as a real server answers what it got).
-    /// Records everything the client wrote.
-    struct Script {
-        input: io::Cursor<Vec<u8>>,
-        replies: std::collections::VecDeque<Vec<u8>>,
-        written: Vec<u8>,
-        /// How many writes the client made: a pipelined group is one.
-        writes: usize,
-        /// Every timeout the client set, in order.
-        timeouts: Vec<Duration>,
-    }
-
-    impl Read for Script {
-        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-            self.input.read(buf)
-        }
-    }
-
-    impl Write for Script {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            self.written.extend_from_slice(buf);
-            self.writes += 1;
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            if let Some(next) = self.replies.pop_front() {
-                let mut rest = self.input.get_ref()[self.input.position() as usize..].to_vec();
-                rest.extend_from_slice(&next);
-                self.input = io::Cursor::new(rest);
-            }
-            Ok(())
-        }
-    }
-
-    impl Transport for Script {
-        fn set_timeout(&mut self, timeout: Duration) -> io::Result<()> {
-            self.timeouts.push(timeout);
-            Ok(())
-        }
-    }
-
-    /// `replies[0]` is sent unasked (a greeting, or ""), the rest one per flush.
-    fn session(replies: &[&str]) -> Session<Script> {
-        let t = Duration::from_secs(1);
-        session_with(
-            replies,
-            Timeouts {
-                connect: t,
-                command: t,
-                data: t,
-            },
-        )
-    }
-
-    fn session_with(replies: &[&str], timeouts: Timeouts) -> Session<Script> {
-        let mut replies: std::collections::VecDeque<Vec<u8>> =
-            replies.iter().map(|r| r.as_bytes().to_vec()).collect();
-        let first = replies.pop_front().unwrap_or_default();
-        Session::new(
-            Script {
-                input: io::Cursor::new(first),
-                replies,
-                written: Vec::new(),
-                writes: 0,
-                timeouts: Vec::new(),
-            },
-            timeouts,
-        )
-    }
+    use crate::smtp::script::{script, session, session_with, written, Script};
 
     fn outgoing<'a>(from: &'a str, rcpts: &'a [String]) -> Outgoing<'a> {
         Outgoing {
@@ -727,20 +604,12 @@ mod tests {
         }
     }
 
-    fn written(s: Session<Script>) -> String {
-        String::from_utf8(s.io.into_inner().into_inner().written).unwrap()
-    }
-
     fn codes(result: &TransactionResult) -> Vec<u16> {
         codes_of(&result.per_recipient)
     }
 
     fn codes_of(replies: &[Reply]) -> Vec<u16> {
         replies.iter().map(|r| r.code.0).collect()
-    }
-
-    fn script(s: &Session<Script>) -> &Script {
-        s.io.get_ref().get_ref()
     }
 
     fn transaction_group(rcpts: &[&str]) -> Vec<Command> {
@@ -804,7 +673,7 @@ mod tests {
         let rcpts = ["b@y".to_string()];
         s.transaction(&outgoing("a@x", &rcpts), &mut &b"x"[..])
             .unwrap();
-        s.io.get_mut().get_mut().timeouts.clear();
+        s.stream_mut().timeouts.clear();
         let replies = s.command_group(&transaction_group(&["b@y"])).unwrap();
         assert_eq!(codes_of(&replies), vec![250, 250, 354]);
         let set = &script(&s).timeouts;
@@ -1114,81 +983,6 @@ mod tests {
     }
 
     #[test]
-    fn transcript_shows_both_sides_but_no_credentials() {
-        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-        let sink = std::sync::Arc::clone(&lines);
-        let mut s = session(&[
-            "",
-            "334 VXNlcm5hbWU6\r\n",
-            "334 UGFzc3dvcmQ6\r\n",
-            "235 ok\r\n",
-            "250 p\r\n",
-        ])
-        .with_trace(Some(Box::new(move |l: &str| {
-            sink.lock().unwrap().push(l.to_string())
-        })));
-        s.authenticate(
-            AuthMechanism::Login,
-            "user@x",
-            &Secret::new("hunter2".into()),
-        )
-        .unwrap();
-        s.authenticate(
-            AuthMechanism::Plain,
-            "user@x",
-            &Secret::new("hunter2".into()),
-        )
-        .unwrap_err();
-        let text = lines.lock().unwrap().join("\n");
-        assert!(
-            text.contains("C: AUTH LOGIN\nS: 334 VXNlcm5hbWU6\nC: <credentials redacted>"),
-            "{text}"
-        );
-        assert!(
-            text.contains("C: AUTH PLAIN <credentials redacted>"),
-            "{text}"
-        );
-        for secret in ["hunter2", "aHVudGVyMg", "dXNlckB4"] {
-            assert!(!text.contains(secret), "{secret} leaked: {text}");
-        }
-    }
-
-    #[test]
-    fn xoauth2_sends_the_bearer_string_and_ends_a_refusal() {
-        let mut s = session(&["", "235 2.7.0 Accepted\r\n"]);
-        s.authenticate_bearer(
-            BearerMechanism::XOAuth2,
-            "pbx@acme.example",
-            &Secret::new("tok".into()),
-            "h",
-            587,
-        )
-        .unwrap();
-        let expected = BASE64.encode("user=pbx@acme.example\x01auth=Bearer tok\x01\x01");
-        assert_eq!(written(s), format!("AUTH XOAUTH2 {expected}\r\n"));
-
-        let mut s = session(&[
-            "",
-            "334 eyJzdGF0dXMiOiI0MDEifQ==\r\n",
-            "535 5.7.8 bad token\r\n",
-        ]);
-        let err = s
-            .authenticate_bearer(
-                BearerMechanism::OAuthBearer,
-                "u",
-                &Secret::new("t".into()),
-                "h",
-                587,
-            )
-            .unwrap_err();
-        assert!(
-            matches!(&err, SessionError::Rejected(Phase::Auth, r) if r.code.0 == 535 && r.summary().contains(r#"{"status":"401"}"#)),
-            "{err:?}"
-        );
-        assert!(written(s).ends_with("\r\nAQ==\r\n"));
-    }
-
-    #[test]
     fn positive_reply_to_data_other_than_354_is_not_delivery() {
         let mut s = session(&["", "250 ok\r\n", "250 ok\r\n", "250 2.0.0 Ok\r\n"]);
         let rcpts = ["b@y".to_string()];
@@ -1246,28 +1040,6 @@ mod tests {
             s.into_stream(),
             Err(SessionError::Protocol(Phase::StartTls, _))
         ));
-    }
-
-    #[test]
-    fn auth_login_sends_base64_steps() {
-        let mut s = session(&[
-            "",
-            "334 VXNlcm5hbWU6\r\n",
-            "334 UGFzc3dvcmQ6\r\n",
-            "235 ok\r\n",
-        ]);
-        s.authenticate(AuthMechanism::Login, "u", &Secret::new("p".into()))
-            .unwrap();
-        assert_eq!(written(s), "AUTH LOGIN\r\ndQ==\r\ncA==\r\n");
-    }
-
-    #[test]
-    fn rejected_auth_is_an_error_with_the_reply() {
-        let mut s = session(&["", "535 5.7.8 bad\r\n"]);
-        let err = s
-            .authenticate(AuthMechanism::Plain, "u", &Secret::new("p".into()))
-            .unwrap_err();
-        assert!(matches!(err, SessionError::Rejected(Phase::Auth, r) if r.code.0 == 535));
     }
 
     #[test]
