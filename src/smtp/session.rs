@@ -61,27 +61,35 @@ impl TransactionResult {
     }
 }
 
-/// In lockstep, whether the replies to the commands sent so far leave
-/// `next` nothing to do (RFC 5321 §3.3): RCPT needs an accepted MAIL, DATA
-/// an accepted MAIL and, if the group has RCPTs, an accepted one.
-fn needless(next: &Command, sent: &[Command], replies: &[Reply]) -> bool {
-    let mut mail_refused = false;
-    let mut rcpt_sent = false;
-    let mut rcpt_accepted = false;
-    for (command, reply) in sent.iter().zip(replies) {
+/// What a lockstep group's replies so far say about its next command.
+#[derive(Debug, Default)]
+struct Lockstep {
+    mail_refused: bool,
+    rcpt_sent: bool,
+    rcpt_accepted: bool,
+}
+
+impl Lockstep {
+    fn answered(&mut self, command: &Command, reply: &Reply) {
         match command {
-            Command::Mail { .. } => mail_refused |= !reply.code.is_positive(),
+            Command::Mail { .. } => self.mail_refused |= !reply.code.is_positive(),
             Command::Rcpt(_) => {
-                rcpt_sent = true;
-                rcpt_accepted |= reply.code.is_positive();
+                self.rcpt_sent = true;
+                self.rcpt_accepted |= reply.code.is_positive();
             }
             _ => {}
         }
     }
-    match next {
-        Command::Rcpt(_) => mail_refused,
-        Command::Data => mail_refused || (rcpt_sent && !rcpt_accepted),
-        _ => false,
+
+    /// Whether `next` has nothing left to do (RFC 5321 §3.3): RCPT needs an
+    /// accepted MAIL, DATA an accepted MAIL and, if the group has RCPTs, an
+    /// accepted one.
+    fn needless(&self, next: &Command) -> bool {
+        match next {
+            Command::Rcpt(_) => self.mail_refused,
+            Command::Data => self.mail_refused || (self.rcpt_sent && !self.rcpt_accepted),
+            _ => false,
+        }
     }
 }
 
@@ -259,7 +267,7 @@ impl<S: Transport> Session<S> {
     /// reply is then read; a command that must end a group (EHLO, DATA,
     /// QUIT; RFC 2920 §3.1) may only come last. Otherwise each command waits
     /// for the reply before it, and the group stops early at a command those
-    /// replies leave nothing to do (`needless`), so fewer replies come back.
+    /// replies leave nothing to do (`Lockstep`), so fewer replies come back.
     /// A 421 anywhere ends the session (`Rejected`).
     pub fn command_group(&mut self, group: &[Command]) -> Result<Vec<Reply>, SessionError> {
         let mut replies = Vec::with_capacity(group.len());
@@ -267,11 +275,14 @@ impl<S: Transport> Session<S> {
             return Ok(replies);
         };
         if !self.caps.pipelining {
+            let mut lockstep = Lockstep::default();
             for command in group {
-                if needless(command, group, &replies) {
+                if lockstep.needless(command) {
                     break;
                 }
-                replies.push(self.command(command)?);
+                let reply = self.command(command)?;
+                lockstep.answered(command, &reply);
+                replies.push(reply);
             }
             return Ok(replies);
         }
@@ -768,24 +779,28 @@ mod tests {
     }
 
     #[test]
-    fn needless_follows_the_replies_to_mail_and_rcpt() {
+    fn lockstep_follows_the_replies_to_mail_and_rcpt() {
         let ok = Reply::local(250, "ok");
         let no = Reply::local(550, "no");
-        let group = transaction_group(&["b@y", "c@y"]);
-        let rcpt = Command::Rcpt("d@y".into());
-        assert!(!needless(&rcpt, &group, std::slice::from_ref(&ok)));
-        assert!(needless(&rcpt, &group, std::slice::from_ref(&no)));
-        let replies = [ok.clone(), no.clone(), no.clone()];
-        assert!(needless(&Command::Data, &group, &replies));
-        let replies = [ok.clone(), no.clone(), ok.clone()];
-        assert!(!needless(&Command::Data, &group, &replies));
-        // A group without RCPT does not hold DATA back.
-        assert!(!needless(
-            &Command::Data,
-            &group[..1],
-            std::slice::from_ref(&ok)
-        ));
-        assert!(!needless(&Command::Rset, &group, std::slice::from_ref(&no)));
+        let mail = Command::Mail {
+            from: "a@x".into(),
+            parameters: Vec::new(),
+        };
+        let rcpt = Command::Rcpt("b@y".into());
+        let mut state = Lockstep::default();
+        assert!(!state.needless(&Command::Data), "a group without RCPT");
+        state.answered(&mail, &ok);
+        assert!(!state.needless(&rcpt));
+        state.answered(&rcpt, &no);
+        assert!(state.needless(&Command::Data));
+        state.answered(&rcpt, &ok);
+        assert!(!state.needless(&Command::Data));
+
+        let mut state = Lockstep::default();
+        state.answered(&mail, &no);
+        assert!(state.needless(&rcpt));
+        assert!(state.needless(&Command::Data));
+        assert!(!state.needless(&Command::Rset));
     }
 
     #[test]
