@@ -1,10 +1,10 @@
 //! TLS for relays: one rustls `ClientConfig` per tenant (trust anchors from the
 //! system store plus the tenant's `ca_file`), and a brand-new
 //! `ClientConnection` for every session. Session resumption is off, so no TLS
-//! state ever carries from one session into the next.
+//! state ever carries from one session into the next. Knows nothing of the
+//! configuration file: callers pass the values.
 
-use crate::config::TenantConfig;
-use crate::smtp::session::Transport;
+use crate::base::stream::Transport;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::Resumption;
 use rustls::crypto::CryptoProvider;
@@ -17,6 +17,7 @@ use rustls::{
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -63,17 +64,20 @@ pub fn system_roots() -> Arc<RootCertStore> {
     Arc::new(roots)
 }
 
-/// Builds the tenant's client configuration (once per tenant, at start or reload).
+/// Builds a tenant's client configuration (once per tenant, at start or
+/// reload): with `verify`, the relay's certificate must chain to `system` or
+/// to a certificate in `ca_file`; without, `ca_file` is not read.
 pub fn client_config(
-    tenant: &TenantConfig,
+    verify: bool,
+    ca_file: Option<&Path>,
     system: &Arc<RootCertStore>,
 ) -> Result<Arc<ClientConfig>, TlsError> {
     let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Config(e.to_string()))?;
-    let mut config = if tenant.tls_verify {
+    let mut config = if verify {
         let mut roots = Arc::clone(system);
-        if let Some(path) = &tenant.ca_file {
+        if let Some(path) = ca_file {
             // Only a tenant with its own anchors gets its own copy of the store.
             let roots = Arc::make_mut(&mut roots);
             let certs = CertificateDer::pem_file_iter(path)
@@ -246,5 +250,79 @@ impl ServerCertVerifier for AcceptAnyCertificate {
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    /// A directory of this test's own under the system temp dir.
+    fn scratch(test: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("pbxmail-tls-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn empty_roots() -> Arc<RootCertStore> {
+        Arc::new(RootCertStore::empty())
+    }
+
+    fn config_error(result: Result<Arc<ClientConfig>, TlsError>) -> String {
+        match result {
+            Err(TlsError::Config(why)) => why,
+            Err(other) => panic!("not a configuration error: {other}"),
+            Ok(_) => panic!("the configuration was accepted"),
+        }
+    }
+
+    #[test]
+    fn ca_file_gets_its_own_store_and_leaves_the_system_one_alone() {
+        let dir = scratch("good");
+        let ca = rcgen::generate_simple_self_signed(vec!["relay.test".to_string()]).unwrap();
+        let path = dir.join("ca.pem");
+        std::fs::write(&path, ca.cert.pem()).unwrap();
+        let system = empty_roots();
+        let _config = client_config(true, Some(&path), &system).unwrap();
+        assert!(system.is_empty());
+        assert_eq!(Arc::strong_count(&system), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn without_ca_file_the_system_store_is_shared_not_copied() {
+        let system = empty_roots();
+        let _config = client_config(true, None, &system).unwrap();
+        assert_eq!(Arc::strong_count(&system), 2);
+    }
+
+    #[test]
+    fn missing_ca_file_is_named_in_the_error() {
+        let dir = scratch("missing");
+        let path = dir.join("absent.pem");
+        let why = config_error(client_config(true, Some(&path), &empty_roots()));
+        assert!(why.starts_with("ca_file "), "{why}");
+        assert!(why.contains(&path.display().to_string()), "{why}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn ca_file_without_a_certificate_is_refused() {
+        let dir = scratch("empty");
+        let path = dir.join("notes.pem");
+        std::fs::write(&path, "not a certificate\n").unwrap();
+        let why = config_error(client_config(true, Some(&path), &empty_roots()));
+        assert!(why.contains("holds no usable PEM certificate"), "{why}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn without_verification_ca_file_is_not_read() {
+        let dir = scratch("noverify");
+        let path = dir.join("absent.pem");
+        assert!(client_config(false, Some(&path), &empty_roots()).is_ok());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

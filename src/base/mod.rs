@@ -1,6 +1,6 @@
 //! The bottom floor: shared types and primitives (names, secrets, the clock,
-//! record framing, fs helpers) that every module above may import and that
-//! import nothing above them.
+//! record framing, fs helpers, the stream type) that every module above may
+//! import and that import nothing above them.
 
 pub mod clock;
 pub mod framing;
@@ -8,3 +8,4 @@ pub mod fs;
 pub mod hex;
 pub mod names;
 pub mod secret;
+pub mod stream;

@@ -39,7 +39,7 @@ impl ClientSettings {
             hostname: daemon.hostname.clone(),
             relay: tenant.relay.clone(),
             tls_mode: tenant.tls,
-            tls: tls::client_config(tenant, roots)?,
+            tls: tls::client_config(tenant.tls_verify, tenant.ca_file.as_deref(), roots)?,
             auth: tenant.auth,
             username: tenant.username.clone(),
             password: tenant.password.clone(),

@@ -4,7 +4,7 @@
 //! here the phase's timeout bounds the reply as a whole. Writes keep their
 //! per-call timeout (RFC 5321 §4.5.3.2 times each data block, not the body).
 
-use super::session::Transport;
+use crate::base::stream::Transport;
 use std::io::{self, Read, Write};
 use std::time::{Duration, Instant};
 
@@ -24,6 +24,17 @@ impl<S: Transport> Deadlined<S> {
 
     pub fn into_inner(self) -> S {
         self.inner
+    }
+
+    /// For tests that look at what a scripted stream saw.
+    #[cfg(test)]
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    #[cfg(test)]
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
     }
 
     /// The per-call timeout for reads and writes outside a deadline.
@@ -70,30 +81,20 @@ impl<S: Write> Write for Deadlined<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::smtp::session::{Session, Timeouts};
-    use crate::smtp::{Phase, SessionError};
-    use std::thread::sleep;
 
-    /// A relay that answers one byte per read, 20 ms apart: each read is
-    /// quick, the reply as a whole is slow.
-    struct Trickle {
-        reply: Vec<u8>,
-        at: usize,
+    /// A stream that has a reply ready and records the timeouts it is given.
+    struct Ready {
+        reply: io::Cursor<Vec<u8>>,
+        timeouts: Vec<Duration>,
     }
 
-    impl Read for Trickle {
+    impl Read for Ready {
         fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-            let (Some(byte), Some(slot)) = (self.reply.get(self.at), buf.first_mut()) else {
-                return Ok(0);
-            };
-            sleep(Duration::from_millis(20));
-            *slot = *byte;
-            self.at += 1;
-            Ok(1)
+            self.reply.read(buf)
         }
     }
 
-    impl Write for Trickle {
+    impl Write for Ready {
         fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
             Ok(buf.len())
         }
@@ -102,44 +103,54 @@ mod tests {
         }
     }
 
-    impl Transport for Trickle {
-        fn set_timeout(&mut self, _: Duration) -> io::Result<()> {
+    impl Transport for Ready {
+        fn set_timeout(&mut self, timeout: Duration) -> io::Result<()> {
+            self.timeouts.push(timeout);
             Ok(())
         }
     }
 
-    fn greeting_within(connect: Duration) -> Result<(), SessionError> {
-        // 30 bytes at 20 ms: about 0.6 s for the whole greeting.
-        let stream = Trickle {
-            reply: b"220 relay.test ESMTP ready ok\r\n".to_vec(),
-            at: 0,
-        };
-        let timeouts = Timeouts {
-            connect,
-            command: connect,
-            data: connect,
-        };
-        Session::new(stream, timeouts).greeting().map(|_| ())
+    fn ready() -> Deadlined<Ready> {
+        Deadlined::new(Ready {
+            reply: io::Cursor::new(b"250 ok\r\n".to_vec()),
+            timeouts: Vec::new(),
+        })
     }
 
     #[test]
-    fn a_trickled_reply_times_out_as_a_whole() {
-        let started = Instant::now();
-        let result = greeting_within(Duration::from_millis(200));
-        assert!(
-            matches!(result, Err(SessionError::Timeout(Phase::Greeting))),
-            "{result:?}"
-        );
-        assert!(
-            started.elapsed() < Duration::from_millis(400),
-            "{:?}",
-            started.elapsed()
-        );
+    fn a_read_past_the_deadline_times_out_without_reading() {
+        let mut stream = ready();
+        stream.start(Duration::ZERO);
+        let mut buf = [0u8; 16];
+        let error = stream.read(&mut buf).unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(stream.get_ref().reply.position(), 0);
     }
 
     #[test]
-    fn a_trickled_reply_within_the_timeout_is_read() {
-        let result = greeting_within(Duration::from_secs(10));
-        assert!(result.is_ok(), "{result:?}");
+    fn each_read_under_a_deadline_gets_only_the_time_left() {
+        let mut stream = ready();
+        let limit = Duration::from_secs(10);
+        stream.start(limit);
+        let mut buf = [0u8; 3];
+        assert_eq!(stream.read(&mut buf).unwrap(), 3);
+        assert_eq!(stream.read(&mut buf).unwrap(), 3);
+        let given = &stream.get_ref().timeouts;
+        assert_eq!(given.len(), 2, "{given:?}");
+        assert!(
+            given.iter().all(|&t| t <= limit && !t.is_zero()),
+            "{given:?}"
+        );
+        assert!(given.windows(2).all(|w| w[1] <= w[0]), "{given:?}");
+    }
+
+    #[test]
+    fn a_cleared_deadline_leaves_the_per_call_timeout_alone() {
+        let mut stream = ready();
+        stream.start(Duration::ZERO);
+        stream.clear();
+        let mut buf = [0u8; 16];
+        assert_eq!(stream.read(&mut buf).unwrap(), 8);
+        assert!(stream.get_ref().timeouts.is_empty());
     }
 }

@@ -1,12 +1,17 @@
 //! The SMTP client: a blocking session state machine (session.rs) over any
-//! stream, the reply parser, message transparency, and `client::open`, which
-//! connects, upgrades to TLS and authenticates for one tenant.
+//! stream, typed commands (command.rs), SASL (auth.rs), the reply parser,
+//! message transparency, and `client::open`, which connects, upgrades to TLS
+//! and authenticates for one tenant.
 //! What a failure *means* is decided elsewhere (outcome.rs); this module only talks.
 
+mod auth;
 pub mod client;
+pub mod command;
 pub mod data;
 mod deadline;
 pub mod reply;
+#[cfg(test)]
+mod script;
 pub mod session;
 
 use crate::tls::TlsError;

@@ -1,29 +1,19 @@
-//! One SMTP conversation over any `Read + Write` stream: commands out, replies
-//! in, one at a time, each phase under its own timeout. A negative reply is
-//! data (`Reply`); only a broken conversation is an error.
+//! One SMTP conversation over any `Read + Write` stream: typed commands out
+//! (alone or as a group, pipelined where the relay allows), replies in, each
+//! phase under its own timeout. A negative reply is data (`Reply`); only a
+//! broken conversation is an error.
 
+use super::command::{Command, MailParameter};
 use super::data::Transparency;
 use super::deadline::Deadlined;
 use super::reply::{read_reply, Reply};
 use super::{Capabilities, Phase, SessionError};
-use crate::config::Secret;
-use base64::engine::general_purpose::STANDARD as BASE64;
-use base64::Engine;
+use crate::base::stream::Transport;
 use std::io::{self, BufReader, Read, Write};
 use std::time::Duration;
 
-/// A stream whose blocking operations can be bounded in time.
-pub trait Transport: Read + Write {
-    fn set_timeout(&mut self, timeout: Duration) -> io::Result<()>;
-}
-
-impl Transport for std::net::TcpStream {
-    fn set_timeout(&mut self, timeout: Duration) -> io::Result<()> {
-        let t = Some(timeout.max(Duration::from_millis(1)));
-        self.set_read_timeout(t)?;
-        self.set_write_timeout(t)
-    }
-}
+/// Named from here by client.rs; they belong with the AUTH commands.
+pub use super::command::{AuthMechanism, BearerMechanism};
 
 /// Per-phase limits (RFC 5321 §4.5.3.2 gives 5 minutes for commands, 10 for
 /// the end of data); `connect` covers the TCP connect and the greeting.
@@ -32,18 +22,6 @@ pub struct Timeouts {
     pub connect: Duration,
     pub command: Duration,
     pub data: Duration,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AuthMechanism {
-    Plain,
-    Login,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BearerMechanism {
-    XOAuth2,
-    OAuthBearer,
 }
 
 /// What a transaction needs to know about the message it carries.
@@ -57,6 +35,13 @@ pub struct Outgoing<'a> {
     pub eight_bit: bool,
 }
 
+impl Outgoing<'_> {
+    /// A non-ASCII address anywhere in the envelope (RFC 6531).
+    fn needs_smtputf8(&self) -> bool {
+        !self.mail_from.is_ascii() || self.recipients.iter().any(|r| !r.is_ascii())
+    }
+}
+
 /// The result of one MAIL/RCPT/DATA transaction: for every recipient, the
 /// reply that decided it (its RCPT reply if refused, else the final DATA reply).
 #[derive(Debug)]
@@ -65,12 +50,6 @@ pub struct TransactionResult {
 }
 
 impl TransactionResult {
-    fn all(reply: Reply, count: usize) -> Self {
-        TransactionResult {
-            per_recipient: vec![reply; count],
-        }
-    }
-
     fn from_decided(decided: Vec<Option<Reply>>) -> Self {
         let missing = Reply::local(451, "4.3.0 no reply recorded for this recipient");
         TransactionResult {
@@ -82,15 +61,35 @@ impl TransactionResult {
     }
 }
 
-/// What a transcript may show of a command: never a credential.
-fn redact(phase: Phase, line: &str) -> String {
-    if phase != Phase::Auth {
-        return line.to_string();
+/// What a lockstep group's replies so far say about its next command.
+#[derive(Debug, Default)]
+struct Lockstep {
+    mail_refused: bool,
+    rcpt_sent: bool,
+    rcpt_accepted: bool,
+}
+
+impl Lockstep {
+    fn answered(&mut self, command: &Command, reply: &Reply) {
+        match command {
+            Command::Mail { .. } => self.mail_refused |= !reply.code.is_positive(),
+            Command::Rcpt(_) => {
+                self.rcpt_sent = true;
+                self.rcpt_accepted |= reply.code.is_positive();
+            }
+            _ => {}
+        }
     }
-    match line.split_ascii_whitespace().collect::<Vec<_>>().as_slice() {
-        ["AUTH", mechanism] => format!("AUTH {mechanism}"),
-        ["AUTH", mechanism, ..] => format!("AUTH {mechanism} <credentials redacted>"),
-        _ => "<credentials redacted>".to_string(),
+
+    /// Whether `next` has nothing left to do (RFC 5321 §3.3): RCPT needs an
+    /// accepted MAIL, DATA an accepted MAIL and, if the group has RCPTs, an
+    /// accepted one.
+    fn needless(&self, next: &Command) -> bool {
+        match next {
+            Command::Rcpt(_) => self.mail_refused,
+            Command::Data => self.mail_refused || (self.rcpt_sent && !self.rcpt_accepted),
+            _ => false,
+        }
     }
 }
 
@@ -172,6 +171,17 @@ impl<S: Transport> Session<S> {
         Ok(self.io.into_inner().into_inner())
     }
 
+    /// The stream underneath, for tests that look at what it saw.
+    #[cfg(test)]
+    pub(super) fn stream(&self) -> &S {
+        self.io.get_ref().get_ref()
+    }
+
+    #[cfg(test)]
+    pub(super) fn stream_mut(&mut self) -> &mut S {
+        self.io.get_mut().get_mut()
+    }
+
     fn set_timeout(&mut self, phase: Phase, timeout: Duration) -> Result<(), SessionError> {
         self.phase_timeout = timeout;
         self.io
@@ -221,32 +231,67 @@ impl<S: Transport> Session<S> {
         ))
     }
 
-    /// Writes command lines in one go (one line, or a pipelined group).
-    fn send_lines(&mut self, phase: Phase, lines: &[&str]) -> Result<(), SessionError> {
+    /// Writes commands in one go (one, or a pipelined group); `phase` names
+    /// the step a failure is reported against.
+    fn send(&mut self, phase: Phase, commands: &[Command]) -> Result<(), SessionError> {
         if self.closed {
             let gone = io::Error::new(io::ErrorKind::BrokenPipe, "the relay closed the connection");
             return Err(SessionError::Io(phase, gone));
         }
         self.ensure_in_step(phase)?;
         if let Some(trace) = self.trace.as_mut() {
-            for line in lines {
-                trace(&format!("C: {}", redact(phase, line)));
+            for command in commands {
+                trace(&format!("C: {}", command.redacted()));
             }
         }
-        let mut wire = Vec::with_capacity(lines.iter().map(|l| l.len() + 2).sum());
-        for line in lines {
-            wire.extend_from_slice(line.as_bytes());
-            wire.extend_from_slice(b"\r\n");
+        let mut wire = String::new();
+        for command in commands {
+            wire.push_str(&command.to_string());
+            wire.push_str("\r\n");
         }
-        self.write_all(phase, &wire)?;
+        self.write_all(phase, wire.as_bytes())?;
         self.flush(phase)
     }
 
-    /// Sends one command line and reads its reply, under the command timeout.
-    pub fn command(&mut self, phase: Phase, line: &str) -> Result<Reply, SessionError> {
+    /// Sends one command and reads its reply, under the command timeout.
+    pub fn command(&mut self, command: &Command) -> Result<Reply, SessionError> {
+        let phase = command.phase();
         self.set_timeout(phase, self.timeouts.command)?;
-        self.send_lines(phase, &[line])?;
+        self.send(phase, std::slice::from_ref(command))?;
         self.read_checked(phase)
+    }
+
+    /// Sends a group of commands under the command timeout and returns their
+    /// replies in order, one per command sent. Where the relay offers
+    /// PIPELINING (RFC 2920) the whole group goes out in one write and every
+    /// reply is then read; a command that must end a group (EHLO, DATA,
+    /// QUIT; RFC 2920 §3.1) may only come last. Otherwise each command waits
+    /// for the reply before it, and the group stops early at a command those
+    /// replies leave nothing to do (`Lockstep`), so fewer replies come back.
+    /// A 421 anywhere ends the session (`Rejected`).
+    pub fn command_group(&mut self, group: &[Command]) -> Result<Vec<Reply>, SessionError> {
+        let mut replies = Vec::with_capacity(group.len());
+        let Some(first) = group.first() else {
+            return Ok(replies);
+        };
+        if !self.caps.pipelining {
+            let mut lockstep = Lockstep::default();
+            for command in group {
+                if lockstep.needless(command) {
+                    break;
+                }
+                let reply = self.command(command)?;
+                lockstep.answered(command, &reply);
+                replies.push(reply);
+            }
+            return Ok(replies);
+        }
+        self.set_timeout(first.phase(), self.timeouts.command)?;
+        self.send(first.phase(), group)?;
+        for command in group {
+            replies.push(self.read_checked(command.phase())?);
+        }
+        Ok(replies)
     }
 
     /// The greeting counts as part of connecting: a relay that accepts TCP but
@@ -264,7 +309,7 @@ impl<S: Transport> Session<S> {
     /// Replaces every capability learned before (after STARTTLS only the new EHLO counts).
     pub fn hello(&mut self, hostname: &str) -> Result<(), SessionError> {
         self.caps = Capabilities::default();
-        let reply = self.command(Phase::Ehlo, &format!("EHLO {hostname}"))?;
+        let reply = self.command(&Command::Ehlo(hostname.to_string()))?;
         if reply.code.is_positive() {
             self.caps = Capabilities::from_ehlo(&reply);
             return Ok(());
@@ -272,7 +317,7 @@ impl<S: Transport> Session<S> {
         if !reply.code.is_permanent() {
             return Err(SessionError::Rejected(Phase::Ehlo, reply));
         }
-        let reply = self.command(Phase::Ehlo, &format!("HELO {hostname}"))?;
+        let reply = self.command(&Command::Helo(hostname.to_string()))?;
         if !reply.code.is_positive() {
             return Err(SessionError::Rejected(Phase::Ehlo, reply));
         }
@@ -281,108 +326,87 @@ impl<S: Transport> Session<S> {
 
     /// Asks for STARTTLS; the caller upgrades with `into_stream` on success.
     pub fn start_tls(&mut self) -> Result<(), SessionError> {
-        let reply = self.command(Phase::StartTls, "STARTTLS")?;
+        let reply = self.command(&Command::StartTls)?;
         if reply.code.0 != 220 {
             return Err(SessionError::Rejected(Phase::StartTls, reply));
         }
         Ok(())
     }
 
-    /// SASL PLAIN or LOGIN (RFC 4954). A refusal is `Rejected(Auth, reply)`.
-    pub fn authenticate(
-        &mut self,
-        mechanism: AuthMechanism,
-        username: &str,
-        password: &Secret,
-    ) -> Result<(), SessionError> {
-        let reply = match mechanism {
-            AuthMechanism::Plain => {
-                let token = BASE64.encode(format!("\0{username}\0{}", password.expose()));
-                self.command(Phase::Auth, &format!("AUTH PLAIN {token}"))?
-            }
-            AuthMechanism::Login => {
-                let reply = self.command(Phase::Auth, "AUTH LOGIN")?;
-                if reply.code.0 != 334 {
-                    return Err(SessionError::Rejected(Phase::Auth, reply));
-                }
-                let reply = self.command(Phase::Auth, &BASE64.encode(username))?;
-                if reply.code.0 != 334 {
-                    return Err(SessionError::Rejected(Phase::Auth, reply));
-                }
-                self.command(Phase::Auth, &BASE64.encode(password.expose()))?
-            }
-        };
-        if reply.code.0 != 235 {
-            return Err(SessionError::Rejected(Phase::Auth, reply));
-        }
-        Ok(())
-    }
-
-    /// SASL with an OAuth 2.0 bearer token: OAUTHBEARER (RFC 7628) or
-    /// Google's and Microsoft's XOAUTH2. A refusal comes as a 334 carrying
-    /// error details; the client ends the exchange (RFC 7628 §3.2.3) and the
-    /// relay's final reply is returned in `Rejected(Auth, ..)`.
-    pub fn authenticate_bearer(
-        &mut self,
-        mechanism: BearerMechanism,
-        username: &str,
-        token: &Secret,
-        host: &str,
-        port: u16,
-    ) -> Result<(), SessionError> {
-        let (name, payload, end_exchange) = match mechanism {
-            BearerMechanism::XOAuth2 => (
-                "XOAUTH2",
-                format!("user={username}\x01auth=Bearer {}\x01\x01", token.expose()),
-                "",
-            ),
-            BearerMechanism::OAuthBearer => (
-                "OAUTHBEARER",
-                format!(
-                    "n,a={username},\x01host={host}\x01port={port}\x01auth=Bearer {}\x01\x01",
-                    token.expose()
-                ),
-                "AQ==",
-            ),
-        };
-        let reply = self.command(
-            Phase::Auth,
-            &format!("AUTH {name} {}", BASE64.encode(payload)),
-        )?;
-        if reply.code.0 == 334 {
-            // The challenge is the provider's reason, base64 JSON, e.g. Google's
-            // {"status":"401","schemes":"bearer","scope":"https://mail.google.com/"}.
-            let reason = reply
-                .lines
-                .first()
-                .and_then(|l| BASE64.decode(l.trim()).ok())
-                .map(|b| String::from_utf8_lossy(&b).into_owned());
-            let mut refusal = self.command(Phase::Auth, end_exchange)?;
-            if let Some(reason) = reason {
-                refusal
-                    .lines
-                    .push(format!("(OAuth error from the relay: {reason})"));
-            }
-            return Err(SessionError::Rejected(Phase::Auth, refusal));
-        }
-        if reply.code.0 != 235 {
-            return Err(SessionError::Rejected(Phase::Auth, reply));
-        }
-        Ok(())
-    }
-
-    /// One transaction: MAIL, RCPT for each recipient, then DATA (or BDAT
-    /// where CHUNKING is offered) and the body. With PIPELINING (RFC 2920)
-    /// MAIL, every RCPT and DATA go out in one write and every reply is
-    /// checked in order. Limits the relay declared are applied before
-    /// anything is sent, as local replies.
+    /// One transaction: MAIL, RCPT for each recipient and DATA as one
+    /// command group, then the body (or MAIL and RCPTs, then BDAT chunks
+    /// where CHUNKING is offered). Limits the relay declared are applied
+    /// before anything is sent, as local replies.
     pub fn transaction(
         &mut self,
         message: &Outgoing<'_>,
         body: &mut impl Read,
     ) -> Result<TransactionResult, SessionError> {
+        let mut decided = self.decide_locally(message);
+        let sendable: Vec<usize> = decided
+            .iter()
+            .enumerate()
+            .filter_map(|(i, reply)| reply.is_none().then_some(i))
+            .collect();
+        if sendable.is_empty() {
+            return Ok(TransactionResult::from_decided(decided));
+        }
+        let chunking = self.caps.chunking;
+        let mut group = vec![self.mail_command(message)];
+        let recipients = sendable.iter().filter_map(|&i| message.recipients.get(i));
+        group.extend(recipients.map(|r| Command::Rcpt(r.clone())));
+        if !chunking {
+            group.push(Command::Data);
+        }
+        let mut replies = self.command_group(&group)?.into_iter();
+        let Some(mail) = replies.next() else {
+            return Err(SessionError::Protocol(
+                Phase::Mail,
+                "no reply to MAIL".into(),
+            ));
+        };
+        let rcpt_replies: Vec<Reply> = replies.by_ref().take(sendable.len()).collect();
+        let data_reply = replies.next();
+
+        let mut accepted = Vec::new();
+        for (position, &index) in sendable.iter().enumerate() {
+            let reply = match rcpt_replies.get(position) {
+                Some(reply) if mail.code.is_positive() => reply.clone(),
+                _ => mail.clone(),
+            };
+            if reply.code.is_positive() {
+                accepted.push(index);
+            } else if let Some(slot) = decided.get_mut(index) {
+                *slot = Some(reply);
+            }
+        }
+        if accepted.is_empty() {
+            self.abandon(data_reply.as_ref())?;
+            return Ok(TransactionResult::from_decided(decided));
+        }
+        let final_reply = if chunking {
+            let reply = self.send_bdat(body)?;
+            if !reply.code.is_positive() && !self.closed {
+                self.reset()?;
+            }
+            reply
+        } else {
+            self.send_data(data_reply, body)?
+        };
+        for index in accepted {
+            if let Some(slot) = decided.get_mut(index) {
+                *slot = Some(final_reply.clone());
+            }
+        }
+        Ok(TransactionResult::from_decided(decided))
+    }
+
+    /// What the relay's declared limits decide before anything is sent, as
+    /// local replies: a message over its SIZE fails every recipient; without
+    /// SMTPUTF8 a non-ASCII sender fails every recipient, a non-ASCII
+    /// recipient only itself. `None` is a recipient still to send to.
+    fn decide_locally(&self, message: &Outgoing<'_>) -> Vec<Option<Reply>> {
         let count = message.recipients.len();
-        let mut decided: Vec<Option<Reply>> = vec![None; count];
         if let Some(limit) = self.caps.size.filter(|&limit| message.size > limit) {
             let reply = Reply::local(
                 552,
@@ -391,153 +415,86 @@ impl<S: Transport> Session<S> {
                     message.size
                 ),
             );
-            return Ok(TransactionResult::all(reply, count));
+            return vec![Some(reply); count];
         }
-        let needs_utf8 =
-            !message.mail_from.is_ascii() || message.recipients.iter().any(|r| !r.is_ascii());
-        if needs_utf8 && !self.caps.smtputf8 {
-            let reply = Reply::local(
-                553,
-                "5.6.7 non-ASCII address and the relay does not offer SMTPUTF8; not sent",
-            );
-            if !message.mail_from.is_ascii() {
-                return Ok(TransactionResult::all(reply, count));
-            }
-            for (slot, rcpt) in decided.iter_mut().zip(message.recipients) {
-                if !rcpt.is_ascii() {
-                    *slot = Some(reply.clone());
-                }
-            }
+        if self.caps.smtputf8 {
+            return vec![None; count];
         }
-        let sendable: Vec<usize> = (0..count)
-            .filter(|&i| decided.get(i).is_some_and(Option::is_none))
-            .collect();
-        if sendable.is_empty() {
-            return Ok(TransactionResult::from_decided(decided));
+        let reply = Reply::local(
+            553,
+            "5.6.7 non-ASCII address and the relay does not offer SMTPUTF8; not sent",
+        );
+        if !message.mail_from.is_ascii() {
+            return vec![Some(reply); count];
         }
+        message
+            .recipients
+            .iter()
+            .map(|r| (!r.is_ascii()).then(|| reply.clone()))
+            .collect()
+    }
 
-        let mut mail = format!("MAIL FROM:<{}>", message.mail_from);
+    /// MAIL FROM with the parameters the relay offers and the message needs.
+    fn mail_command(&self, message: &Outgoing<'_>) -> Command {
+        let mut parameters = Vec::new();
         if self.caps.size_ext {
-            mail.push_str(&format!(" SIZE={}", message.size));
+            parameters.push(MailParameter::Size(message.size));
         }
         if message.eight_bit && self.caps.eight_bit_mime {
-            mail.push_str(" BODY=8BITMIME");
+            parameters.push(MailParameter::EightBitMime);
         }
-        if needs_utf8 && self.caps.smtputf8 {
-            mail.push_str(" SMTPUTF8");
+        if message.needs_smtputf8() && self.caps.smtputf8 {
+            parameters.push(MailParameter::SmtpUtf8);
         }
-        let rcpt_lines: Vec<String> = sendable
-            .iter()
-            .filter_map(|&i| message.recipients.get(i))
-            .map(|r| format!("RCPT TO:<{r}>"))
-            .collect();
-        let chunking = self.caps.chunking;
+        Command::Mail {
+            from: message.mail_from.to_string(),
+            parameters,
+        }
+    }
 
-        let (mail_reply, rcpt_replies, data_reply) = if self.caps.pipelining {
-            let mut batch: Vec<&str> = vec![&mail];
-            batch.extend(rcpt_lines.iter().map(String::as_str));
-            if !chunking {
-                batch.push("DATA");
-            }
-            self.send_lines(Phase::Mail, &batch)?;
-            let mail_reply = self.read_checked(Phase::Mail)?;
-            let mut rcpt_replies = Vec::with_capacity(rcpt_lines.len());
-            for _ in &rcpt_lines {
-                rcpt_replies.push(self.read_checked(Phase::Rcpt)?);
-            }
-            let data_reply = if chunking {
-                None
-            } else {
-                Some(self.read_checked(Phase::Data)?)
-            };
-            (mail_reply, rcpt_replies, data_reply)
-        } else {
-            let mail_reply = self.command(Phase::Mail, &mail)?;
-            if !mail_reply.code.is_positive() {
-                (mail_reply, Vec::new(), None)
-            } else {
-                let mut rcpt_replies = Vec::with_capacity(rcpt_lines.len());
-                for line in &rcpt_lines {
-                    rcpt_replies.push(self.command(Phase::Rcpt, line)?);
-                }
-                let any_accepted = rcpt_replies.iter().any(|r| r.code.is_positive());
-                let data_reply = if any_accepted && !chunking {
-                    Some(self.command(Phase::Data, "DATA")?)
-                } else {
-                    None
-                };
-                (mail_reply, rcpt_replies, data_reply)
-            }
-        };
+    /// Ends a transaction no recipient survived: a pipelined DATA the relay
+    /// accepted anyway is ended empty (RFC 2920 §3.1), then RSET.
+    fn abandon(&mut self, data_reply: Option<&Reply>) -> Result<(), SessionError> {
+        if data_reply.is_some_and(|r| r.code.0 == 354) {
+            self.set_timeout(Phase::DataEnd, self.timeouts.data)?;
+            self.write_all(Phase::Body, b".\r\n")?;
+            self.flush(Phase::Body)?;
+            self.read_checked(Phase::DataEnd)?;
+        }
+        self.reset()
+    }
 
-        let mut accepted = Vec::new();
-        for (position, &index) in sendable.iter().enumerate() {
-            let reply = if mail_reply.code.is_positive() {
-                rcpt_replies
-                    .get(position)
-                    .cloned()
-                    .unwrap_or_else(|| mail_reply.clone())
-            } else {
-                mail_reply.clone()
-            };
-            if reply.code.is_positive() {
-                accepted.push(index);
-            } else if let Some(slot) = decided.get_mut(index) {
-                *slot = Some(reply);
-            }
-        }
-
-        let final_reply = if accepted.is_empty() {
-            if data_reply.as_ref().is_some_and(|r| r.code.0 == 354) {
-                // Pipelined DATA was accepted with no recipient: end it empty (RFC 2920 §3.1).
-                self.set_timeout(Phase::DataEnd, self.timeouts.data)?;
-                self.write_all(Phase::Body, b".\r\n")?;
-                self.flush(Phase::Body)?;
-                self.read_checked(Phase::DataEnd)?;
-            }
-            self.reset()?;
-            return Ok(TransactionResult::from_decided(decided));
-        } else if chunking {
-            self.send_bdat(body)?
-        } else {
-            match data_reply {
-                Some(reply) if reply.code.0 == 354 => match self.send_body(body) {
-                    Ok(()) => {
-                        self.set_timeout(Phase::DataEnd, self.timeouts.data)?;
-                        self.read_checked(Phase::DataEnd)?
-                    }
-                    Err(e) => self.reply_behind_write_error(e)?,
-                },
-                // Only 354 invites the body (RFC 5321 §4.1.1.4). Any other
-                // positive reply would have us call a message delivered that
-                // was never sent.
-                Some(reply) if reply.code.is_positive() => {
-                    return Err(SessionError::Protocol(
-                        Phase::Data,
-                        format!("DATA answered with {} instead of 354", reply.summary()),
-                    ));
+    /// The body after DATA's reply; returns the reply that decides the
+    /// accepted recipients (a refused DATA's own, after RSET).
+    fn send_data(
+        &mut self,
+        data_reply: Option<Reply>,
+        body: &mut impl Read,
+    ) -> Result<Reply, SessionError> {
+        match data_reply {
+            Some(reply) if reply.code.0 == 354 => match self.send_body(body) {
+                Ok(()) => {
+                    self.set_timeout(Phase::DataEnd, self.timeouts.data)?;
+                    self.read_checked(Phase::DataEnd)
                 }
-                Some(reply) => {
-                    self.reset()?;
-                    reply
-                }
-                None => {
-                    return Err(SessionError::Protocol(
-                        Phase::Data,
-                        "no reply to DATA".into(),
-                    ));
-                }
+                Err(e) => self.reply_behind_write_error(e),
+            },
+            // Only 354 invites the body (RFC 5321 §4.1.1.4). Any other
+            // positive reply would have us call a message delivered that
+            // was never sent.
+            Some(reply) if reply.code.is_positive() => Err(SessionError::Protocol(
+                Phase::Data,
+                format!("DATA answered with {} instead of 354", reply.summary()),
+            )),
+            Some(reply) => {
+                self.reset()?;
+                Ok(reply)
             }
-        };
-        if !final_reply.code.is_positive() && chunking && !self.closed {
-            self.reset()?;
+            None => Err(SessionError::Protocol(
+                Phase::Data,
+                "no reply to DATA".into(),
+            )),
         }
-        for index in accepted {
-            if let Some(slot) = decided.get_mut(index) {
-                *slot = Some(final_reply.clone());
-            }
-        }
-        Ok(TransactionResult::from_decided(decided))
     }
 
     fn send_body(&mut self, body: &mut impl Read) -> Result<(), SessionError> {
@@ -573,18 +530,21 @@ impl<S: Transport> Session<S> {
                 continue;
             }
             let last = more.is_none();
-            let header = format!("BDAT {}{}\r\n", wire.len(), if last { " LAST" } else { "" });
+            let bdat = Command::Bdat {
+                size: wire.len(),
+                last,
+            };
             self.set_timeout(Phase::Body, self.timeouts.data)?;
             self.ensure_in_step(Phase::Body)?;
             self.note(&format!(
                 "C: {} (and that many octets of the message)",
-                header.trim_end()
+                bdat.redacted()
             ));
-            self.write_all(Phase::Body, header.as_bytes())?;
+            self.write_all(Phase::Body, format!("{bdat}\r\n").as_bytes())?;
             self.write_all(Phase::Body, &wire)?;
             self.flush(Phase::Body)?;
             wire.clear();
-            let reply = self.read_checked(if last { Phase::DataEnd } else { Phase::Body })?;
+            let reply = self.read_checked(bdat.phase())?;
             if last || !reply.code.is_positive() {
                 return Ok(reply);
             }
@@ -628,7 +588,7 @@ impl<S: Transport> Session<S> {
 
     /// RSET after a failed transaction so the next one starts clean.
     fn reset(&mut self) -> Result<(), SessionError> {
-        let reply = self.command(Phase::Reset, "RSET")?;
+        let reply = self.command(&Command::Rset)?;
         if !reply.code.is_positive() {
             return Err(SessionError::Rejected(Phase::Reset, reply));
         }
@@ -637,69 +597,14 @@ impl<S: Transport> Session<S> {
 
     /// Polite close; the reply does not matter any more.
     pub fn quit(mut self) {
-        let _ = self.command(Phase::Quit, "QUIT");
+        let _ = self.command(&Command::Quit);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A scripted server: the first reply is there at once, each further one
-    /// only after the client flushes (as a real server answers what it got).
-    /// Records everything the client wrote.
-    struct Script {
-        input: io::Cursor<Vec<u8>>,
-        replies: std::collections::VecDeque<Vec<u8>>,
-        written: Vec<u8>,
-    }
-
-    impl Read for Script {
-        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-            self.input.read(buf)
-        }
-    }
-
-    impl Write for Script {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            self.written.extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            if let Some(next) = self.replies.pop_front() {
-                let mut rest = self.input.get_ref()[self.input.position() as usize..].to_vec();
-                rest.extend_from_slice(&next);
-                self.input = io::Cursor::new(rest);
-            }
-            Ok(())
-        }
-    }
-
-    impl Transport for Script {
-        fn set_timeout(&mut self, _: Duration) -> io::Result<()> {
-            Ok(())
-        }
-    }
-
-    /// `replies[0]` is sent unasked (a greeting, or ""), the rest one per flush.
-    fn session(replies: &[&str]) -> Session<Script> {
-        let t = Duration::from_secs(1);
-        let mut replies: std::collections::VecDeque<Vec<u8>> =
-            replies.iter().map(|r| r.as_bytes().to_vec()).collect();
-        let first = replies.pop_front().unwrap_or_default();
-        Session::new(
-            Script {
-                input: io::Cursor::new(first),
-                replies,
-                written: Vec::new(),
-            },
-            Timeouts {
-                connect: t,
-                command: t,
-                data: t,
-            },
-        )
-    }
+    use crate::smtp::script::{script, session, session_with, written, Script};
 
     fn outgoing<'a>(from: &'a str, rcpts: &'a [String]) -> Outgoing<'a> {
         Outgoing {
@@ -710,12 +615,192 @@ mod tests {
         }
     }
 
-    fn written(s: Session<Script>) -> String {
-        String::from_utf8(s.io.into_inner().into_inner().written).unwrap()
+    fn codes(result: &TransactionResult) -> Vec<u16> {
+        codes_of(&result.per_recipient)
     }
 
-    fn codes(result: &TransactionResult) -> Vec<u16> {
-        result.per_recipient.iter().map(|r| r.code.0).collect()
+    fn codes_of(replies: &[Reply]) -> Vec<u16> {
+        replies.iter().map(|r| r.code.0).collect()
+    }
+
+    fn transaction_group(rcpts: &[&str]) -> Vec<Command> {
+        let mut group = vec![Command::Mail {
+            from: "a@x".into(),
+            parameters: Vec::new(),
+        }];
+        group.extend(rcpts.iter().map(|r| Command::Rcpt(r.to_string())));
+        group.push(Command::Data);
+        group
+    }
+
+    fn texts(replies: &[Reply]) -> Vec<String> {
+        replies.iter().map(Reply::summary).collect()
+    }
+
+    #[test]
+    fn pipelined_group_is_one_write_and_replies_come_back_in_order() {
+        let mut s = session(&[
+            "",
+            "250-mx\r\n250 PIPELINING\r\n",
+            "250 2.1.0 sender\r\n550 5.1.1 b\r\n250 2.1.5 c\r\n354 go\r\n",
+        ]);
+        s.hello("pbx").unwrap();
+        let before = script(&s).writes;
+        let replies = s
+            .command_group(&transaction_group(&["b@y", "c@y"]))
+            .unwrap();
+        assert_eq!(script(&s).writes - before, 1);
+        assert_eq!(codes_of(&replies), vec![250, 550, 250, 354]);
+        assert_eq!(
+            texts(&replies),
+            vec!["250 2.1.0 sender", "550 5.1.1 b", "250 2.1.5 c", "354 go"]
+        );
+        assert_eq!(
+            written(s),
+            "EHLO pbx\r\nMAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nRCPT TO:<c@y>\r\nDATA\r\n"
+        );
+    }
+
+    /// The group after a message's end of data (10 minutes by default) is
+    /// bounded by the command timeout again, pipelined as in lockstep.
+    #[test]
+    fn pipelined_group_after_a_message_waits_the_command_timeout() {
+        let command = Duration::from_secs(1);
+        let mut s = session_with(
+            &[
+                "",
+                "250-mx\r\n250 PIPELINING\r\n",
+                "250 ok\r\n250 ok\r\n354 go\r\n",
+                "250 queued\r\n",
+                "250 ok\r\n250 ok\r\n354 go\r\n",
+            ],
+            Timeouts {
+                connect: command,
+                command,
+                data: Duration::from_secs(600),
+            },
+        );
+        s.hello("pbx").unwrap();
+        let rcpts = ["b@y".to_string()];
+        s.transaction(&outgoing("a@x", &rcpts), &mut &b"x"[..])
+            .unwrap();
+        s.stream_mut().timeouts.clear();
+        let replies = s.command_group(&transaction_group(&["b@y"])).unwrap();
+        assert_eq!(codes_of(&replies), vec![250, 250, 354]);
+        let set = &script(&s).timeouts;
+        assert!(
+            !set.is_empty() && set.iter().all(|&t| t <= command),
+            "{set:?}"
+        );
+    }
+
+    #[test]
+    fn pipelined_group_reads_every_reply_even_after_a_refused_mail() {
+        let mut s = session(&[
+            "",
+            "250-mx\r\n250 PIPELINING\r\n",
+            "550 no sender\r\n503 need MAIL\r\n503 need RCPT\r\n",
+        ]);
+        s.hello("pbx").unwrap();
+        let replies = s.command_group(&transaction_group(&["b@y"])).unwrap();
+        assert_eq!(codes_of(&replies), vec![550, 503, 503]);
+        assert!(written(s).ends_with("MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nDATA\r\n"));
+    }
+
+    #[test]
+    fn lockstep_group_waits_for_each_reply() {
+        let mut s = session(&[
+            "",
+            "250 mx\r\n",
+            "250 sender\r\n",
+            "550 b\r\n",
+            "250 c\r\n",
+            "354 go\r\n",
+        ]);
+        s.hello("pbx").unwrap();
+        let before = script(&s).writes;
+        let replies = s
+            .command_group(&transaction_group(&["b@y", "c@y"]))
+            .unwrap();
+        assert_eq!(script(&s).writes - before, 4);
+        assert_eq!(
+            texts(&replies),
+            vec!["250 sender", "550 b", "250 c", "354 go"]
+        );
+        assert_eq!(
+            written(s),
+            "EHLO pbx\r\nMAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nRCPT TO:<c@y>\r\nDATA\r\n"
+        );
+    }
+
+    #[test]
+    fn lockstep_group_stops_after_a_refused_mail() {
+        let mut s = session(&["", "550 no sender\r\n"]);
+        let replies = s.command_group(&transaction_group(&["b@y"])).unwrap();
+        assert_eq!(codes_of(&replies), vec![550]);
+        assert_eq!(written(s), "MAIL FROM:<a@x>\r\n");
+    }
+
+    #[test]
+    fn lockstep_group_sends_no_data_when_every_rcpt_is_refused() {
+        let mut s = session(&["", "250 ok\r\n", "550 b\r\n", "450 c\r\n"]);
+        let replies = s
+            .command_group(&transaction_group(&["b@y", "c@y"]))
+            .unwrap();
+        assert_eq!(codes_of(&replies), vec![250, 550, 450]);
+        assert_eq!(
+            written(s),
+            "MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nRCPT TO:<c@y>\r\n"
+        );
+    }
+
+    #[test]
+    fn group_421_ends_the_session_in_either_mode() {
+        let mut s = session(&["", "250 ok\r\n", "421 4.3.2 bye\r\n"]);
+        let err = s.command_group(&transaction_group(&["b@y"])).unwrap_err();
+        assert!(matches!(err, SessionError::Rejected(Phase::Rcpt, r) if r.code.0 == 421));
+
+        let mut s = session(&[
+            "",
+            "250-mx\r\n250 PIPELINING\r\n",
+            "250 ok\r\n421 4.3.2 bye\r\n",
+        ]);
+        s.hello("pbx").unwrap();
+        let err = s.command_group(&transaction_group(&["b@y"])).unwrap_err();
+        assert!(matches!(err, SessionError::Rejected(Phase::Rcpt, r) if r.code.0 == 421));
+    }
+
+    #[test]
+    fn empty_group_sends_nothing() {
+        let mut s = session(&["", "250-mx\r\n250 PIPELINING\r\n"]);
+        s.hello("pbx").unwrap();
+        assert!(s.command_group(&[]).unwrap().is_empty());
+        assert_eq!(written(s), "EHLO pbx\r\n");
+    }
+
+    #[test]
+    fn lockstep_follows_the_replies_to_mail_and_rcpt() {
+        let ok = Reply::local(250, "ok");
+        let no = Reply::local(550, "no");
+        let mail = Command::Mail {
+            from: "a@x".into(),
+            parameters: Vec::new(),
+        };
+        let rcpt = Command::Rcpt("b@y".into());
+        let mut state = Lockstep::default();
+        assert!(!state.needless(&Command::Data), "a group without RCPT");
+        state.answered(&mail, &ok);
+        assert!(!state.needless(&rcpt));
+        state.answered(&rcpt, &no);
+        assert!(state.needless(&Command::Data));
+        state.answered(&rcpt, &ok);
+        assert!(!state.needless(&Command::Data));
+
+        let mut state = Lockstep::default();
+        state.answered(&mail, &no);
+        assert!(state.needless(&rcpt));
+        assert!(state.needless(&Command::Data));
+        assert!(!state.needless(&Command::Rset));
     }
 
     #[test]
@@ -913,81 +998,6 @@ mod tests {
     }
 
     #[test]
-    fn transcript_shows_both_sides_but_no_credentials() {
-        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-        let sink = std::sync::Arc::clone(&lines);
-        let mut s = session(&[
-            "",
-            "334 VXNlcm5hbWU6\r\n",
-            "334 UGFzc3dvcmQ6\r\n",
-            "235 ok\r\n",
-            "250 p\r\n",
-        ])
-        .with_trace(Some(Box::new(move |l: &str| {
-            sink.lock().unwrap().push(l.to_string())
-        })));
-        s.authenticate(
-            AuthMechanism::Login,
-            "user@x",
-            &Secret::new("hunter2".into()),
-        )
-        .unwrap();
-        s.authenticate(
-            AuthMechanism::Plain,
-            "user@x",
-            &Secret::new("hunter2".into()),
-        )
-        .unwrap_err();
-        let text = lines.lock().unwrap().join("\n");
-        assert!(
-            text.contains("C: AUTH LOGIN\nS: 334 VXNlcm5hbWU6\nC: <credentials redacted>"),
-            "{text}"
-        );
-        assert!(
-            text.contains("C: AUTH PLAIN <credentials redacted>"),
-            "{text}"
-        );
-        for secret in ["hunter2", "aHVudGVyMg", "dXNlckB4"] {
-            assert!(!text.contains(secret), "{secret} leaked: {text}");
-        }
-    }
-
-    #[test]
-    fn xoauth2_sends_the_bearer_string_and_ends_a_refusal() {
-        let mut s = session(&["", "235 2.7.0 Accepted\r\n"]);
-        s.authenticate_bearer(
-            BearerMechanism::XOAuth2,
-            "pbx@acme.example",
-            &Secret::new("tok".into()),
-            "h",
-            587,
-        )
-        .unwrap();
-        let expected = BASE64.encode("user=pbx@acme.example\x01auth=Bearer tok\x01\x01");
-        assert_eq!(written(s), format!("AUTH XOAUTH2 {expected}\r\n"));
-
-        let mut s = session(&[
-            "",
-            "334 eyJzdGF0dXMiOiI0MDEifQ==\r\n",
-            "535 5.7.8 bad token\r\n",
-        ]);
-        let err = s
-            .authenticate_bearer(
-                BearerMechanism::OAuthBearer,
-                "u",
-                &Secret::new("t".into()),
-                "h",
-                587,
-            )
-            .unwrap_err();
-        assert!(
-            matches!(&err, SessionError::Rejected(Phase::Auth, r) if r.code.0 == 535 && r.summary().contains(r#"{"status":"401"}"#)),
-            "{err:?}"
-        );
-        assert!(written(s).ends_with("\r\nAQ==\r\n"));
-    }
-
-    #[test]
     fn positive_reply_to_data_other_than_354_is_not_delivery() {
         let mut s = session(&["", "250 ok\r\n", "250 ok\r\n", "250 2.0.0 Ok\r\n"]);
         let rcpts = ["b@y".to_string()];
@@ -1048,33 +1058,87 @@ mod tests {
     }
 
     #[test]
-    fn auth_login_sends_base64_steps() {
-        let mut s = session(&[
-            "",
-            "334 VXNlcm5hbWU6\r\n",
-            "334 UGFzc3dvcmQ6\r\n",
-            "235 ok\r\n",
-        ]);
-        s.authenticate(AuthMechanism::Login, "u", &Secret::new("p".into()))
-            .unwrap();
-        assert_eq!(written(s), "AUTH LOGIN\r\ndQ==\r\ncA==\r\n");
-    }
-
-    #[test]
-    fn rejected_auth_is_an_error_with_the_reply() {
-        let mut s = session(&["", "535 5.7.8 bad\r\n"]);
-        let err = s
-            .authenticate(AuthMechanism::Plain, "u", &Secret::new("p".into()))
-            .unwrap_err();
-        assert!(matches!(err, SessionError::Rejected(Phase::Auth, r) if r.code.0 == 535));
-    }
-
-    #[test]
     fn server_closing_mid_reply_is_a_protocol_error() {
         let mut s = session(&["", "250-partial\r\n"]);
         assert!(matches!(
             s.hello("pbx"),
             Err(SessionError::Protocol(Phase::Ehlo, _))
         ));
+    }
+
+    /// The whole-reply deadline (deadline.rs) as a session meets it.
+    mod whole_reply_deadline {
+        use super::*;
+        use std::thread::sleep;
+        use std::time::Instant;
+
+        /// A relay that answers one byte per read, 20 ms apart: each read is
+        /// quick, the reply as a whole is slow.
+        struct Trickle {
+            reply: Vec<u8>,
+            at: usize,
+        }
+
+        impl Read for Trickle {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                let (Some(byte), Some(slot)) = (self.reply.get(self.at), buf.first_mut()) else {
+                    return Ok(0);
+                };
+                sleep(Duration::from_millis(20));
+                *slot = *byte;
+                self.at += 1;
+                Ok(1)
+            }
+        }
+
+        impl Write for Trickle {
+            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+
+        impl Transport for Trickle {
+            fn set_timeout(&mut self, _: Duration) -> io::Result<()> {
+                Ok(())
+            }
+        }
+
+        fn greeting_within(connect: Duration) -> Result<(), SessionError> {
+            // 30 bytes at 20 ms: about 0.6 s for the whole greeting.
+            let stream = Trickle {
+                reply: b"220 relay.test ESMTP ready ok\r\n".to_vec(),
+                at: 0,
+            };
+            let timeouts = Timeouts {
+                connect,
+                command: connect,
+                data: connect,
+            };
+            Session::new(stream, timeouts).greeting().map(|_| ())
+        }
+
+        #[test]
+        fn a_trickled_reply_times_out_as_a_whole() {
+            let started = Instant::now();
+            let result = greeting_within(Duration::from_millis(200));
+            assert!(
+                matches!(result, Err(SessionError::Timeout(Phase::Greeting))),
+                "{result:?}"
+            );
+            assert!(
+                started.elapsed() < Duration::from_millis(400),
+                "{:?}",
+                started.elapsed()
+            );
+        }
+
+        #[test]
+        fn a_trickled_reply_within_the_timeout_is_read() {
+            let result = greeting_within(Duration::from_secs(10));
+            assert!(result.is_ok(), "{result:?}");
+        }
     }
 }
