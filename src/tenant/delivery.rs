@@ -5,7 +5,7 @@
 
 use super::worker::TenantWorker;
 use crate::bounce;
-use crate::outcome::{self, Outcome, RetryScope};
+use crate::outcome::{self, Outcome, RcptJudgement, RetryScope};
 use crate::smtp::client;
 use crate::smtp::session::{Outgoing, Session};
 use crate::smtp::SessionError;
@@ -69,13 +69,13 @@ impl TenantWorker {
         let mut connected = match client::open(&settings) {
             Ok(connected) => connected,
             Err(failure) => {
-                if let (SessionError::Rejected(crate::smtp::Phase::Auth, _), Some(tokens)) =
-                    (&failure.error, self.tokens.as_mut())
+                if let (true, Some(tokens)) =
+                    (outcome::forgets_token(&failure.error), self.tokens.as_mut())
                 {
                     // The relay refused the token: fetch a fresh one next time.
                     tokens.forget();
                 }
-                let outcome = outcome::of_session_error(&failure.error);
+                let outcome = outcome::of_session_error(&failure.error).outcome;
                 log::warn!(
                     "tenant {}: relay {}: {}",
                     self.name(),
@@ -272,26 +272,19 @@ impl TenantWorker {
                     });
                 }
             };
-            let any_delivered = result.per_recipient.iter().any(|r| r.code.is_positive());
             let mut again = Vec::new();
-            for ((index, address), reply) in pending.into_iter().zip(result.per_recipient.iter()) {
-                if any_delivered && reply.code.0 == 452 {
-                    again.push((index, address));
-                } else {
-                    outcomes.push((index, address, outcome::of_reply(reply)));
+            let judged = outcome::of_transaction(&result.per_recipient);
+            for ((index, address), judgement) in pending.into_iter().zip(judged) {
+                match judgement {
+                    RcptJudgement::SendAgain => again.push((index, address)),
+                    RcptJudgement::Final(verdict) => {
+                        outcomes.push((index, address, verdict.outcome))
+                    }
                 }
             }
             pending = again;
         }
-        let tenant_refused = outcomes.iter().any(|(_, _, o)| {
-            matches!(
-                o,
-                Outcome::Retry {
-                    scope: RetryScope::Tenant,
-                    ..
-                }
-            )
-        });
+        let tenant_refused = outcomes.iter().any(|(_, _, o)| o.refuses_tenant());
         self.record(id, &envelope, peer, outcomes, None, Announce::Each);
         if tenant_refused {
             self.back_off_tenant();
@@ -382,21 +375,12 @@ impl TenantWorker {
     ) {
         let now = spool::unix_millis();
         let age_ms = now.saturating_sub(envelope.queued_at_ms);
-        let expired = u128::from(age_ms) > self.settings.max_queue_lifetime.as_millis();
         let delay = age_ms as f64 / 1000.0;
         let mut results = Vec::with_capacity(outcomes.len());
         let mut still_pending = 0;
         let mut last_problem = error;
         for (rcpt, address, outcome) in outcomes {
-            let outcome = match outcome {
-                Outcome::Retry { reason, .. } if expired => Outcome::Bounce {
-                    reason: format!(
-                        "4.4.7 gave up after {} in the queue; last error: {reason}",
-                        crate::time::human_duration(age_ms / 1000)
-                    ),
-                },
-                other => other,
-            };
+            let outcome = outcome.expire(age_ms, self.settings.max_queue_lifetime);
             let level = match (&outcome, announce) {
                 (Outcome::Retry { .. }, Announce::Repeat) => log::Level::Debug,
                 _ => log::Level::Info,
@@ -636,7 +620,7 @@ struct SessionBroke {
 
 /// The retry a broken session means for the mail it was carrying.
 fn retry_after(error: &SessionError) -> (RetryScope, String) {
-    match outcome::of_session_error(error) {
+    match outcome::of_session_error(error).outcome {
         Outcome::Retry { scope, reason } => (scope, reason),
         other => (RetryScope::Message, other.reason().to_string()),
     }
