@@ -275,6 +275,24 @@ pub fn of_session_error(error: &SessionError) -> Verdict {
     }
 }
 
+/// A session that could not be opened. Whatever the phase, the relay (or
+/// our way to it) is the problem, not the mail: the whole tenant waits.
+pub fn of_failed_open(error: &SessionError) -> Outcome {
+    Outcome::Retry {
+        scope: RetryScope::Tenant,
+        reason: error.to_string(),
+    }
+}
+
+/// A session that could not even be tried (settings unusable, no access
+/// token): the tenant waits, the mail stays queued.
+pub fn of_unavailable_session(reason: &str) -> Outcome {
+    Outcome::Retry {
+        scope: RetryScope::Tenant,
+        reason: reason.to_string(),
+    }
+}
+
 /// Whether a failed session shows the relay refused our OAuth access token,
 /// so the next session must fetch a fresh one.
 pub fn forgets_token(error: &SessionError) -> bool {
@@ -459,6 +477,10 @@ mod tests {
         assert!(!of_session_error(&SessionError::Timeout(Phase::Body))
             .outcome
             .refuses_tenant());
+        assert!(of_unavailable_session("no token").refuses_tenant());
+        // A session that could not be opened backs the tenant off even where
+        // the same error mid-session would only defer the message.
+        assert!(of_failed_open(&SessionError::Local("x".into())).refuses_tenant());
     }
 
     #[test]
