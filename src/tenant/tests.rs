@@ -117,6 +117,7 @@ impl Drop for TempDir {
     }
 }
 
+#[derive(Clone)]
 struct Options {
     rate_limit: Option<RateLimit>,
     max_queue_lifetime: Duration,
@@ -135,6 +136,7 @@ impl Default for Options {
 
 struct Harness {
     _dir: TempDir,
+    options: Options,
     spool: Spool,
     clock: Clock,
     script: Rc<RefCell<Script>>,
@@ -149,42 +151,12 @@ impl Harness {
         let spool = Spool::new(&dir.0.join("spool"));
         spool.create_layout().unwrap();
         let clock = Clock::fake(crate::spool::unix_millis());
-        let backoff = Backoff {
-            // Exactly the top of the ±10% jitter, so times are exact.
-            random: || u16::MAX,
-            ..Backoff::new(Duration::from_millis(MIN), Duration::from_millis(MAX))
-        };
-        let ledger = Ledger::new(
-            TenantName::parse(TENANT).unwrap(),
-            Policy {
-                envelope_from: None,
-                max_queue_lifetime: options.max_queue_lifetime,
-                postmaster: options.postmaster,
-                hostname: "pbx.test".into(),
-                relay_host: "relay.test".into(),
-                archive: None,
-            },
-            Pacing {
-                backoff,
-                rate_limit: options.rate_limit,
-                messages_per_session: 10,
-            },
-            spool.clone(),
-            clock.clone(),
-            TenantStatus::default(),
-        );
         let script = Rc::new(RefCell::new(Script::default()));
-        let (jobs, receiver) = unbounded();
         let status = Arc::new(Mutex::new(TenantStatus::default()));
-        let shared = Shared {
-            jobs: receiver,
-            rescan: Arc::new(AtomicBool::new(true)),
-            stop: Arc::new(AtomicBool::new(false)),
-            status: Arc::clone(&status),
-        };
-        let worker = TenantWorker::new(ledger, FakeDelivery(Rc::clone(&script)), shared);
+        let (jobs, worker) = worker(&options, &spool, &clock, &script, &status);
         Harness {
             _dir: dir,
+            options,
             spool,
             clock,
             script,
@@ -192,6 +164,19 @@ impl Harness {
             jobs,
             status,
         }
+    }
+
+    /// A new worker over the same spool, as after a crash or restart.
+    fn restart(&mut self) {
+        let (jobs, worker) = worker(
+            &self.options,
+            &self.spool,
+            &self.clock,
+            &self.script,
+            &self.status,
+        );
+        self.jobs = jobs;
+        self.worker = worker;
     }
 
     /// Spools a message and hints the worker, as the dispatcher would.
@@ -263,6 +248,49 @@ impl Harness {
             .filter(|id| !except.contains(&id))
             .collect()
     }
+}
+
+/// A worker with the test's settings, its rescan flag set as at a start.
+fn worker(
+    options: &Options,
+    spool: &Spool,
+    clock: &Clock,
+    script: &Rc<RefCell<Script>>,
+    status: &Arc<Mutex<TenantStatus>>,
+) -> (Sender<Job>, TenantWorker<FakeDelivery>) {
+    let backoff = Backoff {
+        // Exactly the top of the ±10% jitter, so times are exact.
+        random: || u16::MAX,
+        ..Backoff::new(Duration::from_millis(MIN), Duration::from_millis(MAX))
+    };
+    let ledger = Ledger::new(
+        TenantName::parse(TENANT).unwrap(),
+        Policy {
+            envelope_from: None,
+            max_queue_lifetime: options.max_queue_lifetime,
+            postmaster: options.postmaster.clone(),
+            hostname: "pbx.test".into(),
+            relay_host: "relay.test".into(),
+            archive: None,
+        },
+        Pacing {
+            backoff,
+            rate_limit: options.rate_limit,
+            messages_per_session: 10,
+        },
+        spool.clone(),
+        clock.clone(),
+        TenantStatus::default(),
+    );
+    let (jobs, receiver) = unbounded();
+    let shared = Shared {
+        jobs: receiver,
+        rescan: Arc::new(AtomicBool::new(true)),
+        stop: Arc::new(AtomicBool::new(false)),
+        status: Arc::clone(status),
+    };
+    let worker = TenantWorker::new(ledger, FakeDelivery(Rc::clone(script)), shared);
+    (jobs, worker)
 }
 
 fn strings(list: &[&str]) -> Vec<String> {
@@ -692,4 +720,29 @@ fn spawning_a_tenant_leaves_reading_its_ca_file_to_the_tenant_thread() {
     let finished = finished_rx.recv_timeout(Duration::from_secs(10)).unwrap();
     assert_eq!(finished.as_str(), TENANT);
     handle.join();
+}
+
+#[test]
+fn a_restarted_worker_rebuilds_its_queue_from_the_spool() {
+    let mut h = Harness::new(Options::default());
+    let deferred = h.submit("pbx@acme.test", &["a@x.test"]);
+    let held = h.submit("pbx@acme.test", &["b@x.test"]);
+    h.jobs
+        .send(Job::Hold(Target::Ids(vec![held.clone()])))
+        .unwrap();
+    h.script_send(Ok(vec![reply(451, "4.2.0 busy")]));
+    h.step();
+    assert_eq!(h.statuses(&deferred), [RcptStatus::Pending]);
+    h.take_events();
+    // Neither the deferred nor the held message is tried after a restart.
+    h.restart();
+    h.step();
+    assert!(h.take_events().is_empty());
+    assert_eq!(h.status().deferred, 1);
+    assert_eq!(h.status().held, 1);
+    // The deferred one keeps its due time from the spool.
+    h.advance(MIN * 11 / 10);
+    h.step();
+    assert_eq!(h.sent_to(), [strings(&["a@x.test"])]);
+    assert!(h.envelope(&held).unwrap().held);
 }

@@ -88,13 +88,14 @@ impl<D: Delivery> TenantWorker<D> {
         log::debug!("tenant {}: worker stopped", self.name());
     }
 
-    /// One pass: take waiting jobs, rescan if asked, deliver what is due,
-    /// publish the state.
+    /// One pass: rescan if asked, take waiting jobs, deliver what is due,
+    /// publish the state. The rescan comes first so that what the spool
+    /// says about a message (deferred until, held) wins over a hint.
     pub(super) fn step(&mut self) {
-        self.take_waiting_jobs();
         if self.shared.rescan.swap(false, Ordering::AcqRel) {
             self.ledger.rescan();
         }
+        self.take_waiting_jobs();
         self.deliver_due();
         self.publish();
     }
