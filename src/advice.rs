@@ -1,11 +1,12 @@
 //! One plain-language line of what to do, for the relay replies and errors
-//! admins meet most (shown by `pbxmail test`). Matching is on the enhanced
-//! status code and the provider's wording, which are stable across versions.
+//! admins meet most (shown by `pbxmail test`). The judge (outcome.rs) decides
+//! which situation a reply or error is; this file only words it, for the
+//! relay we talked to and the way the tenant signs in.
 
 use crate::config::AuthMode;
+use crate::outcome::{self, Advice, Verdict};
 use crate::smtp::reply::Reply;
 use crate::smtp::SessionError;
-use crate::tls::TlsError;
 
 /// What the advice depends on besides the reply: whom we talked to, and how
 /// we signed in (a password refusal and a token refusal need different steps).
@@ -15,106 +16,105 @@ pub struct Tenant<'a> {
     pub auth: AuthMode,
 }
 
-/// Advice for a refusal from the relay, if we know one.
+/// The advice a verdict carries, worded for this tenant.
+pub fn for_verdict(verdict: &Verdict, tenant: Tenant) -> Option<String> {
+    verdict.advice.map(|advice| text(advice, tenant))
+}
+
+/// Advice for a reply from the relay, if we know one (the judge's key, worded).
 pub fn for_reply(reply: &Reply, tenant: Tenant) -> Option<String> {
-    let text = reply.summary();
-    let lower = text.to_ascii_lowercase();
-    let enhanced = reply.enhanced().unwrap_or_default();
+    for_verdict(&outcome::of_reply(reply), tenant)
+}
+
+/// Advice for a failure before any reply could decide.
+pub fn for_error(error: &SessionError, tenant: Tenant) -> Option<String> {
+    for_verdict(&outcome::of_session_error(error), tenant)
+}
+
+/// The words for one advice key.
+pub fn text(advice: Advice, tenant: Tenant) -> String {
     let relay_host = tenant.relay_host;
     let gmail = relay_host.ends_with("gmail.com") || relay_host.ends_with("googlemail.com");
     let oauth = tenant.auth == AuthMode::XOAuth2;
-    if lower.contains("oauth error from the relay") {
-        let advice = if lower.contains("\"status\":\"400\"") {
+    let text = match advice {
+        Advice::OAuthScopeRefused => {
             "the relay refused the OAuth token for this mailbox or scope (400): check that username \
              is the mailbox that signed in, and oauth_scope (Google: https://mail.google.com/; \
              Microsoft 365: https://outlook.office.com/SMTP.Send)"
-        } else {
+        }
+        Advice::OAuthTokenRefused => {
             "the relay refused the OAuth access token (expired, revoked or for another mailbox): \
              run `pbxmail oauth login --tenant T` again and sign in as the mailbox in username"
-        };
-        return Some(advice.to_string());
-    }
-    let advice = match (reply.code.0, enhanced) {
-        (_, "5.7.139" | "5.7.30") if oauth => {
+        }
+        Advice::SmtpAuthDisabled if oauth => {
             "Microsoft 365 has SMTP AUTH turned off for this mailbox (or the whole organisation), \
              which refuses OAuth sign-ins too: enable Authenticated SMTP for the mailbox in the \
              Microsoft 365 admin center (Users > the mailbox > Mail > Manage email apps), and \
              check that the app registration has the SMTP.Send permission"
         }
-        (535, _) if oauth => {
+        Advice::PasswordNotAccepted | Advice::LoginRefused if oauth => {
             "the relay refused the OAuth access token: check that username is the mailbox that \
              signed in, and if it still fails run `pbxmail oauth login --tenant T` again"
         }
-        (_, "5.7.139" | "5.7.30") => {
+        Advice::SmtpAuthDisabled => {
             "Microsoft 365 refuses password sign-in (basic authentication) for this mailbox: \
              enable Authenticated SMTP for it in the Microsoft 365 admin center, or switch the \
              tenant to OAuth (auth = xoauth2)"
         }
-        (535, "5.7.8") if gmail => {
+        Advice::PasswordNotAccepted if gmail => {
             "Gmail refuses the password: create an app password for this account \
              (Google Account > Security > App passwords) and use it, or switch to OAuth"
         }
-        (535, _) => "the relay refused the login: check username and password (or password_file)",
-        (530, _) if lower.contains("starttls") => {
+        Advice::PasswordNotAccepted | Advice::LoginRefused => {
+            "the relay refused the login: check username and password (or password_file)"
+        }
+        Advice::TlsRequired => {
             "the relay requires TLS before anything else: set tls = starttls (or tls = implicit on port 465)"
         }
-        (530, _) => "the relay requires a login: set username and password for this tenant",
-        _ if lower.contains("sendasdenied") || enhanced == "5.2.0" && lower.contains("send as") => {
+        Advice::LoginRequired => "the relay requires a login: set username and password for this tenant",
+        Advice::SendAsDenied => {
             "the mailbox may not send as this sender: set envelope_from to the login's address, \
              or grant it Send As permission for the sender"
         }
-        (_, "5.4.5") => {
+        Advice::DailyQuota => {
             "the mailbox has used up its daily sending quota: pbxmail keeps such mail queued and \
              retries, so nothing bounces; set rate_limit below the provider's quota \
              (Gmail: 2000/day for Workspace, 500/day for free accounts)"
         }
-        _ if lower.contains("submissionquotaexceeded") => {
+        Advice::ExchangeQuota => {
             "Exchange Online's sending quota for this mailbox is used up: pbxmail keeps such mail \
              queued and retries; keep rate_limit at 30/min or lower"
         }
-        (552, _) | (_, "5.3.4") => "the message is larger than the relay accepts",
-        (550 | 553, "5.7.1") if lower.contains("relay") => {
+        Advice::TooLarge => "the message is larger than the relay accepts",
+        Advice::RelayDenied => {
             "the relay will not relay for us: check the login, or allow this PBX's address on the relay"
         }
-        (550, "5.1.1") => "the recipient's address does not exist",
-        (421, _) | (450..=459, _) => "a temporary refusal: pbxmail retries on its own",
-        _ => return None,
-    };
-    Some(advice.to_string())
-}
-
-/// Advice for a failure before any reply could decide.
-pub fn for_error(error: &SessionError, tenant: Tenant) -> Option<String> {
-    let relay_host = tenant.relay_host;
-    let advice = match error {
-        SessionError::Connect { .. } => format!(
-            "nothing answers at the relay: check relay = host:port, DNS for {relay_host}, \
-             and that this network may reach it (firewalls often block port 25)"
-        ),
-        SessionError::Timeout(_) => {
+        Advice::NoSuchUser => "the recipient's address does not exist",
+        Advice::Temporary => "a temporary refusal: pbxmail retries on its own",
+        Advice::Unreachable => {
+            return format!(
+                "nothing answers at the relay: check relay = host:port, DNS for {relay_host}, \
+                 and that this network may reach it (firewalls often block port 25)"
+            )
+        }
+        Advice::Silent => {
             "the relay stopped answering: a firewall dropping traffic, or a wrong port (try 587 with \
              tls = starttls, or 465 with tls = implicit)"
-                .to_string()
         }
-        SessionError::StartTlsNotOffered => {
+        Advice::NoStartTls => {
             "the relay does not offer STARTTLS on this port: use its submission port (587), or \
              tls = implicit on port 465"
-                .to_string()
         }
-        SessionError::Tls(TlsError::Certificate(_)) => {
+        Advice::Certificate => {
             "put the CA that signed the relay's certificate in ca_file (PEM), or fix the name in \
              relay; tls_verify = no is the insecure last resort"
-                .to_string()
         }
-        SessionError::Tls(TlsError::Handshake(_)) => {
+        Advice::Handshake => {
             "the TLS handshake failed: if the relay speaks plain SMTP on this port, use tls = starttls \
              rather than implicit"
-                .to_string()
         }
-        SessionError::Rejected(_, reply) => return for_reply(reply, tenant),
-        _ => return None,
     };
-    Some(advice)
+    text.to_string()
 }
 
 #[cfg(test)]

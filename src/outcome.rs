@@ -1,9 +1,13 @@
-//! The one place that decides what a failure means. Every relay reply and
-//! every session failure becomes Delivered, Retry (with the scope that should
-//! wait) or Bounce; the tenant worker acts on that value alone.
+//! The judge: the one place that decides what a failure means (Postfix's
+//! smtp_trouble.c). Every relay reply, every broken or refused session and
+//! every expiry becomes a verdict: Delivered, Retry (with the scope that
+//! should wait) or Bounce, plus the advice key an admin's hint is looked up
+//! by (advice.rs words it). The tenant worker acts on verdicts alone.
 
 use crate::smtp::reply::Reply;
 use crate::smtp::{Phase, SessionError};
+use crate::tls::TlsError;
+use std::time::Duration;
 
 /// Who should wait before the next attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,10 +43,122 @@ impl Outcome {
             Outcome::Retry { reason, .. } | Outcome::Bounce { reason } => reason,
         }
     }
+
+    /// The relay refused the tenant itself (its login, its quota, its
+    /// sessions): the tenant backs off and sends nothing more for now.
+    pub fn refuses_tenant(&self) -> bool {
+        matches!(
+            self,
+            Outcome::Retry {
+                scope: RetryScope::Tenant,
+                ..
+            }
+        )
+    }
+
+    /// Past max_queue_lifetime a retry gives up: it becomes a 4.4.7 bounce
+    /// (RFC 3463 §3.5, "delivery time expired"). Other outcomes stand.
+    pub fn expire(self, age_ms: u64, lifetime: Duration) -> Outcome {
+        match self {
+            Outcome::Retry { reason, .. } if u128::from(age_ms) > lifetime.as_millis() => {
+                Outcome::Bounce {
+                    reason: format!(
+                        "4.4.7 gave up after {} in the queue; last error: {reason}",
+                        crate::time::human_duration(age_ms / 1000)
+                    ),
+                }
+            }
+            other => other,
+        }
+    }
+}
+
+/// The judge's answer: what happened, and what an admin could do about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    pub outcome: Outcome,
+    /// The key advice.rs words a hint from; None when there is nothing to say.
+    pub advice: Option<Advice>,
+}
+
+/// What the admin should be told, by situation. The wording (which depends
+/// on the relay and on how the tenant signs in) lives in advice.rs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Advice {
+    /// The relay refused the OAuth token for this mailbox or scope (its JSON says 400).
+    OAuthScopeRefused,
+    /// The relay refused the OAuth token (expired, revoked, another mailbox).
+    OAuthTokenRefused,
+    /// Microsoft 365's SMTP AUTH is off for the mailbox (5.7.139, 5.7.30).
+    SmtpAuthDisabled,
+    /// 535 with 5.7.8: the username/password pair is not accepted.
+    PasswordNotAccepted,
+    /// Any other 535: the login was refused.
+    LoginRefused,
+    /// 530 asking for STARTTLS first.
+    TlsRequired,
+    /// 530: a login is required.
+    LoginRequired,
+    /// The mailbox may not send as this sender.
+    SendAsDenied,
+    /// 5.4.5: the daily sending quota is used up.
+    DailyQuota,
+    /// Exchange Online's SubmissionQuotaExceeded.
+    ExchangeQuota,
+    /// 552 or 5.3.4: the message is too large.
+    TooLarge,
+    /// 5.7.1 relaying denied.
+    RelayDenied,
+    /// 550 5.1.1: no such recipient.
+    NoSuchUser,
+    /// 421 or 45x: temporary, retried on its own.
+    Temporary,
+    /// Nothing answers at the relay's address.
+    Unreachable,
+    /// The relay stopped answering mid-session.
+    Silent,
+    /// The relay does not offer STARTTLS.
+    NoStartTls,
+    /// The relay's certificate is not trusted.
+    Certificate,
+    /// The TLS handshake failed.
+    Handshake,
+}
+
+/// How one recipient's reply in a transaction is judged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RcptJudgement {
+    /// Final for this attempt.
+    Final(Verdict),
+    /// 452 "too many recipients" after another recipient was accepted: send
+    /// it again in a following transaction (RFC 5321 §4.5.3.1.10), now.
+    SendAgain,
+}
+
+/// Judges a transaction's replies, one per recipient, in order.
+pub fn of_transaction(replies: &[Reply]) -> Vec<RcptJudgement> {
+    let any_accepted = replies.iter().any(|r| r.code.is_positive());
+    replies
+        .iter()
+        .map(|reply| {
+            if any_accepted && reply.code.0 == 452 {
+                RcptJudgement::SendAgain
+            } else {
+                RcptJudgement::Final(of_reply(reply))
+            }
+        })
+        .collect()
 }
 
 /// A recipient's deciding reply (its RCPT reply, or the reply to the end of DATA).
-pub fn of_reply(reply: &Reply) -> Outcome {
+pub fn of_reply(reply: &Reply) -> Verdict {
+    Verdict {
+        outcome: outcome_of_reply(reply),
+        advice: advice_for_reply(reply),
+    }
+}
+
+fn outcome_of_reply(reply: &Reply) -> Outcome {
     let text = reply.summary();
     if reply.code.is_positive() {
         Outcome::Delivered { reply: text }
@@ -99,10 +215,44 @@ fn is_sending_quota(reply: &Reply) -> bool {
         || lower.contains("message rate limit")
 }
 
-/// A failure that ended the session. It never bounces: the message is fine,
-/// the relay or the link or our configuration is not (RFC 5321 §4.5.4.1 lets
-/// the sender retry).
-pub fn of_session_error(error: &SessionError) -> Outcome {
+/// Which advice a reply calls for: matched on the enhanced status code and
+/// the provider's wording, which are stable across versions. The order
+/// matters (the first match wins) and is the same for every auth mode.
+fn advice_for_reply(reply: &Reply) -> Option<Advice> {
+    let lower = reply.summary().to_ascii_lowercase();
+    let enhanced = reply.enhanced().unwrap_or_default();
+    if lower.contains("oauth error from the relay") {
+        return Some(if lower.contains("\"status\":\"400\"") {
+            Advice::OAuthScopeRefused
+        } else {
+            Advice::OAuthTokenRefused
+        });
+    }
+    let advice = match (reply.code.0, enhanced) {
+        (_, "5.7.139" | "5.7.30") => Advice::SmtpAuthDisabled,
+        (535, "5.7.8") => Advice::PasswordNotAccepted,
+        (535, _) => Advice::LoginRefused,
+        (530, _) if lower.contains("starttls") => Advice::TlsRequired,
+        (530, _) => Advice::LoginRequired,
+        _ if lower.contains("sendasdenied") || enhanced == "5.2.0" && lower.contains("send as") => {
+            Advice::SendAsDenied
+        }
+        (_, "5.4.5") => Advice::DailyQuota,
+        _ if lower.contains("submissionquotaexceeded") => Advice::ExchangeQuota,
+        (552, _) | (_, "5.3.4") => Advice::TooLarge,
+        (550 | 553, "5.7.1") if lower.contains("relay") => Advice::RelayDenied,
+        (550, "5.1.1") => Advice::NoSuchUser,
+        (421, _) | (450..=459, _) => Advice::Temporary,
+        _ => return None,
+    };
+    Some(advice)
+}
+
+/// A failure that ended (or never began) a session. It never bounces: the
+/// message is fine, the relay or the link or our configuration is not
+/// (RFC 5321 §4.5.4.1 lets the sender retry). This is also what a session
+/// that broke mid-message means for the recipients still unanswered.
+pub fn of_session_error(error: &SessionError) -> Verdict {
     let scope = match error {
         SessionError::Local(_) => RetryScope::Message,
         SessionError::Timeout(phase)
@@ -116,9 +266,48 @@ pub fn of_session_error(error: &SessionError) -> Outcome {
         | SessionError::Tls(_)
         | SessionError::Config(_) => RetryScope::Tenant,
     };
+    Verdict {
+        outcome: Outcome::Retry {
+            scope,
+            reason: error.to_string(),
+        },
+        advice: advice_for_error(error),
+    }
+}
+
+/// A session that could not be opened. Whatever the phase, the relay (or
+/// our way to it) is the problem, not the mail: the whole tenant waits.
+pub fn of_failed_open(error: &SessionError) -> Outcome {
     Outcome::Retry {
-        scope,
+        scope: RetryScope::Tenant,
         reason: error.to_string(),
+    }
+}
+
+/// A session that could not even be tried (settings unusable, no access
+/// token): the tenant waits, the mail stays queued.
+pub fn of_unavailable_session(reason: &str) -> Outcome {
+    Outcome::Retry {
+        scope: RetryScope::Tenant,
+        reason: reason.to_string(),
+    }
+}
+
+/// Whether a failed session shows the relay refused our OAuth access token,
+/// so the next session must fetch a fresh one.
+pub fn forgets_token(error: &SessionError) -> bool {
+    matches!(error, SessionError::Rejected(Phase::Auth, _))
+}
+
+fn advice_for_error(error: &SessionError) -> Option<Advice> {
+    match error {
+        SessionError::Connect { .. } => Some(Advice::Unreachable),
+        SessionError::Timeout(_) => Some(Advice::Silent),
+        SessionError::StartTlsNotOffered => Some(Advice::NoStartTls),
+        SessionError::Tls(TlsError::Certificate(_)) => Some(Advice::Certificate),
+        SessionError::Tls(TlsError::Handshake(_)) => Some(Advice::Handshake),
+        SessionError::Rejected(_, reply) => advice_for_reply(reply),
+        _ => None,
     }
 }
 
@@ -162,23 +351,25 @@ mod tests {
             reply_saying(550, "5.7.60 ... message rate limit exceeded"),
         ] {
             assert!(
-                matches!(of_reply(&quota), Outcome::Retry { scope: RetryScope::Tenant, .. }),
+                matches!(of_reply(&quota).outcome, Outcome::Retry { scope: RetryScope::Tenant, .. }),
                 "{quota}"
             );
         }
         // A permanent refusal that is not a quota still bounces.
         assert_eq!(
-            of_reply(&reply_saying(550, "5.1.1 No such user")).status(),
+            of_reply(&reply_saying(550, "5.1.1 No such user"))
+                .outcome
+                .status(),
             "bounced"
         );
     }
 
     #[test]
     fn reply_classes() {
-        assert_eq!(of_reply(&reply(250)).status(), "sent");
-        assert_eq!(of_reply(&reply(451)).status(), "deferred");
-        assert_eq!(of_reply(&reply(550)).status(), "bounced");
-        assert_eq!(of_reply(&reply(354)).status(), "deferred");
+        assert_eq!(of_reply(&reply(250)).outcome.status(), "sent");
+        assert_eq!(of_reply(&reply(451)).outcome.status(), "deferred");
+        assert_eq!(of_reply(&reply(550)).outcome.status(), "bounced");
+        assert_eq!(of_reply(&reply(354)).outcome.status(), "deferred");
     }
 
     #[test]
@@ -193,7 +384,7 @@ mod tests {
         };
         for reply in [required, basic_auth_off] {
             assert!(matches!(
-                of_reply(&reply),
+                of_reply(&reply).outcome,
                 Outcome::Retry {
                     scope: RetryScope::Tenant,
                     ..
@@ -204,14 +395,14 @@ mod tests {
             code: ReplyCode(550),
             lines: vec!["5.1.1 no such user".into()],
         };
-        assert_eq!(of_reply(&no_such_user).status(), "bounced");
+        assert_eq!(of_reply(&no_such_user).outcome.status(), "bounced");
     }
 
     #[test]
     fn session_failures_never_bounce() {
         let refused_auth = SessionError::Rejected(Phase::Auth, reply(535));
         assert!(matches!(
-            of_session_error(&refused_auth),
+            of_session_error(&refused_auth).outcome,
             Outcome::Retry {
                 scope: RetryScope::Tenant,
                 ..
@@ -219,18 +410,110 @@ mod tests {
         ));
         let mid_data = SessionError::Timeout(Phase::DataEnd);
         assert!(matches!(
-            of_session_error(&mid_data),
+            of_session_error(&mid_data).outcome,
             Outcome::Retry {
                 scope: RetryScope::Message,
                 ..
             }
         ));
         assert!(matches!(
-            of_session_error(&SessionError::StartTlsNotOffered),
+            of_session_error(&SessionError::StartTlsNotOffered).outcome,
             Outcome::Retry {
                 scope: RetryScope::Tenant,
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn a_452_after_an_accepted_recipient_is_sent_again_not_judged() {
+        let judged = of_transaction(&[reply(250), reply(452), reply(550)]);
+        assert!(matches!(&judged[0], RcptJudgement::Final(v) if v.outcome.status() == "sent"));
+        assert_eq!(judged[1], RcptJudgement::SendAgain);
+        assert!(matches!(&judged[2], RcptJudgement::Final(v) if v.outcome.status() == "bounced"));
+    }
+
+    #[test]
+    fn a_452_with_nothing_accepted_is_a_recipient_retry() {
+        let judged = of_transaction(&[reply(452), reply(452)]);
+        for judgement in judged {
+            let RcptJudgement::Final(verdict) = judgement else {
+                panic!("a 452 with nothing accepted must not be sent again at once");
+            };
+            assert!(matches!(
+                verdict.outcome,
+                Outcome::Retry {
+                    scope: RetryScope::Recipient,
+                    ..
+                }
+            ));
+        }
+    }
+
+    #[test]
+    fn a_retry_past_the_queue_lifetime_bounces_with_4_4_7() {
+        let lifetime = Duration::from_secs(3600);
+        let retry = of_reply(&reply(451)).outcome;
+        assert_eq!(retry.clone().expire(3_600_000, lifetime), retry);
+        let expired = retry.expire(3_600_001, lifetime);
+        assert_eq!(expired.status(), "bounced");
+        assert!(expired.reason().starts_with("4.4.7 gave up after"));
+        assert!(expired.reason().ends_with("last error: 451 text"));
+        // What was delivered or bounced stays so.
+        let sent = of_reply(&reply(250)).outcome;
+        assert_eq!(sent.clone().expire(u64::MAX, lifetime), sent);
+    }
+
+    #[test]
+    fn tenant_scope_retries_refuse_the_tenant_and_others_do_not() {
+        assert!(of_reply(&reply(535)).outcome.refuses_tenant());
+        assert!(
+            of_session_error(&SessionError::Rejected(Phase::Rcpt, reply(421)))
+                .outcome
+                .refuses_tenant()
+        );
+        assert!(!of_reply(&reply(451)).outcome.refuses_tenant());
+        assert!(!of_reply(&reply(550)).outcome.refuses_tenant());
+        assert!(!of_session_error(&SessionError::Timeout(Phase::Body))
+            .outcome
+            .refuses_tenant());
+        assert!(of_unavailable_session("no token").refuses_tenant());
+        // A session that could not be opened backs the tenant off even where
+        // the same error mid-session would only defer the message.
+        assert!(of_failed_open(&SessionError::Local("x".into())).refuses_tenant());
+    }
+
+    #[test]
+    fn only_a_refused_auth_forgets_the_oauth_token() {
+        assert!(forgets_token(&SessionError::Rejected(
+            Phase::Auth,
+            reply(535)
+        )));
+        assert!(!forgets_token(&SessionError::Rejected(
+            Phase::Ehlo,
+            reply(554)
+        )));
+        assert!(!forgets_token(&SessionError::Timeout(Phase::Auth)));
+    }
+
+    #[test]
+    fn the_verdict_carries_the_advice_key() {
+        assert_eq!(
+            of_reply(&reply_saying(550, "5.1.1 no such user")).advice,
+            Some(Advice::NoSuchUser)
+        );
+        assert_eq!(of_reply(&reply(250)).advice, None);
+        assert_eq!(
+            of_session_error(&SessionError::Timeout(Phase::Greeting)).advice,
+            Some(Advice::Silent)
+        );
+        assert_eq!(
+            of_session_error(&SessionError::Rejected(
+                Phase::Auth,
+                reply_saying(535, "5.7.8 Username and Password not accepted")
+            ))
+            .advice,
+            Some(Advice::PasswordNotAccepted)
+        );
     }
 }

@@ -6,7 +6,7 @@
 use super::{load_config, take_config_flag, Exit};
 use crate::address;
 use crate::advice;
-use crate::smtp::client::{self, ClientSettings};
+use crate::smtp::client;
 use crate::smtp::session::{Outgoing, Trace};
 use crate::{spool, time, tls};
 
@@ -66,7 +66,7 @@ pub fn run(args: &[String]) -> Exit {
         Err(code) => return code,
     };
     let mut settings =
-        match ClientSettings::for_tenant(tenant, &config.daemon, &tls::system_roots()) {
+        match crate::tenant::client_settings(tenant, &config.daemon, &tls::system_roots()) {
             Ok(settings) => settings,
             Err(e) => {
                 eprintln!("pbxmail test: tenant {}: {e}", tenant.name);

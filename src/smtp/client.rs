@@ -5,9 +5,9 @@
 
 use super::session::{AuthMechanism, BearerMechanism, Session, Timeouts, Trace};
 use super::{Phase, SessionError};
-use crate::config::{AuthMode, DaemonConfig, Relay, Secret, TenantConfig, TlsMode};
+use crate::config::{AuthMode, Relay, Secret, TlsMode};
 use crate::tls::{self, Stream};
-use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
+use rustls::{ClientConfig, ClientConnection, StreamOwned};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,32 +26,6 @@ pub struct ClientSettings {
     pub timeouts: Timeouts,
     /// The OAuth 2.0 access token for `auth = xoauth2`, fetched per session.
     pub bearer: Option<Secret>,
-}
-
-impl ClientSettings {
-    /// A tenant's settings, as its worker and `pbxmail test` both use them.
-    pub fn for_tenant(
-        tenant: &TenantConfig,
-        daemon: &DaemonConfig,
-        roots: &Arc<RootCertStore>,
-    ) -> Result<ClientSettings, tls::TlsError> {
-        Ok(ClientSettings {
-            hostname: daemon.hostname.clone(),
-            relay: tenant.relay.clone(),
-            tls_mode: tenant.tls,
-            tls: tls::client_config(tenant.tls_verify, tenant.ca_file.as_deref(), roots)?,
-            auth: tenant.auth,
-            username: tenant.username.clone(),
-            password: tenant.password.clone(),
-            allow_plaintext_auth: tenant.allow_plaintext_auth,
-            timeouts: Timeouts {
-                connect: tenant.connect_timeout,
-                command: tenant.command_timeout,
-                data: tenant.data_timeout,
-            },
-            bearer: None,
-        })
-    }
 }
 
 pub struct Connected {

@@ -1,32 +1,45 @@
 //! One OS thread per tenant. `TenantHandle` is what the dispatcher holds:
-//! it never blocks on the tenant. The worker (worker.rs) owns the tenant's
-//! queue index and runs blocking SMTP sessions (delivery.rs) with the
-//! tenant's own timeouts and pacing (pacing.rs), so a slow or dead relay
-//! stalls only this thread. A worker that panics is restarted from the spool.
+//! it never blocks on the tenant, and builds nothing from disk for it: the
+//! tenant's thread builds its own settings (settings.rs). On that thread the
+//! worker (worker.rs) drives the pure queue (queue.rs, kept in step with the
+//! spool by ledger.rs) and a `Delivery` (delivery.rs; SMTP in
+//! smtp_delivery.rs) with the tenant's own timeouts and pacing (pacing.rs),
+//! so a slow or dead relay stalls only this thread. The judge (outcome.rs)
+//! decides what every failure means. A worker that panics is restarted from
+//! the spool.
 
 mod delivery;
+mod ledger;
 mod pacing;
+mod queue;
 mod set;
+mod settings;
+mod smtp_delivery;
+#[cfg(test)]
+mod tests;
 mod worker;
 
 pub use set::TenantSet;
+pub use settings::client_settings;
 
-use crate::config::{DaemonConfig, RateLimit, TenantConfig, TenantName};
-use crate::smtp::client::ClientSettings;
+use crate::config::{DaemonConfig, TenantConfig, TenantName};
 use crate::spool::{MessageId, Spool};
 use crossbeam_channel::{bounded, Sender, TrySendError};
 
 /// Called once from the tenant's thread as it ends.
 pub type OnFinish = Box<dyn FnOnce(TenantName) + Send>;
-use pacing::Backoff;
+use crate::base::clock::Clock;
+use ledger::Ledger;
 use rustls::RootCertStore;
+use settings::Settings;
+use smtp_delivery::SmtpDelivery;
 use std::io;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
-use worker::TenantWorker;
+use worker::{Shared, TenantWorker};
 
 /// Reserved, not used: after STARTTLS and implicit-TLS sessions with AUTH a
 /// tenant thread had touched 40 KiB of it (release build, /proc/PID/smaps),
@@ -80,26 +93,6 @@ pub struct TenantStatus {
     pub last_error: Option<String>,
 }
 
-/// Everything a worker needs that comes from the configuration.
-#[derive(Clone)]
-struct Settings {
-    name: TenantName,
-    /// Err when the tenant's TLS settings are unusable: mail waits, with this reason.
-    client: Result<ClientSettings, String>,
-    envelope_from: Option<String>,
-    messages_per_session: usize,
-    backoff: Backoff,
-    max_queue_lifetime: Duration,
-    rate_limit: Option<RateLimit>,
-    postmaster: Option<String>,
-    hostname: String,
-    /// `auth = xoauth2`: where tokens come from (Err: why they cannot).
-    oauth: Option<Result<crate::oauth::Endpoints, String>>,
-    ca_file: Option<std::path::PathBuf>,
-    /// `archive = yes`: where and for whom to journal sent mail.
-    archive: Option<crate::archive::Policy>,
-}
-
 pub struct TenantHandle {
     name: TenantName,
     status: Arc<Mutex<TenantStatus>>,
@@ -110,7 +103,9 @@ pub struct TenantHandle {
 }
 
 impl TenantHandle {
-    /// Starts the tenant's thread; `on_finish` runs when it ends.
+    /// Starts the tenant's thread; `on_finish` runs when it ends. The thread
+    /// builds the tenant's settings (it reads ca_file and secret files), so
+    /// the caller, the dispatcher, does no disk I/O here.
     pub fn spawn(
         tenant: &TenantConfig,
         daemon: &DaemonConfig,
@@ -118,39 +113,6 @@ impl TenantHandle {
         roots: &Arc<RootCertStore>,
         on_finish: OnFinish,
     ) -> io::Result<TenantHandle> {
-        let client = ClientSettings::for_tenant(tenant, daemon, roots);
-        if let Err(e) = &client {
-            log::error!(
-                "tenant {}: {e}; its mail stays queued until the configuration is fixed",
-                tenant.name
-            );
-        }
-        let settings = Settings {
-            name: tenant.name.clone(),
-            client: client.map_err(|e| e.to_string()),
-            envelope_from: tenant.envelope_from.clone(),
-            messages_per_session: tenant.messages_per_session.max(1) as usize,
-            backoff: Backoff {
-                min: daemon.retry_min,
-                max: daemon.retry_max,
-            },
-            max_queue_lifetime: daemon.max_queue_lifetime,
-            rate_limit: tenant.rate_limit,
-            postmaster: daemon.postmaster.clone(),
-            hostname: daemon.hostname.clone(),
-            oauth: (tenant.auth == crate::config::AuthMode::XOAuth2)
-                .then(|| crate::oauth::Endpoints::for_tenant(tenant).map_err(|e| e.to_string())),
-            ca_file: tenant.ca_file.clone(),
-            archive: tenant.archive.then(|| crate::archive::Policy {
-                root: daemon.archive_dir.clone(),
-                users: match &tenant.archive_users {
-                    crate::config::ArchiveUsers::All => None,
-                    crate::config::ArchiveUsers::List(users) => Some(users.clone()),
-                },
-                group: tenant.archive_group.clone(),
-                hostname: daemon.hostname.clone(),
-            }),
-        };
         let status = Arc::new(Mutex::new(TenantStatus {
             name: tenant.name.as_str().to_string(),
             relay: tenant.relay.to_string(),
@@ -161,22 +123,37 @@ impl TenantHandle {
         let rescan = Arc::new(AtomicBool::new(true));
         let stop = Arc::new(AtomicBool::new(false));
         let (thread_rescan, thread_stop) = (Arc::clone(&rescan), Arc::clone(&stop));
+        let (config, daemon, roots) = (tenant.clone(), daemon.clone(), Arc::clone(roots));
         let thread = std::thread::Builder::new()
             .name(format!("tenant:{}", tenant.name))
             .stack_size(STACK_SIZE)
             .spawn(move || {
+                let settings = Settings::from_config(&config, &daemon, &roots);
                 let name = settings.name.clone();
                 loop {
                     // Each (re)start rebuilds the queue index from the spool.
                     thread_rescan.store(true, Ordering::Release);
-                    let worker = TenantWorker::new(
-                        settings.clone(),
+                    // Counters survive a restart after a panic.
+                    let counters = thread_status
+                        .lock()
+                        .map(|s| s.clone())
+                        .unwrap_or_default();
+                    let ledger = Ledger::new(
+                        name.clone(),
+                        settings.policy.clone(),
+                        settings.pacing,
                         spool.clone(),
-                        receiver.clone(),
-                        Arc::clone(&thread_rescan),
-                        Arc::clone(&thread_stop),
-                        Arc::clone(&thread_status),
+                        Clock::system(),
+                        counters,
                     );
+                    let delivery = SmtpDelivery::new(name.clone(), settings.smtp.clone());
+                    let shared = Shared {
+                        jobs: receiver.clone(),
+                        rescan: Arc::clone(&thread_rescan),
+                        stop: Arc::clone(&thread_stop),
+                        status: Arc::clone(&thread_status),
+                    };
+                    let worker = TenantWorker::new(ledger, delivery, shared);
                     match catch_unwind(AssertUnwindSafe(|| worker.run())) {
                         Ok(()) => break,
                         Err(panic) => {

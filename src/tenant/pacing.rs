@@ -11,16 +11,28 @@ use std::time::Duration;
 pub struct Backoff {
     pub min: Duration,
     pub max: Duration,
+    /// Where the jitter comes from: the system's randomness, or a fixed
+    /// value in tests (0 = -10%, u16::MAX = +10%).
+    pub random: fn() -> u16,
 }
 
 impl Backoff {
+    /// Between `min` and `max`, with jitter from the system's randomness.
+    pub fn new(min: Duration, max: Duration) -> Backoff {
+        Backoff {
+            min,
+            max,
+            random: random_u16,
+        }
+    }
+
     /// The wait before attempt `attempts + 1`: min·2^(attempts-1), capped at
     /// max, then ±10% so retries of many messages (or tenants sharing a
     /// relay) do not arrive in lockstep.
     pub fn after(&self, attempts: u32) -> Duration {
         let exponent = attempts.saturating_sub(1).min(20);
         let base = self.min.saturating_mul(1u32 << exponent).min(self.max);
-        let jitter = f64::from(random_u16()) / f64::from(u16::MAX) * 0.2 - 0.1;
+        let jitter = f64::from((self.random)()) / f64::from(u16::MAX) * 0.2 - 0.1;
         base.mul_f64(1.0 + jitter)
     }
 }
@@ -89,10 +101,7 @@ mod tests {
 
     #[test]
     fn backoff_doubles_within_bounds_with_jitter() {
-        let b = Backoff {
-            min: Duration::from_secs(60),
-            max: Duration::from_secs(3600),
-        };
+        let b = Backoff::new(Duration::from_secs(60), Duration::from_secs(3600));
         for (attempts, base) in [(1, 60.0), (2, 120.0), (3, 240.0), (7, 3600.0), (30, 3600.0)] {
             let got = b.after(attempts).as_secs_f64();
             assert!(
@@ -100,6 +109,21 @@ mod tests {
                 "{attempts}: {got}"
             );
         }
+    }
+
+    #[test]
+    fn backoff_jitter_comes_from_its_source() {
+        let low = Backoff {
+            random: || 0,
+            ..Backoff::new(Duration::from_secs(100), Duration::from_secs(1000))
+        };
+        assert_eq!(low.after(1).as_millis(), 90_000);
+        let high = Backoff {
+            random: || u16::MAX,
+            ..low
+        };
+        assert_eq!(high.after(1).as_millis(), 110_000);
+        assert_eq!(high.after(9).as_millis(), 1_100_000);
     }
 
     #[test]

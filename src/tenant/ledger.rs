@@ -1,0 +1,552 @@
+//! What a tenant knows about its mail: the pure queue (queue.rs) kept in step
+//! with the spool, which stays the truth. It rebuilds the queue from the
+//! spool, applies admin jobs, records every recipient's verdict durably and
+//! settles each message: retry later, remove (delivered, archived first if
+//! the tenant keeps an archive), or bounce (RFC 3464) to its sender, else
+//! the postmaster, else keep it visibly failed. It judges nothing itself:
+//! outcomes come from the judge (outcome.rs).
+
+use super::queue::Queue;
+use super::settings::{Pacing, Policy};
+use super::{Job, Target, TenantState, TenantStatus};
+use crate::base::clock::Clock;
+use crate::bounce;
+use crate::config::TenantName;
+use crate::outcome::Outcome;
+use crate::spool::envelope::{BounceStage, Envelope, RcptResult, RcptStatus, Record};
+use crate::spool::{self, MessageId, Spool};
+use std::collections::BTreeMap;
+
+/// A recipient's outcome in one attempt: (index in the envelope, address, outcome).
+pub type RcptOutcome = (usize, String, Outcome);
+
+/// Whether a recipient's result goes to the delivery log (info), or only to
+/// debug, being a repeat of a tenant-wide failure the log has already told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Announce {
+    Each,
+    Repeat,
+}
+
+pub struct Ledger {
+    name: TenantName,
+    policy: Policy,
+    spool: Spool,
+    clock: Clock,
+    queue: Queue,
+    /// Results the relay gave that could not be written yet (disk full).
+    unrecorded: BTreeMap<MessageId, Record>,
+    /// Delivered/bounced counts and last events, for `status`.
+    counters: TenantStatus,
+}
+
+impl Ledger {
+    pub fn new(
+        name: TenantName,
+        policy: Policy,
+        pacing: Pacing,
+        spool: Spool,
+        clock: Clock,
+        counters: TenantStatus,
+    ) -> Ledger {
+        let queue = Queue::new(
+            pacing.backoff,
+            pacing.rate_limit,
+            pacing.messages_per_session,
+            clock.now_ms(),
+        );
+        Ledger {
+            name,
+            policy,
+            spool,
+            clock,
+            queue,
+            unrecorded: BTreeMap::new(),
+            counters,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        self.name.as_str()
+    }
+
+    pub fn now(&self) -> u64 {
+        self.clock.now_ms()
+    }
+
+    pub fn queue(&self) -> &Queue {
+        &self.queue
+    }
+
+    pub fn queue_mut(&mut self) -> &mut Queue {
+        &mut self.queue
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// The relay itself is failing: the tenant backs off from now.
+    pub fn back_off_tenant(&mut self) {
+        let now = self.now();
+        self.queue.back_off_tenant(now);
+    }
+
+    /// What `pbxmail status` shows now.
+    pub fn status(&mut self, in_session: bool) -> TenantStatus {
+        let now = self.now();
+        self.counters.state = if in_session {
+            TenantState::Sending
+        } else if self.queue.backing_off(now) {
+            TenantState::Backoff
+        } else {
+            TenantState::Idle
+        };
+        let counts = self.queue.counts();
+        self.counters.queued = counts.queued;
+        self.counters.deferred = counts.deferred;
+        self.counters.held = counts.held;
+        self.counters.failed = counts.failed;
+        self.counters.clone()
+    }
+
+    /// Counts an outcome for `status` (per recipient attempt).
+    fn count(&mut self, outcome: &Outcome) {
+        let now = crate::time::rfc3339(self.now() / 1000);
+        match outcome {
+            Outcome::Delivered { .. } => {
+                self.counters.delivered += 1;
+                self.counters.last_success = Some(now);
+            }
+            Outcome::Bounce { reason } => {
+                self.counters.bounced += 1;
+                self.counters.last_error = Some(reason.clone());
+            }
+            Outcome::Retry { reason, .. } => self.counters.last_error = Some(reason.clone()),
+        }
+    }
+
+    /// Applies a hint or an admin's command.
+    pub fn apply(&mut self, job: Job) {
+        match job {
+            Job::Queued(id) => self.queue.note_queued(&id),
+            Job::Flush => self.queue.flush(),
+            Job::Hold(target) => {
+                for id in self.targets(&target, Queue::waiting_ids) {
+                    if self.queue.is_waiting(&id) && self.mark(&id, &Record::Held) {
+                        self.queue.hold(&id);
+                    }
+                }
+            }
+            Job::Release(target) => {
+                for id in self.targets(&target, Queue::held_ids) {
+                    if self.queue.is_held(&id) && self.mark(&id, &Record::Released) {
+                        let attempted = self
+                            .spool
+                            .load_envelope(self.name(), &id)
+                            .map_or(true, |env| env.attempts > 0);
+                        self.queue.release(&id, attempted);
+                    }
+                }
+            }
+            Job::Delete(target) => {
+                for id in self.targets(&target, Queue::all_ids) {
+                    match self.spool.remove(self.name(), &id) {
+                        Ok(()) => {
+                            log::info!("{id} tenant={}: deleted by an administrator", self.name())
+                        }
+                        Err(e) => log::warn!("{id} tenant={}: cannot delete: {e}", self.name()),
+                    }
+                    self.queue.forget(&id);
+                }
+            }
+        }
+    }
+
+    fn targets(&self, target: &Target, all: impl Fn(&Queue) -> Vec<MessageId>) -> Vec<MessageId> {
+        match target {
+            Target::All => all(&self.queue),
+            Target::Ids(ids) => ids.clone(),
+        }
+    }
+
+    /// Appends an admin's record durably; false (logged) if it cannot.
+    fn mark(&self, id: &MessageId, record: &Record) -> bool {
+        match self.spool.append(self.name(), id, record) {
+            Ok(()) => true,
+            Err(e) => {
+                log::error!("{id} tenant={}: cannot record {record:?}: {e}", self.name());
+                false
+            }
+        }
+    }
+
+    /// Rebuilds the queue from the tenant's spool folder.
+    pub fn rescan(&mut self) {
+        let ids = match self.spool.message_ids(self.name()) {
+            Ok(ids) => ids,
+            Err(e) => {
+                log::error!("tenant {}: cannot read its spool folder: {e}", self.name());
+                return;
+            }
+        };
+        for id in ids {
+            if self.queue.knows(&id) {
+                continue;
+            }
+            match self.spool.load_envelope(self.name(), &id) {
+                // Finished, but a crash came before it was bounced or removed.
+                Ok(env) if env.is_done() => self.finish_done(&id, &env, false),
+                Ok(env) if env.held => self.queue.insert_held(&id),
+                Ok(env) => {
+                    self.queue
+                        .schedule(&id, env.next_attempt_ms.unwrap_or(0), env.attempts > 0)
+                }
+                Err(e) => self.quarantine(&id, &e.to_string()),
+            }
+        }
+        self.quarantine_strays();
+        log::debug!(
+            "tenant {}: {} messages queued",
+            self.name(),
+            self.queue.len()
+        );
+    }
+
+    /// Files in the tenant's folder that are no spool entry are moved aside.
+    fn quarantine_strays(&self) {
+        let strays = self.spool.stray_files(self.name()).unwrap_or_default();
+        for path in &strays {
+            let reason = "not a spool file (unknown name or type)";
+            log::error!(
+                "tenant {}: quarantined {}: {reason}",
+                self.name(),
+                path.display()
+            );
+            if let Err(e) = self.spool.quarantine_stray(self.name(), path, reason) {
+                log::error!(
+                    "tenant {}: cannot quarantine {}: {e}",
+                    self.name(),
+                    path.display()
+                );
+            }
+        }
+    }
+
+    pub fn quarantine(&mut self, id: &MessageId, reason: &str) {
+        self.queue.remove(id);
+        self.queue.unfail(id);
+        log::error!("{id} tenant={}: quarantined: {reason}", self.name());
+        if let Err(e) = self.spool.quarantine(self.name(), id, reason) {
+            log::error!("{id} tenant={}: cannot quarantine: {e}", self.name());
+        }
+    }
+
+    /// A message's envelope, ready for an attempt: a result left unwritten
+    /// is written first. None when it is not to be tried now (still cannot
+    /// record, deleted meanwhile, or unreadable and quarantined).
+    pub fn load_for_attempt(&mut self, id: &MessageId) -> Option<Envelope> {
+        if !self.write_unrecorded(id) {
+            return None;
+        }
+        match self.spool.load_envelope(self.name(), id) {
+            Ok(env) => Some(env),
+            Err(e) if e.is_not_found() => {
+                self.queue.remove(id); // deleted by an admin meanwhile
+                None
+            }
+            Err(e) => {
+                self.quarantine(id, &e.to_string());
+                None
+            }
+        }
+    }
+
+    /// Opens the message file and checks it against the SHA-256 in its
+    /// envelope; the same pass notes whether it has 8-bit content.
+    pub fn open_verified(
+        &self,
+        id: &MessageId,
+        envelope: &Envelope,
+    ) -> Result<(std::fs::File, bool), String> {
+        let mut file = self
+            .spool
+            .open_message(self.name(), id)
+            .map_err(|e| format!("message file unreadable: {e}"))?;
+        let scan =
+            spool::scan_message(&mut file).map_err(|e| format!("message file unreadable: {e}"))?;
+        if scan.sha256 != envelope.sha256 {
+            return Err(format!(
+                "message file checksum mismatch (SHA-256 {}, envelope says {})",
+                scan.sha256, envelope.sha256
+            ));
+        }
+        Ok((file, scan.eight_bit))
+    }
+
+    /// Gives every pending recipient of each message the same verdict (a
+    /// session that failed or could not be had). A verdict that refuses the
+    /// tenant backs it off first.
+    pub fn defer_all(
+        &mut self,
+        ids: &[MessageId],
+        relay: &str,
+        outcome: &Outcome,
+        announce: Announce,
+    ) {
+        if outcome.refuses_tenant() {
+            self.back_off_tenant();
+        }
+        for id in ids {
+            let Some(envelope) = self.load_for_attempt(id) else {
+                continue;
+            };
+            let outcomes = envelope
+                .pending()
+                .map(|(i, r)| (i, r.address.clone(), outcome.clone()))
+                .collect();
+            let error = Some(outcome.reason().to_string());
+            self.record(id, &envelope, relay, outcomes, error, announce);
+        }
+    }
+
+    /// Logs one line per recipient, appends the attempt durably, and settles
+    /// the message. The judge turns a retry past max_queue_lifetime into a bounce.
+    pub fn record(
+        &mut self,
+        id: &MessageId,
+        envelope: &Envelope,
+        relay: &str,
+        outcomes: Vec<RcptOutcome>,
+        error: Option<String>,
+        announce: Announce,
+    ) {
+        let now = self.now();
+        let age_ms = now.saturating_sub(envelope.queued_at_ms);
+        let delay = age_ms as f64 / 1000.0;
+        let mut results = Vec::with_capacity(outcomes.len());
+        let mut still_pending = 0usize;
+        let mut last_problem = error;
+        for (rcpt, address, outcome) in outcomes {
+            let outcome = outcome.expire(age_ms, self.policy.max_queue_lifetime);
+            let level = match (&outcome, announce) {
+                (Outcome::Retry { .. }, Announce::Repeat) => log::Level::Debug,
+                _ => log::Level::Info,
+            };
+            log::log!(
+                level,
+                "{id} tenant={} to=<{address}> relay={relay} delay={delay:.1}s status={} ({})",
+                self.name(),
+                outcome.status(),
+                outcome.reason()
+            );
+            let status = match &outcome {
+                Outcome::Delivered { .. } => RcptStatus::Sent,
+                Outcome::Retry { .. } => {
+                    still_pending += 1;
+                    RcptStatus::Pending
+                }
+                Outcome::Bounce { .. } => RcptStatus::Failed,
+            };
+            self.count(&outcome);
+            if status != RcptStatus::Sent {
+                last_problem = Some(outcome.reason().to_string());
+            }
+            results.push(RcptResult {
+                rcpt,
+                status,
+                reply: outcome.reason().to_string(),
+            });
+        }
+        let pending_before = envelope.pending().count();
+        still_pending += pending_before.saturating_sub(results.len());
+        let next_attempt_ms = (still_pending > 0).then(|| {
+            self.queue
+                .retry_at(now, envelope.attempts.saturating_add(1))
+        });
+        let record = Record::Attempt {
+            at_ms: now,
+            results,
+            next_attempt_ms,
+            error: last_problem,
+        };
+        if let Err(e) = self.spool.append(self.name(), id, &record) {
+            // Keep the result in memory and write it before this message is
+            // touched again: re-sending what the relay already took (the disk
+            // is full, say) would deliver it once per retry.
+            log::error!(
+                "{id} tenant={}: cannot record the delivery result, will retry: {e}",
+                self.name()
+            );
+            self.unrecorded.insert(id.clone(), record);
+            let retry = self.queue.retry_soon(now);
+            self.queue.schedule(id, retry, true);
+            return;
+        }
+        match next_attempt_ms {
+            Some(at) => self.queue.schedule(id, at, true),
+            None => {
+                self.queue.remove(id);
+                match self.spool.load_envelope(self.name(), id) {
+                    Ok(done) => self.finish_done(id, &done, true),
+                    Err(e) => log::error!(
+                        "{id} tenant={}: cannot re-read the envelope: {e}",
+                        self.name()
+                    ),
+                }
+            }
+        }
+    }
+
+    /// A message with no recipient pending: removed if every one was sent;
+    /// otherwise bounced to its sender (or the postmaster), and a bounce that
+    /// cannot be delivered goes to the postmaster; what nobody can take stays
+    /// in the spool as failed. `announce` logs the "kept" case (not on rescans).
+    pub fn finish_done(&mut self, id: &MessageId, envelope: &Envelope, announce: bool) {
+        let tenant = self.name().to_string();
+        self.queue.remove(id);
+        if !envelope.any_failed() || envelope.bounced_as.is_some() {
+            self.queue.unfail(id);
+            if !self.archive_before_removal(id, envelope) {
+                return;
+            }
+            if let Err(e) = self.spool.remove(&tenant, id) {
+                log::error!("{id} tenant={tenant}: done, but cannot remove it from the spool: {e}");
+            }
+            return;
+        }
+        self.queue.mark_failed(id);
+        let kept = |why: &str| {
+            if announce {
+                log::warn!("{id} tenant={tenant}: kept in the queue as failed: {why}");
+            }
+        };
+        match &envelope.bounce {
+            // Never a bounce of a bounce: it goes to the postmaster once, then stays.
+            Some(of) if of.stage == BounceStage::Sender => match self.policy.postmaster.clone() {
+                Some(postmaster) => {
+                    let redirect = Record::Redirect {
+                        to: vec![postmaster.clone()],
+                    };
+                    match self.spool.append(&tenant, id, &redirect) {
+                        Ok(()) => {
+                            log::info!("{id} tenant={tenant}: bounce undeliverable to its sender; sending it to <{postmaster}>");
+                            self.queue.unfail(id);
+                            self.queue.schedule(id, 0, false);
+                        }
+                        Err(e) => kept(&format!(
+                            "cannot redirect the bounce to the postmaster: {e}"
+                        )),
+                    }
+                }
+                None => kept("its bounce could not be delivered and no postmaster is configured"),
+            },
+            Some(_) => kept("its bounce could not be delivered to the postmaster either"),
+            None => self.bounce(id, envelope, announce),
+        }
+    }
+
+    fn bounce(&mut self, id: &MessageId, envelope: &Envelope, announce: bool) {
+        let tenant = self.name().to_string();
+        let Some((to, stage)) = bounce::addressee(envelope, self.policy.postmaster.as_deref())
+        else {
+            if announce {
+                log::warn!("{id} tenant={tenant}: kept in the queue as failed: null sender and no postmaster configured");
+            }
+            return;
+        };
+        let report = bounce::Report {
+            hostname: &self.policy.hostname,
+            relay_host: &self.policy.relay_host,
+            id,
+            envelope,
+        };
+        let dsn = match bounce::queue(&self.spool, &tenant, &report, &to, stage) {
+            Ok(dsn) => dsn,
+            Err(e) => {
+                // Stays failed on disk; the next rescan tries again.
+                log::error!("{id} tenant={tenant}: cannot queue its bounce: {e}");
+                return;
+            }
+        };
+        log::info!("{id} tenant={tenant}: bounce {dsn} queued to <{to}>");
+        let marked = Record::Bounced {
+            dsn: dsn.to_string(),
+        };
+        match self.spool.append(&tenant, id, &marked) {
+            Ok(()) if !self.archive_before_removal(id, envelope) => {}
+            Ok(()) => {
+                if let Err(e) = self.spool.remove(&tenant, id) {
+                    log::error!(
+                        "{id} tenant={tenant}: bounced, but cannot remove it from the spool: {e}"
+                    );
+                }
+            }
+            Err(e) => log::error!("{id} tenant={tenant}: cannot record its bounce: {e}"),
+        }
+        self.queue.schedule(&dsn, 0, false);
+    }
+
+    /// Journals a message that reached at least one recipient into the
+    /// tenant's archive, if it keeps one; true when the spool entry may go.
+    /// On failure the entry stays and is tried again, so nothing sent is
+    /// missing from the archive.
+    fn archive_before_removal(&mut self, id: &MessageId, envelope: &Envelope) -> bool {
+        let Some(policy) = &self.policy.archive else {
+            return true;
+        };
+        let delivered = envelope
+            .recipients
+            .iter()
+            .any(|r| r.status == RcptStatus::Sent);
+        let addresses: Vec<String> = envelope
+            .recipients
+            .iter()
+            .map(|r| r.address.clone())
+            .collect();
+        let user = crate::archive::user_of(&envelope.sender, &addresses);
+        if !delivered || !policy.archives(&user) {
+            return true;
+        }
+        match policy.archive(
+            &self.spool,
+            self.name(),
+            id,
+            &user,
+            envelope.queued_at_ms / 1000,
+        ) {
+            Ok(()) => true,
+            Err(e) => {
+                log::error!(
+                    "{id} tenant={}: cannot archive it (kept in the spool, will retry): {e}",
+                    self.name()
+                );
+                // Delivered but not yet journaled: `status` shows why it waits.
+                self.counters.last_error = Some(format!(
+                    "delivered, but cannot archive {id} (kept in the spool, retried): {e}"
+                ));
+                let retry = self.queue.retry_soon(self.now());
+                self.queue.schedule(id, retry, true);
+                false
+            }
+        }
+    }
+
+    /// Writes a result that could not be written before. False if it still cannot.
+    fn write_unrecorded(&mut self, id: &MessageId) -> bool {
+        let Some(record) = self.unrecorded.get(id) else {
+            return true;
+        };
+        if let Err(e) = self.spool.append(self.name(), id, record) {
+            log::error!(
+                "{id} tenant={}: still cannot record the delivery result: {e}",
+                self.name()
+            );
+            let retry = self.queue.retry_soon(self.now());
+            self.queue.schedule(id, retry, true);
+            return false;
+        }
+        self.unrecorded.remove(id);
+        true
+    }
+}
