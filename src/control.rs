@@ -2,7 +2,8 @@
 //! status`, `flush`, `hold`, `release`, `delete` and `reload` talk to the
 //! running daemon. One JSON request line in, one JSON reply line out, then
 //! the connection closes. Served non-blocking inside the dispatcher's mio
-//! loop; what a request *does* is the dispatcher's business.
+//! loop; what a request *does* is the dispatcher's business, and its answer
+//! may come later (from work done off the loop) through `respond`.
 
 use mio::net::{UnixListener, UnixStream};
 use mio::{Interest, Registry, Token};
@@ -69,6 +70,8 @@ impl Response {
 
 struct Connection {
     stream: UnixStream,
+    /// Its request went to the dispatcher, whose answer is still due.
+    awaiting: bool,
     input: Vec<u8>,
     output: Vec<u8>,
     written: usize,
@@ -157,13 +160,18 @@ impl ControlServer {
                     self.close(registry, token);
                     return vec![Event::Nothing];
                 }
+                // One request per connection: more input while the answer is due is not ours.
+                Ok(_) if conn.awaiting => continue,
                 Ok(n) => {
                     conn.input
                         .extend_from_slice(buf.get(..n).unwrap_or_default());
                     if let Some(end) = conn.input.iter().position(|&b| b == b'\n') {
                         let line = conn.input.get(..end).unwrap_or_default();
                         match parse(line) {
-                            Ok(request) => return vec![Event::Request(token, request)],
+                            Ok(request) => {
+                                conn.awaiting = true;
+                                return vec![Event::Request(token, request)];
+                            }
                             Err(why) => {
                                 self.respond(registry, token, &Response::error(why));
                                 return vec![Event::Nothing];
@@ -192,6 +200,7 @@ impl ControlServer {
         };
         let mut line = serde_json::to_vec(response).unwrap_or_else(|_| br#"{"ok":false}"#.to_vec());
         line.push(b'\n');
+        conn.awaiting = false;
         conn.output = line;
         conn.written = 0;
         match flush(conn) {
@@ -219,6 +228,7 @@ impl ControlServer {
                             token,
                             Connection {
                                 stream,
+                                awaiting: false,
                                 input: Vec::new(),
                                 output: Vec::new(),
                                 written: 0,
