@@ -54,7 +54,7 @@ impl Offload {
         let (chores, chores_rx) = bounded::<(Ticket, Chore)>(CAPACITY);
         let (done_tx, done) = bounded::<(Ticket, Done)>(CAPACITY);
         std::thread::Builder::new()
-            .name("dispatch-offload".into())
+            .name("offload".into())
             .stack_size(256 * 1024)
             .spawn(move || {
                 for (ticket, chore) in chores_rx {
