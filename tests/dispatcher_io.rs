@@ -385,3 +385,55 @@ fn the_dispatcher_thread_does_no_disk_io_while_it_runs() {
         );
     }
 }
+
+/// The daemon's peak resident memory in KiB (VmHWM).
+fn peak_kib(pid: &str) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).expect("daemon status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc/PID/status")
+}
+
+/// With the disk work on the writer thread, a body streams through bounded
+/// channels: a 200 MB message costs the daemon a few MB, not its size.
+#[test]
+fn a_200_megabyte_message_streams_through_in_a_few_megabytes() {
+    const SIZE: usize = 200 * 1024 * 1024;
+    let daemon = Daemon::bare("dispatcher_io_big");
+    let port = free_port();
+    let relay = format!("127.0.0.1:{}", closed_port());
+    daemon.configure_with(
+        &format!("listen = 127.0.0.1:{port}\nlisten_max_message_size = 300M"),
+        &tenant("acme", "acme.test", &relay, "tls = none"),
+    );
+    let running = support::harness::Running::start(&daemon);
+    let pid = running.pid();
+    let mut c = Client::connect(port);
+    c.expect("EHLO client.test", "250");
+    let before = peak_kib(&pid);
+    c.expect("MAIL FROM:<101@acme.test>", "250");
+    c.expect("RCPT TO:<a@example.com>", "250");
+    c.expect("DATA", "354");
+    c.send(b"From: 101@acme.test\r\nSubject: big\r\n\r\n");
+    let chunk = format!("{}\r\n", "w".repeat(998)).repeat(256);
+    let mut sent = 0;
+    while sent < SIZE {
+        c.send(chunk.as_bytes());
+        sent += chunk.len();
+    }
+    c.send(b".\r\n");
+    c.stream
+        .set_read_timeout(Some(Duration::from_secs(180)))
+        .expect("timeout");
+    let queued = c.reply();
+    assert!(queued.starts_with("250 2.0.0 Ok: queued as "), "{queued}");
+    let grew = peak_kib(&pid).saturating_sub(before);
+    println!("200 MB through listen: peak memory grew by {grew} KiB");
+    assert!(
+        grew < 16 * 1024,
+        "a 200 MB message cost {grew} KiB of peak memory"
+    );
+    c.expect("QUIT", "221");
+}
