@@ -1,11 +1,12 @@
 //! The dispatcher: one mio loop that turns outside events (pickup hints from
 //! `sendmail`, local SMTP submissions, control requests, signals, tenant
 //! threads ending) into work for the tenant set.
-//! It never blocks and does no disk I/O: no DNS, no file, no fsync here;
-//! sends to tenants are `try_send`, the listener's disk work runs on the
-//! intake writer's threads, and reading the config file or looking up which
-//! tenant holds a message ID runs on the offload thread (offload.rs), whose
-//! result comes back through the Waker.
+//! Once running it never blocks and does no disk I/O (start-up binds its
+//! sockets first; tests/dispatcher_io.rs checks the rest): no DNS, no file,
+//! no fsync here. Sends to tenants are `try_send`, the listener's disk work
+//! runs on the intake writer's threads, and reading the config file or
+//! finding which tenant holds a message ID runs on the offload thread
+//! (offload.rs), whose result comes back through the Waker.
 
 mod offload;
 
@@ -20,8 +21,7 @@ use offload::{Chore, Done, Located, Offload, Ticket};
 use rustls::RootCertStore;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
-use std::collections::BTreeMap;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
@@ -30,7 +30,8 @@ use std::time::Duration;
 
 const PICKUP: Token = Token(0);
 const SIGNALS: Token = Token(1);
-/// Another thread has news: a tenant thread ended, or a submission was committed.
+/// Another thread has news: a tenant thread ended, the intake writer
+/// answered, or the offload thread finished a chore.
 const WAKE: Token = Token(2);
 const CONTROL: Token = Token(3);
 const INTAKE: Token = Token(4);
@@ -72,7 +73,8 @@ impl Dispatcher {
         roots: Arc<RootCertStore>,
     ) -> io::Result<Dispatcher> {
         let poll = Poll::new()?;
-        // mio allows one Waker per Poll: tenants and the committer share it.
+        // mio allows one Waker per Poll: tenants, the intake writer and the
+        // offload thread share it.
         let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);
         let tenant_waker = Arc::clone(&waker);
         let wake = Arc::new(move || {
