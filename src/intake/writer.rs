@@ -269,3 +269,93 @@ impl DiskSide {
         Step::Nothing
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T: Token = Token(1);
+
+    fn spool(name: &str) -> Spool {
+        let dir =
+            std::env::temp_dir().join(format!("pbxmail-writer-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let spool = Spool::new(&dir);
+        spool.create_layout().unwrap();
+        spool
+    }
+
+    fn tmp_files(spool: &Spool) -> usize {
+        std::fs::read_dir(spool.root().join("tmp")).unwrap().count()
+    }
+
+    fn envelope() -> Envelope {
+        Envelope {
+            tenant: "acme".into(),
+            sender: "a@acme.example".into(),
+            recipients: vec!["b@x.example".into()],
+        }
+    }
+
+    #[test]
+    fn a_discarded_submission_leaves_nothing() {
+        let spool = spool("discard");
+        let mut disk = DiskSide::new(spool.clone());
+        let Step::Answer(Answer::Opened(Ok(_))) = disk.handle(T, Job::Open) else {
+            panic!("not opened");
+        };
+        assert!(matches!(
+            disk.handle(T, Job::Content(b"x\n".to_vec())),
+            Step::Nothing
+        ));
+        assert_eq!(tmp_files(&spool), 1);
+        assert!(matches!(disk.handle(T, Job::Discard), Step::Nothing));
+        assert_eq!(tmp_files(&spool), 0);
+        // Nothing open any more: the commit says so instead of storing.
+        let Step::Answer(Answer::Committed { result, .. }) =
+            disk.handle(T, Job::Commit(envelope()))
+        else {
+            panic!("no answer");
+        };
+        assert!(result.is_err());
+        assert!(spool.tenants().unwrap().is_empty());
+    }
+
+    #[test]
+    fn trace_is_verbatim_and_content_gets_crlf() {
+        let spool = spool("bytes");
+        let mut disk = DiskSide::new(spool.clone());
+        let Step::Answer(Answer::Opened(Ok(id))) = disk.handle(T, Job::Open) else {
+            panic!("not opened");
+        };
+        disk.handle(T, Job::Trace(b"Received: x\r\n".to_vec()));
+        disk.handle(T, Job::Content(b"Subject: s\n\nbody\rline".to_vec()));
+        let Step::Commit(draft, envelope) = disk.handle(T, Job::Commit(envelope())) else {
+            panic!("nothing to commit");
+        };
+        assert_eq!(
+            commit(*draft, envelope),
+            Answer::Committed {
+                tenant: "acme".into(),
+                result: Ok(id.clone())
+            }
+        );
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut spool.open_message("acme", &id).unwrap(), &mut text)
+            .unwrap();
+        assert_eq!(text, "Received: x\r\nSubject: s\r\n\r\nbody\r\nline\r\n");
+    }
+
+    #[test]
+    fn space_is_measured_against_the_minimum_given() {
+        let spool = spool("space");
+        let mut disk = DiskSide::new(spool);
+        let ok = disk.handle(T, Job::CheckSpace(FreeSpace::Bytes(0)));
+        assert!(matches!(ok, Step::Answer(Answer::Space(Ok(())))));
+        let low = disk.handle(T, Job::CheckSpace(FreeSpace::Bytes(u64::MAX)));
+        let Step::Answer(Answer::Space(Err(why))) = low else {
+            panic!("not refused");
+        };
+        assert!(why.contains("min_free_space"), "{why}");
+    }
+}
