@@ -361,4 +361,51 @@ mod tests {
             );
         }
     }
+
+    /// Serves every event until a request comes out (or `tries` polls pass).
+    fn next_request(
+        poll: &mut mio::Poll,
+        server: &mut ControlServer,
+        tries: usize,
+    ) -> Option<(Token, Request)> {
+        let mut events = mio::Events::with_capacity(8);
+        for _ in 0..tries {
+            poll.poll(&mut events, Some(std::time::Duration::from_millis(200)))
+                .unwrap();
+            for event in events.iter() {
+                for e in server.ready(poll.registry(), event.token()) {
+                    if let Event::Request(token, request) = e {
+                        return Some((token, request));
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn an_answer_may_come_later_and_more_input_meanwhile_is_not_a_second_request() {
+        use std::io::BufRead;
+        let dir = std::env::temp_dir().join(format!("pbxmail-control-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("control.sock");
+        let mut poll = mio::Poll::new().unwrap();
+        let mut server = ControlServer::bind(&path, poll.registry(), Token(1), 10).unwrap();
+        let mut client = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        client.write_all(b"{\"command\":\"reload\"}\n").unwrap();
+        let (token, request) = next_request(&mut poll, &mut server, 10).expect("a request");
+        assert_eq!(request, Request::Reload);
+        // The same line again, before the answer: not another request.
+        client.write_all(b"{\"command\":\"reload\"}\n").unwrap();
+        assert!(next_request(&mut poll, &mut server, 2).is_none());
+        server.respond(
+            poll.registry(),
+            token,
+            &Response::ok(serde_json::json!({"tenants": 1})),
+        );
+        let mut line = String::new();
+        io::BufReader::new(&client).read_line(&mut line).unwrap();
+        assert_eq!(line, "{\"ok\":true,\"result\":{\"tenants\":1}}\n");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
