@@ -15,9 +15,10 @@ release:
 # Every test: unit tests beside the code, the test server's self-test and the
 # integration tests that drive the real daemon against scripted relays.
 test:
-	@# Real SMTP clients for the intake tests: swaks (Perl) and Python's smtplib.
-	@command -v swaks >/dev/null && command -v python3 >/dev/null || \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq swaks python3)
+	@# Real SMTP clients for the intake tests: swaks (Perl) and Python's smtplib;
+	@# strace for the proof that the dispatcher thread does no disk I/O.
+	@command -v swaks >/dev/null && command -v python3 >/dev/null && command -v strace >/dev/null || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq swaks python3 strace)
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --locked --all-targets -- -D warnings
 	$(CARGO) test --locked --all-targets

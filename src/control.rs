@@ -2,7 +2,8 @@
 //! status`, `flush`, `hold`, `release`, `delete` and `reload` talk to the
 //! running daemon. One JSON request line in, one JSON reply line out, then
 //! the connection closes. Served non-blocking inside the dispatcher's mio
-//! loop; what a request *does* is the dispatcher's business.
+//! loop; what a request *does* is the dispatcher's business, and its answer
+//! may come later (from work done off the loop) through `respond`.
 
 use mio::net::{UnixListener, UnixStream};
 use mio::{Interest, Registry, Token};
@@ -69,6 +70,8 @@ impl Response {
 
 struct Connection {
     stream: UnixStream,
+    /// Its request went to the dispatcher, whose answer is still due.
+    awaiting: bool,
     input: Vec<u8>,
     output: Vec<u8>,
     written: usize,
@@ -157,13 +160,18 @@ impl ControlServer {
                     self.close(registry, token);
                     return vec![Event::Nothing];
                 }
+                // One request per connection: more input while the answer is due is not ours.
+                Ok(_) if conn.awaiting => continue,
                 Ok(n) => {
                     conn.input
                         .extend_from_slice(buf.get(..n).unwrap_or_default());
                     if let Some(end) = conn.input.iter().position(|&b| b == b'\n') {
                         let line = conn.input.get(..end).unwrap_or_default();
                         match parse(line) {
-                            Ok(request) => return vec![Event::Request(token, request)],
+                            Ok(request) => {
+                                conn.awaiting = true;
+                                return vec![Event::Request(token, request)];
+                            }
                             Err(why) => {
                                 self.respond(registry, token, &Response::error(why));
                                 return vec![Event::Nothing];
@@ -192,6 +200,7 @@ impl ControlServer {
         };
         let mut line = serde_json::to_vec(response).unwrap_or_else(|_| br#"{"ok":false}"#.to_vec());
         line.push(b'\n');
+        conn.awaiting = false;
         conn.output = line;
         conn.written = 0;
         match flush(conn) {
@@ -219,6 +228,7 @@ impl ControlServer {
                             token,
                             Connection {
                                 stream,
+                                awaiting: false,
                                 input: Vec::new(),
                                 output: Vec::new(),
                                 written: 0,
@@ -350,5 +360,52 @@ mod tests {
                 String::from_utf8_lossy(line)
             );
         }
+    }
+
+    /// Serves every event until a request comes out (or `tries` polls pass).
+    fn next_request(
+        poll: &mut mio::Poll,
+        server: &mut ControlServer,
+        tries: usize,
+    ) -> Option<(Token, Request)> {
+        let mut events = mio::Events::with_capacity(8);
+        for _ in 0..tries {
+            poll.poll(&mut events, Some(std::time::Duration::from_millis(200)))
+                .unwrap();
+            for event in events.iter() {
+                for e in server.ready(poll.registry(), event.token()) {
+                    if let Event::Request(token, request) = e {
+                        return Some((token, request));
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn an_answer_may_come_later_and_more_input_meanwhile_is_not_a_second_request() {
+        use std::io::BufRead;
+        let dir = std::env::temp_dir().join(format!("pbxmail-control-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("control.sock");
+        let mut poll = mio::Poll::new().unwrap();
+        let mut server = ControlServer::bind(&path, poll.registry(), Token(1), 10).unwrap();
+        let mut client = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        client.write_all(b"{\"command\":\"reload\"}\n").unwrap();
+        let (token, request) = next_request(&mut poll, &mut server, 10).expect("a request");
+        assert_eq!(request, Request::Reload);
+        // The same line again, before the answer: not another request.
+        client.write_all(b"{\"command\":\"reload\"}\n").unwrap();
+        assert!(next_request(&mut poll, &mut server, 2).is_none());
+        server.respond(
+            poll.registry(),
+            token,
+            &Response::ok(serde_json::json!({"tenants": 1})),
+        );
+        let mut line = String::new();
+        io::BufReader::new(&client).read_line(&mut line).unwrap();
+        assert_eq!(line, "{\"ok\":true,\"result\":{\"tenants\":1}}\n");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

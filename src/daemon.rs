@@ -2,6 +2,10 @@
 //! the spool, start the dispatcher (which starts one thread per tenant), and
 //! on SIGTERM stop within a bounded grace period. The spool makes an
 //! unfinished stop safe.
+//!
+//! Threads: this one becomes the dispatcher once READY=1 is sent (no disk
+//! I/O from then on); `tenant:NAME` per tenant; `intake-write` and
+//! `intake-commit` for `listen`; `offload` for the dispatcher's file work.
 
 use crate::config::Config;
 use crate::dispatch::Dispatcher;

@@ -85,43 +85,82 @@ impl<R: BufRead> MessageReader<R> {
     /// Reads the header block. Returns the headers and, if the first body line
     /// was already read (a message without a blank separator line), that piece.
     pub fn read_headers(&mut self) -> Result<(Vec<Header>, Option<Vec<u8>>), ReadError> {
-        let mut headers: Vec<Header> = Vec::new();
-        let mut total = 0usize;
+        let mut block = HeaderBlock::default();
         let mut piece = Vec::new();
         while self.next_piece(&mut piece)? {
-            total += piece.len();
-            if total > MAX_HEADER_BYTES {
-                return Err(ReadError::BadHeaders(format!(
-                    "the header block is larger than {} KiB",
-                    MAX_HEADER_BYTES / 1024
-                )));
-            }
-            if !self.at_line_start {
-                return Err(ReadError::BadHeaders(
-                    "a header line is longer than 64 KiB".into(),
-                ));
-            }
-            let line = String::from_utf8_lossy(&piece);
-            let line = line.trim_end_matches(['\r', '\n']);
-            if line.is_empty() {
-                return Ok((headers, None));
-            }
-            if line.starts_with([' ', '\t']) {
-                if let Some(last) = headers.last_mut() {
-                    last.lines.push(line.to_string());
-                    continue;
-                }
-            }
-            match field_name(line) {
-                Some(name) => headers.push(Header {
-                    name: name.to_string(),
-                    lines: vec![line.to_string()],
-                }),
-                // Not a header: the body starts here without a separator.
-                None => return Ok((headers, Some(piece))),
+            match block.take(&piece).map_err(ReadError::BadHeaders)? {
+                Step::More => {}
+                Step::Separator => return Ok((block.into_headers(), None)),
+                Step::Body => return Ok((block.into_headers(), Some(piece))),
             }
         }
-        Ok((headers, None))
+        Ok((block.into_headers(), None))
+    }
+}
+
+/// Where the header block stands after one more line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// A header field (or a folded line of one): more may follow.
+    More,
+    /// The empty line that separates headers from the body.
+    Separator,
+    /// Not a header: the body starts with this line, without a separator.
+    Body,
+}
+
+/// The header block parsed line by line as it arrives, bounded in size, so
+/// a stream (sendmail's stdin, an SMTP DATA) can be inspected before it is
+/// stored. Both ways in share it.
+#[derive(Debug, Default)]
+pub struct HeaderBlock {
+    headers: Vec<Header>,
+    size: usize,
+}
+
+impl HeaderBlock {
+    /// Takes the next line piece (with its line end). An error says why the
+    /// block cannot be inspected (too large, a line over 64 KiB).
+    pub fn take(&mut self, piece: &[u8]) -> Result<Step, String> {
+        self.size = self.size.saturating_add(piece.len());
+        if self.size > MAX_HEADER_BYTES {
+            return Err(format!(
+                "the header block is larger than {} KiB",
+                MAX_HEADER_BYTES / 1024
+            ));
+        }
+        if piece.last() != Some(&b'\n') {
+            return Err("a header line is longer than 64 KiB".into());
+        }
+        let line = String::from_utf8_lossy(piece);
+        let line = line.trim_end_matches(['\r', '\n']);
+        if line.is_empty() {
+            return Ok(Step::Separator);
+        }
+        if line.starts_with([' ', '\t']) {
+            if let Some(last) = self.headers.last_mut() {
+                last.lines.push(line.to_string());
+                return Ok(Step::More);
+            }
+        }
+        match field_name(line) {
+            Some(name) => {
+                self.headers.push(Header {
+                    name: name.to_string(),
+                    lines: vec![line.to_string()],
+                });
+                Ok(Step::More)
+            }
+            None => Ok(Step::Body),
+        }
+    }
+
+    pub fn headers(&self) -> &[Header] {
+        &self.headers
+    }
+
+    pub fn into_headers(self) -> Vec<Header> {
+        self.headers
     }
 }
 

@@ -1,16 +1,15 @@
-//! sendmail-style submission: read a message from a stream, work out the
-//! envelope (command-line recipients, `-t`, `-f` or From), pick the tenant by
-//! the sender's domain, add missing Date/Message-ID/From, and commit it to the
-//! spool durably. Option parsing lives in cli/sendmail.rs.
+//! sendmail-style submission: read a message from a stream and work out the
+//! envelope (command-line recipients, `-t`, `-f` or From); routing, the
+//! missing Date/Message-ID/From and the durable commit are cleanup.rs's, the
+//! same as for the listener. Option parsing lives in cli/sendmail.rs.
 
+use super::cleanup::{self, Draft};
 use super::message::{Header, MessageReader, ReadError};
 use crate::address;
-use crate::config::{Config, FreeSpace};
-use crate::smtp::data::Transparency;
-use crate::spool::{MessageId, Spool, SpoolError};
-use crate::time;
+use crate::config::Config;
+use crate::spool::{MessageId, Spool};
 use std::fmt;
-use std::io::{BufRead, Write};
+use std::io::BufRead;
 
 #[derive(Debug, Default, Clone)]
 pub struct SubmitOptions {
@@ -44,9 +43,7 @@ impl fmt::Display for SubmitError {
 impl std::error::Error for SubmitError {}
 
 fn temp_fail(e: impl fmt::Display) -> SubmitError {
-    SubmitError::TempFail(format!(
-        "cannot store the message now: {e}; try again later"
-    ))
+    SubmitError::TempFail(cleanup::temp_fail(e))
 }
 
 pub struct Submitted {
@@ -66,10 +63,6 @@ pub fn submit(
     })?;
 
     let recipients = envelope_recipients(opts, &headers)?;
-    let from_header = headers
-        .iter()
-        .find(|h| h.is("From"))
-        .and_then(|h| address::parse_list(&h.value()).into_iter().next());
     let sender = match &opts.sender {
         Some(s) if s.is_empty() || s == "<>" => String::new(),
         Some(s) => {
@@ -81,24 +74,17 @@ pub fn submit(
             }
             s
         }
-        None => from_header.clone().ok_or_else(|| {
+        None => cleanup::from_address(&headers).ok_or_else(|| {
             SubmitError::Data("no sender: give -f ADDRESS or a From: header with an address".into())
         })?,
     };
 
-    // The null sender (bounces) is routed by its From header's domain.
-    let routing_address = if sender.is_empty() {
-        from_header.as_deref()
-    } else {
-        Some(sender.as_str())
-    };
-    let domain = routing_address
-        .and_then(address::domain_of)
-        .unwrap_or_default();
-    let tenant = config.tenant_for_sender_domain(domain).ok_or_else(|| {
+    let domain = cleanup::routing_domain(&sender, &headers);
+    let tenant = cleanup::route(config, &domain).map_err(|unrouted| {
         SubmitError::Data(format!(
-            "no tenant handles the sender's domain \"{domain}\": add it to a tenant's `domains`, \
+            "no tenant handles the sender's domain \"{}\": add it to a tenant's `domains`, \
              or set default_tenant in {}",
+            unrouted.domain,
             config.path.display()
         ))
     })?;
@@ -106,44 +92,38 @@ pub fn submit(
     if opts.recipients_from_headers {
         headers.retain(|h| !h.is("Bcc"));
     }
-    add_missing_headers(&mut headers, config, opts, &sender);
+    let now = crate::spool::unix_millis() / 1000;
+    let added = cleanup::missing_fields(
+        &headers,
+        &config.daemon.hostname,
+        generated_from(opts, &sender),
+        now,
+    );
+    headers.extend(added);
 
     let spool = Spool::new(&config.daemon.spool_dir);
-    check_free_space(&spool, config.daemon.min_free_space)?;
-    let mut submission = spool.begin_submission().map_err(temp_fail)?;
-    let mut transparency = Transparency::for_storage();
-    let mut out = Vec::with_capacity(64 * 1024);
-    for header in &headers {
-        for line in &header.lines {
-            out.extend_from_slice(line.as_bytes());
-            out.extend_from_slice(b"\r\n");
-        }
-    }
-    out.extend_from_slice(b"\r\n");
+    cleanup::check_free_space(&spool, config.daemon.min_free_space)
+        .map_err(SubmitError::TempFail)?;
+    let mut draft = Draft::begin(&spool).map_err(temp_fail)?;
+    let mut head = cleanup::render(&headers);
+    head.extend_from_slice(b"\r\n");
+    draft.verbatim(&head).map_err(temp_fail)?;
     if let Some(piece) = first_body_piece {
-        transparency.feed(&piece, &mut out);
+        draft.content(&piece).map_err(temp_fail)?;
     }
+    // Pieces of up to 64 KiB go to the draft, which buffers its writes.
     let mut piece = Vec::new();
-    loop {
-        if out.len() >= 32 * 1024 {
-            submission.write_all(&out).map_err(temp_fail)?;
-            out.clear();
-        }
-        let more = reader
-            .next_piece(&mut piece)
-            .map_err(|e| SubmitError::TempFail(format!("cannot read the message: {e}")))?;
-        if !more {
-            break;
-        }
-        transparency.feed(&piece, &mut out);
+    while reader
+        .next_piece(&mut piece)
+        .map_err(|e| SubmitError::TempFail(format!("cannot read the message: {e}")))?
+    {
+        draft.content(&piece).map_err(temp_fail)?;
     }
-    transparency.finish(&mut out);
-    submission.write_all(&out).map_err(temp_fail)?;
 
     let tenant_name = tenant.name.as_str().to_string();
-    let id = submission
+    let id = draft
         .commit(&tenant_name, &sender, &recipients)
-        .map_err(|e: SpoolError| temp_fail(e))?;
+        .map_err(temp_fail)?;
     spool.notify(&tenant_name, &id);
     Ok(Submitted {
         id,
@@ -151,36 +131,19 @@ pub fn submit(
     })
 }
 
-/// Refuses new mail below `min_free_space`, so the spool never fills up to
-/// the point where results of deliveries in progress cannot be recorded.
-pub fn check_free_space(spool: &Spool, minimum: FreeSpace) -> Result<(), SubmitError> {
-    let (available, total) = match spool.free_space() {
-        Ok(space) => space,
-        // A spool the daemon has not run on yet: make it, then measure.
-        Err(e) if e.is_not_found() => {
-            spool.create_layout().map_err(temp_fail)?;
-            spool.free_space().map_err(temp_fail)?
-        }
-        Err(e) => return Err(temp_fail(e)),
-    };
-    let too_low = match minimum {
-        FreeSpace::Percent(percent) => {
-            available.saturating_mul(100) < total.saturating_mul(u64::from(percent))
-        }
-        FreeSpace::Bytes(bytes) => available < bytes,
-    };
-    if too_low {
-        let wanted = match minimum {
-            FreeSpace::Percent(p) => format!("{p}%"),
-            FreeSpace::Bytes(b) => format!("{b} bytes"),
-        };
-        return Err(SubmitError::TempFail(format!(
-            "the spool's filesystem ({}) has only {available} of {total} bytes free, below min_free_space = {wanted}; \
-             new mail is refused until space is freed; try again later",
-            spool.root().display()
-        )));
+/// The From sendmail writes when the message has none: the sender, with
+/// `-F`'s full name; none for the null sender.
+fn generated_from(opts: &SubmitOptions, sender: &str) -> Option<String> {
+    if sender.is_empty() {
+        return None;
     }
-    Ok(())
+    Some(match &opts.full_name {
+        Some(name) => format!(
+            "\"{}\" <{sender}>",
+            name.replace(['"', '\\', '\r', '\n'], "")
+        ),
+        None => sender.to_string(),
+    })
 }
 
 fn envelope_recipients(
@@ -216,40 +179,4 @@ fn envelope_recipients(
         ));
     }
     Ok(recipients)
-}
-
-fn add_missing_headers(
-    headers: &mut Vec<Header>,
-    config: &Config,
-    opts: &SubmitOptions,
-    sender: &str,
-) {
-    let now = crate::spool::unix_millis() / 1000;
-    let add = |headers: &mut Vec<Header>, name: &str, value: String| {
-        headers.push(Header {
-            name: name.to_string(),
-            lines: vec![format!("{name}: {value}")],
-        })
-    };
-    if !headers.iter().any(|h| h.is("From")) && !sender.is_empty() {
-        let value = match &opts.full_name {
-            Some(name) => format!(
-                "\"{}\" <{sender}>",
-                name.replace(['"', '\\', '\r', '\n'], "")
-            ),
-            None => sender.to_string(),
-        };
-        add(headers, "From", value);
-    }
-    if !headers.iter().any(|h| h.is("Date")) {
-        add(headers, "Date", time::rfc5322(now));
-    }
-    if !headers.iter().any(|h| h.is("Message-ID")) {
-        let id = MessageId::generate();
-        add(
-            headers,
-            "Message-ID",
-            format!("<{id}@{}>", config.daemon.hostname),
-        );
-    }
 }

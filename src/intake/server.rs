@@ -1,17 +1,20 @@
 //! Local SMTP submission on `listen` (loopback TCP or a unix socket), served
 //! by the dispatcher's mio loop: non-blocking reads and writes, one
-//! `Conversation` per client, idle timeouts, a connection limit. The fsync
-//! and renames of a commit run on the committer thread, so a slow disk never
-//! stalls the loop; its answer comes back through a channel and a Waker.
+//! `Conversation` per client, idle timeouts, a connection limit. All disk
+//! work (free space, the new file, body writes, fsync and renames) runs on
+//! the writer's threads (writer.rs), so a slow disk never stalls the loop:
+//! jobs go out with `try_send`, answers come back through a channel and the
+//! Waker, and a client whose jobs find no room is not read until there is.
 
-use super::smtp::{Conversation, ToCommit};
+use super::smtp::Conversation;
+use super::writer::{Answer, Job, Refused, Writer};
 use crate::config::{Config, ListenAddr};
 use crate::spool::{MessageId, Spool};
-use crossbeam_channel::{bounded, Receiver, Sender};
 use mio::event::Source;
 use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use mio::{Interest, Registry, Token, Waker};
 use std::collections::HashMap;
+use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -56,13 +59,6 @@ struct Client {
     writable_registered: bool,
 }
 
-/// A message the committer made durable (or could not), for connection `token`.
-pub struct Committed {
-    pub token: Token,
-    pub tenant: String,
-    pub result: Result<MessageId, String>,
-}
-
 /// Bytes read from one client per wake-up, so a fast sender cannot hold the loop.
 const READ_BUDGET: usize = 64 * 1024;
 /// Replies waiting for a client that does not read them: stop reading it past this.
@@ -72,15 +68,27 @@ pub struct IntakeServer {
     /// Clients with input left unread (budget spent, or output to drain first).
     /// Edge-triggered readiness will not report them again: the loop comes back
     /// for them, round-robin, after the other ready clients.
-    backlog: std::collections::VecDeque<Token>,
+    backlog: VecDeque<Token>,
     listener: Listener,
     listener_token: Token,
     first_token: usize,
     next: usize,
     clients: HashMap<Token, Client>,
-    to_committer: Sender<(Token, ToCommit)>,
-    from_committer: Receiver<Committed>,
-    spool: Spool,
+    writer: Writer,
+    /// Clients with jobs the writer had no room for, in the order they found
+    /// it full; served when the writer wakes the loop.
+    waiting_room: VecDeque<Token>,
+    /// Gone clients whose submission the writer must still discard.
+    discards: VecDeque<Token>,
+}
+
+/// How sending a client's jobs went.
+enum Sent {
+    All,
+    /// The writer had no room; the client waits in the waiting room.
+    Full,
+    /// The writer is gone: nothing can be stored.
+    Gone,
 }
 
 impl IntakeServer {
@@ -108,46 +116,19 @@ impl IntakeServer {
             Listener::Tcp(l) => registry.register(l, listener_token, Interest::READABLE)?,
             Listener::Unix(l) => registry.register(l, listener_token, Interest::READABLE)?,
         }
-        let capacity = config.daemon.listen_limits.max_connections as usize;
-        let (to_committer, jobs) = bounded::<(Token, ToCommit)>(capacity);
-        let (done, from_committer) = bounded::<Committed>(capacity);
-        std::thread::Builder::new()
-            .name("intake-commit".into())
-            .stack_size(256 * 1024)
-            .spawn(move || {
-                for (token, message) in jobs {
-                    let ToCommit {
-                        submission,
-                        tenant,
-                        sender,
-                        recipients,
-                    } = message;
-                    let result = submission
-                        .commit(&tenant, &sender, &recipients)
-                        .map_err(|e| e.to_string());
-                    if done
-                        .send(Committed {
-                            token,
-                            tenant,
-                            result,
-                        })
-                        .is_err()
-                    {
-                        return;
-                    }
-                    let _ = waker.wake();
-                }
-            })?;
+        // One answer in flight per connection, and some for those just gone.
+        let capacity = (config.daemon.listen_limits.max_connections as usize).saturating_mul(2);
+        let writer = Writer::start(spool.clone(), capacity, waker)?;
         Ok(IntakeServer {
-            backlog: std::collections::VecDeque::new(),
+            backlog: VecDeque::new(),
             listener,
             listener_token,
             first_token,
             next: 0,
             clients: HashMap::new(),
-            to_committer,
-            from_committer,
-            spool: spool.clone(),
+            writer,
+            waiting_room: VecDeque::new(),
+            discards: VecDeque::new(),
         })
     }
 
@@ -164,15 +145,20 @@ impl IntakeServer {
             return;
         };
         client.last_activity = Instant::now();
+        // Input held back while the writer had no room goes first.
+        client.conversation.resume(config);
+        let mut sent = send_jobs(&self.writer, token, &mut client.conversation);
         let mut buf = [0u8; 16 * 1024];
         let mut budget = READ_BUDGET;
         let mut closed = false;
         let mut more_waiting = false;
         loop {
-            // Paused: a commit is pending, the client quit, or it is not reading our replies.
-            if client.conversation.is_committing() || client.conversation.is_closed() {
+            // Paused: the writer owes an answer or has no room, or the client
+            // quit. The writer's wake brings it back.
+            if !matches!(sent, Sent::All) || !client.conversation.wants_input() {
                 break;
             }
+            // Its budget spent, or it is not reading our replies.
             if budget == 0 || client.conversation.output.len() > MAX_PENDING_OUTPUT {
                 more_waiting = true;
                 break;
@@ -184,16 +170,10 @@ impl IntakeServer {
                 }
                 Ok(n) => {
                     budget = budget.saturating_sub(n);
-                    let commit = client.conversation.receive(
-                        buf.get(..n).unwrap_or_default(),
-                        config,
-                        &self.spool,
-                    );
-                    if let Some(message) = commit {
-                        // Capacity equals the connection limit and each client
-                        // has at most one commit in flight: this never blocks.
-                        let _ = self.to_committer.send((token, message));
-                    }
+                    client
+                        .conversation
+                        .receive(buf.get(..n).unwrap_or_default(), config);
+                    sent = send_jobs(&self.writer, token, &mut client.conversation);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -203,7 +183,22 @@ impl IntakeServer {
                 }
             }
         }
-        if closed && !client.conversation.is_committing() {
+        match sent {
+            Sent::All => {}
+            Sent::Full => {
+                if !self.waiting_room.contains(&token) {
+                    self.waiting_room.push_back(token);
+                }
+            }
+            Sent::Gone => {
+                log::error!("local submission: the spool writer thread is gone");
+                client
+                    .conversation
+                    .close_with("421 4.3.0 Cannot store mail now; try again later");
+            }
+        }
+        // A client that sent all and half-closed still gets the replies it waits for.
+        if closed && !client.conversation.is_waiting() {
             self.drop_client(registry, token);
             return;
         }
@@ -227,28 +222,45 @@ impl IntakeServer {
         }
     }
 
-    /// Answers for finished commits; returns (tenant, id) of each message queued.
-    pub fn take_committed(
-        &mut self,
-        registry: &Registry,
-        config: &Config,
-    ) -> Vec<(String, MessageId)> {
+    /// The writer woke the loop: answers for the conversations that wait for
+    /// them, and room for those it had none for. Returns (tenant, id) of each
+    /// message queued, for the dispatcher to hand to its tenant.
+    pub fn wake(&mut self, registry: &Registry, config: &Config) -> Vec<(String, MessageId)> {
         let mut queued = Vec::new();
-        while let Ok(done) = self.from_committer.try_recv() {
-            if let Ok(id) = &done.result {
-                queued.push((done.tenant.clone(), id.clone()));
+        while let Some((token, answer)) = self.writer.try_recv() {
+            if let Answer::Committed {
+                tenant,
+                result: Ok(id),
+            } = &answer
+            {
+                queued.push((tenant.clone(), id.clone()));
             }
-            let Some(client) = self.clients.get_mut(&done.token) else {
+            let Some(client) = self.clients.get_mut(&token) else {
                 continue;
             };
-            let result = done.result.map(|id| id.to_string());
-            if let Some(message) = client.conversation.committed(result, config, &self.spool) {
-                let _ = self.to_committer.send((done.token, message));
+            client.conversation.answer(answer, config);
+            // What it pipelined meanwhile, and more input, on the next turn.
+            if !self.backlog.contains(&token) {
+                self.backlog.push_back(token);
             }
-            self.flush(registry, done.token);
-            // Input may have arrived while we waited; read it on the next turn.
-            if !self.backlog.contains(&done.token) {
-                self.backlog.push_back(done.token);
+            self.flush(registry, token);
+        }
+        while let Some(token) = self.discards.pop_front() {
+            if let Err(Refused::Full(_)) = self.writer.try_send(token, Job::Discard) {
+                self.discards.push_front(token);
+                return queued;
+            }
+        }
+        while let Some(token) = self.waiting_room.pop_front() {
+            let Some(client) = self.clients.get_mut(&token) else {
+                continue;
+            };
+            if let Sent::Full = send_jobs(&self.writer, token, &mut client.conversation) {
+                self.waiting_room.push_front(token);
+                break;
+            }
+            if !self.backlog.contains(&token) {
+                self.backlog.push_back(token);
             }
         }
         queued
@@ -339,8 +351,16 @@ impl IntakeServer {
 
     fn drop_client(&mut self, registry: &Registry, token: Token) {
         self.backlog.retain(|t| *t != token);
+        self.waiting_room.retain(|t| *t != token);
         if let Some(mut client) = self.clients.remove(&token) {
             let _ = registry.deregister(client.stream.source());
+            // Its temp file goes on the writer's thread, after its other jobs.
+            if client.conversation.may_hold_draft() {
+                match self.writer.try_send(token, Job::Discard) {
+                    Err(Refused::Full(_)) => self.discards.push_back(token),
+                    Ok(()) | Err(Refused::Gone) => {}
+                }
+            }
         }
     }
 
@@ -352,7 +372,7 @@ impl IntakeServer {
             .clients
             .iter()
             .filter(|(_, c)| {
-                !c.conversation.is_committing() && now.duration_since(c.last_activity) >= idle
+                !c.conversation.is_waiting() && now.duration_since(c.last_activity) >= idle
             })
             .map(|(t, _)| *t)
             .collect();
@@ -370,4 +390,19 @@ impl IntakeServer {
             .map(|c| idle.saturating_sub(now.duration_since(c.last_activity)))
             .min()
     }
+}
+
+/// Sends the conversation's jobs in order until the writer has no room.
+fn send_jobs(writer: &Writer, token: Token, conversation: &mut Conversation) -> Sent {
+    while let Some(job) = conversation.next_job() {
+        match writer.try_send(token, job) {
+            Ok(()) => {}
+            Err(Refused::Full(job)) => {
+                conversation.unsend(job);
+                return Sent::Full;
+            }
+            Err(Refused::Gone) => return Sent::Gone,
+        }
+    }
+    Sent::All
 }

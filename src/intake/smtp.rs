@@ -1,34 +1,83 @@
 //! The SMTP server side of local submission (RFC 5321, with PIPELINING,
 //! SIZE and 8BITMIME): one connection's conversation as a state machine over
-//! byte buffers. It never touches a socket, and it never fsyncs: at the end
-//! of DATA it hands the message over for a durable commit and answers 250
-//! only when that is done (`committed`). The server (server.rs) moves bytes.
+//! byte buffers. It never touches a socket or the disk: what needs the disk
+//! (free space at MAIL, the new submission at DATA, the body, the commit) it
+//! queues as `Job`s for the writer thread (writer.rs), and the reply that
+//! depends on it waits for the writer's `Answer`. The header block is read
+//! into memory (bounded) and goes through cleanup.rs, as sendmail's does.
+//! The server (server.rs) moves bytes and jobs.
 
+use super::cleanup;
+use super::message::{HeaderBlock, Step};
+use super::writer::{Answer, Envelope, Job};
 use crate::address;
 use crate::config::{Config, ListenLimits};
-use crate::smtp::data::Transparency;
-use crate::spool::{Spool, Submission};
 use crate::time;
-use std::io::Write;
+use std::collections::VecDeque;
 
 /// Longest command line accepted (RFC 5321 §4.5.3.1.4 says 512; be lenient).
 const MAX_COMMAND: usize = 2048;
+/// Body bytes gathered before they go to the writer as one job.
+const CHUNK: usize = 64 * 1024;
+/// Body bytes queued for the writer past which input waits (back-pressure).
+const MAX_UNSENT: usize = 2 * CHUNK;
 
-/// A message ready to be made durable; the 250 waits for `committed`.
-pub struct ToCommit {
-    pub submission: Submission,
-    pub tenant: String,
-    pub sender: String,
-    pub recipients: Vec<String>,
-}
-
+/// Where a transaction stands; the waiting states hold input until the
+/// writer answers, so pipelined commands get their replies in order.
 enum State {
     Command,
-    /// Receiving the body; `None` once it is over the size limit (still read to the end).
-    Data(Option<Box<Submission>>),
-    /// The message went to be committed; input waits.
+    /// MAIL passed its checks but free space: the writer measures it.
+    /// `tenant` is None for the null sender, routed by its From later.
+    CheckingSpace {
+        sender: String,
+        tenant: Option<String>,
+    },
+    /// DATA: the writer opens a submission; the 354 waits for it.
+    Opening,
+    /// Receiving the body.
+    Data(Body),
+    /// The message went to be committed; input waits for the 250.
     Committing,
     Closed,
+}
+
+impl State {
+    fn as_str(&self) -> &'static str {
+        match self {
+            State::Command => "command",
+            State::CheckingSpace { .. } => "checking-space",
+            State::Opening => "opening",
+            State::Data(_) => "data",
+            State::Committing => "committing",
+            State::Closed => "closed",
+        }
+    }
+}
+
+/// Why a message is read to its end and then refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Refusal {
+    TooBig,
+    /// The null sender's From names a domain no tenant handles.
+    Unrouted(String),
+}
+
+/// The header block as it arrives: parsed for cleanup, its bytes kept as the
+/// client sent them until it ends.
+struct Headers {
+    block: HeaderBlock,
+    raw: Vec<u8>,
+}
+
+struct Body {
+    /// Still reading the header block (None once it ended).
+    headers: Option<Headers>,
+    /// Set once the message is refused; it is still read to the end.
+    refused: Option<Refusal>,
+    /// Body bytes not yet queued for the writer.
+    chunk: Vec<u8>,
+    /// A line piece ended without its line end.
+    at_line_start: bool,
 }
 
 pub struct Conversation {
@@ -38,12 +87,15 @@ pub struct Conversation {
     limits: ListenLimits,
     greeted: Option<String>,
     sender: Option<String>,
+    /// None until routed (the null sender's is decided by its headers).
     tenant: Option<String>,
     recipients: Vec<String>,
     /// Body octets received (after dot-unstuffing) in this DATA.
     body_size: u64,
-    at_line_start: bool,
-    transparency: Transparency,
+    /// A submission may be open on the writer for this connection.
+    opened: bool,
+    /// Jobs for the writer, in order; the server sends them.
+    jobs: VecDeque<Job>,
     /// Bytes received but not yet processed.
     input: Vec<u8>,
     /// Bytes to send.
@@ -63,8 +115,8 @@ impl Conversation {
             tenant: None,
             recipients: Vec::new(),
             body_size: 0,
-            at_line_start: true,
-            transparency: Transparency::for_storage(),
+            opened: false,
+            jobs: VecDeque::new(),
             input: Vec::new(),
             output: Vec::new(),
         };
@@ -76,8 +128,39 @@ impl Conversation {
         matches!(self.state, State::Closed)
     }
 
-    pub fn is_committing(&self) -> bool {
-        matches!(self.state, State::Committing)
+    /// An answer from the writer is due, or jobs wait to be sent: the
+    /// client is not the one keeping things idle.
+    pub fn is_waiting(&self) -> bool {
+        !self.jobs.is_empty()
+            || matches!(
+                self.state,
+                State::CheckingSpace { .. } | State::Opening | State::Committing
+            )
+    }
+
+    /// True when more input can be taken now: not waiting for the writer,
+    /// nothing queued for it that it has no room for (back-pressure), open.
+    pub fn wants_input(&self) -> bool {
+        self.jobs.is_empty() && matches!(self.state, State::Command | State::Data(_))
+    }
+
+    /// A submission may be open on the writer: discard it when the client goes.
+    pub fn may_hold_draft(&self) -> bool {
+        self.opened
+    }
+
+    /// The next job for the writer, in order.
+    pub fn next_job(&mut self) -> Option<Job> {
+        self.jobs.pop_front()
+    }
+
+    /// A job the writer had no room for: it goes first next time.
+    pub fn unsend(&mut self, job: Job) {
+        self.jobs.push_front(job);
+    }
+
+    fn unsent_bytes(&self) -> usize {
+        self.jobs.iter().map(Job::len).sum()
     }
 
     fn reply(&mut self, line: &str) {
@@ -91,32 +174,63 @@ impl Conversation {
         self.state = State::Closed;
     }
 
-    /// Takes received bytes; returns a message to commit when one is complete.
-    pub fn receive(&mut self, bytes: &[u8], config: &Config, spool: &Spool) -> Option<ToCommit> {
+    /// Takes received bytes and goes as far as it can.
+    pub fn receive(&mut self, bytes: &[u8], config: &Config) {
         self.input.extend_from_slice(bytes);
-        self.process(config, spool)
+        self.process(config);
     }
 
-    /// The commit finished: answer the client and go on with what it pipelined.
-    pub fn committed(
-        &mut self,
-        result: Result<String, String>,
-        config: &Config,
-        spool: &Spool,
-    ) -> Option<ToCommit> {
-        match result {
-            Ok(id) => self.reply(&format!("250 2.0.0 Ok: queued as {id}")),
-            Err(why) => {
-                log::error!(
-                    "submission from {}: cannot store the message: {why}",
-                    self.peer
+    /// Goes on with input already received (after the writer made room).
+    pub fn resume(&mut self, config: &Config) {
+        self.process(config);
+    }
+
+    /// The writer's answer: reply to the client and go on with what it pipelined.
+    pub fn answer(&mut self, answer: Answer, config: &Config) {
+        let state = std::mem::replace(&mut self.state, State::Command);
+        match (state, answer) {
+            (State::CheckingSpace { sender, tenant }, Answer::Space(result)) => match result {
+                Ok(()) => {
+                    self.sender = Some(sender);
+                    self.tenant = tenant;
+                    self.reply("250 2.1.0 Ok");
+                }
+                Err(why) => {
+                    log::warn!("submission from {}: {why}", self.peer);
+                    self.reply("452 4.3.1 Insufficient system storage; try again later");
+                }
+            },
+            (State::Opening, Answer::Opened(result)) => match result {
+                Ok(id) => self.start_body(&id.to_string()),
+                Err(why) => {
+                    log::error!("submission from {}: {why}", self.peer);
+                    self.reply("452 4.3.1 Insufficient system storage; try again later");
+                }
+            },
+            (State::Committing, Answer::Committed { result, .. }) => {
+                match result {
+                    Ok(id) => self.reply(&format!("250 2.0.0 Ok: queued as {id}")),
+                    Err(why) => {
+                        log::error!(
+                            "submission from {}: cannot store the message: {why}",
+                            self.peer
+                        );
+                        self.reply("452 4.3.1 Insufficient system storage; try again later");
+                    }
+                }
+                self.reset();
+            }
+            (state, answer) => {
+                log::debug!(
+                    "submission from {}: ignored {answer:?} in state {}",
+                    self.peer,
+                    state.as_str()
                 );
-                self.reply("452 4.3.1 Insufficient system storage; try again later");
+                self.state = state;
+                return;
             }
         }
-        self.reset();
-        self.state = State::Command;
-        self.process(config, spool)
+        self.process(config);
     }
 
     fn reset(&mut self) {
@@ -126,25 +240,30 @@ impl Conversation {
         self.body_size = 0;
     }
 
-    fn process(&mut self, config: &Config, spool: &Spool) -> Option<ToCommit> {
+    fn process(&mut self, config: &Config) {
         loop {
             match &self.state {
-                State::Closed | State::Committing => return None,
+                State::Closed
+                | State::Committing
+                | State::CheckingSpace { .. }
+                | State::Opening => return,
                 State::Data(_) => {
-                    if let Some(done) = self.take_body_line() {
-                        if done {
-                            return self.finish_data();
-                        }
-                        continue;
+                    // Back-pressure: the writer has not taken what we have.
+                    if self.unsent_bytes() >= MAX_UNSENT {
+                        return;
                     }
-                    return None;
+                    match self.take_body_line(config) {
+                        Some(true) => self.finish_data(config),
+                        Some(false) => {}
+                        None => return,
+                    }
                 }
                 State::Command => {
                     let Some(end) = self.input.iter().position(|&b| b == b'\n') else {
                         if self.input.len() > MAX_COMMAND {
                             self.close_with("500 5.5.2 Line too long");
                         }
-                        return None;
+                        return;
                     };
                     let line: Vec<u8> = self.input.drain(..=end).collect();
                     if line.len() > MAX_COMMAND {
@@ -152,13 +271,13 @@ impl Conversation {
                         continue;
                     }
                     let text = String::from_utf8_lossy(&line);
-                    self.command(text.trim_end_matches(['\r', '\n']), config, spool);
+                    self.command(text.trim_end_matches(['\r', '\n']), config);
                 }
             }
         }
     }
 
-    fn command(&mut self, line: &str, config: &Config, spool: &Spool) {
+    fn command(&mut self, line: &str, config: &Config) {
         let (verb, rest) = line.split_once(' ').unwrap_or((line, ""));
         match verb.to_ascii_uppercase().as_str() {
             "EHLO" => {
@@ -178,9 +297,9 @@ impl Conversation {
                 let host = self.hostname.clone();
                 self.reply(&format!("250 {host}"));
             }
-            "MAIL" => self.mail(rest, config, spool),
+            "MAIL" => self.mail(rest, config),
             "RCPT" => self.rcpt(rest),
-            "DATA" => self.data(spool),
+            "DATA" => self.data(),
             "RSET" => {
                 self.reset();
                 self.reply("250 2.0.0 Ok");
@@ -192,7 +311,7 @@ impl Conversation {
         }
     }
 
-    fn mail(&mut self, rest: &str, config: &Config, spool: &Spool) {
+    fn mail(&mut self, rest: &str, config: &Config) {
         if self.greeted.is_none() {
             return self.reply("503 5.5.1 Send EHLO first");
         }
@@ -218,21 +337,32 @@ impl Conversation {
                 _ => return self.reply("555 5.5.4 Unsupported MAIL parameter"),
             }
         }
-        let domain = address::domain_of(&sender).unwrap_or_default();
-        let Some(tenant) = config.tenant_for_sender_domain(domain) else {
-            return self.reply(&format!(
-                "550 5.7.1 Sender domain \"{domain}\" is not handled here"
-            ));
+        // The null sender is routed by its From header, known after DATA.
+        // Over SMTP it needs a default_tenant to be taken at all, as before
+        // cleanup: the reply to MAIL cannot wait for the From.
+        let tenant = if sender.is_empty() {
+            if let Err(unrouted) = cleanup::route(config, "") {
+                return self.reply(&format!(
+                    "550 5.7.1 Sender domain \"{}\" is not handled here",
+                    unrouted.domain
+                ));
+            }
+            None
+        } else {
+            let domain = cleanup::routing_domain(&sender, &[]);
+            match cleanup::route(config, &domain) {
+                Ok(tenant) => Some(tenant.name.as_str().to_string()),
+                Err(unrouted) => {
+                    return self.reply(&format!(
+                        "550 5.7.1 Sender domain \"{}\" is not handled here",
+                        unrouted.domain
+                    ))
+                }
+            }
         };
-        if let Err(why) =
-            crate::intake::sendmail::check_free_space(spool, config.daemon.min_free_space)
-        {
-            log::warn!("submission from {}: {why}", self.peer);
-            return self.reply("452 4.3.1 Insufficient system storage; try again later");
-        }
-        self.tenant = Some(tenant.name.as_str().to_string());
-        self.sender = Some(sender);
-        self.reply("250 2.1.0 Ok");
+        self.jobs
+            .push_back(Job::CheckSpace(config.daemon.min_free_space));
+        self.state = State::CheckingSpace { sender, tenant };
     }
 
     fn rcpt(&mut self, rest: &str) {
@@ -252,40 +382,46 @@ impl Conversation {
         self.reply("250 2.1.5 Ok");
     }
 
-    fn data(&mut self, spool: &Spool) {
+    fn data(&mut self) {
         if self.sender.is_none() {
             return self.reply("503 5.5.1 Send MAIL first");
         }
         if self.recipients.is_empty() {
             return self.reply("554 5.5.1 No valid recipients");
         }
-        let mut submission = match spool.begin_submission() {
-            Ok(submission) => submission,
-            Err(e) => {
-                log::error!("submission from {}: {e}", self.peer);
-                return self.reply("452 4.3.1 Insufficient system storage; try again later");
-            }
-        };
+        self.jobs.push_back(Job::Open);
+        self.opened = true;
+        self.state = State::Opening;
+    }
+
+    /// The submission is open: our trace field first, then the 354.
+    fn start_body(&mut self, id: &str) {
         // Our trace header, as every MTA adds one (RFC 5321 §4.4).
         let received = format!(
             "Received: from {} ({})\r\n\tby {} (pbxmail) with ESMTP id {};\r\n\t{}\r\n",
             self.greeted.as_deref().unwrap_or("unknown"),
             self.peer,
             self.hostname,
-            submission.id(),
+            id,
             time::rfc5322(crate::spool::unix_millis() / 1000)
         );
-        let ok = submission.write_all(received.as_bytes()).is_ok();
-        self.state = State::Data(ok.then(|| Box::new(submission)));
-        self.at_line_start = true;
-        self.transparency = Transparency::for_storage();
+        self.jobs.push_back(Job::Trace(received.into_bytes()));
         self.body_size = 0;
+        self.state = State::Data(Body {
+            headers: Some(Headers {
+                block: HeaderBlock::default(),
+                raw: Vec::new(),
+            }),
+            refused: None,
+            chunk: Vec::new(),
+            at_line_start: true,
+        });
         self.reply("354 End data with <CR><LF>.<CR><LF>");
     }
 
     /// Consumes one body line (or a long line's piece). Some(true) at the
     /// end-of-data line, Some(false) after other input, None when more is needed.
-    fn take_body_line(&mut self) -> Option<bool> {
+    fn take_body_line(&mut self, config: &Config) -> Option<bool> {
         let end = self.input.iter().position(|&b| b == b'\n');
         let take = match end {
             Some(end) => end + 1,
@@ -294,8 +430,12 @@ impl Conversation {
             None => return None,
         };
         let line: Vec<u8> = self.input.drain(..take).collect();
-        let starts_line = self.at_line_start;
-        self.at_line_start = line.last() == Some(&b'\n');
+        let State::Data(body) = &mut self.state else {
+            return None;
+        };
+        let starts_line = body.at_line_start;
+        body.at_line_start = line.last() == Some(&b'\n');
+        let refused = body.refused.is_some();
         if starts_line && (line == b".\r\n" || line == b".\n") {
             return Some(true);
         }
@@ -305,51 +445,121 @@ impl Conversation {
         } else {
             &line[..]
         };
-        self.body_size += content.len() as u64;
-        if let State::Data(slot) = &mut self.state {
-            if self.body_size > self.limits.max_message_size {
-                *slot = None; // dropped: its temp file goes with it
-            }
-            if let Some(submission) = slot.as_mut() {
-                let mut normalised = Vec::with_capacity(content.len() + 2);
-                self.transparency.feed(content, &mut normalised);
-                if submission.write_all(&normalised).is_err() {
-                    *slot = None;
-                }
-            }
+        self.body_size = self.body_size.saturating_add(content.len() as u64);
+        if refused {
+            return Some(false);
         }
+        if self.body_size > self.limits.max_message_size {
+            self.refuse(Refusal::TooBig);
+            return Some(false);
+        }
+        self.body_content(content, config);
         Some(false)
     }
 
-    fn finish_data(&mut self) -> Option<ToCommit> {
-        let state = std::mem::replace(&mut self.state, State::Command);
-        let State::Data(slot) = state else {
-            return None;
+    /// Message bytes: into the header block while it lasts, then the body.
+    fn body_content(&mut self, content: &[u8], config: &Config) {
+        let State::Data(body) = &mut self.state else {
+            return;
         };
-        let Some(mut submission) = slot else {
-            let over = self.body_size > self.limits.max_message_size;
-            self.reset();
-            if over {
-                self.reply("552 5.3.4 Message size exceeds the limit");
-            } else {
-                self.reply("452 4.3.1 Insufficient system storage; try again later");
+        let inspect = match body.headers.as_mut() {
+            Some(headers) => match headers.block.take(content) {
+                Ok(Step::More) => {
+                    headers.raw.extend_from_slice(content);
+                    return;
+                }
+                Ok(Step::Separator | Step::Body) => true,
+                Err(why) => {
+                    // Not inspectable: stored as received, as before cleanup.
+                    log::debug!("submission from {}: {why}; no fields added", self.peer);
+                    false
+                }
+            },
+            None => {
+                body.chunk.extend_from_slice(content);
+                if body.chunk.len() >= CHUNK {
+                    let chunk = std::mem::take(&mut body.chunk);
+                    self.jobs.push_back(Job::Content(chunk));
+                }
+                return;
             }
-            return None;
         };
-        let mut tail = Vec::new();
-        self.transparency.finish(&mut tail);
-        if submission.write_all(&tail).is_err() {
-            self.reset();
-            self.reply("452 4.3.1 Insufficient system storage; try again later");
-            return None;
+        self.end_headers(content, inspect, config);
+    }
+
+    /// The header block ended (`rest` is the separator line, the first body
+    /// line, or nothing at the end of data): the cleanup step routes the null
+    /// sender and adds the missing Date and Message-ID.
+    fn end_headers(&mut self, rest: &[u8], inspect: bool, config: &Config) {
+        let State::Data(body) = &mut self.state else {
+            return;
+        };
+        let Some(Headers { block, raw }) = body.headers.take() else {
+            return;
+        };
+        let mut out = raw;
+        if self.tenant.is_none() {
+            let domain = cleanup::routing_domain("", block.headers());
+            match cleanup::route(config, &domain) {
+                Ok(tenant) => self.tenant = Some(tenant.name.as_str().to_string()),
+                Err(unrouted) => return self.refuse(Refusal::Unrouted(unrouted.domain)),
+            }
         }
-        self.state = State::Committing;
-        Some(ToCommit {
-            submission: *submission,
-            tenant: self.tenant.clone().unwrap_or_default(),
-            sender: self.sender.clone().unwrap_or_default(),
-            recipients: self.recipients.clone(),
-        })
+        if inspect {
+            let now = crate::spool::unix_millis() / 1000;
+            let added = cleanup::missing_fields(block.headers(), &self.hostname, None, now);
+            out.extend_from_slice(&cleanup::render(&added));
+        }
+        out.extend_from_slice(rest);
+        out.append(&mut body.chunk);
+        body.chunk = out;
+    }
+
+    /// Drops what was gathered and the writer's submission; the rest of the
+    /// body is still read, then refused.
+    fn refuse(&mut self, why: Refusal) {
+        if let State::Data(body) = &mut self.state {
+            body.refused = Some(why);
+            body.headers = None;
+            body.chunk = Vec::new();
+            self.jobs
+                .retain(|job| !matches!(job, Job::Content(_) | Job::Trace(_)));
+            self.jobs.push_back(Job::Discard);
+        }
+    }
+
+    fn finish_data(&mut self, config: &Config) {
+        // A message that is all header block: it ends here.
+        if matches!(&self.state, State::Data(body) if body.headers.is_some()) {
+            self.end_headers(b"", true, config);
+        }
+        let state = std::mem::replace(&mut self.state, State::Command);
+        let State::Data(body) = state else {
+            return;
+        };
+        match body.refused {
+            Some(Refusal::TooBig) => {
+                self.reset();
+                self.reply("552 5.3.4 Message size exceeds the limit");
+            }
+            Some(Refusal::Unrouted(domain)) => {
+                self.reset();
+                self.reply(&format!(
+                    "550 5.7.1 Sender domain \"{domain}\" is not handled here"
+                ));
+            }
+            None => {
+                if !body.chunk.is_empty() {
+                    self.jobs.push_back(Job::Content(body.chunk));
+                }
+                self.jobs.push_back(Job::Commit(Envelope {
+                    tenant: self.tenant.clone().unwrap_or_default(),
+                    sender: self.sender.clone().unwrap_or_default(),
+                    recipients: self.recipients.clone(),
+                }));
+                self.state = State::Committing;
+            }
+        }
     }
 }
 
@@ -369,15 +579,25 @@ fn path_argument(rest: &str, keyword: &str) -> Option<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::intake::writer::{self, DiskSide, Step};
+    use crate::spool::Spool;
+    use mio::Token;
     use std::path::Path;
 
-    fn setup(name: &str) -> (Config, Spool) {
+    const T: Token = Token(7);
+
+    fn setup(name: &str, size: &str) -> (Config, Spool) {
+        setup_with(name, size, "")
+    }
+
+    fn setup_with(name: &str, size: &str, extra: &str) -> (Config, Spool) {
         let dir =
             std::env::temp_dir().join(format!("pbxmail-intake-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let text = format!(
-            "[daemon]\nspool_dir = {}\nmin_free_space = 1%\nlisten_max_message_size = 100\nlisten_max_recipients = 2\n\
-             [tenant:acme]\ndomains = acme.example\nrelay = 127.0.0.1:25\ntls = none\n",
+            "[daemon]\nspool_dir = {}\nmin_free_space = 1%\nlisten_max_message_size = {size}\nlisten_max_recipients = 2\n{extra}\
+             [tenant:acme]\ndomains = acme.example\nrelay = 127.0.0.1:25\ntls = none\n\
+             [tenant:beta]\ndomains = beta.example\nrelay = 127.0.0.1:25\ntls = none\n",
             dir.display()
         );
         let config = crate::config::parse(Path::new("test.ini"), &text).unwrap();
@@ -386,68 +606,138 @@ mod tests {
         (config, spool)
     }
 
-    fn talk(
-        c: &mut Conversation,
-        input: &str,
-        config: &Config,
-        spool: &Spool,
-    ) -> (String, Option<ToCommit>) {
-        let commit = c.receive(input.as_bytes(), config, spool);
-        let out = String::from_utf8(std::mem::take(&mut c.output)).unwrap();
-        (out, commit)
+    fn conversation(config: &Config) -> Conversation {
+        let mut c = Conversation::new("pbx.example", "127.0.0.1", config.daemon.listen_limits);
+        c.output.clear();
+        c
+    }
+
+    fn output(c: &mut Conversation) -> String {
+        String::from_utf8(std::mem::take(&mut c.output)).unwrap()
+    }
+
+    /// Plays the writer and committer threads in line: every job the
+    /// conversation has queued is done, every answer given, until it waits
+    /// for nothing. Returns the IDs committed.
+    fn serve(c: &mut Conversation, disk: &mut DiskSide, config: &Config) -> Vec<String> {
+        let mut committed = Vec::new();
+        loop {
+            let mut answers = Vec::new();
+            while let Some(job) = c.next_job() {
+                match disk.handle(T, job) {
+                    Step::Answer(answer) => answers.push(answer),
+                    Step::Commit(draft, envelope) => answers.push(writer::commit(*draft, envelope)),
+                    Step::Nothing => {}
+                }
+            }
+            if answers.is_empty() {
+                return committed;
+            }
+            for answer in answers {
+                if let Answer::Committed { result: Ok(id), .. } = &answer {
+                    committed.push(id.to_string());
+                }
+                c.answer(answer, config);
+            }
+        }
+    }
+
+    fn stored(spool: &Spool, tenant: &str, id: &str) -> String {
+        let id = crate::spool::MessageId::parse(id).unwrap();
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut spool.open_message(tenant, &id).unwrap(), &mut text)
+            .unwrap();
+        text
     }
 
     #[test]
-    fn pipelined_transaction_commits_only_at_the_end() {
-        let (config, spool) = setup("pipe");
-        let mut c = Conversation::new("pbx.example", "127.0.0.1", config.daemon.listen_limits);
-        c.output.clear();
-        let (out, commit) = talk(
-            &mut c,
-            "EHLO client\r\nMAIL FROM:<101@acme.example> SIZE=20\r\nRCPT TO:<a@x.example>\r\nDATA\r\n..dot\r\nbody\r\n.\r\nQUIT\r\n",
+    fn replies_that_need_the_disk_wait_for_the_writer() {
+        let (config, spool) = setup("pipe", "100");
+        let mut disk = DiskSide::new(spool.clone());
+        let mut c = conversation(&config);
+        c.receive(
+            b"EHLO client\r\nMAIL FROM:<101@acme.example> SIZE=20\r\nRCPT TO:<a@x.example>\r\nDATA\r\n\
+              Subject: s\r\n\r\n..dot\r\nbody\r\n.\r\nQUIT\r\n",
             &config,
-            &spool,
         );
+        let out = output(&mut c);
+        assert!(out.ends_with("250 ENHANCEDSTATUSCODES\r\n"), "{out}");
         assert!(
-            out.contains("250-PIPELINING")
-                && out.ends_with("354 End data with <CR><LF>.<CR><LF>\r\n"),
-            "{out}"
+            c.is_waiting() && !c.wants_input(),
+            "MAIL waits for free space"
         );
-        let commit = commit.expect("a message to commit");
-        assert_eq!(commit.tenant, "acme");
-        assert_eq!(commit.recipients, vec!["a@x.example"]);
-        assert!(c.is_committing(), "QUIT waits until the 250 is sent");
-        let id = commit
-            .submission
-            .commit(&commit.tenant, &commit.sender, &commit.recipients)
-            .unwrap();
-        assert!(c.committed(Ok(id.to_string()), &config, &spool).is_none());
-        let out = String::from_utf8(std::mem::take(&mut c.output)).unwrap();
+        assert_eq!(
+            c.next_job(),
+            Some(Job::CheckSpace(config.daemon.min_free_space))
+        );
+        c.answer(Answer::Space(Ok(())), &config);
+        assert_eq!(output(&mut c), "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n");
+        assert_eq!(c.next_job(), Some(Job::Open), "DATA opens a submission");
+        assert!(c.next_job().is_none());
+        c.unsend(Job::Open);
+
+        let ids = serve(&mut c, &mut disk, &config);
+        let out = output(&mut c);
+        assert_eq!(ids.len(), 1);
+        let id = &ids[0];
         assert_eq!(
             out,
-            format!("250 2.0.0 Ok: queued as {id}\r\n221 2.0.0 Bye\r\n")
+            format!(
+                "354 End data with <CR><LF>.<CR><LF>\r\n250 2.0.0 Ok: queued as {id}\r\n221 2.0.0 Bye\r\n"
+            )
         );
-        let mut stored = String::new();
-        std::io::Read::read_to_string(&mut spool.open_message("acme", &id).unwrap(), &mut stored)
-            .unwrap();
-        assert!(stored.starts_with("Received: from client"), "{stored}");
-        assert!(stored.ends_with("\r\n.dot\r\nbody\r\n"), "{stored}");
+        assert!(c.is_closed());
+        let text = stored(&spool, "acme", id);
+        assert!(text.starts_with("Received: from client"), "{text}");
+        assert!(text.contains(&format!("with ESMTP id {id};")), "{text}");
+        assert!(text.ends_with("\r\n\r\n.dot\r\nbody\r\n"), "{text}");
+    }
+
+    #[test]
+    fn low_space_at_mail_and_a_failed_open_at_data_get_452() {
+        let (config, _spool) = setup("space", "100");
+        let mut c = conversation(&config);
+        c.receive(
+            b"EHLO c\r\nMAIL FROM:<a@acme.example>\r\nRCPT TO:<b@x.example>\r\n",
+            &config,
+        );
+        output(&mut c);
+        let _ = c.next_job();
+        c.answer(Answer::Space(Err("full".into())), &config);
+        assert_eq!(
+            output(&mut c),
+            "452 4.3.1 Insufficient system storage; try again later\r\n503 5.5.1 Send MAIL first\r\n"
+        );
+        c.receive(
+            b"MAIL FROM:<a@acme.example>\r\nRCPT TO:<b@x.example>\r\nDATA\r\n",
+            &config,
+        );
+        let _ = c.next_job();
+        c.answer(Answer::Space(Ok(())), &config);
+        assert_eq!(c.next_job(), Some(Job::Open));
+        c.answer(Answer::Opened(Err("cannot create".into())), &config);
+        let out = output(&mut c);
+        assert!(
+            out.ends_with("452 4.3.1 Insufficient system storage; try again later\r\n"),
+            "{out}"
+        );
+        assert!(c.wants_input(), "the connection goes on");
     }
 
     #[test]
     fn limits_and_unknown_senders_are_refused() {
-        let (config, spool) = setup("limits");
-        let mut c = Conversation::new("pbx.example", "127.0.0.1", config.daemon.listen_limits);
-        c.output.clear();
-        let (out, _) = talk(&mut c, "MAIL FROM:<a@acme.example>\r\n", &config, &spool);
-        assert!(out.starts_with("503"), "{out}");
-        let (out, _) = talk(
-            &mut c,
-            "EHLO c\r\nMAIL FROM:<a@other.example>\r\nMAIL FROM:<a@acme.example> SIZE=1000\r\nMAIL FROM:<a@acme.example>\r\n\
-             RCPT TO:<b@x.example>\r\nRCPT TO:<c@x.example>\r\nRCPT TO:<d@x.example>\r\n",
+        let (config, spool) = setup("limits", "100");
+        let mut disk = DiskSide::new(spool.clone());
+        let mut c = conversation(&config);
+        c.receive(b"MAIL FROM:<a@acme.example>\r\n", &config);
+        assert!(output(&mut c).starts_with("503"));
+        c.receive(
+            b"EHLO c\r\nMAIL FROM:<a@other.example>\r\nMAIL FROM:<a@acme.example> SIZE=1000\r\nMAIL FROM:<a@acme.example>\r\n\
+              RCPT TO:<b@x.example>\r\nRCPT TO:<c@x.example>\r\nRCPT TO:<d@x.example>\r\n",
             &config,
-            &spool,
         );
+        serve(&mut c, &mut disk, &config);
+        let out = output(&mut c);
         let codes: Vec<&str> = out
             .lines()
             .filter(|l| !l.starts_with("250-"))
@@ -459,17 +749,196 @@ mod tests {
             "{out}"
         );
         // Over the size limit: read to the end, then refused, and nothing is queued.
-        let (out, commit) = talk(
-            &mut c,
-            &format!("DATA\r\n{}\r\n.\r\n", "x".repeat(200)),
+        c.receive(
+            format!("DATA\r\n{}\r\n.\r\n", "x".repeat(200)).as_bytes(),
             &config,
-            &spool,
         );
-        assert!(commit.is_none());
+        assert!(serve(&mut c, &mut disk, &config).is_empty());
+        let out = output(&mut c);
         assert!(
             out.ends_with("552 5.3.4 Message size exceeds the limit\r\n"),
             "{out}"
         );
         assert!(spool.message_ids("acme").unwrap().is_empty());
+        assert!(spool.tenants().unwrap().is_empty());
+    }
+
+    fn submit_over_listen(
+        config: &Config,
+        spool: &Spool,
+        from: &str,
+        message: &str,
+    ) -> (String, String) {
+        let mut disk = DiskSide::new(spool.clone());
+        let mut c = conversation(config);
+        let mut wire = format!("EHLO c\r\nMAIL FROM:<{from}>\r\nRCPT TO:<r@x.example>\r\nDATA\r\n");
+        for line in message.split_inclusive("\r\n") {
+            if line.starts_with('.') {
+                wire.push('.');
+            }
+            wire.push_str(line);
+        }
+        wire.push_str(".\r\n");
+        c.receive(wire.as_bytes(), config);
+        let ids = serve(&mut c, &mut disk, config);
+        let out = output(&mut c);
+        let Some(id) = ids.first() else {
+            return (out, String::new());
+        };
+        let tenant = spool
+            .tenant_of(&crate::spool::MessageId::parse(id).unwrap())
+            .unwrap();
+        (
+            tenant,
+            stored(
+                spool,
+                &spool
+                    .tenant_of(&crate::spool::MessageId::parse(id).unwrap())
+                    .unwrap(),
+                id,
+            ),
+        )
+    }
+
+    fn field_names(text: &str) -> Vec<String> {
+        let head = text.split("\r\n\r\n").next().unwrap_or_default();
+        head.lines()
+            .filter(|l| !l.starts_with([' ', '\t']))
+            .filter_map(|l| l.split_once(':').map(|(n, _)| n.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn missing_date_and_message_id_are_added_at_the_end_of_the_header_block() {
+        let (config, spool) = setup("added", "100");
+        let (tenant, text) = submit_over_listen(
+            &config,
+            &spool,
+            "a@acme.example",
+            "From: a@acme.example\r\nSubject: s\r\n\r\nbody\r\n",
+        );
+        assert_eq!(tenant, "acme");
+        assert_eq!(
+            field_names(&text),
+            ["Received", "From", "Subject", "Date", "Message-ID"],
+            "{text}"
+        );
+        assert!(
+            text.contains("\r\nMessage-ID: <") && text.contains("@pbx.example>\r\n\r\nbody\r\n"),
+            "{text}"
+        );
+
+        let complete = "Date: Tue, 14 Nov 2023 22:13:20 +0000\r\nMessage-Id: <x@y>\r\n\r\nbody\r\n";
+        let (_, text) = submit_over_listen(&config, &spool, "a@acme.example", complete);
+        assert_eq!(
+            field_names(&text),
+            ["Received", "Date", "Message-Id"],
+            "{text}"
+        );
+        assert!(text.ends_with(complete), "{text}");
+    }
+
+    #[test]
+    fn the_null_sender_is_routed_by_its_from_header() {
+        let (config, spool) = setup_with("null", "100", "default_tenant = acme\n");
+        let bounce = "From: Mailer <daemon@beta.example>\r\nSubject: bounce\r\n\r\nx\r\n";
+        let (tenant, _) = submit_over_listen(&config, &spool, "", bounce);
+        assert_eq!(tenant, "beta");
+        // A From no tenant handles: the default tenant's.
+        let (tenant, _) =
+            submit_over_listen(&config, &spool, "", "From: d@other.example\r\n\r\nx\r\n");
+        assert_eq!(tenant, "acme");
+        // Without a default_tenant the null sender is refused at MAIL.
+        let (config, spool) = setup("null-nodefault", "100");
+        let (out, text) = submit_over_listen(&config, &spool, "", bounce);
+        assert!(text.is_empty());
+        assert!(
+            out.contains("\r\n550 5.7.1 Sender domain \"\" is not handled here\r\n503"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn a_null_sender_unrouted_after_a_reload_is_refused_after_the_data() {
+        let (config, spool) = setup_with("null-reload", "100", "default_tenant = acme\n");
+        let (no_default, _) = setup("null-reload-new", "100");
+        let mut disk = DiskSide::new(spool.clone());
+        let mut c = conversation(&config);
+        c.receive(
+            b"EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<r@x.example>\r\nDATA\r\n",
+            &config,
+        );
+        serve(&mut c, &mut disk, &config);
+        assert!(output(&mut c).ends_with("354 End data with <CR><LF>.<CR><LF>\r\n"));
+        c.receive(b"From: d@other.example\r\n\r\nbody\r\n.\r\n", &no_default);
+        assert!(serve(&mut c, &mut disk, &no_default).is_empty());
+        assert_eq!(
+            output(&mut c),
+            "550 5.7.1 Sender domain \"other.example\" is not handled here\r\n"
+        );
+        assert!(spool.tenants().unwrap().is_empty());
+    }
+
+    #[test]
+    fn both_ways_in_give_the_same_result() {
+        let (config, spool) = setup_with("same", "100", "default_tenant = acme\n");
+        let message = "From: Mailer <daemon@beta.example>\r\nTo: r@x.example\r\nSubject: same\r\n\r\nbody\r\n..dot\r\n";
+        let (tenant, over_listen) = submit_over_listen(&config, &spool, "", message);
+        let opts = crate::intake::sendmail::SubmitOptions {
+            sender: Some(String::new()),
+            recipients: vec!["r@x.example".into()],
+            ..Default::default()
+        };
+        let done = crate::intake::sendmail::submit(&config, &opts, message.as_bytes()).unwrap();
+        let by_sendmail = stored(&spool, &done.tenant, &done.id.to_string());
+        assert_eq!(done.tenant, tenant);
+        let without_received: Vec<String> = field_names(&over_listen).into_iter().skip(1).collect();
+        assert_eq!(without_received, field_names(&by_sendmail));
+        let (_, listen_body) = over_listen.split_once("\r\n\r\n").unwrap();
+        let (_, sendmail_body) = by_sendmail.split_once("\r\n\r\n").unwrap();
+        assert_eq!(listen_body, sendmail_body);
+        assert_eq!(listen_body, "body\r\n..dot\r\n");
+    }
+
+    #[test]
+    fn a_big_body_waits_for_the_writer_and_never_piles_up() {
+        let (config, spool) = setup("big", "10M");
+        let mut disk = DiskSide::new(spool.clone());
+        let mut c = conversation(&config);
+        c.receive(b"EHLO c\r\nMAIL FROM:<a@acme.example>\r\nRCPT TO:<r@x.example>\r\nDATA\r\nSubject: big\r\n\r\n", &config);
+        serve(&mut c, &mut disk, &config);
+        assert!(output(&mut c).ends_with("354 End data with <CR><LF>.<CR><LF>\r\n"));
+        let line = format!("{}\r\n", "y".repeat(998));
+        let piece = line.repeat(16);
+        let mut sent = 0usize;
+        // The writer takes nothing: input stops being wanted, with little queued.
+        while c.wants_input() {
+            c.receive(piece.as_bytes(), &config);
+            sent += piece.len();
+            assert!(sent < 4 << 20, "input never paused");
+        }
+        let queued: Vec<Job> = std::iter::from_fn(|| c.next_job()).collect();
+        let bytes: usize = queued.iter().map(Job::len).sum();
+        assert!(bytes <= 2 * MAX_UNSENT, "{bytes} bytes queued");
+        // The writer takes them: the conversation goes on, paused again and
+        // again, until the whole body is through.
+        for job in queued {
+            assert!(matches!(disk.handle(T, job), Step::Nothing));
+        }
+        while sent < 2 << 20 {
+            c.resume(&config);
+            if c.wants_input() {
+                c.receive(piece.as_bytes(), &config);
+                sent += piece.len();
+            } else {
+                serve(&mut c, &mut disk, &config);
+            }
+        }
+        c.receive(b".\r\n", &config);
+        let ids = serve(&mut c, &mut disk, &config);
+        assert_eq!(ids.len(), 1, "{}", output(&mut c));
+        let text = stored(&spool, "acme", &ids[0]);
+        let (_, body) = text.split_once("\r\n\r\n").unwrap();
+        assert_eq!(body.len(), sent);
     }
 }

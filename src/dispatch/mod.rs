@@ -1,21 +1,27 @@
 //! The dispatcher: one mio loop that turns outside events (pickup hints from
 //! `sendmail`, local SMTP submissions, control requests, signals, tenant
 //! threads ending) into work for the tenant set.
-//! It never blocks on a tenant: no DNS, no fsync, no network I/O here; sends
-//! to tenants are `try_send`. Reading the config file on SIGHUP is the one
-//! small read it does.
+//! Once running it never blocks and does no disk I/O (start-up binds its
+//! sockets first; tests/dispatcher_io.rs checks the rest): no DNS, no file,
+//! no fsync here. Sends to tenants are `try_send`, the listener's disk work
+//! runs on the intake writer's threads, and reading the config file or
+//! finding which tenant holds a message ID runs on the offload thread
+//! (offload.rs), whose result comes back through the Waker.
 
-use crate::config::{self, Config};
+mod offload;
+
+use crate::config::{Config, ConfigError};
 use crate::control::{self, ControlServer, Request, Response, Selection};
 use crate::intake::server::IntakeServer;
 use crate::spool::{MessageId, Spool};
 use crate::tenant::{Job, Target, TenantSet};
 use mio::net::UnixDatagram;
 use mio::{Events, Interest, Poll, Token, Waker};
+use offload::{Chore, Done, Located, Offload, Ticket};
 use rustls::RootCertStore;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
@@ -24,7 +30,8 @@ use std::time::Duration;
 
 const PICKUP: Token = Token(0);
 const SIGNALS: Token = Token(1);
-/// Another thread has news: a tenant thread ended, or a submission was committed.
+/// Another thread has news: a tenant thread ended, the intake writer
+/// answered, or the offload thread finished a chore.
 const WAKE: Token = Token(2);
 const CONTROL: Token = Token(3);
 const INTAKE: Token = Token(4);
@@ -41,8 +48,21 @@ pub struct Dispatcher {
     control: ControlServer,
     intake: Option<IntakeServer>,
     config: Config,
-    spool: Spool,
     tenants: TenantSet,
+    offload: Offload,
+    /// Who waits for each chore on the offload thread.
+    awaiting: HashMap<Ticket, Awaiting>,
+    next_ticket: Ticket,
+    /// A SIGHUP found the offload thread busy: reload once it answers.
+    reload_wanted: bool,
+}
+
+/// What to do with an offloaded chore's result.
+enum Awaiting {
+    /// Apply the loaded configuration; answer the control connection, if any.
+    Reload(Option<Token>),
+    /// Route the job to the tenants holding the IDs; answer the connection.
+    Select(Token, fn(Target) -> Job),
 }
 
 impl Dispatcher {
@@ -53,7 +73,8 @@ impl Dispatcher {
         roots: Arc<RootCertStore>,
     ) -> io::Result<Dispatcher> {
         let poll = Poll::new()?;
-        // mio allows one Waker per Poll: tenants and the committer share it.
+        // mio allows one Waker per Poll: tenants, the intake writer and the
+        // offload thread share it.
         let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);
         let tenant_waker = Arc::clone(&waker);
         let wake = Arc::new(move || {
@@ -72,6 +93,7 @@ impl Dispatcher {
             CONTROL,
             CONTROL_CONNECTIONS,
         )?;
+        let offload = Offload::start(spool.clone(), Arc::clone(&waker))?;
         let intake = match &config.daemon.listen {
             Some(addr) => Some(
                 IntakeServer::bind(
@@ -108,8 +130,11 @@ impl Dispatcher {
             control,
             intake,
             config: config.clone(),
-            spool: spool.clone(),
             tenants,
+            offload,
+            awaiting: HashMap::new(),
+            next_ticket: 0,
+            reload_wanted: false,
         })
     }
 
@@ -145,6 +170,7 @@ impl Dispatcher {
                     WAKE => {
                         self.tenants.reap();
                         self.take_submissions();
+                        self.take_offloaded();
                     }
                     SIGNALS if self.read_signals() => break 'serve,
                     token if self.control.owns(token) => self.serve_control(token),
@@ -169,7 +195,7 @@ impl Dispatcher {
         let Some(intake) = self.intake.as_mut() else {
             return;
         };
-        for (tenant, id) in intake.take_committed(self.poll.registry(), &self.config) {
+        for (tenant, id) in intake.wake(self.poll.registry(), &self.config) {
             self.tenants.route(&tenant, Job::Queued(id));
         }
     }
@@ -215,15 +241,77 @@ impl Dispatcher {
             }
         }
         if reload && !stop {
-            let _ = self.reload();
+            self.start_reload(None);
         }
         stop
     }
 
-    /// Re-reads the configuration; an invalid one is refused and the old one
-    /// kept. Returns the problems that made it refuse.
-    fn reload(&mut self) -> Result<(), Vec<String>> {
-        match config::load(&self.config.path) {
+    /// Hands a chore to the offload thread and notes who waits for it; the
+    /// chore comes back when that thread is busy.
+    fn offload(&mut self, chore: Chore, awaiting: Awaiting) -> Result<(), Chore> {
+        let ticket = self.next_ticket;
+        self.next_ticket = self.next_ticket.wrapping_add(1);
+        self.offload.try_send(ticket, chore)?;
+        self.awaiting.insert(ticket, awaiting);
+        Ok(())
+    }
+
+    /// Re-reads the configuration off this thread; `reply_to` gets the outcome.
+    fn start_reload(&mut self, reply_to: Option<Token>) {
+        let chore = Chore::LoadConfig(self.config.path.clone());
+        if self.offload(chore, Awaiting::Reload(reply_to)).is_err() {
+            match reply_to {
+                Some(token) => self.respond(token, &busy()),
+                // Not lost: it runs once the offload thread answers.
+                None => self.reload_wanted = true,
+            }
+        }
+    }
+
+    /// Results of offloaded chores: apply them and answer who waits.
+    fn take_offloaded(&mut self) {
+        while let Some((ticket, done)) = self.offload.try_recv() {
+            let Some(awaiting) = self.awaiting.remove(&ticket) else {
+                continue;
+            };
+            match (awaiting, done) {
+                (Awaiting::Reload(reply_to), Done::Config(loaded)) => {
+                    let response = match self.apply_reload(*loaded) {
+                        Ok(()) => {
+                            Response::ok(serde_json::json!({ "tenants": self.tenants.len() }))
+                        }
+                        Err(problems) => Response::error(format!(
+                            "the new configuration was refused; the old one stays in force:\n{}",
+                            problems.join("\n")
+                        )),
+                    };
+                    if let Some(token) = reply_to {
+                        self.respond(token, &response);
+                    }
+                }
+                (Awaiting::Select(token, job), Done::Located(found)) => {
+                    let response = self.act_on(found, job);
+                    self.respond(token, &response);
+                }
+                (Awaiting::Reload(reply_to), _) => {
+                    if let Some(token) = reply_to {
+                        self.respond(token, &Response::error("internal error: wrong reply"));
+                    }
+                }
+                (Awaiting::Select(token, _), _) => {
+                    self.respond(token, &Response::error("internal error: wrong reply"));
+                }
+            }
+        }
+        if std::mem::take(&mut self.reload_wanted) {
+            self.start_reload(None);
+        }
+    }
+
+    /// Applies a configuration the offload thread loaded; an invalid one is
+    /// refused and the old one kept. Returns the problems that made it refuse.
+    fn apply_reload(&mut self, loaded: Result<Config, ConfigError>) -> Result<(), Vec<String>> {
+        match loaded {
             Ok(config) => {
                 for warning in &config.warnings {
                     log::warn!("{warning}");
@@ -247,19 +335,25 @@ impl Dispatcher {
         }
     }
 
+    fn respond(&mut self, token: Token, response: &Response) {
+        self.control.respond(self.poll.registry(), token, response);
+    }
+
     fn serve_control(&mut self, token: Token) {
         for event in self.control.ready(self.poll.registry(), token) {
             if let control::Event::Request(token, request) = event {
-                let response = self.execute(request);
-                self.control.respond(self.poll.registry(), token, &response);
+                if let Some(response) = self.execute(token, request) {
+                    self.respond(token, &response);
+                }
             }
         }
     }
 
     /// Carries out an admin's request. Work on messages is handed to their
-    /// tenant's thread, which records it durably; this only routes.
-    fn execute(&mut self, request: Request) -> Response {
-        match request {
+    /// tenant's thread, which records it durably; this only routes. None
+    /// when the answer comes later, from the offload thread.
+    fn execute(&mut self, token: Token, request: Request) -> Option<Response> {
+        let response = match request {
             Request::Status => {
                 Response::ok(serde_json::json!({ "tenants": self.tenants.status() }))
             }
@@ -270,17 +364,15 @@ impl Dispatcher {
                     Response::ok(serde_json::json!({ "tenants": self.tenants.len() }))
                 }
             },
-            Request::Hold(selection) => self.select(selection, Job::Hold),
-            Request::Release(selection) => self.select(selection, Job::Release),
-            Request::Delete(selection) => self.select(selection, Job::Delete),
-            Request::Reload => match self.reload() {
-                Ok(()) => Response::ok(serde_json::json!({ "tenants": self.tenants.len() })),
-                Err(problems) => Response::error(format!(
-                    "the new configuration was refused; the old one stays in force:\n{}",
-                    problems.join("\n")
-                )),
-            },
-        }
+            Request::Hold(selection) => return self.select(token, selection, Job::Hold),
+            Request::Release(selection) => return self.select(token, selection, Job::Release),
+            Request::Delete(selection) => return self.select(token, selection, Job::Delete),
+            Request::Reload => {
+                self.start_reload(Some(token));
+                return None;
+            }
+        };
+        Some(response)
     }
 
     fn to_tenant(&self, tenant: &str, job: Job) -> Response {
@@ -291,26 +383,38 @@ impl Dispatcher {
         Response::ok(serde_json::json!({ "tenant": tenant }))
     }
 
-    /// A whole tenant, or listed IDs grouped by the tenant whose folder holds them.
-    fn select(&self, selection: Selection, job: fn(Target) -> Job) -> Response {
+    /// A whole tenant at once; listed IDs once the offload thread found
+    /// which tenant's folder holds each (that stats spool files).
+    fn select(
+        &mut self,
+        token: Token,
+        selection: Selection,
+        job: fn(Target) -> Job,
+    ) -> Option<Response> {
         if let Some(tenant) = selection.tenant {
-            return self.to_tenant(&tenant, job(Target::All));
+            return Some(self.to_tenant(&tenant, job(Target::All)));
         }
         if selection.ids.is_empty() {
-            return Response::error("name message IDs, or --tenant T");
+            return Some(Response::error("name message IDs, or --tenant T"));
         }
+        match self.offload(Chore::Locate(selection.ids), Awaiting::Select(token, job)) {
+            Ok(()) => None,
+            Err(_) => Some(busy()),
+        }
+    }
+
+    /// Listed IDs grouped by the tenant whose folder holds them.
+    fn act_on(&self, found: Vec<(String, Located)>, job: fn(Target) -> Job) -> Response {
         let mut by_tenant: BTreeMap<String, Vec<MessageId>> = BTreeMap::new();
         let mut unknown = Vec::new();
         let mut orphaned = Vec::new();
-        for raw in &selection.ids {
-            let found = MessageId::parse(raw)
-                .and_then(|id| self.spool.tenant_of(&id).map(|tenant| (tenant, id)));
-            match found {
-                Some((tenant, id)) if self.tenants.is_running(&tenant) => {
+        for (raw, located) in found {
+            match located {
+                Located::Queued { tenant, id } if self.tenants.is_running(&tenant) => {
                     by_tenant.entry(tenant).or_default().push(id)
                 }
-                Some((tenant, _)) => orphaned.push(format!("{raw} (tenant {tenant})")),
-                None => unknown.push(raw.clone()),
+                Located::Queued { tenant, .. } => orphaned.push(format!("{raw} (tenant {tenant})")),
+                Located::Unknown => unknown.push(raw),
             }
         }
         // All or nothing: a typo in one ID must not leave the command half done.
@@ -333,4 +437,9 @@ impl Dispatcher {
         }
         Response::ok(serde_json::json!({ "messages": count }))
     }
+}
+
+/// The offload thread has a full queue: the admin tries again.
+fn busy() -> Response {
+    Response::error("the daemon is busy; try again in a moment")
 }
