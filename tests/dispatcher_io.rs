@@ -248,10 +248,15 @@ fn the_dispatcher_thread_does_no_disk_io_while_it_runs() {
     let mut buf = [0u8; 256];
     let n = notify.recv(&mut buf).expect("READY=1 from the daemon");
     assert_eq!(&buf[..n], b"READY=1");
-    let names = threads(pid);
-    for name in ["intake-write", "intake-commit", "offload", "tenant:acme"] {
-        assert!(names.contains_key(name), "no thread {name}: {names:?}");
-    }
+    // A new thread carries the process's name until it has run far enough to
+    // set its own: wait for every name rather than read them once.
+    let wanted = ["intake-write", "intake-commit", "offload", "tenant:acme"];
+    let mut names = threads(pid);
+    let named = wait_until(READY, || {
+        names = threads(pid);
+        wanted.iter().all(|name| names.contains_key(*name))
+    });
+    assert!(named, "threads not all named: {names:?}");
 
     // A listen submission with a 200 KB body.
     let mut c = Client::connect(port);
