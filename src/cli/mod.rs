@@ -11,8 +11,10 @@ mod queue;
 mod sendmail;
 mod test;
 
-use crate::config::{self, Config};
-use std::path::PathBuf;
+use crate::config::{self, Config, TenantConfig};
+use serde::Serialize;
+use std::fmt::Display;
+use std::path::{Path, PathBuf};
 
 /// sysexits.h codes, as every sendmail-compatible program uses them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,6 +96,109 @@ pub fn run(args: Vec<String>) -> Exit {
     }
 }
 
+/// One run of a subcommand that reads the configuration. The prelude every
+/// such command shares lives here, once: `-c FILE` / `--config FILE` taken
+/// out of the arguments, the rest handed to the command's own parser, the
+/// configuration loaded, the tenant looked up, and each of their failures
+/// printed as `pbxmail NAME: …` with the exit code the interface gives it.
+///
+/// A command is `fn body(cmd: &Invocation) -> Result<Exit, Exit>`, where an
+/// `Err` is a failure already printed; `Invocation::run` turns either side
+/// into the process's exit code.
+pub(super) struct Invocation {
+    /// The command as its messages name it: `fsck`, `oauth`, `status`, …
+    name: String,
+    config_path: PathBuf,
+    /// The arguments after the config flag was taken out, for the command's parser.
+    rest: Vec<String>,
+}
+
+impl Invocation {
+    /// Runs `body` for `pbxmail NAME ARGS…`; a config flag without its file
+    /// is a usage error and `body` does not run.
+    pub(super) fn run(
+        name: &str,
+        args: &[String],
+        body: impl FnOnce(&Invocation) -> Result<Exit, Exit>,
+    ) -> Exit {
+        let outcome = match take_config_flag(args) {
+            Ok((config_path, rest)) => body(&Invocation {
+                name: name.to_owned(),
+                config_path,
+                rest,
+            }),
+            Err(e) => Err(usage_error(name, e)),
+        };
+        outcome.unwrap_or_else(|code| code)
+    }
+
+    pub(super) fn config_path(&self) -> &Path {
+        &self.config_path
+    }
+
+    /// The arguments left after the config flag.
+    pub(super) fn rest(&self) -> &[String] {
+        &self.rest
+    }
+
+    /// Prints `pbxmail NAME: what` and gives `code`, for the caller to return.
+    pub(super) fn fail(&self, code: Exit, what: impl Display) -> Exit {
+        fail(&self.name, code, what)
+    }
+
+    /// The command's own options from the arguments left; a refusal is a
+    /// usage error, its text after the command's name.
+    pub(super) fn parse<T>(
+        &self,
+        parse: impl FnOnce(&[String]) -> Result<T, String>,
+    ) -> Result<T, Exit> {
+        parse(&self.rest).map_err(|e| usage_error(&self.name, e))
+    }
+
+    /// For a command that takes nothing but the config flag.
+    pub(super) fn no_arguments(&self) -> Result<(), Exit> {
+        match self.rest.first() {
+            Some(extra) => Err(usage_error(
+                &self.name,
+                format!("unexpected argument '{extra}'"),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// The configuration; its problems are printed as FILE:LINE: message.
+    pub(super) fn config(&self) -> Result<Config, Exit> {
+        load_config(&self.config_path)
+    }
+
+    /// The tenant named on the command line.
+    pub(super) fn tenant<'c>(
+        &self,
+        config: &'c Config,
+        name: &str,
+    ) -> Result<&'c TenantConfig, Exit> {
+        find_tenant(config, name, &self.name)
+    }
+
+    /// Prints `value` as the pretty JSON of `--json`.
+    pub(super) fn print_json(&self, value: &impl Serialize) -> Result<(), Exit> {
+        let text = serde_json::to_string_pretty(value).map_err(|e| self.fail(Exit::Software, e))?;
+        println!("{text}");
+        Ok(())
+    }
+}
+
+/// Prints `pbxmail COMMAND: what` and gives `code`: the form of every
+/// failure a command reports.
+fn fail(command: &str, code: Exit, what: impl Display) -> Exit {
+    eprintln!("pbxmail {command}: {what}");
+    code
+}
+
+fn usage_error(command: &str, what: impl Display) -> Exit {
+    fail(command, Exit::Usage, what)
+}
+
 /// Takes `-c FILE` / `--config FILE` out of `args`; the rest is returned.
 fn take_config_flag(args: &[String]) -> Result<(PathBuf, Vec<String>), String> {
     let mut path = None;
@@ -112,16 +217,13 @@ fn take_config_flag(args: &[String]) -> Result<(PathBuf, Vec<String>), String> {
 }
 
 /// Loads the configuration, printing every problem as FILE:LINE: message.
-fn load_config(path: &std::path::Path) -> Result<Config, Exit> {
-    match config::load(path) {
-        Ok(config) => Ok(config),
-        Err(e) => {
-            for problem in &e.problems {
-                eprintln!("{problem}");
-            }
-            Err(Exit::Config)
+fn load_config(path: &Path) -> Result<Config, Exit> {
+    config::load(path).map_err(|e| {
+        for problem in &e.problems {
+            eprintln!("{problem}");
         }
-    }
+        Exit::Config
+    })
 }
 
 /// The tenant named on the command line, or the message and exit code for its absence.
@@ -129,16 +231,19 @@ fn find_tenant<'a>(
     config: &'a Config,
     name: &str,
     command: &str,
-) -> Result<&'a crate::config::TenantConfig, Exit> {
+) -> Result<&'a TenantConfig, Exit> {
     config
         .tenants
         .iter()
         .find(|t| t.name.as_str() == name)
         .ok_or_else(|| {
-            eprintln!(
-                "pbxmail {command}: no tenant named {name:?} in {}",
-                config.path.display()
-            );
-            Exit::Usage
+            let what = format!("no tenant named {name:?} in {}", config.path.display());
+            usage_error(command, what)
         })
+}
+
+/// Test arguments as the command line gives them.
+#[cfg(test)]
+fn args(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
 }
