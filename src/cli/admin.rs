@@ -1,7 +1,7 @@
 //! `pbxmail status | flush | hold | release | delete | reload`: talk to the
 //! running daemon over its control socket. Exit 69 when it is not running.
 
-use super::{Exit, Invocation};
+use super::{Exit, Flags, Invocation, NEEDS_TENANT};
 use crate::control::{self, CallError, Request, Response, Selection};
 
 pub fn run(command: &str, args: &[String]) -> Exit {
@@ -26,10 +26,10 @@ pub fn parse(command: &str, args: &[String]) -> Result<Parsed, String> {
     let mut tenant = None;
     let mut json = false;
     let mut ids = Vec::new();
-    let mut iter = args.iter();
-    while let Some(arg) = iter.next() {
-        match arg.as_str() {
-            "--tenant" => tenant = Some(iter.next().ok_or("--tenant needs a tenant name")?.clone()),
+    let mut flags = Flags::new(args);
+    while let Some(arg) = flags.next() {
+        match arg {
+            "--tenant" => tenant = Some(flags.value_else(NEEDS_TENANT)?),
             "--json" if command == "status" => json = true,
             a if a.starts_with('-') => return Err(format!("unknown option {a}")),
             id if matches!(command, "hold" | "release" | "delete") => ids.push(id.to_string()),

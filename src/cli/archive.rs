@@ -2,7 +2,7 @@
 //! commands. They read (and, for prune, change) the archive directly; the
 //! daemon need not run.
 
-use super::{fail, Exit, Invocation};
+use super::{fail, Exit, Flags, Invocation};
 use crate::archive::verify::{self, Usage};
 use crate::archive::Operator;
 use crate::config::Config;
@@ -43,14 +43,13 @@ struct Options {
 impl Options {
     fn parse(args: &[String]) -> Result<Options, String> {
         let mut o = Options::default();
-        let mut iter = args.iter();
-        while let Some(arg) = iter.next() {
-            let mut value = || iter.next().cloned().ok_or(format!("{arg} needs a value"));
-            match arg.as_str() {
-                "--tenant" => o.tenant = Some(value()?),
-                "--before" => o.before = Some(value()?),
-                "--month" => o.month = Some(month(&value()?)?),
-                "--format" => o.format = Some(value()?),
+        let mut flags = Flags::new(args);
+        while let Some(arg) = flags.next() {
+            match arg {
+                "--tenant" => o.tenant = Some(flags.value()?),
+                "--before" => o.before = Some(flags.value()?),
+                "--month" => o.month = Some(month(&flags.value()?)?),
+                "--format" => o.format = Some(flags.value()?),
                 "--json" => o.json = true,
                 other => return Err(format!("unknown argument '{other}'")),
             }

@@ -96,6 +96,9 @@ pub fn run(args: Vec<String>) -> Exit {
     }
 }
 
+/// The refusal of a `--tenant` given last, without its name.
+const NEEDS_TENANT: &str = "--tenant needs a tenant name";
+
 /// One run of a subcommand that reads the configuration. The prelude every
 /// such command shares lives here, once: `-c FILE` / `--config FILE` taken
 /// out of the arguments, the rest handed to the command's own parser, the
@@ -185,6 +188,44 @@ impl Invocation {
         let text = serde_json::to_string_pretty(value).map_err(|e| self.fail(Exit::Software, e))?;
         println!("{text}");
         Ok(())
+    }
+}
+
+/// A command's own arguments one at a time, and the value a flag takes
+/// from the argument after it.
+pub(super) struct Flags<'a> {
+    args: std::slice::Iter<'a, String>,
+    /// The argument `next` gave last, for the message when its value is missing.
+    flag: &'a str,
+}
+
+impl<'a> Flags<'a> {
+    pub(super) fn new(args: &'a [String]) -> Self {
+        Flags {
+            args: args.iter(),
+            flag: "",
+        }
+    }
+
+    /// The value of the flag just read; `FLAG needs a value` when none follows.
+    pub(super) fn value(&mut self) -> Result<String, String> {
+        let missing = format!("{} needs a value", self.flag);
+        self.value_else(&missing)
+    }
+
+    /// The value of the flag just read, else the refusal `missing`.
+    pub(super) fn value_else(&mut self, missing: &str) -> Result<String, String> {
+        self.args.next().cloned().ok_or_else(|| missing.to_owned())
+    }
+}
+
+impl<'a> Iterator for Flags<'a> {
+    type Item = &'a str;
+
+    fn next(&mut self) -> Option<&'a str> {
+        let arg = self.args.next()?;
+        self.flag = arg;
+        Some(arg)
     }
 }
 

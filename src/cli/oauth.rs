@@ -6,7 +6,7 @@
 //! else the device grant) unless `--flow` names one; the grants themselves
 //! are in `crate::oauth`.
 
-use super::{Exit, Invocation};
+use super::{Exit, Flags, Invocation};
 use crate::config::AuthMode;
 use crate::oauth::{self, Endpoints, LoginFlow, OAuthError};
 
@@ -70,16 +70,15 @@ fn failure_text(e: &OAuthError, tenant: &str) -> String {
 
 /// `login --tenant T [--flow device|code]`, options in any order.
 fn parse_login_args(args: &[String]) -> Result<(String, Option<LoginFlow>), String> {
-    let mut iter = args.iter();
-    if iter.next().map(String::as_str) != Some("login") {
+    let mut flags = Flags::new(args);
+    if flags.next() != Some("login") {
         return Err("the only subcommand is login".into());
     }
     let (mut tenant, mut flow) = (None, None);
-    while let Some(arg) = iter.next() {
-        let mut value = || iter.next().ok_or(format!("{arg} needs a value"));
-        match arg.as_str() {
-            "--tenant" if tenant.is_none() => tenant = Some(value()?.clone()),
-            "--flow" if flow.is_none() => flow = Some(LoginFlow::parse(value()?)?),
+    while let Some(arg) = flags.next() {
+        match arg {
+            "--tenant" if tenant.is_none() => tenant = Some(flags.value()?),
+            "--flow" if flow.is_none() => flow = Some(LoginFlow::parse(&flags.value()?)?),
             other => return Err(format!("unexpected argument {other:?}")),
         }
     }

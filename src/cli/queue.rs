@@ -1,7 +1,7 @@
 //! `pbxmail queue` / `mailq`: lists the spool directly, so it works with the
 //! daemon stopped. `--json` gives the interface's shape.
 
-use super::{Exit, Invocation};
+use super::{Exit, Flags, Invocation, NEEDS_TENANT};
 use crate::spool::envelope::RcptStatus;
 use crate::spool::Spool;
 use crate::time::rfc3339;
@@ -62,13 +62,11 @@ struct Options {
 impl Options {
     fn parse(args: &[String]) -> Result<Options, String> {
         let mut o = Options::default();
-        let mut iter = args.iter();
-        while let Some(arg) = iter.next() {
-            match arg.as_str() {
+        let mut flags = Flags::new(args);
+        while let Some(arg) = flags.next() {
+            match arg {
                 "--json" => o.json = true,
-                "--tenant" => {
-                    o.tenant = Some(iter.next().ok_or("--tenant needs a tenant name")?.clone())
-                }
+                "--tenant" => o.tenant = Some(flags.value_else(NEEDS_TENANT)?),
                 other => return Err(format!("unknown argument '{other}'")),
             }
         }
