@@ -35,8 +35,7 @@ fn init_logging(level: log::LevelFilter) {
         if under_journal {
             writeln!(out, "{}: {}", record.level(), record.args())
         } else {
-            let now = crate::spool::unix_millis();
-            let stamp = crate::time::rfc3339(now / 1000);
+            let stamp = crate::time::rfc3339(crate::base::clock::now_secs());
             writeln!(out, "{stamp} {}: {}", record.level(), record.args())
         }
     });
