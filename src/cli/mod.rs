@@ -244,14 +244,14 @@ fn usage_error(command: &str, what: impl Display) -> Exit {
 fn take_config_flag(args: &[String]) -> Result<(PathBuf, Vec<String>), String> {
     let mut path = None;
     let mut rest = Vec::new();
-    let mut iter = args.iter();
-    while let Some(arg) = iter.next() {
-        match arg.as_str() {
+    let mut flags = Flags::new(args);
+    while let Some(arg) = flags.next() {
+        match arg {
             "-c" | "--config" => {
-                let value = iter.next().ok_or(format!("{arg} needs a file name"))?;
+                let value = flags.value_else(&format!("{arg} needs a file name"))?;
                 path = Some(PathBuf::from(value));
             }
-            _ => rest.push(arg.clone()),
+            _ => rest.push(arg.to_owned()),
         }
     }
     Ok((path.unwrap_or_else(config::default_path), rest))
@@ -287,4 +287,69 @@ fn find_tenant<'a>(
 #[cfg(test)]
 fn args(list: &[&str]) -> Vec<String> {
     list.iter().map(|s| s.to_string()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_config_flag_is_taken_out_wherever_it_stands() {
+        let (path, rest) = take_config_flag(&args(&["--json", "-c", "/x.ini", "ID"])).unwrap();
+        assert_eq!(path, PathBuf::from("/x.ini"));
+        assert_eq!(rest, args(&["--json", "ID"]));
+        let (_, rest) = take_config_flag(&args(&["--config", "/y.ini"])).unwrap();
+        assert!(rest.is_empty());
+        assert_eq!(
+            take_config_flag(&args(&["--config"])),
+            Err("--config needs a file name".to_owned())
+        );
+    }
+
+    #[test]
+    fn a_flag_without_its_value_is_named_in_the_refusal() {
+        let list = args(&["--tenant", "acme", "--month"]);
+        let mut flags = Flags::new(&list);
+        assert_eq!(flags.next(), Some("--tenant"));
+        assert_eq!(flags.value(), Ok("acme".to_owned()));
+        assert_eq!(flags.next(), Some("--month"));
+        assert_eq!(flags.value(), Err("--month needs a value".to_owned()));
+        assert_eq!(flags.next(), None);
+        let list = args(&["--tenant"]);
+        let mut flags = Flags::new(&list);
+        flags.next();
+        assert_eq!(flags.value_else(NEEDS_TENANT), Err(NEEDS_TENANT.to_owned()));
+    }
+
+    #[test]
+    fn the_prelude_gives_usage_for_bad_arguments_and_the_body_its_own_code() {
+        let ran = |list: &[&str]| {
+            Invocation::run("fsck", &args(list), |cmd| {
+                cmd.no_arguments()?;
+                Ok(Exit::Problems)
+            })
+        };
+        assert_eq!(ran(&["-c"]), Exit::Usage);
+        assert_eq!(ran(&["-c", "/x.ini", "extra"]), Exit::Usage);
+        assert_eq!(ran(&["-c", "/x.ini"]), Exit::Problems);
+        let parsed = Invocation::run("queue", &args(&["--bogus"]), |cmd| {
+            cmd.parse(|rest| Err::<(), _>(format!("unknown argument '{}'", rest[0])))?;
+            Ok(Exit::Ok)
+        });
+        assert_eq!(parsed, Exit::Usage);
+    }
+
+    #[test]
+    fn a_missing_config_file_is_a_config_error() {
+        let missing = std::env::temp_dir().join(format!(
+            "pbxmail-cli-{}-absent/pbxmail.ini",
+            std::process::id()
+        ));
+        let code = Invocation::run(
+            "check-config",
+            &args(&["-c", missing.to_str().unwrap()]),
+            |cmd| cmd.config().map(|_| Exit::Ok),
+        );
+        assert_eq!(code, Exit::Config);
+    }
 }
