@@ -403,3 +403,77 @@ pub(super) fn read_password_file(path: &Path) -> Result<Secret, String> {
     }
     Ok(Secret::new(password.to_owned()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_with_units_scale_and_say_what_is_wrong() {
+        assert_eq!(parse_duration(" 5M "), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_size("25M"), Ok(25 << 20));
+        assert_eq!(parse_size("512kb"), Ok(512 << 10));
+        assert_eq!(parse_size("100"), Ok(100));
+        let size_hint = "write bytes or a number with K, M or G, e.g. 512K, 25M";
+        assert_eq!(
+            parse_size("big"),
+            Err(format!("\"big\" is not a size; {size_hint}"))
+        );
+        assert_eq!(
+            parse_size("3x"),
+            Err(format!("\"3x\" has an unknown unit \"x\"; {size_hint}"))
+        );
+        let duration_hint = "write a number and a unit: 30s, 5m, 2h or 5d";
+        assert_eq!(
+            parse_duration("30"),
+            Err(format!("\"30\" has no unit; {duration_hint}"))
+        );
+        assert_eq!(
+            parse_duration("2w"),
+            Err(format!("\"2w\" has an unknown unit \"w\"; {duration_hint}"))
+        );
+        assert_eq!(
+            parse_duration("99999999999999999999d"),
+            Err("\"99999999999999999999d\" is too large".to_owned())
+        );
+        assert_eq!(
+            parse_size("20000000T"),
+            Err("\"20000000T\" is too large".to_owned())
+        );
+    }
+
+    #[test]
+    fn keywords_match_in_any_case_and_list_the_choices() {
+        assert_eq!(parse_bool(" On "), Ok(true));
+        assert_eq!(parse_bool("FALSE"), Ok(false));
+        assert_eq!(parse_tls("StartTLS"), Ok(TlsMode::StartTls));
+        assert_eq!(parse_auth("XOAUTH2"), Ok(AuthMode::XOAuth2));
+        assert_eq!(parse_provider("Gmail"), Ok(Provider::Gmail));
+        assert_eq!(parse_log_level("warn"), Ok(log::LevelFilter::Warn));
+        assert_eq!(
+            parse_tls(" ssl "),
+            Err(
+                "\"ssl\" is not a TLS mode; write starttls (port 587), implicit (port 465) or none"
+                    .to_owned()
+            )
+        );
+        assert_eq!(
+            parse_auth("cram"),
+            Err(
+                "\"cram\" is not an auth mode; write auto, plain, login, xoauth2 or none"
+                    .to_owned()
+            )
+        );
+        assert_eq!(
+            parse_provider("yahoo"),
+            Err("\"yahoo\" is not a known provider; write office365, gmail, or leave it empty and set relay".to_owned())
+        );
+        assert_eq!(
+            parse_log_level("loud"),
+            Err(
+                "\"loud\" is not a log level; write off, error, warn, info, debug or trace"
+                    .to_owned()
+            )
+        );
+    }
+}
