@@ -249,13 +249,17 @@ mod tests {
         }
     }
 
+    /// A record cut off mid-line, as a crash during its write leaves it.
+    fn tear(path: &Path) {
+        let mut f = OpenOptions::new().append(true).open(path).unwrap();
+        f.write_all(b"99 deadbeef {\"seq\":2").unwrap();
+    }
+
     #[test]
     fn a_torn_tail_is_cut_before_the_next_record() {
         let (dir, path) = temp_journal("torn");
         append(&path, archived(1), 10).unwrap();
-        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
-        f.write_all(b"99 deadbeef {\"seq\":2").unwrap();
-        drop(f);
+        tear(&path);
         let next = append(&path, archived(3), 12).unwrap();
         assert_eq!(next.seq, 2);
         let records = read_all(&path).unwrap();
@@ -335,9 +339,7 @@ mod tests {
     fn a_torn_final_record_is_reported_as_damaged() {
         let (dir, path) = temp_journal("tornread");
         append(&path, archived(1), 10).unwrap();
-        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
-        f.write_all(b"99 deadbeef {\"seq\":2").unwrap();
-        drop(f);
+        tear(&path);
         let records = read_all(&path).unwrap();
         assert!(matches!(records[0], Line::Record(_)));
         assert!(matches!(records[1], Line::Damaged { line: 2, .. }));

@@ -212,10 +212,68 @@ fn message_id_header(path: &Path) -> Option<String> {
         })
 }
 
+/// A spool and an archive under one temp folder, for this module's tests.
 #[cfg(test)]
-mod tests {
+pub(crate) mod fixture {
     use super::*;
     use std::io::Write;
+
+    pub(crate) struct Scene {
+        pub(crate) base: PathBuf,
+        pub(crate) spool: Spool,
+        pub(crate) policy: Policy,
+    }
+
+    impl Scene {
+        /// Fresh folders named for the test (`pbxmail-NAME-PID`).
+        pub(crate) fn new(name: &str) -> Scene {
+            let base = std::env::temp_dir().join(format!("pbxmail-{name}-{}", std::process::id()));
+            let _ = fs::remove_dir_all(&base);
+            let spool = Spool::new(&base.join("spool"));
+            spool.create_layout().unwrap();
+            let policy = Policy {
+                root: base.join("archive"),
+                users: None,
+                group: None,
+                hostname: "pbx".into(),
+            };
+            Scene {
+                base,
+                spool,
+                policy,
+            }
+        }
+
+        /// Queues `message` for tenant acme from extension 101 and archives it.
+        pub(crate) fn archive(&self, message: &[u8]) -> MessageId {
+            let mut sub = self.spool.begin_submission().unwrap();
+            sub.write_all(message).unwrap();
+            let id = sub
+                .commit("acme", "101@acme.example", &["a@x.example".into()])
+                .unwrap();
+            self.archive_again(&id);
+            id
+        }
+
+        /// Archives a queued message once more, as a retry would.
+        pub(crate) fn archive_again(&self, id: &MessageId) {
+            self.policy
+                .archive(&self.spool, "acme", id, "101", 1)
+                .unwrap();
+        }
+    }
+
+    impl Drop for Scene {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.base);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixture::Scene;
+    use super::*;
 
     #[test]
     fn users_are_extensions_and_safe_folder_names() {
@@ -227,24 +285,10 @@ mod tests {
 
     #[test]
     fn archiving_twice_keeps_one_copy_and_one_record() {
-        let base = std::env::temp_dir().join(format!("pbxmail-archive-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&base);
-        let spool = Spool::new(&base.join("spool"));
-        spool.create_layout().unwrap();
-        let mut sub = spool.begin_submission().unwrap();
-        sub.write_all(b"Message-ID: <m1@x>\r\nSubject: vm\r\n\r\nbody\r\n")
-            .unwrap();
-        let id = sub
-            .commit("acme", "101@acme.example", &["a@x.example".into()])
-            .unwrap();
-        let policy = Policy {
-            root: base.join("archive"),
-            users: None,
-            group: None,
-            hostname: "pbx".into(),
-        };
-        policy.archive(&spool, "acme", &id, "101", 1).unwrap();
-        policy.archive(&spool, "acme", &id, "101", 1).unwrap();
+        let scene = Scene::new("archive");
+        let (base, policy) = (&scene.base, &scene.policy);
+        let id = scene.archive(b"Message-ID: <m1@x>\r\nSubject: vm\r\n\r\nbody\r\n");
+        scene.archive_again(&id);
         let files: Vec<_> = fs::read_dir(base.join("archive/acme/101/new"))
             .unwrap()
             .collect();
@@ -256,35 +300,19 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o7777, 0o2750);
-        let _ = fs::remove_dir_all(&base);
     }
 
     /// The old check read only the journal's last 256 KiB: a retry after
     /// that much more archiving journaled the message a second time.
     #[test]
     fn a_retry_after_a_long_journal_adds_no_second_record() {
-        let base =
-            std::env::temp_dir().join(format!("pbxmail-archive-long-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&base);
-        let spool = Spool::new(&base.join("spool"));
-        spool.create_layout().unwrap();
-        let mut sub = spool.begin_submission().unwrap();
-        sub.write_all(b"Message-ID: <m1@x>\r\n\r\nbody\r\n")
-            .unwrap();
-        let id = sub
-            .commit("acme", "101@acme.example", &["a@x.example".into()])
-            .unwrap();
-        let policy = Policy {
-            root: base.join("archive"),
-            users: None,
-            group: None,
-            hostname: "pbx".into(),
-        };
-        let journal = journal_path(&policy.root, "acme");
-        policy.archive(&spool, "acme", &id, "101", 1).unwrap();
+        let scene = Scene::new("archive-long");
+        let base = &scene.base;
+        let journal = journal_path(&scene.policy.root, "acme");
+        let id = scene.archive(b"Message-ID: <m1@x>\r\n\r\nbody\r\n");
         journal::pad(&journal, 2000).unwrap();
         assert!(fs::metadata(&journal).unwrap().len() > 512 * 1024);
-        policy.archive(&spool, "acme", &id, "101", 1).unwrap();
+        scene.archive_again(&id);
         let records = journal::read_all(&journal).unwrap();
         assert_eq!(records.len(), 2001);
         let ours = records
@@ -304,6 +332,5 @@ mod tests {
                 .count(),
             1
         );
-        let _ = fs::remove_dir_all(&base);
     }
 }

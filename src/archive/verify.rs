@@ -333,30 +333,14 @@ pub fn usage(root: &Path, tenant: &str, month: Option<&str>) -> io::Result<Vec<U
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::archive::Policy;
-    use crate::spool::Spool;
-    use std::io::Write;
+    use crate::archive::fixture::Scene;
 
     #[test]
     fn a_prune_interrupted_after_its_record_verifies_clean_and_finishes_when_run_again() {
-        let base = std::env::temp_dir().join(format!("pbxmail-prune-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&base);
-        let spool = Spool::new(&base.join("spool"));
-        spool.create_layout().unwrap();
-        let root = base.join("archive");
-        let policy = Policy {
-            root: root.clone(),
-            users: None,
-            group: None,
-            hostname: "pbx".into(),
-        };
+        let scene = Scene::new("prune");
+        let root = scene.policy.root.clone();
         for n in 0..2 {
-            let mut sub = spool.begin_submission().unwrap();
-            write!(sub, "Message-ID: <p{n}@x>\r\n\r\nbody\r\n").unwrap();
-            let id = sub
-                .commit("acme", "101@acme.example", &["a@x.example".into()])
-                .unwrap();
-            policy.archive(&spool, "acme", &id, "101", 1).unwrap();
+            scene.archive(format!("Message-ID: <p{n}@x>\r\n\r\nbody\r\n").as_bytes());
         }
         let by = Operator {
             uid: 4242,
@@ -410,6 +394,5 @@ mod tests {
             3
         );
         assert!(verify(&root, "acme").unwrap().is_empty());
-        let _ = fs::remove_dir_all(&base);
     }
 }

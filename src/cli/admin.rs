@@ -1,39 +1,19 @@
 //! `pbxmail status | flush | hold | release | delete | reload`: talk to the
 //! running daemon over its control socket. Exit 69 when it is not running.
 
-use super::{load_config, take_config_flag, Exit};
+use super::{Exit, Flags, Invocation, NEEDS_TENANT};
 use crate::control::{self, CallError, Request, Response, Selection};
 
 pub fn run(command: &str, args: &[String]) -> Exit {
-    let (path, rest) = match take_config_flag(args) {
-        Ok(v) => v,
-        Err(e) => {
-            eprintln!("pbxmail {command}: {e}");
-            return Exit::Usage;
+    Invocation::run(command, args, |cmd| {
+        let parsed = cmd.parse(|rest| parse(command, rest))?;
+        let config = cmd.config()?;
+        match control::call(&config.daemon.control_socket, &parsed.request) {
+            Ok(response) => report(cmd, command, parsed.json, &response),
+            Err(e @ CallError::NotRunning(_)) => Err(cmd.fail(Exit::Unavailable, e)),
+            Err(e) => Err(cmd.fail(Exit::TempFail, e)),
         }
-    };
-    let parsed = match parse(command, &rest) {
-        Ok(parsed) => parsed,
-        Err(e) => {
-            eprintln!("pbxmail {command}: {e}");
-            return Exit::Usage;
-        }
-    };
-    let config = match load_config(&path) {
-        Ok(config) => config,
-        Err(code) => return code,
-    };
-    match control::call(&config.daemon.control_socket, &parsed.request) {
-        Ok(response) => report(command, parsed.json, &response),
-        Err(e @ CallError::NotRunning(_)) => {
-            eprintln!("pbxmail {command}: {e}");
-            Exit::Unavailable
-        }
-        Err(e) => {
-            eprintln!("pbxmail {command}: {e}");
-            Exit::TempFail
-        }
-    }
+    })
 }
 
 pub struct Parsed {
@@ -46,10 +26,10 @@ pub fn parse(command: &str, args: &[String]) -> Result<Parsed, String> {
     let mut tenant = None;
     let mut json = false;
     let mut ids = Vec::new();
-    let mut iter = args.iter();
-    while let Some(arg) = iter.next() {
-        match arg.as_str() {
-            "--tenant" => tenant = Some(iter.next().ok_or("--tenant needs a tenant name")?.clone()),
+    let mut flags = Flags::new(args);
+    while let Some(arg) = flags.next() {
+        match arg {
+            "--tenant" => tenant = Some(flags.value_else(NEEDS_TENANT)?),
             "--json" if command == "status" => json = true,
             a if a.starts_with('-') => return Err(format!("unknown option {a}")),
             id if matches!(command, "hold" | "release" | "delete") => ids.push(id.to_string()),
@@ -82,28 +62,19 @@ pub fn parse(command: &str, args: &[String]) -> Result<Parsed, String> {
     Ok(Parsed { request, json })
 }
 
-fn report(command: &str, json: bool, response: &Response) -> Exit {
+fn report(cmd: &Invocation, command: &str, json: bool, response: &Response) -> Result<Exit, Exit> {
     if !response.ok {
-        eprintln!(
-            "pbxmail {command}: {}",
-            response.error.as_deref().unwrap_or("refused")
-        );
         // The daemon refuses a reload only for an invalid configuration.
-        return if command == "reload" {
+        let code = if command == "reload" {
             Exit::Config
         } else {
             Exit::DataErr
         };
+        return Err(cmd.fail(code, response.error.as_deref().unwrap_or("refused")));
     }
     let result = response.result.clone().unwrap_or_default();
     match command {
-        "status" if json => match serde_json::to_string_pretty(&result) {
-            Ok(text) => println!("{text}"),
-            Err(e) => {
-                eprintln!("pbxmail status: {e}");
-                return Exit::Software;
-            }
-        },
+        "status" if json => cmd.print_json(&result)?,
         "status" => print_status(&result),
         "reload" => println!("configuration reloaded: {} tenants", result["tenants"]),
         "flush" => println!("retrying deferred mail now"),
@@ -114,7 +85,7 @@ fn report(command: &str, json: bool, response: &Response) -> Exit {
                 .map_or("all".into(), |n| n.to_string())
         ),
     }
-    Exit::Ok
+    Ok(Exit::Ok)
 }
 
 fn print_status(result: &serde_json::Value) {
@@ -146,10 +117,7 @@ fn print_status(result: &serde_json::Value) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn args(list: &[&str]) -> Vec<String> {
-        list.iter().map(|s| s.to_string()).collect()
-    }
+    use crate::cli::args;
 
     #[test]
     fn ids_or_a_tenant_never_both() {

@@ -2,42 +2,32 @@
 //! commands. They read (and, for prune, change) the archive directly; the
 //! daemon need not run.
 
-use super::{load_config, take_config_flag, Exit};
+use super::{fail, Exit, Flags, Invocation};
 use crate::archive::verify::{self, Usage};
 use crate::archive::Operator;
 use crate::config::Config;
 
 pub fn run(args: &[String]) -> Exit {
-    let (path, rest) = match take_config_flag(args) {
-        Ok(v) => v,
-        Err(e) => {
-            eprintln!("pbxmail archive: {e}");
-            return Exit::Usage;
-        }
-    };
-    let Some((action, rest)) = rest.split_first() else {
+    Invocation::run("archive", args, archive)
+}
+
+fn archive(cmd: &Invocation) -> Result<Exit, Exit> {
+    let Some((action, rest)) = cmd.rest().split_first() else {
         eprintln!("usage: pbxmail archive verify|prune|usage [options]");
-        return Exit::Usage;
+        return Err(Exit::Usage);
     };
-    let options = match Options::parse(rest) {
-        Ok(options) => options,
-        Err(e) => {
-            eprintln!("pbxmail archive {action}: {e}");
-            return Exit::Usage;
-        }
-    };
-    let config = match load_config(&path) {
-        Ok(config) => config,
-        Err(code) => return code,
-    };
+    // What the action's own messages are prefixed with.
+    let name = format!("archive {action}");
+    let options = Options::parse(rest).map_err(|e| fail(&name, Exit::Usage, e))?;
+    let config = cmd.config()?;
     match action.as_str() {
-        "verify" => verify_all(&config, &options),
-        "prune" => prune(&config, &options),
-        "usage" => usage(&config, &options),
-        other => {
-            eprintln!("pbxmail archive: unknown action '{other}' (verify, prune, usage)");
-            Exit::Usage
-        }
+        "verify" => verify_all(&name, &config, &options),
+        "prune" => prune(&name, &config, &options),
+        "usage" => usage(&name, &config, &options),
+        other => Err(cmd.fail(
+            Exit::Usage,
+            format!("unknown action '{other}' (verify, prune, usage)"),
+        )),
     }
 }
 
@@ -53,14 +43,13 @@ struct Options {
 impl Options {
     fn parse(args: &[String]) -> Result<Options, String> {
         let mut o = Options::default();
-        let mut iter = args.iter();
-        while let Some(arg) = iter.next() {
-            let mut value = || iter.next().cloned().ok_or(format!("{arg} needs a value"));
-            match arg.as_str() {
-                "--tenant" => o.tenant = Some(value()?),
-                "--before" => o.before = Some(value()?),
-                "--month" => o.month = Some(month(&value()?)?),
-                "--format" => o.format = Some(value()?),
+        let mut flags = Flags::new(args);
+        while let Some(arg) = flags.next() {
+            match arg {
+                "--tenant" => o.tenant = Some(flags.value()?),
+                "--before" => o.before = Some(flags.value()?),
+                "--month" => o.month = Some(month(&flags.value()?)?),
+                "--format" => o.format = Some(flags.value()?),
                 "--json" => o.json = true,
                 other => return Err(format!("unknown argument '{other}'")),
             }
@@ -88,15 +77,20 @@ fn month(text: &str) -> Result<String, String> {
     }
 }
 
-/// The tenants to act on: one named, or every tenant with an archive folder or `archive = yes`.
-fn tenants(config: &Config, only: Option<&str>) -> Result<Vec<String>, String> {
+/// The tenants to act on: one named, or every tenant with an archive folder
+/// or `archive = yes`. An unknown name is `action`'s usage error.
+fn tenants(action: &str, config: &Config, only: Option<&str>) -> Result<Vec<String>, Exit> {
     if let Some(name) = only {
         let known = config.tenants.iter().any(|t| t.name.as_str() == name)
             || config.daemon.archive_dir.join(name).is_dir();
         return if known {
             Ok(vec![name.to_string()])
         } else {
-            Err(format!("no tenant named {name:?}"))
+            Err(fail(
+                action,
+                Exit::Usage,
+                format!("no tenant named {name:?}"),
+            ))
         };
     }
     let mut names: Vec<String> = config
@@ -118,14 +112,8 @@ fn tenants(config: &Config, only: Option<&str>) -> Result<Vec<String>, String> {
     Ok(names)
 }
 
-fn verify_all(config: &Config, options: &Options) -> Exit {
-    let names = match tenants(config, options.tenant.as_deref()) {
-        Ok(names) => names,
-        Err(e) => {
-            eprintln!("pbxmail archive verify: {e}");
-            return Exit::Usage;
-        }
-    };
+fn verify_all(name: &str, config: &Config, options: &Options) -> Result<Exit, Exit> {
+    let names = tenants(name, config, options.tenant.as_deref())?;
     let root = &config.daemon.archive_dir;
     let mut report = Vec::new();
     let mut problems = 0;
@@ -143,30 +131,30 @@ fn verify_all(config: &Config, options: &Options) -> Exit {
                 }
                 report.push(serde_json::json!({ "tenant": tenant, "findings": findings }));
             }
-            Err(e) => {
-                eprintln!("pbxmail archive verify: {tenant}: {e}");
-                return Exit::TempFail;
-            }
+            Err(e) => return Err(fail(name, Exit::TempFail, format!("{tenant}: {e}"))),
         }
     }
     if options.json {
         println!("{}", serde_json::Value::Array(report));
     }
-    if problems == 0 {
+    Ok(if problems == 0 {
         Exit::Ok
     } else {
         Exit::Problems
-    }
+    })
 }
 
-fn prune(config: &Config, options: &Options) -> Exit {
+fn prune(name: &str, config: &Config, options: &Options) -> Result<Exit, Exit> {
     let (Some(tenant), Some(before)) = (&options.tenant, &options.before) else {
         eprintln!("usage: pbxmail archive prune --tenant T --before YYYY-MM-DD");
-        return Exit::Usage;
+        return Err(Exit::Usage);
     };
     let Some(cutoff) = crate::time::parse_date(before) else {
-        eprintln!("pbxmail archive prune: --before {before:?} is not a date (YYYY-MM-DD)");
-        return Exit::Usage;
+        return Err(fail(
+            name,
+            Exit::Usage,
+            format!("--before {before:?} is not a date (YYYY-MM-DD)"),
+        ));
     };
     let by = Operator::current();
     match verify::prune(&config.daemon.archive_dir, tenant, cutoff, before, &by) {
@@ -186,32 +174,19 @@ fn prune(config: &Config, options: &Options) -> Exit {
                 ));
             }
             println!("{line}");
-            Exit::Ok
+            Ok(Exit::Ok)
         }
-        Err(e) => {
-            eprintln!("pbxmail archive prune: {tenant}: {e}");
-            Exit::TempFail
-        }
+        Err(e) => Err(fail(name, Exit::TempFail, format!("{tenant}: {e}"))),
     }
 }
 
-fn usage(config: &Config, options: &Options) -> Exit {
-    let names = match tenants(config, options.tenant.as_deref()) {
-        Ok(names) => names,
-        Err(e) => {
-            eprintln!("pbxmail archive usage: {e}");
-            return Exit::Usage;
-        }
-    };
+fn usage(name: &str, config: &Config, options: &Options) -> Result<Exit, Exit> {
+    let names = tenants(name, config, options.tenant.as_deref())?;
     let mut rows: Vec<Usage> = Vec::new();
     for tenant in &names {
-        match verify::usage(&config.daemon.archive_dir, tenant, options.month.as_deref()) {
-            Ok(found) => rows.extend(found),
-            Err(e) => {
-                eprintln!("pbxmail archive usage: {tenant}: {e}");
-                return Exit::TempFail;
-            }
-        }
+        let found = verify::usage(&config.daemon.archive_dir, tenant, options.month.as_deref())
+            .map_err(|e| fail(name, Exit::TempFail, format!("{tenant}: {e}")))?;
+        rows.extend(found);
     }
     let total_messages: u64 = rows.iter().map(|r| r.messages).sum();
     let total_bytes: u64 = rows.iter().map(|r| r.bytes).sum();
@@ -231,9 +206,12 @@ fn usage(config: &Config, options: &Options) -> Exit {
             println!("TOTAL,,,{total_messages},{total_bytes}");
         }
         other => {
-            eprintln!("pbxmail archive usage: --format {other:?}: use csv or json");
-            return Exit::Usage;
+            return Err(fail(
+                name,
+                Exit::Usage,
+                format!("--format {other:?}: use csv or json"),
+            ))
         }
     }
-    Exit::Ok
+    Ok(Exit::Ok)
 }

@@ -1,33 +1,24 @@
 //! `pbxmail daemon`: sets up logging and runs the daemon in the foreground.
 
-use super::{load_config, take_config_flag, Exit};
+use super::{Exit, Invocation};
 use std::io::Write;
 
 pub fn run(args: &[String]) -> Exit {
-    let (path, rest) = match take_config_flag(args) {
-        Ok(v) => v,
-        Err(e) => {
-            eprintln!("pbxmail daemon: {e}");
-            return Exit::Usage;
-        }
-    };
-    if let Some(extra) = rest.first() {
-        eprintln!("pbxmail daemon: unexpected argument '{extra}'");
-        return Exit::Usage;
-    }
-    let config = match load_config(&path) {
-        Ok(config) => config,
-        Err(code) => return code,
-    };
+    Invocation::run("daemon", args, daemon)
+}
+
+fn daemon(cmd: &Invocation) -> Result<Exit, Exit> {
+    cmd.no_arguments()?;
+    let config = cmd.config()?;
     init_logging(config.daemon.log_level);
     for warning in &config.warnings {
         log::warn!("{warning}");
     }
     match crate::daemon::run(config) {
-        Ok(()) => Exit::Ok,
+        Ok(()) => Ok(Exit::Ok),
         Err(e) => {
             log::error!("{e}");
-            Exit::Software
+            Ok(Exit::Software)
         }
     }
 }
@@ -44,8 +35,7 @@ fn init_logging(level: log::LevelFilter) {
         if under_journal {
             writeln!(out, "{}: {}", record.level(), record.args())
         } else {
-            let now = crate::spool::unix_millis();
-            let stamp = crate::time::rfc3339(now / 1000);
+            let stamp = crate::time::rfc3339(crate::base::clock::now_secs());
             writeln!(out, "{stamp} {}: {}", record.level(), record.args())
         }
     });

@@ -2,7 +2,7 @@
 //! their CRC32C, the message file's SHA-256), moves damaged entries and stray
 //! files to quarantine, never deletes. Exit 1 when it found problems.
 
-use super::{load_config, take_config_flag, Exit};
+use super::{Exit, Invocation};
 use crate::spool::Spool;
 use serde::Serialize;
 
@@ -25,43 +25,17 @@ struct Finding {
 }
 
 pub fn run(args: &[String]) -> Exit {
-    let (path, rest) = match take_config_flag(args) {
-        Ok(v) => v,
-        Err(e) => {
-            eprintln!("pbxmail fsck: {e}");
-            return Exit::Usage;
-        }
-    };
-    let mut json = false;
-    for arg in &rest {
-        match arg.as_str() {
-            "--json" => json = true,
-            other => {
-                eprintln!("pbxmail fsck: unknown argument '{other}'");
-                return Exit::Usage;
-            }
-        }
-    }
-    let config = match load_config(&path) {
-        Ok(config) => config,
-        Err(code) => return code,
-    };
+    Invocation::run("fsck", args, fsck)
+}
+
+fn fsck(cmd: &Invocation) -> Result<Exit, Exit> {
+    let json = cmd.parse(parse)?;
+    let config = cmd.config()?;
     let spool = Spool::new(&config.daemon.spool_dir);
-    let report = match check(&spool) {
-        Ok(report) => report,
-        Err(e) => {
-            eprintln!("pbxmail fsck: cannot read the spool: {e}");
-            return Exit::TempFail;
-        }
-    };
+    let report = check(&spool)
+        .map_err(|e| cmd.fail(Exit::TempFail, format!("cannot read the spool: {e}")))?;
     if json {
-        match serde_json::to_string_pretty(&report) {
-            Ok(text) => println!("{text}"),
-            Err(e) => {
-                eprintln!("pbxmail fsck: {e}");
-                return Exit::Software;
-            }
-        }
+        cmd.print_json(&report)?;
     } else {
         for f in &report.quarantined {
             println!("quarantined {} {}: {}", f.tenant, f.id, f.reason);
@@ -74,11 +48,23 @@ pub fn run(args: &[String]) -> Exit {
             report.already_quarantined
         );
     }
-    if report.quarantined.is_empty() {
+    Ok(if report.quarantined.is_empty() {
         Exit::Ok
     } else {
         Exit::Problems
+    })
+}
+
+/// `[--json]`: whether the report is JSON.
+fn parse(args: &[String]) -> Result<bool, String> {
+    let mut json = false;
+    for arg in args {
+        match arg.as_str() {
+            "--json" => json = true,
+            other => return Err(format!("unknown argument '{other}'")),
+        }
     }
+    Ok(json)
 }
 
 fn check(spool: &Spool) -> Result<Report, crate::spool::SpoolError> {

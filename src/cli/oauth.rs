@@ -6,38 +6,26 @@
 //! else the device grant) unless `--flow` names one; the grants themselves
 //! are in `crate::oauth`.
 
-use super::{load_config, take_config_flag, Exit};
+use super::{Exit, Flags, Invocation};
 use crate::config::AuthMode;
 use crate::oauth::{self, Endpoints, LoginFlow, OAuthError};
 
 const USAGE: &str = "usage: pbxmail oauth login --tenant T [--flow device|code] [-c FILE]";
 
 pub fn run(args: &[String]) -> Exit {
-    let (path, rest) = match take_config_flag(args) {
-        Ok(v) => v,
-        Err(e) => {
-            eprintln!("pbxmail oauth: {e}");
-            return Exit::Usage;
-        }
-    };
-    let (tenant_name, flow) = match parse_login_args(&rest) {
-        Ok(v) => v,
-        Err(e) => {
-            eprintln!("pbxmail oauth: {e}\n{USAGE}");
-            return Exit::Usage;
-        }
-    };
-    let config = match load_config(&path) {
-        Ok(config) => config,
-        Err(code) => return code,
-    };
-    let tenant = match super::find_tenant(&config, &tenant_name, "oauth") {
-        Ok(tenant) => tenant,
-        Err(code) => return code,
-    };
+    Invocation::run("oauth", args, login)
+}
+
+fn login(cmd: &Invocation) -> Result<Exit, Exit> {
+    let (tenant_name, flow) =
+        cmd.parse(|rest| parse_login_args(rest).map_err(|e| format!("{e}\n{USAGE}")))?;
+    let config = cmd.config()?;
+    let tenant = cmd.tenant(&config, &tenant_name)?;
     if tenant.auth != AuthMode::XOAuth2 {
-        eprintln!("pbxmail oauth: tenant {tenant_name} does not use auth = xoauth2");
-        return Exit::Config;
+        return Err(cmd.fail(
+            Exit::Config,
+            format!("tenant {tenant_name} does not use auth = xoauth2"),
+        ));
     }
     let result = Endpoints::for_tenant(tenant).and_then(|endpoints| {
         let flow = match flow {
@@ -57,17 +45,14 @@ pub fn run(args: &[String]) -> Exit {
             ),
         }
     });
-    match result {
-        Ok(()) => Exit::Ok,
-        Err(e) => {
-            eprintln!("pbxmail oauth: {}", failure_text(&e, &tenant_name));
-            match e {
-                OAuthError::Config(_) => Exit::Config,
-                OAuthError::Temporary(_) => Exit::TempFail,
-                OAuthError::SignInNeeded(_) | OAuthError::Denied(_) => Exit::DataErr,
-            }
-        }
-    }
+    result.map(|()| Exit::Ok).map_err(|e| {
+        let code = match e {
+            OAuthError::Config(_) => Exit::Config,
+            OAuthError::Temporary(_) => Exit::TempFail,
+            OAuthError::SignInNeeded(_) | OAuthError::Denied(_) => Exit::DataErr,
+        };
+        cmd.fail(code, failure_text(&e, &tenant_name))
+    })
 }
 
 /// What the admin reads when the sign-in fails. The error's own text is the
@@ -85,16 +70,15 @@ fn failure_text(e: &OAuthError, tenant: &str) -> String {
 
 /// `login --tenant T [--flow device|code]`, options in any order.
 fn parse_login_args(args: &[String]) -> Result<(String, Option<LoginFlow>), String> {
-    let mut iter = args.iter();
-    if iter.next().map(String::as_str) != Some("login") {
+    let mut flags = Flags::new(args);
+    if flags.next() != Some("login") {
         return Err("the only subcommand is login".into());
     }
     let (mut tenant, mut flow) = (None, None);
-    while let Some(arg) = iter.next() {
-        let mut value = || iter.next().ok_or(format!("{arg} needs a value"));
-        match arg.as_str() {
-            "--tenant" if tenant.is_none() => tenant = Some(value()?.clone()),
-            "--flow" if flow.is_none() => flow = Some(LoginFlow::parse(value()?)?),
+    while let Some(arg) = flags.next() {
+        match arg {
+            "--tenant" if tenant.is_none() => tenant = Some(flags.value()?),
+            "--flow" if flow.is_none() => flow = Some(LoginFlow::parse(&flags.value()?)?),
             other => return Err(format!("unexpected argument {other:?}")),
         }
     }
@@ -105,10 +89,7 @@ fn parse_login_args(args: &[String]) -> Result<(String, Option<LoginFlow>), Stri
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn args(list: &[&str]) -> Vec<String> {
-        list.iter().map(|s| s.to_string()).collect()
-    }
+    use crate::cli::args;
 
     #[test]
     fn login_takes_a_tenant_and_an_optional_flow_in_any_order() {

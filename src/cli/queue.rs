@@ -1,7 +1,7 @@
 //! `pbxmail queue` / `mailq`: lists the spool directly, so it works with the
 //! daemon stopped. `--json` gives the interface's shape.
 
-use super::{load_config, take_config_flag, Exit};
+use super::{Exit, Flags, Invocation, NEEDS_TENANT};
 use crate::spool::envelope::RcptStatus;
 use crate::spool::Spool;
 use crate::time::rfc3339;
@@ -26,67 +26,52 @@ struct QueueEntry {
 }
 
 pub fn run(args: &[String]) -> Exit {
-    let (path, rest) = match take_config_flag(args) {
-        Ok(v) => v,
-        Err(e) => {
-            eprintln!("pbxmail queue: {e}");
-            return Exit::Usage;
-        }
-    };
-    let mut json = false;
-    let mut only_tenant = None;
-    let mut iter = rest.iter();
-    while let Some(arg) = iter.next() {
-        match arg.as_str() {
-            "--json" => json = true,
-            "--tenant" => match iter.next() {
-                Some(t) => only_tenant = Some(t.clone()),
-                None => {
-                    eprintln!("pbxmail queue: --tenant needs a tenant name");
-                    return Exit::Usage;
-                }
-            },
-            other => {
-                eprintln!("pbxmail queue: unknown argument '{other}'");
-                return Exit::Usage;
-            }
+    Invocation::run("queue", args, queue)
+}
+
+fn queue(cmd: &Invocation) -> Result<Exit, Exit> {
+    let options = cmd.parse(Options::parse)?;
+    let config = cmd.config()?;
+    let spool = Spool::new(&config.daemon.spool_dir);
+    let mut entries = collect(&spool, options.tenant.as_deref())
+        .map_err(|e| cmd.fail(Exit::TempFail, format!("cannot read the spool: {e}")))?;
+    for entry in &mut entries {
+        entry.tenant_configured = config
+            .tenants
+            .iter()
+            .any(|t| t.name.as_str() == entry.tenant);
+        if !entry.tenant_configured {
+            entry.next_attempt = None;
         }
     }
-    let config = match load_config(&path) {
-        Ok(config) => config,
-        Err(code) => return code,
-    };
-    let spool = Spool::new(&config.daemon.spool_dir);
-    let entries = match collect(&spool, only_tenant.as_deref()) {
-        Ok(mut entries) => {
-            for entry in &mut entries {
-                entry.tenant_configured = config
-                    .tenants
-                    .iter()
-                    .any(|t| t.name.as_str() == entry.tenant);
-                if !entry.tenant_configured {
-                    entry.next_attempt = None;
-                }
-            }
-            entries
-        }
-        Err(e) => {
-            eprintln!("pbxmail queue: cannot read the spool: {e}");
-            return Exit::TempFail;
-        }
-    };
-    if json {
-        match serde_json::to_string_pretty(&entries) {
-            Ok(text) => println!("{text}"),
-            Err(e) => {
-                eprintln!("pbxmail queue: {e}");
-                return Exit::Software;
-            }
-        }
+    if options.json {
+        cmd.print_json(&entries)?;
     } else {
         print_table(&entries);
     }
-    Exit::Ok
+    Ok(Exit::Ok)
+}
+
+/// `[--tenant T] [--json]`.
+#[derive(Default)]
+struct Options {
+    tenant: Option<String>,
+    json: bool,
+}
+
+impl Options {
+    fn parse(args: &[String]) -> Result<Options, String> {
+        let mut o = Options::default();
+        let mut flags = Flags::new(args);
+        while let Some(arg) = flags.next() {
+            match arg {
+                "--json" => o.json = true,
+                "--tenant" => o.tenant = Some(flags.value_else(NEEDS_TENANT)?),
+                other => return Err(format!("unknown argument '{other}'")),
+            }
+        }
+        Ok(o)
+    }
 }
 
 fn collect(

@@ -107,25 +107,33 @@ pub(super) fn daemon_config(sec: &Section, out: &mut Problems) -> DaemonConfig {
     let listen = sec.value(out, "listen", parse_listen);
     let limits = d.listen_limits;
     let listen_limits = ListenLimits {
-        max_message_size: sec
-            .value(out, "listen_max_message_size", parse_size)
-            .unwrap_or(limits.max_message_size),
-        max_recipients: sec
-            .value(out, "listen_max_recipients", parse_messages_per_session)
-            .unwrap_or(limits.max_recipients),
-        idle_timeout: sec
-            .value(out, "listen_idle_timeout", parse_nonzero_duration)
-            .unwrap_or(limits.idle_timeout),
-        max_connections: sec
-            .value(out, "listen_max_connections", parse_messages_per_session)
-            .unwrap_or(limits.max_connections),
+        max_message_size: sec.value_or(
+            out,
+            "listen_max_message_size",
+            parse_size,
+            limits.max_message_size,
+        ),
+        max_recipients: sec.value_or(
+            out,
+            "listen_max_recipients",
+            parse_messages_per_session,
+            limits.max_recipients,
+        ),
+        idle_timeout: sec.value_or(
+            out,
+            "listen_idle_timeout",
+            parse_nonzero_duration,
+            limits.idle_timeout,
+        ),
+        max_connections: sec.value_or(
+            out,
+            "listen_max_connections",
+            parse_messages_per_session,
+            limits.max_connections,
+        ),
     };
-    let retry_min = sec
-        .value(out, "retry_min", parse_nonzero_duration)
-        .unwrap_or(d.retry_min);
-    let retry_max = sec
-        .value(out, "retry_max", parse_nonzero_duration)
-        .unwrap_or(d.retry_max);
+    let retry_min = sec.value_or(out, "retry_min", parse_nonzero_duration, d.retry_min);
+    let retry_max = sec.value_or(out, "retry_max", parse_nonzero_duration, d.retry_max);
     if retry_max < retry_min {
         let key = if sec.is_set("retry_max") {
             "retry_max"
@@ -150,30 +158,23 @@ pub(super) fn daemon_config(sec: &Section, out: &mut Problems) -> DaemonConfig {
         })
         .unwrap_or(d.hostname);
     DaemonConfig {
-        spool_dir: sec
-            .value(out, "spool_dir", parse_absolute_path)
-            .unwrap_or(d.spool_dir),
-        archive_dir: sec
-            .value(out, "archive_dir", parse_absolute_path)
-            .unwrap_or(d.archive_dir),
-        control_socket: sec
-            .value(out, "control_socket", parse_absolute_path)
-            .unwrap_or(d.control_socket),
+        spool_dir: sec.value_or(out, "spool_dir", parse_absolute_path, d.spool_dir),
+        archive_dir: sec.value_or(out, "archive_dir", parse_absolute_path, d.archive_dir),
+        control_socket: sec.value_or(out, "control_socket", parse_absolute_path, d.control_socket),
         listen,
         hostname,
         postmaster: sec.value(out, "postmaster", parse_address),
         default_tenant: sec.value(out, "default_tenant", |s| TenantName::parse(s.trim())),
-        max_queue_lifetime: sec
-            .value(out, "max_queue_lifetime", parse_nonzero_duration)
-            .unwrap_or(d.max_queue_lifetime),
+        max_queue_lifetime: sec.value_or(
+            out,
+            "max_queue_lifetime",
+            parse_nonzero_duration,
+            d.max_queue_lifetime,
+        ),
         retry_min,
         retry_max,
-        min_free_space: sec
-            .value(out, "min_free_space", parse_free_space)
-            .unwrap_or(d.min_free_space),
-        log_level: sec
-            .value(out, "log_level", parse_log_level)
-            .unwrap_or(d.log_level),
+        min_free_space: sec.value_or(out, "min_free_space", parse_free_space, d.min_free_space),
+        log_level: sec.value_or(out, "log_level", parse_log_level, d.log_level),
         listen_limits,
     }
 }

@@ -182,10 +182,7 @@ fn validate(path: &Path, raw: &[RawSection], out: &mut Problems) -> Config {
         };
         if name == "daemon" {
             if let Some(first) = &daemon {
-                let at = first
-                    .line
-                    .map(|l| format!(" (first at line {l})"))
-                    .unwrap_or_default();
+                let at = section::first_at(first.line);
                 out.error(
                     section.line,
                     format!("[daemon] given twice{at}; merge the two"),

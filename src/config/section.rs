@@ -77,10 +77,7 @@ impl<'a> Section<'a> {
                 continue;
             };
             if let Some(first) = values.get(key) {
-                let at = first
-                    .line
-                    .map(|l| format!(" (first at line {l})"))
-                    .unwrap_or_default();
+                let at = first_at(first.line);
                 out.error(
                     entry.line,
                     format!("{label} {key}: given twice{at}; keep one"),
@@ -139,6 +136,17 @@ impl<'a> Section<'a> {
         }
     }
 
+    /// Parses `key` if set, else (or when its value is bad) gives `default`.
+    pub(super) fn value_or<T>(
+        &self,
+        out: &mut Problems,
+        key: &str,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+        default: T,
+    ) -> T {
+        self.value(out, key, parse).unwrap_or(default)
+    }
+
     pub(super) fn error(&self, out: &mut Problems, key: &str, message: &str) {
         out.error(self.line(key), format!("{} {key}: {message}", self.label));
     }
@@ -146,6 +154,13 @@ impl<'a> Section<'a> {
     pub(super) fn warning(&self, out: &mut Problems, key: &str, message: &str) {
         out.warning(self.line(key), format!("{} {key}: {message}", self.label));
     }
+}
+
+/// ` (first at line N)`, for a key or section given twice; empty when the
+/// first one's line is unknown.
+pub(super) fn first_at(line: Option<usize>) -> String {
+    line.map(|l| format!(" (first at line {l})"))
+        .unwrap_or_default()
 }
 
 /// The known key nearest to a misspelt one, if it is close enough to be a typo.

@@ -4,7 +4,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::provider::Provider;
+use super::provider::{Preset, Provider};
 use super::section::{Problems, Section};
 use super::values::*;
 
@@ -221,6 +221,14 @@ fn parse_auth_url(s: &str) -> Result<String, String> {
     Ok(url)
 }
 
+/// A text the provider's preset fills in for a key the tenant left empty.
+fn from_preset(
+    preset: Option<&Preset>,
+    field: impl FnOnce(&Preset) -> Option<&'static str>,
+) -> Option<String> {
+    preset.and_then(field).map(str::to_owned)
+}
+
 pub(super) fn tenant_config(
     sec: &Section,
     name: TenantName,
@@ -255,10 +263,8 @@ pub(super) fn tenant_config(
         port: 0,
     });
 
-    let tls = sec
-        .value(out, "tls", parse_tls)
-        .unwrap_or(TlsMode::StartTls);
-    let tls_verify = sec.value(out, "tls_verify", parse_bool).unwrap_or(true);
+    let tls = sec.value_or(out, "tls", parse_tls, TlsMode::StartTls);
+    let tls_verify = sec.value_or(out, "tls_verify", parse_bool, true);
     if !tls_verify {
         sec.warning(
             out,
@@ -271,10 +277,8 @@ pub(super) fn tenant_config(
         check_readable_file(&path).map(|()| path)
     });
 
-    let auth = sec.value(out, "auth", parse_auth).unwrap_or(AuthMode::Auto);
-    let allow_plaintext_auth = sec
-        .value(out, "allow_plaintext_auth", parse_bool)
-        .unwrap_or(false);
+    let auth = sec.value_or(out, "auth", parse_auth, AuthMode::Auto);
+    let allow_plaintext_auth = sec.value_or(out, "allow_plaintext_auth", parse_bool, false);
     let username = sec.value(out, "username", parse_string);
 
     let password = match (sec.is_set("password"), sec.is_set("password_file")) {
@@ -332,26 +336,20 @@ pub(super) fn tenant_config(
         );
     }
 
+    // Each is the tenant's own value, else what its provider fills in.
+    let preset = preset.as_ref();
     let oauth_token_url = sec
         .value(out, "oauth_token_url", parse_url)
-        .or_else(|| preset.as_ref().map(|p| p.oauth_token_url.to_owned()));
-    let oauth_device_url = sec.value(out, "oauth_device_url", parse_url).or_else(|| {
-        preset
-            .as_ref()
-            .and_then(|p| p.oauth_device_url)
-            .map(str::to_owned)
-    });
+        .or_else(|| from_preset(preset, |p| Some(p.oauth_token_url)));
+    let oauth_device_url = sec
+        .value(out, "oauth_device_url", parse_url)
+        .or_else(|| from_preset(preset, |p| p.oauth_device_url));
     let oauth_auth_url = sec
         .value(out, "oauth_auth_url", parse_auth_url)
-        .or_else(|| {
-            preset
-                .as_ref()
-                .and_then(|p| p.oauth_auth_url)
-                .map(str::to_owned)
-        });
+        .or_else(|| from_preset(preset, |p| p.oauth_auth_url));
     let oauth_scope = sec
         .value(out, "oauth_scope", parse_string)
-        .or_else(|| preset.as_ref().map(|p| p.oauth_scope.to_owned()));
+        .or_else(|| from_preset(preset, |p| Some(p.oauth_scope)));
 
     let oauth_client_id = sec.value(out, "oauth_client_id", parse_string);
     let oauth_token_file = sec.value(out, "oauth_token_file", parse_absolute_path);
@@ -384,10 +382,10 @@ pub(super) fn tenant_config(
     let rate_limit = if sec.is_set("rate_limit") {
         sec.value(out, "rate_limit", parse_rate_limit).flatten()
     } else {
-        preset.as_ref().and_then(|p| p.rate_limit)
+        preset.and_then(|p| p.rate_limit)
     };
 
-    let archive = sec.value(out, "archive", parse_bool).unwrap_or(false);
+    let archive = sec.value_or(out, "archive", parse_bool, false);
     let archive_group = sec.value(out, "archive_group", parse_group);
     if let (true, Some(group)) = (archive, &archive_group) {
         // Accepted (the group may be created later), but every archive
@@ -423,22 +421,32 @@ pub(super) fn tenant_config(
         oauth_token_file,
         envelope_from: sec.value(out, "envelope_from", parse_address),
         rate_limit,
-        messages_per_session: sec
-            .value(out, "messages_per_session", parse_messages_per_session)
-            .unwrap_or(20),
-        connect_timeout: sec
-            .value(out, "connect_timeout", parse_nonzero_duration)
-            .unwrap_or(Duration::from_secs(30)),
-        command_timeout: sec
-            .value(out, "command_timeout", parse_nonzero_duration)
-            .unwrap_or(Duration::from_secs(5 * 60)),
-        data_timeout: sec
-            .value(out, "data_timeout", parse_nonzero_duration)
-            .unwrap_or(Duration::from_secs(10 * 60)),
+        messages_per_session: sec.value_or(
+            out,
+            "messages_per_session",
+            parse_messages_per_session,
+            20,
+        ),
+        connect_timeout: sec.value_or(
+            out,
+            "connect_timeout",
+            parse_nonzero_duration,
+            Duration::from_secs(30),
+        ),
+        command_timeout: sec.value_or(
+            out,
+            "command_timeout",
+            parse_nonzero_duration,
+            Duration::from_secs(5 * 60),
+        ),
+        data_timeout: sec.value_or(
+            out,
+            "data_timeout",
+            parse_nonzero_duration,
+            Duration::from_secs(10 * 60),
+        ),
         archive,
-        archive_users: sec
-            .value(out, "archive_users", parse_archive_users)
-            .unwrap_or(ArchiveUsers::All),
+        archive_users: sec.value_or(out, "archive_users", parse_archive_users, ArchiveUsers::All),
         archive_group,
     }
 }

@@ -11,47 +11,44 @@ use super::tenant::{ArchiveUsers, AuthMode, DomainPattern, RateLimit, Relay, Sec
 
 /// `30s`, `5m`, `2h`, `5d`. The unit is required: a bare `30` is ambiguous.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let t = s.trim();
-    let number = t.trim_end_matches(|c: char| c.is_ascii_alphabetic());
-    let unit = t.strip_prefix(number).unwrap_or_default();
-    let number = number.trim_end();
+    let units = [("s", 1), ("m", 60), ("h", 3600), ("d", 86_400)];
     let hint = "write a number and a unit: 30s, 5m, 2h or 5d";
-    if number.is_empty() || !number.chars().all(|c| c.is_ascii_digit()) {
-        return Err(format!("{t:?} is not a duration; {hint}"));
-    }
-    let scale: u64 = match unit.to_ascii_lowercase().as_str() {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        "" => return Err(format!("{t:?} has no unit; {hint}")),
-        _ => return Err(format!("{t:?} has an unknown unit {unit:?}; {hint}")),
-    };
-    number
-        .parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(scale))
-        .map(Duration::from_secs)
-        .ok_or_else(|| format!("{t:?} is too large"))
+    scaled(s, "a duration", hint, &units).map(Duration::from_secs)
 }
 
 /// `512K`, `25M`, `1G` (1024-based), or plain bytes.
 pub fn parse_size(s: &str) -> Result<u64, String> {
+    let units = [
+        ("", 1),
+        ("b", 1),
+        ("k", 1 << 10),
+        ("kb", 1 << 10),
+        ("m", 1 << 20),
+        ("mb", 1 << 20),
+        ("g", 1 << 30),
+        ("gb", 1 << 30),
+        ("t", 1 << 40),
+        ("tb", 1 << 40),
+    ];
+    let hint = "write bytes or a number with K, M or G, e.g. 512K, 25M";
+    scaled(s, "a size", hint, &units)
+}
+
+/// A whole number followed by one of `units` (any case), times that unit's
+/// multiple. An empty unit is allowed only where `units` lists it.
+fn scaled(s: &str, what: &str, hint: &str, units: &[(&str, u64)]) -> Result<u64, String> {
     let t = s.trim();
     let number = t.trim_end_matches(|c: char| c.is_ascii_alphabetic());
     let unit = t.strip_prefix(number).unwrap_or_default();
     let number = number.trim_end();
-    let hint = "write bytes or a number with K, M or G, e.g. 512K, 25M";
     if number.is_empty() || !number.chars().all(|c| c.is_ascii_digit()) {
-        return Err(format!("{t:?} is not a size; {hint}"));
+        return Err(format!("{t:?} is not {what}; {hint}"));
     }
-    let scale: u64 = match unit.to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" => 1 << 10,
-        "m" | "mb" => 1 << 20,
-        "g" | "gb" => 1 << 30,
-        "t" | "tb" => 1 << 40,
-        _ => return Err(format!("{t:?} has an unknown unit {unit:?}; {hint}")),
+    let lower = unit.to_ascii_lowercase();
+    let scale = match units.iter().find(|(u, _)| *u == lower) {
+        Some(&(_, scale)) => scale,
+        None if unit.is_empty() => return Err(format!("{t:?} has no unit; {hint}")),
+        None => return Err(format!("{t:?} has an unknown unit {unit:?}; {hint}")),
     };
     number
         .parse::<u64>()
@@ -60,16 +57,27 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{t:?} is too large"))
 }
 
+/// One of `words` (trimmed, any case), else `"VALUE" is not EXPECTED`.
+fn keyword<T: Copy>(s: &str, words: &[(&str, T)], expected: &str) -> Result<T, String> {
+    let lower = s.trim().to_ascii_lowercase();
+    words
+        .iter()
+        .find(|(w, _)| *w == lower)
+        .map(|&(_, value)| value)
+        .ok_or_else(|| format!("{:?} is not {expected}", s.trim()))
+}
+
 /// `yes`/`no`, `true`/`false`, `on`/`off`, in any case.
 pub fn parse_bool(s: &str) -> Result<bool, String> {
-    match s.trim().to_ascii_lowercase().as_str() {
-        "yes" | "true" | "on" => Ok(true),
-        "no" | "false" | "off" => Ok(false),
-        _ => Err(format!(
-            "{:?} is not a boolean; write yes or no (true/false, on/off)",
-            s.trim()
-        )),
-    }
+    let words = [
+        ("yes", true),
+        ("true", true),
+        ("on", true),
+        ("no", false),
+        ("false", false),
+        ("off", false),
+    ];
+    keyword(s, &words, "a boolean; write yes or no (true/false, on/off)")
 }
 
 pub(super) fn parse_nonzero_duration(s: &str) -> Result<Duration, String> {
@@ -209,55 +217,59 @@ pub(super) fn parse_free_space(s: &str) -> Result<FreeSpace, String> {
 
 pub(super) fn parse_log_level(s: &str) -> Result<log::LevelFilter, String> {
     use log::LevelFilter as L;
-    match s.trim().to_ascii_lowercase().as_str() {
-        "off" => Ok(L::Off),
-        "error" => Ok(L::Error),
-        "warn" => Ok(L::Warn),
-        "info" => Ok(L::Info),
-        "debug" => Ok(L::Debug),
-        "trace" => Ok(L::Trace),
-        _ => Err(format!(
-            "{:?} is not a log level; write off, error, warn, info, debug or trace",
-            s.trim()
-        )),
-    }
+    let words = [
+        ("off", L::Off),
+        ("error", L::Error),
+        ("warn", L::Warn),
+        ("info", L::Info),
+        ("debug", L::Debug),
+        ("trace", L::Trace),
+    ];
+    keyword(
+        s,
+        &words,
+        "a log level; write off, error, warn, info, debug or trace",
+    )
 }
 
 pub(super) fn parse_tls(s: &str) -> Result<TlsMode, String> {
-    match s.trim().to_ascii_lowercase().as_str() {
-        "starttls" => Ok(TlsMode::StartTls),
-        "implicit" => Ok(TlsMode::Implicit),
-        "none" => Ok(TlsMode::None),
-        _ => Err(format!(
-            "{:?} is not a TLS mode; write starttls (port 587), implicit (port 465) or none",
-            s.trim()
-        )),
-    }
+    let words = [
+        ("starttls", TlsMode::StartTls),
+        ("implicit", TlsMode::Implicit),
+        ("none", TlsMode::None),
+    ];
+    keyword(
+        s,
+        &words,
+        "a TLS mode; write starttls (port 587), implicit (port 465) or none",
+    )
 }
 
 pub(super) fn parse_provider(s: &str) -> Result<Provider, String> {
-    match s.trim().to_ascii_lowercase().as_str() {
-        "office365" => Ok(Provider::Office365),
-        "gmail" => Ok(Provider::Gmail),
-        _ => Err(format!(
-            "{:?} is not a known provider; write office365, gmail, or leave it empty and set relay",
-            s.trim()
-        )),
-    }
+    let words = [
+        ("office365", Provider::Office365),
+        ("gmail", Provider::Gmail),
+    ];
+    keyword(
+        s,
+        &words,
+        "a known provider; write office365, gmail, or leave it empty and set relay",
+    )
 }
 
 pub(super) fn parse_auth(s: &str) -> Result<AuthMode, String> {
-    match s.trim().to_ascii_lowercase().as_str() {
-        "auto" => Ok(AuthMode::Auto),
-        "plain" => Ok(AuthMode::Plain),
-        "login" => Ok(AuthMode::Login),
-        "xoauth2" => Ok(AuthMode::XOAuth2),
-        "none" => Ok(AuthMode::None),
-        _ => Err(format!(
-            "{:?} is not an auth mode; write auto, plain, login, xoauth2 or none",
-            s.trim()
-        )),
-    }
+    let words = [
+        ("auto", AuthMode::Auto),
+        ("plain", AuthMode::Plain),
+        ("login", AuthMode::Login),
+        ("xoauth2", AuthMode::XOAuth2),
+        ("none", AuthMode::None),
+    ];
+    keyword(
+        s,
+        &words,
+        "an auth mode; write auto, plain, login, xoauth2 or none",
+    )
 }
 
 /// `30/min`, `100/h`, `5/s`, `1000/day`, or `N/DURATION` (`10/5m`); `none` = unlimited,
@@ -390,4 +402,78 @@ pub(super) fn read_password_file(path: &Path) -> Result<Secret, String> {
         return Err(format!("{} is empty", path.display()));
     }
     Ok(Secret::new(password.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_with_units_scale_and_say_what_is_wrong() {
+        assert_eq!(parse_duration(" 5M "), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_size("25M"), Ok(25 << 20));
+        assert_eq!(parse_size("512kb"), Ok(512 << 10));
+        assert_eq!(parse_size("100"), Ok(100));
+        let size_hint = "write bytes or a number with K, M or G, e.g. 512K, 25M";
+        assert_eq!(
+            parse_size("big"),
+            Err(format!("\"big\" is not a size; {size_hint}"))
+        );
+        assert_eq!(
+            parse_size("3x"),
+            Err(format!("\"3x\" has an unknown unit \"x\"; {size_hint}"))
+        );
+        let duration_hint = "write a number and a unit: 30s, 5m, 2h or 5d";
+        assert_eq!(
+            parse_duration("30"),
+            Err(format!("\"30\" has no unit; {duration_hint}"))
+        );
+        assert_eq!(
+            parse_duration("2w"),
+            Err(format!("\"2w\" has an unknown unit \"w\"; {duration_hint}"))
+        );
+        assert_eq!(
+            parse_duration("99999999999999999999d"),
+            Err("\"99999999999999999999d\" is too large".to_owned())
+        );
+        assert_eq!(
+            parse_size("20000000T"),
+            Err("\"20000000T\" is too large".to_owned())
+        );
+    }
+
+    #[test]
+    fn keywords_match_in_any_case_and_list_the_choices() {
+        assert_eq!(parse_bool(" On "), Ok(true));
+        assert_eq!(parse_bool("FALSE"), Ok(false));
+        assert_eq!(parse_tls("StartTLS"), Ok(TlsMode::StartTls));
+        assert_eq!(parse_auth("XOAUTH2"), Ok(AuthMode::XOAuth2));
+        assert_eq!(parse_provider("Gmail"), Ok(Provider::Gmail));
+        assert_eq!(parse_log_level("warn"), Ok(log::LevelFilter::Warn));
+        assert_eq!(
+            parse_tls(" ssl "),
+            Err(
+                "\"ssl\" is not a TLS mode; write starttls (port 587), implicit (port 465) or none"
+                    .to_owned()
+            )
+        );
+        assert_eq!(
+            parse_auth("cram"),
+            Err(
+                "\"cram\" is not an auth mode; write auto, plain, login, xoauth2 or none"
+                    .to_owned()
+            )
+        );
+        assert_eq!(
+            parse_provider("yahoo"),
+            Err("\"yahoo\" is not a known provider; write office365, gmail, or leave it empty and set relay".to_owned())
+        );
+        assert_eq!(
+            parse_log_level("loud"),
+            Err(
+                "\"loud\" is not a log level; write off, error, warn, info, debug or trace"
+                    .to_owned()
+            )
+        );
+    }
 }

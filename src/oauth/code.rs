@@ -3,7 +3,7 @@
 //! mail scope): the sign-in address with its verifier's challenge and state,
 //! and the exchange of the code the admin pastes back (see `paste`).
 
-use super::http::post_form;
+use super::http::post_token;
 use super::paste::{code_from_paste, read_paste};
 use super::token_file::store_sign_in;
 use super::{Endpoints, OAuthError};
@@ -67,17 +67,14 @@ pub fn code_login(
     ));
     let code = code_from_paste(&read_paste(input)?, &state)?;
 
-    let mut form = vec![
+    let grant = [
         ("grant_type", "authorization_code"),
         ("code", code.expose()),
         ("redirect_uri", redirect_uri.as_str()),
         ("client_id", endpoints.client_id.as_str()),
         ("code_verifier", verifier.expose()),
     ];
-    if let Some(secret) = &endpoints.client_secret {
-        form.push(("client_secret", secret.expose()));
-    }
-    let (status, answer) = post_form(agent, &endpoints.token_url, &form)?;
+    let (status, answer) = post_token(agent, endpoints, &grant, &[])?;
     // Text from the endpoint is shown only if it cannot be carrying our secrets back.
     let description = answer
         .error_description

@@ -2,7 +2,7 @@
 //! admin types a short code at the provider's page on any computer while
 //! pbxmail polls the token endpoint.
 
-use super::http::post_form;
+use super::http::post_token;
 use super::token_file::store_sign_in;
 use super::{Endpoints, OAuthError};
 
@@ -68,15 +68,12 @@ pub fn device_login(
         }
         // RFC 8628 §3.5: wait the interval between polls; this is the protocol's pacing.
         std::thread::sleep(interval);
-        let mut form = vec![
+        let grant = [
             ("grant_type", "urn:ietf:params:oauth:grant-type:device_code"),
             ("device_code", device_code.as_str()),
             ("client_id", endpoints.client_id.as_str()),
         ];
-        if let Some(secret) = &endpoints.client_secret {
-            form.push(("client_secret", secret.expose()));
-        }
-        let (_, answer) = post_form(agent, &endpoints.token_url, &form)?;
+        let (_, answer) = post_token(agent, endpoints, &grant, &[])?;
         match (answer.refresh_token, answer.error.as_deref()) {
             (Some(refresh), _) => {
                 store_sign_in(&endpoints.token_file, refresh, &mut say)?;

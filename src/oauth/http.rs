@@ -3,7 +3,7 @@
 //! with its JSON answer (RFC 6749 §5.1, §5.2). What an answer means is left
 //! to the grant that asked.
 
-use super::OAuthError;
+use super::{Endpoints, OAuthError};
 use serde::Deserialize;
 use std::path::Path;
 use std::sync::Arc;
@@ -68,8 +68,25 @@ fn number_or_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64
     })
 }
 
+/// POSTs a grant to the tenant's token endpoint: the grant's own fields
+/// (`client_id` among them), then the client's secret where it has one
+/// (RFC 6749 §2.3.1), then `after`; reads the JSON answer.
+pub(super) fn post_token<'a>(
+    agent: &ureq::Agent,
+    endpoints: &'a Endpoints,
+    grant: &[(&'a str, &'a str)],
+    after: &[(&'a str, &'a str)],
+) -> Result<(u16, TokenResponse), OAuthError> {
+    let mut form = grant.to_vec();
+    if let Some(secret) = &endpoints.client_secret {
+        form.push(("client_secret", secret.expose()));
+    }
+    form.extend_from_slice(after);
+    post_form(agent, &endpoints.token_url, &form)
+}
+
 /// POSTs a form to a token endpoint and reads its JSON answer.
-pub(super) fn post_form(
+fn post_form(
     agent: &ureq::Agent,
     url: &str,
     form: &[(&str, &str)],

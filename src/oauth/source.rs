@@ -5,7 +5,7 @@
 //! in memory, used, and saved again until it sticks: the provider may have
 //! revoked the one the file still holds.
 
-use super::http::post_form;
+use super::http::post_token;
 use super::token_file::{read_refresh_token, remove_stale_temps, write_refresh_token};
 use super::{Endpoints, OAuthError};
 use crate::config::Secret;
@@ -70,18 +70,13 @@ impl TokenSource {
         }
         let refresh = self.refresh_token()?;
         let e = &self.endpoints;
-        let mut form = vec![
+        let grant = [
             ("grant_type", "refresh_token"),
             ("refresh_token", refresh.expose()),
             ("client_id", e.client_id.as_str()),
         ];
-        if let Some(secret) = &e.client_secret {
-            form.push(("client_secret", secret.expose()));
-        }
-        if let Some(scope) = &e.scope {
-            form.push(("scope", scope.as_str()));
-        }
-        let (status, answer) = post_form(&self.agent, &e.token_url, &form)?;
+        let scope: Vec<_> = e.scope.iter().map(|s| ("scope", s.as_str())).collect();
+        let (status, answer) = post_token(&self.agent, e, &grant, &scope)?;
         match (answer.access_token, answer.error.as_deref()) {
             (Some(access), _) if (200..300).contains(&status) => {
                 if let Some(rotated) = answer.refresh_token.filter(|r| r != refresh.expose()) {
@@ -270,9 +265,8 @@ mod tests {
         let _ = fs::remove_dir_all(&dir);
     }
 
-    #[test]
-    fn a_sign_in_since_wins_over_the_unsaved_token() {
-        let dir = scratch("superseded");
+    /// A source whose file holds rt-1 and whose rotated rt-2 waits to be saved.
+    fn waiting_to_save(dir: &Path) -> (PathBuf, TokenSource) {
         let path = dir.join("acme.json");
         fs::write(&path, r#"{"refresh_token":"rt-1"}"#).unwrap();
         let mut tokens = source(path.clone());
@@ -280,6 +274,13 @@ mod tests {
             token: secret("rt-2"),
             replaces: secret("rt-1"),
         });
+        (path, tokens)
+    }
+
+    #[test]
+    fn a_sign_in_since_wins_over_the_unsaved_token() {
+        let dir = scratch("superseded");
+        let (path, mut tokens) = waiting_to_save(&dir);
         // `oauth login` stored a new token meanwhile.
         fs::write(&path, r#"{"refresh_token":"rt-new"}"#).unwrap();
         tokens.save_unsaved();
@@ -292,13 +293,7 @@ mod tests {
     #[test]
     fn dropping_the_source_saves_what_waits() {
         let dir = scratch("drop");
-        let path = dir.join("acme.json");
-        fs::write(&path, r#"{"refresh_token":"rt-1"}"#).unwrap();
-        let mut tokens = source(path.clone());
-        tokens.unsaved = Some(Unsaved {
-            token: secret("rt-2"),
-            replaces: secret("rt-1"),
-        });
+        let (path, tokens) = waiting_to_save(&dir);
         drop(tokens);
         assert_eq!(read_refresh_token(&path).unwrap().expose(), "rt-2");
         let _ = fs::remove_dir_all(&dir);
