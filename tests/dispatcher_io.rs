@@ -115,7 +115,7 @@ impl Traced {
         Traced { strace, traces }
     }
 
-    /// The traced pbxmail process: strace's only child.
+    /// The traced pbxmail process: strace's child that has exec'd pbxmail.
     fn daemon_pid(&self) -> u32 {
         let parent = self.strace.id();
         let mut pid = None;
@@ -124,9 +124,13 @@ impl Traced {
                 entries.flatten().find_map(|entry| {
                     let stat = fs::read_to_string(entry.path().join("stat")).ok()?;
                     // pid (comm) state ppid ...: comm may hold spaces, so after the ')'.
-                    let (_, rest) = stat.rsplit_once(')')?;
+                    let (head, rest) = stat.rsplit_once(')')?;
                     let ppid: u32 = rest.split_whitespace().nth(1)?.parse().ok()?;
-                    (ppid == parent).then(|| entry.file_name().to_str()?.parse().ok())?
+                    // strace forks short-lived children of its own to probe
+                    // ptrace: only the one that has exec'd pbxmail counts.
+                    let exec_done = head.ends_with("(pbxmail");
+                    (ppid == parent && exec_done)
+                        .then(|| entry.file_name().to_str()?.parse().ok())?
                 })
             });
             pid.is_some()
