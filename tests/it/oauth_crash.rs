@@ -12,8 +12,6 @@
 //! Random choices come from a seeded PRNG; the seed is printed, and
 //! `PBXMAIL_CRASH_SEED=N` repeats a run's choices.
 
-mod support;
-
 use std::collections::BTreeSet;
 use std::fs::{self, File};
 use std::os::unix::fs::PermissionsExt;
@@ -25,11 +23,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::support::harness::{wait_until, Daemon, PBXMAIL};
+use crate::support::oauth_server::{OAuthServer, Request, Response};
+use crate::support::rng::Rng;
+use crate::support::smtp_server::{Received, ServerOptions, TestCa, TestServer};
 use serde_json::Value;
-use support::harness::{wait_until, Daemon, PBXMAIL};
-use support::oauth_server::{OAuthServer, Request, Response};
-use support::rng::Rng;
-use support::smtp_server::{Received, ServerOptions, TestCa, TestServer};
 
 const USER: &str = "pbx@acme.test";
 const RCPT: &str = "alice@example.com";

@@ -7,18 +7,16 @@
 //! daemon and servers on 127.0.0.1 and asserts on what arrived and what the
 //! spool still holds.
 
-mod support;
-
 use std::net::ToSocketAddrs;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-use support::harness::{
+use crate::support::harness::{
     attempts, commands, plain_tenant, recipients, str_of, tenant, wait_until, Daemon,
 };
-use support::smtp_server::{
+use crate::support::smtp_server::{
     CertKind, CommandRecord, Fault, Received, ServerOptions, TestCa, TestServer, Tls,
 };
+use serde_json::Value;
 
 /// Upper bound for mail that should go out now; generous for a loaded CI box.
 const ARRIVAL: Duration = Duration::from_secs(10);

@@ -12,8 +12,6 @@
 //! Random choices come from a seeded PRNG; the seed is printed, and
 //! `PBXMAIL_CRASH_SEED=N` repeats a run.
 
-mod support;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
 use std::io::Write;
@@ -24,9 +22,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use support::harness::{files_under, wait_until, Daemon, PBXMAIL};
-use support::rng::Rng;
-use support::smtp_server::{Fault, Received, ServerOptions, TestServer};
+use crate::support::harness::{files_under, wait_until, Daemon, PBXMAIL};
+use crate::support::rng::Rng;
+use crate::support::smtp_server::{Fault, Received, ServerOptions, TestServer};
 
 const SENDER: &str = "pbx@acme.test";
 const RCPT: &str = "sink@example.com";

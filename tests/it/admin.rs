@@ -7,17 +7,15 @@
 //! the interface). The harness gives each test its temp dir, spool and
 //! config; the daemon is spawned here so a test can set its environment.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::support::harness::{closed_port, str_of, wait_until, Daemon, Run, Running, PBXMAIL};
+use crate::support::smtp_server::{Fault, Received, ServerOptions, TestCa, TestServer, Tls};
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
 use serde_json::Value;
-use support::harness::{closed_port, str_of, wait_until, Daemon, Run, Running, PBXMAIL};
-use support::smtp_server::{Fault, Received, ServerOptions, TestCa, TestServer, Tls};
 
 /// Upper bound for mail that should go out now; generous for a loaded CI box.
 const ARRIVAL: Duration = Duration::from_secs(10);

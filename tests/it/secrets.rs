@@ -10,8 +10,6 @@
 //! Every stdout, stderr, the daemon's log and the files under the spool and
 //! archive are searched for each secret in every form a leak could take.
 
-mod support;
-
 use std::fs;
 use std::io::{Read, Write};
 use std::path::Path;
@@ -19,10 +17,10 @@ use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::support::harness::{str_of, wait_until, Daemon, Running, PBXMAIL};
+use crate::support::smtp_server::{ServerOptions, TestCa, TestServer, Tls};
 use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD};
 use base64::Engine as _;
-use support::harness::{str_of, wait_until, Daemon, Running, PBXMAIL};
-use support::smtp_server::{ServerOptions, TestCa, TestServer, Tls};
 
 /// Upper bound for anything that should happen now.
 const ARRIVAL: Duration = Duration::from_secs(8);

@@ -7,8 +7,6 @@
 //! Ownership checks need root: the tests then create the group
 //! `pbxtest-admins` (`groupadd -f`); otherwise they say so and check modes only.
 
-mod support;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
 use std::io::Write;
@@ -19,10 +17,10 @@ use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::support::harness::{files_under, wait_until, Daemon, Run, Running, PBXMAIL};
+use crate::support::rng::Rng;
+use crate::support::smtp_server::{Received, ServerOptions, TestServer};
 use serde_json::Value;
-use support::harness::{files_under, wait_until, Daemon, Run, Running, PBXMAIL};
-use support::rng::Rng;
-use support::smtp_server::{Received, ServerOptions, TestServer};
 
 /// The archive group the tests give the archiving tenant.
 const GROUP: &str = "pbxtest-admins";

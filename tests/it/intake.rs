@@ -5,8 +5,6 @@
 //! spool holds (`pbxmail queue --json`). Each test owns its daemon, spool,
 //! relay and listening port or socket.
 
-mod support;
-
 use std::fs;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -19,11 +17,11 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::support::harness::{free_port, wait_until, Daemon};
+use crate::support::smtp_server::{Received, ServerOptions, TestServer};
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
 use serde_json::{json, Value};
-use support::harness::{free_port, wait_until, Daemon};
-use support::smtp_server::{Received, ServerOptions, TestServer};
 
 /// Upper bound for mail that should go out now; generous for a loaded CI box.
 const ARRIVAL: Duration = Duration::from_secs(10);

@@ -3,15 +3,13 @@
 //! 0640 root:group, the spool 2770 group-writable. Needs root (CI runs as
 //! root) to make the group, the setgid copy and to switch users.
 
-mod support;
-
+use crate::support::harness::wait_until;
+use crate::support::smtp_server::{ServerOptions, TestServer};
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
-use support::harness::wait_until;
-use support::smtp_server::{ServerOptions, TestServer};
 
 const GROUP: &str = "pbxtest-mail";
 const DAEMON_USER: &str = "daemon";

@@ -3,16 +3,14 @@
 //! assert on what arrived (server side) and what the spool still holds
 //! (`pbxmail queue --json`). Each test owns its temp dir, spool and servers.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-use support::harness::{
+use crate::support::harness::{
     attempts, closed_port, commands, plain_tenant, recipients, str_of, tenant, wait_until, Daemon,
     Running,
 };
-use support::smtp_server::{Received, ServerOptions, TestCa, TestServer, Tls};
+use crate::support::smtp_server::{Received, ServerOptions, TestCa, TestServer, Tls};
+use serde_json::Value;
 
 /// Upper bound for mail that should go out now; generous for a loaded CI box.
 const ARRIVAL: Duration = Duration::from_secs(10);

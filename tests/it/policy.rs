@@ -6,19 +6,17 @@
 //! than through `Daemon::start` because these tests signal it by pid; the
 //! harness still provides the temp dir, config, spool, `sendmail` and `queue`.
 
-mod support;
-
 use std::collections::BTreeMap;
 
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-use support::harness::{
+use crate::support::harness::{
     attempts, closed_port, recipients, str_of, wait_until, Daemon, Running, PBXMAIL,
 };
-use support::smtp_server::{Fault, Received, ServerOptions, TestServer};
+use crate::support::smtp_server::{Fault, Received, ServerOptions, TestServer};
+use serde_json::Value;
 
 /// Upper bound for mail that should go out now; generous for a loaded CI box.
 const ARRIVAL: Duration = Duration::from_secs(10);

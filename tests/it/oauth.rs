@@ -12,8 +12,6 @@
 //! refuses is kept and used, that a crash's temporary files are removed, and
 //! that no token, code or verifier ever shows in a log or an output.
 
-mod support;
-
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -21,12 +19,12 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::support::harness::{attempts, str_of, wait_until, Daemon, Run};
+use crate::support::oauth_server::{OAuthServer, Request, Response};
+use crate::support::smtp_server::{Fault, Received, ServerOptions, TestCa, TestServer, Tls};
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
 use serde_json::Value;
-use support::harness::{attempts, str_of, wait_until, Daemon, Run};
-use support::oauth_server::{OAuthServer, Request, Response};
-use support::smtp_server::{Fault, Received, ServerOptions, TestCa, TestServer, Tls};
 
 /// Upper bound for mail that should go out now; generous for a loaded CI box.
 const ARRIVAL: Duration = Duration::from_secs(15);
@@ -1609,7 +1607,7 @@ impl Interactive {
         use std::io::{BufRead, Read};
         use std::process::{Command, Stdio};
         let config = site.daemon.config_path().to_string_lossy().into_owned();
-        let mut child = Command::new(support::harness::PBXMAIL)
+        let mut child = Command::new(crate::support::harness::PBXMAIL)
             .args(["oauth", "login", "--tenant", "acme", "-c", &config])
             .args(extra)
             .stdin(Stdio::piped())
