@@ -15,7 +15,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::thread;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::support::harness::{files_under, wait_until, Daemon, Run, Running, PBXMAIL};
 use crate::support::rng::Rng;
@@ -756,8 +756,8 @@ fn crash_between_journaling_and_spool_removal_leaves_one_archived_copy() {
     }
 }
 
-/// SIGKILL at random moments while archived mail goes out (about 20 kills),
-/// then an undisturbed run: every message the relay got is in the journal
+/// SIGKILL at random moments while archived mail goes out (20 kills, every
+/// other one aimed at the moment the journal grows), then an undisturbed run: every message the relay got is in the journal
 /// exactly once, with exactly one Maildir file, and `verify` passes.
 #[test]
 fn daemon_killed_at_random_moments_archives_each_message_once() {
@@ -778,7 +778,7 @@ fn daemon_killed_at_random_moments_archives_each_message_once() {
     let journal_path = archive_dir(&d).join("acme").join("journal");
     let mut next = 0;
     let mut windows_seen = 0;
-    for _ in 0..KILLS {
+    for kill in 0..KILLS {
         for _ in 0..1 + below(5) {
             let user = if next % 2 == 0 { "101" } else { "102" };
             submit(
@@ -789,8 +789,20 @@ fn daemon_killed_at_random_moments_archives_each_message_once() {
             );
             next += 1;
         }
+        let journal_before = fs::metadata(&journal_path).map_or(0, |m| m.len());
         let mut child = spawn_daemon(&d);
-        thread::sleep(Duration::from_millis(below(200)));
+        if kill % 2 == 0 {
+            thread::sleep(Duration::from_millis(below(200)));
+        } else {
+            // Aim at the window: kill as soon as the journal has grown, while
+            // the daemon syncs the record and before it removes the spool entry.
+            let deadline = Instant::now() + ARRIVAL;
+            while fs::metadata(&journal_path).map_or(0, |m| m.len()) == journal_before
+                && Instant::now() < deadline
+            {
+                thread::sleep(Duration::from_micros(20));
+            }
+        }
         let _ = child.kill();
         let status = child.wait().expect("reap daemon");
         assert_eq!(
@@ -806,6 +818,12 @@ fn daemon_killed_at_random_moments_archives_each_message_once() {
             .filter(|id| journaled.contains(&format!("\"queue_id\":\"{id}\"")))
             .count();
     }
+    // The window this test is about was hit, judged by what the kills left:
+    // a message in the journal whose spool entry was still there.
+    assert!(
+        windows_seen > 0,
+        "no kill landed between journaling a message and removing its spool entry"
+    );
     let _ = fs::remove_file(d.spool_dir().join("pickup.sock"));
     d.start();
     let left = d.wait_for_queue(Duration::from_secs(60), |q| q.is_empty());

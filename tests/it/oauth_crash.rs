@@ -304,6 +304,21 @@ fn is_temp_of(name: &str, token_file: &Path) -> bool {
         .is_some_and(|id| !id.is_empty())
 }
 
+/// Whether the token folder holds a temporary file of `token_file` that is
+/// not in `seen`: a write of it is under way (or was cut off).
+fn new_temp_file(token_file: &Path, seen: &BTreeSet<String>) -> bool {
+    let Some(folder) = token_file.parent() else {
+        return false;
+    };
+    let Ok(entries) = fs::read_dir(folder) else {
+        return false;
+    };
+    entries.flatten().any(|entry| {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        is_temp_of(&name, token_file) && !seen.contains(&name)
+    })
+}
+
 /// Checks the token folder as a restarting daemon would find it: the token
 /// file is there, a regular file, mode 0600, JSON with a `refresh_token` the
 /// endpoint issued; anything else in the folder is a temporary file of an
@@ -426,7 +441,12 @@ fn crash_during_token_rotation_never_leaves_the_tenant_without_a_token() {
                     {
                         thread::sleep(Duration::from_micros(200));
                     }
-                    thread::sleep(Duration::from_micros(rng.below(3000)));
+                    // Then kill at a random moment up to 3 ms on, or as soon as a
+                    // new temporary file shows the write under way: inside it.
+                    let until = Instant::now() + Duration::from_micros(rng.below(3000));
+                    while Instant::now() < until && !new_temp_file(&token_file, &temps_seen) {
+                        thread::sleep(Duration::from_micros(20));
+                    }
                 }
                 let status = daemon.kill9();
                 assert_eq!(
@@ -521,6 +541,13 @@ fn crash_during_token_rotation_never_leaves_the_tenant_without_a_token() {
         started.elapsed()
     );
     eprintln!("oauth_crash: where the kills found the rotation: {phases:?}");
+    // The windows this test is about were hit, judged by the token folder
+    // after each kill: killed after the endpoint's answer and before the
+    // rename, and at least once inside the write (a temporary file left).
+    assert!(
+        phases.answered_not_stored >= 1 && phases.of_which_temp_left >= 1,
+        "no kill landed inside a token rotation: {phases:?}"
+    );
     assert!(
         drained && lost.is_empty(),
         "accepted but not delivered within {DRAIN:?}: {lost:?}"
