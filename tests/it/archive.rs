@@ -4,8 +4,9 @@
 //! hash-chained journal) and at what `pbxmail archive verify | usage | prune`
 //! say about it, after tampering and after crashes.
 //!
-//! Ownership checks need root: the tests then create the group
-//! `pbxtest-admins` (`groupadd -f`); otherwise they say so and check modes only.
+//! Ownership checks need root: the tests then hand the archive to an existing
+//! group that lists no members (`spare_group`; none is added to /etc/group);
+//! otherwise they say so and check modes only.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
@@ -17,13 +18,14 @@ use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::support::harness::{files_under, wait_until, Daemon, Run, Running, PBXMAIL};
+use crate::support::harness::{
+    files_under, spare_group, wait_until, Daemon, Run, Running, PBXMAIL,
+};
 use crate::support::rng::Rng;
 use crate::support::smtp_server::{Received, ServerOptions, TestServer};
 use serde_json::Value;
 
 /// The archive group the tests give the archiving tenant.
-const GROUP: &str = "pbxtest-admins";
 /// Upper bound for mail that should go out now; generous for a loaded CI box.
 const ARRIVAL: Duration = Duration::from_secs(15);
 /// The daemon's `hostname`: the last part of every archived file's name.
@@ -31,26 +33,23 @@ const HOSTNAME: &str = "pbx.test";
 /// A recipient the relay refuses with 550, so that bounces are made.
 const REFUSED: &str = "nobody@example.com";
 
-/// The archive group's ID, creating the group when running as root; None
-/// (with a note) when not root, and ownership is then not checked.
+/// The archive group's ID (`spare_group`) when running as root; None (with
+/// a note) when not root, and ownership is then not checked.
 fn archive_group() -> Option<u32> {
     let uid = Command::new("id").arg("-u").output().ok()?;
     if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
-        eprintln!("note: not root, so {GROUP} is not created and file ownership is not checked");
+        eprintln!("note: not root, so file ownership is not checked");
         return None;
     }
-    let made = Command::new("groupadd")
-        .args(["-f", GROUP])
-        .status()
-        .expect("run groupadd");
-    assert!(made.success(), "groupadd -f {GROUP}: {made}");
-    let groups = fs::read_to_string("/etc/group").expect("read /etc/group");
-    groups.lines().find_map(|line| {
-        let mut fields = line.split(':');
-        (fields.next()? == GROUP)
-            .then(|| fields.nth(1)?.parse().ok())
-            .flatten()
-    })
+    let (_, gid) = spare_group().expect("a group in /etc/group that lists no members");
+    Some(gid)
+}
+
+/// The name of the group `archive_group` returned the gid of.
+fn group_name() -> String {
+    spare_group()
+        .map(|(name, _)| name)
+        .expect("a group in /etc/group that lists no members")
 }
 
 /// The daemon's INI: this test's spool and archive, `tenants` after it.
@@ -78,7 +77,7 @@ fn tenant(name: &str, server: &TestServer, extra: &str) -> String {
 /// The archiving tenant's keys; `users` is the value of `archive_users`.
 fn archiving(users: &str, group: Option<u32>) -> String {
     let group = match group {
-        Some(_) => format!("archive_group = {GROUP}\n"),
+        Some(_) => format!("archive_group = {}\n", group_name()),
         None => String::new(),
     };
     format!("archive = yes\narchive_users = {users}\n{group}")

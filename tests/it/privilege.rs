@@ -1,9 +1,10 @@
 //! sendmail for a PBX process outside the pbxmail group, as the packages
 //! install it: the binary setgid to the mail group, the configuration
 //! 0640 root:group, the spool 2770 group-writable. Needs root (CI runs as
-//! root) to make the group, the setgid copy and to switch users.
+//! root) for the setgid copy, a mount namespace and to switch users. The
+//! group is an existing one without members (`spare_group`).
 
-use crate::support::harness::wait_until;
+use crate::support::harness::{spare_group, wait_until};
 use crate::support::smtp_server::{ServerOptions, TestServer};
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -11,9 +12,16 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-const GROUP: &str = "pbxtest-mail";
 const DAEMON_USER: &str = "daemon";
 const SUBMITTER: &str = "nobody";
+
+/// The mail group of this install: an existing group that lists no members
+/// (none is added to /etc/group: no test writes outside its temp dir).
+fn group() -> String {
+    spare_group()
+        .map(|(name, _)| name)
+        .expect("a group in /etc/group that lists no members")
+}
 
 fn sh(cmd: &str, args: &[&str]) -> Output {
     Command::new(cmd)
@@ -96,7 +104,7 @@ struct EtcOverlay {
     work: PathBuf,
 }
 
-/// Puts a copy of `config` (0640 root:GROUP) at `pbxmail/pbxmail.ini` of a
+/// Puts a copy of `config` (0640 root:`group()`) at `pbxmail/pbxmail.ini` of a
 /// new overlay layer in `dir`.
 fn etc_overlay(dir: &Path, config: &Path) -> EtcOverlay {
     let upper = dir.join("etc-upper");
@@ -108,7 +116,7 @@ fn etc_overlay(dir: &Path, config: &Path) -> EtcOverlay {
     fs::copy(config, &installed).unwrap();
     sh(
         "chown",
-        &[&format!("root:{GROUP}"), installed.to_str().unwrap()],
+        &[&format!("root:{}", group()), installed.to_str().unwrap()],
     );
     fs::set_permissions(&installed, fs::Permissions::from_mode(0o640)).unwrap();
     EtcOverlay { upper, work }
@@ -133,8 +141,6 @@ fn setup(name: &str, server: &TestServer) -> Setup {
         is_root(),
         "this test installs a setgid binary and switches users: run it as root (CI does)"
     );
-    let out = sh("groupadd", &["-f", GROUP]);
-    assert!(out.status.success(), "groupadd: {out:?}");
     // Under /var/tmp, not a temp dir mounted nosuid.
     let dir = PathBuf::from(format!(
         "/var/tmp/pbxmail-priv-{name}-{}",
@@ -145,7 +151,10 @@ fn setup(name: &str, server: &TestServer) -> Setup {
     fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
     let bin = dir.join("pbxmail");
     fs::copy(env!("CARGO_BIN_EXE_pbxmail"), &bin).unwrap();
-    sh("chown", &[&format!("root:{GROUP}"), bin.to_str().unwrap()]);
+    sh(
+        "chown",
+        &[&format!("root:{}", group()), bin.to_str().unwrap()],
+    );
     fs::set_permissions(&bin, fs::Permissions::from_mode(0o2755)).unwrap();
     let sendmail = dir.join("sendmail");
     std::os::unix::fs::symlink(&bin, &sendmail).unwrap();
@@ -154,7 +163,7 @@ fn setup(name: &str, server: &TestServer) -> Setup {
     fs::create_dir(&spool).unwrap();
     sh(
         "chown",
-        &[&format!("root:{GROUP}"), spool.to_str().unwrap()],
+        &[&format!("root:{}", group()), spool.to_str().unwrap()],
     );
     fs::set_permissions(&spool, fs::Permissions::from_mode(0o2770)).unwrap();
     let config = dir.join("pbxmail.ini");
@@ -172,7 +181,7 @@ fn setup(name: &str, server: &TestServer) -> Setup {
     .unwrap();
     sh(
         "chown",
-        &[&format!("root:{GROUP}"), config.to_str().unwrap()],
+        &[&format!("root:{}", group()), config.to_str().unwrap()],
     );
     fs::set_permissions(&config, fs::Permissions::from_mode(0o640)).unwrap();
     Setup {
@@ -249,7 +258,7 @@ fn a_user_outside_the_group_submits_and_the_daemon_delivers() {
             "--reuid",
             DAEMON_USER,
             "--regid",
-            GROUP,
+            &group(),
             "--clear-groups",
             "--",
         ])

@@ -64,6 +64,32 @@ pub fn free_port() -> u16 {
     listener.local_addr().expect("listener address").port()
 }
 
+/// An existing group of this machine that lists no members and is neither
+/// root's nor nogroup: for tests that need files owned by a group other than
+/// the runner's. Found in /etc/group, never added to it, since no test writes
+/// outside its temp dir. Its name and gid; None if the machine has none.
+pub fn spare_group() -> Option<(String, u32)> {
+    const PREFERRED: [&str; 7] = ["news", "uucp", "proxy", "backup", "list", "irc", "src"];
+    let groups = fs::read_to_string("/etc/group").ok()?;
+    let spare: Vec<(String, u32)> = groups
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(':').collect();
+            let [name, _, gid, members] = fields[..] else {
+                return None;
+            };
+            let gid: u32 = gid.parse().ok()?;
+            let usable = gid != 0 && members.is_empty() && !["root", "nogroup"].contains(&name);
+            usable.then(|| (name.to_string(), gid))
+        })
+        .collect();
+    PREFERRED
+        .iter()
+        .find_map(|want| spare.iter().find(|(name, _)| name == want))
+        .or_else(|| spare.first())
+        .cloned()
+}
+
 /// Every file below `dir`, sorted (none if it does not exist).
 pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut files = Vec::new();
