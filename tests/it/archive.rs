@@ -14,13 +14,11 @@ use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::support::harness::{
-    files_under, spare_group, wait_until, Daemon, Run, Running, PBXMAIL,
-};
+use crate::support::harness::{files_under, spare_group, wait_until, Daemon, Run, Running};
 use crate::support::rng::Rng;
 use crate::support::smtp_server::{Received, ServerOptions, TestServer};
 use serde_json::Value;
@@ -789,7 +787,7 @@ fn daemon_killed_at_random_moments_archives_each_message_once() {
             next += 1;
         }
         let journal_before = fs::metadata(&journal_path).map_or(0, |m| m.len());
-        let mut child = spawn_daemon(&d);
+        let mut daemon = Running::after_kill(&d);
         if kill % 2 == 0 {
             thread::sleep(Duration::from_millis(below(200)));
         } else {
@@ -802,8 +800,7 @@ fn daemon_killed_at_random_moments_archives_each_message_once() {
                 thread::sleep(Duration::from_micros(20));
             }
         }
-        let _ = child.kill();
-        let status = child.wait().expect("reap daemon");
+        let status = daemon.kill9();
         assert_eq!(
             status.signal(),
             Some(9),
@@ -888,37 +885,6 @@ fn daemon_killed_at_random_moments_archives_each_message_once() {
         "{}",
         run.stderr
     );
-}
-
-/// Starts the daemon as a child this test can SIGKILL, once it is ready.
-fn spawn_daemon(d: &Daemon) -> Child {
-    let socket = d.spool_dir().join("pickup.sock");
-    let _ = fs::remove_file(&socket);
-    let log = File::options()
-        .create(true)
-        .append(true)
-        .open(d.dir().join("daemon.log"))
-        .expect("open daemon log");
-    let mut child = Command::new(PBXMAIL)
-        .args(["daemon", "-c"])
-        .arg(d.config_path())
-        .env_remove("PBXMAIL_CONFIG")
-        .env_remove("PBXMAIL_LOG")
-        .env_remove("JOURNAL_STREAM")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(log))
-        .spawn()
-        .expect("spawn pbxmail daemon");
-    let ready = wait_until(Duration::from_secs(10), || {
-        socket.exists() || matches!(child.try_wait(), Ok(Some(_)))
-    });
-    if !ready || !socket.exists() {
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("daemon did not start: {}", d.log());
-    }
-    child
 }
 
 /// The archive cannot be written (its folder is in the way): the delivered

@@ -13,17 +13,16 @@
 //! `PBXMAIL_CRASH_SEED=N` repeats a run's choices.
 
 use std::collections::BTreeSet;
-use std::fs::{self, File};
+use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::support::harness::{wait_until, Daemon, PBXMAIL};
+use crate::support::harness::{wait_until, Daemon, Running};
 use crate::support::oauth_server::{OAuthServer, Request, Response};
 use crate::support::rng::Rng;
 use crate::support::smtp_server::{Received, ServerOptions, TestCa, TestServer};
@@ -48,8 +47,6 @@ const ACCESS_TOKENS: usize = 5000;
 const SUBMIT_EVERY: Duration = Duration::from_millis(40);
 /// Longest wait for everything accepted to arrive once the daemon runs undisturbed.
 const DRAIN: Duration = Duration::from_secs(20);
-/// Longest wait for a daemon to create its pickup socket.
-const READY: Duration = Duration::from_secs(10);
 
 fn access_token(n: usize) -> String {
     format!("acc3ss-tok-{n}-zq")
@@ -206,93 +203,6 @@ fn subject(m: &Received) -> String {
         .to_string()
 }
 
-/// A daemon child this test can SIGKILL; killed and reaped if the test panics.
-struct Killable(Option<Child>);
-
-impl Killable {
-    /// Starts `pbxmail daemon` and waits until it is ready. A killed daemon
-    /// leaves its pickup socket behind, so that is removed first: the new
-    /// daemon's socket appears only after its start-up recovery ran.
-    fn spawn(d: &Daemon) -> Killable {
-        let socket = d.spool_dir().join("pickup.sock");
-        let _ = fs::remove_file(&socket);
-        let log = File::options()
-            .create(true)
-            .append(true)
-            .open(d.dir().join("daemon.log"))
-            .expect("open daemon log");
-        let child = Command::new(PBXMAIL)
-            .arg("daemon")
-            .arg("-c")
-            .arg(d.config_path())
-            .env_remove("PBXMAIL_CONFIG")
-            .env_remove("PBXMAIL_LOG")
-            .env_remove("JOURNAL_STREAM")
-            .env_remove("PBXMAIL_DEBUG_PANIC_ONCE")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("spawn pbxmail daemon");
-        let mut daemon = Killable(Some(child));
-        let mut exited = None;
-        let ready = wait_until(READY, || {
-            if let Ok(Some(status)) = daemon.child().try_wait() {
-                exited = Some(status);
-                return true;
-            }
-            socket.exists()
-        });
-        if let Some(status) = exited {
-            daemon.0 = None;
-            panic!("daemon exited during start-up ({status})");
-        }
-        assert!(ready, "daemon did not create {} in time", socket.display());
-        daemon
-    }
-
-    fn child(&mut self) -> &mut Child {
-        self.0.as_mut().expect("daemon running")
-    }
-
-    /// SIGKILL (what `Child::kill` sends on Unix) and reap.
-    fn kill9(mut self) -> ExitStatus {
-        let mut child = self.0.take().expect("daemon running");
-        let _ = child.kill();
-        child.wait().expect("wait for killed daemon")
-    }
-
-    /// SIGTERM, then waits (bounded) for the exit.
-    fn stop(mut self) -> ExitStatus {
-        let mut child = self.0.take().expect("daemon running");
-        let sent = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(sent.success(), "kill -TERM failed");
-        let mut status = None;
-        let stopped = wait_until(Duration::from_secs(15), || {
-            status = child.try_wait().expect("wait for daemon");
-            status.is_some()
-        });
-        if !stopped {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("daemon did not exit within 15 s of SIGTERM");
-        }
-        status.expect("exit status")
-    }
-}
-
-impl Drop for Killable {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
 /// The temporary-file names `write_refresh_token` uses for `token_file`.
 fn is_temp_of(name: &str, token_file: &Path) -> bool {
     let base = token_file
@@ -430,7 +340,7 @@ fn crash_during_token_rotation_never_leaves_the_tenant_without_a_token() {
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             for kill in 1..=KILLS {
                 let grants_before = provider.lock().grants.len();
-                let daemon = Killable::spawn(&d);
+                let mut daemon = Running::after_kill(&d);
                 if kill % 2 == 0 {
                     thread::sleep(Duration::from_millis(rng.below(MAX_KILL_DELAY_MS + 1)));
                 } else {
@@ -506,7 +416,7 @@ fn crash_during_token_rotation_never_leaves_the_tenant_without_a_token() {
 
     // Undisturbed at last: everything accepted goes out.
     let grants_before = provider.lock().grants.len();
-    let daemon = Killable::spawn(&d);
+    let mut daemon = Running::after_kill(&d);
     // One more message after the start, so this daemon refreshes (its cache
     // starts empty) even if the killed ones delivered everything else.
     let mut accepted = accepted;
@@ -518,7 +428,9 @@ fn crash_during_token_rotation_never_leaves_the_tenant_without_a_token() {
         let got: BTreeSet<String> = relay.messages().iter().map(subject).collect();
         want.iter().all(|s| got.contains(*s))
     });
-    let status = daemon.stop();
+    let status = daemon
+        .stop_within(Duration::from_secs(15))
+        .expect("the daemon did not exit within 15 s of SIGTERM");
     assert!(status.success(), "daemon stop: {status}");
     let (token, temps) = check_token_folder(&token_file, &provider, "at the end");
 

@@ -460,6 +460,26 @@ impl Running {
         running
     }
 
+    /// Starts the daemon over a spool a SIGKILL may have left: the killed
+    /// daemon's pickup socket is removed first, so the new daemon's socket
+    /// appears only after its start-up recovery ran.
+    pub fn after_kill(daemon: &Daemon) -> Running {
+        let _ = fs::remove_file(daemon.spool_dir().join("pickup.sock"));
+        Running::start(daemon)
+    }
+
+    /// SIGKILL (what `Child::kill` sends on Unix) and reap; returns the status.
+    pub fn kill9(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("daemon running");
+        let _ = child.kill();
+        child.wait().expect("wait for the killed daemon")
+    }
+
+    /// SIGSTOP: the daemon runs no further until it is killed.
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
     pub fn pid(&self) -> String {
         self.child
             .as_ref()
