@@ -9,7 +9,8 @@ use crate::support::harness::{
     attempts, closed_port, commands, plain_tenant, recipients, str_of, tenant, wait_until, Daemon,
     Running,
 };
-use crate::support::smtp_server::{Received, ServerOptions, TestCa, TestServer, Tls};
+use crate::support::mail::{body, headers, message};
+use crate::support::smtp_server::{ServerOptions, TestCa, TestServer, Tls};
 use serde_json::Value;
 
 /// Upper bound for mail that should go out now; generous for a loaded CI box.
@@ -17,36 +18,6 @@ const ARRIVAL: Duration = Duration::from_secs(10);
 
 const USER: &str = "pbx@acme.test";
 const PASSWORD: &str = "s3cret-pw";
-
-/// A small RFC 5322 message with LF line ends, as a PBX would pipe it in.
-fn message(from: &str, to: &str, subject: &str, body: &str) -> Vec<u8> {
-    format!("From: {from}\nTo: {to}\nSubject: {subject}\n\n{body}\n").into_bytes()
-}
-
-/// Submits with `-i` and asserts exit 0 (durably spooled).
-fn submit(daemon: &Daemon, args: &[&str], msg: &[u8]) {
-    let mut full = vec!["-i"];
-    full.extend_from_slice(args);
-    let run = daemon.sendmail(&full, msg);
-    assert_eq!(run.code, 0, "sendmail failed: {}", run.stderr);
-}
-
-/// The body of a received message: everything after the first empty line.
-fn body(m: &Received) -> String {
-    let text = m.text();
-    match text.split_once("\r\n\r\n") {
-        Some((_, body)) => body.to_string(),
-        None => panic!("no header/body separator in {text:?}"),
-    }
-}
-
-/// The header block of a received message (without the empty line).
-fn headers(m: &Received) -> String {
-    let text = m.text();
-    text.split_once("\r\n\r\n")
-        .map(|(h, _)| h.to_string())
-        .unwrap_or(text)
-}
 
 fn sent_verb(server: &TestServer, verb: &str) -> bool {
     commands(server)
@@ -86,13 +57,11 @@ fn two_messages_over_starttls_use_two_fresh_handshakes() {
     daemon.configure(&tenant("acme", "acme.test", &relay, &extra));
     daemon.start();
 
-    submit(
-        &daemon,
+    daemon.submit(
         &["alice@example.com"],
         &message("pbx@acme.test", "alice@example.com", "first", "body one"),
     );
-    submit(
-        &daemon,
+    daemon.submit(
         &["bob@example.com"],
         &message("pbx@acme.test", "bob@example.com", "second", "body two"),
     );
@@ -145,8 +114,7 @@ fn black_holed_relay_does_not_delay_other_tenants() {
     let mut daemon = Daemon::new("black_hole", &config);
     daemon.start();
 
-    submit(
-        &daemon,
+    daemon.submit(
         &["x@example.com"],
         &message("pbx@a.test", "x@example.com", "to the hole", "a"),
     );
@@ -154,8 +122,7 @@ fn black_holed_relay_does_not_delay_other_tenants() {
     assert_eq!(hole.wait_for_connections(1, ARRIVAL), 1);
 
     let started = Instant::now();
-    submit(
-        &daemon,
+    daemon.submit(
         &["y@example.com"],
         &message("pbx@b.test", "y@example.com", "healthy", "b"),
     );
@@ -190,8 +157,7 @@ fn mail_queued_while_daemon_stopped_is_delivered_after_start() {
     daemon.start();
     assert_eq!(daemon.stop().code(), Some(0), "SIGTERM: orderly exit");
 
-    submit(
-        &daemon,
+    daemon.submit(
         &["alice@example.com"],
         &message("pbx@acme.test", "alice@example.com", "offline", "waited"),
     );
@@ -209,8 +175,7 @@ fn sendmail_before_the_daemon_ever_ran_spools_the_message() {
     );
     assert!(!daemon.spool_dir().exists());
 
-    submit(
-        &daemon,
+    daemon.submit(
         &["alice@example.com"],
         &message("pbx@acme.test", "alice@example.com", "offline", "waited"),
     );
@@ -258,8 +223,7 @@ fn starttls_required_but_not_offered_sends_no_mail() {
         &tenant("acme", "acme.test", &relay, &extra),
     );
     daemon.start();
-    submit(
-        &daemon,
+    daemon.submit(
         &["alice@example.com"],
         &message("pbx@acme.test", "alice@example.com", "secret", "x"),
     );
@@ -369,8 +333,7 @@ fn temporary_rcpt_failure_is_deferred_and_retried() {
     );
     let mut daemon = Daemon::new("rcpt_450", &plain_tenant("acme", "acme.test", &server, ""));
     daemon.start();
-    submit(
-        &daemon,
+    daemon.submit(
         &["alice@example.com"],
         &message("pbx@acme.test", "alice@example.com", "busy", "x"),
     );
@@ -406,8 +369,7 @@ fn permanent_failure_of_one_recipient_bounces_only_it_to_the_sender() {
         &plain_tenant("acme", "acme.test", &server, ""),
     );
     daemon.start();
-    submit(
-        &daemon,
+    daemon.submit(
         &["gone@example.com", "ok@example.com"],
         &message("pbx@acme.test", "ok@example.com", "half", "x"),
     );
@@ -454,8 +416,7 @@ fn untrusted_certificate_is_refused_before_anything_is_sent() {
         &tenant("acme", "acme.test", &relay, &extra),
     );
     daemon.start();
-    submit(
-        &daemon,
+    daemon.submit(
         &["alice@example.com"],
         &message("pbx@acme.test", "alice@example.com", "secret", "x"),
     );
@@ -492,8 +453,7 @@ fn wrong_password_is_deferred_not_bounced() {
     );
     daemon.configure(&tenant("acme", "acme.test", &relay, &extra));
     daemon.start();
-    submit(
-        &daemon,
+    daemon.submit(
         &["alice@example.com"],
         &message("pbx@acme.test", "alice@example.com", "hello", "x"),
     );
@@ -528,8 +488,7 @@ fn plaintext_relay_never_gets_credentials() {
         &plain_tenant("acme", "acme.test", &server, &extra),
     );
     daemon.start();
-    submit(
-        &daemon,
+    daemon.submit(
         &["alice@example.com"],
         &message("pbx@acme.test", "alice@example.com", "hello", "x"),
     );
@@ -559,8 +518,7 @@ fn refused_connection_defers_and_keeps_the_message() {
         ),
     );
     daemon.start();
-    submit(
-        &daemon,
+    daemon.submit(
         &["alice@example.com"],
         &message("pbx@acme.test", "alice@example.com", "hello", "x"),
     );
@@ -598,8 +556,7 @@ fn implicit_tls_tenant_delivers() {
     let extra = format!("tls = implicit\n{}", daemon.trust(&ca));
     daemon.configure(&tenant("acme", "acme.test", &relay, &extra));
     daemon.start();
-    submit(
-        &daemon,
+    daemon.submit(
         &["alice@example.com"],
         &message("pbx@acme.test", "alice@example.com", "over 465", "sealed"),
     );
@@ -626,8 +583,8 @@ fn dots_and_line_ends_survive_transparency() {
     // The same body with CRLF: must not turn into CR CR LF.
     let crlf = format!("{head}Subject: crlf\n\n.\n..\n.x\n\nmiddle\nend without newline")
         .replace('\n', "\r\n");
-    submit(&daemon, &["alice@example.com"], lf.as_bytes());
-    submit(&daemon, &["alice@example.com"], crlf.as_bytes());
+    daemon.submit(&["alice@example.com"], lf.as_bytes());
+    daemon.submit(&["alice@example.com"], crlf.as_bytes());
 
     let got = server.wait_for_messages(2, ARRIVAL);
     assert_eq!(got.len(), 2);
@@ -782,8 +739,7 @@ fn messages_to_one_tenant_share_a_session() {
     daemon.start();
     assert_eq!(daemon.stop().code(), Some(0));
     for n in 0..3 {
-        submit(
-            &daemon,
+        daemon.submit(
             &["alice@example.com"],
             &message("pbx@acme.test", "alice@example.com", &format!("n{n}"), "x"),
         );
@@ -815,8 +771,7 @@ fn black_holed_relay_times_out_and_defers() {
         ),
     );
     daemon.start();
-    submit(
-        &daemon,
+    daemon.submit(
         &["alice@example.com"],
         &message("pbx@acme.test", "alice@example.com", "void", "x"),
     );
@@ -855,8 +810,7 @@ fn sigterm_during_a_stuck_session_exits_and_keeps_the_message() {
         ),
     );
     daemon.start();
-    submit(
-        &daemon,
+    daemon.submit(
         &["alice@example.com"],
         &message("pbx@acme.test", "alice@example.com", "stuck", "x"),
     );
@@ -891,8 +845,7 @@ fn partial_tempfail_retries_only_the_deferred_recipient() {
         &plain_tenant("acme", "acme.test", &server, ""),
     );
     daemon.start();
-    submit(
-        &daemon,
+    daemon.submit(
         &["ok@example.com", "busy@example.com"],
         &message("pbx@acme.test", "ok@example.com", "half", "x"),
     );
@@ -931,8 +884,7 @@ fn tempfail_after_data_defers_every_recipient() {
     );
     let mut daemon = Daemon::new("data_452", &plain_tenant("acme", "acme.test", &server, ""));
     daemon.start();
-    submit(
-        &daemon,
+    daemon.submit(
         &["a@example.com", "b@example.com"],
         &message("pbx@acme.test", "a@example.com", "full", "x"),
     );
@@ -956,8 +908,7 @@ fn permfail_after_data_bounces_and_a_refused_bounce_stays_failed() {
     );
     let mut daemon = Daemon::new("data_554", &plain_tenant("acme", "acme.test", &server, ""));
     daemon.start();
-    submit(
-        &daemon,
+    daemon.submit(
         &["a@example.com", "b@example.com"],
         &message("pbx@acme.test", "a@example.com", "spam", "x"),
     );
@@ -990,13 +941,11 @@ fn sender_domain_picks_the_tenant_exact_before_wildcard() {
     // Queued with the daemon stopped, to check `queue --tenant` first.
     daemon.start();
     assert_eq!(daemon.stop().code(), Some(0));
-    submit(
-        &daemon,
+    daemon.submit(
         &["a@example.com"],
         &message("pbx@DESK.Acme.test", "a@example.com", "exact", "x"),
     );
-    submit(
-        &daemon,
+    daemon.submit(
         &["-f", "pbx@branch.ACME.test", "b@example.com"],
         &message("Front <pbx@desk.acme.test>", "b@example.com", "wild", "x"),
     );
@@ -1051,7 +1000,7 @@ fn dot_lines_across_buffer_boundaries_survive_transparency() {
         "From: pbx@acme.test\nTo: alice@example.com\nSubject: big\n\n{}\n",
         lines.join("\n")
     );
-    submit(&daemon, &["alice@example.com"], input.as_bytes());
+    daemon.submit(&["alice@example.com"], input.as_bytes());
 
     let got = server.wait_for_messages(1, ARRIVAL);
     assert_eq!(got.len(), 1);
@@ -1123,8 +1072,7 @@ fn tells_systemd_ready_once_it_takes_mail() {
         .expect("a notification within the timeout");
     assert_eq!(&buf[..n], b"READY=1");
     assert!(daemon.spool_dir().join("pickup.sock").exists());
-    submit(
-        &daemon,
+    daemon.submit(
         &["x@example.com"],
         &message("pbx@acme.test", "x@example.com", "after ready", "x"),
     );

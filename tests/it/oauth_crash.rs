@@ -23,9 +23,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::support::harness::{wait_until, Daemon, Running};
+use crate::support::mail::{note, subject};
 use crate::support::oauth_server::{OAuthServer, Request, Response};
 use crate::support::rng::Rng;
-use crate::support::smtp_server::{Received, ServerOptions, TestCa, TestServer};
+use crate::support::smtp_server::{ServerOptions, TestCa, TestServer};
 use serde_json::Value;
 
 const USER: &str = "pbx@acme.test";
@@ -190,19 +191,6 @@ fn site(test: &str, ca: &TestCa, endpoint: &OAuthServer, relay: &TestServer) -> 
     (daemon, token_file)
 }
 
-fn message(subject: &str) -> Vec<u8> {
-    format!("From: {USER}\nTo: {RCPT}\nSubject: {subject}\n\nbody of {subject}\n").into_bytes()
-}
-
-fn subject(m: &Received) -> String {
-    let text = m.text();
-    let head = text.split("\r\n\r\n").next().unwrap_or("");
-    head.split("\r\n")
-        .find_map(|l| l.strip_prefix("Subject: "))
-        .unwrap_or("")
-        .to_string()
-}
-
 /// The temporary-file names `write_refresh_token` uses for `token_file`.
 fn is_temp_of(name: &str, token_file: &Path) -> bool {
     let base = token_file
@@ -326,7 +314,7 @@ fn crash_during_token_rotation_never_leaves_the_tenant_without_a_token() {
             let mut n = 0usize;
             while !stop_submitting.load(Ordering::SeqCst) {
                 let subject = format!("stream-{n}");
-                let run = d.sendmail(&["-i", RCPT], &message(&subject));
+                let run = d.sendmail(&["-i", RCPT], &note(USER, RCPT, &subject));
                 if run.code == 0 {
                     accepted.push(subject);
                 } else {
@@ -420,7 +408,7 @@ fn crash_during_token_rotation_never_leaves_the_tenant_without_a_token() {
     // One more message after the start, so this daemon refreshes (its cache
     // starts empty) even if the killed ones delivered everything else.
     let mut accepted = accepted;
-    let run = d.sendmail(&["-i", RCPT], &message("final"));
+    let run = d.sendmail(&["-i", RCPT], &note(USER, RCPT, "final"));
     assert_eq!(run.code, 0, "sendmail final: {run:?}");
     accepted.push("final".to_string());
     let want: BTreeSet<&str> = accepted.iter().map(String::as_str).collect();

@@ -333,6 +333,30 @@ impl Daemon {
         self.run(&full, message)
     }
 
+    /// `sendmail -i ARGS...` with `message`; asserts exit 0 (durably
+    /// spooled) and returns the run.
+    pub fn submit(&self, args: &[&str], message: &[u8]) -> Run {
+        let mut full = vec!["-i"];
+        full.extend_from_slice(args);
+        let run = self.sendmail(&full, message);
+        assert_eq!(run.code, 0, "sendmail {args:?} failed: {}", run.stderr);
+        run
+    }
+
+    /// `sendmail -v -i ARGS...` with `message`; asserts exit 0 and returns
+    /// the queue ID it reported.
+    pub fn submit_for_id(&self, args: &[&str], message: &[u8]) -> String {
+        let mut full = vec!["-v"];
+        full.extend_from_slice(args);
+        super::mail::queued_id(&self.submit(&full, message).stderr)
+    }
+
+    /// Submits `mail::note(from, to, subject)` to `to` (`sendmail -v -i TO`);
+    /// asserts exit 0 and returns the queue ID.
+    pub fn submit_note(&self, from: &str, to: &str, subject: &str) -> String {
+        self.submit_for_id(&[to], &super::mail::note(from, to, subject))
+    }
+
     /// `pbxmail queue -c FILE --json`, parsed; panics unless it exits 0.
     pub fn queue_json(&self) -> serde_json::Value {
         let config = self.config.to_string_lossy().into_owned();
@@ -570,4 +594,14 @@ pub fn plain_tenant(name: &str, domain: &str, server: &TestServer, extra: &str) 
 
 pub fn commands(server: &TestServer) -> Vec<String> {
     server.commands().into_iter().map(|(_, c)| c).collect()
+}
+
+/// How many commands the server heard that start with `prefix` (any case).
+pub fn count_commands(server: &TestServer, prefix: &str) -> usize {
+    let prefix = prefix.to_ascii_uppercase();
+    server
+        .commands()
+        .iter()
+        .filter(|(_, c)| c.to_ascii_uppercase().starts_with(&prefix))
+        .count()
 }

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod harness;
+pub mod mail;
 pub mod oauth_server;
 pub mod observed;
 pub mod rng;
