@@ -15,6 +15,7 @@ mod oauth_crash;
 mod policy;
 mod privilege;
 mod secrets;
+mod sendmail;
 mod smtp_client;
 mod spool_faults;
 mod support_selftest;
