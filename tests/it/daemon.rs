@@ -271,14 +271,14 @@ fn config_errors_name_file_and_line() {
 
 #[test]
 fn temporary_rcpt_failure_is_deferred_and_retried() {
-    let server = TestServer::start(
+    let (mut daemon, server) = Daemon::with_relay(
+        "rcpt_450",
         ServerOptions {
             rcpt_reply: Some("450 4.2.0 Mailbox busy".into()),
             ..ServerOptions::default()
         },
-        None,
+        "",
     );
-    let mut daemon = Daemon::new("rcpt_450", &plain_tenant("acme", "acme.test", &server, ""));
     daemon.start();
     daemon.submit(
         &["alice@example.com"],
@@ -304,16 +304,13 @@ fn temporary_rcpt_failure_is_deferred_and_retried() {
 
 #[test]
 fn permanent_failure_of_one_recipient_bounces_only_it_to_the_sender() {
-    let server = TestServer::start(
+    let (mut daemon, server) = Daemon::with_relay(
+        "rcpt_550_one_of_two",
         ServerOptions {
             rcpt_reply_for: vec![("gone@example.com".into(), "550 5.1.1 No such user".into())],
             ..ServerOptions::default()
         },
-        None,
-    );
-    let mut daemon = Daemon::new(
-        "rcpt_550_one_of_two",
-        &plain_tenant("acme", "acme.test", &server, ""),
+        "",
     );
     daemon.start();
     daemon.submit(
@@ -518,11 +515,7 @@ fn implicit_tls_tenant_delivers() {
 
 #[test]
 fn dots_and_line_ends_survive_transparency() {
-    let server = TestServer::start(ServerOptions::default(), None);
-    let mut daemon = Daemon::new(
-        "transparency",
-        &plain_tenant("acme", "acme.test", &server, ""),
-    );
+    let (mut daemon, server) = Daemon::with_relay("transparency", ServerOptions::default(), "");
     daemon.start();
     let head = "From: pbx@acme.test\nTo: alice@example.com\n";
     // Bare LF throughout, dot lines, and no newline at the very end.
@@ -566,11 +559,7 @@ fn dots_and_line_ends_survive_transparency() {
 
 #[test]
 fn messages_to_one_tenant_share_a_session() {
-    let server = TestServer::start(ServerOptions::default(), None);
-    let mut daemon = Daemon::new(
-        "shared_session",
-        &plain_tenant("acme", "acme.test", &server, ""),
-    );
+    let (mut daemon, server) = Daemon::with_relay("shared_session", ServerOptions::default(), "");
     // Queued while the daemon is stopped, so all three are due together.
     daemon.start();
     assert_eq!(daemon.stop().code(), Some(0));
@@ -669,16 +658,13 @@ fn sigterm_during_a_stuck_session_exits_and_keeps_the_message() {
 
 #[test]
 fn partial_tempfail_retries_only_the_deferred_recipient() {
-    let server = TestServer::start(
+    let (mut daemon, server) = Daemon::with_relay(
+        "partial_tempfail",
         ServerOptions {
             rcpt_reply_for: vec![("busy@example.com".into(), "451 4.3.0 Try later".into())],
             ..ServerOptions::default()
         },
-        None,
-    );
-    let mut daemon = Daemon::new(
-        "partial_tempfail",
-        &plain_tenant("acme", "acme.test", &server, ""),
+        "",
     );
     daemon.start();
     daemon.submit(
@@ -711,14 +697,14 @@ fn partial_tempfail_retries_only_the_deferred_recipient() {
 
 #[test]
 fn tempfail_after_data_defers_every_recipient() {
-    let server = TestServer::start(
+    let (mut daemon, server) = Daemon::with_relay(
+        "data_452",
         ServerOptions {
             data_reply: Some("452 4.3.1 Insufficient system storage".into()),
             ..ServerOptions::default()
         },
-        None,
+        "",
     );
-    let mut daemon = Daemon::new("data_452", &plain_tenant("acme", "acme.test", &server, ""));
     daemon.start();
     daemon.submit(
         &["a@example.com", "b@example.com"],
@@ -735,14 +721,14 @@ fn tempfail_after_data_defers_every_recipient() {
 fn permfail_after_data_bounces_and_a_refused_bounce_stays_failed() {
     // The relay refuses every message, the bounce included, and no
     // postmaster is configured: the bounce stays visible, nothing retries.
-    let server = TestServer::start(
+    let (mut daemon, server) = Daemon::with_relay(
+        "data_554",
         ServerOptions {
             data_reply: Some("554 5.7.1 Message rejected as spam".into()),
             ..ServerOptions::default()
         },
-        None,
+        "",
     );
-    let mut daemon = Daemon::new("data_554", &plain_tenant("acme", "acme.test", &server, ""));
     daemon.start();
     daemon.submit(
         &["a@example.com", "b@example.com"],
@@ -769,11 +755,8 @@ fn permfail_after_data_bounces_and_a_refused_bounce_stays_failed() {
 
 #[test]
 fn dot_lines_across_buffer_boundaries_survive_transparency() {
-    let server = TestServer::start(ServerOptions::default(), None);
-    let mut daemon = Daemon::new(
-        "transparency_large",
-        &plain_tenant("acme", "acme.test", &server, ""),
-    );
+    let (mut daemon, server) =
+        Daemon::with_relay("transparency_large", ServerOptions::default(), "");
     daemon.start();
     // About 300 KB of lines of every length from 1 to 97, most starting with
     // a dot, so that dots and line ends fall on every offset of the
@@ -821,8 +804,7 @@ fn dot_lines_across_buffer_boundaries_survive_transparency() {
 #[test]
 fn tells_systemd_ready_once_it_takes_mail() {
     use std::os::unix::net::UnixDatagram;
-    let server = TestServer::start(ServerOptions::default(), None);
-    let daemon = Daemon::new("sd_notify", &plain_tenant("acme", "acme.test", &server, ""));
+    let (daemon, server) = Daemon::with_relay("sd_notify", ServerOptions::default(), "");
     let notify = daemon.dir().join("notify.sock");
     let systemd = UnixDatagram::bind(&notify).expect("bind the notify socket");
     systemd

@@ -17,11 +17,8 @@ const ARRIVAL: Duration = Duration::from_secs(10);
 
 #[test]
 fn mail_queued_while_daemon_stopped_is_delivered_after_start() {
-    let server = TestServer::start(ServerOptions::default(), None);
-    let mut daemon = Daemon::new(
-        "queued_while_stopped",
-        &plain_tenant("acme", "acme.test", &server, ""),
-    );
+    let (mut daemon, server) =
+        Daemon::with_relay("queued_while_stopped", ServerOptions::default(), "");
     // A daemon that ran before (so the spool exists) and was stopped.
     daemon.start();
     assert_eq!(daemon.stop().code(), Some(0), "SIGTERM: orderly exit");
@@ -37,11 +34,8 @@ fn mail_queued_while_daemon_stopped_is_delivered_after_start() {
 /// was ever started, when the spool folders do not exist yet.
 #[test]
 fn sendmail_before_the_daemon_ever_ran_spools_the_message() {
-    let server = TestServer::start(ServerOptions::default(), None);
-    let mut daemon = Daemon::new(
-        "sendmail_fresh_spool",
-        &plain_tenant("acme", "acme.test", &server, ""),
-    );
+    let (mut daemon, server) =
+        Daemon::with_relay("sendmail_fresh_spool", ServerOptions::default(), "");
     assert!(!daemon.spool_dir().exists());
 
     daemon.submit(
@@ -75,8 +69,7 @@ fn assert_queued_then_delivered_after_start(daemon: &mut Daemon, server: &TestSe
 
 #[test]
 fn lone_dot_ends_input_without_dash_i() {
-    let server = TestServer::start(ServerOptions::default(), None);
-    let mut daemon = Daemon::new("lone_dot", &plain_tenant("acme", "acme.test", &server, ""));
+    let (mut daemon, server) = Daemon::with_relay("lone_dot", ServerOptions::default(), "");
     daemon.start();
     let msg = b"From: pbx@acme.test\nTo: alice@example.com\nSubject: dot\n\nbefore\n.\nafter\n";
     let run = daemon.sendmail(&["alice@example.com"], msg);
@@ -88,11 +81,7 @@ fn lone_dot_ends_input_without_dash_i() {
 
 #[test]
 fn sendmail_adds_missing_headers() {
-    let server = TestServer::start(ServerOptions::default(), None);
-    let mut daemon = Daemon::new(
-        "added_headers",
-        &plain_tenant("acme", "acme.test", &server, ""),
-    );
+    let (mut daemon, server) = Daemon::with_relay("added_headers", ServerOptions::default(), "");
     daemon.start();
     // No From, Date or Message-ID: the sender comes from -f, the name from -F.
     let run = daemon.sendmail(
@@ -129,8 +118,7 @@ fn sendmail_adds_missing_headers() {
 
 #[test]
 fn sendmail_t_delivers_to_bcc_but_strips_the_header() {
-    let server = TestServer::start(ServerOptions::default(), None);
-    let mut daemon = Daemon::new("bcc", &plain_tenant("acme", "acme.test", &server, ""));
+    let (mut daemon, server) = Daemon::with_relay("bcc", ServerOptions::default(), "");
     daemon.start();
     let msg = b"From: pbx@acme.test\nTo: alice@example.com\nBcc: hidden@example.com\nSubject: bcc\n\nbody\n";
     let run = daemon.sendmail(&["-t", "-i"], msg);
@@ -149,11 +137,8 @@ fn sendmail_t_delivers_to_bcc_but_strips_the_header() {
 
 #[test]
 fn sendmail_refuses_bad_invocations_without_spooling() {
-    let server = TestServer::start(ServerOptions::default(), None);
-    let mut daemon = Daemon::new(
-        "sendmail_refusals",
-        &plain_tenant("acme", "acme.test", &server, ""),
-    );
+    let (mut daemon, server) =
+        Daemon::with_relay("sendmail_refusals", ServerOptions::default(), "");
     daemon.start();
     let good = message("pbx@acme.test", "alice@example.com", "x", "x");
 
@@ -229,11 +214,7 @@ fn sender_domain_picks_the_tenant_exact_before_wildcard() {
 
 #[test]
 fn folded_bcc_header_is_removed_entirely() {
-    let server = TestServer::start(ServerOptions::default(), None);
-    let mut daemon = Daemon::new(
-        "bcc_folded",
-        &plain_tenant("acme", "acme.test", &server, ""),
-    );
+    let (mut daemon, server) = Daemon::with_relay("bcc_folded", ServerOptions::default(), "");
     daemon.start();
     let msg = b"From: pbx@acme.test\nBCC: one@example.com,\n\ttwo@example.com\nTo: alice@example.com\nSubject: folded\n\nbody\n";
     let run = daemon.sendmail(&["-t", "-i"], msg);

@@ -148,11 +148,7 @@ fn assert_nothing_sent(server: &TestServer) {
 
 #[test]
 fn pipelining_sends_mail_and_rcpts_without_waiting_when_offered() {
-    let server = TestServer::start(ServerOptions::default(), None);
-    let mut daemon = Daemon::new(
-        "pipelining_on",
-        &plain_tenant("acme", "acme.test", &server, ""),
-    );
+    let (mut daemon, server) = Daemon::with_relay("pipelining_on", ServerOptions::default(), "");
     daemon.start();
     daemon.submit(
         &["a@example.com", "b@example.com"],
@@ -182,16 +178,13 @@ fn pipelining_sends_mail_and_rcpts_without_waiting_when_offered() {
 
 #[test]
 fn without_pipelining_every_command_waits_for_its_reply() {
-    let server = TestServer::start(
+    let (mut daemon, server) = Daemon::with_relay(
+        "pipelining_off",
         ServerOptions {
             pipelining: false,
             ..ServerOptions::default()
         },
-        None,
-    );
-    let mut daemon = Daemon::new(
-        "pipelining_off",
-        &plain_tenant("acme", "acme.test", &server, ""),
+        "",
     );
     daemon.start();
     daemon.submit(
@@ -210,16 +203,13 @@ fn without_pipelining_every_command_waits_for_its_reply() {
 /// the bounce (headers only) is small enough to go to the same relay.
 #[test]
 fn message_over_the_relays_size_limit_bounces_without_mail_from() {
-    let server = TestServer::start(
+    let (mut daemon, server) = Daemon::with_relay(
+        "size_limit",
         ServerOptions {
             size_limit: Some(8000),
             ..ServerOptions::default()
         },
-        None,
-    );
-    let mut daemon = Daemon::new(
-        "size_limit",
-        &plain_tenant("acme", "acme.test", &server, ""),
+        "",
     );
     daemon.start();
     daemon.submit(
@@ -248,11 +238,7 @@ fn message_over_the_relays_size_limit_bounces_without_mail_from() {
 
 #[test]
 fn mail_from_declares_the_exact_size_and_no_8bitmime_for_ascii() {
-    let server = TestServer::start(ServerOptions::default(), None);
-    let mut daemon = Daemon::new(
-        "size_param",
-        &plain_tenant("acme", "acme.test", &server, ""),
-    );
+    let (mut daemon, server) = Daemon::with_relay("size_param", ServerOptions::default(), "");
     daemon.start();
     daemon.submit(
         &["alice@example.com"],
@@ -314,17 +300,14 @@ fn eight_bit_body_declares_8bitmime_only_where_offered() {
 #[test]
 fn ehlo_keywords_in_lower_or_mixed_case_are_recognised() {
     let ehlo = "250-test.invalid\r\n250-pipelining\r\n250-Size 100000\r\n250 8bitmime";
-    let server = TestServer::start(
+    let (mut daemon, server) = Daemon::with_relay(
+        "ehlo_keyword_case",
         ServerOptions {
             size_limit: Some(100_000),
             faults: vec![("EHLO".into(), 1, Fault::Reply(ehlo.into()))],
             ..ServerOptions::default()
         },
-        None,
-    );
-    let mut daemon = Daemon::new(
-        "ehlo_keyword_case",
-        &plain_tenant("acme", "acme.test", &server, ""),
+        "",
     );
     daemon.start();
     daemon.submit(
@@ -424,11 +407,7 @@ fn relay_refusing_ehlo_gets_helo_and_the_mail() {
 
 #[test]
 fn non_ascii_recipient_without_smtputf8_fails_alone() {
-    let server = TestServer::start(ServerOptions::default(), None);
-    let mut daemon = Daemon::new(
-        "utf8_refused",
-        &plain_tenant("acme", "acme.test", &server, ""),
-    );
+    let (mut daemon, server) = Daemon::with_relay("utf8_refused", ServerOptions::default(), "");
     daemon.start();
     daemon.submit(
         &["j\u{f6}rg@example.com", "ok@example.com"],
@@ -450,16 +429,13 @@ fn non_ascii_recipient_without_smtputf8_fails_alone() {
 
 #[test]
 fn non_ascii_recipient_goes_with_smtputf8_where_offered() {
-    let server = TestServer::start(
+    let (mut daemon, server) = Daemon::with_relay(
+        "utf8_offered",
         ServerOptions {
             smtputf8: true,
             ..ServerOptions::default()
         },
-        None,
-    );
-    let mut daemon = Daemon::new(
-        "utf8_offered",
-        &plain_tenant("acme", "acme.test", &server, ""),
+        "",
     );
     daemon.start();
     daemon.submit(
@@ -520,11 +496,8 @@ fn assert_same_bytes(actual: &[u8], expected: &[u8]) {
 
 #[test]
 fn dots_long_lines_and_bare_cr_arrive_byte_exact_over_data() {
-    let server = TestServer::start(ServerOptions::default(), None);
-    let mut daemon = Daemon::new(
-        "transparency_exact",
-        &plain_tenant("acme", "acme.test", &server, ""),
-    );
+    let (mut daemon, server) =
+        Daemon::with_relay("transparency_exact", ServerOptions::default(), "");
     daemon.start();
     let (submitted, expected) = tricky_body();
     let msg = format!("From: pbx@acme.test\nTo: alice@example.com\nSubject: dots\n\n{submitted}");
@@ -537,14 +510,14 @@ fn dots_long_lines_and_bare_cr_arrive_byte_exact_over_data() {
 
 #[test]
 fn chunking_sends_bdat_chunks_byte_exact() {
-    let server = TestServer::start(
+    let (mut daemon, server) = Daemon::with_relay(
+        "bdat",
         ServerOptions {
             chunking: true,
             ..ServerOptions::default()
         },
-        None,
+        "",
     );
-    let mut daemon = Daemon::new("bdat", &plain_tenant("acme", "acme.test", &server, ""));
     daemon.start();
     let (submitted, expected) = tricky_body();
     // About 200 KB more, so the body needs several chunks.
@@ -589,10 +562,10 @@ fn chunking_sends_bdat_chunks_byte_exact() {
 
 #[test]
 fn messages_per_session_two_carries_three_messages_over_two_connections() {
-    let server = TestServer::start(ServerOptions::default(), None);
-    let mut daemon = Daemon::new(
+    let (mut daemon, server) = Daemon::with_relay(
         "per_session_two",
-        &plain_tenant("acme", "acme.test", &server, "messages_per_session = 2\n"),
+        ServerOptions::default(),
+        "messages_per_session = 2\n",
     );
     queue_while_stopped(&mut daemon, 3);
     daemon.start();
@@ -607,10 +580,10 @@ fn messages_per_session_two_carries_three_messages_over_two_connections() {
 
 #[test]
 fn messages_per_session_one_opens_a_connection_per_message() {
-    let server = TestServer::start(ServerOptions::default(), None);
-    let mut daemon = Daemon::new(
+    let (mut daemon, server) = Daemon::with_relay(
         "per_session_one",
-        &plain_tenant("acme", "acme.test", &server, "messages_per_session = 1\n"),
+        ServerOptions::default(),
+        "messages_per_session = 1\n",
     );
     queue_while_stopped(&mut daemon, 3);
     daemon.start();
@@ -876,16 +849,13 @@ fn authentication_refusal_to_mail_or_rcpt_defers_instead_of_failing() {
 
 #[test]
 fn refused_transaction_is_reset_and_the_session_goes_on() {
-    let server = TestServer::start(
+    let (mut daemon, server) = Daemon::with_relay(
+        "rset_after_refusal",
         ServerOptions {
             rcpt_reply_for: vec![("gone@example.com".into(), "550 5.1.1 No such user".into())],
             ..ServerOptions::default()
         },
-        None,
-    );
-    let mut daemon = Daemon::new(
-        "rset_after_refusal",
-        &plain_tenant("acme", "acme.test", &server, ""),
+        "",
     );
     daemon.start();
     assert_eq!(daemon.stop().code(), Some(0));
@@ -1189,16 +1159,13 @@ fn rcpt_reply_over_100_lines_defers_the_message() {
 /// line EHLO and pipelined replies included) is understood and gets the mail.
 #[test]
 fn relay_replying_with_bare_lf_line_ends_gets_the_mail() {
-    let server = TestServer::start(
+    let (mut daemon, server) = Daemon::with_relay(
+        "bare_lf_replies",
         ServerOptions {
             bare_lf_replies: true,
             ..ServerOptions::default()
         },
-        None,
-    );
-    let mut daemon = Daemon::new(
-        "bare_lf_replies",
-        &plain_tenant("acme", "acme.test", &server, ""),
+        "",
     );
     daemon.start();
     daemon.submit(

@@ -4,7 +4,7 @@
 //! `check-config` runs against the same configuration. Assertions are left
 //! to the tests; this only starts, stops, waits and reads.
 
-use super::smtp_server::{TestCa, TestServer};
+use super::smtp_server::{ServerOptions, TestCa, TestServer};
 use std::fs::{self, File};
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};
@@ -183,6 +183,16 @@ impl Daemon {
         }
         let body: Vec<String> = lines.iter().map(|(k, v)| format!("{k} = {v}")).collect();
         format!("[daemon]\n{}\n", body.join("\n"))
+    }
+
+    /// The scenario most delivery tests share, in one call: a scripted relay
+    /// on 127.0.0.1 with `options`, and a daemon (not started) whose one
+    /// tenant `acme` (domain acme.test) relays to it without TLS, with
+    /// `extra` as further tenant keys.
+    pub fn with_relay(test: &str, options: ServerOptions, extra: &str) -> (Daemon, TestServer) {
+        let relay = TestServer::start(options, None);
+        let daemon = Daemon::new(test, &plain_tenant("acme", "acme.test", &relay, extra));
+        (daemon, relay)
     }
 
     /// Like `new`, without writing any config: for tests about the config itself.
