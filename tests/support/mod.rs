@@ -1,6 +1,5 @@
 //! Shared helpers for the integration tests (tests/it), written once: the
 //! daemon harness, the scripted SMTP relay, the OAuth token endpoint.
-#![allow(dead_code)]
 
 pub mod harness;
 pub mod mail;
