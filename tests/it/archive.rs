@@ -18,7 +18,9 @@ use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::support::harness::{files_under, spare_group, wait_until, Daemon, Run, Running};
+use crate::support::harness::{
+    files_under, framed, spare_group, str_of, wait_until, Daemon, Run, Running,
+};
 use crate::support::rng::Rng;
 use crate::support::smtp_server::{Received, ServerOptions, TestServer};
 use serde_json::Value;
@@ -168,20 +170,6 @@ fn journal(d: &Daemon, tenant: &str) -> Vec<Value> {
             serde_json::from_str(json).unwrap_or_else(|e| panic!("record {line:?}: {e}"))
         })
         .collect()
-}
-
-/// One record framed as the journal frames it: `LEN CRC32C JSON\n`.
-fn framed(record: &Value) -> String {
-    let json = record.to_string();
-    format!(
-        "{} {:08x} {json}\n",
-        json.len(),
-        crc32c::crc32c(json.as_bytes())
-    )
-}
-
-fn str_of<'a>(v: &'a Value, key: &str) -> &'a str {
-    v[key].as_str().unwrap_or("")
 }
 
 fn mode(path: &Path) -> u32 {

@@ -425,6 +425,17 @@ impl Drop for Daemon {
     }
 }
 
+/// One record framed as the spool's envelopes and the archive's journal
+/// frame theirs (docs/spool.md): `LEN SP CRC32C SP JSON LF`.
+pub fn framed(record: &serde_json::Value) -> String {
+    let json = record.to_string();
+    format!(
+        "{} {:08x} {json}\n",
+        json.len(),
+        crc32c::crc32c(json.as_bytes())
+    )
+}
+
 // Reading `pbxmail queue --json` entries.
 
 pub fn str_of<'a>(entry: &'a serde_json::Value, key: &str) -> &'a str {
