@@ -7,7 +7,10 @@
 //! are allowed, but only under the writer's own `.NAME.*.tmp` names; the
 //! restarted daemon must refresh with the token file's token, not with one
 //! of those, and removes them (they hold refresh tokens): none is left once
-//! a daemon has run undisturbed.
+//! a daemon has run undisturbed. Every other kill is aimed at the rotation
+//! (after the endpoint's answer, or as soon as a temporary file shows the
+//! write), and the test asserts from the token folder that kills landed
+//! there, inside the write at least once.
 //!
 //! Random choices come from a seeded PRNG; the seed is printed, and
 //! `PBXMAIL_CRASH_SEED=N` repeats a run's choices.
