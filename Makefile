@@ -12,8 +12,9 @@ build:
 release:
 	$(CARGO) build --locked --release
 
-# Every test: unit tests beside the code, the test server's self-test and the
-# integration tests that drive the real daemon against scripted relays.
+# Every test: unit tests beside the code, then one integration binary
+# (tests/it: the test servers' self-test and the tests that drive the real
+# daemon against scripted relays; `cargo test --test it MODULE::` runs one).
 test:
 	@# Real SMTP clients for the intake tests: swaks (Perl) and Python's smtplib;
 	@# strace for the proof that the dispatcher thread does no disk I/O.

@@ -4,7 +4,7 @@
 //! `check-config` runs against the same configuration. Assertions are left
 //! to the tests; this only starts, stops, waits and reads.
 
-use super::smtp_server::{TestCa, TestServer};
+use super::smtp_server::{ServerOptions, TestCa, TestServer};
 use std::fs::{self, File};
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};
@@ -62,6 +62,32 @@ pub fn closed_port() -> u16 {
 pub fn free_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
     listener.local_addr().expect("listener address").port()
+}
+
+/// An existing group of this machine that lists no members and is neither
+/// root's nor nogroup: for tests that need files owned by a group other than
+/// the runner's. Found in /etc/group, never added to it, since no test writes
+/// outside its temp dir. Its name and gid; None if the machine has none.
+pub fn spare_group() -> Option<(String, u32)> {
+    const PREFERRED: [&str; 7] = ["news", "uucp", "proxy", "backup", "list", "irc", "src"];
+    let groups = fs::read_to_string("/etc/group").ok()?;
+    let spare: Vec<(String, u32)> = groups
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(':').collect();
+            let [name, _, gid, members] = fields[..] else {
+                return None;
+            };
+            let gid: u32 = gid.parse().ok()?;
+            let usable = gid != 0 && members.is_empty() && !["root", "nogroup"].contains(&name);
+            usable.then(|| (name.to_string(), gid))
+        })
+        .collect();
+    PREFERRED
+        .iter()
+        .find_map(|want| spare.iter().find(|(name, _)| name == want))
+        .or_else(|| spare.first())
+        .cloned()
 }
 
 /// Every file below `dir`, sorted (none if it does not exist).
@@ -157,6 +183,16 @@ impl Daemon {
         }
         let body: Vec<String> = lines.iter().map(|(k, v)| format!("{k} = {v}")).collect();
         format!("[daemon]\n{}\n", body.join("\n"))
+    }
+
+    /// The scenario most delivery tests share, in one call: a scripted relay
+    /// on 127.0.0.1 with `options`, and a daemon (not started) whose one
+    /// tenant `acme` (domain acme.test) relays to it without TLS, with
+    /// `extra` as further tenant keys.
+    pub fn with_relay(test: &str, options: ServerOptions, extra: &str) -> (Daemon, TestServer) {
+        let relay = TestServer::start(options, None);
+        let daemon = Daemon::new(test, &plain_tenant("acme", "acme.test", &relay, extra));
+        (daemon, relay)
     }
 
     /// Like `new`, without writing any config: for tests about the config itself.
@@ -307,6 +343,30 @@ impl Daemon {
         self.run(&full, message)
     }
 
+    /// `sendmail -i ARGS...` with `message`; asserts exit 0 (durably
+    /// spooled) and returns the run.
+    pub fn submit(&self, args: &[&str], message: &[u8]) -> Run {
+        let mut full = vec!["-i"];
+        full.extend_from_slice(args);
+        let run = self.sendmail(&full, message);
+        assert_eq!(run.code, 0, "sendmail {args:?} failed: {}", run.stderr);
+        run
+    }
+
+    /// `sendmail -v -i ARGS...` with `message`; asserts exit 0 and returns
+    /// the queue ID it reported.
+    pub fn submit_for_id(&self, args: &[&str], message: &[u8]) -> String {
+        let mut full = vec!["-v"];
+        full.extend_from_slice(args);
+        super::mail::queued_id(&self.submit(&full, message).stderr)
+    }
+
+    /// Submits `mail::note(from, to, subject)` to `to` (`sendmail -v -i TO`);
+    /// asserts exit 0 and returns the queue ID.
+    pub fn submit_note(&self, from: &str, to: &str, subject: &str) -> String {
+        self.submit_for_id(&[to], &super::mail::note(from, to, subject))
+    }
+
     /// `pbxmail queue -c FILE --json`, parsed; panics unless it exits 0.
     pub fn queue_json(&self) -> serde_json::Value {
         let config = self.config.to_string_lossy().into_owned();
@@ -363,6 +423,17 @@ impl Drop for Daemon {
             let _ = fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+/// One record framed as the spool's envelopes and the archive's journal
+/// frame theirs (docs/spool.md): `LEN SP CRC32C SP JSON LF`.
+pub fn framed(record: &serde_json::Value) -> String {
+    let json = record.to_string();
+    format!(
+        "{} {:08x} {json}\n",
+        json.len(),
+        crc32c::crc32c(json.as_bytes())
+    )
 }
 
 // Reading `pbxmail queue --json` entries.
@@ -432,6 +503,26 @@ impl Running {
         assert!(running.is_running(), "daemon exited during start-up");
         assert!(ready, "daemon did not create {} in time", socket.display());
         running
+    }
+
+    /// Starts the daemon over a spool a SIGKILL may have left: the killed
+    /// daemon's pickup socket is removed first, so the new daemon's socket
+    /// appears only after its start-up recovery ran.
+    pub fn after_kill(daemon: &Daemon) -> Running {
+        let _ = fs::remove_file(daemon.spool_dir().join("pickup.sock"));
+        Running::start(daemon)
+    }
+
+    /// SIGKILL (what `Child::kill` sends on Unix) and reap; returns the status.
+    pub fn kill9(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("daemon running");
+        let _ = child.kill();
+        child.wait().expect("wait for the killed daemon")
+    }
+
+    /// SIGSTOP: the daemon runs no further until it is killed.
+    pub fn freeze(&self) {
+        self.signal("-STOP");
     }
 
     pub fn pid(&self) -> String {
@@ -524,4 +615,14 @@ pub fn plain_tenant(name: &str, domain: &str, server: &TestServer, extra: &str) 
 
 pub fn commands(server: &TestServer) -> Vec<String> {
     server.commands().into_iter().map(|(_, c)| c).collect()
+}
+
+/// How many commands the server heard that start with `prefix` (any case).
+pub fn count_commands(server: &TestServer, prefix: &str) -> usize {
+    let prefix = prefix.to_ascii_uppercase();
+    server
+        .commands()
+        .iter()
+        .filter(|(_, c)| c.to_ascii_uppercase().starts_with(&prefix))
+        .count()
 }

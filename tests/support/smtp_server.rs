@@ -84,11 +84,6 @@ impl TestCa {
         }
     }
 
-    /// PEM of the CA certificate: what a client trusts through `ca_file`.
-    pub fn ca_pem(&self) -> String {
-        self.ca_pem.clone()
-    }
-
     /// DER of the CA certificate, for building a client `RootCertStore` in tests.
     pub fn ca_der(&self) -> CertificateDer<'static> {
         self.ca_der.clone()
@@ -516,16 +511,6 @@ impl TestServer {
     /// Every XOAUTH2/OAUTHBEARER exchange, in order.
     pub fn oauth_attempts(&self) -> Vec<OAuthAttempt> {
         self.shared.lock().oauth_attempts.clone()
-    }
-
-    /// Waits until at least `n` OAuth exchanges happened or `timeout` passed;
-    /// returns them.
-    pub fn wait_for_oauth_attempts(&self, n: usize, timeout: Duration) -> Vec<OAuthAttempt> {
-        self.shared.wait_until(
-            timeout,
-            |s| s.oauth_attempts.len() >= n,
-            |s| s.oauth_attempts.clone(),
-        )
     }
 
     /// Waits until `verb` has occurred at least `n` times over the server's

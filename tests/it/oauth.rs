@@ -12,8 +12,6 @@
 //! refuses is kept and used, that a crash's temporary files are removed, and
 //! that no token, code or verifier ever shows in a log or an output.
 
-mod support;
-
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -21,12 +19,13 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::support::harness::{attempts, str_of, wait_until, Daemon, Run};
+use crate::support::mail::subject;
+use crate::support::oauth_server::{OAuthServer, Request, Response};
+use crate::support::smtp_server::{Fault, ServerOptions, TestCa, TestServer, Tls};
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
 use serde_json::Value;
-use support::harness::{attempts, str_of, wait_until, Daemon, Run};
-use support::oauth_server::{OAuthServer, Request, Response};
-use support::smtp_server::{Fault, Received, ServerOptions, TestCa, TestServer, Tls};
 
 /// Upper bound for mail that should go out now; generous for a loaded CI box.
 const ARRIVAL: Duration = Duration::from_secs(15);
@@ -36,7 +35,13 @@ const CLIENT_ID: &str = "pbx-client-42";
 const CLIENT_SECRET: &str = "cl1ent-s3cret-zq";
 const SCOPE: &str = "https://outlook.office.com/SMTP.Send offline_access";
 /// Every token this file hands out contains this, so a leak is easy to find.
+/// Where the tests' mail goes.
+const RCPT: &str = "alice@example.com";
 const MARK: &str = "-zq";
+/// An access token's `expires_in` equal to the daemon's 120 s early-refresh
+/// margin (src/oauth/source.rs): valid for the session that fetched it, and
+/// stale for the next one, however soon that starts.
+const STALE_AT_ONCE: u64 = 120;
 
 fn access_token(n: usize) -> String {
     format!("acc3ss-tok-{n}{MARK}")
@@ -156,11 +161,11 @@ struct Site {
     token_file: PathBuf,
 }
 
-/// A second message in a second session, once the first session is over
-/// and the access token has gone stale (the sleep is that wait: the token
-/// was fetched before the first message arrived, and lives 121 s minus the
-/// 120 s margin); asserts it went out with the second access token. Returns
-/// the refresh token of each request to the endpoint, in order.
+/// A second message in a second session, once the first session is over;
+/// the access token is already stale then (it lives `STALE_AT_ONCE`, no more
+/// than the daemon's early-refresh margin), so no wait stands in for time
+/// passing. Asserts it went out with the second access token. Returns the
+/// refresh token of each request to the endpoint, in order.
 fn second_session_after_expiry(
     site: &Site,
     relay: &TestServer,
@@ -170,8 +175,7 @@ fn second_session_after_expiry(
         relay.wait_for_idle(ARRIVAL),
         "the first session did not end"
     );
-    thread::sleep(Duration::from_millis(1500));
-    submit(&site.daemon, "two");
+    site.daemon.submit_note(USER, RCPT, "two");
     let got = relay.wait_for_messages(2, ARRIVAL);
     assert_eq!(got.len(), 2, "log:\n{}", site.daemon.log());
     assert_eq!(subject(&got[1]), "two");
@@ -285,26 +289,6 @@ fn mode(path: &Path) -> u32 {
     fs::metadata(path).expect("stat").permissions().mode() & 0o777
 }
 
-fn message(subject: &str) -> Vec<u8> {
-    format!("From: {USER}\nTo: alice@example.com\nSubject: {subject}\n\nbody of {subject}\n")
-        .into_bytes()
-}
-
-/// Submits one message from USER and asserts it was spooled.
-fn submit(daemon: &Daemon, subject: &str) {
-    let run = daemon.sendmail(&["-i", "alice@example.com"], &message(subject));
-    assert_eq!(run.code, 0, "sendmail failed: {run:?}");
-}
-
-fn subject(m: &Received) -> String {
-    let text = m.text();
-    let head = text.split("\r\n\r\n").next().unwrap_or("");
-    head.split("\r\n")
-        .find_map(|l| l.strip_prefix("Subject: "))
-        .unwrap_or("")
-        .to_string()
-}
-
 /// `pbxmail status --json`, parsed (Null if the command failed).
 fn status(daemon: &Daemon) -> (Value, Run) {
     let run = daemon.run(&["status", "--json"], b"");
@@ -389,7 +373,7 @@ fn first_send_fetches_a_token_and_authenticates_with_the_exact_xoauth2_string() 
         Some(&refresh_token(1)),
     );
     site.daemon.start();
-    submit(&site.daemon, "first");
+    site.daemon.submit_note(USER, RCPT, "first");
 
     let got = relay.wait_for_messages(1, ARRIVAL);
     assert_eq!(got.len(), 1, "log:\n{}", site.daemon.log());
@@ -455,7 +439,7 @@ fn cached_access_token_serves_later_sessions_until_it_expires() {
         Some(&refresh_token(1)),
     );
     site.daemon.start();
-    submit(&site.daemon, "one");
+    site.daemon.submit_note(USER, RCPT, "one");
     assert_eq!(relay.wait_for_messages(1, ARRIVAL).len(), 1);
     // The relay records a message before its 250: until the session has
     // ended, "two" could still ride it.
@@ -463,7 +447,7 @@ fn cached_access_token_serves_later_sessions_until_it_expires() {
         relay.wait_for_idle(ARRIVAL),
         "the first session did not end"
     );
-    submit(&site.daemon, "two");
+    site.daemon.submit_note(USER, RCPT, "two");
     let got = relay.wait_for_messages(2, ARRIVAL);
     assert_eq!(got.len(), 2, "log:\n{}", site.daemon.log());
     // Two sessions, one token: valid for an hour, so no second refresh.
@@ -476,8 +460,7 @@ fn cached_access_token_serves_later_sessions_until_it_expires() {
 #[test]
 fn expired_access_token_is_refreshed_before_the_next_session() {
     let ca = TestCa::new();
-    // 121 s minus the daemon's 120 s margin: stale after about a second.
-    let provider = Provider::new(121, false);
+    let provider = Provider::new(STALE_AT_ONCE, false);
     let endpoint = provider.serve(&ca);
     let relay = TestServer::start(relay_options(&[1, 2], false), None);
     let mut site = site(
@@ -489,7 +472,7 @@ fn expired_access_token_is_refreshed_before_the_next_session() {
     );
     site.daemon.start();
 
-    submit(&site.daemon, "one");
+    site.daemon.submit_note(USER, RCPT, "one");
     let got = relay.wait_for_messages(1, ARRIVAL);
     assert_eq!(got.len(), 1, "log:\n{}", site.daemon.log());
     assert_eq!(got[0].auth_token, Some(access_token(1)));
@@ -506,7 +489,7 @@ fn expired_access_token_is_refreshed_before_the_next_session() {
 #[test]
 fn rotated_refresh_token_replaces_the_file_and_is_used_next() {
     let ca = TestCa::new();
-    let provider = Provider::new(121, true);
+    let provider = Provider::new(STALE_AT_ONCE, true);
     let endpoint = provider.serve(&ca);
     let relay = TestServer::start(relay_options(&[1, 2], false), None);
     let mut site = site(
@@ -518,7 +501,7 @@ fn rotated_refresh_token_replaces_the_file_and_is_used_next() {
     );
     site.daemon.start();
 
-    submit(&site.daemon, "one");
+    site.daemon.submit_note(USER, RCPT, "one");
     assert_eq!(
         relay.wait_for_messages(1, ARRIVAL).len(),
         1,
@@ -554,7 +537,7 @@ fn rotated_refresh_token_replaces_the_file_and_is_used_next() {
 #[test]
 fn rotated_refresh_token_the_disk_refuses_is_kept_and_used() {
     let ca = TestCa::new();
-    let provider = Provider::new(121, true);
+    let provider = Provider::new(STALE_AT_ONCE, true);
     let endpoint = provider.serve(&ca);
     let relay = TestServer::start(relay_options(&[1, 2], false), None);
     let mut site = site(
@@ -581,7 +564,7 @@ fn rotated_refresh_token_the_disk_refuses_is_kept_and_used() {
     site.token_file = unsavable;
     site.daemon.start();
 
-    submit(&site.daemon, "one");
+    site.daemon.submit_note(USER, RCPT, "one");
     let got = relay.wait_for_messages(1, ARRIVAL);
     assert_eq!(got.len(), 1, "log:\n{}", site.daemon.log());
     // rt-1 was revoked when rt-2 was issued: only the kept rt-2 could work.
@@ -646,7 +629,7 @@ fn temp_files_of_an_interrupted_rotation_are_removed_and_the_token_file_kept() {
         .set_modified(std::time::SystemTime::now() - Duration::from_secs(3600))
         .expect("age old temp");
     site.daemon.start();
-    submit(&site.daemon, "after a crash");
+    site.daemon.submit_note(USER, RCPT, "after a crash");
 
     let got = relay.wait_for_messages(1, ARRIVAL);
     assert_eq!(got.len(), 1, "log:\n{}", site.daemon.log());
@@ -683,7 +666,7 @@ fn invalid_grant_defers_the_tenants_mail_and_asks_for_oauth_login_once() {
     );
     site.daemon.start();
     for subject in ["one", "two", "three"] {
-        submit(&site.daemon, subject);
+        site.daemon.submit_note(USER, RCPT, subject);
     }
 
     // Every message tried, and the endpoint asked again on a later retry.
@@ -749,7 +732,7 @@ fn token_endpoint_down_defers_and_mail_goes_when_it_is_back() {
     );
     endpoint.down();
     site.daemon.start();
-    submit(&site.daemon, "while down");
+    site.daemon.submit_note(USER, RCPT, "while down");
 
     let queue = site
         .daemon
@@ -790,7 +773,7 @@ fn token_endpoint_5xx_is_temporary_and_retried() {
         Some(&refresh_token(1)),
     );
     site.daemon.start();
-    submit(&site.daemon, "retried");
+    site.daemon.submit_note(USER, RCPT, "retried");
 
     let got = relay.wait_for_messages(1, ARRIVAL);
     assert_eq!(got.len(), 1, "log:\n{}", site.daemon.log());
@@ -844,7 +827,8 @@ fn stalled_token_endpoint_delays_only_its_tenant() {
     let (_ca, endpoint, relay, mut site) =
         stalled_endpoint_site("oauth_stalled_isolation", &beta_relay);
     site.daemon.start();
-    submit(&site.daemon, "stuck behind the endpoint");
+    site.daemon
+        .submit_note(USER, RCPT, "stuck behind the endpoint");
     assert_eq!(endpoint.wait_for_requests("/token", 1, ARRIVAL).len(), 1);
 
     // Well under the 60 s stall, and room for starting sendmail and the
@@ -870,7 +854,8 @@ fn sigterm_with_a_stalled_token_endpoint_exits_within_the_session_grace() {
     let (_ca, endpoint, _relay, mut site) =
         stalled_endpoint_site("oauth_stalled_sigterm", &beta_relay);
     site.daemon.start();
-    submit(&site.daemon, "stuck behind the endpoint");
+    site.daemon
+        .submit_note(USER, RCPT, "stuck behind the endpoint");
     assert_eq!(endpoint.wait_for_requests("/token", 1, ARRIVAL).len(), 1);
     // The daemon gives sessions 10 s; a token fetch must not hold it longer.
     let started = Instant::now();
@@ -897,7 +882,7 @@ fn oauthbearer_is_preferred_when_the_relay_offers_it() {
         Some(&refresh_token(1)),
     );
     site.daemon.start();
-    submit(&site.daemon, "bearer");
+    site.daemon.submit_note(USER, RCPT, "bearer");
 
     let got = relay.wait_for_messages(1, ARRIVAL);
     assert_eq!(got.len(), 1, "log:\n{}", site.daemon.log());
@@ -932,7 +917,7 @@ fn refused_token_is_forgotten_and_refreshed(test: &str, oauthbearer: bool, ack: 
         Some(&refresh_token(1)),
     );
     site.daemon.start();
-    submit(&site.daemon, "refused first");
+    site.daemon.submit_note(USER, RCPT, "refused first");
 
     let got = relay.wait_for_messages(1, ARRIVAL);
     assert_eq!(got.len(), 1, "log:\n{}", site.daemon.log());
@@ -984,7 +969,7 @@ fn token_refused_with_a_plain_535_is_forgotten_and_refreshed() {
         Some(&refresh_token(1)),
     );
     site.daemon.start();
-    submit(&site.daemon, "refused first");
+    site.daemon.submit_note(USER, RCPT, "refused first");
     let got = relay.wait_for_messages(1, ARRIVAL);
     assert_eq!(got.len(), 1, "log:\n{}", site.daemon.log());
     assert_eq!(got[0].auth_token, Some(access_token(2)));
@@ -1014,7 +999,7 @@ fn missing_token_file_defers_and_asks_for_oauth_login() {
         None,
     );
     site.daemon.start();
-    submit(&site.daemon, "never signed in");
+    site.daemon.submit_note(USER, RCPT, "never signed in");
     let queue = site
         .daemon
         .wait_for_queue(ARRIVAL, |q| q.len() == 1 && attempts(&q[0]) >= 1);
@@ -1328,7 +1313,7 @@ fn device_login_token_is_then_used_by_the_daemon() {
     let provider = Provider::new(3600, false);
     login.endpoint.set_handler(move |req| provider.answer(req));
     login.site.daemon.start();
-    submit(&login.site.daemon, "after login");
+    login.site.daemon.submit_note(USER, RCPT, "after login");
     let got = login.relay.wait_for_messages(1, ARRIVAL);
     assert_eq!(got.len(), 1, "log:\n{}", login.site.daemon.log());
     assert_eq!(got[0].auth_token, Some(access_token(1)));
@@ -1609,7 +1594,7 @@ impl Interactive {
         use std::io::{BufRead, Read};
         use std::process::{Command, Stdio};
         let config = site.daemon.config_path().to_string_lossy().into_owned();
-        let mut child = Command::new(support::harness::PBXMAIL)
+        let mut child = Command::new(crate::support::harness::PBXMAIL)
             .args(["oauth", "login", "--tenant", "acme", "-c", &config])
             .args(extra)
             .stdin(Stdio::piped())
@@ -1792,7 +1777,7 @@ fn code_login_stores_the_refresh_token_and_the_daemon_then_sends() {
 
     // The daemon delivers with the stored token, exactly as after a device login.
     site.daemon.start();
-    submit(&site.daemon, "after code login");
+    site.daemon.submit_note(USER, RCPT, "after code login");
     let got = relay.wait_for_messages(1, ARRIVAL);
     assert_eq!(got.len(), 1, "log:\n{}", site.daemon.log());
     assert_eq!(got[0].auth_mechanism.as_deref(), Some("XOAUTH2"));

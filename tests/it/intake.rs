@@ -5,8 +5,6 @@
 //! spool holds (`pbxmail queue --json`). Each test owns its daemon, spool,
 //! relay and listening port or socket.
 
-mod support;
-
 use std::fs;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -19,11 +17,12 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::support::harness::{free_port, wait_until, Daemon};
+use crate::support::mail::{body, subject};
+use crate::support::smtp_server::{Received, ServerOptions, TestServer};
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
 use serde_json::{json, Value};
-use support::harness::{free_port, wait_until, Daemon};
-use support::smtp_server::{Received, ServerOptions, TestServer};
 
 /// Upper bound for mail that should go out now; generous for a loaded CI box.
 const ARRIVAL: Duration = Duration::from_secs(10);
@@ -428,24 +427,6 @@ fn as_submitted(m: &Received, id: Option<&str>) -> Vec<u8> {
     out
 }
 
-/// The body (after the first empty line) of the relay's copy, as text.
-fn body_of(m: &Received) -> String {
-    let text = m.text();
-    match text.split_once("\r\n\r\n") {
-        Some((_, body)) => body.to_string(),
-        None => panic!("no header/body separator in {text:?}"),
-    }
-}
-
-fn subject_of(m: &Received) -> String {
-    m.text()
-        .lines()
-        .find_map(|l| l.strip_prefix("Subject: "))
-        .unwrap_or_default()
-        .trim_end()
-        .to_string()
-}
-
 // ---------------------------------------------------------------------------
 // External clients.
 // ---------------------------------------------------------------------------
@@ -668,7 +649,7 @@ fn smtplib_two_messages_in_one_connection_arrive_exactly() {
 
     let got = site.delivered(2);
     let mut got = got.clone();
-    got.sort_by_key(subject_of);
+    got.sort_by_key(subject);
     for (m, (original, id)) in got.iter().zip([(&first, &ids[0]), (&second, &ids[1])]) {
         assert_eq!(m.mail_from, SENDER);
         assert_eq!(m.rcpt_to, to);
@@ -711,7 +692,7 @@ fn swaks_pipelined_submission_is_delivered() {
     let got = site.delivered(1);
     assert_eq!(got[0].mail_from, SENDER);
     assert_eq!(got[0].rcpt_to, ["a@example.com"]);
-    assert_eq!(body_of(&got[0]).trim_end(), "Voicemail for extension 101");
+    assert_eq!(body(&got[0]).trim_end(), "Voicemail for extension 101");
     site.assert_queue_drains();
 }
 
@@ -926,10 +907,10 @@ fn dribbling_client_does_not_delay_another_submission() {
     let codes: Vec<u16> = replies.iter().map(|r| r.code).collect();
     assert_eq!(codes, [250, 250, 354, 250, 221], "{replies:#?}");
     let got = site.delivered(2);
-    let mut subjects: Vec<String> = got.iter().map(subject_of).collect();
+    let mut subjects: Vec<String> = got.iter().map(subject).collect();
     subjects.sort();
     assert_eq!(subjects, ["fast", "slow"]);
-    let slow_copy = got.iter().find(|m| subject_of(m) == "slow").expect("slow");
+    let slow_copy = got.iter().find(|m| subject(m) == "slow").expect("slow");
     assert_eq!(slow_copy.mail_from, "a-slow-client-extension-101@acme.test");
 }
 
@@ -1005,8 +986,8 @@ fn bulk_sender_does_not_monopolise_the_loop() {
         "the small client got its 354 only after {took:?}"
     );
     let got = site.delivered_within(2, BIG_ARRIVAL);
-    let bulk_copy = got.iter().find(|m| subject_of(m) == "bulk").expect("bulk");
-    assert_eq!(body_of(bulk_copy).len() as u64, bulk_total);
+    let bulk_copy = got.iter().find(|m| subject(m) == "bulk").expect("bulk");
+    assert_eq!(body(bulk_copy).len() as u64, bulk_total);
 }
 
 // ---------------------------------------------------------------------------
@@ -1052,15 +1033,15 @@ fn twenty_concurrent_clients_are_all_accepted_and_delivered() {
     assert_eq!(ids.len(), CLIENTS, "queue IDs are not distinct: {ids:?}");
 
     let got = site.delivered_within(CLIENTS, MANY_COMMITS);
-    let mut subjects: Vec<String> = got.iter().map(subject_of).collect();
+    let mut subjects: Vec<String> = got.iter().map(subject).collect();
     subjects.sort();
     let expected: Vec<String> = (0..CLIENTS).map(|i| format!("parallel {i:02}")).collect();
     assert_eq!(subjects, expected);
     for m in &got {
-        let i: usize = subject_of(m)["parallel ".len()..].parse().expect("number");
+        let i: usize = subject(m)["parallel ".len()..].parse().expect("number");
         assert_eq!(m.mail_from, format!("{}@acme.test", 200 + i));
         assert_eq!(m.rcpt_to, [format!("user{i}@example.com")]);
-        assert_eq!(body_of(m), format!("message number {i}\r\n"));
+        assert_eq!(body(m), format!("message number {i}\r\n"));
     }
     site.assert_queue_drains();
 }
@@ -1107,7 +1088,7 @@ fn oversized_body_is_refused_after_the_data_and_the_connection_stays_usable() {
     let id = reply.queued_id();
     c.expect("QUIT", 221);
     let got = site.delivered(1);
-    assert_eq!(subject_of(&got[0]), "small");
+    assert_eq!(subject(&got[0]), "small");
     assert_eq!(got[0].rcpt_to, ["b@example.com"]);
     after_received(&got[0], Some(&id));
     site.assert_queue_drains();
@@ -1255,7 +1236,7 @@ fn client_stalled_in_data_times_out_and_nothing_is_queued() {
     after.expect("QUIT", 221);
     site.delivered(1);
     site.assert_queue_drains();
-    let subjects: Vec<String> = site.relay.messages().iter().map(subject_of).collect();
+    let subjects: Vec<String> = site.relay.messages().iter().map(subject).collect();
     assert_eq!(subjects, ["after"], "a half message was queued");
 }
 
@@ -1306,7 +1287,7 @@ fn pipelined_commands_get_their_replies_in_order() {
     let got = site.delivered(2);
     let one = got
         .iter()
-        .find(|m| subject_of(m) == "pipelined")
+        .find(|m| subject(m) == "pipelined")
         .expect("first");
     assert_eq!(
         one.rcpt_to,
@@ -1316,7 +1297,7 @@ fn pipelined_commands_get_their_replies_in_order() {
     after_received(one, Some(&first_id));
     let two = got
         .iter()
-        .find(|m| subject_of(m) == "pipelined too")
+        .find(|m| subject(m) == "pipelined too")
         .expect("second");
     assert_eq!(two.rcpt_to, ["bob@example.com"]);
     after_received(two, Some(&second_id));
@@ -1350,7 +1331,7 @@ fn dot_lines_survive_submission_and_relay() {
             message,
             "dot lines changed"
         );
-        let body = body_of(m);
+        let body = crate::support::mail::body(m);
         let lines: Vec<&str> = body.split_terminator("\r\n").collect();
         assert_eq!(lines, [".", "..", ".x", "x.", "...", ". ", "middle", "."]);
     }

@@ -4,8 +4,6 @@
 //! test endpoint (tests/support/oauth_server.rs) is checked the same way, with
 //! raw HTTPS requests and with ureq, the client the daemon uses.
 
-mod support;
-
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::sync::Arc;
@@ -16,8 +14,8 @@ use base64::Engine as _;
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
 
-use support::oauth_server::{decode_form, OAuthServer, Response};
-use support::smtp_server::{
+use crate::support::oauth_server::{decode_form, OAuthServer, Response};
+use crate::support::smtp_server::{
     CertKind, Fault, ServerOptions, TestCa, TestServer, Tls, OAUTH_ERROR_CHALLENGE,
 };
 
@@ -1284,7 +1282,7 @@ fn oauth_server_works_with_ureq_over_the_test_ca_and_refuses_others() {
     drop(sock);
     drop(tcp);
     assert!(
-        support::harness::wait_until(WAIT, || server.tls_failures() == 1),
+        crate::support::harness::wait_until(WAIT, || server.tls_failures() == 1),
         "tls_failures = {}",
         server.tls_failures()
     );
@@ -1328,7 +1326,7 @@ fn oauth_server_drop_does_not_wait_for_delayed_responses() {
 
 #[test]
 fn closed_port_refuses_connections_and_is_not_handed_out_again() {
-    let port = support::harness::closed_port();
+    let port = crate::support::harness::closed_port();
     for _ in 0..3 {
         let refused = TcpStream::connect(("127.0.0.1", port));
         assert!(

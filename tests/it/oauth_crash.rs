@@ -7,29 +7,30 @@
 //! are allowed, but only under the writer's own `.NAME.*.tmp` names; the
 //! restarted daemon must refresh with the token file's token, not with one
 //! of those, and removes them (they hold refresh tokens): none is left once
-//! a daemon has run undisturbed.
+//! a daemon has run undisturbed. Every other kill is aimed at the rotation
+//! (after the endpoint's answer, or as soon as a temporary file shows the
+//! write), and the test asserts from the token folder that kills landed
+//! there, inside the write at least once.
 //!
 //! Random choices come from a seeded PRNG; the seed is printed, and
 //! `PBXMAIL_CRASH_SEED=N` repeats a run's choices.
 
-mod support;
-
 use std::collections::BTreeSet;
-use std::fs::{self, File};
+use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::support::harness::{wait_until, Daemon, Running};
+use crate::support::mail::{note, subject};
+use crate::support::oauth_server::{OAuthServer, Request, Response};
+use crate::support::rng::Rng;
+use crate::support::smtp_server::{ServerOptions, TestCa, TestServer};
 use serde_json::Value;
-use support::harness::{wait_until, Daemon, PBXMAIL};
-use support::oauth_server::{OAuthServer, Request, Response};
-use support::rng::Rng;
-use support::smtp_server::{Received, ServerOptions, TestCa, TestServer};
 
 const USER: &str = "pbx@acme.test";
 const RCPT: &str = "alice@example.com";
@@ -50,8 +51,6 @@ const ACCESS_TOKENS: usize = 5000;
 const SUBMIT_EVERY: Duration = Duration::from_millis(40);
 /// Longest wait for everything accepted to arrive once the daemon runs undisturbed.
 const DRAIN: Duration = Duration::from_secs(20);
-/// Longest wait for a daemon to create its pickup socket.
-const READY: Duration = Duration::from_secs(10);
 
 fn access_token(n: usize) -> String {
     format!("acc3ss-tok-{n}-zq")
@@ -195,106 +194,6 @@ fn site(test: &str, ca: &TestCa, endpoint: &OAuthServer, relay: &TestServer) -> 
     (daemon, token_file)
 }
 
-fn message(subject: &str) -> Vec<u8> {
-    format!("From: {USER}\nTo: {RCPT}\nSubject: {subject}\n\nbody of {subject}\n").into_bytes()
-}
-
-fn subject(m: &Received) -> String {
-    let text = m.text();
-    let head = text.split("\r\n\r\n").next().unwrap_or("");
-    head.split("\r\n")
-        .find_map(|l| l.strip_prefix("Subject: "))
-        .unwrap_or("")
-        .to_string()
-}
-
-/// A daemon child this test can SIGKILL; killed and reaped if the test panics.
-struct Killable(Option<Child>);
-
-impl Killable {
-    /// Starts `pbxmail daemon` and waits until it is ready. A killed daemon
-    /// leaves its pickup socket behind, so that is removed first: the new
-    /// daemon's socket appears only after its start-up recovery ran.
-    fn spawn(d: &Daemon) -> Killable {
-        let socket = d.spool_dir().join("pickup.sock");
-        let _ = fs::remove_file(&socket);
-        let log = File::options()
-            .create(true)
-            .append(true)
-            .open(d.dir().join("daemon.log"))
-            .expect("open daemon log");
-        let child = Command::new(PBXMAIL)
-            .arg("daemon")
-            .arg("-c")
-            .arg(d.config_path())
-            .env_remove("PBXMAIL_CONFIG")
-            .env_remove("PBXMAIL_LOG")
-            .env_remove("JOURNAL_STREAM")
-            .env_remove("PBXMAIL_DEBUG_PANIC_ONCE")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("spawn pbxmail daemon");
-        let mut daemon = Killable(Some(child));
-        let mut exited = None;
-        let ready = wait_until(READY, || {
-            if let Ok(Some(status)) = daemon.child().try_wait() {
-                exited = Some(status);
-                return true;
-            }
-            socket.exists()
-        });
-        if let Some(status) = exited {
-            daemon.0 = None;
-            panic!("daemon exited during start-up ({status})");
-        }
-        assert!(ready, "daemon did not create {} in time", socket.display());
-        daemon
-    }
-
-    fn child(&mut self) -> &mut Child {
-        self.0.as_mut().expect("daemon running")
-    }
-
-    /// SIGKILL (what `Child::kill` sends on Unix) and reap.
-    fn kill9(mut self) -> ExitStatus {
-        let mut child = self.0.take().expect("daemon running");
-        let _ = child.kill();
-        child.wait().expect("wait for killed daemon")
-    }
-
-    /// SIGTERM, then waits (bounded) for the exit.
-    fn stop(mut self) -> ExitStatus {
-        let mut child = self.0.take().expect("daemon running");
-        let sent = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(sent.success(), "kill -TERM failed");
-        let mut status = None;
-        let stopped = wait_until(Duration::from_secs(15), || {
-            status = child.try_wait().expect("wait for daemon");
-            status.is_some()
-        });
-        if !stopped {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("daemon did not exit within 15 s of SIGTERM");
-        }
-        status.expect("exit status")
-    }
-}
-
-impl Drop for Killable {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
 /// The temporary-file names `write_refresh_token` uses for `token_file`.
 fn is_temp_of(name: &str, token_file: &Path) -> bool {
     let base = token_file
@@ -304,6 +203,21 @@ fn is_temp_of(name: &str, token_file: &Path) -> bool {
     name.strip_prefix(&format!(".{base}."))
         .and_then(|rest| rest.strip_suffix(".tmp"))
         .is_some_and(|id| !id.is_empty())
+}
+
+/// Whether the token folder holds a temporary file of `token_file` that is
+/// not in `seen`: a write of it is under way (or was cut off).
+fn new_temp_file(token_file: &Path, seen: &BTreeSet<String>) -> bool {
+    let Some(folder) = token_file.parent() else {
+        return false;
+    };
+    let Ok(entries) = fs::read_dir(folder) else {
+        return false;
+    };
+    entries.flatten().any(|entry| {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        is_temp_of(&name, token_file) && !seen.contains(&name)
+    })
 }
 
 /// Checks the token folder as a restarting daemon would find it: the token
@@ -403,7 +317,7 @@ fn crash_during_token_rotation_never_leaves_the_tenant_without_a_token() {
             let mut n = 0usize;
             while !stop_submitting.load(Ordering::SeqCst) {
                 let subject = format!("stream-{n}");
-                let run = d.sendmail(&["-i", RCPT], &message(&subject));
+                let run = d.sendmail(&["-i", RCPT], &note(USER, RCPT, &subject));
                 if run.code == 0 {
                     accepted.push(subject);
                 } else {
@@ -417,7 +331,7 @@ fn crash_during_token_rotation_never_leaves_the_tenant_without_a_token() {
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             for kill in 1..=KILLS {
                 let grants_before = provider.lock().grants.len();
-                let daemon = Killable::spawn(&d);
+                let mut daemon = Running::after_kill(&d);
                 if kill % 2 == 0 {
                     thread::sleep(Duration::from_millis(rng.below(MAX_KILL_DELAY_MS + 1)));
                 } else {
@@ -428,7 +342,12 @@ fn crash_during_token_rotation_never_leaves_the_tenant_without_a_token() {
                     {
                         thread::sleep(Duration::from_micros(200));
                     }
-                    thread::sleep(Duration::from_micros(rng.below(3000)));
+                    // Then kill at a random moment up to 3 ms on, or as soon as a
+                    // new temporary file shows the write under way: inside it.
+                    let until = Instant::now() + Duration::from_micros(rng.below(3000));
+                    while Instant::now() < until && !new_temp_file(&token_file, &temps_seen) {
+                        thread::sleep(Duration::from_micros(20));
+                    }
                 }
                 let status = daemon.kill9();
                 assert_eq!(
@@ -488,11 +407,11 @@ fn crash_during_token_rotation_never_leaves_the_tenant_without_a_token() {
 
     // Undisturbed at last: everything accepted goes out.
     let grants_before = provider.lock().grants.len();
-    let daemon = Killable::spawn(&d);
+    let mut daemon = Running::after_kill(&d);
     // One more message after the start, so this daemon refreshes (its cache
     // starts empty) even if the killed ones delivered everything else.
     let mut accepted = accepted;
-    let run = d.sendmail(&["-i", RCPT], &message("final"));
+    let run = d.sendmail(&["-i", RCPT], &note(USER, RCPT, "final"));
     assert_eq!(run.code, 0, "sendmail final: {run:?}");
     accepted.push("final".to_string());
     let want: BTreeSet<&str> = accepted.iter().map(String::as_str).collect();
@@ -500,7 +419,9 @@ fn crash_during_token_rotation_never_leaves_the_tenant_without_a_token() {
         let got: BTreeSet<String> = relay.messages().iter().map(subject).collect();
         want.iter().all(|s| got.contains(*s))
     });
-    let status = daemon.stop();
+    let status = daemon
+        .stop_within(Duration::from_secs(15))
+        .expect("the daemon did not exit within 15 s of SIGTERM");
     assert!(status.success(), "daemon stop: {status}");
     let (token, temps) = check_token_folder(&token_file, &provider, "at the end");
 
@@ -523,6 +444,13 @@ fn crash_during_token_rotation_never_leaves_the_tenant_without_a_token() {
         started.elapsed()
     );
     eprintln!("oauth_crash: where the kills found the rotation: {phases:?}");
+    // The windows this test is about were hit, judged by the token folder
+    // after each kill: killed after the endpoint's answer and before the
+    // rename, and at least once inside the write (a temporary file left).
+    assert!(
+        phases.answered_not_stored >= 1 && phases.of_which_temp_left >= 1,
+        "no kill landed inside a token rotation: {phases:?}"
+    );
     assert!(
         drained && lost.is_empty(),
         "accepted but not delivered within {DRAIN:?}: {lost:?}"

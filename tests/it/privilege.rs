@@ -1,21 +1,27 @@
 //! sendmail for a PBX process outside the pbxmail group, as the packages
 //! install it: the binary setgid to the mail group, the configuration
 //! 0640 root:group, the spool 2770 group-writable. Needs root (CI runs as
-//! root) to make the group, the setgid copy and to switch users.
+//! root) for the setgid copy, a mount namespace and to switch users. The
+//! group is an existing one without members (`spare_group`).
 
-mod support;
-
+use crate::support::harness::{spare_group, wait_until};
+use crate::support::smtp_server::{ServerOptions, TestServer};
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
-use support::harness::wait_until;
-use support::smtp_server::{ServerOptions, TestServer};
 
-const GROUP: &str = "pbxtest-mail";
 const DAEMON_USER: &str = "daemon";
 const SUBMITTER: &str = "nobody";
+
+/// The mail group of this install: an existing group that lists no members
+/// (none is added to /etc/group: no test writes outside its temp dir).
+fn group() -> String {
+    spare_group()
+        .map(|(name, _)| name)
+        .expect("a group in /etc/group that lists no members")
+}
 
 fn sh(cmd: &str, args: &[&str]) -> Output {
     Command::new(cmd)
@@ -30,16 +36,57 @@ fn is_root() -> bool {
 
 /// Runs `bin args` as `user` (primary group `group`, no supplementary groups).
 fn as_user(user: &str, group: &str, bin: &Path, args: &[&str], stdin: &[u8]) -> Output {
-    let mut child = Command::new("setpriv")
-        .args(["--reuid", user, "--regid", group, "--clear-groups", "--"])
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--reuid", user, "--regid", group, "--clear-groups", "--"])
         .arg(bin)
-        .args(args)
+        .args(args);
+    run_with_stdin(cmd, stdin)
+}
+
+/// Like `as_user`, in a private mount namespace whose /etc is the host's with
+/// `etc.upper` laid over it (overlayfs): there /etc/pbxmail/pbxmail.ini is
+/// this test's file, and whatever the command writes under /etc lands in the
+/// test's dir. The host's /etc is never written.
+fn as_user_in(
+    etc: &EtcOverlay,
+    user: &str,
+    group: &str,
+    bin: &Path,
+    args: &[&str],
+    stdin: &[u8],
+) -> Output {
+    let script = "mount -t overlay pbxmail-test -o \"lowerdir=/etc,upperdir=$1,workdir=$2\" /etc \
+                    || { echo 'cannot lay an overlay over /etc' >&2; exit 90; }\n\
+                  user=$3 group=$4 bin=$5\n\
+                  shift 5\n\
+                  exec setpriv --reuid \"$user\" --regid \"$group\" --clear-groups -- \"$bin\" \"$@\"";
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+        .arg(script)
+        .arg("sh")
+        .arg(&etc.upper)
+        .arg(&etc.work)
+        .args([user, group])
+        .arg(bin)
+        .args(args);
+    let out = run_with_stdin(cmd, stdin);
+    assert_ne!(
+        out.status.code(),
+        Some(90),
+        "this test needs a private mount namespace with overlayfs over /etc (run as root): {out:?}"
+    );
+    out
+}
+
+/// Spawns `cmd` without `PBXMAIL_CONFIG`, feeds it `stdin`, returns its output.
+fn run_with_stdin(mut cmd: Command, stdin: &[u8]) -> Output {
+    let mut child = cmd
         .env_remove("PBXMAIL_CONFIG")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("setpriv");
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
     use std::io::Write;
     child
         .stdin
@@ -48,6 +95,31 @@ fn as_user(user: &str, group: &str, bin: &Path, args: &[&str], stdin: &[u8]) -> 
         .write_all(stdin)
         .expect("write stdin");
     child.wait_with_output().expect("wait")
+}
+
+/// The test's layer over /etc (see `as_user_in`): `upper` holds
+/// `pbxmail/pbxmail.ini`; `work` is overlayfs's scratch folder.
+struct EtcOverlay {
+    upper: PathBuf,
+    work: PathBuf,
+}
+
+/// Puts a copy of `config` (0640 root:`group()`) at `pbxmail/pbxmail.ini` of a
+/// new overlay layer in `dir`.
+fn etc_overlay(dir: &Path, config: &Path) -> EtcOverlay {
+    let upper = dir.join("etc-upper");
+    let work = dir.join("etc-work");
+    fs::create_dir_all(upper.join("pbxmail")).unwrap();
+    fs::create_dir_all(&work).unwrap();
+    fs::set_permissions(upper.join("pbxmail"), fs::Permissions::from_mode(0o755)).unwrap();
+    let installed = upper.join("pbxmail").join("pbxmail.ini");
+    fs::copy(config, &installed).unwrap();
+    sh(
+        "chown",
+        &[&format!("root:{}", group()), installed.to_str().unwrap()],
+    );
+    fs::set_permissions(&installed, fs::Permissions::from_mode(0o640)).unwrap();
+    EtcOverlay { upper, work }
 }
 
 struct Setup {
@@ -69,8 +141,6 @@ fn setup(name: &str, server: &TestServer) -> Setup {
         is_root(),
         "this test installs a setgid binary and switches users: run it as root (CI does)"
     );
-    let out = sh("groupadd", &["-f", GROUP]);
-    assert!(out.status.success(), "groupadd: {out:?}");
     // Under /var/tmp, not a temp dir mounted nosuid.
     let dir = PathBuf::from(format!(
         "/var/tmp/pbxmail-priv-{name}-{}",
@@ -81,7 +151,10 @@ fn setup(name: &str, server: &TestServer) -> Setup {
     fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
     let bin = dir.join("pbxmail");
     fs::copy(env!("CARGO_BIN_EXE_pbxmail"), &bin).unwrap();
-    sh("chown", &[&format!("root:{GROUP}"), bin.to_str().unwrap()]);
+    sh(
+        "chown",
+        &[&format!("root:{}", group()), bin.to_str().unwrap()],
+    );
     fs::set_permissions(&bin, fs::Permissions::from_mode(0o2755)).unwrap();
     let sendmail = dir.join("sendmail");
     std::os::unix::fs::symlink(&bin, &sendmail).unwrap();
@@ -90,7 +163,7 @@ fn setup(name: &str, server: &TestServer) -> Setup {
     fs::create_dir(&spool).unwrap();
     sh(
         "chown",
-        &[&format!("root:{GROUP}"), spool.to_str().unwrap()],
+        &[&format!("root:{}", group()), spool.to_str().unwrap()],
     );
     fs::set_permissions(&spool, fs::Permissions::from_mode(0o2770)).unwrap();
     let config = dir.join("pbxmail.ini");
@@ -108,7 +181,7 @@ fn setup(name: &str, server: &TestServer) -> Setup {
     .unwrap();
     sh(
         "chown",
-        &[&format!("root:{GROUP}"), config.to_str().unwrap()],
+        &[&format!("root:{}", group()), config.to_str().unwrap()],
     );
     fs::set_permissions(&config, fs::Permissions::from_mode(0o640)).unwrap();
     Setup {
@@ -142,34 +215,12 @@ fn a_user_outside_the_group_submits_and_the_daemon_delivers() {
     );
     assert!(!String::from_utf8_lossy(&out.stderr).contains("not-for-nobody"));
 
-    // The installed way: the default config path. A setgid run keeps the group for it.
-    let default = Path::new("/etc/pbxmail/pbxmail.ini");
-    let installed_here = !default.exists();
-    if installed_here {
-        fs::create_dir_all("/etc/pbxmail").unwrap();
-        fs::copy(&s.config, default).unwrap();
-        sh(
-            "chown",
-            &[&format!("root:{GROUP}"), default.to_str().unwrap()],
-        );
-        fs::set_permissions(default, fs::Permissions::from_mode(0o640)).unwrap();
-    }
-    struct RemoveOnDrop(bool);
-    impl Drop for RemoveOnDrop {
-        fn drop(&mut self) {
-            if self.0 {
-                let _ = fs::remove_file("/etc/pbxmail/pbxmail.ini");
-                let _ = fs::remove_dir("/etc/pbxmail");
-            }
-        }
-    }
-    let _cleanup = RemoveOnDrop(installed_here);
-    assert!(
-        installed_here,
-        "/etc/pbxmail/pbxmail.ini exists on this machine; this test will not touch it"
-    );
-
-    let out = as_user(
+    // The installed way: the default config path. A setgid run keeps the group
+    // for it. The path is compiled in, so the commands that use it run in a
+    // mount namespace where /etc/pbxmail/pbxmail.ini is this test's file.
+    let etc = etc_overlay(&s.dir, &s.config);
+    let out = as_user_in(
+        &etc,
         SUBMITTER,
         "nogroup",
         &s.sendmail,
@@ -191,10 +242,10 @@ fn a_user_outside_the_group_submits_and_the_daemon_delivers() {
     }
 
     // mailq keeps the group to list; other commands drop it.
-    let out = as_user(SUBMITTER, "nogroup", &s.bin, &["queue"], b"");
+    let out = as_user_in(&etc, SUBMITTER, "nogroup", &s.bin, &["queue"], b"");
     assert_eq!(out.status.code(), Some(0), "queue as nobody: {out:?}");
     assert!(String::from_utf8_lossy(&out.stdout).contains("101@acme.test"));
-    let out = as_user(SUBMITTER, "nogroup", &s.bin, &["check-config"], b"");
+    let out = as_user_in(&etc, SUBMITTER, "nogroup", &s.bin, &["check-config"], b"");
     assert_eq!(
         out.status.code(),
         Some(78),
@@ -207,7 +258,7 @@ fn a_user_outside_the_group_submits_and_the_daemon_delivers() {
             "--reuid",
             DAEMON_USER,
             "--regid",
-            GROUP,
+            &group(),
             "--clear-groups",
             "--",
         ])

@@ -6,19 +6,19 @@
 //! than through `Daemon::start` because these tests signal it by pid; the
 //! harness still provides the temp dir, config, spool, `sendmail` and `queue`.
 
-mod support;
-
 use std::collections::BTreeMap;
 
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-use support::harness::{
-    attempts, closed_port, recipients, str_of, wait_until, Daemon, Running, PBXMAIL,
+use crate::support::harness::{
+    attempts, closed_port, count_commands, plain_tenant, recipients, str_of, tenant, wait_until,
+    Daemon, Running, PBXMAIL,
 };
-use support::smtp_server::{Fault, Received, ServerOptions, TestServer};
+use crate::support::mail::{field, note, parse_headers, subject};
+use crate::support::smtp_server::{Fault, Received, ServerOptions, TestServer};
+use serde_json::Value;
 
 /// Upper bound for mail that should go out now; generous for a loaded CI box.
 const ARRIVAL: Duration = Duration::from_secs(10);
@@ -53,23 +53,7 @@ fn config_text(daemon: &Daemon, daemon_extra: &str, tenants: &str) -> String {
 
 /// A `[tenant:NAME]` section relaying without TLS to `relay`.
 fn tenant_at(name: &str, domain: &str, relay: &str, extra: &str) -> String {
-    format!("[tenant:{name}]\ndomains = {domain}\nrelay = {relay}\ntls = none\n{extra}\n")
-}
-
-/// A `[tenant:NAME]` section relaying without TLS to a test server.
-fn tenant(name: &str, domain: &str, server: &TestServer, extra: &str) -> String {
-    tenant_at(name, domain, &format!("127.0.0.1:{}", server.port()), extra)
-}
-
-/// A small RFC 5322 message with LF line ends, as a PBX would pipe it in.
-fn message(from: &str, to: &str, subject: &str) -> Vec<u8> {
-    format!("From: {from}\nTo: {to}\nSubject: {subject}\n\nbody of {subject}\n").into_bytes()
-}
-
-/// Submits `message(from, to, subject)` to `to` and asserts exit 0.
-fn submit(daemon: &Daemon, from: &str, to: &str, subject: &str) {
-    let run = daemon.sendmail(&["-i", to], &message(from, to, subject));
-    assert_eq!(run.code, 0, "sendmail ({subject}) failed: {}", run.stderr);
+    tenant(name, domain, relay, &format!("tls = none\n{extra}"))
 }
 
 /// `pbxmail sendmail -i TO` against another config file (same spool): for
@@ -86,7 +70,7 @@ fn submit_with_config(config: &Path, from: &str, to: &str, subject: &str) {
         .expect("spawn pbxmail sendmail");
     let mut stdin = child.stdin.take().expect("stdin pipe");
     stdin
-        .write_all(&message(from, to, subject))
+        .write_all(&note(from, to, subject))
         .expect("write message");
     drop(stdin);
     let out = child.wait_with_output().expect("wait for sendmail");
@@ -104,17 +88,6 @@ fn of_tenant<'a>(queue: &'a [Value], tenant: &str) -> Vec<&'a Value> {
         .collect()
 }
 
-/// The Subject header of a received message.
-fn subject(m: &Received) -> String {
-    let text = m.text();
-    let head = text.split("\r\n\r\n").next().unwrap_or("");
-    parse_headers(head)
-        .into_iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case("Subject"))
-        .map(|(_, v)| v)
-        .unwrap_or_default()
-}
-
 /// How often each subject arrived, over all the given servers.
 fn subject_counts(servers: &[&TestServer]) -> BTreeMap<String, usize> {
     let mut counts = BTreeMap::new();
@@ -126,15 +99,6 @@ fn subject_counts(servers: &[&TestServer]) -> BTreeMap<String, usize> {
     counts
 }
 
-fn count_commands(server: &TestServer, prefix: &str) -> usize {
-    let prefix = prefix.to_ascii_uppercase();
-    server
-        .commands()
-        .iter()
-        .filter(|(_, c)| c.to_ascii_uppercase().starts_with(&prefix))
-        .count()
-}
-
 // ---------------------------------------------------------------------------
 // The daemon as a child process we can signal.
 // ---------------------------------------------------------------------------
@@ -142,29 +106,6 @@ fn count_commands(server: &TestServer, prefix: &str) -> usize {
 // ---------------------------------------------------------------------------
 // A small RFC 3464 reader: enough MIME to check a bounce's structure.
 // ---------------------------------------------------------------------------
-
-/// Header fields of a block, unfolded (continuation lines joined with a space).
-fn parse_headers(block: &str) -> Vec<(String, String)> {
-    let mut fields: Vec<(String, String)> = Vec::new();
-    for line in block.split("\r\n").filter(|l| !l.is_empty()) {
-        if line.starts_with([' ', '\t']) {
-            if let Some(last) = fields.last_mut() {
-                last.1.push(' ');
-                last.1.push_str(line.trim());
-            }
-        } else if let Some((name, value)) = line.split_once(':') {
-            fields.push((name.trim().to_string(), value.trim().to_string()));
-        }
-    }
-    fields
-}
-
-fn field<'a>(fields: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    fields
-        .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case(name))
-        .map(|(_, v)| v.as_str())
-}
 
 /// The value of `name=` in a header like `multipart/report; boundary="x"`.
 fn parameter(value: &str, name: &str) -> Option<String> {
@@ -381,7 +322,7 @@ fn healthy_tenants_are_not_delayed_by(fault: Faulty, test: &str) {
             // h1 logs in correctly on the very relay where "bad" fails.
             tenants += &tenant_at(&name, &domain, &faulty_relay, &login(PASSWORD));
         } else {
-            tenants += &tenant(&name, &domain, &healthy, "");
+            tenants += &plain_tenant(&name, &domain, &healthy, "");
         }
     }
     let daemon = Daemon::bare(test);
@@ -389,12 +330,7 @@ fn healthy_tenants_are_not_delayed_by(fault: Faulty, test: &str) {
     let _running = Running::start(&daemon);
 
     for i in 1..=2 {
-        submit(
-            &daemon,
-            "pbx@bad.test",
-            "x@example.com",
-            &format!("bad-{i}"),
-        );
+        daemon.submit_note("pbx@bad.test", "x@example.com", &format!("bad-{i}"));
     }
     // The faulty tenant is stuck (in a session) or backed off (after a failure).
     let stuck = match fault {
@@ -420,7 +356,7 @@ fn healthy_tenants_are_not_delayed_by(fault: Faulty, test: &str) {
             scope.spawn(move || {
                 for i in 1..=3 {
                     let from = format!("pbx@h{n}.test");
-                    submit(daemon, &from, "user@example.com", &format!("h{n}-{i}"));
+                    daemon.submit_note(&from, "user@example.com", &format!("h{n}-{i}"));
                 }
             });
         }
@@ -513,9 +449,9 @@ fn failing_relay_backs_off_the_tenant_not_each_message() {
         None,
     );
     let daemon = Daemon::bare("tenant_backoff");
-    configure(&daemon, "", &tenant("acme", "acme.test", &relay, ""));
+    configure(&daemon, "", &plain_tenant("acme", "acme.test", &relay, ""));
     for i in 1..=5 {
-        submit(&daemon, "pbx@acme.test", "a@example.com", &format!("m{i}"));
+        daemon.submit_note("pbx@acme.test", "a@example.com", &format!("m{i}"));
     }
     let _running = Running::start(&daemon);
     assert_eq!(
@@ -569,7 +505,7 @@ fn bounce_is_a_well_formed_rfc3464_report_for_the_failed_recipients_only() {
         None,
     );
     let daemon = Daemon::bare("dsn_fields");
-    configure(&daemon, "", &tenant("acme", "acme.test", &server, ""));
+    configure(&daemon, "", &plain_tenant("acme", "acme.test", &server, ""));
     let _running = Running::start(&daemon);
     let original = b"From: Voicemail <pbx@acme.test>\nTo: ok@example.com\nSubject: voicemail 101\nX-Pbx-Extension: 101\n\nsecret body text\n";
     let run = daemon.sendmail(
@@ -688,10 +624,10 @@ fn bounce_refused_by_the_sender_goes_to_the_postmaster_once() {
     configure(
         &daemon,
         "postmaster = pm@acme.test",
-        &tenant("acme", "acme.test", &server, ""),
+        &plain_tenant("acme", "acme.test", &server, ""),
     );
     let _running = Running::start(&daemon);
-    submit(&daemon, "pbx@acme.test", "gone@example.com", "to nobody");
+    daemon.submit_note("pbx@acme.test", "gone@example.com", "to nobody");
 
     let got = server.wait_for_messages(1, ARRIVAL);
     assert_eq!(got.len(), 1, "{got:#?}");
@@ -736,10 +672,10 @@ fn bounce_refused_by_sender_and_postmaster_stays_failed_and_is_never_bounced() {
     configure(
         &daemon,
         "postmaster = pm@acme.test",
-        &tenant("acme", "acme.test", &server, ""),
+        &plain_tenant("acme", "acme.test", &server, ""),
     );
     let _running = Running::start(&daemon);
-    submit(&daemon, "pbx@acme.test", "gone@example.com", "to nobody");
+    daemon.submit_note("pbx@acme.test", "gone@example.com", "to nobody");
 
     let queue = daemon.wait_for_queue(ARRIVAL, |q| {
         q.len() == 1 && str_of(&q[0], "state") == "failed" && recipients(&q[0]) == ["pm@acme.test"]
@@ -776,12 +712,12 @@ fn null_sender_message_that_fails_bounces_to_the_postmaster() {
     configure(
         &daemon,
         "postmaster = pm@acme.test",
-        &tenant("acme", "acme.test", &server, ""),
+        &plain_tenant("acme", "acme.test", &server, ""),
     );
     let _running = Running::start(&daemon);
     let run = daemon.sendmail(
         &["-i", "-f", "<>", "gone@example.com"],
-        &message("pbx@acme.test", "gone@example.com", "null sender"),
+        &note("pbx@acme.test", "gone@example.com", "null sender"),
     );
     assert_eq!(run.code, 0, "{}", run.stderr);
 
@@ -823,11 +759,11 @@ fn null_sender_message_without_postmaster_stays_failed_and_sends_no_bounce() {
         None,
     );
     let daemon = Daemon::bare("null_sender_nowhere");
-    configure(&daemon, "", &tenant("acme", "acme.test", &server, ""));
+    configure(&daemon, "", &plain_tenant("acme", "acme.test", &server, ""));
     let _running = Running::start(&daemon);
     let run = daemon.sendmail(
         &["-i", "-f", "<>", "gone@example.com"],
-        &message("pbx@acme.test", "gone@example.com", "null sender"),
+        &note("pbx@acme.test", "gone@example.com", "null sender"),
     );
     assert_eq!(run.code, 0, "{}", run.stderr);
 
@@ -868,7 +804,7 @@ fn envelope_from_is_the_mail_from_of_bounces_too() {
     configure(
         &daemon,
         "",
-        &tenant(
+        &plain_tenant(
             "acme",
             "acme.test",
             &server,
@@ -876,7 +812,7 @@ fn envelope_from_is_the_mail_from_of_bounces_too() {
         ),
     );
     let _running = Running::start(&daemon);
-    submit(&daemon, "pbx@acme.test", "gone@example.com", "rewritten");
+    daemon.submit_note("pbx@acme.test", "gone@example.com", "rewritten");
 
     let got = server.wait_for_messages(1, ARRIVAL);
     assert_eq!(got.len(), 1, "{got:#?}");
@@ -916,11 +852,11 @@ fn message_deferred_past_max_queue_lifetime_bounces_with_4_4_7() {
     configure(
         &daemon,
         "max_queue_lifetime = 2s",
-        &tenant("acme", "acme.test", &server, ""),
+        &plain_tenant("acme", "acme.test", &server, ""),
     );
     let _running = Running::start(&daemon);
     let started = Instant::now();
-    submit(&daemon, "pbx@acme.test", "slow@example.com", "too slow");
+    daemon.submit_note("pbx@acme.test", "slow@example.com", "too slow");
 
     let got = server.wait_for_messages(1, Duration::from_secs(15));
     assert_eq!(got.len(), 1, "no bounce after expiry: {got:#?}");
@@ -968,23 +904,13 @@ fn rate_limit_paces_one_tenant_and_not_the_other() {
     configure(
         &daemon,
         "",
-        &(tenant("paced", "paced.test", &paced, "rate_limit = 2/s\n")
-            + &tenant("free", "free.test", &free, "")),
+        &(plain_tenant("paced", "paced.test", &paced, "rate_limit = 2/s\n")
+            + &plain_tenant("free", "free.test", &free, "")),
     );
     // Queued before the daemon starts, so all ten are due at once.
     for i in 1..=10 {
-        submit(
-            &daemon,
-            "pbx@paced.test",
-            "a@example.com",
-            &format!("paced-{i}"),
-        );
-        submit(
-            &daemon,
-            "pbx@free.test",
-            "a@example.com",
-            &format!("free-{i}"),
-        );
+        daemon.submit_note("pbx@paced.test", "a@example.com", &format!("paced-{i}"));
+        daemon.submit_note("pbx@free.test", "a@example.com", &format!("free-{i}"));
     }
     let started = Instant::now();
     let _running = Running::start(&daemon);
@@ -1029,23 +955,24 @@ fn rate_limit_paces_one_tenant_and_not_the_other() {
 fn reload_adds_a_tenant() {
     let server = TestServer::start(ServerOptions::default(), None);
     let daemon = Daemon::bare("reload_add");
-    configure(&daemon, "", &tenant("acme", "acme.test", &server, ""));
+    configure(&daemon, "", &plain_tenant("acme", "acme.test", &server, ""));
     let running = Running::start(&daemon);
 
     let refused = daemon.sendmail(
         &["-i", "a@example.com"],
-        &message("pbx@newco.test", "a@example.com", "too early"),
+        &note("pbx@newco.test", "a@example.com", "too early"),
     );
     assert_eq!(refused.code, 65, "{refused:?}");
 
     configure(
         &daemon,
         "",
-        &(tenant("acme", "acme.test", &server, "") + &tenant("newco", "newco.test", &server, "")),
+        &(plain_tenant("acme", "acme.test", &server, "")
+            + &plain_tenant("newco", "newco.test", &server, "")),
     );
     running.reload();
-    submit(&daemon, "pbx@newco.test", "a@example.com", "welcome");
-    submit(&daemon, "pbx@acme.test", "a@example.com", "still here");
+    daemon.submit_note("pbx@newco.test", "a@example.com", "welcome");
+    daemon.submit_note("pbx@acme.test", "a@example.com", "still here");
     let got = server.wait_for_messages(2, ARRIVAL);
     assert_eq!(got.len(), 2, "{got:#?}");
     let counts = subject_counts(&[&server]);
@@ -1066,14 +993,19 @@ fn reload_removing_a_tenant_stops_it_and_keeps_its_mail() {
         None,
     );
     let daemon = Daemon::bare("reload_remove");
-    let both = tenant("acme", "acme.test", &healthy, "") + &tenant("gone", "gone.test", &busy, "");
+    let both = plain_tenant("acme", "acme.test", &healthy, "")
+        + &plain_tenant("gone", "gone.test", &busy, "");
     configure(&daemon, "", &both);
     let running = Running::start(&daemon);
-    submit(&daemon, "pbx@gone.test", "a@example.com", "left behind");
+    daemon.submit_note("pbx@gone.test", "a@example.com", "left behind");
     let queue = daemon.wait_for_queue(ARRIVAL, |q| q.len() == 1 && attempts(&q[0]) >= 1);
     assert_eq!(queue.len(), 1, "{queue:#?}");
 
-    configure(&daemon, "", &tenant("acme", "acme.test", &healthy, ""));
+    configure(
+        &daemon,
+        "",
+        &plain_tenant("acme", "acme.test", &healthy, ""),
+    );
     running.reload();
     let after_reload = busy.connections();
     // retry_max is 4 s: a tenant still running would try again within ~4.4 s.
@@ -1096,14 +1028,15 @@ fn reload_removing_a_tenant_stops_it_and_keeps_its_mail() {
     assert_eq!(recipients(&queue[0]), ["a@example.com"]);
     assert_ne!(str_of(&queue[0], "state"), "failed", "{queue:#?}");
     // The remaining tenant still delivers.
-    submit(&daemon, "pbx@acme.test", "b@example.com", "acme after");
+    daemon.submit_note("pbx@acme.test", "b@example.com", "acme after");
     assert_eq!(healthy.wait_for_messages(1, ARRIVAL).len(), 1);
 
     // Back, with a relay that works: the kept mail goes out.
     configure(
         &daemon,
         "",
-        &(tenant("acme", "acme.test", &healthy, "") + &tenant("gone", "gone.test", &healthy, "")),
+        &(plain_tenant("acme", "acme.test", &healthy, "")
+            + &plain_tenant("gone", "gone.test", &healthy, "")),
     );
     running.reload();
     let got = healthy.wait_for_messages(2, ARRIVAL);
@@ -1133,18 +1066,18 @@ fn reload_moves_a_changed_tenant_and_its_deferred_mail_to_the_new_relay() {
     );
     let new = TestServer::start(ServerOptions::default(), None);
     let daemon = Daemon::bare("reload_change");
-    configure(&daemon, "", &tenant("acme", "acme.test", &old, ""));
+    configure(&daemon, "", &plain_tenant("acme", "acme.test", &old, ""));
     let running = Running::start(&daemon);
-    submit(&daemon, "pbx@acme.test", "a@example.com", "before");
+    daemon.submit_note("pbx@acme.test", "a@example.com", "before");
     assert_eq!(old.wait_for_messages(1, ARRIVAL).len(), 1);
-    submit(&daemon, "pbx@acme.test", "b@example.com", "deferred");
+    daemon.submit_note("pbx@acme.test", "b@example.com", "deferred");
     let queue = daemon.wait_for_queue(ARRIVAL, |q| q.len() == 1 && attempts(&q[0]) >= 1);
     assert_eq!(queue.len(), 1, "{queue:#?}");
     assert_eq!(str_of(&queue[0], "state"), "deferred", "{queue:#?}");
 
-    configure(&daemon, "", &tenant("acme", "acme.test", &new, ""));
+    configure(&daemon, "", &plain_tenant("acme", "acme.test", &new, ""));
     running.reload();
-    submit(&daemon, "pbx@acme.test", "c@example.com", "after");
+    daemon.submit_note("pbx@acme.test", "c@example.com", "after");
     // Both the mail deferred under the old settings and the new mail go to
     // the new relay. (Without a status command the test cannot see the exact
     // moment of the reload, so one more 450 at the old relay is tolerated.)
@@ -1167,14 +1100,14 @@ fn reload_with_an_invalid_config_keeps_the_old_one() {
     let server = TestServer::start(ServerOptions::default(), None);
     let elsewhere = TestServer::start(ServerOptions::default(), None);
     let daemon = Daemon::bare("reload_invalid");
-    let good = config_text(&daemon, "", &tenant("acme", "acme.test", &server, ""));
+    let good = config_text(&daemon, "", &plain_tenant("acme", "acme.test", &server, ""));
     daemon.write_config(&good);
     // A copy for sendmail, which reads the config too.
     let submit_config = daemon.write_file("submit.ini", &good);
     let mut running = Running::start(&daemon);
 
     // Invalid (an unknown key), and would move the tenant if it were applied.
-    let bad = tenant("acme", "acme.test", &elsewhere, "no_such_key = 1\n");
+    let bad = plain_tenant("acme", "acme.test", &elsewhere, "no_such_key = 1\n");
     configure(&daemon, "", &bad);
     let check = daemon.run(&["check-config"], b"");
     assert_eq!(
@@ -1200,14 +1133,13 @@ fn reload_with_an_invalid_config_keeps_the_old_one() {
     );
 
     // A later valid reload is applied.
-    configure(&daemon, "", &tenant("acme", "acme.test", &elsewhere, ""));
-    running.reload();
-    submit(
+    configure(
         &daemon,
-        "pbx@acme.test",
-        "a@example.com",
-        "after good reload",
+        "",
+        &plain_tenant("acme", "acme.test", &elsewhere, ""),
     );
+    running.reload();
+    daemon.submit_note("pbx@acme.test", "a@example.com", "after good reload");
     let got = elsewhere.wait_for_messages(1, ARRIVAL);
     assert_eq!(got.len(), 1, "the valid reload was not applied");
     assert_eq!(subject(&got[0]), "after good reload");
@@ -1227,7 +1159,7 @@ fn reload_restarting_every_tenant_does_not_wait_for_a_stuck_one() {
     );
     let healthy = TestServer::start(ServerOptions::default(), None);
     let daemon = Daemon::bare("reload_with_stuck");
-    let bad = tenant(
+    let bad = plain_tenant(
         "bad",
         "bad.test",
         &hole,
@@ -1242,20 +1174,15 @@ fn reload_restarting_every_tenant_does_not_wait_for_a_stuck_one() {
         &(bad.clone() + &tenant_at("good", "good.test", &dead_relay, "")),
     );
     let running = Running::start(&daemon);
-    submit(&daemon, "pbx@bad.test", "x@example.com", "stuck");
+    daemon.submit_note("pbx@bad.test", "x@example.com", "stuck");
     assert_eq!(hole.wait_for_connections(1, ARRIVAL), 1);
 
-    let tenants = bad + &tenant("good", "good.test", &healthy, "");
+    let tenants = bad + &plain_tenant("good", "good.test", &healthy, "");
     configure(&daemon, "postmaster = pm@good.test", &tenants);
     running.reload();
     let started = Instant::now();
     for i in 1..=3 {
-        submit(
-            &daemon,
-            "pbx@good.test",
-            "y@example.com",
-            &format!("good-{i}"),
-        );
+        daemon.submit_note("pbx@good.test", "y@example.com", &format!("good-{i}"));
     }
     let got = healthy.wait_for_messages(3, ISOLATION_BOUND);
     assert_eq!(
@@ -1297,14 +1224,9 @@ fn reload_with_mail_in_flight_delivers_each_message_exactly_once() {
     let second = relay_holding_replies(HOLD, 1);
     let third = TestServer::start(ServerOptions::default(), None);
     let daemon = Daemon::bare("reload_in_flight");
-    configure(&daemon, "", &tenant("acme", "acme.test", &first, ""));
+    configure(&daemon, "", &plain_tenant("acme", "acme.test", &first, ""));
     for i in 1..=3 {
-        submit(
-            &daemon,
-            "pbx@acme.test",
-            "a@example.com",
-            &format!("queued-{i}"),
-        );
+        daemon.submit_note("pbx@acme.test", "a@example.com", &format!("queued-{i}"));
     }
     let running = Running::start(&daemon);
 
@@ -1314,7 +1236,7 @@ fn reload_with_mail_in_flight_delivers_each_message_exactly_once() {
         1,
         "no message reached the first relay"
     );
-    configure(&daemon, "", &tenant("acme", "acme.test", &second, ""));
+    configure(&daemon, "", &plain_tenant("acme", "acme.test", &second, ""));
     running.reload();
     assert!(
         first.messages().is_empty(),
@@ -1328,7 +1250,7 @@ fn reload_with_mail_in_flight_delivers_each_message_exactly_once() {
         1,
         "no message reached the second relay after the first reload"
     );
-    configure(&daemon, "", &tenant("acme", "acme.test", &third, ""));
+    configure(&daemon, "", &plain_tenant("acme", "acme.test", &third, ""));
     let reloaded = daemon.run(&["reload"], b"");
     assert_eq!(reloaded.code, 0, "pbxmail reload: {reloaded:?}");
     assert!(
@@ -1336,12 +1258,7 @@ fn reload_with_mail_in_flight_delivers_each_message_exactly_once() {
         "`pbxmail reload` was applied only after the message in flight was done"
     );
     for i in 1..=2 {
-        submit(
-            &daemon,
-            "pbx@acme.test",
-            "a@example.com",
-            &format!("after-{i}"),
-        );
+        daemon.submit_note("pbx@acme.test", "a@example.com", &format!("after-{i}"));
     }
 
     let queue = daemon.wait_for_queue(HOLD + ARRIVAL, |q| q.is_empty());
@@ -1391,7 +1308,11 @@ fn repeated_reloads_under_a_steady_flow_deliver_each_message_exactly_once() {
     ];
     let arrived = || relays.iter().map(|r| r.messages().len()).sum::<usize>();
     let daemon = Daemon::bare("reload_steady_flow");
-    let config = config_text(&daemon, "", &tenant("acme", "acme.test", &relays[0], ""));
+    let config = config_text(
+        &daemon,
+        "",
+        &plain_tenant("acme", "acme.test", &relays[0], ""),
+    );
     daemon.write_config(&config);
     // sendmail reads a config too: a copy of its own, which the reloads
     // do not rewrite under it.
@@ -1420,7 +1341,7 @@ fn repeated_reloads_under_a_steady_flow_deliver_each_message_exactly_once() {
                 k % 2
             );
             let next = &relays[(k + 1) % 2];
-            configure(&daemon, "", &tenant("acme", "acme.test", next, ""));
+            configure(&daemon, "", &plain_tenant("acme", "acme.test", next, ""));
             if k % 2 == 0 {
                 running.reload();
             } else {
@@ -1453,7 +1374,7 @@ fn repeated_reloads_under_a_steady_flow_deliver_each_message_exactly_once() {
 fn second_daemon_on_the_same_spool_is_refused() {
     let server = TestServer::start(ServerOptions::default(), None);
     let daemon = Daemon::bare("second_daemon");
-    configure(&daemon, "", &tenant("acme", "acme.test", &server, ""));
+    configure(&daemon, "", &plain_tenant("acme", "acme.test", &server, ""));
     let mut first = Running::start(&daemon);
 
     let mut second = Command::new(PBXMAIL)
@@ -1484,12 +1405,7 @@ fn second_daemon_on_the_same_spool_is_refused() {
     // The first one is unharmed: it still takes and delivers mail.
     assert!(first.is_running());
     assert!(daemon.spool_dir().join("pickup.sock").exists());
-    submit(
-        &daemon,
-        "pbx@acme.test",
-        "a@example.com",
-        "first still works",
-    );
+    daemon.submit_note("pbx@acme.test", "a@example.com", "first still works");
     assert_eq!(server.wait_for_messages(1, ARRIVAL).len(), 1);
     assert_eq!(first.stop_within(ARRIVAL).and_then(|s| s.code()), Some(0));
 }
@@ -1511,14 +1427,9 @@ fn sigterm_lets_the_session_in_flight_finish_and_loses_nothing() {
     );
     let fresh = TestServer::start(ServerOptions::default(), None);
     let daemon = Daemon::bare("sigterm_in_flight");
-    configure(&daemon, "", &tenant("acme", "acme.test", &slow, ""));
+    configure(&daemon, "", &plain_tenant("acme", "acme.test", &slow, ""));
     for i in 1..=3 {
-        submit(
-            &daemon,
-            "pbx@acme.test",
-            "a@example.com",
-            &format!("flight-{i}"),
-        );
+        daemon.submit_note("pbx@acme.test", "a@example.com", &format!("flight-{i}"));
     }
     let mut running = Running::start(&daemon);
     assert!(slow.wait_for_command("DATA", ARRIVAL), "no session started");
@@ -1538,7 +1449,7 @@ fn sigterm_lets_the_session_in_flight_finish_and_loses_nothing() {
     let queue = daemon.queue();
     assert_eq!(queue.len(), 2, "{queue:#?}");
 
-    configure(&daemon, "", &tenant("acme", "acme.test", &fresh, ""));
+    configure(&daemon, "", &plain_tenant("acme", "acme.test", &fresh, ""));
     let _restarted = Running::start(&daemon);
     assert_eq!(fresh.wait_for_messages(2, ARRIVAL).len(), 2);
     let queue = daemon.wait_for_queue(ARRIVAL, |q| q.is_empty());
@@ -1559,17 +1470,13 @@ fn panicking_tenant_worker_is_restarted_and_delivers() {
     configure(
         &daemon,
         "",
-        &(tenant("acme", "acme.test", &server, "") + &tenant("other", "other.test", &other, "")),
+        &(plain_tenant("acme", "acme.test", &server, "")
+            + &plain_tenant("other", "other.test", &other, "")),
     );
     for i in 1..=3 {
-        submit(
-            &daemon,
-            "pbx@acme.test",
-            "a@example.com",
-            &format!("acme-{i}"),
-        );
+        daemon.submit_note("pbx@acme.test", "a@example.com", &format!("acme-{i}"));
     }
-    submit(&daemon, "pbx@other.test", "a@example.com", "other-1");
+    daemon.submit_note("pbx@other.test", "a@example.com", "other-1");
     let started = Instant::now();
     let mut running = Running::start_with_env(&daemon, &[("PBXMAIL_DEBUG_PANIC_ONCE", "acme")]);
 
@@ -1589,6 +1496,6 @@ fn panicking_tenant_worker_is_restarted_and_delivers() {
     assert!(queue.is_empty(), "{queue:#?}");
 
     // It panics only once: new mail flows straight through.
-    submit(&daemon, "pbx@acme.test", "a@example.com", "acme-later");
+    daemon.submit_note("pbx@acme.test", "a@example.com", "acme-later");
     assert_eq!(server.wait_for_messages(4, ARRIVAL).len(), 4);
 }

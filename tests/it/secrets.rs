@@ -10,8 +10,6 @@
 //! Every stdout, stderr, the daemon's log and the files under the spool and
 //! archive are searched for each secret in every form a leak could take.
 
-mod support;
-
 use std::fs;
 use std::io::{Read, Write};
 use std::path::Path;
@@ -19,10 +17,11 @@ use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::support::harness::{str_of, wait_until, Daemon, Running, PBXMAIL};
+use crate::support::mail::{note, queued_id};
+use crate::support::smtp_server::{ServerOptions, TestCa, TestServer, Tls};
 use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD};
 use base64::Engine as _;
-use support::harness::{str_of, wait_until, Daemon, Running, PBXMAIL};
-use support::smtp_server::{ServerOptions, TestCa, TestServer, Tls};
 
 /// Upper bound for anything that should happen now.
 const ARRIVAL: Duration = Duration::from_secs(8);
@@ -220,18 +219,6 @@ fn tenant(name: &str, server: &TestServer, ca_file: &Path, login: &str) -> Strin
     )
 }
 
-fn message(from: &str, to: &str, subject: &str) -> Vec<u8> {
-    format!("From: {from}\nTo: {to}\nSubject: {subject}\n\nbody of {subject}\n").into_bytes()
-}
-
-/// The ID in sendmail -v's "queued as ID for tenant T".
-fn queued_id(text: &str) -> String {
-    text.split_once("queued as ")
-        .and_then(|(_, rest)| rest.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no queue ID in sendmail -v output: {text}"))
-        .to_string()
-}
-
 fn auth_commands(server: &TestServer) -> usize {
     server
         .commands()
@@ -333,7 +320,7 @@ fn no_secret_in_any_output_or_log_line() {
             run(
                 &config,
                 &["sendmail", "-v", "-i", "rcpt@example.com"],
-                &message(user, "rcpt@example.com", &format!("for {name}")),
+                &note(user, "rcpt@example.com", &format!("for {name}")),
             ),
         );
         assert_eq!(code, 0, "sendmail for {name}:\n{text}");

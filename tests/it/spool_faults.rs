@@ -6,8 +6,6 @@
 //! behind) when the spool is full, below `min_free_space` or read-only. The
 //! on-disk format is docs/spool.md; the harness and test server are shared.
 
-mod support;
-
 use std::collections::HashMap;
 use std::fs::{self, OpenOptions};
 use std::io::Write;
@@ -16,9 +14,9 @@ use std::process::{Command, Output};
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use crate::support::harness::{closed_port, str_of, wait_until, Daemon, Run, PBXMAIL};
+use crate::support::smtp_server::{Fault, ServerOptions, TestServer};
 use serde_json::Value;
-use support::harness::{closed_port, str_of, wait_until, Daemon, Run, PBXMAIL};
-use support::smtp_server::{Fault, ServerOptions, TestServer};
 
 /// Upper bound for mail that should go out now; generous for a loaded CI box.
 const ARRIVAL: Duration = Duration::from_secs(10);

@@ -10,8 +10,6 @@
 //! locked the message file, the committer fsynced and renamed it, and the
 //! offload thread read the config file and looked up the IDs.
 
-mod support;
-
 use std::collections::HashMap;
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
@@ -21,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use support::harness::{closed_port, free_port, tenant, wait_until, Daemon, PBXMAIL};
+use crate::support::harness::{closed_port, free_port, tenant, wait_until, Daemon, PBXMAIL};
 
 /// Start-up under strace is slow on a loaded 2-core machine.
 const READY: Duration = Duration::from_secs(30);
@@ -417,7 +415,7 @@ fn a_200_megabyte_message_streams_through_in_a_few_megabytes() {
         &format!("listen = 127.0.0.1:{port}\nlisten_max_message_size = 300M"),
         &tenant("acme", "acme.test", &relay, "tls = none"),
     );
-    let running = support::harness::Running::start(&daemon);
+    let running = crate::support::harness::Running::start(&daemon);
     let pid = running.pid();
     let mut c = Client::connect(port);
     c.expect("EHLO client.test", "250");

@@ -12,8 +12,6 @@
 //! Random choices come from a seeded PRNG; the seed is printed, and
 //! `PBXMAIL_CRASH_SEED=N` repeats a run.
 
-mod support;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
 use std::io::Write;
@@ -24,9 +22,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use support::harness::{files_under, wait_until, Daemon, PBXMAIL};
-use support::rng::Rng;
-use support::smtp_server::{Fault, Received, ServerOptions, TestServer};
+use crate::support::harness::{files_under, framed, wait_until, Daemon, Running, PBXMAIL};
+use crate::support::rng::Rng;
+use crate::support::smtp_server::{Fault, Received, ServerOptions, TestServer};
 
 const SENDER: &str = "pbx@acme.test";
 const RCPT: &str = "sink@example.com";
@@ -116,61 +114,8 @@ fn submit(d: &Daemon, msg: &[u8]) -> (i32, String) {
     (run.code, run.stderr)
 }
 
-/// Starts `pbxmail daemon` as a child this test can SIGKILL (the harness only
-/// stops with SIGTERM) and waits until it is ready. A killed daemon leaves
-/// its pickup socket behind, so that is removed first: the new daemon's
-/// socket appears only after its start-up recovery ran.
-fn spawn_daemon(d: &Daemon) -> Doomed {
-    let socket = d.spool_dir().join("pickup.sock");
-    let _ = fs::remove_file(&socket);
-    let log = File::options()
-        .create(true)
-        .append(true)
-        .open(d.dir().join("daemon.log"))
-        .expect("open daemon log");
-    let mut child = Command::new(PBXMAIL)
-        .arg("daemon")
-        .arg("-c")
-        .arg(d.config_path())
-        .env_remove("PBXMAIL_CONFIG")
-        .env_remove("PBXMAIL_LOG")
-        .env_remove("JOURNAL_STREAM")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(log))
-        .spawn()
-        .expect("spawn pbxmail daemon");
-    let mut exited = None;
-    let ready = wait_until(READY, || {
-        if let Ok(Some(status)) = child.try_wait() {
-            exited = Some(status);
-            return true;
-        }
-        socket.exists()
-    });
-    if let Some(status) = exited {
-        panic!("daemon exited during start-up ({status})");
-    }
-    if !ready {
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("daemon did not create {} in time", socket.display());
-    }
-    Doomed(child)
-}
-
-/// A daemon this test kills. Killed on drop too, so that a failed assertion
-/// leaves no daemon running (a reaped child is not signalled again).
-struct Doomed(Child);
-
-impl Drop for Doomed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// SIGKILL (what `Child::kill` sends on Unix) and reap; returns the status.
+/// SIGKILL (what `Child::kill` sends on Unix) to a `sendmail` and reap;
+/// returns the status.
 fn kill9(child: &mut Child) -> ExitStatus {
     let _ = child.kill();
     child.wait().expect("wait for killed child")
@@ -198,17 +143,6 @@ fn only_envelope(d: &Daemon) -> PathBuf {
         .collect();
     assert_eq!(envs.len(), 1, "{envs:#?}");
     envs.into_iter().next().expect("one envelope")
-}
-
-/// One envelope record framed as docs/spool.md says: `LEN SP CRC32C SP JSON LF`.
-fn framed(record: &serde_json::Value) -> Vec<u8> {
-    let json = record.to_string();
-    format!(
-        "{} {:08x} {json}\n",
-        json.len(),
-        crc32c::crc32c(json.as_bytes())
-    )
-    .into_bytes()
 }
 
 fn append(path: &Path, bytes: &[u8]) {
@@ -293,18 +227,9 @@ impl KillPhases {
     }
 }
 
-/// Stops (SIGSTOP) a daemon, which then runs no further until killed.
-fn freeze(daemon: &Doomed) {
-    let sent = Command::new("kill")
-        .args(["-STOP", &daemon.0.id().to_string()])
-        .status()
-        .expect("run kill");
-    assert!(sent.success(), "kill -STOP failed");
-}
-
 /// SIGKILL, asserting that the daemon was still there to be killed.
-fn kill_daemon(daemon: &mut Doomed) {
-    let status = kill9(&mut daemon.0);
+fn kill_daemon(daemon: &mut Running) {
+    let status = daemon.kill9();
     assert_eq!(
         status.signal(),
         Some(9),
@@ -352,7 +277,7 @@ fn daemon_killed_at_random_moments_loses_nothing() {
     // daemon (aimed 2's) starts while it still writes: its start-up
     // recovery must leave the open submission alone.
     first_conn.push(server.connections());
-    let mut daemon = spawn_daemon(&d);
+    let mut daemon = Running::after_kill(&d);
     let n = next;
     next += 1;
     let msg = message(&crash_tag(n), crash_lines(n));
@@ -381,7 +306,7 @@ fn daemon_killed_at_random_moments_loses_nothing() {
     kill_daemon(&mut daemon);
     killed_while_submitting += 1;
     first_conn.push(server.connections());
-    let mut daemon = spawn_daemon(&d);
+    let mut daemon = Running::after_kill(&d);
     assert!(
         writing.exists(),
         "start-up recovery removed {} while sendmail was writing it",
@@ -417,7 +342,7 @@ fn daemon_killed_at_random_moments_loses_nothing() {
     let mut aimed_after_250 = Vec::new();
     for k in 1..=AIMED_AFTER_250 {
         first_conn.push(server.connections());
-        let mut daemon = spawn_daemon(&d);
+        let mut daemon = Running::after_kill(&d);
         // The message killed mid-DATA (or at the last aimed kill) is
         // still owed, so the restarted daemon sends it.
         assert_eq!(
@@ -427,7 +352,7 @@ fn daemon_killed_at_random_moments_loses_nothing() {
             d.queue()
         );
         let before = server.messages().len();
-        freeze(&daemon);
+        daemon.freeze();
         assert_eq!(
             server.messages().len(),
             before,
@@ -460,7 +385,7 @@ fn daemon_killed_at_random_moments_loses_nothing() {
             next += 1;
         }
         first_conn.push(server.connections());
-        let mut daemon = spawn_daemon(&d);
+        let mut daemon = Running::after_kill(&d);
         let batch: Vec<usize> = (next..next + 1 + rng.below(6) as usize).collect();
         next += batch.len();
         let delay = Duration::from_millis(rng.below(151));
@@ -842,7 +767,7 @@ fn message_recorded_as_sent_before_a_crash_is_removed_at_restart_not_resent() {
         "next_attempt_ms": null,
         "error": null,
     });
-    append(&envelope, &framed(&sent));
+    append(&envelope, framed(&sent).as_bytes());
 
     d.start();
     let left = d.wait_for_queue(Duration::from_secs(5), |q| q.is_empty());
@@ -885,7 +810,7 @@ fn envelope_torn_by_a_crash_mid_append_still_delivers_after_a_retry() {
         "next_attempt_ms": unix_ms(),
         "error": null,
     }));
-    append(&envelope, &record[..record.len() / 2]);
+    append(&envelope, &record.as_bytes()[..record.len() / 2]);
 
     d.start();
     let got = server.wait_for_messages(1, Duration::from_secs(8));

@@ -4,10 +4,9 @@
 //! hash-chained journal) and at what `pbxmail archive verify | usage | prune`
 //! say about it, after tampering and after crashes.
 //!
-//! Ownership checks need root: the tests then create the group
-//! `pbxtest-admins` (`groupadd -f`); otherwise they say so and check modes only.
-
-mod support;
+//! Ownership checks need root: the tests then hand the archive to an existing
+//! group that lists no members (`spare_group`; none is added to /etc/group);
+//! otherwise they say so and check modes only.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
@@ -15,17 +14,18 @@ use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::thread;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::support::harness::{
+    files_under, framed, spare_group, str_of, wait_until, Daemon, Run, Running,
+};
+use crate::support::rng::Rng;
+use crate::support::smtp_server::{Received, ServerOptions, TestServer};
 use serde_json::Value;
-use support::harness::{files_under, wait_until, Daemon, Run, Running, PBXMAIL};
-use support::rng::Rng;
-use support::smtp_server::{Received, ServerOptions, TestServer};
 
 /// The archive group the tests give the archiving tenant.
-const GROUP: &str = "pbxtest-admins";
 /// Upper bound for mail that should go out now; generous for a loaded CI box.
 const ARRIVAL: Duration = Duration::from_secs(15);
 /// The daemon's `hostname`: the last part of every archived file's name.
@@ -33,26 +33,23 @@ const HOSTNAME: &str = "pbx.test";
 /// A recipient the relay refuses with 550, so that bounces are made.
 const REFUSED: &str = "nobody@example.com";
 
-/// The archive group's ID, creating the group when running as root; None
-/// (with a note) when not root, and ownership is then not checked.
+/// The archive group's ID (`spare_group`) when running as root; None (with
+/// a note) when not root, and ownership is then not checked.
 fn archive_group() -> Option<u32> {
     let uid = Command::new("id").arg("-u").output().ok()?;
     if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
-        eprintln!("note: not root, so {GROUP} is not created and file ownership is not checked");
+        eprintln!("note: not root, so file ownership is not checked");
         return None;
     }
-    let made = Command::new("groupadd")
-        .args(["-f", GROUP])
-        .status()
-        .expect("run groupadd");
-    assert!(made.success(), "groupadd -f {GROUP}: {made}");
-    let groups = fs::read_to_string("/etc/group").expect("read /etc/group");
-    groups.lines().find_map(|line| {
-        let mut fields = line.split(':');
-        (fields.next()? == GROUP)
-            .then(|| fields.nth(1)?.parse().ok())
-            .flatten()
-    })
+    let (_, gid) = spare_group().expect("a group in /etc/group that lists no members");
+    Some(gid)
+}
+
+/// The name of the group `archive_group` returned the gid of.
+fn group_name() -> String {
+    spare_group()
+        .map(|(name, _)| name)
+        .expect("a group in /etc/group that lists no members")
 }
 
 /// The daemon's INI: this test's spool and archive, `tenants` after it.
@@ -80,7 +77,7 @@ fn tenant(name: &str, server: &TestServer, extra: &str) -> String {
 /// The archiving tenant's keys; `users` is the value of `archive_users`.
 fn archiving(users: &str, group: Option<u32>) -> String {
     let group = match group {
-        Some(_) => format!("archive_group = {GROUP}\n"),
+        Some(_) => format!("archive_group = {}\n", group_name()),
         None => String::new(),
     };
     format!("archive = yes\narchive_users = {users}\n{group}")
@@ -173,20 +170,6 @@ fn journal(d: &Daemon, tenant: &str) -> Vec<Value> {
             serde_json::from_str(json).unwrap_or_else(|e| panic!("record {line:?}: {e}"))
         })
         .collect()
-}
-
-/// One record framed as the journal frames it: `LEN CRC32C JSON\n`.
-fn framed(record: &Value) -> String {
-    let json = record.to_string();
-    format!(
-        "{} {:08x} {json}\n",
-        json.len(),
-        crc32c::crc32c(json.as_bytes())
-    )
-}
-
-fn str_of<'a>(v: &'a Value, key: &str) -> &'a str {
-    v[key].as_str().unwrap_or("")
 }
 
 fn mode(path: &Path) -> u32 {
@@ -758,8 +741,8 @@ fn crash_between_journaling_and_spool_removal_leaves_one_archived_copy() {
     }
 }
 
-/// SIGKILL at random moments while archived mail goes out (about 20 kills),
-/// then an undisturbed run: every message the relay got is in the journal
+/// SIGKILL at random moments while archived mail goes out (20 kills, every
+/// other one aimed at the moment the journal grows), then an undisturbed run: every message the relay got is in the journal
 /// exactly once, with exactly one Maildir file, and `verify` passes.
 #[test]
 fn daemon_killed_at_random_moments_archives_each_message_once() {
@@ -780,7 +763,7 @@ fn daemon_killed_at_random_moments_archives_each_message_once() {
     let journal_path = archive_dir(&d).join("acme").join("journal");
     let mut next = 0;
     let mut windows_seen = 0;
-    for _ in 0..KILLS {
+    for kill in 0..KILLS {
         for _ in 0..1 + below(5) {
             let user = if next % 2 == 0 { "101" } else { "102" };
             submit(
@@ -791,10 +774,21 @@ fn daemon_killed_at_random_moments_archives_each_message_once() {
             );
             next += 1;
         }
-        let mut child = spawn_daemon(&d);
-        thread::sleep(Duration::from_millis(below(200)));
-        let _ = child.kill();
-        let status = child.wait().expect("reap daemon");
+        let journal_before = fs::metadata(&journal_path).map_or(0, |m| m.len());
+        let mut daemon = Running::after_kill(&d);
+        if kill % 2 == 0 {
+            thread::sleep(Duration::from_millis(below(200)));
+        } else {
+            // Aim at the window: kill as soon as the journal has grown, while
+            // the daemon syncs the record and before it removes the spool entry.
+            let deadline = Instant::now() + ARRIVAL;
+            while fs::metadata(&journal_path).map_or(0, |m| m.len()) == journal_before
+                && Instant::now() < deadline
+            {
+                thread::sleep(Duration::from_micros(20));
+            }
+        }
+        let status = daemon.kill9();
         assert_eq!(
             status.signal(),
             Some(9),
@@ -808,6 +802,12 @@ fn daemon_killed_at_random_moments_archives_each_message_once() {
             .filter(|id| journaled.contains(&format!("\"queue_id\":\"{id}\"")))
             .count();
     }
+    // The window this test is about was hit, judged by what the kills left:
+    // a message in the journal whose spool entry was still there.
+    assert!(
+        windows_seen > 0,
+        "no kill landed between journaling a message and removing its spool entry"
+    );
     let _ = fs::remove_file(d.spool_dir().join("pickup.sock"));
     d.start();
     let left = d.wait_for_queue(Duration::from_secs(60), |q| q.is_empty());
@@ -873,37 +873,6 @@ fn daemon_killed_at_random_moments_archives_each_message_once() {
         "{}",
         run.stderr
     );
-}
-
-/// Starts the daemon as a child this test can SIGKILL, once it is ready.
-fn spawn_daemon(d: &Daemon) -> Child {
-    let socket = d.spool_dir().join("pickup.sock");
-    let _ = fs::remove_file(&socket);
-    let log = File::options()
-        .create(true)
-        .append(true)
-        .open(d.dir().join("daemon.log"))
-        .expect("open daemon log");
-    let mut child = Command::new(PBXMAIL)
-        .args(["daemon", "-c"])
-        .arg(d.config_path())
-        .env_remove("PBXMAIL_CONFIG")
-        .env_remove("PBXMAIL_LOG")
-        .env_remove("JOURNAL_STREAM")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(log))
-        .spawn()
-        .expect("spawn pbxmail daemon");
-    let ready = wait_until(Duration::from_secs(10), || {
-        socket.exists() || matches!(child.try_wait(), Ok(Some(_)))
-    });
-    if !ready || !socket.exists() {
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("daemon did not start: {}", d.log());
-    }
-    child
 }
 
 /// The archive cannot be written (its folder is in the way): the delivered

@@ -7,17 +7,19 @@
 //! the interface). The harness gives each test its temp dir, spool and
 //! config; the daemon is spawned here so a test can set its environment.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::support::harness::{
+    closed_port, count_commands, plain_tenant, str_of, tenant, wait_until, Daemon, Run, Running,
+    PBXMAIL,
+};
+use crate::support::mail::{note, queued_id, subject, subjects};
+use crate::support::smtp_server::{Fault, ServerOptions, TestCa, TestServer, Tls};
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
 use serde_json::Value;
-use support::harness::{closed_port, str_of, wait_until, Daemon, Run, Running, PBXMAIL};
-use support::smtp_server::{Fault, Received, ServerOptions, TestCa, TestServer, Tls};
 
 /// Upper bound for mail that should go out now; generous for a loaded CI box.
 const ARRIVAL: Duration = Duration::from_secs(10);
@@ -47,42 +49,6 @@ fn config_text(daemon: &Daemon, retry: (&str, &str), tenants: &str) -> String {
 
 fn configure(daemon: &Daemon, retry: (&str, &str), tenants: &str) {
     daemon.write_config(&config_text(daemon, retry, tenants));
-}
-
-/// A `[tenant:NAME]` section; `extra` holds further `key = value` lines.
-fn tenant_at(name: &str, domain: &str, relay: &str, extra: &str) -> String {
-    format!("[tenant:{name}]\ndomains = {domain}\nrelay = {relay}\n{extra}\n")
-}
-
-/// A tenant relaying without TLS to a test server.
-fn plain_tenant(name: &str, domain: &str, server: &TestServer) -> String {
-    tenant_at(
-        name,
-        domain,
-        &format!("127.0.0.1:{}", server.port()),
-        "tls = none\n",
-    )
-}
-
-/// A small RFC 5322 message with LF line ends, as a PBX would pipe it in.
-fn message(from: &str, to: &str, subject: &str) -> Vec<u8> {
-    format!("From: {from}\nTo: {to}\nSubject: {subject}\n\nbody of {subject}\n").into_bytes()
-}
-
-/// Submits a message from `from` to `to` and returns its queue ID (from `-v`).
-fn submit(daemon: &Daemon, from: &str, to: &str, subject: &str) -> String {
-    let run = daemon.sendmail(&["-v", "-i", to], &message(from, to, subject));
-    assert_eq!(run.code, 0, "sendmail ({subject}) failed: {}", run.stderr);
-    queued_id(&run.stderr)
-}
-
-/// The ID in sendmail -v's "queued as ID for tenant T".
-fn queued_id(stderr: &str) -> String {
-    stderr
-        .split_once("queued as ")
-        .and_then(|(_, rest)| rest.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no queue ID in sendmail -v output: {stderr:?}"))
-        .to_string()
 }
 
 /// `pbxmail ARGS...` with PBXMAIL_CONFIG set to the test's config.
@@ -129,28 +95,6 @@ fn state_of(queue: &[Value], id: &str) -> String {
     entry(queue, id)
         .map(|e| str_of(e, "state").to_string())
         .unwrap_or_default()
-}
-
-/// The Subject header of a received message.
-fn subject(m: &Received) -> String {
-    let text = m.text();
-    let head = text.split("\r\n\r\n").next().unwrap_or("");
-    head.split("\r\n")
-        .find_map(|l| l.strip_prefix("Subject: "))
-        .unwrap_or("")
-        .to_string()
-}
-
-fn subjects(server: &TestServer) -> Vec<String> {
-    server.messages().iter().map(subject).collect()
-}
-
-fn count_commands(server: &TestServer, prefix: &str) -> usize {
-    server
-        .commands()
-        .iter()
-        .filter(|(_, c)| c.to_ascii_uppercase().starts_with(prefix))
-        .count()
 }
 
 /// Waits until the server has seen `n` QUITs: the n-th session is over, so
@@ -258,7 +202,7 @@ fn server_deferring_first_rcpts(n: usize) -> TestServer {
 fn deferred_messages(daemon: &Daemon, subjects: &[&str]) -> (Running, Vec<String>) {
     let ids: Vec<String> = subjects
         .iter()
-        .map(|s| submit(daemon, "pbx@acme.test", "alice@example.com", s))
+        .map(|s| daemon.submit_note("pbx@acme.test", "alice@example.com", s))
         .collect();
     let running = Running::start(daemon);
     let queue = daemon.wait_for_queue(ARRIVAL, |q| {
@@ -321,8 +265,8 @@ fn status_json_has_the_interface_shape_and_counts_per_tenant() {
         SLOW_RETRY,
         &format!(
             "{}{}",
-            plain_tenant("acme", "acme.test", &server),
-            tenant_at(
+            plain_tenant("acme", "acme.test", &server, ""),
+            tenant(
                 "dead",
                 "dead.test",
                 &dead_relay,
@@ -332,20 +276,10 @@ fn status_json_has_the_interface_shape_and_counts_per_tenant() {
     );
     // Spooled before the start, so the dead tenant's first session tries both.
     for n in 1..=3 {
-        submit(
-            &daemon,
-            "pbx@acme.test",
-            "a@example.com",
-            &format!("ok {n}"),
-        );
+        daemon.submit_note("pbx@acme.test", "a@example.com", &format!("ok {n}"));
     }
     for n in 1..=2 {
-        submit(
-            &daemon,
-            "pbx@dead.test",
-            "b@example.com",
-            &format!("dead {n}"),
-        );
+        daemon.submit_note("pbx@dead.test", "b@example.com", &format!("dead {n}"));
     }
     let _running = Running::start(&daemon);
     assert_eq!(server.wait_for_messages(3, ARRIVAL).len(), 3);
@@ -439,13 +373,13 @@ fn status_json_has_the_interface_shape_and_counts_per_tenant() {
 fn mail_of_a_removed_tenant_is_shown_as_having_no_tenant() {
     let server = TestServer::start(ServerOptions::default(), None);
     let daemon = Daemon::bare("adm_no_tenant");
-    let staying = plain_tenant("staying", "staying.test", &server);
+    let staying = plain_tenant("staying", "staying.test", &server, "");
     configure(
         &daemon,
         SLOW_RETRY,
-        &(plain_tenant("gone", "gone.test", &server) + &staying),
+        &(plain_tenant("gone", "gone.test", &server, "") + &staying),
     );
-    let id = submit(&daemon, "pbx@gone.test", "a@example.com", "orphan");
+    let id = daemon.submit_note("pbx@gone.test", "a@example.com", "orphan");
     configure(&daemon, SLOW_RETRY, &staying);
 
     let run = cli(&daemon, &["queue", "--json"]);
@@ -485,7 +419,7 @@ fn control_socket_is_0660_and_answers_an_unknown_request_with_an_error() {
     configure(
         &daemon,
         SLOW_RETRY,
-        &plain_tenant("acme", "acme.test", &server),
+        &plain_tenant("acme", "acme.test", &server, ""),
     );
     let _running = Running::start(&daemon);
     // Mode 0660, in the daemon's group: the admins' group may steer it, nobody else.
@@ -525,7 +459,7 @@ fn admin_commands_without_a_daemon_exit_69_and_name_the_socket() {
     configure(
         &daemon,
         SLOW_RETRY,
-        &tenant_at("acme", "acme.test", "127.0.0.1:25", "tls = none\n"),
+        &tenant("acme", "acme.test", "127.0.0.1:25", "tls = none\n"),
     );
     let socket = control_socket(&daemon);
     let socket_text = socket.display().to_string();
@@ -572,7 +506,7 @@ fn held_message_is_not_sent_even_by_flush_until_released() {
     configure(
         &daemon,
         SLOW_RETRY,
-        &plain_tenant("acme", "acme.test", &server),
+        &plain_tenant("acme", "acme.test", &server, ""),
     );
     let (_running, ids) = deferred_messages(&daemon, &["held one", "other one"]);
     let (held, other) = (&ids[0], &ids[1]);
@@ -618,7 +552,7 @@ fn hold_is_durable_across_a_daemon_restart() {
     configure(
         &daemon,
         SLOW_RETRY,
-        &plain_tenant("acme", "acme.test", &server),
+        &plain_tenant("acme", "acme.test", &server, ""),
     );
     let (mut running, ids) = deferred_messages(&daemon, &["held across restart"]);
     let held = &ids[0];
@@ -637,7 +571,7 @@ fn hold_is_durable_across_a_daemon_restart() {
         "{acme:#}"
     );
     assert_eq!(cli(&daemon, &["flush"]).code, 0);
-    submit(&daemon, "pbx@acme.test", "alice@example.com", "marker");
+    daemon.submit_note("pbx@acme.test", "alice@example.com", "marker");
     assert_eq!(server.wait_for_messages(1, FLUSH_BOUND).len(), 1);
     wait_for_sessions_ended(&server, 2);
     assert_eq!(subjects(&server), ["marker"]);
@@ -658,13 +592,13 @@ fn status_and_queue_agree_on_a_released_message_that_was_never_tried() {
     configure(
         &daemon,
         SLOW_RETRY,
-        &tenant_at("acme", "acme.test", &dead_relay, "tls = none\n"),
+        &tenant("acme", "acme.test", &dead_relay, "tls = none\n"),
     );
     let _running = Running::start(&daemon);
-    let first = submit(&daemon, "pbx@acme.test", "a@example.com", "first");
+    let first = daemon.submit_note("pbx@acme.test", "a@example.com", "first");
     let queue = daemon.wait_for_queue(ARRIVAL, |q| state_of(q, &first) == "deferred");
     assert_eq!(state_of(&queue, &first), "deferred", "{queue:#?}");
-    let second = submit(&daemon, "pbx@acme.test", "a@example.com", "second");
+    let second = daemon.submit_note("pbx@acme.test", "a@example.com", "second");
     let acme = wait_for_tenant(&daemon, "acme", |t| number(t, "queued") == 1);
     assert_eq!(number(&acme, "queued"), 1, "{acme:#}");
     assert_eq!(number(&acme, "deferred"), 1, "{acme:#}");
@@ -699,10 +633,10 @@ fn status_shows_sending_while_a_session_is_open() {
     configure(
         &daemon,
         SLOW_RETRY,
-        &plain_tenant("acme", "acme.test", &server),
+        &plain_tenant("acme", "acme.test", &server, ""),
     );
     let _running = Running::start(&daemon);
-    submit(&daemon, "pbx@acme.test", "a@example.com", "slow");
+    daemon.submit_note("pbx@acme.test", "a@example.com", "slow");
     assert!(server.wait_for_command("DATA", ARRIVAL));
     let acme = wait_for_tenant(&daemon, "acme", |t| str_of(t, "state") == "sending");
     assert_eq!(str_of(&acme, "state"), "sending", "{acme:#}");
@@ -724,13 +658,13 @@ fn hold_and_delete_by_tenant_act_on_all_of_its_mail() {
         SLOW_RETRY,
         &format!(
             "{}{}",
-            plain_tenant("acme", "acme.test", &server),
-            tenant_at("beta", "beta.test", &dead_relay, "tls = none\n")
+            plain_tenant("acme", "acme.test", &server, ""),
+            tenant("beta", "beta.test", &dead_relay, "tls = none\n")
         ),
     );
     let (_running, ids) = deferred_messages(&daemon, &["first", "second"]);
     wait_for_sessions_ended(&server, 1);
-    let beta_id = submit(&daemon, "pbx@beta.test", "b@example.com", "beta's");
+    let beta_id = daemon.submit_note("pbx@beta.test", "b@example.com", "beta's");
     let queue = daemon.wait_for_queue(ARRIVAL, |q| state_of(q, &beta_id) == "deferred");
     assert_eq!(state_of(&queue, &beta_id), "deferred", "{queue:#?}");
 
@@ -748,7 +682,7 @@ fn hold_and_delete_by_tenant_act_on_all_of_its_mail() {
     assert_eq!(number(&tenant_status(&status(&daemon), "beta"), "held"), 0);
 
     // New mail still flows, and flushing does not take the held mail along.
-    submit(&daemon, "pbx@acme.test", "alice@example.com", "third");
+    daemon.submit_note("pbx@acme.test", "alice@example.com", "third");
     assert_eq!(cli(&daemon, &["flush", "--tenant", "acme"]).code, 0);
     assert_eq!(server.wait_for_messages(1, FLUSH_BOUND).len(), 1);
     wait_for_sessions_ended(&server, 2);
@@ -765,7 +699,7 @@ fn hold_and_delete_by_tenant_act_on_all_of_its_mail() {
 
     // Deleted mail never goes out; later mail does.
     assert_eq!(cli(&daemon, &["flush", "--tenant", "acme"]).code, 0);
-    submit(&daemon, "pbx@acme.test", "alice@example.com", "fourth");
+    daemon.submit_note("pbx@acme.test", "alice@example.com", "fourth");
     assert_eq!(server.wait_for_messages(2, FLUSH_BOUND).len(), 2);
     wait_for_sessions_ended(&server, 3);
     assert_eq!(subjects(&server), ["third", "fourth"]);
@@ -778,7 +712,7 @@ fn deleted_message_leaves_the_queue_and_is_never_delivered() {
     configure(
         &daemon,
         SLOW_RETRY,
-        &plain_tenant("acme", "acme.test", &server),
+        &plain_tenant("acme", "acme.test", &server, ""),
     );
     let (_running, ids) = deferred_messages(&daemon, &["doomed", "kept"]);
     let (doomed, kept) = (&ids[0], &ids[1]);
@@ -811,7 +745,7 @@ fn unknown_ids_exit_65_and_ids_with_tenant_exit_64() {
     configure(
         &daemon,
         SLOW_RETRY,
-        &plain_tenant("acme", "acme.test", &server),
+        &plain_tenant("acme", "acme.test", &server, ""),
     );
     let (_running, ids) = deferred_messages(&daemon, &["only"]);
     let known = &ids[0];
@@ -876,15 +810,10 @@ fn flush_ends_a_tenant_backoff_and_delivers_at_once() {
     configure(
         &daemon,
         SLOW_RETRY,
-        &plain_tenant("acme", "acme.test", &server),
+        &plain_tenant("acme", "acme.test", &server, ""),
     );
     let _running = Running::start(&daemon);
-    submit(
-        &daemon,
-        "pbx@acme.test",
-        "alice@example.com",
-        "after backoff",
-    );
+    daemon.submit_note("pbx@acme.test", "alice@example.com", "after backoff");
     let acme = wait_for_tenant(&daemon, "acme", |t| {
         str_of(t, "state") == "backoff" && number(t, "deferred") == 1
     });
@@ -913,7 +842,7 @@ fn flush_of_one_tenant_retries_a_deferred_message_now() {
     configure(
         &daemon,
         SLOW_RETRY,
-        &plain_tenant("acme", "acme.test", &server),
+        &plain_tenant("acme", "acme.test", &server, ""),
     );
     let (_running, _ids) = deferred_messages(&daemon, &["deferred once"]);
     assert_next_retry_is_far(&daemon);
@@ -933,7 +862,7 @@ fn sendmail_q_through_a_sendmail_symlink_flushes() {
     configure(
         &daemon,
         SLOW_RETRY,
-        &plain_tenant("acme", "acme.test", &server),
+        &plain_tenant("acme", "acme.test", &server, ""),
     );
     let sendmail = personality(&daemon, "sendmail");
     let (_running, _ids) = deferred_messages(&daemon, &["queued for q"]);
@@ -955,20 +884,20 @@ fn reload_command_adds_a_tenant() {
     let acme_server = TestServer::start(ServerOptions::default(), None);
     let beta_server = TestServer::start(ServerOptions::default(), None);
     let daemon = Daemon::bare("adm_reload_add");
-    let acme = plain_tenant("acme", "acme.test", &acme_server);
+    let acme = plain_tenant("acme", "acme.test", &acme_server, "");
     configure(&daemon, SLOW_RETRY, &acme);
     let _running = Running::start(&daemon);
     assert_eq!(status(&daemon)["tenants"].as_array().map(Vec::len), Some(1));
 
-    let beta = plain_tenant("beta", "beta.test", &beta_server);
+    let beta = plain_tenant("beta", "beta.test", &beta_server, "");
     configure(&daemon, SLOW_RETRY, &format!("{acme}{beta}"));
     let run = cli(&daemon, &["reload"]);
     assert_eq!(run.code, 0, "{run:?}");
     assert!(run.stdout.contains("2 tenants"), "{run:?}");
     assert!(tenant_status(&status(&daemon), "beta").is_object());
 
-    submit(&daemon, "pbx@beta.test", "b@example.com", "for beta");
-    submit(&daemon, "pbx@acme.test", "a@example.com", "for acme");
+    daemon.submit_note("pbx@beta.test", "b@example.com", "for beta");
+    daemon.submit_note("pbx@acme.test", "a@example.com", "for acme");
     let got = beta_server.wait_for_messages(1, ARRIVAL);
     assert_eq!(got.len(), 1, "mail for the added tenant was not delivered");
     assert_eq!(subject(&got[0]), "for beta");
@@ -980,7 +909,7 @@ fn reload_command_adds_a_tenant() {
 fn write_invalid_config(daemon: &Daemon, elsewhere: &TestServer) -> usize {
     let bad = format!(
         "{}\nno_such_key = 1\n",
-        plain_tenant("acme", "acme.test", elsewhere).trim_end()
+        plain_tenant("acme", "acme.test", elsewhere, "").trim_end()
     );
     let text = config_text(daemon, SLOW_RETRY, &format!("{bad}\n"));
     let line = text
@@ -1002,7 +931,7 @@ fn reload_command_with_an_invalid_config_exits_78_and_keeps_the_old_one() {
     let good = config_text(
         &daemon,
         SLOW_RETRY,
-        &plain_tenant("acme", "acme.test", &server),
+        &plain_tenant("acme", "acme.test", &server, ""),
     );
     daemon.write_config(&good);
     let copy = daemon.write_file("copy.ini", &good);
@@ -1025,7 +954,7 @@ fn reload_command_with_an_invalid_config_exits_78_and_keeps_the_old_one() {
         Path::new(PBXMAIL),
         &["sendmail", "-i", "a@example.com"],
         &copy,
-        &message("pbx@acme.test", "a@example.com", "after bad reload"),
+        &note("pbx@acme.test", "a@example.com", "after bad reload"),
     );
     assert_eq!(run.code, 0, "{run:?}");
     let got = server.wait_for_messages(1, ARRIVAL);
@@ -1062,7 +991,7 @@ fn reload_command_after_an_admin_broke_the_file_exits_78_listing_the_problem() {
     let good = config_text(
         &daemon,
         SLOW_RETRY,
-        &plain_tenant("acme", "acme.test", &server),
+        &plain_tenant("acme", "acme.test", &server, ""),
     );
     daemon.write_config(&good);
     let copy = daemon.write_file("copy.ini", &good);
@@ -1081,7 +1010,7 @@ fn reload_command_after_an_admin_broke_the_file_exits_78_listing_the_problem() {
         Path::new(PBXMAIL),
         &["sendmail", "-i", "a@example.com"],
         &copy,
-        &message("pbx@acme.test", "a@example.com", "still acme"),
+        &note("pbx@acme.test", "a@example.com", "still acme"),
     );
     assert_eq!(run_mail.code, 0, "{run_mail:?}");
     assert_eq!(server.wait_for_messages(1, ARRIVAL).len(), 1);
@@ -1143,7 +1072,7 @@ fn configure_tls_tenant(
     configure(
         daemon,
         SLOW_RETRY,
-        &tenant_at(
+        &tenant(
             "acme",
             "acme.test",
             &format!("localhost:{}", server.port()),
@@ -1299,7 +1228,7 @@ fn test_command_on_must_issue_starttls_advises_tls_starttls() {
     configure(
         &daemon,
         SLOW_RETRY,
-        &plain_tenant("acme", "acme.test", &server),
+        &plain_tenant("acme", "acme.test", &server, ""),
     );
     let run = run_test_command(&daemon);
     let what = advice(&run);
@@ -1313,7 +1242,7 @@ fn test_command_on_a_closed_port_fails_with_advice() {
     configure(
         &daemon,
         SLOW_RETRY,
-        &tenant_at(
+        &tenant(
             "acme",
             "acme.test",
             &format!("127.0.0.1:{}", closed_port()),
@@ -1356,7 +1285,7 @@ fn mailq_and_sendmail_symlinks_list_and_submit() {
     configure(
         &daemon,
         SLOW_RETRY,
-        &plain_tenant("acme", "acme.test", &server),
+        &plain_tenant("acme", "acme.test", &server, ""),
     );
     let sendmail = personality(&daemon, "sendmail");
     let mailq = personality(&daemon, "mailq");
@@ -1367,7 +1296,7 @@ fn mailq_and_sendmail_symlinks_list_and_submit() {
         &sendmail,
         &["-v", "-i", "voicemail@example.com"],
         &config,
-        &message("pbx@acme.test", "voicemail@example.com", "via symlink"),
+        &note("pbx@acme.test", "voicemail@example.com", "via symlink"),
     );
     assert_eq!(run.code, 0, "sendmail symlink: {run:?}");
     let id = queued_id(&run.stderr);
@@ -1461,7 +1390,7 @@ fn delivery_log_line(test: &str, journal: Journal) -> (String, String, u16) {
     configure(
         &daemon,
         SLOW_RETRY,
-        &plain_tenant("acme", "acme.test", &server),
+        &plain_tenant("acme", "acme.test", &server, ""),
     );
     // The daemon's stderr is this file (Running appends to it).
     let log = daemon.write_file("daemon.log", "");
@@ -1477,7 +1406,7 @@ fn delivery_log_line(test: &str, journal: Journal) -> (String, String, u16) {
         .into_iter()
         .collect();
     let _running = Running::start_with_env(&daemon, &env);
-    let id = submit(&daemon, "pbx@acme.test", "log@example.com", "logged");
+    let id = daemon.submit_note("pbx@acme.test", "log@example.com", "logged");
     assert_eq!(server.wait_for_messages(1, ARRIVAL).len(), 1);
     let mut line = None;
     let logged = wait_until(ARRIVAL, || {

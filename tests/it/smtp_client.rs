@@ -7,18 +7,17 @@
 //! daemon and servers on 127.0.0.1 and asserts on what arrived and what the
 //! spool still holds.
 
-mod support;
-
 use std::net::ToSocketAddrs;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-use support::harness::{
+use crate::support::harness::{
     attempts, commands, plain_tenant, recipients, str_of, tenant, wait_until, Daemon,
 };
-use support::smtp_server::{
+use crate::support::mail::{body_bytes, message, subject};
+use crate::support::smtp_server::{
     CertKind, CommandRecord, Fault, Received, ServerOptions, TestCa, TestServer, Tls,
 };
+use serde_json::Value;
 
 /// Upper bound for mail that should go out now; generous for a loaded CI box.
 const ARRIVAL: Duration = Duration::from_secs(10);
@@ -50,50 +49,17 @@ fn write_slow_retry_config(daemon: &Daemon, tenants: &str) {
     daemon.configure_with("retry_min = 1m\nretry_max = 1h", tenants);
 }
 
-/// A small RFC 5322 message with LF line ends, as a PBX would pipe it in.
-fn message(from: &str, to: &str, subject: &str, body: &str) -> Vec<u8> {
-    format!("From: {from}\nTo: {to}\nSubject: {subject}\n\n{body}\n").into_bytes()
-}
-
-/// Submits with `-i` and asserts exit 0 (durably spooled).
-fn submit(daemon: &Daemon, rcpts: &[&str], msg: &[u8]) {
-    let mut args = vec!["-i"];
-    args.extend_from_slice(rcpts);
-    let run = daemon.sendmail(&args, msg);
-    assert_eq!(run.code, 0, "sendmail failed: {}", run.stderr);
-}
-
 /// Submits `count` messages to alice@ with subjects n0, n1, ... while the
 /// daemon is stopped, so that all of them are due together at the next start.
 fn queue_while_stopped(daemon: &mut Daemon, count: usize) {
     daemon.start();
     assert_eq!(daemon.stop().code(), Some(0));
     for n in 0..count {
-        submit(
-            daemon,
+        daemon.submit(
             &["alice@example.com"],
             &message("pbx@acme.test", "alice@example.com", &format!("n{n}"), "x"),
         );
     }
-}
-
-/// The body of a received message: everything after the first empty line.
-fn body(m: &Received) -> Vec<u8> {
-    let at = m
-        .data
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .unwrap_or_else(|| panic!("no header/body separator in {:?}", m.text()));
-    m.data[at + 4..].to_vec()
-}
-
-/// The Subject header's value.
-fn subject(m: &Received) -> String {
-    m.text()
-        .split("\r\n")
-        .take_while(|l| !l.is_empty())
-        .find_map(|l| l.strip_prefix("Subject: ").map(str::to_string))
-        .unwrap_or_default()
 }
 
 fn sent_verb(server: &TestServer, verb: &str) -> bool {
@@ -182,14 +148,9 @@ fn assert_nothing_sent(server: &TestServer) {
 
 #[test]
 fn pipelining_sends_mail_and_rcpts_without_waiting_when_offered() {
-    let server = TestServer::start(ServerOptions::default(), None);
-    let mut daemon = Daemon::new(
-        "pipelining_on",
-        &plain_tenant("acme", "acme.test", &server, ""),
-    );
+    let (mut daemon, server) = Daemon::with_relay("pipelining_on", ServerOptions::default(), "");
     daemon.start();
-    submit(
-        &daemon,
+    daemon.submit(
         &["a@example.com", "b@example.com"],
         &message("pbx@acme.test", "a@example.com", "piped", "x"),
     );
@@ -217,20 +178,16 @@ fn pipelining_sends_mail_and_rcpts_without_waiting_when_offered() {
 
 #[test]
 fn without_pipelining_every_command_waits_for_its_reply() {
-    let server = TestServer::start(
+    let (mut daemon, server) = Daemon::with_relay(
+        "pipelining_off",
         ServerOptions {
             pipelining: false,
             ..ServerOptions::default()
         },
-        None,
-    );
-    let mut daemon = Daemon::new(
-        "pipelining_off",
-        &plain_tenant("acme", "acme.test", &server, ""),
+        "",
     );
     daemon.start();
-    submit(
-        &daemon,
+    daemon.submit(
         &["a@example.com", "b@example.com"],
         &message("pbx@acme.test", "a@example.com", "lockstep", "x"),
     );
@@ -246,20 +203,16 @@ fn without_pipelining_every_command_waits_for_its_reply() {
 /// the bounce (headers only) is small enough to go to the same relay.
 #[test]
 fn message_over_the_relays_size_limit_bounces_without_mail_from() {
-    let server = TestServer::start(
+    let (mut daemon, server) = Daemon::with_relay(
+        "size_limit",
         ServerOptions {
             size_limit: Some(8000),
             ..ServerOptions::default()
         },
-        None,
-    );
-    let mut daemon = Daemon::new(
-        "size_limit",
-        &plain_tenant("acme", "acme.test", &server, ""),
+        "",
     );
     daemon.start();
-    submit(
-        &daemon,
+    daemon.submit(
         &["alice@example.com"],
         &message(
             "pbx@acme.test",
@@ -285,14 +238,9 @@ fn message_over_the_relays_size_limit_bounces_without_mail_from() {
 
 #[test]
 fn mail_from_declares_the_exact_size_and_no_8bitmime_for_ascii() {
-    let server = TestServer::start(ServerOptions::default(), None);
-    let mut daemon = Daemon::new(
-        "size_param",
-        &plain_tenant("acme", "acme.test", &server, ""),
-    );
+    let (mut daemon, server) = Daemon::with_relay("size_param", ServerOptions::default(), "");
     daemon.start();
-    submit(
-        &daemon,
+    daemon.submit(
         &["alice@example.com"],
         &message("pbx@acme.test", "alice@example.com", "sized", "plain ascii"),
     );
@@ -325,20 +273,18 @@ fn eight_bit_body_declares_8bitmime_only_where_offered() {
     let mut daemon = Daemon::new("eight_bit", &config);
     daemon.start();
     let umlauts = "Gr\u{fc}\u{df}e aus K\u{f6}ln";
-    submit(
-        &daemon,
+    daemon.submit(
         &["x@example.com"],
         &message("pbx@a.test", "x@example.com", "8bit", umlauts),
     );
-    submit(
-        &daemon,
+    daemon.submit(
         &["y@example.com"],
         &message("pbx@b.test", "y@example.com", "8bit", umlauts),
     );
     for (server, expect_param) in [(&offers, true), (&lacks, false)] {
         let got = server.wait_for_messages(1, ARRIVAL);
         assert_eq!(got.len(), 1);
-        assert_eq!(body(&got[0]), format!("{umlauts}\r\n").into_bytes());
+        assert_eq!(body_bytes(&got[0]), format!("{umlauts}\r\n").into_bytes());
         let params = &got[0].mail_params;
         assert_eq!(
             params.split_whitespace().any(|p| p == "BODY=8BITMIME"),
@@ -354,21 +300,17 @@ fn eight_bit_body_declares_8bitmime_only_where_offered() {
 #[test]
 fn ehlo_keywords_in_lower_or_mixed_case_are_recognised() {
     let ehlo = "250-test.invalid\r\n250-pipelining\r\n250-Size 100000\r\n250 8bitmime";
-    let server = TestServer::start(
+    let (mut daemon, server) = Daemon::with_relay(
+        "ehlo_keyword_case",
         ServerOptions {
             size_limit: Some(100_000),
             faults: vec![("EHLO".into(), 1, Fault::Reply(ehlo.into()))],
             ..ServerOptions::default()
         },
-        None,
-    );
-    let mut daemon = Daemon::new(
-        "ehlo_keyword_case",
-        &plain_tenant("acme", "acme.test", &server, ""),
+        "",
     );
     daemon.start();
-    submit(
-        &daemon,
+    daemon.submit(
         &["a@example.com", "b@example.com"],
         &message("pbx@acme.test", "a@example.com", "case", "Gr\u{fc}\u{df}e"),
     );
@@ -431,7 +373,7 @@ fn relay_refusing_ehlo_gets_helo_and_the_mail() {
     daemon.start();
     for (tenant, to) in [("a", "x@example.com"), ("b", "y@example.com")] {
         let from = format!("pbx@{tenant}.test");
-        submit(&daemon, &[to], &message(&from, to, "helo", "x"));
+        daemon.submit(&[to], &message(&from, to, "helo", "x"));
     }
     for (server, to) in [
         (&refuses_500, "x@example.com"),
@@ -465,14 +407,9 @@ fn relay_refusing_ehlo_gets_helo_and_the_mail() {
 
 #[test]
 fn non_ascii_recipient_without_smtputf8_fails_alone() {
-    let server = TestServer::start(ServerOptions::default(), None);
-    let mut daemon = Daemon::new(
-        "utf8_refused",
-        &plain_tenant("acme", "acme.test", &server, ""),
-    );
+    let (mut daemon, server) = Daemon::with_relay("utf8_refused", ServerOptions::default(), "");
     daemon.start();
-    submit(
-        &daemon,
+    daemon.submit(
         &["j\u{f6}rg@example.com", "ok@example.com"],
         &message("pbx@acme.test", "ok@example.com", "utf8", "x"),
     );
@@ -492,20 +429,16 @@ fn non_ascii_recipient_without_smtputf8_fails_alone() {
 
 #[test]
 fn non_ascii_recipient_goes_with_smtputf8_where_offered() {
-    let server = TestServer::start(
+    let (mut daemon, server) = Daemon::with_relay(
+        "utf8_offered",
         ServerOptions {
             smtputf8: true,
             ..ServerOptions::default()
         },
-        None,
-    );
-    let mut daemon = Daemon::new(
-        "utf8_offered",
-        &plain_tenant("acme", "acme.test", &server, ""),
+        "",
     );
     daemon.start();
-    submit(
-        &daemon,
+    daemon.submit(
         &["j\u{f6}rg@example.com", "ok@example.com"],
         &message("pbx@acme.test", "ok@example.com", "utf8", "x"),
     );
@@ -563,31 +496,28 @@ fn assert_same_bytes(actual: &[u8], expected: &[u8]) {
 
 #[test]
 fn dots_long_lines_and_bare_cr_arrive_byte_exact_over_data() {
-    let server = TestServer::start(ServerOptions::default(), None);
-    let mut daemon = Daemon::new(
-        "transparency_exact",
-        &plain_tenant("acme", "acme.test", &server, ""),
-    );
+    let (mut daemon, server) =
+        Daemon::with_relay("transparency_exact", ServerOptions::default(), "");
     daemon.start();
     let (submitted, expected) = tricky_body();
     let msg = format!("From: pbx@acme.test\nTo: alice@example.com\nSubject: dots\n\n{submitted}");
-    submit(&daemon, &["alice@example.com"], msg.as_bytes());
+    daemon.submit(&["alice@example.com"], msg.as_bytes());
     let got = server.wait_for_messages(1, ARRIVAL);
     assert_eq!(got.len(), 1);
     assert!(!got[0].bdat);
-    assert_same_bytes(&body(&got[0]), &expected);
+    assert_same_bytes(&body_bytes(&got[0]), &expected);
 }
 
 #[test]
 fn chunking_sends_bdat_chunks_byte_exact() {
-    let server = TestServer::start(
+    let (mut daemon, server) = Daemon::with_relay(
+        "bdat",
         ServerOptions {
             chunking: true,
             ..ServerOptions::default()
         },
-        None,
+        "",
     );
-    let mut daemon = Daemon::new("bdat", &plain_tenant("acme", "acme.test", &server, ""));
     daemon.start();
     let (submitted, expected) = tricky_body();
     // About 200 KB more, so the body needs several chunks.
@@ -598,13 +528,13 @@ fn chunking_sends_bdat_chunks_byte_exact() {
         "From: pbx@acme.test\nTo: alice@example.com\nSubject: chunks\n\n{}\n{submitted}",
         filler.join("\n")
     );
-    submit(&daemon, &["alice@example.com"], msg.as_bytes());
+    daemon.submit(&["alice@example.com"], msg.as_bytes());
     let got = server.wait_for_messages(1, ARRIVAL);
     assert_eq!(got.len(), 1);
     assert!(got[0].bdat, "not sent with BDAT: {:?}", commands(&server));
     let mut want = format!("{}\r\n", filler.join("\r\n")).into_bytes();
     want.extend_from_slice(&expected);
-    assert_same_bytes(&body(&got[0]), &want);
+    assert_same_bytes(&body_bytes(&got[0]), &want);
 
     let cmds = commands(&server);
     assert!(!cmds.iter().any(|c| c == "DATA"), "{cmds:?}");
@@ -632,10 +562,10 @@ fn chunking_sends_bdat_chunks_byte_exact() {
 
 #[test]
 fn messages_per_session_two_carries_three_messages_over_two_connections() {
-    let server = TestServer::start(ServerOptions::default(), None);
-    let mut daemon = Daemon::new(
+    let (mut daemon, server) = Daemon::with_relay(
         "per_session_two",
-        &plain_tenant("acme", "acme.test", &server, "messages_per_session = 2\n"),
+        ServerOptions::default(),
+        "messages_per_session = 2\n",
     );
     queue_while_stopped(&mut daemon, 3);
     daemon.start();
@@ -650,10 +580,10 @@ fn messages_per_session_two_carries_three_messages_over_two_connections() {
 
 #[test]
 fn messages_per_session_one_opens_a_connection_per_message() {
-    let server = TestServer::start(ServerOptions::default(), None);
-    let mut daemon = Daemon::new(
+    let (mut daemon, server) = Daemon::with_relay(
         "per_session_one",
-        &plain_tenant("acme", "acme.test", &server, "messages_per_session = 1\n"),
+        ServerOptions::default(),
+        "messages_per_session = 1\n",
     );
     queue_while_stopped(&mut daemon, 3);
     daemon.start();
@@ -765,8 +695,7 @@ fn five_recipients(
         "r4@example.com",
         "r5@example.com",
     ];
-    submit(
-        &daemon,
+    daemon.submit(
         &rcpts,
         &message("pbx@acme.test", "r1@example.com", subject, body),
     );
@@ -793,7 +722,7 @@ fn recipients_beyond_the_relays_limit_go_in_following_transactions() {
     for m in &got {
         assert_eq!(m.connection, 0, "not on the same session: {got:#?}");
         assert!(m.rcpt_to.len() <= 2);
-        assert_eq!(body(m), b"same body\r\n");
+        assert_eq!(body_bytes(m), b"same body\r\n");
     }
     assert_eq!(server.connections(), 1);
 }
@@ -841,8 +770,7 @@ fn unasked_extra_reply_aborts_the_session_undelivered() {
         &plain_tenant("acme", "acme.test", &server, ""),
     );
     daemon.start();
-    submit(
-        &daemon,
+    daemon.submit(
         &["alice@example.com"],
         &message("pbx@acme.test", "alice@example.com", "twice", "x"),
     );
@@ -866,8 +794,7 @@ fn positive_reply_to_data_is_not_taken_as_delivery() {
     // Default retries (1 s): the second DATA is answered properly.
     let mut daemon = Daemon::new("data_250", &plain_tenant("acme", "acme.test", &server, ""));
     daemon.start();
-    submit(
-        &daemon,
+    daemon.submit(
         &["alice@example.com"],
         &message("pbx@acme.test", "alice@example.com", "no 354", "body"),
     );
@@ -881,7 +808,7 @@ fn positive_reply_to_data_is_not_taken_as_delivery() {
         "removed from the queue as delivered, but the relay never got the body; commands: {:?}",
         commands(&server)
     );
-    assert_eq!(body(&got[0]), b"body\r\n");
+    assert_eq!(body_bytes(&got[0]), b"body\r\n");
 }
 
 #[test]
@@ -904,13 +831,11 @@ fn authentication_refusal_to_mail_or_rcpt_defers_instead_of_failing() {
         plain_tenant("a", "a.test", &at_mail, "") + &plain_tenant("b", "b.test", &at_rcpt, "");
     let mut daemon = slow_retry_daemon("auth_refusal_codes", &config);
     daemon.start();
-    submit(
-        &daemon,
+    daemon.submit(
         &["x@example.com"],
         &message("pbx@a.test", "x@example.com", "login", "x"),
     );
-    submit(
-        &daemon,
+    daemon.submit(
         &["y@example.com"],
         &message("pbx@b.test", "y@example.com", "login", "y"),
     );
@@ -924,21 +849,18 @@ fn authentication_refusal_to_mail_or_rcpt_defers_instead_of_failing() {
 
 #[test]
 fn refused_transaction_is_reset_and_the_session_goes_on() {
-    let server = TestServer::start(
+    let (mut daemon, server) = Daemon::with_relay(
+        "rset_after_refusal",
         ServerOptions {
             rcpt_reply_for: vec![("gone@example.com".into(), "550 5.1.1 No such user".into())],
             ..ServerOptions::default()
         },
-        None,
-    );
-    let mut daemon = Daemon::new(
-        "rset_after_refusal",
-        &plain_tenant("acme", "acme.test", &server, ""),
+        "",
     );
     daemon.start();
     assert_eq!(daemon.stop().code(), Some(0));
     for to in ["gone@example.com", "ok@example.com"] {
-        submit(&daemon, &[to], &message("pbx@acme.test", to, to, "x"));
+        daemon.submit(&[to], &message("pbx@acme.test", to, to, "x"));
     }
     daemon.start();
     let report = wait_for_bounce(&server, "pbx@acme.test", "gone@example.com");
@@ -984,8 +906,7 @@ fn both_recipients_refused(test: &str, data_without_recipients: bool) -> TestSer
     );
     let mut daemon = Daemon::new(test, &plain_tenant("acme", "acme.test", &server, ""));
     daemon.start();
-    submit(
-        &daemon,
+    daemon.submit(
         &rcpts,
         &message("pbx@acme.test", "gone1@example.com", "nobody", "the body"),
     );
@@ -1060,13 +981,11 @@ fn enhanced_status_codes_reach_the_bounce_and_the_queue() {
         &plain_tenant("acme", "acme.test", &server, ""),
     );
     daemon.start();
-    submit(
-        &daemon,
+    daemon.submit(
         &["dmarc@example.com", "bare@example.com"],
         &message("pbx@acme.test", "dmarc@example.com", "refused", "x"),
     );
-    submit(
-        &daemon,
+    daemon.submit(
         &["later@example.com"],
         &message("pbx@acme.test", "later@example.com", "deferred", "y"),
     );
@@ -1109,8 +1028,7 @@ fn malformed_reply_defers_and_the_next_message_goes(test: &str, reply: &str) {
     );
     let mut daemon = slow_retry_daemon(test, &plain_tenant("acme", "acme.test", &server, ""));
     daemon.start();
-    submit(
-        &daemon,
+    daemon.submit(
         &["first@example.com"],
         &message("pbx@acme.test", "first@example.com", "first", "x"),
     );
@@ -1122,8 +1040,7 @@ fn malformed_reply_defers_and_the_next_message_goes(test: &str, reply: &str) {
     );
     assert!(server.messages().is_empty());
 
-    submit(
-        &daemon,
+    daemon.submit(
         &["second@example.com"],
         &message("pbx@acme.test", "second@example.com", "second", "y"),
     );
@@ -1177,8 +1094,7 @@ fn protocol_failure_defers_until_a_flush_delivers(
     );
     let mut daemon = slow_retry_daemon(test, &plain_tenant("acme", "acme.test", &server, ""));
     daemon.start();
-    submit(
-        &daemon,
+    daemon.submit(
         &["alice@example.com"],
         &message("pbx@acme.test", "alice@example.com", "retried", "x"),
     );
@@ -1243,20 +1159,16 @@ fn rcpt_reply_over_100_lines_defers_the_message() {
 /// line EHLO and pipelined replies included) is understood and gets the mail.
 #[test]
 fn relay_replying_with_bare_lf_line_ends_gets_the_mail() {
-    let server = TestServer::start(
+    let (mut daemon, server) = Daemon::with_relay(
+        "bare_lf_replies",
         ServerOptions {
             bare_lf_replies: true,
             ..ServerOptions::default()
         },
-        None,
-    );
-    let mut daemon = Daemon::new(
-        "bare_lf_replies",
-        &plain_tenant("acme", "acme.test", &server, ""),
+        "",
     );
     daemon.start();
-    submit(
-        &daemon,
+    daemon.submit(
         &["a@example.com", "b@example.com"],
         &message("pbx@acme.test", "a@example.com", "lf", "body"),
     );
@@ -1269,7 +1181,7 @@ fn relay_replying_with_bare_lf_line_ends_gets_the_mail() {
         daemon.queue()
     );
     assert_eq!(got[0].rcpt_to, ["a@example.com", "b@example.com"]);
-    assert_eq!(body(&got[0]), b"body\r\n");
+    assert_eq!(body_bytes(&got[0]), b"body\r\n");
     // Understood as an ESMTP relay: SIZE and PIPELINING were used.
     assert!(
         got[0].mail_params.contains("SIZE="),
@@ -1300,8 +1212,7 @@ fn tarpit_longer_than_command_timeout_defers_within_seconds() {
         &plain_tenant("acme", "acme.test", &server, "command_timeout = 1s\n"),
     );
     daemon.start();
-    submit(
-        &daemon,
+    daemon.submit(
         &["alice@example.com"],
         &message("pbx@acme.test", "alice@example.com", "slow", "x"),
     );
@@ -1337,13 +1248,11 @@ fn auth_auto_prefers_plain_and_uses_login_when_only_it_is_offered() {
         + &plain_tenant("b", "b.test", &login_only, &creds);
     let mut daemon = Daemon::new("auth_auto", &config);
     daemon.start();
-    submit(
-        &daemon,
+    daemon.submit(
         &["x@example.com"],
         &message("pbx@a.test", "x@example.com", "auth", "x"),
     );
-    submit(
-        &daemon,
+    daemon.submit(
         &["y@example.com"],
         &message("pbx@b.test", "y@example.com", "auth", "y"),
     );
@@ -1387,8 +1296,7 @@ fn relay_host_name_is_tried_on_every_address() {
         ),
     );
     daemon.start();
-    submit(
-        &daemon,
+    daemon.submit(
         &["alice@example.com"],
         &message("pbx@acme.test", "alice@example.com", "by name", "x"),
     );
@@ -1439,8 +1347,7 @@ fn refused_starttls_never_falls_back_to_plaintext() {
     daemon.start();
     for i in 0..servers.len() {
         let from = format!("pbx@t{i}.test");
-        submit(
-            &daemon,
+        daemon.submit(
             &["alice@example.com"],
             &message(&from, "alice@example.com", "secret", "x"),
         );
@@ -1488,8 +1395,7 @@ fn bytes_injected_after_starttls_220_abort_before_tls() {
         &starttls_tenant("acme", "acme.test", &server, &extra),
     );
     daemon.start();
-    submit(
-        &daemon,
+    daemon.submit(
         &["alice@example.com"],
         &message("pbx@acme.test", "alice@example.com", "secret", "x"),
     );
@@ -1529,8 +1435,7 @@ fn send_over_starttls(
         &daemon.trust(&ca),
     ));
     daemon.start();
-    submit(
-        &daemon,
+    daemon.submit(
         &["a@example.com", "b@example.com"],
         &message("pbx@acme.test", "a@example.com", "over tls", body),
     );
@@ -1628,15 +1533,13 @@ fn stalled_tls_handshake_times_out_while_other_tenants_send() {
     write_slow_retry_config(&daemon, &config);
     daemon.start();
 
-    submit(
-        &daemon,
+    daemon.submit(
         &["x@example.com"],
         &message("pbx@a.test", "x@example.com", "stuck", "x"),
     );
     assert!(stall.wait_for_command("STARTTLS", ARRIVAL));
     let stalled_at = Instant::now();
-    submit(
-        &daemon,
+    daemon.submit(
         &["y@example.com"],
         &message("pbx@b.test", "y@example.com", "meanwhile", "y"),
     );
@@ -1689,8 +1592,7 @@ fn attempt_with_certificate(test: &str, cert: CertKind, extra: &str) -> (Value, 
     );
     daemon.configure(&starttls_tenant("acme", "acme.test", &server, &extra));
     daemon.start();
-    submit(
-        &daemon,
+    daemon.submit(
         &["alice@example.com"],
         &message("pbx@acme.test", "alice@example.com", "secret", "x"),
     );
@@ -1743,13 +1645,11 @@ fn tls_verify_no_accepts_expired_and_untrusted_certificates() {
         + &starttls_tenant("b", "b.test", &untrusted, &extra);
     let mut daemon = Daemon::new("tls_verify_no", &config);
     daemon.start();
-    submit(
-        &daemon,
+    daemon.submit(
         &["x@example.com"],
         &message("pbx@a.test", "x@example.com", "expired", "x"),
     );
-    submit(
-        &daemon,
+    daemon.submit(
         &["y@example.com"],
         &message("pbx@b.test", "y@example.com", "untrusted", "y"),
     );
@@ -1772,8 +1672,7 @@ fn implicit_tls_tenant_against_plaintext_relay_defers_cleanly() {
         + &plain_tenant("b", "b.test", &healthy, "");
     let mut daemon = slow_retry_daemon("implicit_on_plaintext", &config);
     daemon.start();
-    submit(
-        &daemon,
+    daemon.submit(
         &["x@example.com"],
         &message("pbx@a.test", "x@example.com", "sealed", "x"),
     );
@@ -1783,8 +1682,7 @@ fn implicit_tls_tenant_against_plaintext_relay_defers_cleanly() {
     assert_nothing_sent(&plaintext);
 
     // The daemon is alive and still delivering.
-    submit(
-        &daemon,
+    daemon.submit(
         &["y@example.com"],
         &message("pbx@b.test", "y@example.com", "after", "y"),
     );
