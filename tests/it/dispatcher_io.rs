@@ -1,14 +1,15 @@
 //! Proof that the dispatcher thread does no disk I/O while it runs (issue
 //! 13): the real daemon runs under `strace -ff -y`, one trace file per
 //! thread; the test drives a `listen` submission with a 200 KB body, a
-//! `sendmail` submission, `hold`/`release` by ID, `status`, `reload` and
-//! SIGHUP, then reads the dispatcher's (main) thread's trace from the moment
+//! `sendmail` submission, `hold`/`release` by ID, `status`, a `reload` that
+//! adds a tenant with a CA file and an OAuth client secret, and SIGHUP, then reads the dispatcher's (main) thread's trace from the moment
 //! it said READY=1 and finds no file syscall (open, stat, statfs, lock,
 //! sync, rename, unlink, chmod, ...) and no read or write on a spool or
 //! config file. So that it cannot pass by tracing nothing, it also asserts
 //! that the other threads did that work: the intake writer created and
 //! locked the message file, the committer fsynced and renamed it, and the
-//! offload thread read the config file and looked up the IDs.
+//! offload thread read the config file and looked up the IDs, and the new
+//! tenant's own thread read its CA and secret files.
 
 use std::collections::HashMap;
 use std::fs;
@@ -145,6 +146,23 @@ impl Traced {
             .status();
         let exited = wait_until(IO_TIMEOUT, || matches!(self.strace.try_wait(), Ok(Some(_))));
         assert!(exited, "strace did not exit after the daemon was killed");
+    }
+
+    /// Every thread that left a trace file (`PREFIX.TID`).
+    fn thread_ids(&self) -> Vec<u32> {
+        let prefix = format!(
+            "{}.",
+            self.traces
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default()
+        );
+        let dir = self.traces.parent().unwrap_or(Path::new("."));
+        fs::read_dir(dir)
+            .expect("the trace folder")
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.strip_prefix(&prefix)?.parse().ok())
+            .collect()
     }
 
     fn trace_of(&self, tid: u32) -> Vec<String> {
@@ -305,6 +323,31 @@ fn the_dispatcher_thread_does_no_disk_io_while_it_runs() {
     }
     let run = daemon.run(&["hold", "0123456789ABCDEF"], b"");
     assert_ne!(run.code, 0, "an unknown ID is refused: {}", run.stdout);
+    // The reload adds a tenant whose settings name files: its CA file and
+    // OAuth client secret must be read by its own thread, not the dispatcher.
+    let ca_file = daemon.write_file("beta-ca.pem", "not read by the dispatcher\n");
+    let secret_file = daemon.write_file("beta.secret", "s3cret\n");
+    let beta = format!(
+        "auth = xoauth2\nusername = pbx@beta.test\n\
+         oauth_token_url = https://127.0.0.1:{}/token\n\
+         oauth_client_id = pbxmail-test\n\
+         oauth_client_secret_file = {}\n\
+         oauth_scope = https://mail.example/\n\
+         oauth_token_file = {}\n\
+         ca_file = {}\n",
+        closed_port(),
+        secret_file.display(),
+        daemon.dir().join("beta.json").display(),
+        ca_file.display(),
+    );
+    daemon.configure_with(
+        &format!("listen = 127.0.0.1:{port}"),
+        &format!(
+            "{}\n{}",
+            tenant("acme", "acme.test", &relay, "tls = none"),
+            tenant("beta", "beta.test", &relay, &beta)
+        ),
+    );
     for command in ["status", "reload"] {
         let run = daemon.run(&[command], b"");
         assert_eq!(run.code, 0, "{command}: {} {}", run.stdout, run.stderr);
@@ -380,6 +423,23 @@ fn the_dispatcher_thread_does_no_disk_io_while_it_runs() {
         assert!(committer.contains(wanted), "intake-commit did not {wanted}");
     }
     assert!(committer.contains(&format!("{spool}/queue/acme/{listen_id}")));
+    // The new tenant's thread read its CA and secret files (the names map
+    // predates it, so look through every thread's trace).
+    for file in [&ca_file, &secret_file] {
+        let file = file.display().to_string();
+        let readers: Vec<u32> = traced
+            .thread_ids()
+            .into_iter()
+            .filter(|tid| {
+                traced
+                    .trace_of(*tid)
+                    .iter()
+                    .any(|l| syscall(l) == Some("openat") && l.contains(&file))
+            })
+            .collect();
+        assert!(!readers.is_empty(), "nobody read {file}");
+        assert!(!readers.contains(&pid), "the dispatcher read {file}");
+    }
     let offload = thread_trace("offload");
     assert!(
         offload.contains(&config),
