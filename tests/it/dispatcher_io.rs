@@ -2,8 +2,9 @@
 //! 13): the real daemon runs under `strace -ff -y`, one trace file per
 //! thread; the test drives a `listen` submission with a 200 KB body, a
 //! `sendmail` submission, `hold`/`release` by ID, `status`, a `reload` that
-//! adds a tenant with a CA file and an OAuth client secret, and SIGHUP, then reads the dispatcher's (main) thread's trace from the moment
-//! it said READY=1 and finds no file syscall (open, stat, statfs, lock,
+//! adds a tenant with a CA file and an OAuth client secret, and SIGHUP,
+//! then reads the dispatcher's (main) thread's trace from the moment it
+//! said READY=1 and finds no file syscall (open, stat, statfs, lock,
 //! sync, rename, unlink, chmod, ...) and no read or write on a spool or
 //! config file. So that it cannot pass by tracing nothing, it also asserts
 //! that the other threads did that work: the intake writer created and
