@@ -5,8 +5,8 @@
 use super::command::{AuthMechanism, BearerMechanism, Command};
 use super::session::Session;
 use super::{Phase, SessionError};
-use crate::base::stream::Transport;
 use crate::base::secret::Secret;
+use crate::base::stream::Transport;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
 
