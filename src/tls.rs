@@ -2,7 +2,9 @@
 //! system store plus the tenant's `ca_file`), and a brand-new
 //! `ClientConnection` for every session. Session resumption is off, so no TLS
 //! state ever carries from one session into the next. Knows nothing of the
-//! configuration file: callers pass the values.
+//! configuration file: callers pass the values. A failed handshake becomes a
+//! typed kind (`CertificateProblem`, `HandshakeProblem`, `Incompatibility`)
+//! that says in words what happened, never in rustls' Debug text.
 
 use crate::base::stream::Transport;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -280,7 +282,6 @@ fn certificate_problem(error: &CertificateError) -> CertificateProblem {
             let name = other.0.to_string();
             match name.split(['(', ' ', '{']).next().unwrap_or_default() {
                 "CaUsedAsEndEntity" => CertificateProblem::CaUsedAsEndEntity,
-                "EndEntityUsedAsCa" => CertificateProblem::UnknownIssuer,
                 _ => CertificateProblem::Other(words(&name)),
             }
         }
