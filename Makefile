@@ -2,7 +2,7 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR = never
 
-.PHONY: all build release test unit integration demo lint fmt clean interop bench archive-interop
+.PHONY: all build release test unit integration demo lint fmt clean interop bench archive-interop fuzz
 
 all: build
 
@@ -23,6 +23,22 @@ test:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --locked --all-targets -- -D warnings
 	$(CARGO) test --locked --all-targets
+
+# Longer runs than `make test` gives the parsers: the reply parser under
+# cargo-fuzz for FUZZ_SECONDS (fuzz/, a crate of its own; cargo-fuzz needs a
+# nightly toolchain and is installed when missing), then the property tests
+# over mutated real inputs with PROPTEST_CASES cases, in a release build.
+# Without a nightly toolchain only the property tests run.
+FUZZ_SECONDS ?= 120
+PROPTEST_CASES ?= 2000000
+fuzz:
+	@if rustup toolchain list 2>/dev/null | grep -q '^nightly'; then \
+		command -v cargo-fuzz >/dev/null || $(CARGO) install --locked cargo-fuzz; \
+		$(CARGO) +nightly fuzz run reply -- -max_total_time=$(FUZZ_SECONDS); \
+	else \
+		echo "no nightly toolchain: cargo-fuzz skipped, property tests only"; \
+	fi
+	PBXMAIL_PROPTEST_CASES=$(PROPTEST_CASES) $(CARGO) test --locked --release --bin pbxmail mutated
 
 # Builds, starts a local sink, runs the daemon with three tenants, sends sample
 # PBX mail and shows what arrived and what waits; stops what it started.

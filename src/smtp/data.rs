@@ -55,7 +55,14 @@ impl Transparency {
 
     /// Appends the transformed `input` to `out`.
     pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) {
-        out.reserve(input.len() + input.len() / 32 + 2);
+        // Saturating: for storage lines are never folded, so nothing bounds
+        // their length but the input's.
+        out.reserve(
+            input
+                .len()
+                .saturating_add(input.len() / 32)
+                .saturating_add(2),
+        );
         for &b in input {
             if self.pending_cr {
                 self.pending_cr = false;
@@ -74,10 +81,10 @@ impl Transparency {
                     }
                     if self.at_line_start && self.dot_stuff && b == b'.' {
                         out.push(b'.');
-                        self.line_len += 1;
+                        self.line_len = self.line_len.saturating_add(1);
                     }
                     out.push(b);
-                    self.line_len += 1;
+                    self.line_len = self.line_len.saturating_add(1);
                     self.at_line_start = false;
                 }
             }

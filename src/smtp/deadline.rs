@@ -42,9 +42,11 @@ impl<S: Transport> Deadlined<S> {
         self.inner.set_timeout(timeout)
     }
 
-    /// Bounds the reads from now on to `limit` in total, until `clear`.
+    /// Bounds the reads from now on to `limit` in total, until `clear`. A
+    /// limit past what the clock can hold (a configured timeout of years) is
+    /// no whole-reply bound at all: `Instant + Duration` would panic there.
     pub fn start(&mut self, limit: Duration) {
-        self.deadline = Some(Instant::now() + limit);
+        self.deadline = Instant::now().checked_add(limit);
     }
 
     pub fn clear(&mut self) {
@@ -149,6 +151,15 @@ mod tests {
         let mut stream = ready();
         stream.start(Duration::ZERO);
         stream.clear();
+        let mut buf = [0u8; 16];
+        assert_eq!(stream.read(&mut buf).unwrap(), 8);
+        assert!(stream.get_ref().timeouts.is_empty());
+    }
+
+    #[test]
+    fn a_limit_past_the_clock_does_not_panic_and_bounds_nothing() {
+        let mut stream = ready();
+        stream.start(Duration::MAX);
         let mut buf = [0u8; 16];
         assert_eq!(stream.read(&mut buf).unwrap(), 8);
         assert!(stream.get_ref().timeouts.is_empty());

@@ -40,13 +40,16 @@ impl Reply {
     }
 
     /// The RFC 3463 enhanced status code, when the first line starts with one
-    /// of the same class as the reply code (e.g. "5.1.1" on a 550).
+    /// of the same class as the reply code (e.g. "5.1.1" on a 550). Digits are
+    /// read with `digit`, never by subtracting `b'0'`: "550 !.1.1" is text.
     pub fn enhanced(&self) -> Option<&str> {
         let first = self.lines.first()?.split_ascii_whitespace().next()?;
         let mut parts = first.split('.');
-        let class = parts.next()?;
-        let ok = class.len() == 1
-            && class.as_bytes().first().map(|c| u16::from(c - b'0')) == Some(self.code.0 / 100)
+        let class = match parts.next()?.as_bytes() {
+            &[c] => digit(c)?,
+            _ => return None,
+        };
+        let ok = class == self.code.0 / 100
             && parts.clone().count() == 2
             && parts.all(|p| (1..=3).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()));
         ok.then_some(first)
@@ -149,13 +152,13 @@ fn parse_line(line: &[u8]) -> Result<(u16, bool, String), ReplyError> {
         return Err(bad("NUL in reply"));
     }
     let digits = line.get(..3).ok_or_else(|| bad("shorter than a code"))?;
-    let valid = matches!(digits, [b'2'..=b'5', b'0'..=b'5', b'0'..=b'9']);
-    if !valid {
-        return Err(bad("no reply code"));
-    }
-    let code = digits
-        .iter()
-        .fold(0u16, |acc, d| acc * 10 + u16::from(d - b'0'));
+    // RFC 5321 §4.2: the first digit 2 to 5, the second 0 to 5, the third any.
+    let code = match *digits {
+        [a @ b'2'..=b'5', b @ b'0'..=b'5', c @ b'0'..=b'9'] => {
+            code_of(a, b, c).ok_or_else(|| bad("no reply code"))?
+        }
+        _ => return Err(bad("no reply code")),
+    };
     let (last, text) = match line.get(3) {
         None => (true, &[][..]),
         Some(b' ') => (true, line.get(4..).unwrap_or_default()),
@@ -163,6 +166,22 @@ fn parse_line(line: &[u8]) -> Result<(u16, bool, String), ReplyError> {
         Some(_) => return Err(bad("code not followed by space or '-'")),
     };
     Ok((code, last, String::from_utf8_lossy(text).into_owned()))
+}
+
+/// The value of an ASCII digit; None for any other byte.
+fn digit(byte: u8) -> Option<u16> {
+    char::from(byte)
+        .to_digit(10)
+        .and_then(|d| u16::try_from(d).ok())
+}
+
+/// Three ASCII digits as a number (at most 999, so no overflow is possible;
+/// checked all the same, as every sum a peer's bytes reach).
+fn code_of(hundreds: u8, tens: u8, units: u8) -> Option<u16> {
+    digit(hundreds)?
+        .checked_mul(100)?
+        .checked_add(digit(tens)?.checked_mul(10)?)?
+        .checked_add(digit(units)?)
 }
 
 #[cfg(test)]
@@ -322,5 +341,85 @@ mod tests {
             let mut reader = &input[..];
             while read_reply(&mut reader).is_ok() {}
         }
+    }
+
+    #[test]
+    fn enhanced_code_never_underflows_on_a_non_digit_class() {
+        // "!" is below b'0': the old `c - b'0'` panicked here in debug builds.
+        for text in ["550 !.1.1 x\r\n", "550 \x01.1.1\r\n", "250 /.0.0\r\n"] {
+            assert_eq!(parse(text).unwrap().enhanced(), None, "{text:?}");
+        }
+        assert_eq!(parse("550 5.1.1\r\n").unwrap().enhanced(), Some("5.1.1"));
+    }
+
+    /// Replies as real relays send them (Postfix, Exchange, Gmail, odd ones).
+    const REAL_REPLIES: &[&str] = &[
+        "220 mx.example.com ESMTP Postfix (Debian/GNU)\r\n",
+        "250-mx.example.com\r\n250-PIPELINING\r\n250-SIZE 10240000\r\n250-VRFY\r\n\
+         250-ETRN\r\n250-STARTTLS\r\n250-AUTH PLAIN LOGIN\r\n250-ENHANCEDSTATUSCODES\r\n\
+         250-8BITMIME\r\n250-DSN\r\n250-SMTPUTF8\r\n250 CHUNKING\r\n",
+        "250 2.1.0 Ok\r\n",
+        "250 2.1.5 Ok\r\n",
+        "354 End data with <CR><LF>.<CR><LF>\r\n",
+        "250 2.0.0 Ok: queued as 4Bq3Xk1Z2Yz9\r\n",
+        "550 5.1.1 <nobody@example.com>: Recipient address rejected: User unknown\r\n",
+        "550-5.7.26 Unauthenticated email is not accepted from this domain.\r\n\
+         550 5.7.26 https://support.google.com/mail/answer/81126 - gsmtp\r\n",
+        "535 5.7.3 Authentication unsuccessful [AM0PR01CA0001.eurprd01.prod.outlook.com]\r\n",
+        "334 VXNlcm5hbWU6\r\n",
+        "421 4.7.0 mx.example.com Error: too many connections\r\n",
+        "452 4.5.3 Error: too many recipients\r\n",
+        "550 !.1.1 odd\r\n",
+        "554\r\n",
+        "221 2.0.0 Bye\n",
+    ];
+
+    /// Whatever a relay sends, the parser returns within its bounds and
+    /// never panics (in debug builds arithmetic overflow panics, so this is
+    /// also the overflow check; `cargo test --release` runs it too).
+    #[test]
+    fn mutated_real_replies_never_panic_and_stay_bounded() {
+        use crate::smtp::mutate::{cases, mutate, Rng};
+        let mut rng = Rng::seeded(0x5eed_0017);
+        let mut accepted = 0usize;
+        let count = cases(20_000);
+        for _ in 0..count {
+            let mut input = Vec::new();
+            for _ in 0..1 + rng.below(3) {
+                input.extend_from_slice(rng.pick(REAL_REPLIES).as_bytes());
+            }
+            let input = mutate(&input, &mut rng);
+            let mut reader = &input[..];
+            let mut replies = 0;
+            while let Ok(reply) = read_reply(&mut reader) {
+                replies += 1;
+                accepted += 1;
+                assert!((200..=559).contains(&reply.code.0), "{reply:?}");
+                assert!(!reply.lines.is_empty() && reply.lines.len() <= MAX_LINES);
+                // Lossy UTF-8 may widen a byte to three; never more.
+                assert!(reply.lines.iter().all(|l| l.len() <= 3 * MAX_LINE));
+                if let Some(code) = reply.enhanced() {
+                    assert_eq!(
+                        code.as_bytes().first().and_then(|&c| digit(c)),
+                        Some(reply.code.0 / 100)
+                    );
+                    let first =
+                        reply.lines[0].trim_start_matches(|c: char| c.is_ascii_whitespace());
+                    assert!(first.starts_with(code), "{reply:?}");
+                }
+                assert!(reply.summary().starts_with(&reply.code.0.to_string()));
+                let _ = crate::smtp::Capabilities::from_ehlo(&reply);
+                // Each reply consumes at least its code and a line end.
+                assert!(
+                    replies * 4 <= input.len(),
+                    "read more replies than bytes allow"
+                );
+            }
+        }
+        // Most mutations leave something parseable: the checks above ran.
+        assert!(
+            accepted >= count / 4,
+            "only {accepted} replies in {count} cases"
+        );
     }
 }

@@ -216,8 +216,13 @@ impl<S: Transport> Session<S> {
         Ok(reply)
     }
 
-    /// Every reply is read before the next command goes out, so bytes waiting
-    /// now are replies nobody asked for: commands and replies would drift.
+    /// Every reply we asked for has been read when this is called (before a
+    /// command, the body or a BDAT chunk goes out, and after the reply that
+    /// decides a message), so bytes already buffered are replies nobody asked
+    /// for. Taking them as answers would let commands and replies drift: a
+    /// stray 250 after 354 read as the answer to the final dot made a refused
+    /// message "sent". The buffered reader knows exactly what has arrived, so
+    /// this needs no timing; the session ends and the message is deferred.
     fn ensure_in_step(&self, phase: Phase) -> Result<(), SessionError> {
         if self.io.buffer().is_empty() {
             return Ok(());
@@ -225,10 +230,20 @@ impl<S: Transport> Session<S> {
         Err(SessionError::Protocol(
             phase,
             format!(
-                "the relay sent {} bytes nobody asked for; replies are out of step",
+                "the relay sent {} bytes nobody asked for; replies are out of step, \
+                 so the session ends here and nothing more is sent",
                 self.io.buffer().len()
             ),
         ))
+    }
+
+    /// The reply that decides a message (to the final dot, or to BDAT LAST),
+    /// which must be the relay's only answer: a second one behind it means
+    /// we cannot tell which of them is the real verdict.
+    fn read_verdict(&mut self, phase: Phase) -> Result<Reply, SessionError> {
+        let reply = self.read_checked(phase)?;
+        self.ensure_in_step(phase)?;
+        Ok(reply)
     }
 
     /// Writes commands in one go (one, or a pipelined group); `phase` names
@@ -276,6 +291,7 @@ impl<S: Transport> Session<S> {
         };
         if !self.caps.pipelining {
             let mut lockstep = Lockstep::default();
+            let mut last = first.phase();
             for command in group {
                 if lockstep.needless(command) {
                     break;
@@ -283,14 +299,21 @@ impl<S: Transport> Session<S> {
                 let reply = self.command(command)?;
                 lockstep.answered(command, &reply);
                 replies.push(reply);
+                last = command.phase();
             }
+            self.ensure_in_step(last)?;
             return Ok(replies);
         }
         self.set_timeout(first.phase(), self.timeouts.command)?;
         self.send(first.phase(), group)?;
+        let mut last = first.phase();
         for command in group {
-            replies.push(self.read_checked(command.phase())?);
+            last = command.phase();
+            replies.push(self.read_checked(last)?);
         }
+        // More replies than commands: the group's answers cannot be trusted
+        // (the group may end in DATA, and the body must not follow).
+        self.ensure_in_step(last)?;
         Ok(replies)
     }
 
@@ -472,13 +495,18 @@ impl<S: Transport> Session<S> {
         body: &mut impl Read,
     ) -> Result<Reply, SessionError> {
         match data_reply {
-            Some(reply) if reply.code.0 == 354 => match self.send_body(body) {
-                Ok(()) => {
-                    self.set_timeout(Phase::DataEnd, self.timeouts.data)?;
-                    self.read_checked(Phase::DataEnd)
+            Some(reply) if reply.code.0 == 354 => {
+                // 354 must be the relay's last word before the body: anything
+                // behind it would be read as the verdict on the message.
+                self.ensure_in_step(Phase::Data)?;
+                match self.send_body(body) {
+                    Ok(()) => {
+                        self.set_timeout(Phase::DataEnd, self.timeouts.data)?;
+                        self.read_verdict(Phase::DataEnd)
+                    }
+                    Err(e) => self.reply_behind_write_error(e),
                 }
-                Err(e) => self.reply_behind_write_error(e),
-            },
+            }
             // Only 354 invites the body (RFC 5321 §4.1.1.4). Any other
             // positive reply would have us call a message delivered that
             // was never sent.
@@ -544,7 +572,11 @@ impl<S: Transport> Session<S> {
             self.write_all(Phase::Body, &wire)?;
             self.flush(Phase::Body)?;
             wire.clear();
-            let reply = self.read_checked(bdat.phase())?;
+            let reply = if last {
+                self.read_verdict(bdat.phase())?
+            } else {
+                self.read_checked(bdat.phase())?
+            };
             if last || !reply.code.is_positive() {
                 return Ok(reply);
             }
@@ -1026,6 +1058,194 @@ mod tests {
             .transaction(&outgoing("a@x", &rcpts), &mut &b"x"[..])
             .unwrap_err();
         assert!(matches!(err, SessionError::Protocol(Phase::Mail, _)));
+    }
+
+    /// Issue 14 (3): a relay that sends 354 and then an unrequested 250 had
+    /// that 250 taken as the verdict on the message and its real 554 as the
+    /// answer to QUIT. The body must not go out, and the session must end as
+    /// a protocol error, so the message is deferred, never marked sent.
+    #[test]
+    fn stray_reply_after_354_defers_and_sends_no_body() {
+        let mut s = session(&[
+            "",
+            "250 ok\r\n",
+            "250 ok\r\n",
+            "354 go\r\n250 2.0.0 stray\r\n",
+            "554 5.7.1 refused\r\n",
+        ]);
+        let rcpts = ["b@y".to_string()];
+        let err = s
+            .transaction(&outgoing("a@x", &rcpts), &mut &b"SECRET BODY"[..])
+            .unwrap_err();
+        assert!(
+            matches!(err, SessionError::Protocol(Phase::Data, _)),
+            "{err}"
+        );
+        assert_eq!(written(s), "MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nDATA\r\n");
+    }
+
+    #[test]
+    fn stray_reply_after_a_pipelined_354_defers_and_sends_no_body() {
+        let mut s = session(&[
+            "",
+            "250-mx\r\n250 PIPELINING\r\n",
+            "250 ok\r\n250 ok\r\n354 go\r\n250 2.0.0 stray\r\n",
+            "554 5.7.1 refused\r\n",
+        ]);
+        s.hello("pbx").unwrap();
+        let rcpts = ["b@y".to_string()];
+        let err = s
+            .transaction(&outgoing("a@x", &rcpts), &mut &b"SECRET BODY"[..])
+            .unwrap_err();
+        assert!(
+            matches!(err, SessionError::Protocol(Phase::Data, _)),
+            "{err}"
+        );
+        assert!(!written(s).contains("SECRET"));
+    }
+
+    #[test]
+    fn pipelined_group_with_more_replies_than_commands_is_a_protocol_error() {
+        let mut s = session(&[
+            "",
+            "250-mx\r\n250 PIPELINING\r\n",
+            "250 ok\r\n550 no\r\n503 no\r\n250 extra\r\n",
+        ]);
+        s.hello("pbx").unwrap();
+        let err = s.command_group(&transaction_group(&["b@y"])).unwrap_err();
+        assert!(
+            matches!(err, SessionError::Protocol(Phase::Data, _)),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn lockstep_group_with_a_stray_reply_is_a_protocol_error() {
+        let mut s = session(&["", "250 ok\r\n250 extra\r\n"]);
+        let group = &transaction_group(&["b@y"])[..1];
+        let err = s.command_group(group).unwrap_err();
+        assert!(
+            matches!(err, SessionError::Protocol(Phase::Mail, _)),
+            "{err}"
+        );
+    }
+
+    /// Two replies to one final dot: which is the verdict is unknowable, so
+    /// the message is deferred rather than called sent on the first.
+    #[test]
+    fn two_replies_to_the_final_dot_defer_the_message() {
+        let mut s = session(&[
+            "",
+            "250 ok\r\n",
+            "250 ok\r\n",
+            "354 go\r\n",
+            "250 2.0.0 queued\r\n554 5.7.1 refused\r\n",
+        ]);
+        let rcpts = ["b@y".to_string()];
+        let err = s
+            .transaction(&outgoing("a@x", &rcpts), &mut &b"body"[..])
+            .unwrap_err();
+        assert!(
+            matches!(err, SessionError::Protocol(Phase::DataEnd, _)),
+            "{err}"
+        );
+    }
+
+    fn chunking_session(after_rcpt: &[&str]) -> Session<Script> {
+        let mut replies = vec!["", "250-mx\r\n250 CHUNKING\r\n", "250 ok\r\n", "250 ok\r\n"];
+        replies.extend_from_slice(after_rcpt);
+        let mut s = session(&replies);
+        s.hello("pbx").unwrap();
+        s
+    }
+
+    #[test]
+    fn stray_reply_after_a_bdat_chunk_stops_the_next_chunk() {
+        let mut s = chunking_session(&["250 2.0.0 chunk\r\n250 stray\r\n", "250 stored\r\n"]);
+        let body = "a line of the message\n".repeat(5_000);
+        let rcpts = ["b@y".to_string()];
+        let err = s
+            .transaction(&outgoing("a@x", &rcpts), &mut body.as_bytes())
+            .unwrap_err();
+        assert!(
+            matches!(err, SessionError::Protocol(Phase::Body, _)),
+            "{err}"
+        );
+        assert_eq!(written(s).matches("BDAT ").count(), 1);
+    }
+
+    #[test]
+    fn two_replies_to_bdat_last_defer_the_message() {
+        let mut s = chunking_session(&["250 2.0.0 stored\r\n554 5.7.1 refused\r\n"]);
+        let rcpts = ["b@y".to_string()];
+        let err = s
+            .transaction(&outgoing("a@x", &rcpts), &mut &b"body"[..])
+            .unwrap_err();
+        assert!(
+            matches!(err, SessionError::Protocol(Phase::DataEnd, _)),
+            "{err}"
+        );
+    }
+
+    /// A hostile relay, as a property: mutated versions of a real
+    /// conversation never panic the session, and whatever they make it
+    /// report, a recipient is only ever "sent" after its body and end of
+    /// data really went out, and the verdict was the relay's only answer.
+    #[test]
+    fn mutated_relay_conversations_never_panic_nor_call_an_unsent_message_sent() {
+        use crate::smtp::mutate::{cases, mutate, Rng};
+        let conversations: [&[&str]; 3] = [
+            &[
+                "220 mx ESMTP\r\n",
+                "250-mx\r\n250-PIPELINING\r\n250-SIZE 1000000\r\n250 8BITMIME\r\n",
+                "250 2.1.0 ok\r\n250 2.1.5 ok\r\n550 5.1.1 no\r\n354 go\r\n",
+                "250 2.0.0 queued\r\n",
+            ],
+            &[
+                "220 mx ESMTP\r\n",
+                "250-mx\r\n250 SIZE\r\n",
+                "250 2.1.0 ok\r\n",
+                "250 2.1.5 ok\r\n",
+                "250 2.1.5 ok\r\n",
+                "354 End data with <CR><LF>.<CR><LF>\r\n",
+                "250 2.0.0 queued\r\n",
+            ],
+            &[
+                "220 mx ESMTP\r\n",
+                "250-mx\r\n250 CHUNKING\r\n",
+                "250 2.1.0 ok\r\n",
+                "250 2.1.5 ok\r\n",
+                "250 2.1.5 ok\r\n",
+                "250 2.0.0 stored\r\n",
+            ],
+        ];
+        let rcpts = ["b@y".to_string(), "c@y".to_string()];
+        let mut rng = Rng::seeded(0x5eed_0003);
+        for _ in 0..cases(3_000) {
+            let conversation = *rng.pick(&conversations);
+            let mut replies: Vec<Vec<u8>> =
+                conversation.iter().map(|r| r.as_bytes().to_vec()).collect();
+            let at = rng.below(replies.len());
+            replies[at] = mutate(&replies[at], &mut rng);
+            let texts: Vec<String> = replies
+                .iter()
+                .map(|r| String::from_utf8_lossy(r).into_owned())
+                .collect();
+            let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+            let mut s = session(&texts);
+            let outcome = s
+                .greeting()
+                .and_then(|_| s.hello("pbx"))
+                .and_then(|_| s.transaction(&outgoing("a@x", &rcpts), &mut &b"the body\n"[..]));
+            let Ok(result) = outcome else { continue };
+            if result.per_recipient.iter().any(|r| r.code.is_positive()) {
+                let out = written(s);
+                assert!(
+                    out.ends_with("the body\r\n.\r\n") || out.ends_with("LAST\r\nthe body\r\n"),
+                    "sent without the body: {out:?} {texts:?}"
+                );
+            }
+        }
     }
 
     #[test]
