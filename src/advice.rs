@@ -4,9 +4,7 @@
 //! relay we talked to and the way the tenant signs in.
 
 use crate::config::AuthMode;
-use crate::outcome::{self, Advice, Verdict};
-use crate::smtp::reply::Reply;
-use crate::smtp::SessionError;
+use crate::outcome::{Advice, Verdict};
 
 /// What the advice depends on besides the reply: whom we talked to, and how
 /// we signed in (a password refusal and a token refusal need different steps).
@@ -19,16 +17,6 @@ pub struct Tenant<'a> {
 /// The advice a verdict carries, worded for this tenant.
 pub fn for_verdict(verdict: &Verdict, tenant: Tenant) -> Option<String> {
     verdict.advice.map(|advice| text(advice, tenant))
-}
-
-/// Advice for a reply from the relay, if we know one (the judge's key, worded).
-pub fn for_reply(reply: &Reply, tenant: Tenant) -> Option<String> {
-    for_verdict(&outcome::of_reply(reply), tenant)
-}
-
-/// Advice for a failure before any reply could decide.
-pub fn for_error(error: &SessionError, tenant: Tenant) -> Option<String> {
-    for_verdict(&outcome::of_session_error(error), tenant)
 }
 
 /// The words for one advice key.
@@ -120,7 +108,13 @@ pub fn text(advice: Advice, tenant: Tenant) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::smtp::reply::ReplyCode;
+    use crate::outcome;
+    use crate::smtp::reply::{Reply, ReplyCode};
+
+    /// The advice `pbxmail test` shows for a reply: the judge's key, worded.
+    fn for_reply(reply: &Reply, tenant: Tenant) -> Option<String> {
+        for_verdict(&outcome::of_reply(reply), tenant)
+    }
 
     fn with_password(relay_host: &str) -> Tenant<'_> {
         Tenant {

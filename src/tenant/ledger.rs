@@ -1,19 +1,18 @@
 //! What a tenant knows about its mail: the pure queue (queue.rs) kept in step
 //! with the spool, which stays the truth. It rebuilds the queue from the
-//! spool, applies admin jobs, records every recipient's verdict durably and
-//! settles each message: retry later, remove (delivered, archived first if
-//! the tenant keeps an archive), or bounce (RFC 3464) to its sender, else
-//! the postmaster, else keep it visibly failed. It judges nothing itself:
-//! outcomes come from the judge (outcome.rs).
+//! spool, applies admin jobs, and records every recipient's verdict durably:
+//! a message with recipients pending is retried later, a finished one is
+//! settled (settle.rs: removed, archived, bounced or kept failed). It judges
+//! nothing itself: outcomes come from the judge (outcome.rs).
 
 use super::queue::Queue;
 use super::settings::{Pacing, Policy};
+use super::settle::Settle;
 use super::{Job, Target, TenantState, TenantStatus};
 use crate::base::clock::Clock;
-use crate::bounce;
 use crate::config::TenantName;
 use crate::outcome::Outcome;
-use crate::spool::envelope::{BounceStage, Envelope, RcptResult, RcptStatus, Record};
+use crate::spool::envelope::{Envelope, RcptResult, RcptStatus, Record};
 use crate::spool::{self, MessageId, Spool};
 use std::collections::BTreeMap;
 
@@ -398,138 +397,19 @@ impl Ledger {
         }
     }
 
-    /// A message with no recipient pending: removed if every one was sent;
-    /// otherwise bounced to its sender (or the postmaster), and a bounce that
-    /// cannot be delivered goes to the postmaster; what nobody can take stays
-    /// in the spool as failed. `announce` logs the "kept" case (not on rescans).
+    /// A message with no recipient pending: removed, bounced or kept as
+    /// failed (settle.rs). `announce` logs the "kept" case (not on rescans).
     pub fn finish_done(&mut self, id: &MessageId, envelope: &Envelope, announce: bool) {
-        let tenant = self.name().to_string();
-        self.queue.remove(id);
-        if !envelope.any_failed() || envelope.bounced_as.is_some() {
-            self.queue.unfail(id);
-            if !self.archive_before_removal(id, envelope) {
-                return;
-            }
-            if let Err(e) = self.spool.remove(&tenant, id) {
-                log::error!("{id} tenant={tenant}: done, but cannot remove it from the spool: {e}");
-            }
-            return;
+        let now = self.now();
+        Settle {
+            name: self.name.as_str(),
+            policy: &self.policy,
+            spool: &self.spool,
+            queue: &mut self.queue,
+            counters: &mut self.counters,
+            now,
         }
-        self.queue.mark_failed(id);
-        let kept = |why: &str| {
-            if announce {
-                log::warn!("{id} tenant={tenant}: kept in the queue as failed: {why}");
-            }
-        };
-        match &envelope.bounce {
-            // Never a bounce of a bounce: it goes to the postmaster once, then stays.
-            Some(of) if of.stage == BounceStage::Sender => match self.policy.postmaster.clone() {
-                Some(postmaster) => {
-                    let redirect = Record::Redirect {
-                        to: vec![postmaster.clone()],
-                    };
-                    match self.spool.append(&tenant, id, &redirect) {
-                        Ok(()) => {
-                            log::info!("{id} tenant={tenant}: bounce undeliverable to its sender; sending it to <{postmaster}>");
-                            self.queue.unfail(id);
-                            self.queue.schedule(id, 0, false);
-                        }
-                        Err(e) => kept(&format!(
-                            "cannot redirect the bounce to the postmaster: {e}"
-                        )),
-                    }
-                }
-                None => kept("its bounce could not be delivered and no postmaster is configured"),
-            },
-            Some(_) => kept("its bounce could not be delivered to the postmaster either"),
-            None => self.bounce(id, envelope, announce),
-        }
-    }
-
-    fn bounce(&mut self, id: &MessageId, envelope: &Envelope, announce: bool) {
-        let tenant = self.name().to_string();
-        let Some((to, stage)) = bounce::addressee(envelope, self.policy.postmaster.as_deref())
-        else {
-            if announce {
-                log::warn!("{id} tenant={tenant}: kept in the queue as failed: null sender and no postmaster configured");
-            }
-            return;
-        };
-        let report = bounce::Report {
-            hostname: &self.policy.hostname,
-            relay_host: &self.policy.relay_host,
-            id,
-            envelope,
-        };
-        let dsn = match bounce::queue(&self.spool, &tenant, &report, &to, stage) {
-            Ok(dsn) => dsn,
-            Err(e) => {
-                // Stays failed on disk; the next rescan tries again.
-                log::error!("{id} tenant={tenant}: cannot queue its bounce: {e}");
-                return;
-            }
-        };
-        log::info!("{id} tenant={tenant}: bounce {dsn} queued to <{to}>");
-        let marked = Record::Bounced {
-            dsn: dsn.to_string(),
-        };
-        match self.spool.append(&tenant, id, &marked) {
-            Ok(()) if !self.archive_before_removal(id, envelope) => {}
-            Ok(()) => {
-                if let Err(e) = self.spool.remove(&tenant, id) {
-                    log::error!(
-                        "{id} tenant={tenant}: bounced, but cannot remove it from the spool: {e}"
-                    );
-                }
-            }
-            Err(e) => log::error!("{id} tenant={tenant}: cannot record its bounce: {e}"),
-        }
-        self.queue.schedule(&dsn, 0, false);
-    }
-
-    /// Journals a message that reached at least one recipient into the
-    /// tenant's archive, if it keeps one; true when the spool entry may go.
-    /// On failure the entry stays and is tried again, so nothing sent is
-    /// missing from the archive.
-    fn archive_before_removal(&mut self, id: &MessageId, envelope: &Envelope) -> bool {
-        let Some(policy) = &self.policy.archive else {
-            return true;
-        };
-        let delivered = envelope
-            .recipients
-            .iter()
-            .any(|r| r.status == RcptStatus::Sent);
-        let addresses: Vec<String> = envelope
-            .recipients
-            .iter()
-            .map(|r| r.address.clone())
-            .collect();
-        let user = crate::archive::user_of(&envelope.sender, &addresses);
-        if !delivered || !policy.archives(&user) {
-            return true;
-        }
-        match policy.archive(
-            &self.spool,
-            self.name(),
-            id,
-            &user,
-            envelope.queued_at_ms / 1000,
-        ) {
-            Ok(()) => true,
-            Err(e) => {
-                log::error!(
-                    "{id} tenant={}: cannot archive it (kept in the spool, will retry): {e}",
-                    self.name()
-                );
-                // Delivered but not yet journaled: `status` shows why it waits.
-                self.counters.last_error = Some(format!(
-                    "delivered, but cannot archive {id} (kept in the spool, retried): {e}"
-                ));
-                let retry = self.queue.retry_soon(self.now());
-                self.queue.schedule(id, retry, true);
-                false
-            }
-        }
+        .finish_done(id, envelope, announce);
     }
 
     /// Writes a result that could not be written before. False if it still cannot.

@@ -14,13 +14,16 @@ mod pacing;
 mod queue;
 mod set;
 mod settings;
+mod settle;
 mod smtp_delivery;
 #[cfg(test)]
 mod tests;
+mod tokens;
 mod worker;
 
 pub use set::TenantSet;
 pub use settings::client_settings;
+pub use tokens::Tokens;
 
 use crate::config::{DaemonConfig, TenantConfig, TenantName};
 use crate::spool::{MessageId, Spool};
