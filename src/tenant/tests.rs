@@ -746,3 +746,27 @@ fn a_restarted_worker_rebuilds_its_queue_from_the_spool() {
     assert_eq!(h.sent_to(), [strings(&["a@x.test"])]);
     assert!(h.envelope(&held).unwrap().held);
 }
+
+#[test]
+fn a_session_lost_after_the_final_dot_retries_the_message_at_its_backoff() {
+    let mut h = Harness::new(Options::default());
+    let id = h.submit("pbx@acme.test", &["a@x.test"]);
+    h.script_send(Err(SessionError::Protocol(
+        Phase::DataEnd,
+        "connection closed by the relay".into(),
+    )));
+    h.step();
+    // Not delivered and not bounced: retried (RFC 5321 §6.1), the log line
+    // warning of a possible duplicate (ledger's DeliveryLine).
+    assert_eq!(h.statuses(&id), [RcptStatus::Pending]);
+    assert_eq!(
+        h.envelope(&id).unwrap().next_attempt_ms,
+        Some(h.now() + MIN * 11 / 10)
+    );
+    assert_ne!(h.status().state, TenantState::Backoff);
+    h.take_events();
+    h.advance(MIN * 11 / 10);
+    h.step();
+    assert_eq!(h.sent_to(), [strings(&["a@x.test"])]);
+    assert!(h.envelope(&id).is_none());
+}
