@@ -93,6 +93,16 @@ pub fn text(advice: Advice, tenant: Tenant) -> String {
             "the relay does not offer STARTTLS on this port: use its submission port (587), or \
              tls = implicit on port 465"
         }
+        Advice::NoUsableAuth if oauth => {
+            "the relay does not offer XOAUTH2 or OAUTHBEARER here: check that relay is the \
+             provider's submission server (Microsoft 365: smtp.office365.com:587, Gmail: \
+             smtp.gmail.com:587) and that tls is on (many relays offer AUTH only inside TLS)"
+        }
+        Advice::NoUsableAuth => {
+            "the relay offers no PLAIN or LOGIN here: many relays offer AUTH only inside TLS \
+             (tls = starttls, or implicit on port 465) or only on their submission port (587); \
+             if this relay takes mail without a login, set auth = none"
+        }
         Advice::Certificate => {
             "put the CA that signed the relay's certificate in ca_file (PEM), or fix the name in \
              relay; tls_verify = no is the insecure last resort"
@@ -110,6 +120,7 @@ mod tests {
     use super::*;
     use crate::outcome;
     use crate::smtp::reply::{Reply, ReplyCode};
+    use crate::smtp::SessionError;
 
     /// The advice `pbxmail test` shows for a reply: the judge's key, worded.
     fn for_reply(reply: &Reply, tenant: Tenant) -> Option<String> {
@@ -197,6 +208,19 @@ mod tests {
             assert!(advice.contains(expected), "{reply}: {advice}");
         }
         assert!(for_reply(&reply(250, "ok"), with_password("x")).is_none());
+    }
+
+    #[test]
+    fn a_login_without_a_usable_mechanism_is_told_where_auth_is_offered() {
+        let verdict = outcome::of_session_error(&SessionError::NoUsableAuth {
+            wanted: "PLAIN or LOGIN",
+            offered: Vec::new(),
+        });
+        let advice = for_verdict(&verdict, with_password("mail.example")).unwrap_or_default();
+        assert!(advice.contains("tls = starttls"), "{advice}");
+        assert!(advice.contains("auth = none"), "{advice}");
+        let advice = for_verdict(&verdict, with_oauth("smtp.office365.com")).unwrap_or_default();
+        assert!(advice.contains("XOAUTH2"), "{advice}");
     }
 
     #[test]

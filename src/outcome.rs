@@ -141,6 +141,8 @@ pub enum Advice {
     Silent,
     /// The relay does not offer STARTTLS.
     NoStartTls,
+    /// A login is configured but the relay offers no mechanism we can use for it.
+    NoUsableAuth,
     /// The relay's certificate is not trusted.
     Certificate,
     /// The TLS handshake failed.
@@ -288,6 +290,9 @@ pub fn of_session_error(error: &SessionError) -> Verdict {
         SessionError::Rejected(phase, _) => phase_scope(*phase),
         SessionError::Connect { .. }
         | SessionError::StartTlsNotOffered
+        // The login cannot be used with this relay: no mail of the tenant's
+        // goes without it, so all of it waits (it never bounces over this).
+        | SessionError::NoUsableAuth { .. }
         | SessionError::Tls(_)
         | SessionError::Config(_) => RetryScope::Tenant,
     };
@@ -345,6 +350,7 @@ fn advice_for_error(error: &SessionError) -> Option<Advice> {
         SessionError::Connect { .. } => Some(Advice::Unreachable),
         SessionError::Timeout(_) => Some(Advice::Silent),
         SessionError::StartTlsNotOffered => Some(Advice::NoStartTls),
+        SessionError::NoUsableAuth { .. } => Some(Advice::NoUsableAuth),
         SessionError::Tls(TlsError::Certificate(_)) => Some(Advice::Certificate),
         SessionError::Tls(TlsError::Handshake(_)) => Some(Advice::Handshake),
         SessionError::Rejected(_, reply) => advice_for_reply(reply),
@@ -504,6 +510,26 @@ mod tests {
             );
         }
         assert_eq!(of_reply(&reply(451)).outcome.warning(), None);
+    }
+
+    #[test]
+    fn a_login_the_relay_offers_no_mechanism_for_defers_the_tenant_with_advice() {
+        let error = SessionError::NoUsableAuth {
+            wanted: "PLAIN or LOGIN",
+            offered: vec!["CRAM-MD5".into()],
+        };
+        let verdict = of_session_error(&error);
+        assert!(verdict.outcome.refuses_tenant());
+        assert_eq!(verdict.advice, Some(Advice::NoUsableAuth));
+        assert!(
+            verdict
+                .outcome
+                .reason()
+                .contains("offers AUTH CRAM-MD5 but not PLAIN or LOGIN"),
+            "{}",
+            verdict.outcome.reason()
+        );
+        assert!(!forgets_token(&error));
     }
 
     #[test]

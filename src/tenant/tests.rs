@@ -770,3 +770,24 @@ fn a_session_lost_after_the_final_dot_retries_the_message_at_its_backoff() {
     assert_eq!(h.sent_to(), [strings(&["a@x.test"])]);
     assert!(h.envelope(&id).is_none());
 }
+
+#[test]
+fn a_login_the_relay_offers_no_mechanism_for_defers_the_tenant_and_names_the_offer() {
+    let mut h = Harness::new(Options::default());
+    let id = h.submit("pbx@acme.test", &["a@x.test"]);
+    h.script_open(Err(OpenError::Failed {
+        peer: "relay.test[127.0.0.1]:25".into(),
+        error: SessionError::NoUsableAuth {
+            wanted: "PLAIN or LOGIN",
+            offered: vec!["CRAM-MD5".into()],
+        },
+    }));
+    h.step();
+    // Nothing was sent: the mail waits, the tenant backs off, nothing bounces.
+    assert_eq!(h.take_events(), [Event::Open]);
+    assert_eq!(h.statuses(&id), [RcptStatus::Pending]);
+    assert_eq!(h.status().state, TenantState::Backoff);
+    assert_eq!(h.status().bounced, 0);
+    let error = h.status().last_error.unwrap_or_default();
+    assert!(error.contains("offers AUTH CRAM-MD5"), "{error}");
+}
