@@ -41,12 +41,8 @@ impl Settle<'_> {
             }
             return;
         }
-        self.queue.mark_failed(id);
-        let kept = |why: &str| {
-            if announce {
-                log::warn!("{id} tenant={tenant}: kept in the queue as failed: {why}");
-            }
-        };
+        // Failed is where a message ends up only when it stays: a message
+        // whose bounce went out is settled, and `status` must not count it.
         match &envelope.bounce {
             // Never a bounce of a bounce: it goes to the postmaster once, then stays.
             Some(of) if of.stage == BounceStage::Sender => match self.policy.postmaster.clone() {
@@ -60,15 +56,37 @@ impl Settle<'_> {
                             self.queue.unfail(id);
                             self.queue.schedule(id, 0, false);
                         }
-                        Err(e) => kept(&format!(
-                            "cannot redirect the bounce to the postmaster: {e}"
-                        )),
+                        Err(e) => self.keep_failed(
+                            id,
+                            announce,
+                            &format!("cannot redirect the bounce to the postmaster: {e}"),
+                        ),
                     }
                 }
-                None => kept("its bounce could not be delivered and no postmaster is configured"),
+                None => self.keep_failed(
+                    id,
+                    announce,
+                    "its bounce could not be delivered and no postmaster is configured",
+                ),
             },
-            Some(_) => kept("its bounce could not be delivered to the postmaster either"),
+            Some(_) => self.keep_failed(
+                id,
+                announce,
+                "its bounce could not be delivered to the postmaster either",
+            ),
             None => self.bounce(id, envelope, announce),
+        }
+    }
+
+    /// Nobody can take the message's failures: it stays in the spool,
+    /// counted as failed, until an admin deletes it.
+    fn keep_failed(&mut self, id: &MessageId, announce: bool, why: &str) {
+        self.queue.mark_failed(id);
+        if announce {
+            log::warn!(
+                "{id} tenant={}: kept in the queue as failed: {why}",
+                self.name
+            );
         }
     }
 
@@ -76,9 +94,7 @@ impl Settle<'_> {
         let tenant = self.name.to_string();
         let Some((to, stage)) = bounce::addressee(envelope, self.policy.postmaster.as_deref())
         else {
-            if announce {
-                log::warn!("{id} tenant={tenant}: kept in the queue as failed: null sender and no postmaster configured");
-            }
+            self.keep_failed(id, announce, "null sender and no postmaster configured");
             return;
         };
         let report = bounce::Report {
@@ -92,10 +108,13 @@ impl Settle<'_> {
             Err(e) => {
                 // Stays failed on disk; the next rescan tries again.
                 log::error!("{id} tenant={tenant}: cannot queue its bounce: {e}");
+                self.queue.mark_failed(id);
                 return;
             }
         };
         log::info!("{id} tenant={tenant}: bounce {dsn} queued to <{to}>");
+        // Its failures are the bounce's now (found failed by a rescan before, maybe).
+        self.queue.unfail(id);
         let marked = Record::Bounced {
             dsn: dsn.to_string(),
         };
@@ -108,7 +127,12 @@ impl Settle<'_> {
                     );
                 }
             }
-            Err(e) => log::error!("{id} tenant={tenant}: cannot record its bounce: {e}"),
+            Err(e) => {
+                // Still on disk as unbounced: kept out of the queue (a rescan
+                // would bounce it again) and shown as failed.
+                log::error!("{id} tenant={tenant}: cannot record its bounce: {e}");
+                self.queue.mark_failed(id);
+            }
         }
         self.queue.schedule(&dsn, 0, false);
     }

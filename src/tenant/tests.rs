@@ -791,3 +791,38 @@ fn a_login_the_relay_offers_no_mechanism_for_defers_the_tenant_and_names_the_off
     let error = h.status().last_error.unwrap_or_default();
     assert!(error.contains("offers AUTH CRAM-MD5"), "{error}");
 }
+
+#[test]
+fn status_counts_a_bounced_message_as_failed_neither_once_its_bounce_is_queued_nor_sent() {
+    // One message a minute, so the bounce waits for its own session.
+    let mut h = Harness::new(Options {
+        rate_limit: Some(RateLimit {
+            messages: 1,
+            per: Duration::from_secs(60),
+        }),
+        ..Options::default()
+    });
+    let id = h.submit("pbx@acme.test", &["gone@x.test"]);
+    h.script_send(Ok(vec![reply(550, "5.1.1 no such user")]));
+    h.step();
+    assert!(h.envelope(&id).is_none(), "bounced and removed");
+    let dsn = h.others(&[]);
+    assert_eq!(dsn.len(), 1, "the bounce is queued");
+    let status = h.status();
+    assert_eq!(
+        (status.failed, status.queued, status.bounced),
+        (0, 1, 1),
+        "{status:?}"
+    );
+    h.take_events();
+    h.advance(60_000);
+    h.step();
+    assert_eq!(h.sent_to(), [strings(&["pbx@acme.test"])]);
+    assert!(h.others(&[]).is_empty(), "the bounce was delivered");
+    let status = h.status();
+    assert_eq!(
+        (status.failed, status.queued, status.deferred),
+        (0, 0, 0),
+        "{status:?}"
+    );
+}
