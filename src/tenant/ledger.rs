@@ -5,6 +5,7 @@
 //! settled (settle.rs: removed, archived, bounced or kept failed). It judges
 //! nothing itself: outcomes come from the judge (outcome.rs).
 
+use super::admin::{Action, AdminJob, AdminReport, Applied};
 use super::queue::Queue;
 use super::settings::{Pacing, Policy};
 use super::settle::Settle;
@@ -158,41 +159,100 @@ impl Ledger {
         }
     }
 
-    /// Applies a hint or an admin's command.
+    /// Applies a hint or an admin's command; a reported command's report
+    /// is sent once its results are on disk.
     pub fn apply(&mut self, job: Job) {
         match job {
             Job::Queued(id) => self.queue.note_queued(&id),
             Job::Flush => self.queue.flush(),
-            Job::Hold(target) => {
-                for id in self.targets(&target, Queue::waiting_ids) {
-                    if self.queue.is_waiting(&id) && self.mark(&id, &Record::Held) {
-                        self.queue.hold(&id);
-                    }
-                }
-            }
-            Job::Release(target) => {
-                for id in self.targets(&target, Queue::held_ids) {
-                    if self.queue.is_held(&id) && self.mark(&id, &Record::Released) {
-                        let attempted = self
-                            .spool
-                            .load_envelope(self.name(), &id)
-                            .map_or(true, |env| env.attempts > 0);
-                        self.queue.release(&id, attempted);
-                    }
-                }
-            }
-            Job::Delete(target) => {
-                for id in self.targets(&target, Queue::all_ids) {
-                    match self.spool.remove(self.name(), &id) {
-                        Ok(()) => {
-                            log::info!("{id} tenant={}: deleted by an administrator", self.name())
-                        }
-                        Err(e) => log::warn!("{id} tenant={}: cannot delete: {e}", self.name()),
-                    }
-                    self.queue.forget(&id);
-                }
+            Job::Hold(target) => drop(self.admin(Action::Hold, &target)),
+            Job::Release(target) => drop(self.admin(Action::Release, &target)),
+            Job::Delete(target) => drop(self.admin(Action::Delete, &target)),
+            Job::Admin(AdminJob {
+                action,
+                target,
+                done,
+            }) => {
+                let results = self.admin(action, &target);
+                // The caller may have given up waiting; the effect stands.
+                let _ = done.send(AdminReport { action, results });
             }
         }
+    }
+
+    /// Holds, releases or deletes; what became of each message.
+    fn admin(&mut self, action: Action, target: &Target) -> Vec<(MessageId, Applied)> {
+        let ids = match action {
+            Action::Hold => self.targets(target, Queue::waiting_ids),
+            Action::Release => self.targets(target, Queue::held_ids),
+            Action::Delete => self.targets(target, Queue::all_ids),
+        };
+        ids.into_iter()
+            .map(|id| {
+                let applied = match action {
+                    Action::Hold => self.hold(&id),
+                    Action::Release => self.release(&id),
+                    Action::Delete => self.delete(&id),
+                };
+                (id, applied)
+            })
+            .collect()
+    }
+
+    fn hold(&mut self, id: &MessageId) -> Applied {
+        if !self.queue.is_waiting(id) {
+            return self.not_waiting(id, self.queue.is_held(id));
+        }
+        match self.mark(id, &Record::Held) {
+            Ok(()) => {
+                self.queue.hold(id);
+                Applied::Done
+            }
+            Err(why) => Applied::Failed(why),
+        }
+    }
+
+    fn release(&mut self, id: &MessageId) -> Applied {
+        if !self.queue.is_held(id) {
+            return self.not_waiting(id, self.queue.is_waiting(id));
+        }
+        match self.mark(id, &Record::Released) {
+            Ok(()) => {
+                let attempted = self
+                    .spool
+                    .load_envelope(self.name(), id)
+                    .map_or(true, |env| env.attempts > 0);
+                self.queue.release(id, attempted);
+                Applied::Done
+            }
+            Err(why) => Applied::Failed(why),
+        }
+    }
+
+    /// Unchanged when the queue has it in the state asked for (or kept as
+    /// failed), else gone.
+    fn not_waiting(&self, id: &MessageId, already: bool) -> Applied {
+        if already || self.queue.knows(id) {
+            Applied::Unchanged
+        } else {
+            Applied::Gone
+        }
+    }
+
+    fn delete(&mut self, id: &MessageId) -> Applied {
+        let applied = match self.spool.remove(self.name(), id) {
+            Ok(()) => {
+                log::info!("{id} tenant={}: deleted by an administrator", self.name());
+                Applied::Done
+            }
+            Err(e) if e.is_not_found() => Applied::Gone,
+            Err(e) => {
+                log::warn!("{id} tenant={}: cannot delete: {e}", self.name());
+                Applied::Failed(e.to_string())
+            }
+        };
+        self.queue.forget(id);
+        applied
     }
 
     fn targets(&self, target: &Target, all: impl Fn(&Queue) -> Vec<MessageId>) -> Vec<MessageId> {
@@ -202,15 +262,12 @@ impl Ledger {
         }
     }
 
-    /// Appends an admin's record durably; false (logged) if it cannot.
-    fn mark(&self, id: &MessageId, record: &Record) -> bool {
-        match self.spool.append(self.name(), id, record) {
-            Ok(()) => true,
-            Err(e) => {
-                log::error!("{id} tenant={}: cannot record {record:?}: {e}", self.name());
-                false
-            }
-        }
+    /// Appends an admin's record durably; Err (logged): why it cannot.
+    fn mark(&self, id: &MessageId, record: &Record) -> Result<(), String> {
+        self.spool.append(self.name(), id, record).map_err(|e| {
+            log::error!("{id} tenant={}: cannot record {record:?}: {e}", self.name());
+            e.to_string()
+        })
     }
 
     /// Rebuilds the queue from the tenant's spool folder.

@@ -8,6 +8,7 @@
 //! decides what every failure means. A worker that panics is restarted from
 //! the spool.
 
+mod admin;
 mod delivery;
 mod ledger;
 mod pacing;
@@ -21,6 +22,10 @@ mod tests;
 mod tokens;
 mod worker;
 
+// The control side's half of reported admin commands (issue 14 item 18)
+// uses these; until it lands only the tenant's tests do.
+#[allow(unused_imports)]
+pub use admin::{Action, AdminJob, AdminReport, Applied};
 pub use set::TenantSet;
 pub use settings::client_settings;
 pub use tokens::Tokens;
@@ -62,6 +67,9 @@ pub enum Job {
     Hold(Target),
     Release(Target),
     Delete(Target),
+    /// Hold, release or delete, reported back once durable (admin.rs).
+    #[allow(dead_code)] // sent by the control side once its half lands
+    Admin(AdminJob),
 }
 
 /// What an admin command acts on.
@@ -94,6 +102,11 @@ pub struct TenantStatus {
     pub bounced: u64,
     pub last_success: Option<String>,
     pub last_error: Option<String>,
+    /// The message being sent right now: a hold or delete of it applies
+    /// only once this attempt ends, and the control side can say so. Not
+    /// part of the status JSON.
+    #[serde(skip)]
+    pub sending: Option<MessageId>,
 }
 
 pub struct TenantHandle {

@@ -3,6 +3,7 @@
 //! backoff, expiry, pacing and every failure scope are checked without a
 //! network or waiting.
 
+use super::admin::{Action, AdminJob, AdminReport, Applied};
 use super::delivery::{Delivery, OpenError, Opened};
 use super::ledger::Ledger;
 use super::pacing::Backoff;
@@ -46,9 +47,12 @@ struct Script {
     opens: VecDeque<Result<(), OpenError>>,
     sends: VecDeque<Result<Vec<Reply>, SessionError>>,
     events: Vec<Event>,
+    /// What `status` said was being sent, seen during each transaction.
+    sending_seen: Vec<Option<MessageId>>,
 }
 
-struct FakeDelivery(Rc<RefCell<Script>>);
+/// The fake relay, and the worker's published status it looks at mid-transaction.
+struct FakeDelivery(Rc<RefCell<Script>>, Arc<Mutex<TenantStatus>>);
 
 impl Delivery for FakeDelivery {
     fn open(&mut self) -> Result<Opened, OpenError> {
@@ -67,7 +71,9 @@ impl Delivery for FakeDelivery {
         let mut content = Vec::new();
         body.read_to_end(&mut content).unwrap();
         assert!(!content.is_empty(), "the message body reaches the delivery");
+        let sending = self.1.lock().unwrap().sending.clone();
         let mut script = self.0.borrow_mut();
+        script.sending_seen.push(sending);
         script.events.push(Event::Send {
             from: message.mail_from.to_string(),
             to: message.recipients.to_vec(),
@@ -289,7 +295,8 @@ fn worker(
         stop: Arc::new(AtomicBool::new(false)),
         status: Arc::clone(status),
     };
-    let worker = TenantWorker::new(ledger, FakeDelivery(Rc::clone(script)), shared);
+    let delivery = FakeDelivery(Rc::clone(script), Arc::clone(status));
+    let worker = TenantWorker::new(ledger, delivery, shared);
     (jobs, worker)
 }
 
@@ -825,4 +832,66 @@ fn status_counts_a_bounced_message_as_failed_neither_once_its_bounce_is_queued_n
         (0, 0, 0),
         "{status:?}"
     );
+}
+
+/// Sends a reported admin command and runs the worker until it answers.
+fn admin(h: &mut Harness, action: Action, target: Target) -> AdminReport {
+    let (done, report) = unbounded();
+    h.jobs
+        .send(Job::Admin(AdminJob {
+            action,
+            target,
+            done,
+        }))
+        .unwrap();
+    h.step();
+    report.try_recv().expect("answered by this pass")
+}
+
+#[test]
+fn a_reported_hold_answers_once_the_hold_is_on_disk_and_says_what_became_of_each() {
+    let mut h = Harness::new(Options::default());
+    let id = h.submit("pbx@acme.test", &["a@x.test"]);
+    let report = admin(&mut h, Action::Hold, Target::Ids(vec![id.clone()]));
+    assert_eq!(report.results, [(id.clone(), Applied::Done)]);
+    // Answered after the record is durable: a new worker (a restart after
+    // kill -9) finds the message held and sends nothing.
+    assert!(h.envelope(&id).unwrap().held);
+    h.restart();
+    h.step();
+    assert!(h.sent_to().is_empty());
+    assert_eq!(h.status().held, 1);
+    let again = admin(&mut h, Action::Hold, Target::Ids(vec![id.clone()]));
+    assert_eq!(again.results, [(id.clone(), Applied::Unchanged)]);
+    let released = admin(&mut h, Action::Release, Target::All);
+    assert_eq!(released.results, [(id.clone(), Applied::Done)]);
+    assert_eq!(h.sent_to(), [strings(&["a@x.test"])], "released and sent");
+    // Delivered meanwhile: a hold or delete of it finds it gone.
+    let late = admin(&mut h, Action::Hold, Target::Ids(vec![id.clone()]));
+    assert_eq!(late.results, [(id.clone(), Applied::Gone)]);
+    let late = admin(&mut h, Action::Delete, Target::Ids(vec![id.clone()]));
+    assert_eq!(late.results, [(id, Applied::Gone)]);
+}
+
+#[test]
+fn a_reported_delete_answers_once_the_entry_is_removed() {
+    let mut h = Harness::new(Options::default());
+    let id = h.submit("pbx@acme.test", &["a@x.test"]);
+    h.jobs.send(Job::Hold(Target::All)).unwrap();
+    h.step();
+    let report = admin(&mut h, Action::Delete, Target::All);
+    assert_eq!(report.action, Action::Delete);
+    assert_eq!(report.results, [(id.clone(), Applied::Done)]);
+    assert!(h.envelope(&id).is_none());
+    assert!(h.others(&[]).is_empty());
+    assert_eq!(h.status().held, 0);
+}
+
+#[test]
+fn status_names_the_message_being_sent_while_its_transaction_runs() {
+    let mut h = Harness::new(Options::default());
+    let id = h.submit("pbx@acme.test", &["a@x.test"]);
+    h.step();
+    assert_eq!(h.script.borrow().sending_seen, [Some(id)]);
+    assert_eq!(h.status().sending, None, "nothing is being sent now");
 }
