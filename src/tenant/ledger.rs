@@ -5,11 +5,12 @@
 //! settled (settle.rs: removed, archived, bounced or kept failed). It judges
 //! nothing itself: outcomes come from the judge (outcome.rs).
 
-use super::admin::{Action, AdminJob, AdminReport, Applied};
+use super::admin::{Action, Admin, AdminJob, AdminReport};
+use super::delivery_log::DeliveryLine;
 use super::queue::Queue;
 use super::settings::{Pacing, Policy};
 use super::settle::Settle;
-use super::{Job, Target, TenantState, TenantStatus};
+use super::{Job, TenantState, TenantStatus};
 use crate::base::clock::Clock;
 use crate::config::TenantName;
 use crate::outcome::Outcome;
@@ -26,39 +27,6 @@ pub type RcptOutcome = (usize, String, Outcome);
 pub enum Announce {
     Each,
     Repeat,
-}
-
-/// One recipient's line in the delivery log (Postfix's shape):
-/// `ID tenant=T to=<A> relay=R delay=1.5s status=deferred (why)`, and a
-/// retry that may duplicate the message says so inside the parentheses.
-pub struct DeliveryLine<'a> {
-    pub id: &'a MessageId,
-    pub tenant: &'a str,
-    pub address: &'a str,
-    pub relay: &'a str,
-    /// Since the message was queued.
-    pub delay_ms: u64,
-    pub outcome: &'a Outcome,
-}
-
-impl std::fmt::Display for DeliveryLine<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let delay = self.delay_ms as f64 / 1000.0;
-        write!(
-            f,
-            "{} tenant={} to=<{}> relay={} delay={delay:.1}s status={} ({}",
-            self.id,
-            self.tenant,
-            self.address,
-            self.relay,
-            self.outcome.status(),
-            self.outcome.reason()
-        )?;
-        if let Some(warning) = self.outcome.warning() {
-            write!(f, "; {warning}")?;
-        }
-        f.write_str(")")
-    }
 }
 
 pub struct Ledger {
@@ -165,109 +133,27 @@ impl Ledger {
         match job {
             Job::Queued(id) => self.queue.note_queued(&id),
             Job::Flush => self.queue.flush(),
-            Job::Hold(target) => drop(self.admin(Action::Hold, &target)),
-            Job::Release(target) => drop(self.admin(Action::Release, &target)),
-            Job::Delete(target) => drop(self.admin(Action::Delete, &target)),
+            Job::Hold(target) => drop(self.admin().apply(Action::Hold, &target)),
+            Job::Release(target) => drop(self.admin().apply(Action::Release, &target)),
+            Job::Delete(target) => drop(self.admin().apply(Action::Delete, &target)),
             Job::Admin(AdminJob {
                 action,
                 target,
                 done,
             }) => {
-                let results = self.admin(action, &target);
+                let results = self.admin().apply(action, &target);
                 // The caller may have given up waiting; the effect stands.
                 let _ = done.send(AdminReport { action, results });
             }
         }
     }
 
-    /// Holds, releases or deletes; what became of each message.
-    fn admin(&mut self, action: Action, target: &Target) -> Vec<(MessageId, Applied)> {
-        let ids = match action {
-            Action::Hold => self.targets(target, Queue::waiting_ids),
-            Action::Release => self.targets(target, Queue::held_ids),
-            Action::Delete => self.targets(target, Queue::all_ids),
-        };
-        ids.into_iter()
-            .map(|id| {
-                let applied = match action {
-                    Action::Hold => self.hold(&id),
-                    Action::Release => self.release(&id),
-                    Action::Delete => self.delete(&id),
-                };
-                (id, applied)
-            })
-            .collect()
-    }
-
-    fn hold(&mut self, id: &MessageId) -> Applied {
-        if !self.queue.is_waiting(id) {
-            return self.not_waiting(id, self.queue.is_held(id));
+    fn admin(&mut self) -> Admin<'_> {
+        Admin {
+            name: self.name.as_str(),
+            spool: &self.spool,
+            queue: &mut self.queue,
         }
-        match self.mark(id, &Record::Held) {
-            Ok(()) => {
-                self.queue.hold(id);
-                Applied::Done
-            }
-            Err(why) => Applied::Failed(why),
-        }
-    }
-
-    fn release(&mut self, id: &MessageId) -> Applied {
-        if !self.queue.is_held(id) {
-            return self.not_waiting(id, self.queue.is_waiting(id));
-        }
-        match self.mark(id, &Record::Released) {
-            Ok(()) => {
-                let attempted = self
-                    .spool
-                    .load_envelope(self.name(), id)
-                    .map_or(true, |env| env.attempts > 0);
-                self.queue.release(id, attempted);
-                Applied::Done
-            }
-            Err(why) => Applied::Failed(why),
-        }
-    }
-
-    /// Unchanged when the queue has it in the state asked for (or kept as
-    /// failed), else gone.
-    fn not_waiting(&self, id: &MessageId, already: bool) -> Applied {
-        if already || self.queue.knows(id) {
-            Applied::Unchanged
-        } else {
-            Applied::Gone
-        }
-    }
-
-    fn delete(&mut self, id: &MessageId) -> Applied {
-        let applied = match self.spool.remove(self.name(), id) {
-            Ok(()) => {
-                log::info!("{id} tenant={}: deleted by an administrator", self.name());
-                Applied::Done
-            }
-            Err(e) if e.is_not_found() => Applied::Gone,
-            Err(e) => {
-                log::warn!("{id} tenant={}: cannot delete: {e}", self.name());
-                Applied::Failed(e.to_string())
-            }
-        };
-        self.queue.forget(id);
-        applied
-    }
-
-    fn targets(&self, target: &Target, all: impl Fn(&Queue) -> Vec<MessageId>) -> Vec<MessageId> {
-        match target {
-            Target::All => all(&self.queue),
-            Target::Ids(ids) => ids.clone(),
-        }
-    }
-
-    /// Appends an admin's record durably; Err (logged): why it cannot.
-    fn mark(&self, id: &MessageId, record: &Record) -> Result<(), String> {
-        self.spool.append(self.name(), id, record).map_err(|e| {
-            log::error!("{id} tenant={}: cannot record {record:?}: {e}", self.name());
-            e.to_string()
-        })
     }
 
     /// Rebuilds the queue from the tenant's spool folder.
@@ -525,42 +411,5 @@ impl Ledger {
         }
         self.unrecorded.remove(id);
         true
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::outcome;
-    use crate::smtp::{Phase, SessionError};
-
-    fn line(outcome: &Outcome) -> String {
-        let id = MessageId::parse("0000ABCD").unwrap();
-        DeliveryLine {
-            id: &id,
-            tenant: "acme",
-            address: "a@x.test",
-            relay: "relay.test[127.0.0.1]:25",
-            delay_ms: 1_500,
-            outcome,
-        }
-        .to_string()
-    }
-
-    #[test]
-    fn the_delivery_log_says_a_retry_after_the_final_dot_may_duplicate_the_message() {
-        let lost = outcome::of_session_error(&SessionError::Timeout(Phase::DataEnd)).outcome;
-        assert_eq!(
-            line(&lost),
-            "0000ABCD tenant=acme to=<a@x.test> relay=relay.test[127.0.0.1]:25 delay=1.5s \
-             status=deferred (timed out waiting for the relay (end of data); \
-             the message may be delivered more than once)"
-        );
-        let before_the_dot = outcome::of_session_error(&SessionError::Timeout(Phase::Body)).outcome;
-        assert_eq!(
-            line(&before_the_dot),
-            "0000ABCD tenant=acme to=<a@x.test> relay=relay.test[127.0.0.1]:25 delay=1.5s \
-             status=deferred (timed out waiting for the relay (message body))"
-        );
     }
 }

@@ -2,14 +2,17 @@
 //! it never blocks on the tenant, and builds nothing from disk for it: the
 //! tenant's thread builds its own settings (settings.rs). On that thread the
 //! worker (worker.rs) drives the pure queue (queue.rs, kept in step with the
-//! spool by ledger.rs) and a `Delivery` (delivery.rs; SMTP in
-//! smtp_delivery.rs) with the tenant's own timeouts and pacing (pacing.rs),
+//! spool by ledger.rs, which settles finished mail in settle.rs, applies
+//! admin commands in admin.rs and logs results in delivery_log.rs) and a
+//! `Delivery` (delivery.rs; SMTP in smtp_delivery.rs, OAuth tokens in
+//! tokens.rs) with the tenant's own timeouts and pacing (pacing.rs),
 //! so a slow or dead relay stalls only this thread. The judge (outcome.rs)
 //! decides what every failure means. A worker that panics is restarted from
 //! the spool.
 
 mod admin;
 mod delivery;
+mod delivery_log;
 mod ledger;
 mod pacing;
 mod queue;
