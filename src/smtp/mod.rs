@@ -129,8 +129,8 @@ impl fmt::Display for SessionError {
             SessionError::Tls(e) => write!(f, "{e}"),
             SessionError::NoUsableAuth { wanted, offered } if offered.is_empty() => write!(
                 f,
-                "the relay offers no AUTH (none in its EHLO reply) and this tenant has a login \
-                 ({wanted}); nothing was sent without it"
+                "the relay offers no AUTH in its EHLO reply, but this tenant has a login to use \
+                 (by {wanted}); nothing was sent without it"
             ),
             SessionError::NoUsableAuth { wanted, offered } => write!(
                 f,

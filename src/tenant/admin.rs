@@ -78,7 +78,7 @@ impl Admin<'_> {
 
     fn hold(&mut self, id: &MessageId) -> Applied {
         if !self.queue.is_waiting(id) {
-            return self.not_waiting(id, self.queue.is_held(id));
+            return self.unchanged_or_gone(id, self.queue.is_held(id));
         }
         match self.mark(id, &Record::Held) {
             Ok(()) => {
@@ -91,7 +91,7 @@ impl Admin<'_> {
 
     fn release(&mut self, id: &MessageId) -> Applied {
         if !self.queue.is_held(id) {
-            return self.not_waiting(id, self.queue.is_waiting(id));
+            return self.unchanged_or_gone(id, self.queue.is_waiting(id));
         }
         match self.mark(id, &Record::Released) {
             Ok(()) => {
@@ -108,7 +108,7 @@ impl Admin<'_> {
 
     /// Unchanged when the queue has it in the state asked for (or kept as
     /// failed), else gone.
-    fn not_waiting(&self, id: &MessageId, already: bool) -> Applied {
+    fn unchanged_or_gone(&self, id: &MessageId, already: bool) -> Applied {
         if already || self.queue.knows(id) {
             Applied::Unchanged
         } else {
