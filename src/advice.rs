@@ -4,9 +4,7 @@
 //! relay we talked to and the way the tenant signs in.
 
 use crate::config::AuthMode;
-use crate::outcome::{self, Advice, Verdict};
-use crate::smtp::reply::Reply;
-use crate::smtp::SessionError;
+use crate::outcome::{Advice, Verdict};
 
 /// What the advice depends on besides the reply: whom we talked to, and how
 /// we signed in (a password refusal and a token refusal need different steps).
@@ -19,16 +17,6 @@ pub struct Tenant<'a> {
 /// The advice a verdict carries, worded for this tenant.
 pub fn for_verdict(verdict: &Verdict, tenant: Tenant) -> Option<String> {
     verdict.advice.map(|advice| text(advice, tenant))
-}
-
-/// Advice for a reply from the relay, if we know one (the judge's key, worded).
-pub fn for_reply(reply: &Reply, tenant: Tenant) -> Option<String> {
-    for_verdict(&outcome::of_reply(reply), tenant)
-}
-
-/// Advice for a failure before any reply could decide.
-pub fn for_error(error: &SessionError, tenant: Tenant) -> Option<String> {
-    for_verdict(&outcome::of_session_error(error), tenant)
 }
 
 /// The words for one advice key.
@@ -105,6 +93,16 @@ pub fn text(advice: Advice, tenant: Tenant) -> String {
             "the relay does not offer STARTTLS on this port: use its submission port (587), or \
              tls = implicit on port 465"
         }
+        Advice::NoUsableAuth if oauth => {
+            "the relay does not offer XOAUTH2 or OAUTHBEARER here: check that relay is the \
+             provider's submission server (Microsoft 365: smtp.office365.com:587, Gmail: \
+             smtp.gmail.com:587) and that tls is on (many relays offer AUTH only inside TLS)"
+        }
+        Advice::NoUsableAuth => {
+            "the relay offers no PLAIN or LOGIN here: many relays offer AUTH only inside TLS \
+             (tls = starttls, or implicit on port 465) or only on their submission port (587); \
+             if this relay takes mail without a login, set auth = none"
+        }
         Advice::Certificate => {
             "put the CA that signed the relay's certificate in ca_file (PEM), or fix the name in \
              relay; tls_verify = no is the insecure last resort"
@@ -120,7 +118,14 @@ pub fn text(advice: Advice, tenant: Tenant) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::smtp::reply::ReplyCode;
+    use crate::outcome;
+    use crate::smtp::reply::{Reply, ReplyCode};
+    use crate::smtp::SessionError;
+
+    /// The advice `pbxmail test` shows for a reply: the judge's key, worded.
+    fn for_reply(reply: &Reply, tenant: Tenant) -> Option<String> {
+        for_verdict(&outcome::of_reply(reply), tenant)
+    }
 
     fn with_password(relay_host: &str) -> Tenant<'_> {
         Tenant {
@@ -203,6 +208,19 @@ mod tests {
             assert!(advice.contains(expected), "{reply}: {advice}");
         }
         assert!(for_reply(&reply(250, "ok"), with_password("x")).is_none());
+    }
+
+    #[test]
+    fn a_login_without_a_usable_mechanism_is_told_where_auth_is_offered() {
+        let verdict = outcome::of_session_error(&SessionError::NoUsableAuth {
+            wanted: "PLAIN or LOGIN",
+            offered: Vec::new(),
+        });
+        let advice = for_verdict(&verdict, with_password("mail.example")).unwrap_or_default();
+        assert!(advice.contains("tls = starttls"), "{advice}");
+        assert!(advice.contains("auth = none"), "{advice}");
+        let advice = for_verdict(&verdict, with_oauth("smtp.office365.com")).unwrap_or_default();
+        assert!(advice.contains("XOAUTH2"), "{advice}");
     }
 
     #[test]

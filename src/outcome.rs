@@ -22,9 +22,20 @@ pub enum RetryScope {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    Delivered { reply: String },
-    Retry { scope: RetryScope, reason: String },
-    Bounce { reason: String },
+    Delivered {
+        reply: String,
+    },
+    Retry {
+        scope: RetryScope,
+        reason: String,
+        /// The relay had the whole message (our final dot, or BDAT LAST)
+        /// when the session ended without its reply: it may have taken it,
+        /// so this retry may deliver it twice (RFC 5321 §6.1).
+        unconfirmed: bool,
+    },
+    Bounce {
+        reason: String,
+    },
 }
 
 impl Outcome {
@@ -34,6 +45,17 @@ impl Outcome {
             Outcome::Delivered { .. } => "sent",
             Outcome::Retry { .. } => "deferred",
             Outcome::Bounce { .. } => "bounced",
+        }
+    }
+
+    /// What the delivery log adds to the line: a retry that may duplicate
+    /// the message says so, as Postfix does.
+    pub fn warning(&self) -> Option<&'static str> {
+        match self {
+            Outcome::Retry {
+                unconfirmed: true, ..
+            } => Some("the message may be delivered more than once"),
+            _ => None,
         }
     }
 
@@ -119,6 +141,8 @@ pub enum Advice {
     Silent,
     /// The relay does not offer STARTTLS.
     NoStartTls,
+    /// A login is configured but the relay offers no mechanism we can use for it.
+    NoUsableAuth,
     /// The relay's certificate is not trusted.
     Certificate,
     /// The TLS handshake failed.
@@ -170,6 +194,7 @@ fn outcome_of_reply(reply: &Reply) -> Outcome {
             reason: format!(
                 "{text} (the relay wants a working login: check username, password and auth)"
             ),
+            unconfirmed: false,
         }
     } else if is_sending_quota(reply) {
         // The mailbox sent too much today: every message waits, none is
@@ -180,6 +205,7 @@ fn outcome_of_reply(reply: &Reply) -> Outcome {
                 "{text} (the mailbox's sending quota is used up: mail waits until the provider \
                  lets it send again; a rate_limit below the quota avoids this)"
             ),
+            unconfirmed: false,
         }
     } else if reply.code.is_permanent() {
         Outcome::Bounce { reason: text }
@@ -189,6 +215,7 @@ fn outcome_of_reply(reply: &Reply) -> Outcome {
         Outcome::Retry {
             scope: RetryScope::Recipient,
             reason: text,
+            unconfirmed: false,
         }
     }
 }
@@ -263,6 +290,9 @@ pub fn of_session_error(error: &SessionError) -> Verdict {
         SessionError::Rejected(phase, _) => phase_scope(*phase),
         SessionError::Connect { .. }
         | SessionError::StartTlsNotOffered
+        // The login cannot be used with this relay: no mail of the tenant's
+        // goes without it, so all of it waits (it never bounces over this).
+        | SessionError::NoUsableAuth { .. }
         | SessionError::Tls(_)
         | SessionError::Config(_) => RetryScope::Tenant,
     };
@@ -270,9 +300,23 @@ pub fn of_session_error(error: &SessionError) -> Verdict {
         outcome: Outcome::Retry {
             scope,
             reason: error.to_string(),
+            unconfirmed: unconfirmed(error),
         },
         advice: advice_for_error(error),
     }
+}
+
+/// The session ended while we waited for the reply to the end of the
+/// message: the relay had all of it and may have accepted it. Retrying is
+/// still right (RFC 5321 §6.1: a message must not be lost), but the copy it
+/// sends may be a second one. A reply there, even 421, is an answer.
+fn unconfirmed(error: &SessionError) -> bool {
+    matches!(
+        error,
+        SessionError::Timeout(Phase::DataEnd)
+            | SessionError::Io(Phase::DataEnd, _)
+            | SessionError::Protocol(Phase::DataEnd, _)
+    )
 }
 
 /// A session that could not be opened. Whatever the phase, the relay (or
@@ -281,6 +325,7 @@ pub fn of_failed_open(error: &SessionError) -> Outcome {
     Outcome::Retry {
         scope: RetryScope::Tenant,
         reason: error.to_string(),
+        unconfirmed: false,
     }
 }
 
@@ -290,6 +335,7 @@ pub fn of_unavailable_session(reason: &str) -> Outcome {
     Outcome::Retry {
         scope: RetryScope::Tenant,
         reason: reason.to_string(),
+        unconfirmed: false,
     }
 }
 
@@ -304,6 +350,7 @@ fn advice_for_error(error: &SessionError) -> Option<Advice> {
         SessionError::Connect { .. } => Some(Advice::Unreachable),
         SessionError::Timeout(_) => Some(Advice::Silent),
         SessionError::StartTlsNotOffered => Some(Advice::NoStartTls),
+        SessionError::NoUsableAuth { .. } => Some(Advice::NoUsableAuth),
         SessionError::Tls(TlsError::Certificate(_)) => Some(Advice::Certificate),
         SessionError::Tls(TlsError::Handshake(_)) => Some(Advice::Handshake),
         SessionError::Rejected(_, reply) => advice_for_reply(reply),
@@ -423,6 +470,66 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn a_session_lost_after_the_final_dot_retries_and_warns_of_a_duplicate() {
+        let closed = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
+        for lost in [
+            SessionError::Timeout(Phase::DataEnd),
+            SessionError::Protocol(Phase::DataEnd, "connection closed by the relay".into()),
+            SessionError::Io(Phase::DataEnd, closed),
+        ] {
+            let outcome = of_session_error(&lost).outcome;
+            assert!(
+                matches!(
+                    outcome,
+                    Outcome::Retry {
+                        scope: RetryScope::Message,
+                        unconfirmed: true,
+                        ..
+                    }
+                ),
+                "{lost}"
+            );
+            assert_eq!(
+                outcome.warning(),
+                Some("the message may be delivered more than once")
+            );
+        }
+        // Before the end of the message, or answered at its end: no warning.
+        for answered in [
+            SessionError::Timeout(Phase::Body),
+            SessionError::Timeout(Phase::Data),
+            SessionError::Rejected(Phase::DataEnd, reply(421)),
+        ] {
+            assert_eq!(
+                of_session_error(&answered).outcome.warning(),
+                None,
+                "{answered}"
+            );
+        }
+        assert_eq!(of_reply(&reply(451)).outcome.warning(), None);
+    }
+
+    #[test]
+    fn a_login_the_relay_offers_no_mechanism_for_defers_the_tenant_with_advice() {
+        let error = SessionError::NoUsableAuth {
+            wanted: "PLAIN or LOGIN",
+            offered: vec!["CRAM-MD5".into()],
+        };
+        let verdict = of_session_error(&error);
+        assert!(verdict.outcome.refuses_tenant());
+        assert_eq!(verdict.advice, Some(Advice::NoUsableAuth));
+        assert!(
+            verdict
+                .outcome
+                .reason()
+                .contains("offers AUTH CRAM-MD5 but not PLAIN or LOGIN"),
+            "{}",
+            verdict.outcome.reason()
+        );
+        assert!(!forgets_token(&error));
     }
 
     #[test]

@@ -1,11 +1,13 @@
 //! `pbxmail test --tenant T --to ADDR [--from ADDR]`: one live SMTP session to
 //! the tenant's relay with the tenant's own settings, printing the transcript
-//! (credentials redacted) and, when it fails, what to do about it.
+//! (credentials redacted) and, when it fails, what to do about it: the
+//! judge's verdict (outcome.rs), worded by advice.rs.
 //! Exit 0 only when the relay accepted the test message (250 to its data).
 
 use super::{load_config, take_config_flag, Exit};
 use crate::address;
 use crate::advice;
+use crate::outcome;
 use crate::smtp::client;
 use crate::smtp::session::{Outgoing, Trace};
 use crate::{spool, time, tls};
@@ -75,16 +77,9 @@ pub fn run(args: &[String]) -> Exit {
         };
     if tenant.auth == crate::config::AuthMode::XOAuth2 {
         println!("-- fetching an OAuth access token");
-        let token = crate::oauth::Endpoints::for_tenant(tenant).and_then(|endpoints| {
-            let agent = crate::oauth::http_agent(tenant.ca_file.as_deref())?;
-            crate::oauth::TokenSource::new(endpoints, agent).access_token()
-        });
-        match token {
+        match crate::tenant::Tokens::for_tenant(tenant).access_token() {
             Ok(token) => settings.bearer = Some(token),
-            Err(e) => {
-                let why = e.to_string().replace("TENANT", tenant.name.as_str());
-                return failed(&why, None);
-            }
+            Err(e) => return failed(&e.why, None),
         }
     }
     // The sender the relay will see: what the tenant's mail would carry.
@@ -103,10 +98,11 @@ pub fn run(args: &[String]) -> Exit {
     let mut connected = match client::open_traced(&settings, Some(trace)) {
         Ok(connected) => connected,
         Err(failure) => {
+            let verdict = outcome::of_session_error(&failure.error);
             return failed(
                 &failure.error.to_string(),
-                advice::for_error(&failure.error, advice_for),
-            )
+                advice::for_verdict(&verdict, advice_for),
+            );
         }
     };
     let message = test_message(
@@ -138,11 +134,17 @@ pub fn run(args: &[String]) -> Exit {
                     );
                     Exit::Ok
                 }
-                Some(reply) => failed(&reply.summary(), advice::for_reply(reply, advice_for)),
+                Some(reply) => failed(
+                    &reply.summary(),
+                    advice::for_verdict(&outcome::of_reply(reply), advice_for),
+                ),
                 None => failed("no reply for the recipient", None),
             }
         }
-        Err(e) => failed(&e.to_string(), advice::for_error(&e, advice_for)),
+        Err(e) => failed(
+            &e.to_string(),
+            advice::for_verdict(&outcome::of_session_error(&e), advice_for),
+        ),
     }
 }
 

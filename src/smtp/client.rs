@@ -5,6 +5,7 @@
 
 use super::session::{AuthMechanism, BearerMechanism, Session, Timeouts, Trace};
 use super::{Phase, SessionError};
+use crate::base::stream::Transport;
 use crate::config::{AuthMode, Relay, Secret, TlsMode};
 use crate::tls::{self, Stream};
 use rustls::{ClientConfig, ClientConnection, StreamOwned};
@@ -115,8 +116,11 @@ fn start(
     }
 
     if let Err(e) = authenticate(&mut session, settings) {
-        // The relay is still listening after a refused login: part politely.
-        if matches!(e, SessionError::Rejected(..)) {
+        // The relay is still listening after a refused or unusable login: part politely.
+        if matches!(
+            e,
+            SessionError::Rejected(..) | SessionError::NoUsableAuth { .. }
+        ) {
             session.quit();
         }
         return Err(e);
@@ -222,8 +226,12 @@ fn describe(failures: &[(SocketAddr, String)]) -> String {
         .join("; ")
 }
 
-fn authenticate(
-    session: &mut Session<Stream>,
+/// Signs in when the tenant has a login. A login that cannot be used with
+/// this relay (no mechanism of ours offered) is an error, never a reason to
+/// send without it: the relay could take the mail as an unknown sender's,
+/// or the admin would never learn the login is unused (msmtp refuses too).
+fn authenticate<S: Transport>(
+    session: &mut Session<S>,
     settings: &ClientSettings,
 ) -> Result<(), SessionError> {
     if settings.auth == AuthMode::None || settings.username.is_none() {
@@ -239,6 +247,10 @@ fn authenticate(
     }
     let username = settings.username.as_deref().unwrap_or_default();
     let offers = |m: &str| session.caps.auth.iter().any(|a| a == m);
+    let no_usable = |wanted| SessionError::NoUsableAuth {
+        wanted,
+        offered: session.caps.auth.clone(),
+    };
     if settings.auth == AuthMode::XOAuth2 {
         let Some(token) = &settings.bearer else {
             return Err(SessionError::Config(
@@ -248,27 +260,27 @@ fn authenticate(
         // OAUTHBEARER is the standard (RFC 7628); XOAUTH2 is what most providers offer.
         let mechanism = if offers("OAUTHBEARER") {
             BearerMechanism::OAuthBearer
-        } else {
+        } else if offers("XOAUTH2") {
             BearerMechanism::XOAuth2
+        } else {
+            return Err(no_usable("XOAUTH2 or OAUTHBEARER"));
         };
         let relay = &settings.relay;
         return session.authenticate_bearer(mechanism, username, token, &relay.host, relay.port);
     }
     let Some(password) = &settings.password else {
-        return Ok(());
+        return Err(SessionError::Config(format!(
+            "username {username} is set but no password: nothing was sent without the login"
+        )));
     };
+    // auth = plain or login is the admin's explicit choice, tried even where
+    // not advertised (the relay's refusal then says why); auto picks from the offer.
     let mechanism = match settings.auth {
         AuthMode::Plain => AuthMechanism::Plain,
         AuthMode::Login => AuthMechanism::Login,
         _ if offers("PLAIN") => AuthMechanism::Plain,
         _ if offers("LOGIN") => AuthMechanism::Login,
-        _ => {
-            log::debug!(
-                "relay {} offers no PLAIN or LOGIN; sending without AUTH",
-                settings.relay
-            );
-            return Ok(());
-        }
+        _ => return Err(no_usable("PLAIN or LOGIN")),
     };
     session.authenticate(mechanism, username, password)
 }
@@ -276,6 +288,7 @@ fn authenticate(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::smtp::script;
     use std::net::{Ipv4Addr, TcpListener};
 
     fn relay(port: u16) -> Relay {
@@ -321,6 +334,89 @@ mod tests {
             }
         }
         panic!("the listen queue of {addr} never filled");
+    }
+
+    fn with_login(auth: AuthMode) -> ClientSettings {
+        let roots = Arc::new(rustls::RootCertStore::empty());
+        ClientSettings {
+            hostname: "pbx.test".into(),
+            relay: relay(587),
+            tls_mode: TlsMode::StartTls,
+            tls: tls::client_config(false, None, &roots).expect("TLS config"),
+            auth,
+            username: Some("pbx@acme.test".into()),
+            password: Some(Secret::new("s3cret".into())),
+            allow_plaintext_auth: false,
+            timeouts: Timeouts {
+                connect: Duration::from_secs(1),
+                command: Duration::from_secs(1),
+                data: Duration::from_secs(1),
+            },
+            bearer: Some(Secret::new("token".into())),
+        }
+    }
+
+    /// A session past its EHLO, the relay having answered `ehlo`, then `rest`.
+    fn greeted(ehlo: &str, rest: &[&str]) -> Session<script::Script> {
+        let mut replies = vec!["220 relay.test ESMTP\r\n", ehlo];
+        replies.extend_from_slice(rest);
+        let mut session = script::session(&replies);
+        session.greeting().expect("greeting");
+        session.hello("pbx.test").expect("EHLO");
+        session
+    }
+
+    #[test]
+    fn a_configured_login_is_never_dropped_when_the_relay_offers_no_usable_mechanism() {
+        let cases: [(&str, AuthMode, &str, &[&str]); 3] = [
+            (
+                "250-relay.test\r\n250 SIZE 1000\r\n",
+                AuthMode::Auto,
+                "PLAIN or LOGIN",
+                &[],
+            ),
+            (
+                "250-relay.test\r\n250 AUTH CRAM-MD5 DIGEST-MD5\r\n",
+                AuthMode::Auto,
+                "PLAIN or LOGIN",
+                &["CRAM-MD5", "DIGEST-MD5"],
+            ),
+            (
+                "250-relay.test\r\n250 AUTH PLAIN LOGIN\r\n",
+                AuthMode::XOAuth2,
+                "XOAUTH2 or OAUTHBEARER",
+                &["PLAIN", "LOGIN"],
+            ),
+        ];
+        for (ehlo, auth, wanted, offered) in cases {
+            let mut session = greeted(ehlo, &["250 2.0.0 ok\r\n"]);
+            let error = authenticate(&mut session, &with_login(auth)).expect_err(ehlo);
+            let SessionError::NoUsableAuth {
+                wanted: said,
+                offered: seen,
+            } = &error
+            else {
+                panic!("{ehlo}: {error:?}");
+            };
+            assert_eq!(*said, wanted, "{ehlo}");
+            assert_eq!(seen, offered, "{ehlo}");
+            // Nothing went out after EHLO: no AUTH, and no MAIL without it.
+            assert_eq!(script::written(session), "EHLO pbx.test\r\n", "{ehlo}");
+        }
+    }
+
+    #[test]
+    fn auto_signs_in_with_login_when_the_relay_offers_it_beside_cram_md5() {
+        let mut session = greeted(
+            "250-relay.test\r\n250 AUTH CRAM-MD5 LOGIN\r\n",
+            &[
+                "334 VXNlcm5hbWU6\r\n",
+                "334 UGFzc3dvcmQ6\r\n",
+                "235 2.7.0 ok\r\n",
+            ],
+        );
+        authenticate(&mut session, &with_login(AuthMode::Auto)).expect("signed in");
+        assert!(script::written(session).contains("AUTH LOGIN"));
     }
 
     #[test]

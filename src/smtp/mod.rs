@@ -74,6 +74,13 @@ pub enum SessionError {
     /// `tls = starttls` and the relay does not offer it: nothing is sent in plaintext.
     StartTlsNotOffered,
     Tls(TlsError),
+    /// A login is configured but the relay (in its last EHLO reply) offers
+    /// none of the mechanisms we could use for it (`wanted`); nothing is
+    /// sent without the login.
+    NoUsableAuth {
+        wanted: &'static str,
+        offered: Vec<String>,
+    },
     /// Our side: the configuration cannot work with this relay.
     Config(String),
     /// Our side: the spooled message could not be read.
@@ -122,6 +129,17 @@ impl fmt::Display for SessionError {
                  nothing was sent. Check the relay's port, or use tls = implicit for port 465",
             ),
             SessionError::Tls(e) => write!(f, "{e}"),
+            SessionError::NoUsableAuth { wanted, offered } if offered.is_empty() => write!(
+                f,
+                "the relay offers no AUTH in its EHLO reply, but this tenant has a login to use \
+                 (by {wanted}); nothing was sent without it"
+            ),
+            SessionError::NoUsableAuth { wanted, offered } => write!(
+                f,
+                "the relay offers AUTH {} but not {wanted}, which this tenant's login needs; \
+                 nothing was sent without it",
+                offered.join(" ")
+            ),
             SessionError::Config(why) => f.write_str(why),
             SessionError::Local(why) => f.write_str(why),
         }

@@ -1,19 +1,20 @@
 //! What a tenant knows about its mail: the pure queue (queue.rs) kept in step
 //! with the spool, which stays the truth. It rebuilds the queue from the
-//! spool, applies admin jobs, records every recipient's verdict durably and
-//! settles each message: retry later, remove (delivered, archived first if
-//! the tenant keeps an archive), or bounce (RFC 3464) to its sender, else
-//! the postmaster, else keep it visibly failed. It judges nothing itself:
-//! outcomes come from the judge (outcome.rs).
+//! spool, applies admin jobs, and records every recipient's verdict durably:
+//! a message with recipients pending is retried later, a finished one is
+//! settled (settle.rs: removed, archived, bounced or kept failed). It judges
+//! nothing itself: outcomes come from the judge (outcome.rs).
 
+use super::admin::{Action, Admin, AdminJob, AdminReport};
+use super::delivery_log::DeliveryLine;
 use super::queue::Queue;
 use super::settings::{Pacing, Policy};
-use super::{Job, Target, TenantState, TenantStatus};
+use super::settle::Settle;
+use super::{Job, TenantState, TenantStatus};
 use crate::base::clock::Clock;
-use crate::bounce;
 use crate::config::TenantName;
 use crate::outcome::Outcome;
-use crate::spool::envelope::{BounceStage, Envelope, RcptResult, RcptStatus, Record};
+use crate::spool::envelope::{Envelope, RcptResult, RcptStatus, Record};
 use crate::spool::{self, MessageId, Spool};
 use std::collections::BTreeMap;
 
@@ -126,58 +127,32 @@ impl Ledger {
         }
     }
 
-    /// Applies a hint or an admin's command.
+    /// Applies a hint or an admin's command; a reported command's report
+    /// is sent once its results are on disk.
     pub fn apply(&mut self, job: Job) {
         match job {
             Job::Queued(id) => self.queue.note_queued(&id),
             Job::Flush => self.queue.flush(),
-            Job::Hold(target) => {
-                for id in self.targets(&target, Queue::waiting_ids) {
-                    if self.queue.is_waiting(&id) && self.mark(&id, &Record::Held) {
-                        self.queue.hold(&id);
-                    }
-                }
-            }
-            Job::Release(target) => {
-                for id in self.targets(&target, Queue::held_ids) {
-                    if self.queue.is_held(&id) && self.mark(&id, &Record::Released) {
-                        let attempted = self
-                            .spool
-                            .load_envelope(self.name(), &id)
-                            .map_or(true, |env| env.attempts > 0);
-                        self.queue.release(&id, attempted);
-                    }
-                }
-            }
-            Job::Delete(target) => {
-                for id in self.targets(&target, Queue::all_ids) {
-                    match self.spool.remove(self.name(), &id) {
-                        Ok(()) => {
-                            log::info!("{id} tenant={}: deleted by an administrator", self.name())
-                        }
-                        Err(e) => log::warn!("{id} tenant={}: cannot delete: {e}", self.name()),
-                    }
-                    self.queue.forget(&id);
-                }
+            Job::Hold(target) => drop(self.admin().apply(Action::Hold, &target)),
+            Job::Release(target) => drop(self.admin().apply(Action::Release, &target)),
+            Job::Delete(target) => drop(self.admin().apply(Action::Delete, &target)),
+            Job::Admin(AdminJob {
+                action,
+                target,
+                done,
+            }) => {
+                let results = self.admin().apply(action, &target);
+                // The caller may have given up waiting; the effect stands.
+                let _ = done.send(AdminReport { action, results });
             }
         }
     }
 
-    fn targets(&self, target: &Target, all: impl Fn(&Queue) -> Vec<MessageId>) -> Vec<MessageId> {
-        match target {
-            Target::All => all(&self.queue),
-            Target::Ids(ids) => ids.clone(),
-        }
-    }
-
-    /// Appends an admin's record durably; false (logged) if it cannot.
-    fn mark(&self, id: &MessageId, record: &Record) -> bool {
-        match self.spool.append(self.name(), id, record) {
-            Ok(()) => true,
-            Err(e) => {
-                log::error!("{id} tenant={}: cannot record {record:?}: {e}", self.name());
-                false
-            }
+    fn admin(&mut self) -> Admin<'_> {
+        Admin {
+            name: self.name.as_str(),
+            spool: &self.spool,
+            queue: &mut self.queue,
         }
     }
 
@@ -323,23 +298,30 @@ impl Ledger {
     ) {
         let now = self.now();
         let age_ms = now.saturating_sub(envelope.queued_at_ms);
-        let delay = age_ms as f64 / 1000.0;
         let mut results = Vec::with_capacity(outcomes.len());
         let mut still_pending = 0usize;
         let mut last_problem = error;
         for (rcpt, address, outcome) in outcomes {
             let outcome = outcome.expire(age_ms, self.policy.max_queue_lifetime);
             let level = match (&outcome, announce) {
-                (Outcome::Retry { .. }, Announce::Repeat) => log::Level::Debug,
+                // A possible duplicate is always told.
+                (
+                    Outcome::Retry {
+                        unconfirmed: false, ..
+                    },
+                    Announce::Repeat,
+                ) => log::Level::Debug,
                 _ => log::Level::Info,
             };
-            log::log!(
-                level,
-                "{id} tenant={} to=<{address}> relay={relay} delay={delay:.1}s status={} ({})",
-                self.name(),
-                outcome.status(),
-                outcome.reason()
-            );
+            let line = DeliveryLine {
+                id,
+                tenant: self.name(),
+                address: &address,
+                relay,
+                delay_ms: age_ms,
+                outcome: &outcome,
+            };
+            log::log!(level, "{line}");
             let status = match &outcome {
                 Outcome::Delivered { .. } => RcptStatus::Sent,
                 Outcome::Retry { .. } => {
@@ -398,138 +380,19 @@ impl Ledger {
         }
     }
 
-    /// A message with no recipient pending: removed if every one was sent;
-    /// otherwise bounced to its sender (or the postmaster), and a bounce that
-    /// cannot be delivered goes to the postmaster; what nobody can take stays
-    /// in the spool as failed. `announce` logs the "kept" case (not on rescans).
+    /// A message with no recipient pending: removed, bounced or kept as
+    /// failed (settle.rs). `announce` logs the "kept" case (not on rescans).
     pub fn finish_done(&mut self, id: &MessageId, envelope: &Envelope, announce: bool) {
-        let tenant = self.name().to_string();
-        self.queue.remove(id);
-        if !envelope.any_failed() || envelope.bounced_as.is_some() {
-            self.queue.unfail(id);
-            if !self.archive_before_removal(id, envelope) {
-                return;
-            }
-            if let Err(e) = self.spool.remove(&tenant, id) {
-                log::error!("{id} tenant={tenant}: done, but cannot remove it from the spool: {e}");
-            }
-            return;
+        let now = self.now();
+        Settle {
+            name: self.name.as_str(),
+            policy: &self.policy,
+            spool: &self.spool,
+            queue: &mut self.queue,
+            counters: &mut self.counters,
+            now,
         }
-        self.queue.mark_failed(id);
-        let kept = |why: &str| {
-            if announce {
-                log::warn!("{id} tenant={tenant}: kept in the queue as failed: {why}");
-            }
-        };
-        match &envelope.bounce {
-            // Never a bounce of a bounce: it goes to the postmaster once, then stays.
-            Some(of) if of.stage == BounceStage::Sender => match self.policy.postmaster.clone() {
-                Some(postmaster) => {
-                    let redirect = Record::Redirect {
-                        to: vec![postmaster.clone()],
-                    };
-                    match self.spool.append(&tenant, id, &redirect) {
-                        Ok(()) => {
-                            log::info!("{id} tenant={tenant}: bounce undeliverable to its sender; sending it to <{postmaster}>");
-                            self.queue.unfail(id);
-                            self.queue.schedule(id, 0, false);
-                        }
-                        Err(e) => kept(&format!(
-                            "cannot redirect the bounce to the postmaster: {e}"
-                        )),
-                    }
-                }
-                None => kept("its bounce could not be delivered and no postmaster is configured"),
-            },
-            Some(_) => kept("its bounce could not be delivered to the postmaster either"),
-            None => self.bounce(id, envelope, announce),
-        }
-    }
-
-    fn bounce(&mut self, id: &MessageId, envelope: &Envelope, announce: bool) {
-        let tenant = self.name().to_string();
-        let Some((to, stage)) = bounce::addressee(envelope, self.policy.postmaster.as_deref())
-        else {
-            if announce {
-                log::warn!("{id} tenant={tenant}: kept in the queue as failed: null sender and no postmaster configured");
-            }
-            return;
-        };
-        let report = bounce::Report {
-            hostname: &self.policy.hostname,
-            relay_host: &self.policy.relay_host,
-            id,
-            envelope,
-        };
-        let dsn = match bounce::queue(&self.spool, &tenant, &report, &to, stage) {
-            Ok(dsn) => dsn,
-            Err(e) => {
-                // Stays failed on disk; the next rescan tries again.
-                log::error!("{id} tenant={tenant}: cannot queue its bounce: {e}");
-                return;
-            }
-        };
-        log::info!("{id} tenant={tenant}: bounce {dsn} queued to <{to}>");
-        let marked = Record::Bounced {
-            dsn: dsn.to_string(),
-        };
-        match self.spool.append(&tenant, id, &marked) {
-            Ok(()) if !self.archive_before_removal(id, envelope) => {}
-            Ok(()) => {
-                if let Err(e) = self.spool.remove(&tenant, id) {
-                    log::error!(
-                        "{id} tenant={tenant}: bounced, but cannot remove it from the spool: {e}"
-                    );
-                }
-            }
-            Err(e) => log::error!("{id} tenant={tenant}: cannot record its bounce: {e}"),
-        }
-        self.queue.schedule(&dsn, 0, false);
-    }
-
-    /// Journals a message that reached at least one recipient into the
-    /// tenant's archive, if it keeps one; true when the spool entry may go.
-    /// On failure the entry stays and is tried again, so nothing sent is
-    /// missing from the archive.
-    fn archive_before_removal(&mut self, id: &MessageId, envelope: &Envelope) -> bool {
-        let Some(policy) = &self.policy.archive else {
-            return true;
-        };
-        let delivered = envelope
-            .recipients
-            .iter()
-            .any(|r| r.status == RcptStatus::Sent);
-        let addresses: Vec<String> = envelope
-            .recipients
-            .iter()
-            .map(|r| r.address.clone())
-            .collect();
-        let user = crate::archive::user_of(&envelope.sender, &addresses);
-        if !delivered || !policy.archives(&user) {
-            return true;
-        }
-        match policy.archive(
-            &self.spool,
-            self.name(),
-            id,
-            &user,
-            envelope.queued_at_ms / 1000,
-        ) {
-            Ok(()) => true,
-            Err(e) => {
-                log::error!(
-                    "{id} tenant={}: cannot archive it (kept in the spool, will retry): {e}",
-                    self.name()
-                );
-                // Delivered but not yet journaled: `status` shows why it waits.
-                self.counters.last_error = Some(format!(
-                    "delivered, but cannot archive {id} (kept in the spool, retried): {e}"
-                ));
-                let retry = self.queue.retry_soon(self.now());
-                self.queue.schedule(id, retry, true);
-                false
-            }
-        }
+        .finish_done(id, envelope, announce);
     }
 
     /// Writes a result that could not be written before. False if it still cannot.

@@ -2,25 +2,36 @@
 //! it never blocks on the tenant, and builds nothing from disk for it: the
 //! tenant's thread builds its own settings (settings.rs). On that thread the
 //! worker (worker.rs) drives the pure queue (queue.rs, kept in step with the
-//! spool by ledger.rs) and a `Delivery` (delivery.rs; SMTP in
-//! smtp_delivery.rs) with the tenant's own timeouts and pacing (pacing.rs),
+//! spool by ledger.rs, which settles finished mail in settle.rs, applies
+//! admin commands in admin.rs and logs results in delivery_log.rs) and a
+//! `Delivery` (delivery.rs; SMTP in smtp_delivery.rs, OAuth tokens in
+//! tokens.rs) with the tenant's own timeouts and pacing (pacing.rs),
 //! so a slow or dead relay stalls only this thread. The judge (outcome.rs)
 //! decides what every failure means. A worker that panics is restarted from
 //! the spool.
 
+mod admin;
 mod delivery;
+mod delivery_log;
 mod ledger;
 mod pacing;
 mod queue;
 mod set;
 mod settings;
+mod settle;
 mod smtp_delivery;
 #[cfg(test)]
 mod tests;
+mod tokens;
 mod worker;
 
+// The control side's half of reported admin commands (issue 14 item 18)
+// uses these; until it lands only the tenant's tests do.
+#[allow(unused_imports)]
+pub use admin::{Action, AdminJob, AdminReport, Applied};
 pub use set::TenantSet;
 pub use settings::client_settings;
+pub use tokens::Tokens;
 
 use crate::config::{DaemonConfig, TenantConfig, TenantName};
 use crate::spool::{MessageId, Spool};
@@ -59,6 +70,9 @@ pub enum Job {
     Hold(Target),
     Release(Target),
     Delete(Target),
+    /// Hold, release or delete, reported back once durable (admin.rs).
+    #[allow(dead_code)] // sent by the control side once its half lands
+    Admin(AdminJob),
 }
 
 /// What an admin command acts on.
@@ -91,6 +105,11 @@ pub struct TenantStatus {
     pub bounced: u64,
     pub last_success: Option<String>,
     pub last_error: Option<String>,
+    /// The message being sent right now: a hold or delete of it applies
+    /// only once this attempt ends, and the control side can say so. Not
+    /// part of the status JSON.
+    #[serde(skip)]
+    pub sending: Option<MessageId>,
 }
 
 pub struct TenantHandle {

@@ -5,8 +5,8 @@
 
 use super::delivery::{Delivery, OpenError, Opened};
 use super::settings::SmtpSettings;
+use super::tokens::{TokenError, Tokens};
 use crate::config::{Secret, TenantName};
-use crate::oauth::{OAuthError, TokenSource};
 use crate::outcome;
 use crate::smtp::client::{self, Connected};
 use crate::smtp::reply::Reply;
@@ -18,7 +18,7 @@ pub struct SmtpDelivery {
     tenant: TenantName,
     settings: SmtpSettings,
     /// Access tokens for `auth = xoauth2`, made on first use.
-    tokens: Option<TokenSource>,
+    tokens: Option<Tokens>,
     /// "Sign in again" has been logged since the last good token (say it once).
     sign_in_logged: bool,
     connected: Option<Connected>,
@@ -38,28 +38,30 @@ impl SmtpDelivery {
     /// An access token for this session. Err: why the mail waits, and
     /// whether that was logged before.
     fn access_token(&mut self) -> Result<Secret, (String, bool)> {
-        if self.tokens.is_none() {
+        let tokens = self.tokens.get_or_insert_with(|| {
             let endpoints = match &self.settings.oauth {
-                Some(Ok(endpoints)) => endpoints.clone(),
-                Some(Err(why)) => return Err((why.clone(), false)),
-                None => return Err(("auth = xoauth2 without OAuth settings".into(), false)),
+                Some(endpoints) => endpoints.clone(),
+                None => Err("auth = xoauth2 without OAuth settings".into()),
             };
-            let agent = crate::oauth::http_agent(self.settings.ca_file.as_deref())
-                .map_err(|e| (e.to_string(), false))?;
-            self.tokens = Some(TokenSource::new(endpoints, agent));
-        }
-        let Some(tokens) = self.tokens.as_mut() else {
-            return Err(("no token source".into(), false));
-        };
+            Tokens::new(
+                self.tenant.clone(),
+                endpoints,
+                self.settings.ca_file.clone(),
+            )
+        });
         match tokens.access_token() {
             Ok(token) => {
                 self.sign_in_logged = false;
                 Ok(token)
             }
-            Err(e) => {
-                let why = e.to_string().replace("TENANT", self.tenant.as_str());
-                let sign_in = matches!(e, OAuthError::SignInNeeded(_));
-                if !(sign_in && self.sign_in_logged) {
+            Err(TokenError {
+                why,
+                sign_in,
+                asked,
+            }) => {
+                // Unusable settings are told by the deferral lines; what
+                // the endpoint said is logged, "sign in again" once.
+                if asked && !(sign_in && self.sign_in_logged) {
                     log::error!("tenant {}: {why}", self.tenant);
                 }
                 self.sign_in_logged |= sign_in;
@@ -103,7 +105,6 @@ impl Delivery for SmtpDelivery {
             Err(failure) => {
                 if outcome::forgets_token(&failure.error) {
                     if let Some(tokens) = self.tokens.as_mut() {
-                        // The relay refused the token: fetch a fresh one next time.
                         tokens.forget();
                     }
                 }

@@ -3,6 +3,7 @@
 //! backoff, expiry, pacing and every failure scope are checked without a
 //! network or waiting.
 
+use super::admin::{Action, AdminJob, AdminReport, Applied};
 use super::delivery::{Delivery, OpenError, Opened};
 use super::ledger::Ledger;
 use super::pacing::Backoff;
@@ -46,9 +47,12 @@ struct Script {
     opens: VecDeque<Result<(), OpenError>>,
     sends: VecDeque<Result<Vec<Reply>, SessionError>>,
     events: Vec<Event>,
+    /// What `status` said was being sent, seen during each transaction.
+    sending_seen: Vec<Option<MessageId>>,
 }
 
-struct FakeDelivery(Rc<RefCell<Script>>);
+/// The fake relay, and the worker's published status it looks at mid-transaction.
+struct FakeDelivery(Rc<RefCell<Script>>, Arc<Mutex<TenantStatus>>);
 
 impl Delivery for FakeDelivery {
     fn open(&mut self) -> Result<Opened, OpenError> {
@@ -67,7 +71,9 @@ impl Delivery for FakeDelivery {
         let mut content = Vec::new();
         body.read_to_end(&mut content).unwrap();
         assert!(!content.is_empty(), "the message body reaches the delivery");
+        let sending = self.1.lock().unwrap().sending.clone();
         let mut script = self.0.borrow_mut();
+        script.sending_seen.push(sending);
         script.events.push(Event::Send {
             from: message.mail_from.to_string(),
             to: message.recipients.to_vec(),
@@ -289,7 +295,8 @@ fn worker(
         stop: Arc::new(AtomicBool::new(false)),
         status: Arc::clone(status),
     };
-    let worker = TenantWorker::new(ledger, FakeDelivery(Rc::clone(script)), shared);
+    let delivery = FakeDelivery(Rc::clone(script), Arc::clone(status));
+    let worker = TenantWorker::new(ledger, delivery, shared);
     (jobs, worker)
 }
 
@@ -745,4 +752,146 @@ fn a_restarted_worker_rebuilds_its_queue_from_the_spool() {
     h.step();
     assert_eq!(h.sent_to(), [strings(&["a@x.test"])]);
     assert!(h.envelope(&held).unwrap().held);
+}
+
+#[test]
+fn a_session_lost_after_the_final_dot_retries_the_message_at_its_backoff() {
+    let mut h = Harness::new(Options::default());
+    let id = h.submit("pbx@acme.test", &["a@x.test"]);
+    h.script_send(Err(SessionError::Protocol(
+        Phase::DataEnd,
+        "connection closed by the relay".into(),
+    )));
+    h.step();
+    // Not delivered and not bounced: retried (RFC 5321 §6.1), the log line
+    // warning of a possible duplicate (ledger's DeliveryLine).
+    assert_eq!(h.statuses(&id), [RcptStatus::Pending]);
+    assert_eq!(
+        h.envelope(&id).unwrap().next_attempt_ms,
+        Some(h.now() + MIN * 11 / 10)
+    );
+    assert_ne!(h.status().state, TenantState::Backoff);
+    h.take_events();
+    h.advance(MIN * 11 / 10);
+    h.step();
+    assert_eq!(h.sent_to(), [strings(&["a@x.test"])]);
+    assert!(h.envelope(&id).is_none());
+}
+
+#[test]
+fn a_login_the_relay_offers_no_mechanism_for_defers_the_tenant_and_names_the_offer() {
+    let mut h = Harness::new(Options::default());
+    let id = h.submit("pbx@acme.test", &["a@x.test"]);
+    h.script_open(Err(OpenError::Failed {
+        peer: "relay.test[127.0.0.1]:25".into(),
+        error: SessionError::NoUsableAuth {
+            wanted: "PLAIN or LOGIN",
+            offered: vec!["CRAM-MD5".into()],
+        },
+    }));
+    h.step();
+    // Nothing was sent: the mail waits, the tenant backs off, nothing bounces.
+    assert_eq!(h.take_events(), [Event::Open]);
+    assert_eq!(h.statuses(&id), [RcptStatus::Pending]);
+    assert_eq!(h.status().state, TenantState::Backoff);
+    assert_eq!(h.status().bounced, 0);
+    let error = h.status().last_error.unwrap_or_default();
+    assert!(error.contains("offers AUTH CRAM-MD5"), "{error}");
+}
+
+#[test]
+fn status_counts_a_bounced_message_as_failed_neither_once_its_bounce_is_queued_nor_sent() {
+    // One message a minute, so the bounce waits for its own session.
+    let mut h = Harness::new(Options {
+        rate_limit: Some(RateLimit {
+            messages: 1,
+            per: Duration::from_secs(60),
+        }),
+        ..Options::default()
+    });
+    let id = h.submit("pbx@acme.test", &["gone@x.test"]);
+    h.script_send(Ok(vec![reply(550, "5.1.1 no such user")]));
+    h.step();
+    assert!(h.envelope(&id).is_none(), "bounced and removed");
+    let dsn = h.others(&[]);
+    assert_eq!(dsn.len(), 1, "the bounce is queued");
+    let status = h.status();
+    assert_eq!(
+        (status.failed, status.queued, status.bounced),
+        (0, 1, 1),
+        "{status:?}"
+    );
+    h.take_events();
+    h.advance(60_000);
+    h.step();
+    assert_eq!(h.sent_to(), [strings(&["pbx@acme.test"])]);
+    assert!(h.others(&[]).is_empty(), "the bounce was delivered");
+    let status = h.status();
+    assert_eq!(
+        (status.failed, status.queued, status.deferred),
+        (0, 0, 0),
+        "{status:?}"
+    );
+}
+
+/// Sends a reported admin command and runs the worker until it answers.
+fn admin(h: &mut Harness, action: Action, target: Target) -> AdminReport {
+    let (done, report) = unbounded();
+    h.jobs
+        .send(Job::Admin(AdminJob {
+            action,
+            target,
+            done,
+        }))
+        .unwrap();
+    h.step();
+    report.try_recv().expect("answered by this pass")
+}
+
+#[test]
+fn a_reported_hold_answers_once_the_hold_is_on_disk_and_says_what_became_of_each() {
+    let mut h = Harness::new(Options::default());
+    let id = h.submit("pbx@acme.test", &["a@x.test"]);
+    let report = admin(&mut h, Action::Hold, Target::Ids(vec![id.clone()]));
+    assert_eq!(report.results, [(id.clone(), Applied::Done)]);
+    // Answered after the record is durable: a new worker (a restart after
+    // kill -9) finds the message held and sends nothing.
+    assert!(h.envelope(&id).unwrap().held);
+    h.restart();
+    h.step();
+    assert!(h.sent_to().is_empty());
+    assert_eq!(h.status().held, 1);
+    let again = admin(&mut h, Action::Hold, Target::Ids(vec![id.clone()]));
+    assert_eq!(again.results, [(id.clone(), Applied::Unchanged)]);
+    let released = admin(&mut h, Action::Release, Target::All);
+    assert_eq!(released.results, [(id.clone(), Applied::Done)]);
+    assert_eq!(h.sent_to(), [strings(&["a@x.test"])], "released and sent");
+    // Delivered meanwhile: a hold or delete of it finds it gone.
+    let late = admin(&mut h, Action::Hold, Target::Ids(vec![id.clone()]));
+    assert_eq!(late.results, [(id.clone(), Applied::Gone)]);
+    let late = admin(&mut h, Action::Delete, Target::Ids(vec![id.clone()]));
+    assert_eq!(late.results, [(id, Applied::Gone)]);
+}
+
+#[test]
+fn a_reported_delete_answers_once_the_entry_is_removed() {
+    let mut h = Harness::new(Options::default());
+    let id = h.submit("pbx@acme.test", &["a@x.test"]);
+    h.jobs.send(Job::Hold(Target::All)).unwrap();
+    h.step();
+    let report = admin(&mut h, Action::Delete, Target::All);
+    assert_eq!(report.action, Action::Delete);
+    assert_eq!(report.results, [(id.clone(), Applied::Done)]);
+    assert!(h.envelope(&id).is_none());
+    assert!(h.others(&[]).is_empty());
+    assert_eq!(h.status().held, 0);
+}
+
+#[test]
+fn status_names_the_message_being_sent_while_its_transaction_runs() {
+    let mut h = Harness::new(Options::default());
+    let id = h.submit("pbx@acme.test", &["a@x.test"]);
+    h.step();
+    assert_eq!(h.script.borrow().sending_seen, [Some(id)]);
+    assert_eq!(h.status().sending, None, "nothing is being sent now");
 }

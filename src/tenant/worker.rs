@@ -33,6 +33,8 @@ pub struct TenantWorker<D: Delivery> {
     delivery: D,
     shared: Shared,
     in_session: bool,
+    /// The message in a transaction now, published for the control side.
+    sending: Option<MessageId>,
 }
 
 enum Wake {
@@ -65,6 +67,7 @@ impl<D: Delivery> TenantWorker<D> {
             delivery,
             shared,
             in_session: false,
+            sending: None,
         }
     }
 
@@ -106,7 +109,8 @@ impl<D: Delivery> TenantWorker<D> {
 
     /// Makes the current state visible to `pbxmail status`.
     fn publish(&mut self) {
-        let status = self.ledger.status(self.in_session);
+        let mut status = self.ledger.status(self.in_session);
+        status.sending = self.sending.clone();
         if let Ok(mut shared) = self.shared.status.lock() {
             *shared = status;
         }
@@ -227,7 +231,12 @@ impl<D: Delivery> TenantWorker<D> {
                 return SessionEnd::Paced;
             }
             tried.insert(id.clone());
-            if let Err(broke) = self.deliver_one(peer, &id) {
+            self.sending = Some(id.clone());
+            self.publish();
+            let delivered = self.deliver_one(peer, &id);
+            self.sending = None;
+            self.publish();
+            if let Err(broke) = delivered {
                 let error = &broke.error;
                 log::warn!("tenant {}: relay {peer}: {error}", self.name());
                 let verdict = outcome::of_session_error(error).outcome;
