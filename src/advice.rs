@@ -4,7 +4,7 @@
 //! relay we talked to and the way the tenant signs in.
 
 use crate::config::AuthMode;
-use crate::outcome::{Advice, Verdict};
+use crate::outcome::{Advice, CertificateFix, HandshakeFix, Verdict};
 
 /// What the advice depends on besides the reply: whom we talked to, and how
 /// we signed in (a password refusal and a token refusal need different steps).
@@ -103,13 +103,46 @@ pub fn text(advice: Advice, tenant: Tenant) -> String {
              (tls = starttls, or implicit on port 465) or only on their submission port (587); \
              if this relay takes mail without a login, set auth = none"
         }
-        Advice::Certificate => {
+        Advice::Certificate(CertificateFix::SelfSigned) => {
+            "the relay's certificate is self-signed: put that certificate (PEM) in ca_file; \
+             tls_verify = no is the insecure last resort"
+        }
+        Advice::Certificate(CertificateFix::CaAsServer) => {
+            "the relay presents a CA certificate as its own, which no TLS client accepts, ca_file \
+             or not: its operator must install a server certificate (CA:FALSE), self-signed or \
+             signed by that CA (then put the CA in ca_file); tls_verify = no is the insecure last resort"
+        }
+        Advice::Certificate(CertificateFix::Dates) => {
+            "the relay's certificate is outside its validity dates: check this machine's clock \
+             (NTP); if the clock is right, the relay's operator must renew the certificate"
+        }
+        Advice::Certificate(CertificateFix::WrongName) => {
+            "set relay to a name the certificate was issued for (the error lists them), not an \
+             IP address or an alias"
+        }
+        Advice::Certificate(CertificateFix::UntrustedIssuer) => {
             "put the CA that signed the relay's certificate in ca_file (PEM), or fix the name in \
              relay; tls_verify = no is the insecure last resort"
         }
-        Advice::Handshake => {
+        Advice::Certificate(CertificateFix::RelayOperator) => {
+            "the relay's certificate itself is unusable: its operator must replace it (a current \
+             certificate for TLS servers, signed with SHA-256 or better)"
+        }
+        Advice::Handshake(HandshakeFix::NotTls) => {
             "the TLS handshake failed: if the relay speaks plain SMTP on this port, use tls = starttls \
              rather than implicit"
+        }
+        Advice::Handshake(HandshakeFix::OldVersion) => {
+            "the relay offers only TLS 1.1 or older, which pbxmail refuses (RFC 8996): its \
+             operator must enable TLS 1.2 or 1.3; another tls mode does not help"
+        }
+        Advice::Handshake(HandshakeFix::NoSharedCipher) => {
+            "the relay and pbxmail share no TLS cipher suite: its operator must enable a modern \
+             one (ECDHE with AES-GCM or ChaCha20-Poly1305); another tls mode does not help"
+        }
+        Advice::Handshake(HandshakeFix::Other) => {
+            "the relay broke off the TLS handshake: check that relay names its submission port \
+             (587 with tls = starttls, 465 with tls = implicit), then ask its operator"
         }
     };
     text.to_string()
@@ -242,5 +275,53 @@ mod tests {
             );
             assert!(!advice.contains("password"), "{reply}: {advice}");
         }
+    }
+
+    #[test]
+    fn each_tls_failure_gets_the_fix_that_works_not_another_tls_mode() {
+        use crate::tls::{CertificateProblem, HandshakeProblem, Incompatibility, TlsError};
+        let advice_for = |tls: TlsError| {
+            let verdict = outcome::of_session_error(&SessionError::Tls(tls));
+            for_verdict(&verdict, with_password("mail.example")).unwrap_or_default()
+        };
+        let cases = [
+            (
+                TlsError::Incompatible(Incompatibility::OldProtocolVersion),
+                "TLS 1.2",
+            ),
+            (
+                TlsError::Incompatible(Incompatibility::NoSharedCipher),
+                "cipher suite",
+            ),
+            (
+                TlsError::Certificate(CertificateProblem::SelfSigned),
+                "put that certificate",
+            ),
+            (
+                TlsError::Certificate(CertificateProblem::CaUsedAsEndEntity),
+                "CA:FALSE",
+            ),
+            (TlsError::Certificate(CertificateProblem::Expired), "clock"),
+            (
+                TlsError::Certificate(CertificateProblem::UnknownIssuer),
+                "ca_file",
+            ),
+            (
+                TlsError::Certificate(CertificateProblem::Revoked),
+                "replace it",
+            ),
+            (
+                TlsError::Handshake(HandshakeProblem::NotTls),
+                "tls = starttls",
+            ),
+        ];
+        for (tls, expected) in cases {
+            let shown = tls.to_string();
+            let advice = advice_for(tls);
+            assert!(advice.contains(expected), "{shown}: {advice}");
+        }
+        // An old-version relay is not told to change tls = (the wrong fix).
+        let old = advice_for(TlsError::Incompatible(Incompatibility::OldProtocolVersion));
+        assert!(!old.contains("use tls ="), "{old}");
     }
 }

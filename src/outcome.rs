@@ -143,10 +143,40 @@ pub enum Advice {
     NoStartTls,
     /// A login is configured but the relay offers no mechanism we can use for it.
     NoUsableAuth,
-    /// The relay's certificate is not trusted.
-    Certificate,
-    /// The TLS handshake failed.
-    Handshake,
+    /// The relay's certificate is not trusted; what helps depends on why.
+    Certificate(CertificateFix),
+    /// The TLS handshake failed; what helps depends on how.
+    Handshake(HandshakeFix),
+}
+
+/// Why a relay's certificate was refused, as far as the fix differs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CertificateFix {
+    /// Self-signed: that certificate goes in ca_file.
+    SelfSigned,
+    /// A CA certificate presented as the server's: ca_file cannot help.
+    CaAsServer,
+    /// Expired or not yet valid: the relay's operator, or this clock.
+    Dates,
+    /// Issued for another name: fix `relay`.
+    WrongName,
+    /// Signed by a CA we do not trust (or a mismatching one): its CA in ca_file.
+    UntrustedIssuer,
+    /// Revoked, weak, for another purpose, malformed, missing: only the relay's operator can fix it.
+    RelayOperator,
+}
+
+/// How a TLS handshake failed, as far as the fix differs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandshakeFix {
+    /// Plain text where TLS was due: the wrong `tls =` mode or port.
+    NotTls,
+    /// Only TLS 1.1 or older: the relay must enable TLS 1.2.
+    OldVersion,
+    /// No cipher suite in common: the relay must enable a modern one.
+    NoSharedCipher,
+    /// Closed, an alert, a protocol error: nothing a setting here changes.
+    Other,
 }
 
 /// How one recipient's reply in a transaction is judged.
@@ -351,11 +381,39 @@ fn advice_for_error(error: &SessionError) -> Option<Advice> {
         SessionError::Timeout(_) => Some(Advice::Silent),
         SessionError::StartTlsNotOffered => Some(Advice::NoStartTls),
         SessionError::NoUsableAuth { .. } => Some(Advice::NoUsableAuth),
-        SessionError::Tls(TlsError::Certificate(_)) => Some(Advice::Certificate),
-        SessionError::Tls(TlsError::Handshake(_)) => Some(Advice::Handshake),
+        SessionError::Tls(tls) => tls_advice(tls),
         SessionError::Rejected(_, reply) => advice_for_reply(reply),
         _ => None,
     }
+}
+
+fn tls_advice(error: &TlsError) -> Option<Advice> {
+    use crate::tls::{CertificateProblem as C, HandshakeProblem as H, Incompatibility as I};
+    let advice = match error {
+        TlsError::Certificate(problem) => Advice::Certificate(match problem {
+            C::SelfSigned => CertificateFix::SelfSigned,
+            C::CaUsedAsEndEntity => CertificateFix::CaAsServer,
+            C::Expired | C::NotYetValid => CertificateFix::Dates,
+            C::WrongName { .. } => CertificateFix::WrongName,
+            C::UnknownIssuer | C::BadSignature => CertificateFix::UntrustedIssuer,
+            C::Revoked
+            | C::UnsupportedAlgorithm
+            | C::WrongPurpose
+            | C::BadEncoding
+            | C::NonePresented
+            | C::Other(_) => CertificateFix::RelayOperator,
+        }),
+        TlsError::Handshake(H::NotTls) => Advice::Handshake(HandshakeFix::NotTls),
+        TlsError::Handshake(_) => Advice::Handshake(HandshakeFix::Other),
+        TlsError::Incompatible(I::OldProtocolVersion) => {
+            Advice::Handshake(HandshakeFix::OldVersion)
+        }
+        TlsError::Incompatible(I::NoSharedCipher | I::Other(_)) => {
+            Advice::Handshake(HandshakeFix::NoSharedCipher)
+        }
+        TlsError::Config(_) | TlsError::Timeout => return None,
+    };
+    Some(advice)
 }
 
 fn phase_scope(phase: Phase) -> RetryScope {
