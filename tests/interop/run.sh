@@ -263,7 +263,11 @@ SINK_CASES=(
     "sink-dot-4xx|-r .|deferred"
     "sink-data-drop|-q DATA|deferred"
     "sink-mail-421|-Q MAIL|deferred"
-    "sink-data-abort|-A 0|bounced"
+    # -A 0 sends 550 right behind its 354, unasked: a reply already there
+    # when the body would go ends the session as a protocol error (deferred,
+    # issue 14); one that comes later answers the final dot (bounced, then
+    # failed). Either way the message is kept and never taken as sent.
+    "sink-data-abort|-A 0|kept"
 )
 declare -A SINK_PORT
 i=2
