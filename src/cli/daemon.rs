@@ -35,7 +35,7 @@ fn init_logging(level: log::LevelFilter) {
         if under_journal {
             writeln!(out, "{}: {}", record.level(), record.args())
         } else {
-            let stamp = crate::time::rfc3339(crate::base::clock::now_secs());
+            let stamp = crate::base::time::rfc3339(crate::base::clock::now_secs());
             writeln!(out, "{stamp} {}: {}", record.level(), record.args())
         }
     });

@@ -80,7 +80,7 @@ fn check(spool: &Spool) -> Result<Report, crate::spool::SpoolError> {
                 Err(reason) => {
                     spool.quarantine(&tenant, &id, &reason)?;
                     report.quarantined.push(Finding {
-                        tenant: tenant.clone(),
+                        tenant: tenant.to_string(),
                         id: id.to_string(),
                         reason,
                     });
@@ -95,7 +95,7 @@ fn check(spool: &Spool) -> Result<Report, crate::spool::SpoolError> {
             let reason = "not a spool file (unknown name or type)".to_string();
             spool.quarantine_stray(&tenant, &stray, &reason)?;
             report.quarantined.push(Finding {
-                tenant: tenant.clone(),
+                tenant: tenant.to_string(),
                 id: format!("stray.{name}"),
                 reason,
             });

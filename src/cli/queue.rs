@@ -2,9 +2,9 @@
 //! daemon stopped. `--json` gives the interface's shape.
 
 use super::{Exit, Flags, Invocation, NEEDS_TENANT};
+use crate::base::time::rfc3339;
 use crate::spool::envelope::RcptStatus;
 use crate::spool::Spool;
-use crate::time::rfc3339;
 use serde::Serialize;
 
 #[derive(Debug, Serialize)]
@@ -80,7 +80,7 @@ fn collect(
 ) -> Result<Vec<QueueEntry>, crate::spool::SpoolError> {
     let mut entries = Vec::new();
     for tenant in spool.tenants()? {
-        if only_tenant.is_some_and(|t| t != tenant) {
+        if only_tenant.is_some_and(|t| t != tenant.as_str()) {
             continue;
         }
         for id in spool.message_ids(&tenant)? {
@@ -101,7 +101,7 @@ fn collect(
                     };
                     QueueEntry {
                         id: id.to_string(),
-                        tenant: tenant.clone(),
+                        tenant: tenant.to_string(),
                         tenant_configured: true,
                         sender: env.sender.clone(),
                         recipients: env
@@ -125,7 +125,7 @@ fn collect(
                 Err(e) if e.is_not_found() => continue,
                 Err(e) => QueueEntry {
                     id: id.to_string(),
-                    tenant: tenant.clone(),
+                    tenant: tenant.to_string(),
                     tenant_configured: true,
                     sender: String::new(),
                     recipients: Vec::new(),

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::section::{Problems, Section};
-use super::tenant::TenantName;
 use super::values::*;
+use crate::base::names::TenantName;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct DaemonConfig {

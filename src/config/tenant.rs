@@ -8,8 +8,8 @@ use super::provider::{Preset, Provider};
 use super::section::{Problems, Section};
 use super::values::*;
 
-// Moved to the bottom floor; re-exported so `config::TenantName` keeps working.
-pub use crate::base::names::TenantName;
+use crate::base::names::TenantName;
+use crate::base::secret::Secret;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct TenantConfig {
@@ -175,9 +175,6 @@ pub enum ArchiveUsers {
     All,
     List(Vec<String>),
 }
-
-// Moved to the bottom floor; re-exported so `config::Secret` keeps working.
-pub use crate::base::secret::Secret;
 
 pub(super) const TENANT_KEYS: &[&str] = &[
     "domains",

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use super::daemon::{FreeSpace, ListenAddr};
 use super::provider::Provider;
-use super::tenant::{ArchiveUsers, AuthMode, DomainPattern, RateLimit, Relay, Secret, TlsMode};
+use super::tenant::{ArchiveUsers, AuthMode, DomainPattern, RateLimit, Relay, TlsMode};
+use crate::base::secret::Secret;
 
 /// `30s`, `5m`, `2h`, `5d`. The unit is required: a bare `30` is ambiguous.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {

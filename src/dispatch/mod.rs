@@ -10,10 +10,11 @@
 
 mod offload;
 
+use crate::base::names::MessageId;
 use crate::config::{Config, ConfigError};
 use crate::control::{self, ControlServer, Request, Response, Selection};
 use crate::intake::server::IntakeServer;
-use crate::spool::{MessageId, Spool};
+use crate::spool::Spool;
 use crate::tenant::{Job, Target, TenantSet};
 use mio::net::UnixDatagram;
 use mio::{Events, Interest, Poll, Token, Waker};
@@ -410,8 +411,8 @@ impl Dispatcher {
         let mut orphaned = Vec::new();
         for (raw, located) in found {
             match located {
-                Located::Queued { tenant, id } if self.tenants.is_running(&tenant) => {
-                    by_tenant.entry(tenant).or_default().push(id)
+                Located::Queued { tenant, id } if self.tenants.is_running(tenant.as_str()) => {
+                    by_tenant.entry(tenant.to_string()).or_default().push(id)
                 }
                 Located::Queued { tenant, .. } => orphaned.push(format!("{raw} (tenant {tenant})")),
                 Located::Unknown => unknown.push(raw),

@@ -8,7 +8,7 @@
 use super::http::post_token;
 use super::token_file::{read_refresh_token, remove_stale_temps, write_refresh_token};
 use super::{Endpoints, OAuthError};
-use crate::config::Secret;
+use crate::base::secret::Secret;
 use std::time::{Duration, Instant};
 
 /// Refresh this long before the endpoint says the token expires.

@@ -5,7 +5,8 @@
 
 use super::session::{AuthMechanism, BearerMechanism, Session, Timeouts, Trace};
 use super::{Phase, SessionError};
-use crate::config::{AuthMode, Relay, Secret, TlsMode};
+use crate::base::secret::Secret;
+use crate::config::{AuthMode, Relay, TlsMode};
 use crate::tls::{self, Stream};
 use rustls::{ClientConfig, ClientConnection, StreamOwned};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};

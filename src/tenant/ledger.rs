@@ -10,11 +10,12 @@ use super::queue::Queue;
 use super::settings::{Pacing, Policy};
 use super::{Job, Target, TenantState, TenantStatus};
 use crate::base::clock::Clock;
+use crate::base::names::MessageId;
+use crate::base::names::TenantName;
 use crate::bounce;
-use crate::config::TenantName;
 use crate::outcome::Outcome;
 use crate::spool::envelope::{BounceStage, Envelope, RcptResult, RcptStatus, Record};
-use crate::spool::{self, MessageId, Spool};
+use crate::spool::{self, Spool};
 use std::collections::BTreeMap;
 
 /// A recipient's outcome in one attempt: (index in the envelope, address, outcome).
@@ -112,7 +113,7 @@ impl Ledger {
 
     /// Counts an outcome for `status` (per recipient attempt).
     fn count(&mut self, outcome: &Outcome) {
-        let now = crate::time::rfc3339(self.now() / 1000);
+        let now = crate::base::time::rfc3339(self.now() / 1000);
         match outcome {
             Outcome::Delivered { .. } => {
                 self.counters.delivered += 1;
@@ -143,7 +144,7 @@ impl Ledger {
                     if self.queue.is_held(&id) && self.mark(&id, &Record::Released) {
                         let attempted = self
                             .spool
-                            .load_envelope(self.name(), &id)
+                            .load_envelope(&self.name, &id)
                             .map_or(true, |env| env.attempts > 0);
                         self.queue.release(&id, attempted);
                     }
@@ -151,7 +152,7 @@ impl Ledger {
             }
             Job::Delete(target) => {
                 for id in self.targets(&target, Queue::all_ids) {
-                    match self.spool.remove(self.name(), &id) {
+                    match self.spool.remove(&self.name, &id) {
                         Ok(()) => {
                             log::info!("{id} tenant={}: deleted by an administrator", self.name())
                         }
@@ -172,7 +173,7 @@ impl Ledger {
 
     /// Appends an admin's record durably; false (logged) if it cannot.
     fn mark(&self, id: &MessageId, record: &Record) -> bool {
-        match self.spool.append(self.name(), id, record) {
+        match self.spool.append(&self.name, id, record) {
             Ok(()) => true,
             Err(e) => {
                 log::error!("{id} tenant={}: cannot record {record:?}: {e}", self.name());
@@ -183,7 +184,7 @@ impl Ledger {
 
     /// Rebuilds the queue from the tenant's spool folder.
     pub fn rescan(&mut self) {
-        let ids = match self.spool.message_ids(self.name()) {
+        let ids = match self.spool.message_ids(&self.name) {
             Ok(ids) => ids,
             Err(e) => {
                 log::error!("tenant {}: cannot read its spool folder: {e}", self.name());
@@ -194,7 +195,7 @@ impl Ledger {
             if self.queue.knows(&id) {
                 continue;
             }
-            match self.spool.load_envelope(self.name(), &id) {
+            match self.spool.load_envelope(&self.name, &id) {
                 // Finished, but a crash came before it was bounced or removed.
                 Ok(env) if env.is_done() => self.finish_done(&id, &env, false),
                 Ok(env) if env.held => self.queue.insert_held(&id),
@@ -215,7 +216,7 @@ impl Ledger {
 
     /// Files in the tenant's folder that are no spool entry are moved aside.
     fn quarantine_strays(&self) {
-        let strays = self.spool.stray_files(self.name()).unwrap_or_default();
+        let strays = self.spool.stray_files(&self.name).unwrap_or_default();
         for path in &strays {
             let reason = "not a spool file (unknown name or type)";
             log::error!(
@@ -223,7 +224,7 @@ impl Ledger {
                 self.name(),
                 path.display()
             );
-            if let Err(e) = self.spool.quarantine_stray(self.name(), path, reason) {
+            if let Err(e) = self.spool.quarantine_stray(&self.name, path, reason) {
                 log::error!(
                     "tenant {}: cannot quarantine {}: {e}",
                     self.name(),
@@ -237,7 +238,7 @@ impl Ledger {
         self.queue.remove(id);
         self.queue.unfail(id);
         log::error!("{id} tenant={}: quarantined: {reason}", self.name());
-        if let Err(e) = self.spool.quarantine(self.name(), id, reason) {
+        if let Err(e) = self.spool.quarantine(&self.name, id, reason) {
             log::error!("{id} tenant={}: cannot quarantine: {e}", self.name());
         }
     }
@@ -249,7 +250,7 @@ impl Ledger {
         if !self.write_unrecorded(id) {
             return None;
         }
-        match self.spool.load_envelope(self.name(), id) {
+        match self.spool.load_envelope(&self.name, id) {
             Ok(env) => Some(env),
             Err(e) if e.is_not_found() => {
                 self.queue.remove(id); // deleted by an admin meanwhile
@@ -271,7 +272,7 @@ impl Ledger {
     ) -> Result<(std::fs::File, bool), String> {
         let mut file = self
             .spool
-            .open_message(self.name(), id)
+            .open_message(&self.name, id)
             .map_err(|e| format!("message file unreadable: {e}"))?;
         let scan =
             spool::scan_message(&mut file).map_err(|e| format!("message file unreadable: {e}"))?;
@@ -370,7 +371,7 @@ impl Ledger {
             next_attempt_ms,
             error: last_problem,
         };
-        if let Err(e) = self.spool.append(self.name(), id, &record) {
+        if let Err(e) = self.spool.append(&self.name, id, &record) {
             // Keep the result in memory and write it before this message is
             // touched again: re-sending what the relay already took (the disk
             // is full, say) would deliver it once per retry.
@@ -387,7 +388,7 @@ impl Ledger {
             Some(at) => self.queue.schedule(id, at, true),
             None => {
                 self.queue.remove(id);
-                match self.spool.load_envelope(self.name(), id) {
+                match self.spool.load_envelope(&self.name, id) {
                     Ok(done) => self.finish_done(id, &done, true),
                     Err(e) => log::error!(
                         "{id} tenant={}: cannot re-read the envelope: {e}",
@@ -403,7 +404,7 @@ impl Ledger {
     /// cannot be delivered goes to the postmaster; what nobody can take stays
     /// in the spool as failed. `announce` logs the "kept" case (not on rescans).
     pub fn finish_done(&mut self, id: &MessageId, envelope: &Envelope, announce: bool) {
-        let tenant = self.name().to_string();
+        let tenant = self.name.clone();
         self.queue.remove(id);
         if !envelope.any_failed() || envelope.bounced_as.is_some() {
             self.queue.unfail(id);
@@ -447,7 +448,7 @@ impl Ledger {
     }
 
     fn bounce(&mut self, id: &MessageId, envelope: &Envelope, announce: bool) {
-        let tenant = self.name().to_string();
+        let tenant = self.name.clone();
         let Some((to, stage)) = bounce::addressee(envelope, self.policy.postmaster.as_deref())
         else {
             if announce {
@@ -510,7 +511,7 @@ impl Ledger {
         }
         match policy.archive(
             &self.spool,
-            self.name(),
+            &self.name,
             id,
             &user,
             envelope.queued_at_ms / 1000,
@@ -537,7 +538,7 @@ impl Ledger {
         let Some(record) = self.unrecorded.get(id) else {
             return true;
         };
-        if let Err(e) = self.spool.append(self.name(), id, record) {
+        if let Err(e) = self.spool.append(&self.name, id, record) {
             log::error!(
                 "{id} tenant={}: still cannot record the delivery result: {e}",
                 self.name()

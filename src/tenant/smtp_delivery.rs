@@ -5,7 +5,8 @@
 
 use super::delivery::{Delivery, OpenError, Opened};
 use super::settings::SmtpSettings;
-use crate::config::{Secret, TenantName};
+use crate::base::names::TenantName;
+use crate::base::secret::Secret;
 use crate::oauth::{OAuthError, TokenSource};
 use crate::outcome;
 use crate::smtp::client::{self, Connected};
