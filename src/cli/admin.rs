@@ -65,7 +65,9 @@ pub fn parse(command: &str, args: &[String]) -> Result<Parsed, String> {
 fn report(cmd: &Invocation, command: &str, json: bool, response: &Response) -> Result<Exit, Exit> {
     if !response.ok {
         // The daemon refuses a reload only for an invalid configuration.
-        let code = if command == "reload" {
+        let code = if response.busy {
+            Exit::TempFail
+        } else if command == "reload" {
             Exit::Config
         } else {
             Exit::DataErr

@@ -27,7 +27,7 @@ use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const PICKUP: Token = Token(0);
 const SIGNALS: Token = Token(1);
@@ -156,6 +156,10 @@ impl Dispatcher {
                 Some(intake) => intake.expire_idle(registry, idle),
                 None => None,
             };
+            // Idle admin connections are closed at their deadline, the
+            // earliest of which bounds the wait as well.
+            let control = self.control.expire_idle(registry, Instant::now());
+            let timeout = earliest(timeout, control);
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -441,6 +445,14 @@ impl Dispatcher {
 }
 
 /// The offload thread has a full queue: the admin tries again.
+/// The sooner of two poll timeouts; none means no timeout.
+fn earliest(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
 fn busy() -> Response {
-    Response::error("the daemon is busy; try again in a moment")
+    Response::busy("the daemon is busy; try again in a moment")
 }
