@@ -11,4 +11,5 @@ pub mod hex;
 pub mod names;
 pub mod secret;
 pub mod stream;
+pub mod text;
 pub mod time;

@@ -2,6 +2,7 @@
 //! running daemon over its control socket. Exit 69 when it is not running.
 
 use super::{Exit, Flags, Invocation, NEEDS_TENANT};
+use crate::base::text::printable;
 use crate::control::{self, CallError, Request, Response, Selection};
 
 pub fn run(command: &str, args: &[String]) -> Exit {
@@ -98,7 +99,8 @@ fn print_status(result: &serde_json::Value) {
         "TENANT", "STATE", "RELAY", "QUEUED", "DEFERRED", "HELD", "FAILED", "DELIVERED", "BOUNCED"
     );
     for t in tenants {
-        let text = |key: &str| t[key].as_str().unwrap_or("").to_string();
+        // Relay replies reach last_error: escaped, so none drives the terminal.
+        let text = |key: &str| printable(t[key].as_str().unwrap_or("")).into_owned();
         let number = |key: &str| t[key].as_u64().unwrap_or(0);
         println!(
             "{:<16} {:<8} {:<28} {:>6} {:>8} {:>5} {:>6} {:>9} {:>7}  {}",

@@ -6,6 +6,7 @@ use super::{fail, Exit, Flags, Invocation};
 use crate::archive::verify::{self, Usage};
 use crate::archive::{self, Operator};
 use crate::base::names::TenantName;
+use crate::base::text::printable;
 use crate::config::Config;
 
 pub fn run(args: &[String]) -> Exit {
@@ -126,7 +127,7 @@ fn verify_all(name: &str, config: &Config, options: &Options) -> Result<Exit, Ex
                 problems += findings.len();
                 if !options.json {
                     for f in &findings {
-                        println!("{tenant}: {:?}: {}", f.problem, f.what);
+                        println!("{tenant}: {:?}: {}", f.problem, printable(&f.what));
                     }
                     if findings.is_empty() {
                         println!("{tenant}: ok");

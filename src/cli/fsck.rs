@@ -3,6 +3,7 @@
 //! files to quarantine, never deletes. Exit 1 when it found problems.
 
 use super::{Exit, Invocation};
+use crate::base::text::printable;
 use crate::spool::Spool;
 use serde::Serialize;
 
@@ -38,7 +39,13 @@ fn fsck(cmd: &Invocation) -> Result<Exit, Exit> {
         cmd.print_json(&report)?;
     } else {
         for f in &report.quarantined {
-            println!("quarantined {} {}: {}", f.tenant, f.id, f.reason);
+            // A stray's name comes from the disk: escaped for the terminal.
+            println!(
+                "quarantined {} {}: {}",
+                f.tenant,
+                printable(&f.id),
+                printable(&f.reason)
+            );
         }
         println!(
             "{} checked, {} ok, {} quarantined now, {} quarantined before",

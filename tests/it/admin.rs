@@ -453,6 +453,59 @@ fn control_socket_is_0660_and_answers_an_unknown_request_with_an_error() {
     }
 }
 
+/// A relay whose deferral carries a bare CR and ESC sequences that would
+/// erase the line and print a fake green "sent": `pbxmail queue` and `status`
+/// show them escaped, never raw on the admin's terminal.
+#[test]
+fn relay_control_characters_in_the_last_error_are_escaped_by_queue_and_status() {
+    let hostile = "450 4.2.0 busy\r\x1b[2K\x1b[32m250 2.0.0 status=sent\x1b[0m";
+    let server = TestServer::start(
+        ServerOptions {
+            rcpt_reply: Some(hostile.to_string()),
+            ..ServerOptions::default()
+        },
+        None,
+    );
+    let daemon = Daemon::bare("adm_escape_relay_text");
+    configure(
+        &daemon,
+        SLOW_RETRY,
+        &plain_tenant("acme", "acme.test", &server, ""),
+    );
+    let (_running, ids) = deferred_messages(&daemon, &["escaped"]);
+    let table = cli(&daemon, &["queue"]);
+    assert_eq!(table.code, 0, "{table:?}");
+    assert!(table.stdout.contains(&ids[0]), "{table:?}");
+    assert!(
+        !table.stdout.contains('\x1b') && !table.stdout.contains('\r'),
+        "raw control characters reached the terminal: {:?}",
+        table.stdout
+    );
+    assert!(
+        table
+            .stdout
+            .contains("busy\\r\\x1b[2K\\x1b[32m250 2.0.0 status=sent\\x1b[0m"),
+        "{}",
+        table.stdout
+    );
+    // The JSON keeps the text as it was (it is data, escaped by JSON itself).
+    let json: Vec<Value> =
+        serde_json::from_str(&cli(&daemon, &["queue", "--json"]).stdout).expect("queue JSON");
+    assert!(str_of(&json[0], "last_error").contains('\x1b'), "{json:?}");
+
+    let status = wait_for_tenant(&daemon, "acme", |t| !t["last_error"].is_null());
+    assert!(status["last_error"]
+        .as_str()
+        .is_some_and(|e| e.contains('\x1b')));
+    let table = cli(&daemon, &["status"]);
+    assert_eq!(table.code, 0, "{table:?}");
+    assert!(
+        !table.stdout.contains('\x1b') && !table.stdout.contains('\r'),
+        "{table:?}"
+    );
+    assert!(table.stdout.contains("\\x1b[32m250"), "{}", table.stdout);
+}
+
 /// 32 admin connections that never send a request must not lock out
 /// `status`: past the limit it is answered busy (exit 75), and the idle ones
 /// are closed after the control socket's idle timeout, so `status` answers.
