@@ -4,9 +4,10 @@
 //! tenant; the tenant worker decides when one is due (outcome of a message).
 
 use crate::base::names::MessageId;
+use crate::base::names::TenantName;
+use crate::base::time;
 use crate::spool::envelope::{BounceOf, BounceStage, Envelope, RcptStatus};
 use crate::spool::{Spool, SpoolError};
-use crate::time;
 use std::io::{BufRead, BufReader, Read, Write};
 
 /// Original headers quoted in a bounce; more is cut (RFC 3462 allows headers only).
@@ -32,7 +33,7 @@ pub struct Report<'a> {
 /// Writes the bounce for a failed message into the spool and returns its ID.
 pub fn queue(
     spool: &Spool,
-    tenant: &str,
+    tenant: &TenantName,
     report: &Report<'_>,
     to: &str,
     stage: BounceStage,
@@ -53,7 +54,7 @@ pub fn queue(
     submission.commit_as(tenant, "", &[to.to_string()], Some(bounce))
 }
 
-fn read_headers(spool: &Spool, tenant: &str, id: &MessageId) -> String {
+fn read_headers(spool: &Spool, tenant: &TenantName, id: &MessageId) -> String {
     let Ok(file) = spool.open_message(tenant, id) else {
         return String::from("(the original message could not be read)\r\n");
     };

@@ -3,7 +3,9 @@
 //! running daemon. One JSON request line in, one JSON reply line out, then
 //! the connection closes. Served non-blocking inside the dispatcher's mio
 //! loop; what a request *does* is the dispatcher's business, and its answer
-//! may come later (from work done off the loop) through `respond`.
+//! may come later (from work done off the loop) through `respond`. A client
+//! gets a few seconds to send its request and to read the answer
+//! (`expire_idle`); past the connection limit it is answered busy at once.
 
 use mio::net::{UnixListener, UnixStream};
 use mio::{Interest, Registry, Token};
@@ -12,11 +14,16 @@ use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 /// A request is one short line; anything longer is not ours.
 const MAX_REQUEST: usize = 64 * 1024;
-/// Admin tools are few; more connections than this wait in the backlog.
+/// Admin tools are few; past this many connections a new one is answered busy.
 const MAX_CONNECTIONS: usize = 32;
+/// The CLI writes its request as soon as it connects and reads the answer as
+/// soon as it comes: a connection silent this long only holds a slot that
+/// `status`, `reload` and `flush` need, and is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "command", rename_all = "snake_case")]
@@ -48,6 +55,10 @@ pub struct Response {
     pub error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result: Option<serde_json::Value>,
+    /// Refused for now only (too many connections, work queued up): the
+    /// same request may succeed in a moment.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub busy: bool,
 }
 
 impl Response {
@@ -56,6 +67,7 @@ impl Response {
             ok: true,
             error: None,
             result: Some(result),
+            busy: false,
         }
     }
 
@@ -64,7 +76,23 @@ impl Response {
             ok: false,
             error: Some(message.into()),
             result: None,
+            busy: false,
         }
+    }
+
+    /// A temporary refusal: the CLI says so and exits 75 (try again).
+    pub fn busy(message: impl Into<String>) -> Response {
+        Response {
+            busy: true,
+            ..Response::error(message)
+        }
+    }
+
+    /// The JSON line on the wire.
+    fn line(&self) -> Vec<u8> {
+        let mut line = serde_json::to_vec(self).unwrap_or_else(|_| br#"{"ok":false}"#.to_vec());
+        line.push(b'\n');
+        line
     }
 }
 
@@ -75,6 +103,9 @@ struct Connection {
     input: Vec<u8>,
     output: Vec<u8>,
     written: usize,
+    /// When it is closed unless its request (or the reading of its answer)
+    /// is done by then; none while the dispatcher's answer is due.
+    deadline: Option<Instant>,
 }
 
 /// Connection tokens are `first_token + n`; the listener has `first_token - 1`.
@@ -170,6 +201,7 @@ impl ControlServer {
                         match parse(line) {
                             Ok(request) => {
                                 conn.awaiting = true;
+                                conn.deadline = None;
                                 return vec![Event::Request(token, request)];
                             }
                             Err(why) => {
@@ -198,11 +230,10 @@ impl ControlServer {
         let Some(conn) = self.connections.get_mut(&token) else {
             return;
         };
-        let mut line = serde_json::to_vec(response).unwrap_or_else(|_| br#"{"ok":false}"#.to_vec());
-        line.push(b'\n');
         conn.awaiting = false;
-        conn.output = line;
+        conn.output = response.line();
         conn.written = 0;
+        conn.deadline = Some(Instant::now() + IDLE_TIMEOUT);
         match flush(conn) {
             Ok(false) => {
                 let _ = registry.reregister(&mut conn.stream, token, Interest::WRITABLE);
@@ -216,7 +247,15 @@ impl ControlServer {
             match self.listener.accept() {
                 Ok((mut stream, _)) => {
                     if self.connections.len() >= MAX_CONNECTIONS {
-                        continue; // dropped: the client sees the connection close
+                        // Answered, not dropped: the admin reads why. One short
+                        // line fits a fresh socket's buffer, so this never blocks.
+                        let busy = Response::busy(format!(
+                            "busy, try again: the daemon already serves {MAX_CONNECTIONS} control \
+                             connections (each is closed after {}s without a request)",
+                            IDLE_TIMEOUT.as_secs()
+                        ));
+                        let _ = stream.write(&busy.line());
+                        continue;
                     }
                     let token = Token(self.first_token + self.next);
                     self.next = (self.next + 1) % 1_000_000;
@@ -232,6 +271,7 @@ impl ControlServer {
                                 input: Vec::new(),
                                 output: Vec::new(),
                                 written: 0,
+                                deadline: Some(Instant::now() + IDLE_TIMEOUT),
                             },
                         );
                     }
@@ -244,6 +284,35 @@ impl ControlServer {
                 }
             }
         }
+    }
+
+    /// Closes the connections whose deadline has passed (one still waiting
+    /// for its request is told why) and returns how long until the next
+    /// deadline: the loop's poll timeout, so nothing polls on a timer.
+    pub fn expire_idle(&mut self, registry: &Registry, now: Instant) -> Option<Duration> {
+        let expired: Vec<Token> = self
+            .connections
+            .iter()
+            .filter(|(_, c)| c.deadline.is_some_and(|d| d <= now))
+            .map(|(token, _)| *token)
+            .collect();
+        for token in expired {
+            if let Some(conn) = self.connections.get_mut(&token) {
+                if conn.output.is_empty() {
+                    let why = Response::error(format!(
+                        "no request within {}s; connection closed",
+                        IDLE_TIMEOUT.as_secs()
+                    ));
+                    let _ = conn.stream.write(&why.line());
+                }
+            }
+            self.close(registry, token);
+        }
+        self.connections
+            .values()
+            .filter_map(|c| c.deadline)
+            .min()
+            .map(|d| d.saturating_duration_since(now))
     }
 
     fn close(&mut self, registry: &Registry, token: Token) {
@@ -294,12 +363,18 @@ pub fn call(path: &Path, request: &Request) -> Result<Response, CallError> {
     stream.set_write_timeout(timeout).map_err(CallError::Io)?;
     let mut line = serde_json::to_vec(request).map_err(|e| CallError::Io(io::Error::other(e)))?;
     line.push(b'\n');
-    (&stream).write_all(&line).map_err(CallError::Io)?;
+    // A daemon at its connection limit answers busy and closes before it
+    // reads: the write may fail (EPIPE), but its answer is still there to read.
+    let sent = (&stream).write_all(&line);
     let mut reply = String::new();
-    io::BufReader::new(&stream)
+    let read = io::BufReader::new(&stream)
         .take(16 * 1024 * 1024)
-        .read_line(&mut reply)
-        .map_err(CallError::Io)?;
+        .read_line(&mut reply);
+    match (sent, read) {
+        (_, Ok(n)) if n > 0 => {}
+        (Err(e), _) | (Ok(()), Err(e)) => return Err(CallError::Io(e)),
+        (Ok(()), Ok(_)) => {}
+    }
     serde_json::from_str(&reply).map_err(|e| {
         CallError::Io(io::Error::other(format!(
             "unreadable reply from the daemon: {e}"
@@ -381,6 +456,54 @@ mod tests {
             }
         }
         None
+    }
+
+    #[test]
+    fn idle_connections_expire_at_their_deadline_and_one_past_the_limit_is_answered_busy() {
+        use std::io::BufRead;
+        let dir = std::env::temp_dir().join(format!("pbxmail-control-idle-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("control.sock");
+        let mut poll = mio::Poll::new().unwrap();
+        let mut server = ControlServer::bind(&path, poll.registry(), Token(1), 10).unwrap();
+        let idle: Vec<_> = (0..MAX_CONNECTIONS)
+            .map(|_| std::os::unix::net::UnixStream::connect(&path).unwrap())
+            .collect();
+        let extra = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        let mut events = mio::Events::with_capacity(8);
+        while server.connections.len() < MAX_CONNECTIONS {
+            poll.poll(&mut events, Some(Duration::from_secs(5)))
+                .unwrap();
+            for event in events.iter() {
+                server.ready(poll.registry(), event.token());
+            }
+        }
+        // The one past the limit reads why, then the close.
+        let mut line = String::new();
+        io::BufReader::new(&extra).read_line(&mut line).unwrap();
+        let busy: Response = serde_json::from_str(&line).unwrap();
+        assert!(busy.busy && !busy.ok, "{line}");
+        assert!(busy.error.unwrap().starts_with("busy, try again"));
+
+        // Before the deadline nothing goes; the timeout left is at most IDLE_TIMEOUT.
+        let now = Instant::now();
+        let left = server.expire_idle(poll.registry(), now).unwrap();
+        assert!(left <= IDLE_TIMEOUT);
+        assert_eq!(server.connections.len(), MAX_CONNECTIONS);
+        // At it, every idle connection is told and closed; none is left to wait for.
+        assert_eq!(
+            server.expire_idle(poll.registry(), now + IDLE_TIMEOUT),
+            None
+        );
+        assert!(server.connections.is_empty());
+        for client in &idle {
+            let mut text = String::new();
+            io::BufReader::new(client)
+                .read_to_string(&mut text)
+                .unwrap();
+            assert!(text.contains("no request within"), "{text}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -4,7 +4,6 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 mod accounts;
-mod address;
 mod advice;
 mod archive;
 mod base;
@@ -21,7 +20,6 @@ mod privilege;
 mod smtp;
 mod spool;
 mod tenant;
-mod time;
 mod tls;
 
 fn main() {

@@ -86,7 +86,7 @@ impl Outcome {
                 Outcome::Bounce {
                     reason: format!(
                         "4.4.7 gave up after {} in the queue; last error: {reason}",
-                        crate::time::human_duration(age_ms / 1000)
+                        crate::base::time::human_duration(age_ms / 1000)
                     ),
                 }
             }

@@ -15,6 +15,7 @@ pub mod verify;
 use crate::base::clock::now_secs;
 use crate::base::fs::sync_dir;
 use crate::base::names::MessageId;
+use crate::base::names::TenantName;
 use crate::spool::Spool;
 use journal::Entry;
 use std::fs::{self, File, OpenOptions};
@@ -33,11 +34,11 @@ pub struct Policy {
 }
 
 /// The folder of one tenant's archive.
-pub fn tenant_dir(root: &Path, tenant: &str) -> PathBuf {
-    root.join(tenant)
+pub fn tenant_dir(root: &Path, tenant: &TenantName) -> PathBuf {
+    root.join(tenant.as_str())
 }
 
-pub fn journal_path(root: &Path, tenant: &str) -> PathBuf {
+pub fn journal_path(root: &Path, tenant: &TenantName) -> PathBuf {
     tenant_dir(root, tenant).join("journal")
 }
 
@@ -87,7 +88,7 @@ impl Policy {
     pub fn archive(
         &self,
         spool: &Spool,
-        tenant: &str,
+        tenant: &TenantName,
         id: &MessageId,
         user: &str,
         queued_at_secs: u64,
@@ -249,7 +250,11 @@ pub(crate) mod fixture {
             let mut sub = self.spool.begin_submission().unwrap();
             sub.write_all(message).unwrap();
             let id = sub
-                .commit("acme", "101@acme.example", &["a@x.example".into()])
+                .commit(
+                    &TenantName::parse("acme").unwrap(),
+                    "101@acme.example",
+                    &["a@x.example".into()],
+                )
                 .unwrap();
             self.archive_again(&id);
             id
@@ -258,7 +263,13 @@ pub(crate) mod fixture {
         /// Archives a queued message once more, as a retry would.
         pub(crate) fn archive_again(&self, id: &MessageId) {
             self.policy
-                .archive(&self.spool, "acme", id, "101", 1)
+                .archive(
+                    &self.spool,
+                    &TenantName::parse("acme").unwrap(),
+                    id,
+                    "101",
+                    1,
+                )
                 .unwrap();
         }
     }
@@ -293,7 +304,11 @@ mod tests {
             .unwrap()
             .collect();
         assert_eq!(files.len(), 1);
-        let records = journal::read_all(&journal_path(&policy.root, "acme")).unwrap();
+        let records = journal::read_all(&journal_path(
+            &policy.root,
+            &TenantName::parse("acme").unwrap(),
+        ))
+        .unwrap();
         assert_eq!(records.len(), 1);
         let mode = fs::metadata(base.join("archive/acme/101"))
             .unwrap()
@@ -308,7 +323,7 @@ mod tests {
     fn a_retry_after_a_long_journal_adds_no_second_record() {
         let scene = Scene::new("archive-long");
         let base = &scene.base;
-        let journal = journal_path(&scene.policy.root, "acme");
+        let journal = journal_path(&scene.policy.root, &TenantName::parse("acme").unwrap());
         let id = scene.archive(b"Message-ID: <m1@x>\r\n\r\nbody\r\n");
         journal::pad(&journal, 2000).unwrap();
         assert!(fs::metadata(&journal).unwrap().len() > 512 * 1024);

@@ -5,6 +5,7 @@
 
 use super::journal::{self, Entry, Line};
 use super::{journal_path, tenant_dir, Operator};
+use crate::base::names::TenantName;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -47,7 +48,7 @@ struct Archived {
 /// Reads the journal and indexes what it says the archive holds.
 fn index(
     root: &Path,
-    tenant: &str,
+    tenant: &TenantName,
     findings: &mut Vec<Finding>,
 ) -> io::Result<(BTreeMap<String, Archived>, BTreeSet<u64>)> {
     let mut files = BTreeMap::new();
@@ -122,7 +123,7 @@ fn index(
 }
 
 /// Every problem in one tenant's archive; empty means it is intact.
-pub fn verify(root: &Path, tenant: &str) -> io::Result<Vec<Finding>> {
+pub fn verify(root: &Path, tenant: &TenantName) -> io::Result<Vec<Finding>> {
     let mut findings = Vec::new();
     let (files, pruned) = index(root, tenant, &mut findings)?;
     let on_disk = archived_files(&tenant_dir(root, tenant))?;
@@ -210,7 +211,7 @@ pub struct Pruned {
 /// call Deleted). Running prune again removes what such a run left.
 pub fn prune(
     root: &Path,
-    tenant: &str,
+    tenant: &TenantName,
     before: u64,
     before_text: &str,
     by: &Operator,
@@ -241,7 +242,7 @@ pub fn prune(
 /// interrupted prune left behind.
 fn journal_prune(
     root: &Path,
-    tenant: &str,
+    tenant: &TenantName,
     before: u64,
     before_text: &str,
     by: &Operator,
@@ -300,14 +301,14 @@ pub struct Usage {
 }
 
 /// Archived messages and bytes per user and month, from the journal.
-pub fn usage(root: &Path, tenant: &str, month: Option<&str>) -> io::Result<Vec<Usage>> {
+pub fn usage(root: &Path, tenant: &TenantName, month: Option<&str>) -> io::Result<Vec<Usage>> {
     let mut sums: BTreeMap<(String, String), (u64, u64)> = BTreeMap::new();
     for line in journal::read_all(&journal_path(root, tenant))? {
         let Line::Record(record) = line else { continue };
         let Entry::Archived { user, size, .. } = record.entry else {
             continue;
         };
-        let this_month = crate::time::rfc3339(record.time)
+        let this_month = crate::base::time::rfc3339(record.time)
             .get(..7)
             .unwrap_or_default()
             .to_string();
@@ -349,7 +350,14 @@ mod tests {
         };
 
         // Prune's first half only: the process dies before removing anything.
-        let (first, files) = journal_prune(&root, "acme", u64::MAX, "2100-01-01", &by).unwrap();
+        let (first, files) = journal_prune(
+            &root,
+            &TenantName::parse("acme").unwrap(),
+            u64::MAX,
+            "2100-01-01",
+            &by,
+        )
+        .unwrap();
         assert_eq!(
             first,
             Pruned {
@@ -360,7 +368,8 @@ mod tests {
         );
         assert_eq!(files.len(), 2);
         assert!(files.iter().all(|f| f.exists()), "{files:?}");
-        let records = journal::read_all(&journal_path(&root, "acme")).unwrap();
+        let records =
+            journal::read_all(&journal_path(&root, &TenantName::parse("acme").unwrap())).unwrap();
         let Some(Line::Record(last)) = records.last() else {
             panic!("no prune record");
         };
@@ -374,10 +383,19 @@ mod tests {
                 sudo_user: Some("bob".into()),
             }
         );
-        assert!(verify(&root, "acme").unwrap().is_empty());
+        assert!(verify(&root, &TenantName::parse("acme").unwrap())
+            .unwrap()
+            .is_empty());
 
         // Run again: the files go, and no second record says so.
-        let again = prune(&root, "acme", u64::MAX, "2100-01-01", &by).unwrap();
+        let again = prune(
+            &root,
+            &TenantName::parse("acme").unwrap(),
+            u64::MAX,
+            "2100-01-01",
+            &by,
+        )
+        .unwrap();
         assert_eq!(
             again,
             Pruned {
@@ -388,11 +406,13 @@ mod tests {
         );
         assert!(files.iter().all(|f| !f.exists()), "{files:?}");
         assert_eq!(
-            journal::read_all(&journal_path(&root, "acme"))
+            journal::read_all(&journal_path(&root, &TenantName::parse("acme").unwrap()))
                 .unwrap()
                 .len(),
             3
         );
-        assert!(verify(&root, "acme").unwrap().is_empty());
+        assert!(verify(&root, &TenantName::parse("acme").unwrap())
+            .unwrap()
+            .is_empty());
     }
 }

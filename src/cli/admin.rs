@@ -2,6 +2,7 @@
 //! running daemon over its control socket. Exit 69 when it is not running.
 
 use super::{Exit, Flags, Invocation, NEEDS_TENANT};
+use crate::base::text::printable;
 use crate::control::{self, CallError, Request, Response, Selection};
 
 pub fn run(command: &str, args: &[String]) -> Exit {
@@ -65,7 +66,9 @@ pub fn parse(command: &str, args: &[String]) -> Result<Parsed, String> {
 fn report(cmd: &Invocation, command: &str, json: bool, response: &Response) -> Result<Exit, Exit> {
     if !response.ok {
         // The daemon refuses a reload only for an invalid configuration.
-        let code = if command == "reload" {
+        let code = if response.busy {
+            Exit::TempFail
+        } else if command == "reload" {
             Exit::Config
         } else {
             Exit::DataErr
@@ -96,7 +99,8 @@ fn print_status(result: &serde_json::Value) {
         "TENANT", "STATE", "RELAY", "QUEUED", "DEFERRED", "HELD", "FAILED", "DELIVERED", "BOUNCED"
     );
     for t in tenants {
-        let text = |key: &str| t[key].as_str().unwrap_or("").to_string();
+        // Relay replies reach last_error: escaped, so none drives the terminal.
+        let text = |key: &str| printable(t[key].as_str().unwrap_or("")).into_owned();
         let number = |key: &str| t[key].as_u64().unwrap_or(0);
         println!(
             "{:<16} {:<8} {:<28} {:>6} {:>8} {:>5} {:>6} {:>9} {:>7}  {}",

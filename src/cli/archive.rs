@@ -4,7 +4,9 @@
 
 use super::{fail, Exit, Flags, Invocation};
 use crate::archive::verify::{self, Usage};
-use crate::archive::Operator;
+use crate::archive::{self, Operator};
+use crate::base::names::TenantName;
+use crate::base::text::printable;
 use crate::config::Config;
 
 pub fn run(args: &[String]) -> Exit {
@@ -78,33 +80,35 @@ fn month(text: &str) -> Result<String, String> {
 }
 
 /// The tenants to act on: one named, or every tenant with an archive folder
-/// or `archive = yes`. An unknown name is `action`'s usage error.
-fn tenants(action: &str, config: &Config, only: Option<&str>) -> Result<Vec<String>, Exit> {
+/// or `archive = yes`. An unknown name is `action`'s usage error. A folder
+/// whose name is no tenant name was not made by pbxmail and is skipped.
+fn tenants(action: &str, config: &Config, only: Option<&str>) -> Result<Vec<TenantName>, Exit> {
     if let Some(name) = only {
-        let known = config.tenants.iter().any(|t| t.name.as_str() == name)
-            || config.daemon.archive_dir.join(name).is_dir();
-        return if known {
-            Ok(vec![name.to_string()])
-        } else {
-            Err(fail(
+        let known = TenantName::parse(name).ok().filter(|name| {
+            config.tenants.iter().any(|t| &t.name == name)
+                || archive::tenant_dir(&config.daemon.archive_dir, name).is_dir()
+        });
+        return match known {
+            Some(name) => Ok(vec![name]),
+            None => Err(fail(
                 action,
                 Exit::Usage,
                 format!("no tenant named {name:?}"),
-            ))
+            )),
         };
     }
-    let mut names: Vec<String> = config
+    let mut names: Vec<TenantName> = config
         .tenants
         .iter()
         .filter(|t| t.archive)
-        .map(|t| t.name.as_str().to_string())
+        .map(|t| t.name.clone())
         .collect();
     if let Ok(entries) = std::fs::read_dir(&config.daemon.archive_dir) {
         names.extend(
             entries
                 .filter_map(Result::ok)
                 .filter(|e| e.path().is_dir())
-                .map(|e| e.file_name().to_string_lossy().into_owned()),
+                .filter_map(|e| TenantName::parse(&e.file_name().to_string_lossy()).ok()),
         );
     }
     names.sort();
@@ -123,7 +127,7 @@ fn verify_all(name: &str, config: &Config, options: &Options) -> Result<Exit, Ex
                 problems += findings.len();
                 if !options.json {
                     for f in &findings {
-                        println!("{tenant}: {:?}: {}", f.problem, f.what);
+                        println!("{tenant}: {:?}: {}", f.problem, printable(&f.what));
                     }
                     if findings.is_empty() {
                         println!("{tenant}: ok");
@@ -149,7 +153,8 @@ fn prune(name: &str, config: &Config, options: &Options) -> Result<Exit, Exit> {
         eprintln!("usage: pbxmail archive prune --tenant T --before YYYY-MM-DD");
         return Err(Exit::Usage);
     };
-    let Some(cutoff) = crate::time::parse_date(before) else {
+    let tenant = TenantName::parse(tenant).map_err(|e| fail(name, Exit::Usage, e))?;
+    let Some(cutoff) = crate::base::time::parse_date(before) else {
         return Err(fail(
             name,
             Exit::Usage,
@@ -157,7 +162,7 @@ fn prune(name: &str, config: &Config, options: &Options) -> Result<Exit, Exit> {
         ));
     };
     let by = Operator::current();
-    match verify::prune(&config.daemon.archive_dir, tenant, cutoff, before, &by) {
+    match verify::prune(&config.daemon.archive_dir, &tenant, cutoff, before, &by) {
         Ok(done) => {
             // The one line an admin (or cron's mail) sees: nothing is logged.
             let mut line = format!(

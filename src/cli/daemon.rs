@@ -1,6 +1,7 @@
 //! `pbxmail daemon`: sets up logging and runs the daemon in the foreground.
 
 use super::{Exit, Invocation};
+use crate::base::text::printable;
 use std::io::Write;
 
 pub fn run(args: &[String]) -> Exit {
@@ -32,11 +33,15 @@ fn init_logging(level: log::LevelFilter) {
         builder.parse_filters(&spec);
     }
     builder.format(move |out, record| {
+        // Log lines quote relays and files: their control characters are
+        // escaped, so none can forge a line or drive a terminal.
+        let text = record.args().to_string();
+        let text = printable(&text);
         if under_journal {
-            writeln!(out, "{}: {}", record.level(), record.args())
+            writeln!(out, "{}: {text}", record.level())
         } else {
-            let stamp = crate::time::rfc3339(crate::base::clock::now_secs());
-            writeln!(out, "{stamp} {}: {}", record.level(), record.args())
+            let stamp = crate::base::time::rfc3339(crate::base::clock::now_secs());
+            writeln!(out, "{stamp} {}: {text}", record.level())
         }
     });
     builder.init();

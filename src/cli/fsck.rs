@@ -3,6 +3,7 @@
 //! files to quarantine, never deletes. Exit 1 when it found problems.
 
 use super::{Exit, Invocation};
+use crate::base::text::printable;
 use crate::spool::Spool;
 use serde::Serialize;
 
@@ -38,7 +39,13 @@ fn fsck(cmd: &Invocation) -> Result<Exit, Exit> {
         cmd.print_json(&report)?;
     } else {
         for f in &report.quarantined {
-            println!("quarantined {} {}: {}", f.tenant, f.id, f.reason);
+            // A stray's name comes from the disk: escaped for the terminal.
+            println!(
+                "quarantined {} {}: {}",
+                f.tenant,
+                printable(&f.id),
+                printable(&f.reason)
+            );
         }
         println!(
             "{} checked, {} ok, {} quarantined now, {} quarantined before",
@@ -80,7 +87,7 @@ fn check(spool: &Spool) -> Result<Report, crate::spool::SpoolError> {
                 Err(reason) => {
                     spool.quarantine(&tenant, &id, &reason)?;
                     report.quarantined.push(Finding {
-                        tenant: tenant.clone(),
+                        tenant: tenant.to_string(),
                         id: id.to_string(),
                         reason,
                     });
@@ -95,7 +102,7 @@ fn check(spool: &Spool) -> Result<Report, crate::spool::SpoolError> {
             let reason = "not a spool file (unknown name or type)".to_string();
             spool.quarantine_stray(&tenant, &stray, &reason)?;
             report.quarantined.push(Finding {
-                tenant: tenant.clone(),
+                tenant: tenant.to_string(),
                 id: format!("stray.{name}"),
                 reason,
             });

@@ -11,6 +11,7 @@ mod queue;
 mod sendmail;
 mod test;
 
+use crate::base::text::printable_lines;
 use crate::config::{self, Config, TenantConfig};
 use serde::Serialize;
 use std::fmt::Display;
@@ -232,7 +233,8 @@ impl<'a> Iterator for Flags<'a> {
 /// Prints `pbxmail COMMAND: what` and gives `code`: the form of every
 /// failure a command reports.
 fn fail(command: &str, code: Exit, what: impl Display) -> Exit {
-    eprintln!("pbxmail {command}: {what}");
+    // `what` may quote the daemon, a relay or a file: escaped for the terminal.
+    eprintln!("pbxmail {command}: {}", printable_lines(&what.to_string()));
     code
 }
 

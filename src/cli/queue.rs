@@ -2,9 +2,10 @@
 //! daemon stopped. `--json` gives the interface's shape.
 
 use super::{Exit, Flags, Invocation, NEEDS_TENANT};
+use crate::base::text::printable;
+use crate::base::time::rfc3339;
 use crate::spool::envelope::RcptStatus;
 use crate::spool::Spool;
-use crate::time::rfc3339;
 use serde::Serialize;
 
 #[derive(Debug, Serialize)]
@@ -80,7 +81,7 @@ fn collect(
 ) -> Result<Vec<QueueEntry>, crate::spool::SpoolError> {
     let mut entries = Vec::new();
     for tenant in spool.tenants()? {
-        if only_tenant.is_some_and(|t| t != tenant) {
+        if only_tenant.is_some_and(|t| t != tenant.as_str()) {
             continue;
         }
         for id in spool.message_ids(&tenant)? {
@@ -101,7 +102,7 @@ fn collect(
                     };
                     QueueEntry {
                         id: id.to_string(),
-                        tenant: tenant.clone(),
+                        tenant: tenant.to_string(),
                         tenant_configured: true,
                         sender: env.sender.clone(),
                         recipients: env
@@ -125,7 +126,7 @@ fn collect(
                 Err(e) if e.is_not_found() => continue,
                 Err(e) => QueueEntry {
                     id: id.to_string(),
-                    tenant: tenant.clone(),
+                    tenant: tenant.to_string(),
                     tenant_configured: true,
                     sender: String::new(),
                     recipients: Vec::new(),
@@ -174,11 +175,21 @@ fn collect(
 }
 
 fn print_table(entries: &[QueueEntry]) {
+    print!("{}", table(entries));
+}
+
+/// The human listing. Sender, recipients and the last error come from the
+/// envelope, the error from a relay's reply: control characters in them are
+/// escaped, so a hostile relay cannot draw on the admin's terminal.
+fn table(entries: &[QueueEntry]) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
     if entries.is_empty() {
-        println!("Mail queue is empty");
-        return;
+        out.push_str("Mail queue is empty\n");
+        return out;
     }
-    println!(
+    let _ = writeln!(
+        out,
         "{:<24} {:<9} {:<16} {:>9}  {:<20}  SENDER -> RECIPIENTS",
         "ID", "STATE", "TENANT", "SIZE", "QUEUED"
     );
@@ -188,25 +199,76 @@ fn print_table(entries: &[QueueEntry]) {
         } else {
             e.sender.as_str()
         };
-        println!(
+        let _ = writeln!(
+            out,
             "{:<24} {:<9} {:<16} {:>9}  {:<20}  {} -> {}",
             e.id,
             e.state,
             e.tenant,
             e.size,
             e.queued_at,
-            sender,
-            e.recipients.join(", ")
+            printable(sender),
+            printable(&e.recipients.join(", "))
         );
         if !e.tenant_configured {
-            println!(
+            let _ = writeln!(
+                out,
                 "{:<24} no tenant: [tenant:{}] is not in the configuration; kept, unsent, until it is",
                 "", e.tenant
             );
         }
         if let Some(error) = &e.last_error {
-            println!("{:<24} last error: {error}", "");
+            let _ = writeln!(out, "{:<24} last error: {}", "", printable(error));
         }
     }
-    println!("-- {} messages", entries.len());
+    let _ = writeln!(out, "-- {} messages", entries.len());
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::base::names::TenantName;
+    use crate::spool::envelope::{RcptResult, Record};
+    use std::io::Write;
+
+    #[test]
+    fn relay_text_with_esc_and_cr_in_the_last_error_is_shown_escaped() {
+        let dir = std::env::temp_dir().join(format!("pbxmail-queue-escape-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let spool = Spool::new(&dir);
+        spool.create_layout().unwrap();
+        let acme = TenantName::parse("acme").unwrap();
+        let mut submission = spool.begin_submission().unwrap();
+        submission.write_all(b"Subject: x\r\n\r\nbody\r\n").unwrap();
+        let id = submission
+            .commit(&acme, "a@acme.test", &["b@x.test".to_string()])
+            .unwrap();
+        let hostile = "451 4.3.0 try later\r\x1b[1A\x1b[2K\x1b[32m250 2.0.0 status=sent\x1b[0m";
+        let deferred = Record::Attempt {
+            at_ms: 1,
+            results: vec![RcptResult {
+                rcpt: 0,
+                status: RcptStatus::Pending,
+                reply: hostile.into(),
+            }],
+            next_attempt_ms: Some(2),
+            error: Some(hostile.into()),
+        };
+        spool.append(&acme, &id, &deferred).unwrap();
+
+        let entries = collect(&spool, None).unwrap();
+        let shown = table(&entries);
+        assert!(
+            !shown.contains('\x1b') && !shown.contains('\r'),
+            "{shown:?}"
+        );
+        assert!(
+            shown.contains(
+                "last error: 451 4.3.0 try later\\r\\x1b[1A\\x1b[2K\\x1b[32m250 2.0.0 status=sent\\x1b[0m"
+            ),
+            "{shown}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

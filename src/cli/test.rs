@@ -5,12 +5,13 @@
 //! Exit 0 only when the relay accepted the test message (250 to its data).
 
 use super::{load_config, take_config_flag, Exit};
-use crate::address;
 use crate::advice;
+use crate::base::address;
+use crate::base::time;
 use crate::outcome;
 use crate::smtp::client;
 use crate::smtp::session::{Outgoing, Trace};
-use crate::{spool, time, tls};
+use crate::tls;
 
 struct Args {
     tenant: String,
@@ -157,13 +158,13 @@ fn failed(what: &str, advice: Option<String>) -> Exit {
 }
 
 fn test_message(from: &str, to: &str, tenant: &str, hostname: &str) -> Vec<u8> {
-    let now = spool::unix_millis() / 1000;
+    let now = crate::base::clock::now_ms() / 1000;
     format!(
         "From: <{from}>\r\nTo: <{to}>\r\nSubject: pbxmail test message (tenant {tenant})\r\n\
          Date: {}\r\nMessage-ID: <{}.test@{hostname}>\r\nAuto-Submitted: auto-generated\r\n\r\n\
          This message was sent by `pbxmail test` to check tenant {tenant}'s relay.\r\n",
         time::rfc5322(now),
-        spool::MessageId::generate()
+        crate::base::names::MessageId::generate()
     )
     .into_bytes()
 }

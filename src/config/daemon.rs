@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::section::{Problems, Section};
-use super::tenant::TenantName;
 use super::values::*;
+use crate::base::names::TenantName;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct DaemonConfig {
@@ -83,6 +83,20 @@ pub enum FreeSpace {
     Bytes(u64),
 }
 
+const SECOND: Duration = Duration::from_secs(1);
+const HOUR: Duration = Duration::from_secs(3600);
+/// How long mail may wait in the queue at most (README "Configuration").
+pub(super) const QUEUE_LIFETIME: (Duration, Duration) = (SECOND, Duration::from_secs(30 * 86_400));
+/// retry_min and retry_max.
+pub(super) const RETRY: (Duration, Duration) = (SECOND, Duration::from_secs(7 * 86_400));
+/// listen_idle_timeout, like the relay timeouts.
+pub(super) const LISTEN_IDLE: (Duration, Duration) = (SECOND, HOUR);
+/// listen_max_connections: each holds buffers allocated at start.
+pub(super) const LISTEN_CONNECTIONS: (u32, u32) = (1, 10_000);
+pub(super) const LISTEN_RECIPIENTS: (u32, u32) = (1, 10_000);
+/// listen_max_message_size: 1 byte to 4 GiB.
+pub(super) const LISTEN_MESSAGE_SIZE: (u64, u64) = (1, 4 << 30);
+
 pub(super) const DAEMON_KEYS: &[&str] = &[
     "spool_dir",
     "archive_dir",
@@ -110,30 +124,31 @@ pub(super) fn daemon_config(sec: &Section, out: &mut Problems) -> DaemonConfig {
         max_message_size: sec.value_or(
             out,
             "listen_max_message_size",
-            parse_size,
+            size_within(LISTEN_MESSAGE_SIZE.0, LISTEN_MESSAGE_SIZE.1),
             limits.max_message_size,
         ),
         max_recipients: sec.value_or(
             out,
             "listen_max_recipients",
-            parse_messages_per_session,
+            count_within(LISTEN_RECIPIENTS.0, LISTEN_RECIPIENTS.1),
             limits.max_recipients,
         ),
         idle_timeout: sec.value_or(
             out,
             "listen_idle_timeout",
-            parse_nonzero_duration,
+            duration_within(LISTEN_IDLE.0, LISTEN_IDLE.1),
             limits.idle_timeout,
         ),
         max_connections: sec.value_or(
             out,
             "listen_max_connections",
-            parse_messages_per_session,
+            count_within(LISTEN_CONNECTIONS.0, LISTEN_CONNECTIONS.1),
             limits.max_connections,
         ),
     };
-    let retry_min = sec.value_or(out, "retry_min", parse_nonzero_duration, d.retry_min);
-    let retry_max = sec.value_or(out, "retry_max", parse_nonzero_duration, d.retry_max);
+    let retry = duration_within(RETRY.0, RETRY.1);
+    let retry_min = sec.value_or(out, "retry_min", &retry, d.retry_min);
+    let retry_max = sec.value_or(out, "retry_max", &retry, d.retry_max);
     if retry_max < retry_min {
         let key = if sec.is_set("retry_max") {
             "retry_max"
@@ -168,7 +183,7 @@ pub(super) fn daemon_config(sec: &Section, out: &mut Problems) -> DaemonConfig {
         max_queue_lifetime: sec.value_or(
             out,
             "max_queue_lifetime",
-            parse_nonzero_duration,
+            duration_within(QUEUE_LIFETIME.0, QUEUE_LIFETIME.1),
             d.max_queue_lifetime,
         ),
         retry_min,

@@ -12,15 +12,13 @@ mod tenant;
 mod tests;
 mod values;
 
+use crate::base::names::TenantName;
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
 pub use daemon::{DaemonConfig, FreeSpace, ListenAddr, ListenLimits};
-pub use tenant::{
-    ArchiveUsers, AuthMode, DomainPattern, RateLimit, Relay, Secret, TenantConfig, TenantName,
-    TlsMode,
-};
+pub use tenant::{ArchiveUsers, AuthMode, DomainPattern, RateLimit, Relay, TenantConfig, TlsMode};
 
 use daemon::{daemon_config, DAEMON_KEYS};
 use ini::{read_raw, RawSection};

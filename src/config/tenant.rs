@@ -8,8 +8,8 @@ use super::provider::{Preset, Provider};
 use super::section::{Problems, Section};
 use super::values::*;
 
-// Moved to the bottom floor; re-exported so `config::TenantName` keeps working.
-pub use crate::base::names::TenantName;
+use crate::base::names::TenantName;
+use crate::base::secret::Secret;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct TenantConfig {
@@ -176,8 +176,10 @@ pub enum ArchiveUsers {
     List(Vec<String>),
 }
 
-// Moved to the bottom floor; re-exported so `config::Secret` keeps working.
-pub use crate::base::secret::Secret;
+/// connect_timeout, command_timeout and data_timeout: 1 s to 1 h.
+pub(super) const RELAY_TIMEOUT: (Duration, Duration) =
+    (Duration::from_secs(1), Duration::from_secs(3600));
+pub(super) const MESSAGES_PER_SESSION: (u32, u32) = (1, 10_000);
 
 pub(super) const TENANT_KEYS: &[&str] = &[
     "domains",
@@ -424,25 +426,25 @@ pub(super) fn tenant_config(
         messages_per_session: sec.value_or(
             out,
             "messages_per_session",
-            parse_messages_per_session,
+            count_within(MESSAGES_PER_SESSION.0, MESSAGES_PER_SESSION.1),
             20,
         ),
         connect_timeout: sec.value_or(
             out,
             "connect_timeout",
-            parse_nonzero_duration,
+            duration_within(RELAY_TIMEOUT.0, RELAY_TIMEOUT.1),
             Duration::from_secs(30),
         ),
         command_timeout: sec.value_or(
             out,
             "command_timeout",
-            parse_nonzero_duration,
+            duration_within(RELAY_TIMEOUT.0, RELAY_TIMEOUT.1),
             Duration::from_secs(5 * 60),
         ),
         data_timeout: sec.value_or(
             out,
             "data_timeout",
-            parse_nonzero_duration,
+            duration_within(RELAY_TIMEOUT.0, RELAY_TIMEOUT.1),
             Duration::from_secs(10 * 60),
         ),
         archive,

@@ -4,6 +4,7 @@ use super::provider::Provider;
 use super::section::edit_distance;
 use super::values::*;
 use super::*;
+use crate::base::secret::Secret;
 
 fn path() -> PathBuf {
     PathBuf::from("pbxmail.ini")
@@ -841,4 +842,94 @@ fn explicit_oauth_endpoints_win_over_the_gmail_preset() {
         g.oauth_device_url.as_deref(),
         Some("https://idp.example/device")
     );
+}
+
+/// Every numeric key with its smallest and largest accepted value and a
+/// value just outside each end, as written in pbxmail.ini(5).
+const RANGES: &[(&str, bool, &str, &str, &str, &str)] = &[
+    // (key, in [daemon]?, too small, min, max, too big)
+    ("max_queue_lifetime", true, "0s", "1s", "30d", "31d"),
+    ("retry_min", true, "0s", "1s", "7d", "8d"),
+    ("retry_max", true, "0s", "1s", "7d", "8d"),
+    ("listen_idle_timeout", true, "0s", "1s", "1h", "61m"),
+    ("listen_max_connections", true, "0", "1", "10000", "10001"),
+    ("listen_max_recipients", true, "0", "1", "10000", "10001"),
+    ("listen_max_message_size", true, "0", "1", "4G", "4097M"),
+    ("connect_timeout", false, "0s", "1s", "1h", "3601s"),
+    ("command_timeout", false, "0s", "1s", "1h", "3601s"),
+    ("data_timeout", false, "0s", "1s", "1h", "3601s"),
+    ("messages_per_session", false, "0", "1", "10000", "10001"),
+    (
+        "rate_limit",
+        false,
+        "0/min",
+        "1/s",
+        "1000000/7d",
+        "1000001/s",
+    ),
+];
+
+/// `key = value` in its section, the key on line 2 of the text.
+fn with_key(key: &str, daemon: bool, value: &str) -> String {
+    if daemon {
+        // The other retry key at its far end, so retry_max >= retry_min
+        // holds and the range is the one error.
+        let other = match key {
+            "retry_max" => "retry_min = 1s\n",
+            "retry_min" => "retry_max = 7d\n",
+            _ => "",
+        };
+        format!("[daemon]\n{key} = {value}\n{other}{MINIMAL}")
+    } else {
+        format!("[tenant:acme]\n{key} = {value}\ndomains = acme.example\nrelay = smtp.acme.example:587\n")
+    }
+}
+
+#[test]
+fn every_numeric_key_refuses_values_outside_its_range_at_its_line() {
+    for &(key, daemon, too_small, _, _, too_big) in RANGES {
+        for value in [too_small, too_big] {
+            let (line, msg) = one_error(&with_key(key, daemon, value));
+            assert_eq!(line, Some(2), "{key} = {value}: {msg}");
+            assert!(msg.contains(key), "{key} = {value}: {msg}");
+        }
+    }
+    // The absurd values that crashed the daemon are refused too.
+    for (key, daemon, value) in [
+        ("listen_max_connections", true, "100000000"),
+        ("retry_max", true, "18446744073709551615s"),
+        ("max_queue_lifetime", true, "18446744073709551615s"),
+        ("data_timeout", false, "18446744073709551615s"),
+        ("rate_limit", false, "1/18446744073709551615s"),
+    ] {
+        let (line, msg) = one_error(&with_key(key, daemon, value));
+        assert_eq!(line, Some(2), "{key} = {value}: {msg}");
+    }
+}
+
+#[test]
+fn every_numeric_key_accepts_the_ends_of_its_range() {
+    for &(key, daemon, _, min, max, _) in RANGES {
+        for value in [min, max] {
+            let text = with_key(key, daemon, value);
+            ok(&text);
+        }
+    }
+    let c = ok(&with_key("listen_max_connections", true, "10000"));
+    assert_eq!(c.daemon.listen_limits.max_connections, 10_000);
+    let c = ok(&with_key("max_queue_lifetime", true, "30d"));
+    assert_eq!(
+        c.daemon.max_queue_lifetime,
+        Duration::from_secs(30 * 86_400)
+    );
+}
+
+#[test]
+fn a_refused_range_names_the_range() {
+    let (_, msg) = one_error(&with_key("listen_max_connections", true, "100000000"));
+    assert!(msg.contains("1 to 10000"), "{msg}");
+    let (_, msg) = one_error(&with_key("data_timeout", false, "2h"));
+    assert!(msg.contains("1s to 1h"), "{msg}");
+    let (_, msg) = one_error(&with_key("listen_max_message_size", true, "5G"));
+    assert!(msg.contains("1 to 4G"), "{msg}");
 }

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use super::daemon::{FreeSpace, ListenAddr};
 use super::provider::Provider;
-use super::tenant::{ArchiveUsers, AuthMode, DomainPattern, RateLimit, Relay, Secret, TlsMode};
+use super::tenant::{ArchiveUsers, AuthMode, DomainPattern, RateLimit, Relay, TlsMode};
+use crate::base::secret::Secret;
 
 /// `30s`, `5m`, `2h`, `5d`. The unit is required: a bare `30` is ambiguous.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -85,6 +86,70 @@ pub(super) fn parse_nonzero_duration(s: &str) -> Result<Duration, String> {
         d if d.is_zero() => Err(format!("{:?} must be longer than zero", s.trim())),
         d => Ok(d),
     }
+}
+
+/// A duration within `min..=max`: anything outside would not run (an
+/// `Instant` overflows, a retry never comes), so check-config refuses it.
+pub(super) fn duration_within(
+    min: Duration,
+    max: Duration,
+) -> impl Fn(&str) -> Result<Duration, String> {
+    move |s| {
+        let d = parse_nonzero_duration(s)?;
+        if (min..=max).contains(&d) {
+            Ok(d)
+        } else {
+            Err(format!(
+                "{:?} is out of range; write {} to {}",
+                s.trim(),
+                human_duration(min),
+                human_duration(max)
+            ))
+        }
+    }
+}
+
+/// A whole count within `min..=max` (at least 1).
+pub(super) fn count_within(min: u32, max: u32) -> impl Fn(&str) -> Result<u32, String> {
+    move |s| match parse_messages_per_session(s)? {
+        n if (min..=max).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "{:?} is out of range; write {min} to {max}",
+            s.trim()
+        )),
+    }
+}
+
+/// A size within `min..=max` bytes.
+pub(super) fn size_within(min: u64, max: u64) -> impl Fn(&str) -> Result<u64, String> {
+    move |s| match parse_size(s)? {
+        n if (min..=max).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "{:?} is out of range; write {} to {}",
+            s.trim(),
+            human_size(min),
+            human_size(max)
+        )),
+    }
+}
+
+/// A duration as the config writes it: the largest unit that divides it.
+pub(super) fn human_duration(d: Duration) -> String {
+    let secs = d.as_secs();
+    [(86_400, "d"), (3600, "h"), (60, "m")]
+        .iter()
+        .find(|(unit, _)| secs >= *unit && secs.is_multiple_of(*unit))
+        .map(|(unit, name)| format!("{}{name}", secs / unit))
+        .unwrap_or_else(|| format!("{secs}s"))
+}
+
+/// A size as the config writes it: the largest 1024-based unit that divides it.
+fn human_size(n: u64) -> String {
+    [(1u64 << 30, "G"), (1 << 20, "M"), (1 << 10, "K")]
+        .iter()
+        .find(|(unit, _)| n >= *unit && n.is_multiple_of(*unit))
+        .map(|(unit, name)| format!("{}{name}", n / unit))
+        .unwrap_or_else(|| n.to_string())
 }
 
 pub(super) fn parse_relay(s: &str) -> Result<Relay, String> {
@@ -272,6 +337,11 @@ pub(super) fn parse_auth(s: &str) -> Result<AuthMode, String> {
     )
 }
 
+/// The most messages a `rate_limit` may allow per interval.
+pub(super) const RATE_MAX_MESSAGES: u32 = 1_000_000;
+/// The longest `rate_limit` interval.
+pub(super) const RATE_MAX_INTERVAL: Duration = Duration::from_secs(7 * 86_400);
+
 /// `30/min`, `100/h`, `5/s`, `1000/day`, or `N/DURATION` (`10/5m`); `none` = unlimited,
 /// which also overrides a provider's preset.
 pub(super) fn parse_rate_limit(s: &str) -> Result<Option<RateLimit>, String> {
@@ -284,10 +354,10 @@ pub(super) fn parse_rate_limit(s: &str) -> Result<Option<RateLimit>, String> {
         .split_once('/')
         .ok_or_else(|| format!("{s:?} is not a rate; {hint}"))?;
     let messages = match count.trim().parse::<u32>() {
-        Ok(n) if n >= 1 => n,
+        Ok(n) if (1..=RATE_MAX_MESSAGES).contains(&n) => n,
         _ => {
             return Err(format!(
-                "{:?} in {s:?} is not a count of 1 or more; {hint}",
+                "{:?} in {s:?} is not a count from 1 to {RATE_MAX_MESSAGES}; {hint}",
                 count.trim()
             ))
         }
@@ -300,6 +370,13 @@ pub(super) fn parse_rate_limit(s: &str) -> Result<Option<RateLimit>, String> {
         other => parse_nonzero_duration(other)
             .map_err(|_| format!("{:?} in {s:?} is not an interval; {hint}", interval.trim()))?,
     };
+    if per > RATE_MAX_INTERVAL {
+        return Err(format!(
+            "{:?} in {s:?} is longer than {}; {hint}",
+            interval.trim(),
+            human_duration(RATE_MAX_INTERVAL)
+        ));
+    }
     Ok(Some(RateLimit { messages, per }))
 }
 

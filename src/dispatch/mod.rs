@@ -10,10 +10,11 @@
 
 mod offload;
 
+use crate::base::names::MessageId;
 use crate::config::{Config, ConfigError};
 use crate::control::{self, ControlServer, Request, Response, Selection};
 use crate::intake::server::IntakeServer;
-use crate::spool::{MessageId, Spool};
+use crate::spool::Spool;
 use crate::tenant::{Job, Target, TenantSet};
 use mio::net::UnixDatagram;
 use mio::{Events, Interest, Poll, Token, Waker};
@@ -26,7 +27,7 @@ use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const PICKUP: Token = Token(0);
 const SIGNALS: Token = Token(1);
@@ -155,6 +156,10 @@ impl Dispatcher {
                 Some(intake) => intake.expire_idle(registry, idle),
                 None => None,
             };
+            // Idle admin connections are closed at their deadline, the
+            // earliest of which bounds the wait as well.
+            let control = self.control.expire_idle(registry, Instant::now());
+            let timeout = earliest(timeout, control);
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -410,8 +415,8 @@ impl Dispatcher {
         let mut orphaned = Vec::new();
         for (raw, located) in found {
             match located {
-                Located::Queued { tenant, id } if self.tenants.is_running(&tenant) => {
-                    by_tenant.entry(tenant).or_default().push(id)
+                Located::Queued { tenant, id } if self.tenants.is_running(tenant.as_str()) => {
+                    by_tenant.entry(tenant.to_string()).or_default().push(id)
                 }
                 Located::Queued { tenant, .. } => orphaned.push(format!("{raw} (tenant {tenant})")),
                 Located::Unknown => unknown.push(raw),
@@ -440,6 +445,14 @@ impl Dispatcher {
 }
 
 /// The offload thread has a full queue: the admin tries again.
+/// The sooner of two poll timeouts; none means no timeout.
+fn earliest(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
 fn busy() -> Response {
-    Response::error("the daemon is busy; try again in a moment")
+    Response::busy("the daemon is busy; try again in a moment")
 }

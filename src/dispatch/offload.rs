@@ -4,8 +4,9 @@
 //! come back on another, followed by a wake of the loop's Waker, tagged with
 //! the ticket the dispatcher gave so it knows who waits for them.
 
+use crate::base::names::{MessageId, TenantName};
 use crate::config::{self, Config, ConfigError};
-use crate::spool::{MessageId, Spool};
+use crate::spool::Spool;
 use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
 use mio::Waker;
 use std::io;
@@ -30,7 +31,7 @@ pub enum Chore {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Located {
     Queued {
-        tenant: String,
+        tenant: TenantName,
         id: MessageId,
     },
     /// Not a valid ID, or no tenant folder holds it.
@@ -109,7 +110,11 @@ mod tests {
         let mut submission = spool.begin_submission().unwrap();
         std::io::Write::write_all(&mut submission, b"Subject: x\r\n\r\nbody\r\n").unwrap();
         let id = submission
-            .commit("acme", "a@acme.example", &["b@x.example".into()])
+            .commit(
+                &TenantName::parse("acme").unwrap(),
+                "a@acme.example",
+                &["b@x.example".into()],
+            )
             .unwrap();
         let located = locate(
             &spool,
@@ -121,7 +126,7 @@ mod tests {
                 (
                     id.to_string(),
                     Located::Queued {
-                        tenant: "acme".into(),
+                        tenant: TenantName::parse("acme").unwrap(),
                         id: id.clone()
                     }
                 ),

@@ -7,11 +7,12 @@
 //! read their input and speak their protocol; where their bytes go is here.
 
 use super::message::Header;
-use crate::address;
+use crate::base::address;
+use crate::base::names::{MessageId, TenantName};
+use crate::base::time;
 use crate::config::{Config, FreeSpace, TenantConfig};
 use crate::smtp::data::Transparency;
-use crate::spool::{MessageId, Spool, SpoolError, Submission};
-use crate::time;
+use crate::spool::{Spool, SpoolError, Submission};
 use std::fmt;
 use std::io::{self, Write};
 
@@ -195,7 +196,7 @@ impl Draft {
     /// on `Ok` it may be acknowledged.
     pub fn commit(
         mut self,
-        tenant: &str,
+        tenant: &TenantName,
         sender: &str,
         recipients: &[String],
     ) -> Result<MessageId, DraftError> {

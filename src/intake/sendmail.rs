@@ -5,9 +5,10 @@
 
 use super::cleanup::{self, Draft};
 use super::message::{Header, MessageReader, ReadError};
-use crate::address;
+use crate::base::address;
+use crate::base::names::MessageId;
 use crate::config::Config;
-use crate::spool::{MessageId, Spool};
+use crate::spool::Spool;
 use std::fmt;
 use std::io::BufRead;
 
@@ -92,7 +93,7 @@ pub fn submit(
     if opts.recipients_from_headers {
         headers.retain(|h| !h.is("Bcc"));
     }
-    let now = crate::spool::unix_millis() / 1000;
+    let now = crate::base::clock::now_ms() / 1000;
     let added = cleanup::missing_fields(
         &headers,
         &config.daemon.hostname,
@@ -122,9 +123,9 @@ pub fn submit(
 
     let tenant_name = tenant.name.as_str().to_string();
     let id = draft
-        .commit(&tenant_name, &sender, &recipients)
+        .commit(&tenant.name, &sender, &recipients)
         .map_err(temp_fail)?;
-    spool.notify(&tenant_name, &id);
+    spool.notify(&tenant.name, &id);
     Ok(Submitted {
         id,
         tenant: tenant_name,

@@ -8,8 +8,9 @@
 
 use super::smtp::Conversation;
 use super::writer::{Answer, Job, Refused, Writer};
+use crate::base::names::MessageId;
 use crate::config::{Config, ListenAddr};
-use crate::spool::{MessageId, Spool};
+use crate::spool::Spool;
 use mio::event::Source;
 use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use mio::{Interest, Registry, Token, Waker};

@@ -10,9 +10,9 @@
 use super::cleanup;
 use super::message::{HeaderBlock, Step};
 use super::writer::{Answer, Envelope, Job};
-use crate::address;
+use crate::base::address;
+use crate::base::time;
 use crate::config::{Config, ListenLimits};
-use crate::time;
 use std::collections::VecDeque;
 
 /// Longest command line accepted (RFC 5321 §4.5.3.1.4 says 512; be lenient).
@@ -403,7 +403,7 @@ impl Conversation {
             self.peer,
             self.hostname,
             id,
-            time::rfc5322(crate::spool::unix_millis() / 1000)
+            time::rfc5322(crate::base::clock::now_ms() / 1000)
         );
         self.jobs.push_back(Job::Trace(received.into_bytes()));
         self.body_size = 0;
@@ -506,7 +506,7 @@ impl Conversation {
             }
         }
         if inspect {
-            let now = crate::spool::unix_millis() / 1000;
+            let now = crate::base::clock::now_ms() / 1000;
             let added = cleanup::missing_fields(block.headers(), &self.hostname, None, now);
             out.extend_from_slice(&cleanup::render(&added));
         }
@@ -579,6 +579,7 @@ fn path_argument(rest: &str, keyword: &str) -> Option<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::base::names::TenantName;
     use crate::intake::writer::{self, DiskSide, Step};
     use crate::spool::Spool;
     use mio::Token;
@@ -643,10 +644,15 @@ mod tests {
     }
 
     fn stored(spool: &Spool, tenant: &str, id: &str) -> String {
-        let id = crate::spool::MessageId::parse(id).unwrap();
+        let id = crate::base::names::MessageId::parse(id).unwrap();
         let mut text = String::new();
-        std::io::Read::read_to_string(&mut spool.open_message(tenant, &id).unwrap(), &mut text)
-            .unwrap();
+        std::io::Read::read_to_string(
+            &mut spool
+                .open_message(&TenantName::parse(tenant).unwrap(), &id)
+                .unwrap(),
+            &mut text,
+        )
+        .unwrap();
         text
     }
 
@@ -759,7 +765,10 @@ mod tests {
             out.ends_with("552 5.3.4 Message size exceeds the limit\r\n"),
             "{out}"
         );
-        assert!(spool.message_ids("acme").unwrap().is_empty());
+        assert!(spool
+            .message_ids(&TenantName::parse("acme").unwrap())
+            .unwrap()
+            .is_empty());
         assert!(spool.tenants().unwrap().is_empty());
     }
 
@@ -786,15 +795,17 @@ mod tests {
             return (out, String::new());
         };
         let tenant = spool
-            .tenant_of(&crate::spool::MessageId::parse(id).unwrap())
-            .unwrap();
+            .tenant_of(&crate::base::names::MessageId::parse(id).unwrap())
+            .unwrap()
+            .to_string();
         (
             tenant,
             stored(
                 spool,
                 &spool
-                    .tenant_of(&crate::spool::MessageId::parse(id).unwrap())
-                    .unwrap(),
+                    .tenant_of(&crate::base::names::MessageId::parse(id).unwrap())
+                    .unwrap()
+                    .to_string(),
                 id,
             ),
         )

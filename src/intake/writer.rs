@@ -8,8 +8,9 @@
 //! wakes it once it has taken a job, so paused clients resume.
 
 use super::cleanup::{self, Draft};
+use crate::base::names::{MessageId, TenantName};
 use crate::config::FreeSpace;
-use crate::spool::{MessageId, Spool};
+use crate::spool::Spool;
 use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
 use mio::{Token, Waker};
 use std::collections::HashMap;
@@ -184,9 +185,11 @@ impl Reply {
 
 /// Makes a draft durable (the committer's one job).
 pub fn commit(draft: Draft, envelope: Envelope) -> Answer {
-    let result = draft
-        .commit(&envelope.tenant, &envelope.sender, &envelope.recipients)
-        .map_err(|e| e.to_string());
+    let result = TenantName::parse(&envelope.tenant).and_then(|tenant| {
+        draft
+            .commit(&tenant, &envelope.sender, &envelope.recipients)
+            .map_err(|e| e.to_string())
+    });
     Answer::Committed {
         tenant: envelope.tenant,
         result,
@@ -341,8 +344,13 @@ mod tests {
             }
         );
         let mut text = String::new();
-        std::io::Read::read_to_string(&mut spool.open_message("acme", &id).unwrap(), &mut text)
-            .unwrap();
+        std::io::Read::read_to_string(
+            &mut spool
+                .open_message(&TenantName::parse("acme").unwrap(), &id)
+                .unwrap(),
+            &mut text,
+        )
+        .unwrap();
         assert_eq!(text, "Received: x\r\nSubject: s\r\n\r\nbody\r\nline\r\n");
     }
 

@@ -7,7 +7,7 @@ use super::http::post_token;
 use super::paste::{code_from_paste, read_paste};
 use super::token_file::store_sign_in;
 use super::{Endpoints, OAuthError};
-use crate::config::Secret;
+use crate::base::secret::Secret;
 use std::io::BufRead;
 
 /// RFC 6749 §4.1 with PKCE (RFC 7636, S256) for an installed client whose

@@ -46,7 +46,8 @@ pub fn http_agent(ca_file: Option<&Path>) -> Result<ureq::Agent, OAuthError> {
 #[derive(Deserialize)]
 pub(super) struct TokenResponse {
     pub(super) access_token: Option<String>,
-    /// A number; some older endpoints send it as a string.
+    /// A number; some older endpoints send it as a string. Clamp before use
+    /// (`seconds_within`): it comes from the network.
     #[serde(default, deserialize_with = "number_or_string")]
     pub(super) expires_in: Option<u64>,
     pub(super) refresh_token: Option<String>,
@@ -54,18 +55,41 @@ pub(super) struct TokenResponse {
     pub(super) error_description: Option<String>,
 }
 
-fn number_or_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+/// A count of seconds sent as a JSON number or a string. Whatever the peer
+/// sends never fails the parse: a value too big for `u64` (or fractional)
+/// saturates, a negative one is 0, text that is no number is absent.
+pub(super) fn number_or_string<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<u64>, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum Either {
-        Number(u64),
+        Whole(u64),
+        Real(f64),
         Text(String),
     }
     Ok(match Option::<Either>::deserialize(d)? {
-        Some(Either::Number(n)) => Some(n),
-        Some(Either::Text(t)) => t.trim().parse().ok(),
+        Some(Either::Whole(n)) => Some(n),
+        Some(Either::Real(x)) => saturating_secs(x),
+        Some(Either::Text(t)) => {
+            let t = t.trim();
+            t.parse().ok().or_else(|| saturating_secs(t.parse().ok()?))
+        }
         None => None,
     })
+}
+
+/// `x` seconds as a whole `u64`, saturating; NaN is no value.
+fn saturating_secs(x: f64) -> Option<u64> {
+    // `as` saturates float to int conversions (and maps negatives to 0).
+    (!x.is_nan()).then_some(x as u64)
+}
+
+/// A duration the network gave in seconds, `default` when it gave none,
+/// never more than `max`: every such value is clamped before it meets an
+/// `Instant` or a sleep.
+pub(super) fn seconds_within(value: Option<u64>, default: u64, max: Duration) -> Duration {
+    Duration::from_secs(value.unwrap_or(default)).min(max)
 }
 
 /// POSTs a grant to the tenant's token endpoint: the grant's own fields
@@ -119,5 +143,29 @@ mod tests {
         assert_eq!(parsed.expires_in, Some(3599));
         let parsed: TokenResponse = serde_json::from_str(r#"{"access_token":"a"}"#).unwrap();
         assert_eq!(parsed.expires_in, None);
+    }
+
+    #[test]
+    fn huge_expires_in_parses_saturated_as_number_or_string() {
+        for body in [
+            r#"{"access_token":"a","expires_in":18446744073709551615}"#,
+            r#"{"access_token":"a","expires_in":"18446744073709551615"}"#,
+            r#"{"access_token":"a","expires_in":1e300}"#,
+            r#"{"access_token":"a","expires_in":"99999999999999999999999999"}"#,
+        ] {
+            let parsed: TokenResponse = serde_json::from_str(body).unwrap();
+            assert_eq!(parsed.expires_in, Some(u64::MAX), "{body}");
+        }
+        let parsed: TokenResponse =
+            serde_json::from_str(r#"{"access_token":"a","expires_in":-5}"#).unwrap();
+        assert_eq!(parsed.expires_in, Some(0));
+    }
+
+    #[test]
+    fn network_seconds_are_clamped_to_their_maximum() {
+        let day = Duration::from_secs(86_400);
+        assert_eq!(seconds_within(Some(u64::MAX), 3600, day), day);
+        assert_eq!(seconds_within(Some(60), 3600, day), Duration::from_secs(60));
+        assert_eq!(seconds_within(None, 3600, day), Duration::from_secs(3600));
     }
 }

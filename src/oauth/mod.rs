@@ -18,7 +18,8 @@ pub use device::device_login;
 pub use http::http_agent;
 pub use source::TokenSource;
 
-use crate::config::{Secret, TenantConfig};
+use crate::base::secret::Secret;
+use crate::config::TenantConfig;
 use std::fmt;
 use std::fs;
 use std::path::PathBuf;

@@ -2,7 +2,7 @@
 //! the code in it, taken only from a redirect whose state is this run's.
 
 use super::OAuthError;
-use crate::config::Secret;
+use crate::base::secret::Secret;
 use std::io::{BufRead, Read};
 
 /// Longest pasted line read (a redirect address is a few hundred bytes).

@@ -5,14 +5,18 @@
 //! in memory, used, and saved again until it sticks: the provider may have
 //! revoked the one the file still holds.
 
-use super::http::post_token;
+use super::http::{post_token, seconds_within};
 use super::token_file::{read_refresh_token, remove_stale_temps, write_refresh_token};
 use super::{Endpoints, OAuthError};
-use crate::config::Secret;
+use crate::base::secret::Secret;
 use std::time::{Duration, Instant};
 
 /// Refresh this long before the endpoint says the token expires.
 const EXPIRY_MARGIN: Duration = Duration::from_secs(120);
+
+/// The longest an access token is trusted, whatever `expires_in` says:
+/// providers issue them for an hour; a day bounds a hostile or broken answer.
+const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(86_400);
 
 /// A tenant's access tokens: cached, refreshed when near expiry.
 pub struct TokenSource {
@@ -82,8 +86,7 @@ impl TokenSource {
                 if let Some(rotated) = answer.refresh_token.filter(|r| r != refresh.expose()) {
                     self.keep_rotated(Secret::new(rotated), refresh);
                 }
-                let lifetime = Duration::from_secs(answer.expires_in.unwrap_or(3600));
-                let valid_until = Instant::now() + lifetime.saturating_sub(EXPIRY_MARGIN);
+                let valid_until = valid_until(Instant::now(), answer.expires_in);
                 let token = Secret::new(access);
                 self.cached = Some((token.clone(), valid_until));
                 Ok(token)
@@ -180,6 +183,15 @@ impl TokenSource {
     }
 }
 
+/// Until when a token the endpoint says lives `expires_in` seconds is used:
+/// clamped to a day and never past what an `Instant` can hold, less a margin
+/// so it is renewed before the relay would refuse it.
+fn valid_until(now: Instant, expires_in: Option<u64>) -> Instant {
+    let lifetime = seconds_within(expires_in, 3600, MAX_TOKEN_LIFETIME);
+    now.checked_add(lifetime.saturating_sub(EXPIRY_MARGIN))
+        .unwrap_or(now)
+}
+
 impl Drop for TokenSource {
     /// A last try to save a token the disk refused; it is lost otherwise.
     fn drop(&mut self) {
@@ -235,6 +247,70 @@ mod tests {
 
     fn secret(text: &str) -> Secret {
         Secret::new(text.into())
+    }
+
+    /// A token endpoint on loopback that answers every request with `body`.
+    fn token_endpoint(body: &'static str) -> String {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/token", listener.local_addr().unwrap());
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { return };
+                let mut reader = BufReader::new(stream);
+                let mut length = 0;
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    let lower = line.to_ascii_lowercase();
+                    if let Some(v) = lower.strip_prefix("content-length:") {
+                        length = v.trim().parse().unwrap_or(0);
+                    }
+                }
+                let mut form = vec![0; length];
+                let _ = reader.read_exact(&mut form);
+                let _ = write!(
+                    reader.get_mut(),
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\
+                     Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        url
+    }
+
+    #[test]
+    fn huge_expires_in_from_the_token_endpoint_does_not_panic_and_is_clamped() {
+        for body in [
+            r#"{"access_token":"at","expires_in":18446744073709551615}"#,
+            r#"{"access_token":"at","expires_in":"18446744073709551615"}"#,
+        ] {
+            let dir = scratch("huge-expiry");
+            let token_file = dir.join("acme.json");
+            fs::write(&token_file, r#"{"refresh_token":"rt"}"#).unwrap();
+            let mut tokens = source(token_file);
+            tokens.endpoints.token_url = token_endpoint(body);
+            let before = Instant::now();
+            assert_eq!(tokens.access_token().unwrap().expose(), "at");
+            let (_, until) = tokens.cached.as_ref().unwrap();
+            assert!(*until <= before + MAX_TOKEN_LIFETIME + Duration::from_secs(60));
+            assert!(*until > before + Duration::from_secs(3600));
+        }
+    }
+
+    #[test]
+    fn token_lifetime_is_clamped_to_a_day_and_never_overflows() {
+        let now = Instant::now();
+        let max = now + MAX_TOKEN_LIFETIME - EXPIRY_MARGIN;
+        assert_eq!(valid_until(now, Some(u64::MAX)), max);
+        assert_eq!(valid_until(now, Some(60)), now);
+        assert_eq!(
+            valid_until(now, None),
+            now + Duration::from_secs(3600) - EXPIRY_MARGIN
+        );
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! root writes it; and remove the temporary files a crash left beside it.
 
 use super::OAuthError;
-use crate::config::Secret;
+use crate::base::secret::Secret;
 use serde::Deserialize;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
@@ -158,7 +158,7 @@ fn temp_name(path: &Path) -> String {
         ".{}.{}.{}.tmp",
         file_name(path),
         std::process::id(),
-        crate::spool::MessageId::generate()
+        crate::base::names::MessageId::generate()
     )
 }
 

@@ -6,18 +6,19 @@ use super::layout::sync_dir;
 use super::scan::scan_message;
 use super::{MessageId, Result, Spool, SpoolError};
 use crate::base::framing::cut_torn_tail;
+use crate::base::names::TenantName;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader};
 
 impl Spool {
-    pub fn load_envelope(&self, tenant: &str, id: &MessageId) -> Result<Envelope> {
+    pub fn load_envelope(&self, tenant: &TenantName, id: &MessageId) -> Result<Envelope> {
         let path = self.envelope_path(tenant, id);
         let file = File::open(&path).map_err(SpoolError::io(&path))?;
         envelope::read_envelope(&mut BufReader::new(file))
             .map_err(|source| SpoolError::Envelope { path, source })
     }
 
-    pub fn open_message(&self, tenant: &str, id: &MessageId) -> Result<File> {
+    pub fn open_message(&self, tenant: &TenantName, id: &MessageId) -> Result<File> {
         let path = self.message_path(tenant, id);
         File::open(&path).map_err(SpoolError::io(&path))
     }
@@ -25,7 +26,7 @@ impl Spool {
     /// Appends a record and waits until it is on stable storage. A torn
     /// final record (a crash mid-append) is cut off first: nothing acted on
     /// it, and appending after it would fuse the two into one bad line.
-    pub fn append(&self, tenant: &str, id: &MessageId, record: &Record) -> Result<()> {
+    pub fn append(&self, tenant: &TenantName, id: &MessageId, record: &Record) -> Result<()> {
         let path = self.envelope_path(tenant, id);
         let mut file = OpenOptions::new()
             .read(true)
@@ -39,7 +40,7 @@ impl Spool {
 
     /// Removes a finished message: envelope first, so a crash in between leaves
     /// only an orphan `.msg` that start-up recovery removes.
-    pub fn remove(&self, tenant: &str, id: &MessageId) -> Result<()> {
+    pub fn remove(&self, tenant: &TenantName, id: &MessageId) -> Result<()> {
         let env = self.envelope_path(tenant, id);
         fs::remove_file(&env).map_err(SpoolError::io(&env))?;
         let msg = self.message_path(tenant, id);
@@ -51,7 +52,7 @@ impl Spool {
     }
 
     /// fsck's check of one entry: envelope records and the message checksum.
-    pub fn verify(&self, tenant: &str, id: &MessageId) -> std::result::Result<(), String> {
+    pub fn verify(&self, tenant: &TenantName, id: &MessageId) -> std::result::Result<(), String> {
         let envelope = self.load_envelope(tenant, id).map_err(|e| e.to_string())?;
         let mut file = self
             .open_message(tenant, id)

@@ -3,6 +3,7 @@
 
 use super::{MessageId, Result, Spool, SpoolError};
 use crate::base::fs::{self, make_dir};
+use crate::base::names::TenantName;
 use std::path::{Path, PathBuf};
 
 impl Spool {
@@ -18,15 +19,15 @@ impl Spool {
         self.root.join("quarantine")
     }
 
-    pub fn tenant_dir(&self, tenant: &str) -> PathBuf {
-        self.queue_dir().join(tenant)
+    pub fn tenant_dir(&self, tenant: &TenantName) -> PathBuf {
+        self.queue_dir().join(tenant.as_str())
     }
 
-    pub(super) fn message_path(&self, tenant: &str, id: &MessageId) -> PathBuf {
+    pub(super) fn message_path(&self, tenant: &TenantName, id: &MessageId) -> PathBuf {
         self.tenant_dir(tenant).join(format!("{id}.msg"))
     }
 
-    pub(super) fn envelope_path(&self, tenant: &str, id: &MessageId) -> PathBuf {
+    pub(super) fn envelope_path(&self, tenant: &TenantName, id: &MessageId) -> PathBuf {
         self.tenant_dir(tenant).join(format!("{id}.env"))
     }
 
@@ -46,19 +47,30 @@ impl Spool {
         Ok(())
     }
 
-    /// Tenant folders present in the spool (configured or not).
-    pub fn tenants(&self) -> Result<Vec<String>> {
-        let mut names: Vec<String> = list_dir(&self.queue_dir())?
+    /// Tenant folders present in the spool (configured or not). pbxmail only
+    /// ever makes folders named by a `TenantName`; a folder whose name is not
+    /// one was made by hand, holds nothing we queued, and is skipped (logged).
+    pub fn tenants(&self) -> Result<Vec<TenantName>> {
+        let mut names: Vec<TenantName> = list_dir(&self.queue_dir())?
             .iter()
             .filter(|p| p.is_dir())
-            .filter_map(|p| p.file_name()?.to_str().map(str::to_owned))
+            .filter_map(|p| {
+                let folder = p.file_name()?.to_string_lossy();
+                match TenantName::parse(&folder) {
+                    Ok(name) => Some(name),
+                    Err(e) => {
+                        log::warn!("spool: skipping folder {}: {e}", p.display());
+                        None
+                    }
+                }
+            })
             .collect();
         names.sort();
         Ok(names)
     }
 
     /// The tenant folder holding message `id`, if any.
-    pub fn tenant_of(&self, id: &MessageId) -> Option<String> {
+    pub fn tenant_of(&self, id: &MessageId) -> Option<TenantName> {
         self.tenants()
             .ok()?
             .into_iter()
@@ -66,7 +78,7 @@ impl Spool {
     }
 
     /// IDs of the messages queued for one tenant (those with an envelope).
-    pub fn message_ids(&self, tenant: &str) -> Result<Vec<MessageId>> {
+    pub fn message_ids(&self, tenant: &TenantName) -> Result<Vec<MessageId>> {
         let mut ids: Vec<MessageId> = list_dir(&self.tenant_dir(tenant))?
             .iter()
             .filter(|p| p.extension().is_some_and(|e| e == "env"))
@@ -79,7 +91,7 @@ impl Spool {
     /// Files in a tenant's folder that are not ID.msg / ID.env: they do not
     /// belong in the spool and are never acted on. (An ID.msg without its
     /// .env is a submission between its two renames, or one recovery removes.)
-    pub fn stray_files(&self, tenant: &str) -> Result<Vec<PathBuf>> {
+    pub fn stray_files(&self, tenant: &TenantName) -> Result<Vec<PathBuf>> {
         Ok(list_dir(&self.tenant_dir(tenant))?
             .into_iter()
             .filter(|p| {

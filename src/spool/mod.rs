@@ -38,10 +38,7 @@ pub use error::{Result, SpoolError};
 pub use scan::scan_message;
 pub use submission::Submission;
 
-// Compatibility re-exports: these moved to the bottom floor (`crate::base`);
-// kept so callers elsewhere compile until their imports are switched.
-pub use crate::base::clock::now_ms as unix_millis;
-pub use crate::base::names::MessageId;
+use crate::base::names::MessageId;
 
 /// A spool on disk, named by its root folder. Cheap to clone; holds no file.
 #[derive(Debug, Clone)]

@@ -2,6 +2,7 @@
 //! datagrams, only ever a shortcut, since the daemon rescans the spool anyway.
 
 use super::{MessageId, Spool};
+use crate::base::names::TenantName;
 use std::os::unix::net::UnixDatagram;
 use std::path::PathBuf;
 
@@ -12,7 +13,7 @@ impl Spool {
 
     /// Tells a running daemon that a message is waiting. Only a hint: if no
     /// daemon listens, it finds the message when it starts.
-    pub fn notify(&self, tenant: &str, id: &MessageId) {
+    pub fn notify(&self, tenant: &TenantName, id: &MessageId) {
         let Ok(socket) = UnixDatagram::unbound() else {
             return;
         };

@@ -4,13 +4,14 @@
 use super::envelope::{self, Envelope};
 use super::layout::{list_dir, sync_dir};
 use super::{MessageId, Result, Spool, SpoolError};
+use crate::base::names::TenantName;
 use std::fs::{self, File};
 use std::io::{self, BufReader};
 use std::path::Path;
 
 impl Spool {
     /// Moves a damaged entry aside with a note of why; never deletes it.
-    pub fn quarantine(&self, tenant: &str, id: &MessageId, reason: &str) -> Result<()> {
+    pub fn quarantine(&self, tenant: &TenantName, id: &MessageId, reason: &str) -> Result<()> {
         let dir = self.quarantine_dir();
         fs::create_dir_all(&dir).map_err(SpoolError::io(&dir))?;
         for (from, ext) in [
@@ -32,7 +33,7 @@ impl Spool {
     }
 
     /// Moves a file that is not a spool entry into quarantine, with the reason.
-    pub fn quarantine_stray(&self, tenant: &str, path: &Path, reason: &str) -> Result<()> {
+    pub fn quarantine_stray(&self, tenant: &TenantName, path: &Path, reason: &str) -> Result<()> {
         let dir = self.quarantine_dir();
         fs::create_dir_all(&dir).map_err(SpoolError::io(&dir))?;
         let name = path

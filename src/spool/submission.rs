@@ -8,6 +8,7 @@ use super::{MessageId, Result, Spool, SpoolError};
 use crate::base::clock::now_ms;
 use crate::base::fs::{create_new, make_dir, write_new_file};
 use crate::base::hex::hex;
+use crate::base::names::TenantName;
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -99,14 +100,19 @@ impl Submission {
     }
 
     /// Makes the message durable in `tenant`'s queue; on `Ok` it may be acknowledged.
-    pub fn commit(self, tenant: &str, sender: &str, recipients: &[String]) -> Result<MessageId> {
+    pub fn commit(
+        self,
+        tenant: &TenantName,
+        sender: &str,
+        recipients: &[String],
+    ) -> Result<MessageId> {
         self.commit_as(tenant, sender, recipients, None)
     }
 
     /// `commit` for a bounce pbxmail made itself.
     pub fn commit_as(
         mut self,
-        tenant: &str,
+        tenant: &TenantName,
         sender: &str,
         recipients: &[String],
         bounce: Option<envelope::BounceOf>,
@@ -143,7 +149,7 @@ impl Submission {
         Ok(self.id.clone())
     }
 
-    fn move_into_queue(&self, tenant: &str, tmp_env: &Path) -> Result<()> {
+    fn move_into_queue(&self, tenant: &TenantName, tmp_env: &Path) -> Result<()> {
         let dir = self.spool.tenant_dir(tenant);
         if !dir.is_dir() {
             make_dir(&dir, 0o2770).map_err(SpoolError::io(&dir))?;

@@ -4,6 +4,7 @@
 use super::envelope::{self, RcptResult, RcptStatus, Record};
 use super::layout::list_dir;
 use super::*;
+use crate::base::names::TenantName;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 
@@ -21,18 +22,31 @@ fn commit_then_load_round_trips() {
     let mut sub = spool.begin_submission().unwrap();
     sub.write_all(b"Subject: hi\r\n\r\nbody\r\n").unwrap();
     let id = sub
-        .commit("acme", "101@acme.example", &["a@x.example".into()])
+        .commit(
+            &TenantName::parse("acme").unwrap(),
+            "101@acme.example",
+            &["a@x.example".into()],
+        )
         .unwrap();
-    assert_eq!(spool.message_ids("acme").unwrap(), vec![id.clone()]);
-    let env = spool.load_envelope("acme", &id).unwrap();
+    assert_eq!(
+        spool
+            .message_ids(&TenantName::parse("acme").unwrap())
+            .unwrap(),
+        vec![id.clone()]
+    );
+    let env = spool
+        .load_envelope(&TenantName::parse("acme").unwrap(), &id)
+        .unwrap();
     assert_eq!(env.size, b"Subject: hi\r\n\r\nbody\r\n".len() as u64);
-    let mut msg = spool.open_message("acme", &id).unwrap();
+    let mut msg = spool
+        .open_message(&TenantName::parse("acme").unwrap(), &id)
+        .unwrap();
     assert_eq!(scan_message(&mut msg).unwrap().sha256, env.sha256);
     assert!(list_dir(&spool.tmp_dir()).unwrap().is_empty());
 
     spool
         .append(
-            "acme",
+            &TenantName::parse("acme").unwrap(),
             &id,
             &Record::Attempt {
                 at_ms: 1,
@@ -46,9 +60,17 @@ fn commit_then_load_round_trips() {
             },
         )
         .unwrap();
-    assert!(spool.load_envelope("acme", &id).unwrap().is_done());
-    spool.remove("acme", &id).unwrap();
-    assert!(spool.message_ids("acme").unwrap().is_empty());
+    assert!(spool
+        .load_envelope(&TenantName::parse("acme").unwrap(), &id)
+        .unwrap()
+        .is_done());
+    spool
+        .remove(&TenantName::parse("acme").unwrap(), &id)
+        .unwrap();
+    assert!(spool
+        .message_ids(&TenantName::parse("acme").unwrap())
+        .unwrap()
+        .is_empty());
     let _ = fs::remove_dir_all(spool.root());
 }
 
@@ -58,9 +80,13 @@ fn append_after_a_torn_tail_cuts_it_first() {
     let mut sub = spool.begin_submission().unwrap();
     sub.write_all(b"x\r\n").unwrap();
     let id = sub
-        .commit("acme", "a@acme.example", &["b@x.example".into()])
+        .commit(
+            &TenantName::parse("acme").unwrap(),
+            "a@acme.example",
+            &["b@x.example".into()],
+        )
         .unwrap();
-    let env_path = spool.envelope_path("acme", &id);
+    let env_path = spool.envelope_path(&TenantName::parse("acme").unwrap(), &id);
     let mut f = OpenOptions::new().append(true).open(&env_path).unwrap();
     f.write_all(b"57 0badc0de {\"type\":\"attem").unwrap();
     drop(f);
@@ -74,8 +100,13 @@ fn append_after_a_torn_tail_cuts_it_first() {
         next_attempt_ms: None,
         error: None,
     };
-    spool.append("acme", &id, &sent).unwrap();
-    assert!(spool.load_envelope("acme", &id).unwrap().is_done());
+    spool
+        .append(&TenantName::parse("acme").unwrap(), &id, &sent)
+        .unwrap();
+    assert!(spool
+        .load_envelope(&TenantName::parse("acme").unwrap(), &id)
+        .unwrap()
+        .is_done());
     let _ = fs::remove_dir_all(spool.root());
 }
 
@@ -95,10 +126,23 @@ fn quarantine_keeps_files_and_reason() {
     let mut sub = spool.begin_submission().unwrap();
     sub.write_all(b"x\r\n").unwrap();
     let id = sub
-        .commit("acme", "a@acme.example", &["b@x.example".into()])
+        .commit(
+            &TenantName::parse("acme").unwrap(),
+            "a@acme.example",
+            &["b@x.example".into()],
+        )
         .unwrap();
-    spool.quarantine("acme", &id, "checksum mismatch").unwrap();
-    assert!(spool.message_ids("acme").unwrap().is_empty());
+    spool
+        .quarantine(
+            &TenantName::parse("acme").unwrap(),
+            &id,
+            "checksum mismatch",
+        )
+        .unwrap();
+    assert!(spool
+        .message_ids(&TenantName::parse("acme").unwrap())
+        .unwrap()
+        .is_empty());
     let mut reason = String::new();
     File::open(spool.quarantine_dir().join(format!("acme-{id}.reason")))
         .unwrap()
@@ -121,8 +165,10 @@ fn recovery_spares_a_live_submission_and_removes_abandoned_files() {
     // A dead submitter's leftovers: no lock held on them.
     let dead = spool.tmp_dir().join("0000DEAD.msg");
     fs::write(&dead, b"partial").unwrap();
-    fs::create_dir_all(spool.tenant_dir("acme")).unwrap();
-    let orphan = spool.tenant_dir("acme").join("0000BEEF.msg");
+    fs::create_dir_all(spool.tenant_dir(&TenantName::parse("acme").unwrap())).unwrap();
+    let orphan = spool
+        .tenant_dir(&TenantName::parse("acme").unwrap())
+        .join("0000BEEF.msg");
     fs::write(&orphan, b"orphan").unwrap();
 
     assert_eq!(spool.remove_abandoned().unwrap(), 2);
@@ -132,9 +178,18 @@ fn recovery_spares_a_live_submission_and_removes_abandoned_files() {
         "the live submission is kept"
     );
     let id = live
-        .commit("acme", "a@acme.example", &["b@x.example".into()])
+        .commit(
+            &TenantName::parse("acme").unwrap(),
+            "a@acme.example",
+            &["b@x.example".into()],
+        )
         .unwrap();
-    assert_eq!(spool.message_ids("acme").unwrap(), vec![id]);
+    assert_eq!(
+        spool
+            .message_ids(&TenantName::parse("acme").unwrap())
+            .unwrap(),
+        vec![id]
+    );
     let _ = fs::remove_dir_all(spool.root());
 }
 
@@ -144,17 +199,36 @@ fn strays_are_listed_and_quarantined_with_their_reason() {
     let mut sub = spool.begin_submission().unwrap();
     sub.write_all(b"x\r\n").unwrap();
     let id = sub
-        .commit("acme-eu", "a@acme.example", &["b@x.example".into()])
+        .commit(
+            &TenantName::parse("acme-eu").unwrap(),
+            "a@acme.example",
+            &["b@x.example".into()],
+        )
         .unwrap();
-    let junk = spool.tenant_dir("acme-eu").join("core-dump.1");
+    let junk = spool
+        .tenant_dir(&TenantName::parse("acme-eu").unwrap())
+        .join("core-dump.1");
     fs::write(&junk, b"garbage").unwrap();
 
-    assert_eq!(spool.stray_files("acme-eu").unwrap(), vec![junk.clone()]);
+    assert_eq!(
+        spool
+            .stray_files(&TenantName::parse("acme-eu").unwrap())
+            .unwrap(),
+        vec![junk.clone()]
+    );
     spool
-        .quarantine_stray("acme-eu", &junk, "not a spool file")
+        .quarantine_stray(
+            &TenantName::parse("acme-eu").unwrap(),
+            &junk,
+            "not a spool file",
+        )
         .unwrap();
     spool
-        .quarantine("acme-eu", &id, "checksum mismatch")
+        .quarantine(
+            &TenantName::parse("acme-eu").unwrap(),
+            &id,
+            "checksum mismatch",
+        )
         .unwrap();
     let listed: Vec<(String, String)> = spool
         .quarantined()

@@ -7,8 +7,9 @@
 
 use super::queue::Queue;
 use super::Target;
+use crate::base::names::{MessageId, TenantName};
 use crate::spool::envelope::Record;
-use crate::spool::{MessageId, Spool};
+use crate::spool::Spool;
 use crossbeam_channel::Sender;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,7 +52,7 @@ pub enum Applied {
 
 /// What applying a command touches, borrowed from the ledger.
 pub(super) struct Admin<'a> {
-    pub name: &'a str,
+    pub name: &'a TenantName,
     pub spool: &'a Spool,
     pub queue: &'a mut Queue,
 }

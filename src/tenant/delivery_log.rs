@@ -1,8 +1,8 @@
 //! The delivery log's line for one recipient's result, in Postfix's shape;
 //! the ledger logs one per recipient per attempt.
 
+use crate::base::names::MessageId;
 use crate::outcome::Outcome;
-use crate::spool::MessageId;
 
 /// One recipient's line in the delivery log (Postfix's shape):
 /// `ID tenant=T to=<A> relay=R delay=1.5s status=deferred (why)`, and a
@@ -40,9 +40,9 @@ impl std::fmt::Display for DeliveryLine<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::base::names::MessageId;
     use crate::outcome::{self, Outcome};
     use crate::smtp::{Phase, SessionError};
-    use crate::spool::MessageId;
 
     fn line(outcome: &Outcome) -> String {
         let id = MessageId::parse("0000ABCD").unwrap();

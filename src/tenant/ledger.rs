@@ -12,10 +12,11 @@ use super::settings::{Pacing, Policy};
 use super::settle::Settle;
 use super::{Job, TenantState, TenantStatus};
 use crate::base::clock::Clock;
-use crate::config::TenantName;
+use crate::base::names::MessageId;
+use crate::base::names::TenantName;
 use crate::outcome::Outcome;
 use crate::spool::envelope::{Envelope, RcptResult, RcptStatus, Record};
-use crate::spool::{self, MessageId, Spool};
+use crate::spool::{self, Spool};
 use std::collections::BTreeMap;
 
 /// A recipient's outcome in one attempt: (index in the envelope, address, outcome).
@@ -113,7 +114,7 @@ impl Ledger {
 
     /// Counts an outcome for `status` (per recipient attempt).
     fn count(&mut self, outcome: &Outcome) {
-        let now = crate::time::rfc3339(self.now() / 1000);
+        let now = crate::base::time::rfc3339(self.now() / 1000);
         match outcome {
             Outcome::Delivered { .. } => {
                 self.counters.delivered += 1;
@@ -150,7 +151,7 @@ impl Ledger {
 
     fn admin(&mut self) -> Admin<'_> {
         Admin {
-            name: self.name.as_str(),
+            name: &self.name,
             spool: &self.spool,
             queue: &mut self.queue,
         }
@@ -158,7 +159,7 @@ impl Ledger {
 
     /// Rebuilds the queue from the tenant's spool folder.
     pub fn rescan(&mut self) {
-        let ids = match self.spool.message_ids(self.name()) {
+        let ids = match self.spool.message_ids(&self.name) {
             Ok(ids) => ids,
             Err(e) => {
                 log::error!("tenant {}: cannot read its spool folder: {e}", self.name());
@@ -169,7 +170,7 @@ impl Ledger {
             if self.queue.knows(&id) {
                 continue;
             }
-            match self.spool.load_envelope(self.name(), &id) {
+            match self.spool.load_envelope(&self.name, &id) {
                 // Finished, but a crash came before it was bounced or removed.
                 Ok(env) if env.is_done() => self.finish_done(&id, &env, false),
                 Ok(env) if env.held => self.queue.insert_held(&id),
@@ -190,7 +191,7 @@ impl Ledger {
 
     /// Files in the tenant's folder that are no spool entry are moved aside.
     fn quarantine_strays(&self) {
-        let strays = self.spool.stray_files(self.name()).unwrap_or_default();
+        let strays = self.spool.stray_files(&self.name).unwrap_or_default();
         for path in &strays {
             let reason = "not a spool file (unknown name or type)";
             log::error!(
@@ -198,7 +199,7 @@ impl Ledger {
                 self.name(),
                 path.display()
             );
-            if let Err(e) = self.spool.quarantine_stray(self.name(), path, reason) {
+            if let Err(e) = self.spool.quarantine_stray(&self.name, path, reason) {
                 log::error!(
                     "tenant {}: cannot quarantine {}: {e}",
                     self.name(),
@@ -212,7 +213,7 @@ impl Ledger {
         self.queue.remove(id);
         self.queue.unfail(id);
         log::error!("{id} tenant={}: quarantined: {reason}", self.name());
-        if let Err(e) = self.spool.quarantine(self.name(), id, reason) {
+        if let Err(e) = self.spool.quarantine(&self.name, id, reason) {
             log::error!("{id} tenant={}: cannot quarantine: {e}", self.name());
         }
     }
@@ -224,7 +225,7 @@ impl Ledger {
         if !self.write_unrecorded(id) {
             return None;
         }
-        match self.spool.load_envelope(self.name(), id) {
+        match self.spool.load_envelope(&self.name, id) {
             Ok(env) => Some(env),
             Err(e) if e.is_not_found() => {
                 self.queue.remove(id); // deleted by an admin meanwhile
@@ -246,7 +247,7 @@ impl Ledger {
     ) -> Result<(std::fs::File, bool), String> {
         let mut file = self
             .spool
-            .open_message(self.name(), id)
+            .open_message(&self.name, id)
             .map_err(|e| format!("message file unreadable: {e}"))?;
         let scan =
             spool::scan_message(&mut file).map_err(|e| format!("message file unreadable: {e}"))?;
@@ -352,7 +353,7 @@ impl Ledger {
             next_attempt_ms,
             error: last_problem,
         };
-        if let Err(e) = self.spool.append(self.name(), id, &record) {
+        if let Err(e) = self.spool.append(&self.name, id, &record) {
             // Keep the result in memory and write it before this message is
             // touched again: re-sending what the relay already took (the disk
             // is full, say) would deliver it once per retry.
@@ -369,7 +370,7 @@ impl Ledger {
             Some(at) => self.queue.schedule(id, at, true),
             None => {
                 self.queue.remove(id);
-                match self.spool.load_envelope(self.name(), id) {
+                match self.spool.load_envelope(&self.name, id) {
                     Ok(done) => self.finish_done(id, &done, true),
                     Err(e) => log::error!(
                         "{id} tenant={}: cannot re-read the envelope: {e}",
@@ -385,7 +386,7 @@ impl Ledger {
     pub fn finish_done(&mut self, id: &MessageId, envelope: &Envelope, announce: bool) {
         let now = self.now();
         Settle {
-            name: self.name.as_str(),
+            name: &self.name,
             policy: &self.policy,
             spool: &self.spool,
             queue: &mut self.queue,
@@ -400,7 +401,7 @@ impl Ledger {
         let Some(record) = self.unrecorded.get(id) else {
             return true;
         };
-        if let Err(e) = self.spool.append(self.name(), id, record) {
+        if let Err(e) = self.spool.append(&self.name, id, record) {
             log::error!(
                 "{id} tenant={}: still cannot record the delivery result: {e}",
                 self.name()

@@ -33,8 +33,10 @@ pub use set::TenantSet;
 pub use settings::client_settings;
 pub use tokens::Tokens;
 
-use crate::config::{DaemonConfig, TenantConfig, TenantName};
-use crate::spool::{MessageId, Spool};
+use crate::base::names::MessageId;
+use crate::base::names::TenantName;
+use crate::config::{DaemonConfig, TenantConfig};
+use crate::spool::Spool;
 use crossbeam_channel::{bounded, Sender, TrySendError};
 
 /// Called once from the tenant's thread as it ends.

@@ -5,8 +5,8 @@
 //! spool) stays the truth and the worker rebuilds this from it.
 
 use super::pacing::{Backoff, RateBucket};
+use crate::base::names::MessageId;
 use crate::config::RateLimit;
-use crate::spool::MessageId;
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 /// What the queue keeps per waiting message; the rest is on disk.

@@ -5,7 +5,8 @@
 //! sessions at once.
 
 use super::{Job, TenantHandle};
-use crate::config::{Config, DaemonConfig, TenantConfig, TenantName};
+use crate::base::names::TenantName;
+use crate::config::{Config, DaemonConfig, TenantConfig};
 use crate::spool::Spool;
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use rustls::RootCertStore;

@@ -5,7 +5,8 @@
 //! is kept as the reason the tenant's mail waits, not as a failed start.
 
 use super::pacing::Backoff;
-use crate::config::{DaemonConfig, RateLimit, TenantConfig, TenantName};
+use crate::base::names::TenantName;
+use crate::config::{DaemonConfig, RateLimit, TenantConfig};
 use crate::smtp::client::ClientSettings;
 use crate::smtp::session::Timeouts;
 use crate::tls;

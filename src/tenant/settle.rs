@@ -8,13 +8,14 @@
 use super::queue::Queue;
 use super::settings::Policy;
 use super::TenantStatus;
+use crate::base::names::{MessageId, TenantName};
 use crate::bounce;
 use crate::spool::envelope::{BounceStage, Envelope, RcptStatus, Record};
-use crate::spool::{MessageId, Spool};
+use crate::spool::Spool;
 
 /// What settling touches, borrowed from the ledger for one message.
 pub(super) struct Settle<'a> {
-    pub name: &'a str,
+    pub name: &'a TenantName,
     pub policy: &'a Policy,
     pub spool: &'a Spool,
     pub queue: &'a mut Queue,
@@ -29,7 +30,7 @@ impl Settle<'_> {
     /// cannot be delivered goes to the postmaster; what nobody can take stays
     /// in the spool as failed. `announce` logs the "kept" case (not on rescans).
     pub(super) fn finish_done(&mut self, id: &MessageId, envelope: &Envelope, announce: bool) {
-        let tenant = self.name.to_string();
+        let tenant = self.name.clone();
         self.queue.remove(id);
         if !envelope.any_failed() || envelope.bounced_as.is_some() {
             self.queue.unfail(id);
@@ -91,7 +92,7 @@ impl Settle<'_> {
     }
 
     fn bounce(&mut self, id: &MessageId, envelope: &Envelope, announce: bool) {
-        let tenant = self.name.to_string();
+        let tenant = self.name.clone();
         let Some((to, stage)) = bounce::addressee(envelope, self.policy.postmaster.as_deref())
         else {
             self.keep_failed(id, announce, "null sender and no postmaster configured");

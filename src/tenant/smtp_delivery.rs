@@ -6,7 +6,8 @@
 use super::delivery::{Delivery, OpenError, Opened};
 use super::settings::SmtpSettings;
 use super::tokens::{TokenError, Tokens};
-use crate::config::{Secret, TenantName};
+use crate::base::names::TenantName;
+use crate::base::secret::Secret;
 use crate::outcome;
 use crate::smtp::client::{self, Connected};
 use crate::smtp::reply::Reply;

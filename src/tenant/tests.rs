@@ -11,12 +11,14 @@ use super::settings::{Pacing, Policy};
 use super::worker::{Shared, TenantWorker};
 use super::{Job, Target, TenantState, TenantStatus};
 use crate::base::clock::Clock;
-use crate::config::{RateLimit, TenantName};
+use crate::base::names::MessageId;
+use crate::base::names::TenantName;
+use crate::config::RateLimit;
 use crate::smtp::reply::{Reply, ReplyCode};
 use crate::smtp::session::Outgoing;
 use crate::smtp::{Phase, SessionError};
 use crate::spool::envelope::{Envelope, RcptStatus};
-use crate::spool::{MessageId, Spool};
+use crate::spool::Spool;
 use crossbeam_channel::{unbounded, Sender};
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -156,7 +158,7 @@ impl Harness {
         let dir = TempDir::new();
         let spool = Spool::new(&dir.0.join("spool"));
         spool.create_layout().unwrap();
-        let clock = Clock::fake(crate::spool::unix_millis());
+        let clock = Clock::fake(crate::base::clock::now_ms());
         let script = Rc::new(RefCell::new(Script::default()));
         let status = Arc::new(Mutex::new(TenantStatus::default()));
         let (jobs, worker) = worker(&options, &spool, &clock, &script, &status);
@@ -192,7 +194,9 @@ impl Harness {
             .write_all(b"Subject: test\r\n\r\nhello\r\n")
             .unwrap();
         let recipients: Vec<String> = recipients.iter().map(|r| r.to_string()).collect();
-        let id = submission.commit(TENANT, sender, &recipients).unwrap();
+        let id = submission
+            .commit(&TenantName::parse(TENANT).unwrap(), sender, &recipients)
+            .unwrap();
         self.jobs.send(Job::Queued(id.clone())).unwrap();
         id
     }
@@ -210,7 +214,9 @@ impl Harness {
     }
 
     fn envelope(&self, id: &MessageId) -> Option<Envelope> {
-        self.spool.load_envelope(TENANT, id).ok()
+        self.spool
+            .load_envelope(&TenantName::parse(TENANT).unwrap(), id)
+            .ok()
     }
 
     fn statuses(&self, id: &MessageId) -> Vec<RcptStatus> {
@@ -248,7 +254,7 @@ impl Harness {
     /// Messages in the tenant's spool folder other than `except`.
     fn others(&self, except: &[&MessageId]) -> Vec<MessageId> {
         self.spool
-            .message_ids(TENANT)
+            .message_ids(&TenantName::parse(TENANT).unwrap())
             .unwrap()
             .into_iter()
             .filter(|id| !except.contains(&id))

@@ -3,7 +3,9 @@
 //! refreshes as needed. Shared by the tenant's worker (smtp_delivery.rs) and
 //! `pbxmail test`, so both get tokens, and word failures, the same way.
 
-use crate::config::{Secret, TenantConfig, TenantName};
+use crate::base::names::TenantName;
+use crate::base::secret::Secret;
+use crate::config::TenantConfig;
 use crate::oauth::{Endpoints, OAuthError, TokenSource};
 use std::path::PathBuf;
 

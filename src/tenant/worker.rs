@@ -7,10 +7,10 @@
 use super::delivery::{Delivery, OpenError};
 use super::ledger::{Announce, Ledger, RcptOutcome};
 use super::{Job, TenantStatus};
+use crate::base::names::MessageId;
 use crate::outcome::{self, RcptJudgement};
 use crate::smtp::session::Outgoing;
 use crate::smtp::SessionError;
-use crate::spool::MessageId;
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use std::collections::HashSet;
 use std::io::{BufReader, Seek};

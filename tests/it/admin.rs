@@ -453,6 +453,101 @@ fn control_socket_is_0660_and_answers_an_unknown_request_with_an_error() {
     }
 }
 
+/// A relay whose deferral carries a bare CR and ESC sequences that would
+/// erase the line and print a fake green "sent": `pbxmail queue` and `status`
+/// show them escaped, never raw on the admin's terminal.
+#[test]
+fn relay_control_characters_in_the_last_error_are_escaped_by_queue_and_status() {
+    let hostile = "450 4.2.0 busy\r\x1b[2K\x1b[32m250 2.0.0 status=sent\x1b[0m";
+    let server = TestServer::start(
+        ServerOptions {
+            rcpt_reply: Some(hostile.to_string()),
+            ..ServerOptions::default()
+        },
+        None,
+    );
+    let daemon = Daemon::bare("adm_escape_relay_text");
+    configure(
+        &daemon,
+        SLOW_RETRY,
+        &plain_tenant("acme", "acme.test", &server, ""),
+    );
+    let (_running, ids) = deferred_messages(&daemon, &["escaped"]);
+    let table = cli(&daemon, &["queue"]);
+    assert_eq!(table.code, 0, "{table:?}");
+    assert!(table.stdout.contains(&ids[0]), "{table:?}");
+    assert!(
+        !table.stdout.contains('\x1b') && !table.stdout.contains('\r'),
+        "raw control characters reached the terminal: {:?}",
+        table.stdout
+    );
+    assert!(
+        table
+            .stdout
+            .contains("busy\\r\\x1b[2K\\x1b[32m250 2.0.0 status=sent\\x1b[0m"),
+        "{}",
+        table.stdout
+    );
+    // The JSON keeps the text as it was (it is data, escaped by JSON itself).
+    let json: Vec<Value> =
+        serde_json::from_str(&cli(&daemon, &["queue", "--json"]).stdout).expect("queue JSON");
+    assert!(str_of(&json[0], "last_error").contains('\x1b'), "{json:?}");
+
+    let status = wait_for_tenant(&daemon, "acme", |t| !t["last_error"].is_null());
+    assert!(status["last_error"]
+        .as_str()
+        .is_some_and(|e| e.contains('\x1b')));
+    let table = cli(&daemon, &["status"]);
+    assert_eq!(table.code, 0, "{table:?}");
+    assert!(
+        !table.stdout.contains('\x1b') && !table.stdout.contains('\r'),
+        "{table:?}"
+    );
+    assert!(table.stdout.contains("\\x1b[32m250"), "{}", table.stdout);
+}
+
+/// 32 admin connections that never send a request must not lock out
+/// `status`: past the limit it is answered busy (exit 75), and the idle ones
+/// are closed after the control socket's idle timeout, so `status` answers.
+#[test]
+fn idle_control_connections_time_out_and_status_past_the_limit_is_told_busy() {
+    use std::io::Read;
+    let server = TestServer::start(ServerOptions::default(), None);
+    let daemon = Daemon::bare("adm_idle_control");
+    configure(
+        &daemon,
+        SLOW_RETRY,
+        &plain_tenant("acme", "acme.test", &server, ""),
+    );
+    let _running = Running::start(&daemon);
+    let idle: Vec<_> = (0..32)
+        .map(|_| std::os::unix::net::UnixStream::connect(control_socket(&daemon)).expect("connect"))
+        .collect();
+
+    // The daemon accepts in order: the 33rd connection is status's.
+    let busy = cli(&daemon, &["status"]);
+    assert_eq!(busy.code, 75, "{busy:?}");
+    assert!(busy.stderr.contains("busy, try again"), "{busy:?}");
+
+    // Each idle connection is told why and closed by the daemon (EOF), well
+    // within the bound; the read timeout only keeps a broken daemon from
+    // hanging the test.
+    for mut stream in idle {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        let mut text = String::new();
+        stream
+            .read_to_string(&mut text)
+            .expect("the daemon closes an idle connection");
+        assert!(text.contains("no request within"), "{text}");
+    }
+    let table = cli(&daemon, &["status"]);
+    assert_eq!(table.code, 0, "{table:?}");
+    assert!(table.stdout.starts_with("TENANT"), "{table:?}");
+    assert!(table.stdout.contains("acme"), "{table:?}");
+}
+
 #[test]
 fn admin_commands_without_a_daemon_exit_69_and_name_the_socket() {
     let daemon = Daemon::bare("adm_nodaemon");
