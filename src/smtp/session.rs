@@ -7,13 +7,20 @@ use super::command::{Command, MailParameter};
 use super::data::Transparency;
 use super::deadline::Deadlined;
 use super::reply::{read_reply, Reply};
+use super::seven_bit::{self, Downgraded};
 use super::{Capabilities, Phase, SessionError};
 use crate::base::stream::Transport;
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
 use std::time::Duration;
 
 /// Named from here by client.rs; they belong with the AUTH commands.
 pub use super::command::{AuthMechanism, BearerMechanism};
+
+/// The spooled message a transaction reads: from its start, and again if
+/// it must be converted to 7 bits first (`Session::transaction`).
+pub trait Body: Read + Seek {}
+
+impl<T: Read + Seek> Body for T {}
 
 /// Per-phase limits (RFC 5321 §4.5.3.2 gives 5 minutes for commands, 10 for
 /// the end of data); `connect` covers the TCP connect and the greeting.
@@ -59,6 +66,14 @@ impl TransactionResult {
                 .collect(),
         }
     }
+}
+
+/// How an 8-bit message's body reaches a relay without 8BITMIME.
+enum Conversion {
+    /// 7-bit already, or the relay takes 8 bits.
+    AsIs,
+    Downgrade(seven_bit::Plan),
+    Refused(seven_bit::Unconvertible),
 }
 
 /// What a lockstep group's replies so far say about its next command.
@@ -360,12 +375,40 @@ impl<S: Transport> Session<S> {
     /// command group, then the body (or MAIL and RCPTs, then BDAT chunks
     /// where CHUNKING is offered). Limits the relay declared are applied
     /// before anything is sent, as local replies.
+    ///
+    /// An 8-bit message goes with BODY=8BITMIME where the relay offers it;
+    /// where not, it is converted to 7 bits (seven_bit.rs: two more reads of
+    /// `body`, which is why it must seek) or, if that cannot be done safely,
+    /// refused with 5.6.3 for every recipient before anything is sent.
     pub fn transaction(
         &mut self,
         message: &Outgoing<'_>,
-        body: &mut impl Read,
+        body: &mut (impl Read + Seek),
     ) -> Result<TransactionResult, SessionError> {
-        let mut decided = self.decide_locally(message);
+        let mut message = *message;
+        let conversion = self.conversion(&mut message, body)?;
+        let message = &message;
+        let mut converted;
+        let mut body: &mut dyn Read = match &conversion {
+            Conversion::Downgrade(plan) => {
+                converted = Downgraded::new(&mut *body, plan);
+                &mut converted
+            }
+            Conversion::AsIs | Conversion::Refused(_) => body,
+        };
+        let mut decided = match &conversion {
+            Conversion::Refused(why) => {
+                let reply = Reply::local(
+                    554,
+                    &format!(
+                        "5.6.3 the relay does not offer 8BITMIME and the message cannot be \
+                         converted to 7 bits: {why}; not sent"
+                    ),
+                );
+                vec![Some(reply); message.recipients.len()]
+            }
+            Conversion::AsIs | Conversion::Downgrade(_) => self.decide_locally(message),
+        };
         let sendable: Vec<usize> = decided
             .iter()
             .enumerate()
@@ -408,13 +451,13 @@ impl<S: Transport> Session<S> {
             return Ok(TransactionResult::from_decided(decided));
         }
         let final_reply = if chunking {
-            let reply = self.send_bdat(body)?;
+            let reply = self.send_bdat(&mut body)?;
             if !reply.code.is_positive() && !self.closed {
                 self.reset()?;
             }
             reply
         } else {
-            self.send_data(data_reply, body)?
+            self.send_data(data_reply, &mut body)?
         };
         for index in accepted {
             if let Some(slot) = decided.get_mut(index) {
@@ -422,6 +465,37 @@ impl<S: Transport> Session<S> {
             }
         }
         Ok(TransactionResult::from_decided(decided))
+    }
+
+    /// How the body goes to this relay (RFC 6152 §3: 8-bit octets only
+    /// after BODY=8BITMIME). A downgraded message is 7-bit and has the size
+    /// of its converted form, so `message` is updated to say so; `body` is
+    /// left where it was.
+    fn conversion(
+        &mut self,
+        message: &mut Outgoing<'_>,
+        body: &mut (impl Read + Seek),
+    ) -> Result<Conversion, SessionError> {
+        if !message.eight_bit || self.caps.eight_bit_mime {
+            return Ok(Conversion::AsIs);
+        }
+        let unreadable =
+            |e: io::Error| SessionError::Local(format!("cannot read the spooled message: {e}"));
+        let start = body.stream_position().map_err(unreadable)?;
+        let planned = seven_bit::plan(&mut *body).map_err(unreadable)?;
+        body.seek(SeekFrom::Start(start)).map_err(unreadable)?;
+        let plan = match planned {
+            Ok(plan) => plan,
+            Err(why) => return Ok(Conversion::Refused(why)),
+        };
+        // SIZE counts the octets as sent, before dot-stuffing (RFC 1870 §3).
+        let size = io::copy(&mut Downgraded::new(&mut *body, &plan), &mut io::sink())
+            .map_err(unreadable)?;
+        body.seek(SeekFrom::Start(start)).map_err(unreadable)?;
+        self.note("C: (8-bit message converted to 7 bits: the relay does not offer 8BITMIME)");
+        message.size = size;
+        message.eight_bit = false;
+        Ok(Conversion::Downgrade(plan))
     }
 
     /// What the relay's declared limits decide before anything is sent, as
@@ -714,7 +788,7 @@ mod tests {
         );
         s.hello("pbx").unwrap();
         let rcpts = ["b@y".to_string()];
-        s.transaction(&outgoing("a@x", &rcpts), &mut &b"x"[..])
+        s.transaction(&outgoing("a@x", &rcpts), &mut io::Cursor::new(&b"x"[..]))
             .unwrap();
         s.stream_mut().timeouts.clear();
         let replies = s.command_group(&transaction_group(&["b@y"])).unwrap();
@@ -850,7 +924,10 @@ mod tests {
         s.hello("pbx.example").unwrap();
         let rcpts = ["b@y".to_string(), "c@y".to_string()];
         let result = s
-            .transaction(&outgoing("a@x", &rcpts), &mut &b".dot\nend"[..])
+            .transaction(
+                &outgoing("a@x", &rcpts),
+                &mut io::Cursor::new(&b".dot\nend"[..]),
+            )
             .unwrap();
         assert_eq!(codes(&result), vec![250, 550]);
         assert_eq!(
@@ -870,7 +947,7 @@ mod tests {
         s.hello("pbx").unwrap();
         let rcpts = ["b@y".to_string(), "c@y".to_string()];
         let result = s
-            .transaction(&outgoing("a@x", &rcpts), &mut &b"hi\n"[..])
+            .transaction(&outgoing("a@x", &rcpts), &mut io::Cursor::new(&b"hi\n"[..]))
             .unwrap();
         assert_eq!(codes(&result), vec![250, 550]);
         assert_eq!(
@@ -891,7 +968,10 @@ mod tests {
         s.hello("pbx").unwrap();
         let rcpts = ["b@y".to_string()];
         let result = s
-            .transaction(&outgoing("a@x", &rcpts), &mut &b"SECRET BODY"[..])
+            .transaction(
+                &outgoing("a@x", &rcpts),
+                &mut io::Cursor::new(&b"SECRET BODY"[..]),
+            )
             .unwrap();
         assert_eq!(codes(&result), vec![550]);
         let out = written(s);
@@ -911,7 +991,7 @@ mod tests {
         s.hello("pbx").unwrap();
         let rcpts = ["b@y".to_string()];
         let result = s
-            .transaction(&outgoing("a@x", &rcpts), &mut &b".x\n"[..])
+            .transaction(&outgoing("a@x", &rcpts), &mut io::Cursor::new(&b".x\n"[..]))
             .unwrap();
         assert_eq!(codes(&result), vec![250]);
         assert!(written(s).ends_with("RCPT TO:<b@y>\r\nBDAT 4 LAST\r\n.x\r\n"));
@@ -923,7 +1003,7 @@ mod tests {
         s.hello("pbx").unwrap();
         let rcpts = ["b@y".to_string()];
         let result = s
-            .transaction(&outgoing("a@x", &rcpts), &mut &b"body"[..])
+            .transaction(&outgoing("a@x", &rcpts), &mut io::Cursor::new(&b"body"[..]))
             .unwrap();
         assert_eq!(codes(&result), vec![552]);
         assert_eq!(result.per_recipient[0].enhanced(), Some("5.3.4"));
@@ -943,7 +1023,7 @@ mod tests {
         s.hello("pbx").unwrap();
         let rcpts = ["jörg@y".to_string(), "b@y".to_string()];
         let result = s
-            .transaction(&outgoing("a@x", &rcpts), &mut &b"x"[..])
+            .transaction(&outgoing("a@x", &rcpts), &mut io::Cursor::new(&b"x"[..]))
             .unwrap();
         assert_eq!(codes(&result), vec![553, 250]);
         assert!(!written(s).contains("jörg"));
@@ -963,8 +1043,150 @@ mod tests {
         let rcpts = ["jörg@y".to_string()];
         let mut message = outgoing("a@x", &rcpts);
         message.eight_bit = true;
-        s.transaction(&message, &mut &b"x"[..]).unwrap();
+        s.transaction(&message, &mut io::Cursor::new(&b"x"[..]))
+            .unwrap();
         assert!(written(s).contains("MAIL FROM:<a@x> BODY=8BITMIME SMTPUTF8\r\n"));
+    }
+
+    /// Issue 14 (14): the voicemail an 8-bit test uses: a UTF-8 text part
+    /// and a base64 WAV.
+    const VOICEMAIL: &str = "From: pbx@x\r\nMIME-Version: 1.0\r\n\
+        Content-Type: multipart/mixed; boundary=\"vm\"\r\n\r\n\
+        --vm\r\nContent-Type: text/plain; charset=utf-8\r\n\
+        Content-Transfer-Encoding: 8bit\r\n\r\n\
+        Neue Nachricht von Jürgen Müller\r\n.Ende\r\n\
+        --vm\r\nContent-Type: audio/wav\r\nContent-Transfer-Encoding: base64\r\n\r\n\
+        UklGRiQAAABXQVZF\r\n--vm--\r\n";
+
+    fn eight_bit<'a>(rcpts: &'a [String], body: &str) -> Outgoing<'a> {
+        Outgoing {
+            size: body.len() as u64,
+            eight_bit: true,
+            ..outgoing("a@x", rcpts)
+        }
+    }
+
+    /// The text of the DATA body between DATA's reply and the final dot, unstuffed.
+    fn data_body(written: &str) -> String {
+        let after = written.split_once("DATA\r\n").unwrap().1;
+        let body = after.rsplit_once("\r\n.\r\n").unwrap().0;
+        format!("{body}\r\n").replace("\r\n..", "\r\n.")
+    }
+
+    #[test]
+    fn an_8bit_body_goes_raw_with_body_8bitmime_where_offered() {
+        let mut s = session(&[
+            "",
+            "250-mx\r\n250 8BITMIME\r\n",
+            "250 ok\r\n",
+            "250 ok\r\n",
+            "354 go\r\n",
+            "250 ok\r\n",
+        ]);
+        s.hello("pbx").unwrap();
+        let rcpts = ["b@y".to_string()];
+        let result = s
+            .transaction(
+                &eight_bit(&rcpts, VOICEMAIL),
+                &mut io::Cursor::new(VOICEMAIL.as_bytes()),
+            )
+            .unwrap();
+        assert_eq!(codes(&result), vec![250]);
+        let out = written(s);
+        assert!(out.contains("MAIL FROM:<a@x> BODY=8BITMIME\r\n"), "{out}");
+        assert_eq!(data_body(&out), VOICEMAIL);
+    }
+
+    #[test]
+    fn an_8bit_voicemail_to_a_relay_without_8bitmime_goes_quoted_printable() {
+        let mut s = session(&[
+            "",
+            "250-mx\r\n250 SIZE 1000000\r\n",
+            "250 ok\r\n",
+            "250 ok\r\n",
+            "354 go\r\n",
+            "250 ok\r\n",
+        ]);
+        s.hello("pbx").unwrap();
+        let rcpts = ["b@y".to_string()];
+        let result = s
+            .transaction(
+                &eight_bit(&rcpts, VOICEMAIL),
+                &mut io::Cursor::new(VOICEMAIL.as_bytes()),
+            )
+            .unwrap();
+        assert_eq!(codes(&result), vec![250]);
+        let out = written(s);
+        assert!(out.is_ascii(), "{out}");
+        assert!(!out.contains("BODY="), "{out}");
+        let sent = data_body(&out);
+        // SIZE is that of what was sent, not of the 8-bit original.
+        assert!(
+            out.contains(&format!("MAIL FROM:<a@x> SIZE={}\r\n", sent.len())),
+            "{out}"
+        );
+        let (head, rest) = sent.split_once("charset=utf-8\r\n").unwrap();
+        assert_eq!(head, VOICEMAIL.split_once("charset=utf-8\r\n").unwrap().0);
+        let (text, wav_part) = rest
+            .strip_prefix("Content-Transfer-Encoding: quoted-printable\r\n\r\n")
+            .unwrap()
+            .split_once("--vm\r\n")
+            .unwrap();
+        assert_eq!(
+            crate::smtp::seven_bit::tests::decode_qp(text.as_bytes()),
+            "Neue Nachricht von Jürgen Müller\r\n.Ende\r\n".as_bytes()
+        );
+        assert_eq!(
+            wav_part,
+            "Content-Type: audio/wav\r\nContent-Transfer-Encoding: base64\r\n\r\n\
+             UklGRiQAAABXQVZF\r\n--vm--\r\n"
+        );
+    }
+
+    #[test]
+    fn an_8bit_body_in_bdat_chunks_is_converted_too() {
+        let mut s = chunking_session(&["250 2.0.0 stored\r\n"]);
+        let rcpts = ["b@y".to_string()];
+        let body = "Content-Type: text/plain\r\n\r\ncafé\r\n";
+        let result = s
+            .transaction(
+                &eight_bit(&rcpts, body),
+                &mut io::Cursor::new(body.as_bytes()),
+            )
+            .unwrap();
+        assert_eq!(codes(&result), vec![250]);
+        let converted = "Content-Type: text/plain\r\nMIME-Version: 1.0\r\n\
+                         Content-Transfer-Encoding: quoted-printable\r\n\r\ncaf=C3=A9\r\n";
+        assert!(written(s).ends_with(&format!("BDAT {} LAST\r\n{converted}", converted.len())),);
+    }
+
+    /// 8-bit octets in a header cannot be made 7-bit by a transfer
+    /// encoding: refused for every recipient before MAIL, and the judge
+    /// bounces it (never retried until it expires).
+    #[test]
+    fn an_unconvertible_8bit_message_to_a_relay_without_8bitmime_bounces_with_5_6_3() {
+        let mut s = session(&["", "250-mx\r\n250 PIPELINING\r\n"]);
+        s.hello("pbx").unwrap();
+        let rcpts = ["b@y".to_string(), "c@y".to_string()];
+        let body = "Subject: Anruf von Jürgen\r\n\r\nhello\r\n";
+        let result = s
+            .transaction(
+                &eight_bit(&rcpts, body),
+                &mut io::Cursor::new(body.as_bytes()),
+            )
+            .unwrap();
+        assert_eq!(codes(&result), vec![554, 554]);
+        for reply in &result.per_recipient {
+            assert_eq!(reply.enhanced(), Some("5.6.3"));
+            assert!(reply.summary().contains("8BITMIME"), "{reply}");
+            let verdict = crate::outcome::of_reply(reply);
+            assert_eq!(verdict.outcome.status(), "bounced");
+            assert_eq!(
+                verdict.advice,
+                Some(crate::outcome::Advice::EightBitUnsupported)
+            );
+        }
+        assert_eq!(written(s), "EHLO pbx\r\n");
     }
 
     /// A writer that breaks after the first DATA body write, with the
@@ -1022,10 +1244,10 @@ mod tests {
         );
         let rcpts = ["b@y".to_string()];
         let result = s
-            .transaction(&outgoing("a@x", &rcpts), &mut &b"body"[..])
+            .transaction(&outgoing("a@x", &rcpts), &mut io::Cursor::new(&b"body"[..]))
             .unwrap();
         assert_eq!(codes(&result), vec![550]);
-        let next = s.transaction(&outgoing("a@x", &rcpts), &mut &b"body"[..]);
+        let next = s.transaction(&outgoing("a@x", &rcpts), &mut io::Cursor::new(&b"body"[..]));
         assert!(matches!(next, Err(SessionError::Io(Phase::Mail, _))));
     }
 
@@ -1034,7 +1256,7 @@ mod tests {
         let mut s = session(&["", "250 ok\r\n", "250 ok\r\n", "250 2.0.0 Ok\r\n"]);
         let rcpts = ["b@y".to_string()];
         let err = s
-            .transaction(&outgoing("a@x", &rcpts), &mut &b"body"[..])
+            .transaction(&outgoing("a@x", &rcpts), &mut io::Cursor::new(&b"body"[..]))
             .unwrap_err();
         assert!(matches!(err, SessionError::Protocol(Phase::Data, _)));
     }
@@ -1044,7 +1266,7 @@ mod tests {
         let mut s = session(&["", "250 ok\r\n", "421 4.3.2 shutting down\r\n"]);
         let rcpts = ["b@y".to_string()];
         let err = s
-            .transaction(&outgoing("a@x", &rcpts), &mut &b"x"[..])
+            .transaction(&outgoing("a@x", &rcpts), &mut io::Cursor::new(&b"x"[..]))
             .unwrap_err();
         assert!(matches!(err, SessionError::Rejected(Phase::Rcpt, r) if r.code.0 == 421));
     }
@@ -1055,7 +1277,7 @@ mod tests {
         s.hello("pbx").unwrap();
         let rcpts = ["b@y".to_string()];
         let err = s
-            .transaction(&outgoing("a@x", &rcpts), &mut &b"x"[..])
+            .transaction(&outgoing("a@x", &rcpts), &mut io::Cursor::new(&b"x"[..]))
             .unwrap_err();
         assert!(matches!(err, SessionError::Protocol(Phase::Mail, _)));
     }
@@ -1075,7 +1297,10 @@ mod tests {
         ]);
         let rcpts = ["b@y".to_string()];
         let err = s
-            .transaction(&outgoing("a@x", &rcpts), &mut &b"SECRET BODY"[..])
+            .transaction(
+                &outgoing("a@x", &rcpts),
+                &mut io::Cursor::new(&b"SECRET BODY"[..]),
+            )
             .unwrap_err();
         assert!(
             matches!(err, SessionError::Protocol(Phase::Data, _)),
@@ -1095,7 +1320,10 @@ mod tests {
         s.hello("pbx").unwrap();
         let rcpts = ["b@y".to_string()];
         let err = s
-            .transaction(&outgoing("a@x", &rcpts), &mut &b"SECRET BODY"[..])
+            .transaction(
+                &outgoing("a@x", &rcpts),
+                &mut io::Cursor::new(&b"SECRET BODY"[..]),
+            )
             .unwrap_err();
         assert!(
             matches!(err, SessionError::Protocol(Phase::Data, _)),
@@ -1143,7 +1371,7 @@ mod tests {
         ]);
         let rcpts = ["b@y".to_string()];
         let err = s
-            .transaction(&outgoing("a@x", &rcpts), &mut &b"body"[..])
+            .transaction(&outgoing("a@x", &rcpts), &mut io::Cursor::new(&b"body"[..]))
             .unwrap_err();
         assert!(
             matches!(err, SessionError::Protocol(Phase::DataEnd, _)),
@@ -1165,7 +1393,10 @@ mod tests {
         let body = "a line of the message\n".repeat(5_000);
         let rcpts = ["b@y".to_string()];
         let err = s
-            .transaction(&outgoing("a@x", &rcpts), &mut body.as_bytes())
+            .transaction(
+                &outgoing("a@x", &rcpts),
+                &mut io::Cursor::new(body.as_bytes()),
+            )
             .unwrap_err();
         assert!(
             matches!(err, SessionError::Protocol(Phase::Body, _)),
@@ -1179,7 +1410,7 @@ mod tests {
         let mut s = chunking_session(&["250 2.0.0 stored\r\n554 5.7.1 refused\r\n"]);
         let rcpts = ["b@y".to_string()];
         let err = s
-            .transaction(&outgoing("a@x", &rcpts), &mut &b"body"[..])
+            .transaction(&outgoing("a@x", &rcpts), &mut io::Cursor::new(&b"body"[..]))
             .unwrap_err();
         assert!(
             matches!(err, SessionError::Protocol(Phase::DataEnd, _)),
@@ -1233,10 +1464,12 @@ mod tests {
                 .collect();
             let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
             let mut s = session(&texts);
-            let outcome = s
-                .greeting()
-                .and_then(|_| s.hello("pbx"))
-                .and_then(|_| s.transaction(&outgoing("a@x", &rcpts), &mut &b"the body\n"[..]));
+            let outcome = s.greeting().and_then(|_| s.hello("pbx")).and_then(|_| {
+                s.transaction(
+                    &outgoing("a@x", &rcpts),
+                    &mut io::Cursor::new(&b"the body\n"[..]),
+                )
+            });
             let Ok(result) = outcome else { continue };
             if result.per_recipient.iter().any(|r| r.code.is_positive()) {
                 let out = written(s);
@@ -1253,7 +1486,7 @@ mod tests {
         let mut s = session(&["", "250 ok\r\n", "450 busy\r\n", "250 reset\r\n"]);
         let rcpts = ["b@y".to_string()];
         let result = s
-            .transaction(&outgoing("a@x", &rcpts), &mut &b"body"[..])
+            .transaction(&outgoing("a@x", &rcpts), &mut io::Cursor::new(&b"body"[..]))
             .unwrap();
         assert_eq!(codes(&result), vec![450]);
         assert_eq!(written(s), "MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nRSET\r\n");

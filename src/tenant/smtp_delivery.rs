@@ -10,9 +10,9 @@ use crate::config::{Secret, TenantName};
 use crate::outcome;
 use crate::smtp::client::{self, Connected};
 use crate::smtp::reply::Reply;
+use crate::smtp::session::Body;
 use crate::smtp::session::Outgoing;
 use crate::smtp::SessionError;
-use std::io::Read;
 
 pub struct SmtpDelivery {
     tenant: TenantName,
@@ -119,7 +119,7 @@ impl Delivery for SmtpDelivery {
     fn send(
         &mut self,
         message: &Outgoing<'_>,
-        mut body: &mut dyn Read,
+        mut body: &mut dyn Body,
     ) -> Result<Vec<Reply>, SessionError> {
         let Some(connected) = self.connected.as_mut() else {
             return Err(SessionError::Local("no open session".into()));
