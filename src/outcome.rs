@@ -618,6 +618,30 @@ mod tests {
         assert!(!forgets_token(&error));
     }
 
+    /// Issue 14 (14): a message the relay cannot carry (8-bit content it
+    /// cannot take, 5.6.3; a non-ASCII address without SMTPUTF8, 5.6.7)
+    /// bounces at once with advice, whether the refusal is ours or the relay's.
+    #[test]
+    fn content_the_relay_cannot_carry_bounces_with_advice() {
+        for (reply, advice) in [
+            (
+                reply_saying(554, "5.6.3 the relay does not offer 8BITMIME; not sent"),
+                Advice::EightBitUnsupported,
+            ),
+            (
+                reply_saying(553, "5.6.7 non-ASCII address; not sent"),
+                Advice::SmtpUtf8Unsupported,
+            ),
+        ] {
+            let verdict = of_reply(&reply);
+            assert_eq!(verdict.outcome.status(), "bounced", "{reply}");
+            assert_eq!(verdict.advice, Some(advice), "{reply}");
+        }
+        // A temporary refusal stays a retry.
+        let later = reply_saying(451, "4.6.3 try later");
+        assert_eq!(of_reply(&later).outcome.status(), "deferred");
+    }
+
     #[test]
     fn a_452_after_an_accepted_recipient_is_sent_again_not_judged() {
         let judged = of_transaction(&[reply(250), reply(452), reply(550)]);
