@@ -110,8 +110,9 @@ pub fn text(advice: Advice, tenant: Tenant) -> String {
              a relay that offers 8BITMIME"
         }
         Advice::SmtpUtf8Unsupported => {
-            "the relay does not offer SMTPUTF8, which a non-ASCII address needs: use an ASCII \
-             address (envelope_from for the sender), or a relay that offers SMTPUTF8"
+            "the relay does not offer SMTPUTF8, which a non-ASCII address or UTF-8 header text \
+             needs: use ASCII addresses (envelope_from for the sender), have the PBX encode \
+             header text (RFC 2047), or use a relay that offers SMTPUTF8"
         }
         Advice::Certificate(CertificateFix::SelfSigned) => {
             "the relay's certificate is self-signed: put that certificate (PEM) in ca_file; \

@@ -146,7 +146,7 @@ pub enum Advice {
     /// 5.6.3: 8-bit content the relay (no 8BITMIME) cannot take, and that
     /// could not be converted to 7 bits.
     EightBitUnsupported,
-    /// 5.6.7: a non-ASCII address the relay (no SMTPUTF8) cannot take.
+    /// 5.6.7: a non-ASCII address or UTF-8 header the relay (no SMTPUTF8) cannot take.
     SmtpUtf8Unsupported,
     /// The relay's certificate is not trusted; what helps depends on why.
     Certificate(CertificateFix),
@@ -264,14 +264,14 @@ fn outcome_of_reply(reply: &Reply) -> Outcome {
 
 /// The relay cannot carry this message as it is (RFC 3463 §3.7 5.6.3
 /// "conversion required but not supported"; RFC 6531 §3.7.2 5.6.7 for
-/// non-ASCII addresses): what the relay lacks, in words.
+/// non-ASCII addresses or UTF-8 headers): what the relay lacks, in words.
 fn missing_extension(reply: &Reply) -> Option<&'static str> {
     if !reply.code.is_permanent() {
         return None;
     }
     match reply.enhanced()?.split_once('.')?.1 {
-        "6.3" => Some("the message has 8-bit content and the relay does not take it"),
-        "6.7" => Some("a non-ASCII address needs SMTPUTF8, which the relay does not offer"),
+        "6.3" => Some("the relay cannot take this message's 8-bit content"),
+        "6.7" => Some("the message needs SMTPUTF8, which the relay does not take"),
         _ => None,
     }
 }

@@ -74,6 +74,8 @@ enum Conversion {
     AsIs,
     Downgrade(seven_bit::Plan),
     Refused(seven_bit::Unconvertible),
+    /// UTF-8 headers, and the relay does not offer SMTPUTF8.
+    NeedsSmtpUtf8,
 }
 
 /// What a lockstep group's replies so far say about its next command.
@@ -386,7 +388,13 @@ impl<S: Transport> Session<S> {
         body: &mut (impl Read + Seek),
     ) -> Result<TransactionResult, SessionError> {
         let mut message = *message;
-        let conversion = self.conversion(&mut message, body)?;
+        let utf8_headers =
+            message.eight_bit && self.read_ahead(body, |b| seven_bit::utf8_headers(b))?;
+        let conversion = if utf8_headers && !self.caps.smtputf8 {
+            Conversion::NeedsSmtpUtf8
+        } else {
+            self.conversion(&mut message, body)?
+        };
         let message = &message;
         let mut converted;
         let mut body: &mut dyn Read = match &conversion {
@@ -394,7 +402,7 @@ impl<S: Transport> Session<S> {
                 converted = Downgraded::new(&mut *body, plan);
                 &mut converted
             }
-            Conversion::AsIs | Conversion::Refused(_) => body,
+            Conversion::AsIs | Conversion::Refused(_) | Conversion::NeedsSmtpUtf8 => body,
         };
         let mut decided = match &conversion {
             Conversion::Refused(why) => {
@@ -404,6 +412,17 @@ impl<S: Transport> Session<S> {
                         "5.6.3 the relay does not offer 8BITMIME and the message cannot be \
                          converted to 7 bits: {why}; not sent"
                     ),
+                );
+                vec![Some(reply); message.recipients.len()]
+            }
+            // RFC 6531 §3.2: an internationalized message goes only where
+            // SMTPUTF8 is offered; no conversion is attempted (RFC 6857 is
+            // lossy), as Postfix refuses it too.
+            Conversion::NeedsSmtpUtf8 => {
+                let reply = Reply::local(
+                    553,
+                    "5.6.7 a header has UTF-8 text (RFC 6532) and the relay does not offer \
+                     SMTPUTF8; not sent",
                 );
                 vec![Some(reply); message.recipients.len()]
             }
@@ -418,7 +437,7 @@ impl<S: Transport> Session<S> {
             return Ok(TransactionResult::from_decided(decided));
         }
         let chunking = self.caps.chunking;
-        let mut group = vec![self.mail_command(message)];
+        let mut group = vec![self.mail_command(message, utf8_headers)];
         let recipients = sendable.iter().filter_map(|&i| message.recipients.get(i));
         group.extend(recipients.map(|r| Command::Rcpt(r.clone())));
         if !chunking {
@@ -479,23 +498,32 @@ impl<S: Transport> Session<S> {
         if !message.eight_bit || self.caps.eight_bit_mime {
             return Ok(Conversion::AsIs);
         }
-        let unreadable =
-            |e: io::Error| SessionError::Local(format!("cannot read the spooled message: {e}"));
-        let start = body.stream_position().map_err(unreadable)?;
-        let planned = seven_bit::plan(&mut *body).map_err(unreadable)?;
-        body.seek(SeekFrom::Start(start)).map_err(unreadable)?;
-        let plan = match planned {
+        let plan = match self.read_ahead(body, |b| seven_bit::plan(b))? {
             Ok(plan) => plan,
             Err(why) => return Ok(Conversion::Refused(why)),
         };
         // SIZE counts the octets as sent, before dot-stuffing (RFC 1870 §3).
-        let size = io::copy(&mut Downgraded::new(&mut *body, &plan), &mut io::sink())
-            .map_err(unreadable)?;
-        body.seek(SeekFrom::Start(start)).map_err(unreadable)?;
+        let size = self.read_ahead(body, |b| {
+            io::copy(&mut Downgraded::new(b, &plan), &mut io::sink())
+        })?;
         self.note("C: (8-bit message converted to 7 bits: the relay does not offer 8BITMIME)");
         message.size = size;
         message.eight_bit = false;
         Ok(Conversion::Downgrade(plan))
+    }
+
+    /// Runs `look` over the body from where it is, then puts it back there.
+    fn read_ahead<B: Read + Seek, T>(
+        &mut self,
+        body: &mut B,
+        look: impl FnOnce(&mut B) -> io::Result<T>,
+    ) -> Result<T, SessionError> {
+        let unreadable =
+            |e: io::Error| SessionError::Local(format!("cannot read the spooled message: {e}"));
+        let start = body.stream_position().map_err(unreadable)?;
+        let seen = look(body).map_err(unreadable)?;
+        body.seek(SeekFrom::Start(start)).map_err(unreadable)?;
+        Ok(seen)
     }
 
     /// What the relay's declared limits decide before anything is sent, as
@@ -531,8 +559,9 @@ impl<S: Transport> Session<S> {
             .collect()
     }
 
-    /// MAIL FROM with the parameters the relay offers and the message needs.
-    fn mail_command(&self, message: &Outgoing<'_>) -> Command {
+    /// MAIL FROM with the parameters the relay offers and the message needs
+    /// (SMTPUTF8 for a non-ASCII envelope or UTF-8 headers).
+    fn mail_command(&self, message: &Outgoing<'_>, utf8_headers: bool) -> Command {
         let mut parameters = Vec::new();
         if self.caps.size_ext {
             parameters.push(MailParameter::Size(message.size));
@@ -540,7 +569,7 @@ impl<S: Transport> Session<S> {
         if message.eight_bit && self.caps.eight_bit_mime {
             parameters.push(MailParameter::EightBitMime);
         }
-        if message.needs_smtputf8() && self.caps.smtputf8 {
+        if (message.needs_smtputf8() || utf8_headers) && self.caps.smtputf8 {
             parameters.push(MailParameter::SmtpUtf8);
         }
         Command::Mail {
@@ -1168,12 +1197,15 @@ mod tests {
         let mut s = session(&["", "250-mx\r\n250 PIPELINING\r\n"]);
         s.hello("pbx").unwrap();
         let rcpts = ["b@y".to_string(), "c@y".to_string()];
-        let body = "Subject: Anruf von Jürgen\r\n\r\nhello\r\n";
+        // Latin-1 "ü": 8-bit data, not UTF-8 (which would need SMTPUTF8).
+        let body = b"Subject: Anruf von J\xfcrgen\r\n\r\nhello\r\n";
+        let message = Outgoing {
+            size: body.len() as u64,
+            eight_bit: true,
+            ..outgoing("a@x", &rcpts)
+        };
         let result = s
-            .transaction(
-                &eight_bit(&rcpts, body),
-                &mut io::Cursor::new(body.as_bytes()),
-            )
+            .transaction(&message, &mut io::Cursor::new(&body[..]))
             .unwrap();
         assert_eq!(codes(&result), vec![554, 554]);
         for reply in &result.per_recipient {
@@ -1187,6 +1219,86 @@ mod tests {
             );
         }
         assert_eq!(written(s), "EHLO pbx\r\n");
+    }
+
+    /// RFC 6531 §3.2: UTF-8 headers (RFC 6532) need SMTPUTF8: declared
+    /// where offered, refused with 5.6.7 (judged a bounce) where not.
+    #[test]
+    fn utf8_headers_go_with_smtputf8_where_offered_and_bounce_5_6_7_where_not() {
+        let body = "Subject: Anruf von Jürgen\r\n\r\nhello\r\n";
+        let rcpts = ["b@y".to_string()];
+        let mut offers = session(&[
+            "",
+            "250-mx\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n",
+            "250 ok\r\n",
+            "250 ok\r\n",
+            "354 go\r\n",
+            "250 ok\r\n",
+        ]);
+        offers.hello("pbx").unwrap();
+        let result = offers
+            .transaction(
+                &eight_bit(&rcpts, body),
+                &mut io::Cursor::new(body.as_bytes()),
+            )
+            .unwrap();
+        assert_eq!(codes(&result), vec![250]);
+        let out = written(offers);
+        assert!(
+            out.contains("MAIL FROM:<a@x> BODY=8BITMIME SMTPUTF8\r\n"),
+            "{out}"
+        );
+        assert_eq!(data_body(&out), body);
+
+        let mut lacks = session(&["", "250-mx\r\n250 8BITMIME\r\n"]);
+        lacks.hello("pbx").unwrap();
+        let result = lacks
+            .transaction(
+                &eight_bit(&rcpts, body),
+                &mut io::Cursor::new(body.as_bytes()),
+            )
+            .unwrap();
+        assert_eq!(codes(&result), vec![553]);
+        let reply = &result.per_recipient[0];
+        assert_eq!(reply.enhanced(), Some("5.6.7"));
+        let verdict = crate::outcome::of_reply(reply);
+        assert_eq!(verdict.outcome.status(), "bounced");
+        assert_eq!(
+            verdict.advice,
+            Some(crate::outcome::Advice::SmtpUtf8Unsupported)
+        );
+        assert_eq!(written(lacks), "EHLO pbx\r\n");
+    }
+
+    /// Issue 14 (8): header bytes that are not UTF-8 (Latin-1) are 8-bit
+    /// data: with 8BITMIME they go exactly as they are, no SMTPUTF8 asked.
+    #[test]
+    fn latin1_headers_go_as_they_are_with_8bitmime() {
+        let body = b"Subject: Anruf von J\xfcrgen\r\n\r\nhello\r\n";
+        let rcpts = ["b@y".to_string()];
+        let mut s = session(&[
+            "",
+            "250-mx\r\n250 8BITMIME\r\n",
+            "250 ok\r\n",
+            "250 ok\r\n",
+            "354 go\r\n",
+            "250 ok\r\n",
+        ]);
+        s.hello("pbx").unwrap();
+        let message = Outgoing {
+            size: body.len() as u64,
+            eight_bit: true,
+            ..outgoing("a@x", &rcpts)
+        };
+        let result = s
+            .transaction(&message, &mut io::Cursor::new(&body[..]))
+            .unwrap();
+        assert_eq!(codes(&result), vec![250]);
+        let mut expected =
+            b"EHLO pbx\r\nMAIL FROM:<a@x> BODY=8BITMIME\r\nRCPT TO:<b@y>\r\nDATA\r\n".to_vec();
+        expected.extend_from_slice(body);
+        expected.extend_from_slice(b".\r\n");
+        assert_eq!(script(&s).written, expected);
     }
 
     /// A writer that breaks after the first DATA body write, with the

@@ -89,6 +89,38 @@ pub fn plan(body: impl Read) -> io::Result<Result<Plan, Unconvertible>> {
     Ok(Ok(Plan { actions }))
 }
 
+/// How much of a header block `utf8_headers` reads; a longer one is judged by this much.
+const MAX_HEADER_BLOCK: u64 = 1024 * 1024;
+
+/// Whether the message's own header block is internationalized (RFC 6532):
+/// it has non-ASCII lines and all of them are UTF-8. Such a message needs
+/// SMTPUTF8 (RFC 6531 §3.2). Other 8-bit header octets (Latin-1, say) are
+/// plain 8-bit data, for 8BITMIME or a 5.6.3 refusal.
+pub fn utf8_headers(body: impl Read) -> io::Result<bool> {
+    let mut input = BufReader::new(body.take(MAX_HEADER_BLOCK));
+    let mut line = Vec::new();
+    let mut utf8 = false;
+    loop {
+        line.clear();
+        if (&mut input)
+            .take(MAX_SEGMENT)
+            .read_until(b'\n', &mut line)?
+            == 0
+        {
+            return Ok(utf8);
+        }
+        if strip_line_end(&line).is_empty() {
+            return Ok(utf8);
+        }
+        if !line.is_ascii() {
+            if std::str::from_utf8(&line).is_err() {
+                return Ok(false);
+            }
+            utf8 = true;
+        }
+    }
+}
+
 /// The message converted by a plan, as a reader (CRLF lines, not yet dot-stuffed).
 pub struct Downgraded<R: Read> {
     walker: Walker<R>,
@@ -736,6 +768,17 @@ pub(crate) mod tests {
         for (message, why) in cases {
             assert_eq!(plan(message.as_bytes()).unwrap(), Err(why), "{message}");
         }
+    }
+
+    #[test]
+    fn utf8_headers_are_told_from_other_8bit_headers() {
+        let utf8 = "Subject: Anruf von Jürgen\r\nFrom: pbx@x\r\n\r\nbody\r\n";
+        assert!(utf8_headers(utf8.as_bytes()).unwrap());
+        // Latin-1 "ü" is not UTF-8: 8-bit data, not an internationalized header.
+        let latin1 = b"Subject: Anruf von J\xfcrgen\r\n\r\nbody\r\n";
+        assert!(!utf8_headers(&latin1[..]).unwrap());
+        // 8-bit octets in the body only do not count.
+        assert!(!utf8_headers("Subject: x\r\n\r\nJürgen\r\n".as_bytes()).unwrap());
     }
 
     #[test]

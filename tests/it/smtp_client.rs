@@ -328,8 +328,9 @@ fn decode_quoted_printable(encoded: &str) -> Vec<u8> {
 /// Issue 14 (14): through the real daemon to a relay without 8BITMIME, a
 /// voicemail with an 8-bit text part and a base64 WAV arrives 7-bit, its
 /// text part quoted-printable and decoding to the original, the WAV part
-/// untouched; a message with 8-bit octets in a header cannot be converted
-/// and bounces at once with 5.6.3, never sent raw and never left to retry.
+/// untouched; what cannot be converted (an 8-bit attached message: 5.6.3;
+/// a UTF-8 header without SMTPUTF8: 5.6.7) bounces at once, never sent raw
+/// and never left to retry.
 #[test]
 fn eight_bit_voicemail_to_a_relay_without_8bitmime_arrives_quoted_printable() {
     let (mut daemon, server) = Daemon::with_relay(
@@ -352,11 +353,19 @@ fn eight_bit_voicemail_to_a_relay_without_8bitmime_arrives_quoted_printable() {
          Content-Transfer-Encoding: base64\r\n\r\n{wav}--vm-42--\r\n"
     );
     daemon.submit(&["x@example.com"], voicemail.as_bytes());
+    // An attached message with an 8-bit body: a message/* part may not be
+    // encoded itself (RFC 2046 §5.2.1) and pbxmail does not convert inside
+    // it (5.6.3); a UTF-8 Subject: an internationalized header (5.6.7).
+    let attached = "From: pbx@acme.test\r\nTo: y@example.com\r\nSubject: fwd\r\n\
+         MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n\
+         --b\r\nContent-Type: message/rfc822\r\n\r\nSubject: old\r\n\r\n\
+         Gr\u{fc}\u{df}e\r\n--b--\r\n";
+    daemon.submit(&["y@example.com"], attached.as_bytes());
     daemon.submit(
-        &["y@example.com"],
+        &["z@example.com"],
         &message(
             "pbx@acme.test",
-            "y@example.com",
+            "z@example.com",
             "Anruf von J\u{fc}rgen",
             "x",
         ),
@@ -388,17 +397,17 @@ fn eight_bit_voicemail_to_a_relay_without_8bitmime_arrives_quoted_printable() {
         )
     );
 
-    let report = wait_for_bounce(&server, "pbx@acme.test", "y@example.com");
-    assert!(
-        dsn_fields(&report, "y@example.com").contains("Status: 5.6.3\r\n"),
-        "{report}"
-    );
-    assert!(
-        relayed(&server)
-            .iter()
-            .all(|m| m.rcpt_to != ["y@example.com"]),
-        "a header with 8-bit octets went to a relay without 8BITMIME"
-    );
+    for (rcpt, status) in [("y@example.com", "5.6.3"), ("z@example.com", "5.6.7")] {
+        let report = wait_for_bounce(&server, "pbx@acme.test", rcpt);
+        assert!(
+            dsn_fields(&report, rcpt).contains(&format!("Status: {status}\r\n")),
+            "{report}"
+        );
+        assert!(
+            relayed(&server).iter().all(|m| m.rcpt_to != [rcpt]),
+            "a header with 8-bit octets went to a relay without 8BITMIME"
+        );
+    }
     let queue = daemon.wait_for_queue(ARRIVAL, |q| q.is_empty());
     assert!(queue.is_empty(), "{queue:#?}");
 }
