@@ -30,6 +30,7 @@ const QP_LINE: usize = 76;
 pub enum Unconvertible {
     EightBitHeader,
     EightBitMessagePart,
+    EightBitInMalformedMultipart,
     EightBitInEncodedPart,
     EightBitOutsideParts,
     TooComplex,
@@ -40,10 +41,13 @@ impl fmt::Display for Unconvertible {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Unconvertible::EightBitHeader => {
-                "a header has 8-bit octets, which only SMTPUTF8 or 8BITMIME could carry"
+                "a header has 8-bit octets, which no transfer encoding can change"
             }
             Unconvertible::EightBitMessagePart => {
                 "an attached message (message/*) has 8-bit octets"
+            }
+            Unconvertible::EightBitInMalformedMultipart => {
+                "a multipart without a boundary has 8-bit octets"
             }
             Unconvertible::EightBitInEncodedPart => {
                 "a part labelled base64 or quoted-printable has 8-bit octets"
@@ -83,8 +87,8 @@ pub fn plan(body: impl Read) -> io::Result<Result<Plan, Unconvertible>> {
             Err(why) => return Ok(Err(why)),
         }
     }
-    let Mode::Assess(actions) = walker.mode else {
-        return Ok(Err(Unconvertible::TooComplex));
+    let actions = match walker.mode {
+        Mode::Assess(actions) | Mode::Convert(actions) => actions,
     };
     Ok(Ok(Plan { actions }))
 }
@@ -509,10 +513,12 @@ impl<R: Read> Walker<R> {
         } else if !*eight_bit {
             // Labelled 8bit but all ASCII: the label must not reach a 7-bit relay.
             Action::Quote
-        } else if info.content_type.starts_with("message/")
-            || info.content_type.starts_with("multipart/")
-        {
+        } else if info.content_type.starts_with("message/") {
+            // Its content is a message of its own (RFC 2046 §5.2.1: no
+            // encoding of it); converting inside it is not done here.
             return Err(Unconvertible::EightBitMessagePart);
+        } else if info.content_type.starts_with("multipart/") {
+            return Err(Unconvertible::EightBitInMalformedMultipart);
         } else if matches!(info.encoding.as_str(), "base64" | "quoted-printable") {
             return Err(Unconvertible::EightBitInEncodedPart);
         } else {
@@ -779,6 +785,30 @@ pub(crate) mod tests {
         assert!(!utf8_headers(&latin1[..]).unwrap());
         // 8-bit octets in the body only do not count.
         assert!(!utf8_headers("Subject: x\r\n\r\nJürgen\r\n".as_bytes()).unwrap());
+    }
+
+    /// A hostile message, as a property: mutated versions of real 8-bit
+    /// messages never panic the converter, and whatever it agrees to
+    /// convert comes out 7-bit with lines a 7-bit relay takes.
+    #[test]
+    fn mutated_messages_never_panic_and_what_converts_is_7bit() {
+        use crate::smtp::mutate::{cases, mutate, Rng};
+        let seeds: [&str; 3] = [
+            "Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n\
+             Grüße =  \r\n.x\r\n",
+            "MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"b\"\r\n\r\n--b\r\n\
+             Content-Type: text/plain\r\n\r\nJürgen\r\n--b\r\nContent-Type: audio/wav\r\n\
+             Content-Transfer-Encoding: base64\r\n\r\nUklGRg==\r\n--b--\r\n",
+            "Content-Type: multipart/mixed; boundary=o\r\n\r\n--o\r\n\
+             Content-Type: multipart/alternative; boundary=i\r\n\r\n--i\r\n\r\nü\r\n--i--\r\n\
+             --o--\r\n",
+        ];
+        let mut rng = Rng::seeded(0x5eed_0007);
+        for _ in 0..cases(2_000) {
+            let message = mutate(rng.pick(&seeds).as_bytes(), &mut rng);
+            let Ok(out) = convert(&message) else { continue };
+            assert!(out.is_ascii(), "{:?}", String::from_utf8_lossy(&message));
+        }
     }
 
     #[test]
