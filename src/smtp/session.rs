@@ -68,7 +68,7 @@ impl TransactionResult {
     }
 }
 
-/// How an 8-bit message's body reaches a relay without 8BITMIME.
+/// How a message goes to this relay: as it is, converted to 7 bits, or not at all.
 enum Conversion {
     /// 7-bit already, or the relay takes 8 bits.
     AsIs,
@@ -76,6 +76,28 @@ enum Conversion {
     Refused(seven_bit::Unconvertible),
     /// UTF-8 headers, and the relay does not offer SMTPUTF8.
     NeedsSmtpUtf8,
+}
+
+impl Conversion {
+    /// The local refusal every recipient gets when the message cannot go
+    /// to this relay; the judge (outcome.rs) bounces it.
+    fn refusal(&self) -> Option<Reply> {
+        match self {
+            Conversion::Refused(why) => Some(Reply::local(
+                554,
+                &format!(
+                    "5.6.3 the relay does not offer 8BITMIME and the message cannot be \
+                     converted to 7 bits: {why}; not sent"
+                ),
+            )),
+            Conversion::NeedsSmtpUtf8 => Some(Reply::local(
+                553,
+                "5.6.7 a header has UTF-8 text (RFC 6532) and the relay does not offer \
+                 SMTPUTF8; not sent",
+            )),
+            Conversion::AsIs | Conversion::Downgrade(_) => None,
+        }
+    }
 }
 
 /// What a lockstep group's replies so far say about its next command.
@@ -388,14 +410,12 @@ impl<S: Transport> Session<S> {
         body: &mut (impl Read + Seek),
     ) -> Result<TransactionResult, SessionError> {
         let mut message = *message;
-        let utf8_headers =
-            message.eight_bit && self.read_ahead(body, |b| seven_bit::utf8_headers(b))?;
-        let conversion = if utf8_headers && !self.caps.smtputf8 {
-            Conversion::NeedsSmtpUtf8
-        } else {
-            self.conversion(&mut message, body)?
-        };
+        let (conversion, utf8_headers) = self.prepare(&mut message, body)?;
         let message = &message;
+        let mut decided = match conversion.refusal() {
+            Some(reply) => vec![Some(reply); message.recipients.len()],
+            None => self.decide_locally(message),
+        };
         let mut converted;
         let mut body: &mut dyn Read = match &conversion {
             Conversion::Downgrade(plan) => {
@@ -403,30 +423,6 @@ impl<S: Transport> Session<S> {
                 &mut converted
             }
             Conversion::AsIs | Conversion::Refused(_) | Conversion::NeedsSmtpUtf8 => body,
-        };
-        let mut decided = match &conversion {
-            Conversion::Refused(why) => {
-                let reply = Reply::local(
-                    554,
-                    &format!(
-                        "5.6.3 the relay does not offer 8BITMIME and the message cannot be \
-                         converted to 7 bits: {why}; not sent"
-                    ),
-                );
-                vec![Some(reply); message.recipients.len()]
-            }
-            // RFC 6531 §3.2: an internationalized message goes only where
-            // SMTPUTF8 is offered; no conversion is attempted (RFC 6857 is
-            // lossy), as Postfix refuses it too.
-            Conversion::NeedsSmtpUtf8 => {
-                let reply = Reply::local(
-                    553,
-                    "5.6.7 a header has UTF-8 text (RFC 6532) and the relay does not offer \
-                     SMTPUTF8; not sent",
-                );
-                vec![Some(reply); message.recipients.len()]
-            }
-            Conversion::AsIs | Conversion::Downgrade(_) => self.decide_locally(message),
         };
         let sendable: Vec<usize> = decided
             .iter()
@@ -486,10 +482,28 @@ impl<S: Transport> Session<S> {
         Ok(TransactionResult::from_decided(decided))
     }
 
+    /// How an 8-bit message goes to this relay, and whether its headers
+    /// are UTF-8 (so MAIL asks for SMTPUTF8). RFC 6531 §3.2: such a message
+    /// goes only where SMTPUTF8 is offered; it is not downgraded (RFC 6857
+    /// is lossy), as Postfix refuses it too. `body` is left where it was.
+    fn prepare(
+        &mut self,
+        message: &mut Outgoing<'_>,
+        body: &mut (impl Read + Seek),
+    ) -> Result<(Conversion, bool), SessionError> {
+        if !message.eight_bit {
+            return Ok((Conversion::AsIs, false));
+        }
+        let utf8_headers = self.read_ahead(body, |b| seven_bit::utf8_headers(b))?;
+        if utf8_headers && !self.caps.smtputf8 {
+            return Ok((Conversion::NeedsSmtpUtf8, true));
+        }
+        Ok((self.conversion(message, body)?, utf8_headers))
+    }
+
     /// How the body goes to this relay (RFC 6152 §3: 8-bit octets only
     /// after BODY=8BITMIME). A downgraded message is 7-bit and has the size
-    /// of its converted form, so `message` is updated to say so; `body` is
-    /// left where it was.
+    /// of its converted form, so `message` is updated to say so.
     fn conversion(
         &mut self,
         message: &mut Outgoing<'_>,
