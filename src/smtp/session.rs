@@ -403,7 +403,8 @@ impl<S: Transport> Session<S> {
     /// An 8-bit message goes with BODY=8BITMIME where the relay offers it;
     /// where not, it is converted to 7 bits (seven_bit.rs: two more reads of
     /// `body`, which is why it must seek) or, if that cannot be done safely,
-    /// refused with 5.6.3 for every recipient before anything is sent.
+    /// refused with 5.6.3 for every recipient before anything is sent. UTF-8
+    /// headers go only with SMTPUTF8, else are refused with 5.6.7.
     pub fn transaction(
         &mut self,
         message: &Outgoing<'_>,

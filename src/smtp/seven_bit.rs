@@ -106,21 +106,16 @@ pub fn utf8_headers(body: impl Read) -> io::Result<bool> {
     let mut utf8 = false;
     loop {
         line.clear();
-        if (&mut input)
-            .take(MAX_SEGMENT)
-            .read_until(b'\n', &mut line)?
-            == 0
-        {
-            return Ok(utf8);
-        }
-        if strip_line_end(&line).is_empty() {
+        // Whole lines (bounded by the block's limit), so no UTF-8
+        // sequence is cut; only one the limit cuts may end incomplete.
+        if input.read_until(b'\n', &mut line)? == 0 || strip_line_end(&line).is_empty() {
             return Ok(utf8);
         }
         if !line.is_ascii() {
-            if std::str::from_utf8(&line).is_err() {
-                return Ok(false);
+            match std::str::from_utf8(&line) {
+                Err(e) if e.error_len().is_some() => return Ok(false),
+                _ => utf8 = true,
             }
-            utf8 = true;
         }
     }
 }
