@@ -103,6 +103,17 @@ pub fn text(advice: Advice, tenant: Tenant) -> String {
              (tls = starttls, or implicit on port 465) or only on their submission port (587); \
              if this relay takes mail without a login, set auth = none"
         }
+        Advice::EightBitUnsupported => {
+            "the relay does not offer 8BITMIME and this message's 8-bit content could not be \
+             converted to 7 bits (8-bit octets in a header or an attached message): have the PBX \
+             encode its mail (RFC 2047 for headers, quoted-printable or base64 for bodies), or use \
+             a relay that offers 8BITMIME"
+        }
+        Advice::SmtpUtf8Unsupported => {
+            "the relay does not offer SMTPUTF8, which a non-ASCII address or UTF-8 header text \
+             needs: use ASCII addresses (envelope_from for the sender), have the PBX encode \
+             header text (RFC 2047), or use a relay that offers SMTPUTF8"
+        }
         Advice::Certificate(CertificateFix::SelfSigned) => {
             "the relay's certificate is self-signed: put that certificate (PEM) in ca_file; \
              tls_verify = no is the insecure last resort"

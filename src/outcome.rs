@@ -143,6 +143,11 @@ pub enum Advice {
     NoStartTls,
     /// A login is configured but the relay offers no mechanism we can use for it.
     NoUsableAuth,
+    /// 5.6.3: 8-bit content the relay (no 8BITMIME) cannot take, and that
+    /// could not be converted to 7 bits.
+    EightBitUnsupported,
+    /// 5.6.7: a non-ASCII address or UTF-8 header the relay (no SMTPUTF8) cannot take.
+    SmtpUtf8Unsupported,
     /// The relay's certificate is not trusted; what helps depends on why.
     Certificate(CertificateFix),
     /// The TLS handshake failed; what helps depends on how.
@@ -216,6 +221,13 @@ fn outcome_of_reply(reply: &Reply) -> Outcome {
     let text = reply.summary();
     if reply.code.is_positive() {
         Outcome::Delivered { reply: text }
+    } else if let Some(missing) = missing_extension(reply) {
+        // The message needs what this relay lacks; no later attempt through
+        // it can differ, so it bounces at once (as Postfix does) rather than
+        // waiting in the queue until it expires.
+        Outcome::Bounce {
+            reason: format!("{text} ({missing})"),
+        }
     } else if is_authentication_problem(reply) {
         // The message is fine; the tenant's login is not. Bouncing would lose
         // mail over a configuration mistake, so the whole tenant waits.
@@ -247,6 +259,20 @@ fn outcome_of_reply(reply: &Reply) -> Outcome {
             reason: text,
             unconfirmed: false,
         }
+    }
+}
+
+/// The relay cannot carry this message as it is (RFC 3463 §3.7 5.6.3
+/// "conversion required but not supported"; RFC 6531 §3.7.2 5.6.7 for
+/// non-ASCII addresses or UTF-8 headers): what the relay lacks, in words.
+fn missing_extension(reply: &Reply) -> Option<&'static str> {
+    if !reply.code.is_permanent() {
+        return None;
+    }
+    match reply.enhanced()?.split_once('.')?.1 {
+        "6.3" => Some("the relay cannot take this message's 8-bit content"),
+        "6.7" => Some("the message needs SMTPUTF8, which the relay does not take"),
+        _ => None,
     }
 }
 
@@ -294,6 +320,8 @@ fn advice_for_reply(reply: &Reply) -> Option<Advice> {
         _ if lower.contains("sendasdenied") || enhanced == "5.2.0" && lower.contains("send as") => {
             Advice::SendAsDenied
         }
+        (_, "5.6.3") => Advice::EightBitUnsupported,
+        (_, "5.6.7") => Advice::SmtpUtf8Unsupported,
         (_, "5.4.5") => Advice::DailyQuota,
         _ if lower.contains("submissionquotaexceeded") => Advice::ExchangeQuota,
         (552, _) | (_, "5.3.4") => Advice::TooLarge,
@@ -588,6 +616,30 @@ mod tests {
             verdict.outcome.reason()
         );
         assert!(!forgets_token(&error));
+    }
+
+    /// Issue 14 (14): a message the relay cannot carry (8-bit content it
+    /// cannot take, 5.6.3; a non-ASCII address without SMTPUTF8, 5.6.7)
+    /// bounces at once with advice, whether the refusal is ours or the relay's.
+    #[test]
+    fn content_the_relay_cannot_carry_bounces_with_advice() {
+        for (reply, advice) in [
+            (
+                reply_saying(554, "5.6.3 the relay does not offer 8BITMIME; not sent"),
+                Advice::EightBitUnsupported,
+            ),
+            (
+                reply_saying(553, "5.6.7 non-ASCII address; not sent"),
+                Advice::SmtpUtf8Unsupported,
+            ),
+        ] {
+            let verdict = of_reply(&reply);
+            assert_eq!(verdict.outcome.status(), "bounced", "{reply}");
+            assert_eq!(verdict.advice, Some(advice), "{reply}");
+        }
+        // A temporary refusal stays a retry.
+        let later = reply_saying(451, "4.6.3 try later");
+        assert_eq!(of_reply(&later).outcome.status(), "deferred");
     }
 
     #[test]

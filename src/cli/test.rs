@@ -121,7 +121,7 @@ pub fn run(args: &[String]) -> Exit {
     };
     let result = connected
         .session
-        .transaction(&outgoing, &mut message.as_slice());
+        .transaction(&outgoing, &mut std::io::Cursor::new(message.as_slice()));
     match result {
         Ok(result) => {
             connected.session.quit();

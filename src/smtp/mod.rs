@@ -15,6 +15,7 @@ pub mod reply;
 #[cfg(test)]
 mod script;
 pub mod session;
+pub mod seven_bit;
 
 use crate::tls::TlsError;
 use reply::{Reply, ReplyError};

@@ -7,13 +7,20 @@ use super::command::{Command, MailParameter};
 use super::data::Transparency;
 use super::deadline::Deadlined;
 use super::reply::{read_reply, Reply};
+use super::seven_bit::{self, Downgraded};
 use super::{Capabilities, Phase, SessionError};
 use crate::base::stream::Transport;
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
 use std::time::Duration;
 
 /// Named from here by client.rs; they belong with the AUTH commands.
 pub use super::command::{AuthMechanism, BearerMechanism};
+
+/// The spooled message a transaction reads: from its start, and again if
+/// it must be converted to 7 bits first (`Session::transaction`).
+pub trait Body: Read + Seek {}
+
+impl<T: Read + Seek> Body for T {}
 
 /// Per-phase limits (RFC 5321 §4.5.3.2 gives 5 minutes for commands, 10 for
 /// the end of data); `connect` covers the TCP connect and the greeting.
@@ -57,6 +64,38 @@ impl TransactionResult {
                 .into_iter()
                 .map(|r| r.unwrap_or_else(|| missing.clone()))
                 .collect(),
+        }
+    }
+}
+
+/// How a message goes to this relay: as it is, converted to 7 bits, or not at all.
+enum Conversion {
+    /// 7-bit already, or the relay takes 8 bits.
+    AsIs,
+    Downgrade(seven_bit::Plan),
+    Refused(seven_bit::Unconvertible),
+    /// UTF-8 headers, and the relay does not offer SMTPUTF8.
+    NeedsSmtpUtf8,
+}
+
+impl Conversion {
+    /// The local refusal every recipient gets when the message cannot go
+    /// to this relay; the judge (outcome.rs) bounces it.
+    fn refusal(&self) -> Option<Reply> {
+        match self {
+            Conversion::Refused(why) => Some(Reply::local(
+                554,
+                &format!(
+                    "5.6.3 the relay does not offer 8BITMIME and the message cannot be \
+                     converted to 7 bits: {why}; not sent"
+                ),
+            )),
+            Conversion::NeedsSmtpUtf8 => Some(Reply::local(
+                553,
+                "5.6.7 a header has UTF-8 text (RFC 6532) and the relay does not offer \
+                 SMTPUTF8; not sent",
+            )),
+            Conversion::AsIs | Conversion::Downgrade(_) => None,
         }
     }
 }
@@ -360,12 +399,32 @@ impl<S: Transport> Session<S> {
     /// command group, then the body (or MAIL and RCPTs, then BDAT chunks
     /// where CHUNKING is offered). Limits the relay declared are applied
     /// before anything is sent, as local replies.
+    ///
+    /// An 8-bit message goes with BODY=8BITMIME where the relay offers it;
+    /// where not, it is converted to 7 bits (seven_bit.rs: two more reads of
+    /// `body`, which is why it must seek) or, if that cannot be done safely,
+    /// refused with 5.6.3 for every recipient before anything is sent. UTF-8
+    /// headers go only with SMTPUTF8, else are refused with 5.6.7.
     pub fn transaction(
         &mut self,
         message: &Outgoing<'_>,
-        body: &mut impl Read,
+        body: &mut (impl Read + Seek),
     ) -> Result<TransactionResult, SessionError> {
-        let mut decided = self.decide_locally(message);
+        let mut message = *message;
+        let (conversion, utf8_headers) = self.prepare(&mut message, body)?;
+        let message = &message;
+        let mut decided = match conversion.refusal() {
+            Some(reply) => vec![Some(reply); message.recipients.len()],
+            None => self.decide_locally(message),
+        };
+        let mut converted;
+        let mut body: &mut dyn Read = match &conversion {
+            Conversion::Downgrade(plan) => {
+                converted = Downgraded::new(&mut *body, plan);
+                &mut converted
+            }
+            Conversion::AsIs | Conversion::Refused(_) | Conversion::NeedsSmtpUtf8 => body,
+        };
         let sendable: Vec<usize> = decided
             .iter()
             .enumerate()
@@ -375,7 +434,7 @@ impl<S: Transport> Session<S> {
             return Ok(TransactionResult::from_decided(decided));
         }
         let chunking = self.caps.chunking;
-        let mut group = vec![self.mail_command(message)];
+        let mut group = vec![self.mail_command(message, utf8_headers)];
         let recipients = sendable.iter().filter_map(|&i| message.recipients.get(i));
         group.extend(recipients.map(|r| Command::Rcpt(r.clone())));
         if !chunking {
@@ -408,13 +467,13 @@ impl<S: Transport> Session<S> {
             return Ok(TransactionResult::from_decided(decided));
         }
         let final_reply = if chunking {
-            let reply = self.send_bdat(body)?;
+            let reply = self.send_bdat(&mut body)?;
             if !reply.code.is_positive() && !self.closed {
                 self.reset()?;
             }
             reply
         } else {
-            self.send_data(data_reply, body)?
+            self.send_data(data_reply, &mut body)?
         };
         for index in accepted {
             if let Some(slot) = decided.get_mut(index) {
@@ -422,6 +481,64 @@ impl<S: Transport> Session<S> {
             }
         }
         Ok(TransactionResult::from_decided(decided))
+    }
+
+    /// How an 8-bit message goes to this relay, and whether its headers
+    /// are UTF-8 (so MAIL asks for SMTPUTF8). RFC 6531 §3.2: such a message
+    /// goes only where SMTPUTF8 is offered; it is not downgraded (RFC 6857
+    /// is lossy), as Postfix refuses it too. `body` is left where it was.
+    fn prepare(
+        &mut self,
+        message: &mut Outgoing<'_>,
+        body: &mut (impl Read + Seek),
+    ) -> Result<(Conversion, bool), SessionError> {
+        if !message.eight_bit {
+            return Ok((Conversion::AsIs, false));
+        }
+        let utf8_headers = self.read_ahead(body, |b| seven_bit::utf8_headers(b))?;
+        if utf8_headers && !self.caps.smtputf8 {
+            return Ok((Conversion::NeedsSmtpUtf8, true));
+        }
+        Ok((self.conversion(message, body)?, utf8_headers))
+    }
+
+    /// How the body goes to this relay (RFC 6152 §3: 8-bit octets only
+    /// after BODY=8BITMIME). A downgraded message is 7-bit and has the size
+    /// of its converted form, so `message` is updated to say so.
+    fn conversion(
+        &mut self,
+        message: &mut Outgoing<'_>,
+        body: &mut (impl Read + Seek),
+    ) -> Result<Conversion, SessionError> {
+        if !message.eight_bit || self.caps.eight_bit_mime {
+            return Ok(Conversion::AsIs);
+        }
+        let plan = match self.read_ahead(body, |b| seven_bit::plan(b))? {
+            Ok(plan) => plan,
+            Err(why) => return Ok(Conversion::Refused(why)),
+        };
+        // SIZE counts the octets as sent, before dot-stuffing (RFC 1870 §3).
+        let size = self.read_ahead(body, |b| {
+            io::copy(&mut Downgraded::new(b, &plan), &mut io::sink())
+        })?;
+        self.note("C: (8-bit message converted to 7 bits: the relay does not offer 8BITMIME)");
+        message.size = size;
+        message.eight_bit = false;
+        Ok(Conversion::Downgrade(plan))
+    }
+
+    /// Runs `look` over the body from where it is, then puts it back there.
+    fn read_ahead<B: Read + Seek, T>(
+        &mut self,
+        body: &mut B,
+        look: impl FnOnce(&mut B) -> io::Result<T>,
+    ) -> Result<T, SessionError> {
+        let unreadable =
+            |e: io::Error| SessionError::Local(format!("cannot read the spooled message: {e}"));
+        let start = body.stream_position().map_err(unreadable)?;
+        let seen = look(body).map_err(unreadable)?;
+        body.seek(SeekFrom::Start(start)).map_err(unreadable)?;
+        Ok(seen)
     }
 
     /// What the relay's declared limits decide before anything is sent, as
@@ -457,8 +574,9 @@ impl<S: Transport> Session<S> {
             .collect()
     }
 
-    /// MAIL FROM with the parameters the relay offers and the message needs.
-    fn mail_command(&self, message: &Outgoing<'_>) -> Command {
+    /// MAIL FROM with the parameters the relay offers and the message needs
+    /// (SMTPUTF8 for a non-ASCII envelope or UTF-8 headers).
+    fn mail_command(&self, message: &Outgoing<'_>, utf8_headers: bool) -> Command {
         let mut parameters = Vec::new();
         if self.caps.size_ext {
             parameters.push(MailParameter::Size(message.size));
@@ -466,7 +584,7 @@ impl<S: Transport> Session<S> {
         if message.eight_bit && self.caps.eight_bit_mime {
             parameters.push(MailParameter::EightBitMime);
         }
-        if message.needs_smtputf8() && self.caps.smtputf8 {
+        if (message.needs_smtputf8() || utf8_headers) && self.caps.smtputf8 {
             parameters.push(MailParameter::SmtpUtf8);
         }
         Command::Mail {
@@ -714,7 +832,7 @@ mod tests {
         );
         s.hello("pbx").unwrap();
         let rcpts = ["b@y".to_string()];
-        s.transaction(&outgoing("a@x", &rcpts), &mut &b"x"[..])
+        s.transaction(&outgoing("a@x", &rcpts), &mut io::Cursor::new(&b"x"[..]))
             .unwrap();
         s.stream_mut().timeouts.clear();
         let replies = s.command_group(&transaction_group(&["b@y"])).unwrap();
@@ -850,7 +968,10 @@ mod tests {
         s.hello("pbx.example").unwrap();
         let rcpts = ["b@y".to_string(), "c@y".to_string()];
         let result = s
-            .transaction(&outgoing("a@x", &rcpts), &mut &b".dot\nend"[..])
+            .transaction(
+                &outgoing("a@x", &rcpts),
+                &mut io::Cursor::new(&b".dot\nend"[..]),
+            )
             .unwrap();
         assert_eq!(codes(&result), vec![250, 550]);
         assert_eq!(
@@ -870,7 +991,7 @@ mod tests {
         s.hello("pbx").unwrap();
         let rcpts = ["b@y".to_string(), "c@y".to_string()];
         let result = s
-            .transaction(&outgoing("a@x", &rcpts), &mut &b"hi\n"[..])
+            .transaction(&outgoing("a@x", &rcpts), &mut io::Cursor::new(&b"hi\n"[..]))
             .unwrap();
         assert_eq!(codes(&result), vec![250, 550]);
         assert_eq!(
@@ -891,7 +1012,10 @@ mod tests {
         s.hello("pbx").unwrap();
         let rcpts = ["b@y".to_string()];
         let result = s
-            .transaction(&outgoing("a@x", &rcpts), &mut &b"SECRET BODY"[..])
+            .transaction(
+                &outgoing("a@x", &rcpts),
+                &mut io::Cursor::new(&b"SECRET BODY"[..]),
+            )
             .unwrap();
         assert_eq!(codes(&result), vec![550]);
         let out = written(s);
@@ -911,7 +1035,7 @@ mod tests {
         s.hello("pbx").unwrap();
         let rcpts = ["b@y".to_string()];
         let result = s
-            .transaction(&outgoing("a@x", &rcpts), &mut &b".x\n"[..])
+            .transaction(&outgoing("a@x", &rcpts), &mut io::Cursor::new(&b".x\n"[..]))
             .unwrap();
         assert_eq!(codes(&result), vec![250]);
         assert!(written(s).ends_with("RCPT TO:<b@y>\r\nBDAT 4 LAST\r\n.x\r\n"));
@@ -923,7 +1047,7 @@ mod tests {
         s.hello("pbx").unwrap();
         let rcpts = ["b@y".to_string()];
         let result = s
-            .transaction(&outgoing("a@x", &rcpts), &mut &b"body"[..])
+            .transaction(&outgoing("a@x", &rcpts), &mut io::Cursor::new(&b"body"[..]))
             .unwrap();
         assert_eq!(codes(&result), vec![552]);
         assert_eq!(result.per_recipient[0].enhanced(), Some("5.3.4"));
@@ -943,7 +1067,7 @@ mod tests {
         s.hello("pbx").unwrap();
         let rcpts = ["jörg@y".to_string(), "b@y".to_string()];
         let result = s
-            .transaction(&outgoing("a@x", &rcpts), &mut &b"x"[..])
+            .transaction(&outgoing("a@x", &rcpts), &mut io::Cursor::new(&b"x"[..]))
             .unwrap();
         assert_eq!(codes(&result), vec![553, 250]);
         assert!(!written(s).contains("jörg"));
@@ -963,8 +1087,233 @@ mod tests {
         let rcpts = ["jörg@y".to_string()];
         let mut message = outgoing("a@x", &rcpts);
         message.eight_bit = true;
-        s.transaction(&message, &mut &b"x"[..]).unwrap();
+        s.transaction(&message, &mut io::Cursor::new(&b"x"[..]))
+            .unwrap();
         assert!(written(s).contains("MAIL FROM:<a@x> BODY=8BITMIME SMTPUTF8\r\n"));
+    }
+
+    /// Issue 14 (14): the voicemail an 8-bit test uses: a UTF-8 text part
+    /// and a base64 WAV.
+    const VOICEMAIL: &str = "From: pbx@x\r\nMIME-Version: 1.0\r\n\
+        Content-Type: multipart/mixed; boundary=\"vm\"\r\n\r\n\
+        --vm\r\nContent-Type: text/plain; charset=utf-8\r\n\
+        Content-Transfer-Encoding: 8bit\r\n\r\n\
+        Neue Nachricht von Jürgen Müller\r\n.Ende\r\n\
+        --vm\r\nContent-Type: audio/wav\r\nContent-Transfer-Encoding: base64\r\n\r\n\
+        UklGRiQAAABXQVZF\r\n--vm--\r\n";
+
+    fn eight_bit<'a>(rcpts: &'a [String], body: &str) -> Outgoing<'a> {
+        Outgoing {
+            size: body.len() as u64,
+            eight_bit: true,
+            ..outgoing("a@x", rcpts)
+        }
+    }
+
+    /// The text of the DATA body between DATA's reply and the final dot, unstuffed.
+    fn data_body(written: &str) -> String {
+        let after = written.split_once("DATA\r\n").unwrap().1;
+        let body = after.rsplit_once("\r\n.\r\n").unwrap().0;
+        format!("{body}\r\n").replace("\r\n..", "\r\n.")
+    }
+
+    #[test]
+    fn an_8bit_body_goes_raw_with_body_8bitmime_where_offered() {
+        let mut s = session(&[
+            "",
+            "250-mx\r\n250 8BITMIME\r\n",
+            "250 ok\r\n",
+            "250 ok\r\n",
+            "354 go\r\n",
+            "250 ok\r\n",
+        ]);
+        s.hello("pbx").unwrap();
+        let rcpts = ["b@y".to_string()];
+        let result = s
+            .transaction(
+                &eight_bit(&rcpts, VOICEMAIL),
+                &mut io::Cursor::new(VOICEMAIL.as_bytes()),
+            )
+            .unwrap();
+        assert_eq!(codes(&result), vec![250]);
+        let out = written(s);
+        assert!(out.contains("MAIL FROM:<a@x> BODY=8BITMIME\r\n"), "{out}");
+        assert_eq!(data_body(&out), VOICEMAIL);
+    }
+
+    #[test]
+    fn an_8bit_voicemail_to_a_relay_without_8bitmime_goes_quoted_printable() {
+        let mut s = session(&[
+            "",
+            "250-mx\r\n250 SIZE 1000000\r\n",
+            "250 ok\r\n",
+            "250 ok\r\n",
+            "354 go\r\n",
+            "250 ok\r\n",
+        ]);
+        s.hello("pbx").unwrap();
+        let rcpts = ["b@y".to_string()];
+        let result = s
+            .transaction(
+                &eight_bit(&rcpts, VOICEMAIL),
+                &mut io::Cursor::new(VOICEMAIL.as_bytes()),
+            )
+            .unwrap();
+        assert_eq!(codes(&result), vec![250]);
+        let out = written(s);
+        assert!(out.is_ascii(), "{out}");
+        assert!(!out.contains("BODY="), "{out}");
+        let sent = data_body(&out);
+        // SIZE is that of what was sent, not of the 8-bit original.
+        assert!(
+            out.contains(&format!("MAIL FROM:<a@x> SIZE={}\r\n", sent.len())),
+            "{out}"
+        );
+        let (head, rest) = sent.split_once("charset=utf-8\r\n").unwrap();
+        assert_eq!(head, VOICEMAIL.split_once("charset=utf-8\r\n").unwrap().0);
+        let (text, wav_part) = rest
+            .strip_prefix("Content-Transfer-Encoding: quoted-printable\r\n\r\n")
+            .unwrap()
+            .split_once("--vm\r\n")
+            .unwrap();
+        assert_eq!(
+            crate::smtp::seven_bit::tests::decode_qp(text.as_bytes()),
+            "Neue Nachricht von Jürgen Müller\r\n.Ende\r\n".as_bytes()
+        );
+        assert_eq!(
+            wav_part,
+            "Content-Type: audio/wav\r\nContent-Transfer-Encoding: base64\r\n\r\n\
+             UklGRiQAAABXQVZF\r\n--vm--\r\n"
+        );
+    }
+
+    #[test]
+    fn an_8bit_body_in_bdat_chunks_is_converted_too() {
+        let mut s = chunking_session(&["250 2.0.0 stored\r\n"]);
+        let rcpts = ["b@y".to_string()];
+        let body = "Content-Type: text/plain\r\n\r\ncafé\r\n";
+        let result = s
+            .transaction(
+                &eight_bit(&rcpts, body),
+                &mut io::Cursor::new(body.as_bytes()),
+            )
+            .unwrap();
+        assert_eq!(codes(&result), vec![250]);
+        let converted = "Content-Type: text/plain\r\nMIME-Version: 1.0\r\n\
+                         Content-Transfer-Encoding: quoted-printable\r\n\r\ncaf=C3=A9\r\n";
+        assert!(written(s).ends_with(&format!("BDAT {} LAST\r\n{converted}", converted.len())),);
+    }
+
+    /// 8-bit octets in a header cannot be made 7-bit by a transfer
+    /// encoding: refused for every recipient before MAIL, and the judge
+    /// bounces it (never retried until it expires).
+    #[test]
+    fn an_unconvertible_8bit_message_to_a_relay_without_8bitmime_bounces_with_5_6_3() {
+        let mut s = session(&["", "250-mx\r\n250 PIPELINING\r\n"]);
+        s.hello("pbx").unwrap();
+        let rcpts = ["b@y".to_string(), "c@y".to_string()];
+        // Latin-1 "ü": 8-bit data, not UTF-8 (which would need SMTPUTF8).
+        let body = b"Subject: Anruf von J\xfcrgen\r\n\r\nhello\r\n";
+        let message = Outgoing {
+            size: body.len() as u64,
+            eight_bit: true,
+            ..outgoing("a@x", &rcpts)
+        };
+        let result = s
+            .transaction(&message, &mut io::Cursor::new(&body[..]))
+            .unwrap();
+        assert_eq!(codes(&result), vec![554, 554]);
+        for reply in &result.per_recipient {
+            assert_eq!(reply.enhanced(), Some("5.6.3"));
+            assert!(reply.summary().contains("8BITMIME"), "{reply}");
+            let verdict = crate::outcome::of_reply(reply);
+            assert_eq!(verdict.outcome.status(), "bounced");
+            assert_eq!(
+                verdict.advice,
+                Some(crate::outcome::Advice::EightBitUnsupported)
+            );
+        }
+        assert_eq!(written(s), "EHLO pbx\r\n");
+    }
+
+    /// RFC 6531 §3.2: UTF-8 headers (RFC 6532) need SMTPUTF8: declared
+    /// where offered, refused with 5.6.7 (judged a bounce) where not.
+    #[test]
+    fn utf8_headers_go_with_smtputf8_where_offered_and_bounce_5_6_7_where_not() {
+        let body = "Subject: Anruf von Jürgen\r\n\r\nhello\r\n";
+        let rcpts = ["b@y".to_string()];
+        let mut offers = session(&[
+            "",
+            "250-mx\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n",
+            "250 ok\r\n",
+            "250 ok\r\n",
+            "354 go\r\n",
+            "250 ok\r\n",
+        ]);
+        offers.hello("pbx").unwrap();
+        let result = offers
+            .transaction(
+                &eight_bit(&rcpts, body),
+                &mut io::Cursor::new(body.as_bytes()),
+            )
+            .unwrap();
+        assert_eq!(codes(&result), vec![250]);
+        let out = written(offers);
+        assert!(
+            out.contains("MAIL FROM:<a@x> BODY=8BITMIME SMTPUTF8\r\n"),
+            "{out}"
+        );
+        assert_eq!(data_body(&out), body);
+
+        let mut lacks = session(&["", "250-mx\r\n250 8BITMIME\r\n"]);
+        lacks.hello("pbx").unwrap();
+        let result = lacks
+            .transaction(
+                &eight_bit(&rcpts, body),
+                &mut io::Cursor::new(body.as_bytes()),
+            )
+            .unwrap();
+        assert_eq!(codes(&result), vec![553]);
+        let reply = &result.per_recipient[0];
+        assert_eq!(reply.enhanced(), Some("5.6.7"));
+        let verdict = crate::outcome::of_reply(reply);
+        assert_eq!(verdict.outcome.status(), "bounced");
+        assert_eq!(
+            verdict.advice,
+            Some(crate::outcome::Advice::SmtpUtf8Unsupported)
+        );
+        assert_eq!(written(lacks), "EHLO pbx\r\n");
+    }
+
+    /// Issue 14 (8): header bytes that are not UTF-8 (Latin-1) are 8-bit
+    /// data: with 8BITMIME they go exactly as they are, no SMTPUTF8 asked.
+    #[test]
+    fn latin1_headers_go_as_they_are_with_8bitmime() {
+        let body = b"Subject: Anruf von J\xfcrgen\r\n\r\nhello\r\n";
+        let rcpts = ["b@y".to_string()];
+        let mut s = session(&[
+            "",
+            "250-mx\r\n250 8BITMIME\r\n",
+            "250 ok\r\n",
+            "250 ok\r\n",
+            "354 go\r\n",
+            "250 ok\r\n",
+        ]);
+        s.hello("pbx").unwrap();
+        let message = Outgoing {
+            size: body.len() as u64,
+            eight_bit: true,
+            ..outgoing("a@x", &rcpts)
+        };
+        let result = s
+            .transaction(&message, &mut io::Cursor::new(&body[..]))
+            .unwrap();
+        assert_eq!(codes(&result), vec![250]);
+        let mut expected =
+            b"EHLO pbx\r\nMAIL FROM:<a@x> BODY=8BITMIME\r\nRCPT TO:<b@y>\r\nDATA\r\n".to_vec();
+        expected.extend_from_slice(body);
+        expected.extend_from_slice(b".\r\n");
+        assert_eq!(script(&s).written, expected);
     }
 
     /// A writer that breaks after the first DATA body write, with the
@@ -1022,10 +1371,10 @@ mod tests {
         );
         let rcpts = ["b@y".to_string()];
         let result = s
-            .transaction(&outgoing("a@x", &rcpts), &mut &b"body"[..])
+            .transaction(&outgoing("a@x", &rcpts), &mut io::Cursor::new(&b"body"[..]))
             .unwrap();
         assert_eq!(codes(&result), vec![550]);
-        let next = s.transaction(&outgoing("a@x", &rcpts), &mut &b"body"[..]);
+        let next = s.transaction(&outgoing("a@x", &rcpts), &mut io::Cursor::new(&b"body"[..]));
         assert!(matches!(next, Err(SessionError::Io(Phase::Mail, _))));
     }
 
@@ -1034,7 +1383,7 @@ mod tests {
         let mut s = session(&["", "250 ok\r\n", "250 ok\r\n", "250 2.0.0 Ok\r\n"]);
         let rcpts = ["b@y".to_string()];
         let err = s
-            .transaction(&outgoing("a@x", &rcpts), &mut &b"body"[..])
+            .transaction(&outgoing("a@x", &rcpts), &mut io::Cursor::new(&b"body"[..]))
             .unwrap_err();
         assert!(matches!(err, SessionError::Protocol(Phase::Data, _)));
     }
@@ -1044,7 +1393,7 @@ mod tests {
         let mut s = session(&["", "250 ok\r\n", "421 4.3.2 shutting down\r\n"]);
         let rcpts = ["b@y".to_string()];
         let err = s
-            .transaction(&outgoing("a@x", &rcpts), &mut &b"x"[..])
+            .transaction(&outgoing("a@x", &rcpts), &mut io::Cursor::new(&b"x"[..]))
             .unwrap_err();
         assert!(matches!(err, SessionError::Rejected(Phase::Rcpt, r) if r.code.0 == 421));
     }
@@ -1055,7 +1404,7 @@ mod tests {
         s.hello("pbx").unwrap();
         let rcpts = ["b@y".to_string()];
         let err = s
-            .transaction(&outgoing("a@x", &rcpts), &mut &b"x"[..])
+            .transaction(&outgoing("a@x", &rcpts), &mut io::Cursor::new(&b"x"[..]))
             .unwrap_err();
         assert!(matches!(err, SessionError::Protocol(Phase::Mail, _)));
     }
@@ -1075,7 +1424,10 @@ mod tests {
         ]);
         let rcpts = ["b@y".to_string()];
         let err = s
-            .transaction(&outgoing("a@x", &rcpts), &mut &b"SECRET BODY"[..])
+            .transaction(
+                &outgoing("a@x", &rcpts),
+                &mut io::Cursor::new(&b"SECRET BODY"[..]),
+            )
             .unwrap_err();
         assert!(
             matches!(err, SessionError::Protocol(Phase::Data, _)),
@@ -1095,7 +1447,10 @@ mod tests {
         s.hello("pbx").unwrap();
         let rcpts = ["b@y".to_string()];
         let err = s
-            .transaction(&outgoing("a@x", &rcpts), &mut &b"SECRET BODY"[..])
+            .transaction(
+                &outgoing("a@x", &rcpts),
+                &mut io::Cursor::new(&b"SECRET BODY"[..]),
+            )
             .unwrap_err();
         assert!(
             matches!(err, SessionError::Protocol(Phase::Data, _)),
@@ -1143,7 +1498,7 @@ mod tests {
         ]);
         let rcpts = ["b@y".to_string()];
         let err = s
-            .transaction(&outgoing("a@x", &rcpts), &mut &b"body"[..])
+            .transaction(&outgoing("a@x", &rcpts), &mut io::Cursor::new(&b"body"[..]))
             .unwrap_err();
         assert!(
             matches!(err, SessionError::Protocol(Phase::DataEnd, _)),
@@ -1165,7 +1520,10 @@ mod tests {
         let body = "a line of the message\n".repeat(5_000);
         let rcpts = ["b@y".to_string()];
         let err = s
-            .transaction(&outgoing("a@x", &rcpts), &mut body.as_bytes())
+            .transaction(
+                &outgoing("a@x", &rcpts),
+                &mut io::Cursor::new(body.as_bytes()),
+            )
             .unwrap_err();
         assert!(
             matches!(err, SessionError::Protocol(Phase::Body, _)),
@@ -1179,7 +1537,7 @@ mod tests {
         let mut s = chunking_session(&["250 2.0.0 stored\r\n554 5.7.1 refused\r\n"]);
         let rcpts = ["b@y".to_string()];
         let err = s
-            .transaction(&outgoing("a@x", &rcpts), &mut &b"body"[..])
+            .transaction(&outgoing("a@x", &rcpts), &mut io::Cursor::new(&b"body"[..]))
             .unwrap_err();
         assert!(
             matches!(err, SessionError::Protocol(Phase::DataEnd, _)),
@@ -1233,10 +1591,12 @@ mod tests {
                 .collect();
             let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
             let mut s = session(&texts);
-            let outcome = s
-                .greeting()
-                .and_then(|_| s.hello("pbx"))
-                .and_then(|_| s.transaction(&outgoing("a@x", &rcpts), &mut &b"the body\n"[..]));
+            let outcome = s.greeting().and_then(|_| s.hello("pbx")).and_then(|_| {
+                s.transaction(
+                    &outgoing("a@x", &rcpts),
+                    &mut io::Cursor::new(&b"the body\n"[..]),
+                )
+            });
             let Ok(result) = outcome else { continue };
             if result.per_recipient.iter().any(|r| r.code.is_positive()) {
                 let out = written(s);
@@ -1253,7 +1613,7 @@ mod tests {
         let mut s = session(&["", "250 ok\r\n", "450 busy\r\n", "250 reset\r\n"]);
         let rcpts = ["b@y".to_string()];
         let result = s
-            .transaction(&outgoing("a@x", &rcpts), &mut &b"body"[..])
+            .transaction(&outgoing("a@x", &rcpts), &mut io::Cursor::new(&b"body"[..]))
             .unwrap();
         assert_eq!(codes(&result), vec![450]);
         assert_eq!(written(s), "MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nRSET\r\n");

@@ -5,19 +5,20 @@
 //! put a scripted fake here.
 
 use crate::smtp::reply::Reply;
+use crate::smtp::session::Body;
 use crate::smtp::session::Outgoing;
 use crate::smtp::SessionError;
-use std::io::Read;
 
 pub trait Delivery {
     /// Opens a ready-to-send session (greeting, TLS, AUTH done).
     fn open(&mut self) -> Result<Opened, OpenError>;
     /// One transaction over the open session: a reply per recipient in
-    /// order, or the error that ended the session.
+    /// order, or the error that ended the session. The body is at its
+    /// start; it seeks, as a downgrade to 7 bits reads it more than once.
     fn send(
         &mut self,
         message: &Outgoing<'_>,
-        body: &mut dyn Read,
+        body: &mut dyn Body,
     ) -> Result<Vec<Reply>, SessionError>;
     /// Ends the open session politely (QUIT).
     fn close(&mut self);

@@ -11,9 +11,9 @@ use crate::base::secret::Secret;
 use crate::outcome;
 use crate::smtp::client::{self, Connected};
 use crate::smtp::reply::Reply;
+use crate::smtp::session::Body;
 use crate::smtp::session::Outgoing;
 use crate::smtp::SessionError;
-use std::io::Read;
 
 pub struct SmtpDelivery {
     tenant: TenantName,
@@ -120,7 +120,7 @@ impl Delivery for SmtpDelivery {
     fn send(
         &mut self,
         message: &Outgoing<'_>,
-        mut body: &mut dyn Read,
+        mut body: &mut dyn Body,
     ) -> Result<Vec<Reply>, SessionError> {
         let Some(connected) = self.connected.as_mut() else {
             return Err(SessionError::Local("no open session".into()));

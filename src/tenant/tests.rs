@@ -22,7 +22,7 @@ use crate::spool::Spool;
 use crossbeam_channel::{unbounded, Sender};
 use std::cell::RefCell;
 use std::collections::VecDeque;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -68,7 +68,7 @@ impl Delivery for FakeDelivery {
     fn send(
         &mut self,
         message: &Outgoing<'_>,
-        body: &mut dyn Read,
+        body: &mut dyn crate::smtp::session::Body,
     ) -> Result<Vec<Reply>, SessionError> {
         let mut content = Vec::new();
         body.read_to_end(&mut content).unwrap();

@@ -281,10 +281,16 @@ fn eight_bit_body_declares_8bitmime_only_where_offered() {
         &["y@example.com"],
         &message("pbx@b.test", "y@example.com", "8bit", umlauts),
     );
-    for (server, expect_param) in [(&offers, true), (&lacks, false)] {
+    // Without 8BITMIME the body may not go raw (RFC 6152 §3, issue 14
+    // item 14): it arrives quoted-printable, decoding to the same text.
+    let converted = "Gr=C3=BC=C3=9Fe aus K=C3=B6ln\r\n".to_string();
+    for (server, expect_param, expect_body) in [
+        (&offers, true, format!("{umlauts}\r\n")),
+        (&lacks, false, converted),
+    ] {
         let got = server.wait_for_messages(1, ARRIVAL);
         assert_eq!(got.len(), 1);
-        assert_eq!(body_bytes(&got[0]), format!("{umlauts}\r\n").into_bytes());
+        assert_eq!(body_bytes(&got[0]), expect_body.into_bytes());
         let params = &got[0].mail_params;
         assert_eq!(
             params.split_whitespace().any(|p| p == "BODY=8BITMIME"),
@@ -292,6 +298,118 @@ fn eight_bit_body_declares_8bitmime_only_where_offered() {
             "8BITMIME offered: {expect_param}; MAIL parameters {params:?}"
         );
     }
+}
+
+/// Decodes a quoted-printable body (RFC 2045 §6.7) with CRLF line ends.
+fn decode_quoted_printable(encoded: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut lines = encoded.split("\r\n").peekable();
+    while let Some(line) = lines.next() {
+        let (line, soft) = match line.strip_suffix('=') {
+            Some(line) => (line, true),
+            None => (line, false),
+        };
+        let mut bytes = line.bytes();
+        while let Some(b) = bytes.next() {
+            if b == b'=' {
+                let hex: String = bytes.by_ref().take(2).map(char::from).collect();
+                out.push(u8::from_str_radix(&hex, 16).unwrap());
+            } else {
+                out.push(b);
+            }
+        }
+        if !soft && lines.peek().is_some() {
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+    out
+}
+
+/// Issue 14 (14): through the real daemon to a relay without 8BITMIME, a
+/// voicemail with an 8-bit text part and a base64 WAV arrives 7-bit, its
+/// text part quoted-printable and decoding to the original, the WAV part
+/// untouched; what cannot be converted (an 8-bit attached message: 5.6.3;
+/// a UTF-8 header without SMTPUTF8: 5.6.7) bounces at once, never sent raw
+/// and never left to retry.
+#[test]
+fn eight_bit_voicemail_to_a_relay_without_8bitmime_arrives_quoted_printable() {
+    let (mut daemon, server) = Daemon::with_relay(
+        "seven_bit",
+        ServerOptions {
+            eight_bit_mime: false,
+            ..ServerOptions::default()
+        },
+        "",
+    );
+    daemon.start();
+    let text = "Neue Sprachnachricht von J\u{fc}rgen M\u{fc}ller\r\nDauer: 0:42 \u{2013} \u{bb}R\u{fc}ckruf\u{ab}\r\n";
+    let wav = "UklGRiQAAABXQVZFZm10IBAAAAABAAEAQB8AAEAfAAABAAgAZGF0YQAAAAA=\r\n";
+    let voicemail = format!(
+        "From: pbx@acme.test\r\nTo: x@example.com\r\nSubject: voicemail\r\n\
+         MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"vm-42\"\r\n\r\n\
+         --vm-42\r\nContent-Type: text/plain; charset=utf-8\r\n\
+         Content-Transfer-Encoding: 8bit\r\n\r\n{text}--vm-42\r\n\
+         Content-Type: audio/x-wav; name=msg0001.wav\r\n\
+         Content-Transfer-Encoding: base64\r\n\r\n{wav}--vm-42--\r\n"
+    );
+    daemon.submit(&["x@example.com"], voicemail.as_bytes());
+    // An attached message with an 8-bit body: a message/* part may not be
+    // encoded itself (RFC 2046 §5.2.1) and pbxmail does not convert inside
+    // it (5.6.3); a UTF-8 Subject: an internationalized header (5.6.7).
+    let attached = "From: pbx@acme.test\r\nTo: y@example.com\r\nSubject: fwd\r\n\
+         MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n\
+         --b\r\nContent-Type: message/rfc822\r\n\r\nSubject: old\r\n\r\n\
+         Gr\u{fc}\u{df}e\r\n--b--\r\n";
+    daemon.submit(&["y@example.com"], attached.as_bytes());
+    daemon.submit(
+        &["z@example.com"],
+        &message(
+            "pbx@acme.test",
+            "z@example.com",
+            "Anruf von J\u{fc}rgen",
+            "x",
+        ),
+    );
+
+    wait_until(ARRIVAL, || !relayed(&server).is_empty());
+    let got = relayed(&server);
+    assert_eq!(got.len(), 1, "{got:#?}");
+    assert_eq!(got[0].rcpt_to, ["x@example.com"]);
+    assert!(got[0].data.is_ascii(), "{}", got[0].text());
+    assert!(
+        !got[0].mail_params.contains("BODY="),
+        "{:?}",
+        got[0].mail_params
+    );
+    let arrived = got[0].text();
+    let part = "--vm-42\r\nContent-Type: text/plain; charset=utf-8\r\n\
+                Content-Transfer-Encoding: quoted-printable\r\n\r\n";
+    let (_, rest) = arrived
+        .split_once(part)
+        .unwrap_or_else(|| panic!("no quoted-printable text part in {arrived}"));
+    let (encoded, wav_part) = rest.split_once("--vm-42\r\n").unwrap();
+    assert_eq!(decode_quoted_printable(encoded), text.as_bytes());
+    assert_eq!(
+        wav_part,
+        format!(
+            "Content-Type: audio/x-wav; name=msg0001.wav\r\n\
+             Content-Transfer-Encoding: base64\r\n\r\n{wav}--vm-42--\r\n"
+        )
+    );
+
+    for (rcpt, status) in [("y@example.com", "5.6.3"), ("z@example.com", "5.6.7")] {
+        let report = wait_for_bounce(&server, "pbx@acme.test", rcpt);
+        assert!(
+            dsn_fields(&report, rcpt).contains(&format!("Status: {status}\r\n")),
+            "{report}"
+        );
+        assert!(
+            relayed(&server).iter().all(|m| m.rcpt_to != [rcpt]),
+            "a header with 8-bit octets went to a relay without 8BITMIME"
+        );
+    }
+    let queue = daemon.wait_for_queue(ARRIVAL, |q| q.is_empty());
+    assert!(queue.is_empty(), "{queue:#?}");
 }
 
 /// RFC 5321 §2.4: EHLO keywords are case-insensitive. A relay that
