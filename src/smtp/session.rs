@@ -404,7 +404,8 @@ impl<S: Transport> Session<S> {
     /// where not, it is converted to 7 bits (seven_bit.rs: two more reads of
     /// `body`, which is why it must seek) or, if that cannot be done safely,
     /// refused with 5.6.3 for every recipient before anything is sent. UTF-8
-    /// headers go only with SMTPUTF8, else are refused with 5.6.7.
+    /// headers go with SMTPUTF8 where offered, else as 8-bit data with
+    /// BODY=8BITMIME, else are refused with 5.6.7.
     pub fn transaction(
         &mut self,
         message: &Outgoing<'_>,
@@ -496,7 +497,11 @@ impl<S: Transport> Session<S> {
             return Ok((Conversion::AsIs, false));
         }
         let utf8_headers = self.read_ahead(body, |b| seven_bit::utf8_headers(b))?;
-        if utf8_headers && !self.caps.smtputf8 {
+        // Without SMTPUTF8 but with 8BITMIME, UTF-8 header text goes as the
+        // 8-bit data it is, as relays have always taken it (a voicemail whose
+        // Subject names "Jürgen" must not bounce where it used to arrive);
+        // with neither, it can be carried no way and is refused.
+        if utf8_headers && !self.caps.smtputf8 && !self.caps.eight_bit_mime {
             return Ok((Conversion::NeedsSmtpUtf8, true));
         }
         Ok((self.conversion(message, body)?, utf8_headers))
@@ -1236,10 +1241,11 @@ mod tests {
         assert_eq!(written(s), "EHLO pbx\r\n");
     }
 
-    /// RFC 6531 §3.2: UTF-8 headers (RFC 6532) need SMTPUTF8: declared
-    /// where offered, refused with 5.6.7 (judged a bounce) where not.
+    /// RFC 6531 §3.2: UTF-8 headers (RFC 6532) go with SMTPUTF8 where
+    /// offered; as 8-bit data where only 8BITMIME is; refused with 5.6.7
+    /// (judged a bounce) where neither is.
     #[test]
-    fn utf8_headers_go_with_smtputf8_where_offered_and_bounce_5_6_7_where_not() {
+    fn utf8_headers_go_with_smtputf8_or_8bitmime_and_bounce_5_6_7_with_neither() {
         let body = "Subject: Anruf von Jürgen\r\n\r\nhello\r\n";
         let rcpts = ["b@y".to_string()];
         let mut offers = session(&[
@@ -1265,7 +1271,27 @@ mod tests {
         );
         assert_eq!(data_body(&out), body);
 
-        let mut lacks = session(&["", "250-mx\r\n250 8BITMIME\r\n"]);
+        let mut only_8bit = session(&[
+            "",
+            "250-mx\r\n250 8BITMIME\r\n",
+            "250 ok\r\n",
+            "250 ok\r\n",
+            "354 go\r\n",
+            "250 ok\r\n",
+        ]);
+        only_8bit.hello("pbx").unwrap();
+        let result = only_8bit
+            .transaction(
+                &eight_bit(&rcpts, body),
+                &mut io::Cursor::new(body.as_bytes()),
+            )
+            .unwrap();
+        assert_eq!(codes(&result), vec![250]);
+        let out = written(only_8bit);
+        assert!(out.contains("MAIL FROM:<a@x> BODY=8BITMIME\r\n"), "{out}");
+        assert_eq!(data_body(&out), body);
+
+        let mut lacks = session(&["", "250 mx\r\n"]);
         lacks.hello("pbx").unwrap();
         let result = lacks
             .transaction(
