@@ -109,6 +109,13 @@ impl TenantSet {
         self.running.contains_key(tenant)
     }
 
+    /// The message `tenant` is sending right now, if any.
+    pub fn sending(&self, tenant: &str) -> Option<crate::base::names::MessageId> {
+        self.running
+            .get(tenant)
+            .and_then(|(_, handle)| handle.status().sending)
+    }
+
     pub fn route_all(&self, job: impl Fn() -> Job) {
         for (_, handle) in self.running.values() {
             handle.send(job());
