@@ -1676,3 +1676,43 @@ fn test_command_escapes_control_characters_in_relay_replies() {
     );
     assert!(run.stdout.contains("\\x1b]0;title\\x07"), "{}", run.stdout);
 }
+
+#[test]
+fn hold_on_a_tenant_stuck_in_a_session_past_the_bound_exits_75_and_still_takes_effect() {
+    // The relay stalls the first message's final dot far longer than the
+    // daemon waits for its tenant (shortened to 300 ms in this test build).
+    let server = TestServer::start(
+        ServerOptions {
+            faults: vec![(".".to_string(), 1, Fault::Delay(Duration::from_secs(4)))],
+            ..ServerOptions::default()
+        },
+        None,
+    );
+    let daemon = Daemon::bare("adm_hold_pending");
+    configure(
+        &daemon,
+        SLOW_RETRY,
+        &plain_tenant("acme", "acme.test", &server, ""),
+    );
+    let _running = Running::start_with_env(&daemon, &[("PBXMAIL_DEBUG_ADMIN_WAIT_MS", "300")]);
+    daemon.submit_note("pbx@acme.test", "a@example.com", "stalled");
+    assert!(server.wait_for_command("DATA", ARRIVAL));
+    let held = daemon.submit_note("pbx@acme.test", "a@example.com", "held later");
+
+    let run = cli(&daemon, &["hold", &held]);
+    assert_eq!(run.code, 75, "{run:?}");
+    assert!(
+        run.stdout
+            .lines()
+            .any(|l| l == format!("{held}: queued, not yet recorded")),
+        "{}",
+        run.stdout
+    );
+    assert!(run.stderr.contains("not yet recorded"), "{run:?}");
+    // Queued, not lost: once the stalled message is answered the hold is
+    // applied before the next message, so it never reaches the relay.
+    let queue = daemon.wait_for_queue(ARRIVAL, |q| state_of(q, &held) == "held");
+    assert_eq!(state_of(&queue, &held), "held", "{queue:#?}");
+    wait_for_sessions_ended(&server, 1);
+    assert_eq!(subjects(&server), ["stalled"]);
+}
