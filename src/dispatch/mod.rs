@@ -6,7 +6,9 @@
 //! no fsync here. Sends to tenants are `try_send`, the listener's disk work
 //! runs on the intake writer's threads, and reading the config file or
 //! finding which tenant holds a message ID runs on the offload thread
-//! (offload.rs), whose result comes back through the Waker.
+//! (offload.rs), whose result comes back through the Waker. Hold, release
+//! and delete are answered once their tenants reported them durable
+//! (admin.rs), again through the Waker.
 
 mod admin;
 mod offload;
