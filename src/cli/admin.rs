@@ -81,14 +81,83 @@ fn report(cmd: &Invocation, command: &str, json: bool, response: &Response) -> R
         "status" => print_status(&result),
         "reload" => println!("configuration reloaded: {} tenants", result["tenants"]),
         "flush" => println!("retrying deferred mail now"),
-        _ => println!(
-            "{command}: {} messages",
-            result["messages"]
-                .as_u64()
-                .map_or("all".into(), |n| n.to_string())
-        ),
+        _ => return report_applied(cmd, command, &result),
     }
     Ok(Exit::Ok)
+}
+
+/// Hold, release or delete: a line per message saying what became of it,
+/// then the count. Exit 0 once every effect is on disk; 75 when a tenant
+/// has yet to apply it (queued, lost if the daemon dies first) or could
+/// not write it: running the same command again is safe.
+fn report_applied(
+    cmd: &Invocation,
+    command: &str,
+    result: &serde_json::Value,
+) -> Result<Exit, Exit> {
+    let empty = Vec::new();
+    let results = result["results"].as_array().unwrap_or(&empty);
+    let mut incomplete = false;
+    for r in results {
+        let text = |key: &str| printable(r[key].as_str().unwrap_or("")).into_owned();
+        let what = match r["id"].as_str() {
+            Some(_) => text("id"),
+            None => format!("tenant {}", text("tenant")),
+        };
+        let outcome = r["result"].as_str().unwrap_or("");
+        incomplete |= matches!(outcome, "pending" | "failed");
+        let line = applied_line(
+            command,
+            outcome,
+            r["sending"].as_bool() == Some(true),
+            &text("error"),
+        );
+        println!("{what}: {line}");
+    }
+    println!(
+        "{command}: {} messages",
+        result["messages"]
+            .as_u64()
+            .map_or("all".into(), |n| n.to_string())
+    );
+    if result["pending"].as_bool() == Some(true) {
+        return Err(cmd.fail(
+            Exit::TempFail,
+            format!(
+                "not yet recorded: the tenant is busy in a session; the {command} is queued and \
+                 takes effect when its current message ends (a daemon restart before then \
+                 loses it; run the command again to be sure)"
+            ),
+        ));
+    }
+    if incomplete {
+        return Err(cmd.fail(
+            Exit::TempFail,
+            format!("the {command} could not be recorded for every message"),
+        ));
+    }
+    Ok(Exit::Ok)
+}
+
+/// What one result means, for the admin.
+fn applied_line(command: &str, outcome: &str, sending: bool, error: &str) -> String {
+    let done = match command {
+        "hold" => "held",
+        "release" => "released",
+        _ => "deleted",
+    };
+    match (outcome, sending) {
+        ("pending", true) => format!(
+            "being sent right now: {done} after this attempt if it fails (queued, not yet recorded)"
+        ),
+        ("pending", false) => "queued, not yet recorded".into(),
+        ("failed", _) => format!("not {done}: {error}"),
+        ("gone", true) => "was being sent and left the queue (sent or bounced) first".into(),
+        ("gone", false) => "no longer queued (sent, bounced or deleted first)".into(),
+        ("unchanged", _) => "unchanged (already in that state, or failed and kept)".into(),
+        (_, true) => format!("was being sent; that attempt did not deliver it: {done}"),
+        _ => done.into(),
+    }
 }
 
 fn print_status(result: &serde_json::Value) {

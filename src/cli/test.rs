@@ -7,6 +7,7 @@
 use super::{load_config, take_config_flag, Exit};
 use crate::advice;
 use crate::base::address;
+use crate::base::text::{printable, printable_lines};
 use crate::base::time;
 use crate::outcome;
 use crate::smtp::client;
@@ -95,7 +96,8 @@ pub fn run(args: &[String]) -> Exit {
         auth: settings.auth,
     };
 
-    let trace: Trace = Box::new(|line: &str| println!("{line}"));
+    // Relay replies are in the transcript: escaped, so none drives the terminal.
+    let trace: Trace = Box::new(|line: &str| println!("{}", printable(line)));
     let mut connected = match client::open_traced(&settings, Some(trace)) {
         Ok(connected) => connected,
         Err(failure) => {
@@ -129,9 +131,12 @@ pub fn run(args: &[String]) -> Exit {
                 // Only 250 for the message passes: any other reply, even
                 // another 2yz, is shown to the admin as not plain success.
                 Some(reply) if reply.code.0 == 250 => {
+                    let reply = reply.to_string();
                     println!(
-                        "OK: {} accepted the test message for <{}> ({reply})",
-                        connected.peer, args.to
+                        "OK: {} accepted the test message for <{}> ({})",
+                        connected.peer,
+                        args.to,
+                        printable(&reply)
                     );
                     Exit::Ok
                 }
@@ -150,9 +155,10 @@ pub fn run(args: &[String]) -> Exit {
 }
 
 fn failed(what: &str, advice: Option<String>) -> Exit {
-    println!("FAILED: {what}");
+    // `what` and the advice may quote the relay.
+    println!("FAILED: {}", printable(what));
     if let Some(advice) = advice {
-        println!("What to do: {advice}");
+        println!("What to do: {}", printable_lines(&advice));
     }
     Exit::Unavailable
 }

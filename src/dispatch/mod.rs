@@ -6,8 +6,11 @@
 //! no fsync here. Sends to tenants are `try_send`, the listener's disk work
 //! runs on the intake writer's threads, and reading the config file or
 //! finding which tenant holds a message ID runs on the offload thread
-//! (offload.rs), whose result comes back through the Waker.
+//! (offload.rs), whose result comes back through the Waker. Hold, release
+//! and delete are answered once their tenants reported them durable
+//! (admin.rs), again through the Waker.
 
+mod admin;
 mod offload;
 
 use crate::base::names::MessageId;
@@ -15,7 +18,8 @@ use crate::config::{Config, ConfigError};
 use crate::control::{self, ControlServer, Request, Response, Selection};
 use crate::intake::server::IntakeServer;
 use crate::spool::Spool;
-use crate::tenant::{Job, Target, TenantSet};
+use crate::tenant::{Action, Job, Target, TenantSet};
+use admin::{AdminWaits, Asked};
 use mio::net::UnixDatagram;
 use mio::{Events, Interest, Poll, Token, Waker};
 use offload::{Chore, Done, Located, Offload, Ticket};
@@ -56,14 +60,17 @@ pub struct Dispatcher {
     next_ticket: Ticket,
     /// A SIGHUP found the offload thread busy: reload once it answers.
     reload_wanted: bool,
+    /// Hold, release and delete waiting for their tenants' reports.
+    admin: AdminWaits,
 }
 
 /// What to do with an offloaded chore's result.
 enum Awaiting {
     /// Apply the loaded configuration; answer the control connection, if any.
     Reload(Option<Token>),
-    /// Route the job to the tenants holding the IDs; answer the connection.
-    Select(Token, fn(Target) -> Job),
+    /// Hand the command to the tenants holding the IDs; answer the
+    /// connection once they reported.
+    Select(Token, Action),
 }
 
 impl Dispatcher {
@@ -95,6 +102,7 @@ impl Dispatcher {
             CONTROL_CONNECTIONS,
         )?;
         let offload = Offload::start(spool.clone(), Arc::clone(&waker))?;
+        let admin = AdminWaits::new(Arc::clone(&waker));
         let intake = match &config.daemon.listen {
             Some(addr) => Some(
                 IntakeServer::bind(
@@ -136,6 +144,7 @@ impl Dispatcher {
             awaiting: HashMap::new(),
             next_ticket: 0,
             reload_wanted: false,
+            admin,
         })
     }
 
@@ -176,6 +185,7 @@ impl Dispatcher {
                         self.tenants.reap();
                         self.take_submissions();
                         self.take_offloaded();
+                        self.take_admin_reports();
                     }
                     SIGNALS if self.read_signals() => break 'serve,
                     token if self.control.owns(token) => self.serve_control(token),
@@ -294,9 +304,10 @@ impl Dispatcher {
                         self.respond(token, &response);
                     }
                 }
-                (Awaiting::Select(token, job), Done::Located(found)) => {
-                    let response = self.act_on(found, job);
-                    self.respond(token, &response);
+                (Awaiting::Select(token, action), Done::Located(found)) => {
+                    if let Some(response) = self.act_on(token, found, action) {
+                        self.respond(token, &response);
+                    }
                 }
                 (Awaiting::Reload(reply_to), _) => {
                     if let Some(token) = reply_to {
@@ -369,9 +380,9 @@ impl Dispatcher {
                     Response::ok(serde_json::json!({ "tenants": self.tenants.len() }))
                 }
             },
-            Request::Hold(selection) => return self.select(token, selection, Job::Hold),
-            Request::Release(selection) => return self.select(token, selection, Job::Release),
-            Request::Delete(selection) => return self.select(token, selection, Job::Delete),
+            Request::Hold(selection) => return self.select(token, selection, Action::Hold),
+            Request::Release(selection) => return self.select(token, selection, Action::Release),
+            Request::Delete(selection) => return self.select(token, selection, Action::Delete),
             Request::Reload => {
                 self.start_reload(Some(token));
                 return None;
@@ -389,27 +400,62 @@ impl Dispatcher {
     }
 
     /// A whole tenant at once; listed IDs once the offload thread found
-    /// which tenant's folder holds each (that stats spool files).
-    fn select(
-        &mut self,
-        token: Token,
-        selection: Selection,
-        job: fn(Target) -> Job,
-    ) -> Option<Response> {
+    /// which tenant's folder holds each (that stats spool files). None: the
+    /// answer comes once the tenants reported (admin.rs).
+    fn select(&mut self, token: Token, selection: Selection, action: Action) -> Option<Response> {
         if let Some(tenant) = selection.tenant {
-            return Some(self.to_tenant(&tenant, job(Target::All)));
+            if !self.tenants.is_running(&tenant) {
+                return Some(Response::error(format!(
+                    "no tenant named {tenant:?} is running"
+                )));
+            }
+            return self.ask(token, action, vec![(tenant, Target::All)]);
         }
         if selection.ids.is_empty() {
             return Some(Response::error("name message IDs, or --tenant T"));
         }
-        match self.offload(Chore::Locate(selection.ids), Awaiting::Select(token, job)) {
+        match self.offload(
+            Chore::Locate(selection.ids),
+            Awaiting::Select(token, action),
+        ) {
             Ok(()) => None,
             Err(_) => Some(busy()),
         }
     }
 
+    /// Hands the command to each tenant, noting the message each is
+    /// sending now; None: the answer comes with their reports.
+    fn ask(
+        &mut self,
+        token: Token,
+        action: Action,
+        targets: Vec<(String, Target)>,
+    ) -> Option<Response> {
+        let asked = targets
+            .into_iter()
+            .map(|(tenant, target)| Asked {
+                sending: self.tenants.sending(&tenant),
+                tenant,
+                target,
+            })
+            .collect();
+        self.admin.start(&self.tenants, token, action, asked).err()
+    }
+
+    /// Reports from tenants that complete a request: answer it.
+    fn take_admin_reports(&mut self) {
+        for (token, response) in self.admin.take() {
+            self.respond(token, &response);
+        }
+    }
+
     /// Listed IDs grouped by the tenant whose folder holds them.
-    fn act_on(&self, found: Vec<(String, Located)>, job: fn(Target) -> Job) -> Response {
+    fn act_on(
+        &mut self,
+        token: Token,
+        found: Vec<(String, Located)>,
+        action: Action,
+    ) -> Option<Response> {
         let mut by_tenant: BTreeMap<String, Vec<MessageId>> = BTreeMap::new();
         let mut unknown = Vec::new();
         let mut orphaned = Vec::new();
@@ -424,23 +470,23 @@ impl Dispatcher {
         }
         // All or nothing: a typo in one ID must not leave the command half done.
         if !unknown.is_empty() {
-            return Response::error(format!(
+            return Some(Response::error(format!(
                 "no queued message with ID {}; nothing was changed",
                 unknown.join(", ")
-            ));
+            )));
         }
         if !orphaned.is_empty() {
-            return Response::error(format!(
+            return Some(Response::error(format!(
                 "{} belong to a tenant that is no longer configured; nothing was changed. \
                  Add its [tenant:NAME] section back and reload to act on them",
                 orphaned.join(", ")
-            ));
+            )));
         }
-        let count: usize = by_tenant.values().map(Vec::len).sum();
-        for (tenant, ids) in by_tenant {
-            self.tenants.route(&tenant, job(Target::Ids(ids)));
-        }
-        Response::ok(serde_json::json!({ "messages": count }))
+        let targets = by_tenant
+            .into_iter()
+            .map(|(tenant, ids)| (tenant, Target::Ids(ids)))
+            .collect();
+        self.ask(token, action, targets)
     }
 }
 

@@ -178,10 +178,11 @@ fn connect_any(
     addrs: &[SocketAddr],
     timeout: Duration,
 ) -> Result<(TcpStream, SocketAddr), SessionError> {
-    let deadline = Instant::now() + timeout;
+    // A timeout past what an Instant holds has no deadline: each try gets a share of it.
+    let deadline = Instant::now().checked_add(timeout);
     let mut failures: Vec<(SocketAddr, String)> = Vec::new();
     for (tried, addr) in addrs.iter().enumerate() {
-        let left = deadline.saturating_duration_since(Instant::now());
+        let left = deadline.map_or(timeout, |d| d.saturating_duration_since(Instant::now()));
         let share = left / u32::try_from(addrs.len() - tried).unwrap_or(u32::MAX);
         if share.is_zero() {
             failures.push((*addr, "not tried: connect_timeout used up".into()));
@@ -297,6 +298,13 @@ mod tests {
             host: "relay.test".into(),
             port,
         }
+    }
+
+    #[test]
+    fn connect_with_the_largest_timeout_does_not_overflow() {
+        let (_listener, addr) = listening();
+        let (_tcp, peer) = connect_any(&relay(addr.port()), &[addr], Duration::MAX).unwrap();
+        assert_eq!(peer, addr);
     }
 
     /// A listener that completes handshakes in the kernel; never accepts.

@@ -78,6 +78,7 @@ impl Admin<'_> {
     }
 
     fn hold(&mut self, id: &MessageId) -> Applied {
+        self.catch_up(id);
         if !self.queue.is_waiting(id) {
             return self.unchanged_or_gone(id, self.queue.is_held(id));
         }
@@ -91,6 +92,7 @@ impl Admin<'_> {
     }
 
     fn release(&mut self, id: &MessageId) -> Applied {
+        self.catch_up(id);
         if !self.queue.is_held(id) {
             return self.unchanged_or_gone(id, self.queue.is_waiting(id));
         }
@@ -104,6 +106,25 @@ impl Admin<'_> {
                 Applied::Done
             }
             Err(why) => Applied::Failed(why),
+        }
+    }
+
+    /// A message the spool holds but the queue has not heard of yet (its
+    /// hint was lost to a full job queue, or comes after this command) is
+    /// taken in first, as the rescan would: answering `Gone` for it would
+    /// let it be sent after the admin was told nothing was there.
+    fn catch_up(&mut self, id: &MessageId) {
+        if self.queue.knows(id) {
+            return;
+        }
+        match self.spool.load_envelope(self.name, id) {
+            Ok(env) if env.is_done() => {}
+            Ok(env) if env.held => self.queue.insert_held(id),
+            Ok(env) => self
+                .queue
+                .schedule(id, env.next_attempt_ms.unwrap_or(0), env.attempts > 0),
+            // Not there (gone), or unreadable: the rescan deals with that.
+            Err(_) => {}
         }
     }
 
@@ -146,5 +167,38 @@ impl Admin<'_> {
             log::error!("{id} tenant={}: cannot record {record:?}: {e}", self.name);
             e.to_string()
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tenant::pacing::Backoff;
+    use std::time::Duration;
+
+    #[test]
+    fn a_hold_of_a_spooled_message_whose_hint_has_not_come_holds_it_not_gone() {
+        let dir = std::env::temp_dir().join(format!("pbxmail-admin-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let spool = Spool::new(&dir);
+        spool.create_layout().unwrap();
+        let name = TenantName::parse("acme").unwrap();
+        let mut submission = spool.begin_submission().unwrap();
+        std::io::Write::write_all(&mut submission, b"Subject: x\r\n\r\nbody\r\n").unwrap();
+        let id = submission
+            .commit(&name, "a@acme.example", &["b@x.example".into()])
+            .unwrap();
+        let backoff = Backoff::new(Duration::from_secs(60), Duration::from_secs(3600));
+        let mut queue = Queue::new(backoff, None, 10, 0);
+        let mut admin = Admin {
+            name: &name,
+            spool: &spool,
+            queue: &mut queue,
+        };
+        let held = admin.apply(Action::Hold, &Target::Ids(vec![id.clone()]));
+        assert_eq!(held, [(id.clone(), Applied::Done)]);
+        assert!(spool.load_envelope(&name, &id).unwrap().held);
+        assert!(queue.is_held(&id));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

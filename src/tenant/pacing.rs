@@ -33,8 +33,14 @@ impl Backoff {
         let exponent = attempts.saturating_sub(1).min(20);
         let base = self.min.saturating_mul(1u32 << exponent).min(self.max);
         let jitter = f64::from((self.random)()) / f64::from(u16::MAX) * 0.2 - 0.1;
-        base.mul_f64(1.0 + jitter)
+        scaled(base, 1.0 + jitter)
     }
+}
+
+/// `base` times `factor` (0.9 to 1.1), saturating where `mul_f64` would
+/// panic: retry values near the top of what a Duration holds.
+fn scaled(base: Duration, factor: f64) -> Duration {
+    Duration::try_from_secs_f64(base.as_secs_f64() * factor).unwrap_or(Duration::MAX)
 }
 
 fn random_u16() -> u16 {
@@ -91,7 +97,9 @@ impl RateBucket {
         if self.tokens >= 1.0 {
             return now_ms;
         }
-        now_ms + ((1.0 - self.tokens) * self.per_token_ms).ceil() as u64
+        // An `as` cast saturates; the sum must too (a rate_limit interval
+        // near the top of u64 milliseconds).
+        now_ms.saturating_add(((1.0 - self.tokens) * self.per_token_ms).ceil() as u64)
     }
 }
 
@@ -124,6 +132,36 @@ mod tests {
         };
         assert_eq!(high.after(1).as_millis(), 110_000);
         assert_eq!(high.after(9).as_millis(), 1_100_000);
+    }
+
+    #[test]
+    fn backoff_at_the_largest_duration_saturates_instead_of_panicking() {
+        for random in [|| 0u16, || u16::MAX] {
+            let b = Backoff {
+                random,
+                ..Backoff::new(Duration::MAX, Duration::MAX)
+            };
+            for attempts in [0, 1, 30, u32::MAX] {
+                assert!(b.after(attempts) >= Duration::from_secs(u64::MAX / 10 * 9));
+            }
+        }
+        assert_eq!(scaled(Duration::MAX, 1.1), Duration::MAX);
+        assert_eq!(
+            scaled(Duration::from_secs(100), 0.9),
+            Duration::from_secs(90)
+        );
+    }
+
+    #[test]
+    fn next_token_near_the_end_of_the_clock_saturates() {
+        let limit = RateLimit {
+            messages: 1,
+            per: Duration::MAX,
+        };
+        let now = u64::MAX - 1;
+        let mut bucket = RateBucket::new(limit, now);
+        assert!(bucket.try_take(now));
+        assert_eq!(bucket.next_token_at(now), u64::MAX);
     }
 
     #[test]

@@ -109,6 +109,13 @@ impl TenantSet {
         self.running.contains_key(tenant)
     }
 
+    /// The message `tenant` is sending right now, if any.
+    pub fn sending(&self, tenant: &str) -> Option<crate::base::names::MessageId> {
+        self.running
+            .get(tenant)
+            .and_then(|(_, handle)| handle.status().sending)
+    }
+
     pub fn route_all(&self, job: impl Fn() -> Job) {
         for (_, handle) in self.running.values() {
             handle.send(job());
@@ -201,9 +208,10 @@ impl TenantSet {
             handle.stop();
             self.stopping.insert(name, handle);
         }
-        let deadline = Instant::now() + grace;
+        // A grace past what an Instant holds waits as long as it takes.
+        let deadline = Instant::now().checked_add(grace);
         while !self.stopping.is_empty() {
-            let left = deadline.saturating_duration_since(Instant::now());
+            let left = deadline.map_or(grace, |d| d.saturating_duration_since(Instant::now()));
             match self.finished_rx.recv_timeout(left) {
                 Ok(name) => {
                     if let Some(mut handle) = self.stopping.remove(name.as_str()) {
@@ -237,4 +245,28 @@ fn same_for_tenants(old: &DaemonConfig, new: &DaemonConfig) -> bool {
         && old.retry_max == new.retry_max
         && old.max_queue_lifetime == new.max_queue_lifetime
         && old.postmaster == new.postmaster
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_all_with_the_largest_grace_does_not_overflow() {
+        let config = crate::config::parse(
+            std::path::Path::new("test.ini"),
+            "[tenant:acme]\ndomains = acme.example\nrelay = 127.0.0.1:1\ntls = none\n",
+        )
+        .unwrap();
+        let dir = std::env::temp_dir().join(format!("pbxmail-set-grace-{}", std::process::id()));
+        let mut set = TenantSet::new(
+            &config.daemon,
+            Spool::new(&dir),
+            Arc::new(RootCertStore::empty()),
+            Arc::new(|| {}),
+        );
+        // Nothing running: it returns at once rather than panic on Instant + MAX.
+        set.stop_all(Duration::MAX);
+        assert_eq!(set.len(), 0);
+    }
 }

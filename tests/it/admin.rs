@@ -1551,3 +1551,168 @@ fn timestamped_delivery_line(test: &str, journal: Journal) {
         panic!("{why}: {line:?}");
     }
 }
+
+// ---------------------------------------------------------------------------
+// Admin commands answer once durable (issue 14 item 18).
+// ---------------------------------------------------------------------------
+
+/// A relay that takes 3 s to answer the first message's final dot, so its
+/// tenant is in the middle of a session when the admin acts.
+fn slow_dot_server() -> TestServer {
+    TestServer::start(
+        ServerOptions {
+            faults: vec![(".".to_string(), 1, Fault::Delay(Duration::from_secs(3)))],
+            ..ServerOptions::default()
+        },
+        None,
+    )
+}
+
+#[test]
+fn hold_during_a_slow_session_is_on_disk_when_it_exits_0_and_survives_kill_9() {
+    let server = slow_dot_server();
+    let daemon = Daemon::bare("adm_hold_kill9");
+    configure(
+        &daemon,
+        SLOW_RETRY,
+        &plain_tenant("acme", "acme.test", &server, ""),
+    );
+    let mut running = Running::start(&daemon);
+    daemon.submit_note("pbx@acme.test", "a@example.com", "slow one");
+    assert!(server.wait_for_command("DATA", ARRIVAL));
+    // Queued while the tenant's thread waits on the relay: it would ride
+    // this session once the slow message is answered.
+    let held = daemon.submit_note("pbx@acme.test", "a@example.com", "held one");
+
+    let run = cli(&daemon, &["hold", &held]);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(
+        run.stdout.lines().any(|l| l == format!("{held}: held")),
+        "{}",
+        run.stdout
+    );
+    // The answer came after the effect: nothing may be lost now.
+    running.kill9();
+    let sessions_before = count_commands(&server, "QUIT");
+    assert!(
+        !subjects(&server).iter().any(|s| s == "held one"),
+        "{:?}",
+        subjects(&server)
+    );
+
+    let _running = Running::after_kill(&daemon);
+    let queue = daemon.queue();
+    assert_eq!(state_of(&queue, &held), "held", "{queue:#?}");
+    // A later message goes out; the held one does not go with it.
+    daemon.submit_note("pbx@acme.test", "alice@example.com", "marker");
+    assert!(wait_until(ARRIVAL, || subjects(&server)
+        .iter()
+        .any(|s| s == "marker")));
+    wait_for_sessions_ended(&server, sessions_before + 1);
+    assert!(
+        !subjects(&server).iter().any(|s| s == "held one"),
+        "{:?}",
+        subjects(&server)
+    );
+    let queue = daemon.queue();
+    assert_eq!(state_of(&queue, &held), "held", "{queue:#?}");
+}
+
+#[test]
+fn hold_of_the_message_being_sent_says_so_and_what_became_of_it() {
+    let server = slow_dot_server();
+    let daemon = Daemon::bare("adm_hold_sending");
+    configure(
+        &daemon,
+        SLOW_RETRY,
+        &plain_tenant("acme", "acme.test", &server, ""),
+    );
+    let _running = Running::start(&daemon);
+    let sending = daemon.submit_note("pbx@acme.test", "a@example.com", "in flight");
+    assert!(server.wait_for_command("DATA", ARRIVAL));
+    wait_for_tenant(&daemon, "acme", |t| str_of(t, "state") == "sending");
+
+    let run = cli(&daemon, &["hold", &sending]);
+    // The relay took it (250 after the delay): it was sent, not held.
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(
+        run.stdout
+            .lines()
+            .any(|l| l.starts_with(&format!("{sending}: was being sent"))),
+        "{}",
+        run.stdout
+    );
+    assert_eq!(server.wait_for_messages(1, ARRIVAL).len(), 1);
+    assert!(daemon.wait_for_queue(ARRIVAL, |q| q.is_empty()).is_empty());
+}
+
+#[test]
+fn test_command_escapes_control_characters_in_relay_replies() {
+    // ESC sequences and a bare CR that would draw a fake line on a terminal.
+    let hostile = "250 2.0.0 \u{1b}[2K\rOK: forged \u{1b}[32mgreen";
+    let server = TestServer::start(
+        ServerOptions {
+            data_reply: Some(hostile.to_string()),
+            greeting: Some("220 relay \u{1b}]0;title\u{7} ready".to_string()),
+            ..ServerOptions::default()
+        },
+        None,
+    );
+    let daemon = Daemon::bare("adm_test_escape");
+    configure(
+        &daemon,
+        SLOW_RETRY,
+        &plain_tenant("acme", "acme.test", &server, ""),
+    );
+    let run = run_test_command(&daemon);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(!run.stdout.contains('\u{1b}'), "{:?}", run.stdout);
+    assert!(!run.stdout.contains('\r'), "{:?}", run.stdout);
+    assert!(!run.stdout.contains('\u{7}'), "{:?}", run.stdout);
+    assert!(
+        run.stdout.contains("\\x1b[2K\\rOK: forged \\x1b[32mgreen"),
+        "{}",
+        run.stdout
+    );
+    assert!(run.stdout.contains("\\x1b]0;title\\x07"), "{}", run.stdout);
+}
+
+#[test]
+fn hold_on_a_tenant_stuck_in_a_session_past_the_bound_exits_75_and_still_takes_effect() {
+    // The relay stalls the first message's final dot far longer than the
+    // daemon waits for its tenant (shortened to 300 ms in this test build).
+    let server = TestServer::start(
+        ServerOptions {
+            faults: vec![(".".to_string(), 1, Fault::Delay(Duration::from_secs(4)))],
+            ..ServerOptions::default()
+        },
+        None,
+    );
+    let daemon = Daemon::bare("adm_hold_pending");
+    configure(
+        &daemon,
+        SLOW_RETRY,
+        &plain_tenant("acme", "acme.test", &server, ""),
+    );
+    let _running = Running::start_with_env(&daemon, &[("PBXMAIL_DEBUG_ADMIN_WAIT_MS", "300")]);
+    daemon.submit_note("pbx@acme.test", "a@example.com", "stalled");
+    assert!(server.wait_for_command("DATA", ARRIVAL));
+    let held = daemon.submit_note("pbx@acme.test", "a@example.com", "held later");
+
+    let run = cli(&daemon, &["hold", &held]);
+    assert_eq!(run.code, 75, "{run:?}");
+    assert!(
+        run.stdout
+            .lines()
+            .any(|l| l == format!("{held}: queued, not yet recorded")),
+        "{}",
+        run.stdout
+    );
+    assert!(run.stderr.contains("not yet recorded"), "{run:?}");
+    // Queued, not lost: once the stalled message is answered the hold is
+    // applied before the next message, so it never reaches the relay.
+    let queue = daemon.wait_for_queue(ARRIVAL, |q| state_of(q, &held) == "held");
+    assert_eq!(state_of(&queue, &held), "held", "{queue:#?}");
+    wait_for_sessions_ended(&server, 1);
+    assert_eq!(subjects(&server), ["stalled"]);
+}
