@@ -6,9 +6,17 @@
 //! depends on it waits for the writer's `Answer`. The header block is read
 //! into memory (bounded) and goes through cleanup.rs, as sendmail's does.
 //! The server (server.rs) moves bytes and jobs.
+//!
+//! Line ends, as Postfix ≥ 3.9 by default (`smtpd_forbid_bare_newline =
+//! normalize`): a bare LF ends a command or a line of content (stored as
+//! CRLF), but only `<CRLF>.<CRLF>` ends DATA (RFC 5321 §4.1.1.4, §2.3.8),
+//! so `<LF>.<LF>`, `<CRLF>.<LF>` or `<LF>.<CRLF>` are a dot line of the
+//! message and whatever follows stays message text: no second message can
+//! be smuggled in behind the first. The EHLO name and anything else that
+//! goes into our Received field is checked or made safe first.
 
 use super::cleanup;
-use super::message::{HeaderBlock, Step};
+use super::message::{HeaderBlock, HeaderError, Step};
 use super::writer::{Answer, Envelope, Job};
 use crate::address;
 use crate::config::{Config, ListenLimits};
@@ -60,24 +68,29 @@ enum Refusal {
     TooBig,
     /// The null sender's From names a domain no tenant handles.
     Unrouted(String),
+    /// The header block cannot be inspected (too large, a line too long).
+    Headers(HeaderError),
 }
 
-/// The header block as it arrives: parsed for cleanup, its bytes kept as the
-/// client sent them until it ends.
-struct Headers {
-    block: HeaderBlock,
-    raw: Vec<u8>,
+/// How the last piece of DATA ended: only a line after a CRLF can be the
+/// end-of-data line; any line end starts a line for dot-unstuffing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LineStart {
+    AfterCrlf,
+    AfterBareLf,
+    /// The last piece was part of a long line.
+    Inside,
 }
 
 struct Body {
-    /// Still reading the header block (None once it ended).
-    headers: Option<Headers>,
+    /// Still reading the header block (None once it ended). What is stored
+    /// is what it parsed (message.rs), not the raw bytes.
+    headers: Option<HeaderBlock>,
     /// Set once the message is refused; it is still read to the end.
     refused: Option<Refusal>,
     /// Body bytes not yet queued for the writer.
     chunk: Vec<u8>,
-    /// A line piece ended without its line end.
-    at_line_start: bool,
+    line_start: LineStart,
 }
 
 pub struct Conversation {
@@ -281,8 +294,11 @@ impl Conversation {
         let (verb, rest) = line.split_once(' ').unwrap_or((line, ""));
         match verb.to_ascii_uppercase().as_str() {
             "EHLO" => {
+                let Some(name) = client_name(rest) else {
+                    return self.reply("501 5.5.4 Syntax: EHLO domain or address literal");
+                };
                 self.reset();
-                self.greeted = Some(rest.trim().to_string());
+                self.greeted = Some(name);
                 let size = self.limits.max_message_size;
                 let host = self.hostname.clone();
                 self.reply(&format!("250-{host}"));
@@ -292,8 +308,11 @@ impl Conversation {
                 self.reply("250 ENHANCEDSTATUSCODES");
             }
             "HELO" => {
+                let Some(name) = client_name(rest) else {
+                    return self.reply("501 5.5.4 Syntax: HELO domain");
+                };
                 self.reset();
-                self.greeted = Some(rest.trim().to_string());
+                self.greeted = Some(name);
                 let host = self.hostname.clone();
                 self.reply(&format!("250 {host}"));
             }
@@ -327,13 +346,16 @@ impl Conversation {
         for param in params.split_ascii_whitespace() {
             let (key, value) = param.split_once('=').unwrap_or((param, ""));
             match key.to_ascii_uppercase().as_str() {
-                "SIZE" => {
-                    let declared: u64 = value.parse().unwrap_or(0);
-                    if declared > self.limits.max_message_size {
-                        return self.reply("552 5.3.4 Message size exceeds the limit");
-                    }
-                }
-                "BODY" => {}
+                "SIZE" => match declared_size(value) {
+                    Some(declared) if declared <= self.limits.max_message_size => {}
+                    Some(_) => return self.reply("552 5.3.4 Message size exceeds the limit"),
+                    None => return self.reply("501 5.5.4 Syntax: SIZE=<number of octets>"),
+                },
+                // RFC 6152 §2: the only two values; we take 8-bit data either way.
+                "BODY"
+                    if value.eq_ignore_ascii_case("7BIT")
+                        || value.eq_ignore_ascii_case("8BITMIME") => {}
+                "BODY" => return self.reply("501 5.5.4 Syntax: BODY=7BIT or BODY=8BITMIME"),
                 _ => return self.reply("555 5.5.4 Unsupported MAIL parameter"),
             }
         }
@@ -399,22 +421,20 @@ impl Conversation {
         // Our trace header, as every MTA adds one (RFC 5321 §4.4).
         let received = format!(
             "Received: from {} ({})\r\n\tby {} (pbxmail) with ESMTP id {};\r\n\t{}\r\n",
-            self.greeted.as_deref().unwrap_or("unknown"),
-            self.peer,
-            self.hostname,
-            id,
+            trace_word(self.greeted.as_deref().unwrap_or("unknown")),
+            trace_word(&self.peer),
+            trace_word(&self.hostname),
+            trace_word(id),
             time::rfc5322(crate::spool::unix_millis() / 1000)
         );
         self.jobs.push_back(Job::Trace(received.into_bytes()));
         self.body_size = 0;
         self.state = State::Data(Body {
-            headers: Some(Headers {
-                block: HeaderBlock::default(),
-                raw: Vec::new(),
-            }),
+            headers: Some(HeaderBlock::default()),
             refused: None,
             chunk: Vec::new(),
-            at_line_start: true,
+            // The CRLF of the DATA line is the first of <CRLF>.<CRLF>.
+            line_start: LineStart::AfterCrlf,
         });
         self.reply("354 End data with <CR><LF>.<CR><LF>");
     }
@@ -433,18 +453,28 @@ impl Conversation {
         let State::Data(body) = &mut self.state else {
             return None;
         };
-        let starts_line = body.at_line_start;
-        body.at_line_start = line.last() == Some(&b'\n');
+        let before = body.line_start;
+        body.line_start = if line.ends_with(b"\r\n") {
+            LineStart::AfterCrlf
+        } else if line.ends_with(b"\n") {
+            LineStart::AfterBareLf
+        } else {
+            LineStart::Inside
+        };
         let refused = body.refused.is_some();
-        if starts_line && (line == b".\r\n" || line == b".\n") {
+        // Only <CRLF>.<CRLF> ends the data (RFC 5321 §4.1.1.4): no other
+        // framing of a lone dot, so no smuggled commands after it.
+        if before == LineStart::AfterCrlf && line == b".\r\n" {
             return Some(true);
         }
-        // RFC 5321 §4.5.2: a leading dot was doubled by the client.
-        let content = if starts_line && line.first() == Some(&b'.') {
-            line.get(1..).unwrap_or_default()
-        } else {
-            &line[..]
-        };
+        // RFC 5321 §4.5.2: a leading dot with more on its line was doubled
+        // by the client. A lone dot that is not the end of data stays a dot.
+        let content =
+            if before != LineStart::Inside && line.first() == Some(&b'.') && !is_lone_dot(&line) {
+                line.get(1..).unwrap_or_default()
+            } else {
+                &line[..]
+            };
         self.body_size = self.body_size.saturating_add(content.len() as u64);
         if refused {
             return Some(false);
@@ -462,17 +492,18 @@ impl Conversation {
         let State::Data(body) = &mut self.state else {
             return;
         };
-        let inspect = match body.headers.as_mut() {
-            Some(headers) => match headers.block.take(content) {
-                Ok(Step::More) => {
-                    headers.raw.extend_from_slice(content);
-                    return;
-                }
-                Ok(Step::Separator | Step::Body) => true,
+        let rest = match body.headers.as_mut() {
+            Some(block) => match block.take(content) {
+                Ok(Step::More) => return,
+                Ok(Step::Separator) => b"\r\n".to_vec(),
+                // The body starts without a separator: write one, as
+                // sendmail does, so a reader of the stored message sees the
+                // header block end where it was parsed to end.
+                Ok(Step::Body(line)) => [&b"\r\n"[..], &line].concat(),
                 Err(why) => {
-                    // Not inspectable: stored as received, as before cleanup.
-                    log::debug!("submission from {}: {why}; no fields added", self.peer);
-                    false
+                    // Not inspectable, so it cannot be stored as parsed.
+                    log::info!("submission from {}: refused: {why}", self.peer);
+                    return self.refuse(Refusal::Headers(why));
                 }
             },
             None => {
@@ -484,20 +515,21 @@ impl Conversation {
                 return;
             }
         };
-        self.end_headers(content, inspect, config);
+        self.end_headers(&rest, config);
     }
 
     /// The header block ended (`rest` is the separator line, the first body
     /// line, or nothing at the end of data): the cleanup step routes the null
     /// sender and adds the missing Date and Message-ID.
-    fn end_headers(&mut self, rest: &[u8], inspect: bool, config: &Config) {
+    fn end_headers(&mut self, rest: &[u8], config: &Config) {
         let State::Data(body) = &mut self.state else {
             return;
         };
-        let Some(Headers { block, raw }) = body.headers.take() else {
+        let Some(mut block) = body.headers.take() else {
             return;
         };
-        let mut out = raw;
+        block.finish();
+        let mut out = cleanup::render(block.headers());
         if self.tenant.is_none() {
             let domain = cleanup::routing_domain("", block.headers());
             match cleanup::route(config, &domain) {
@@ -505,11 +537,9 @@ impl Conversation {
                 Err(unrouted) => return self.refuse(Refusal::Unrouted(unrouted.domain)),
             }
         }
-        if inspect {
-            let now = crate::spool::unix_millis() / 1000;
-            let added = cleanup::missing_fields(block.headers(), &self.hostname, None, now);
-            out.extend_from_slice(&cleanup::render(&added));
-        }
+        let now = crate::spool::unix_millis() / 1000;
+        let added = cleanup::missing_fields(block.headers(), &self.hostname, None, now);
+        out.extend_from_slice(&cleanup::render(&added));
         out.extend_from_slice(rest);
         out.append(&mut body.chunk);
         body.chunk = out;
@@ -531,7 +561,7 @@ impl Conversation {
     fn finish_data(&mut self, config: &Config) {
         // A message that is all header block: it ends here.
         if matches!(&self.state, State::Data(body) if body.headers.is_some()) {
-            self.end_headers(b"", true, config);
+            self.end_headers(b"", config);
         }
         let state = std::mem::replace(&mut self.state, State::Command);
         let State::Data(body) = state else {
@@ -548,6 +578,10 @@ impl Conversation {
                     "550 5.7.1 Sender domain \"{domain}\" is not handled here"
                 ));
             }
+            Some(Refusal::Headers(why)) => {
+                self.reset();
+                self.reply(&format!("552 5.3.4 Message header refused: {why}"));
+            }
             None => {
                 if !body.chunk.is_empty() {
                     self.jobs.push_back(Job::Content(body.chunk));
@@ -561,6 +595,62 @@ impl Conversation {
             }
         }
     }
+}
+
+/// A lone dot with its line end (any), or at the end of a piece.
+fn is_lone_dot(line: &[u8]) -> bool {
+    line.first() == Some(&b'.') && line.iter().skip(1).all(|&b| b == b'\r' || b == b'\n')
+}
+
+/// The EHLO/HELO argument, if it is one (RFC 5321 §4.1.1.1, §4.1.3): a
+/// domain or an address literal. Lenient where real clients are sloppy
+/// (underscores, a trailing dot, a single label), strict where it matters:
+/// nothing but these characters ever reaches our Received field.
+fn client_name(rest: &str) -> Option<String> {
+    let name = rest.trim_matches([' ', '\t']);
+    if name.is_empty() || name.len() > 255 {
+        return None;
+    }
+    let ok = if let Some(literal) = name.strip_prefix('[') {
+        let inner = literal.strip_suffix(']')?;
+        !inner.is_empty()
+            && inner
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b':'))
+    } else {
+        name.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+            && !name.starts_with(['.', '-'])
+    };
+    ok.then(|| name.to_string())
+}
+
+/// A value for the Received field: anything outside the characters a host
+/// name, address or ID has becomes `_`, so no value can break the field.
+fn trace_word(value: &str) -> String {
+    value
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | ':' | '[' | ']') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// `SIZE=` (RFC 1870 §6: digits): None when malformed. A number too big for
+/// u64 is larger than any limit, so it saturates (then gets 552) instead of
+/// being taken as 0.
+fn declared_size(value: &str) -> Option<u64> {
+    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(value.bytes().fold(0u64, |n, digit| {
+        n.saturating_mul(10)
+            .saturating_add(u64::from(digit.saturating_sub(b'0')))
+    }))
 }
 
 /// `FROM:<addr> PARAMS` → (addr, params); tolerant of a space after the colon.
