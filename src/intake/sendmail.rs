@@ -69,7 +69,7 @@ pub fn submit(
             let s = s.trim_start_matches('<').trim_end_matches('>').to_string();
             if !address::is_valid(&s) {
                 return Err(SubmitError::Data(format!(
-                    "sender address \"{s}\" is not valid (-f)"
+                    "sender address \"{s}\" given with -f or -r is not valid"
                 )));
             }
             s

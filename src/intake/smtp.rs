@@ -990,6 +990,271 @@ mod tests {
         assert_eq!(listen_body, "body\r\n..dot\r\n");
     }
 
+    /// The whole stored file, as bytes (any charset).
+    fn stored_bytes(spool: &Spool, tenant: &str, id: &str) -> Vec<u8> {
+        let id = crate::spool::MessageId::parse(id).unwrap();
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut spool.open_message(tenant, &id).unwrap(), &mut bytes)
+            .unwrap();
+        bytes
+    }
+
+    /// The reply codes in `out`, one per reply (continuation lines left out).
+    fn codes(out: &str) -> Vec<&str> {
+        out.split_terminator("\r\n")
+            .filter(|l| l.as_bytes().get(3) != Some(&b'-'))
+            .map(|l| l.get(..3).unwrap_or(l))
+            .collect()
+    }
+
+    /// One session over scripted bytes, the writer played in line: the
+    /// replies' codes, the IDs committed.
+    fn session(config: &Config, spool: &Spool, wire: &[u8]) -> (String, Vec<String>) {
+        let mut disk = DiskSide::new(spool.clone());
+        let mut c = conversation(config);
+        c.receive(wire, config);
+        let ids = serve(&mut c, &mut disk, config);
+        (output(&mut c), ids)
+    }
+
+    #[test]
+    fn smuggled_end_of_data_never_starts_a_second_message() {
+        // The classic payloads (SMTP smuggling, 2023): a lone dot framed by
+        // anything but CRLF on both sides, then a second transaction.
+        let variants: [&[u8]; 6] = [
+            b"\n.\n",
+            b"\r\n.\n",
+            b"\n.\r\n",
+            b"\r.\r\n",
+            b"\r\n.\r",
+            b"\n..\n.\n",
+        ];
+        for (i, dot) in variants.iter().enumerate() {
+            let (config, spool) = setup(&format!("smuggle{i}"), "100K");
+            let mut wire =
+                b"EHLO c\r\nMAIL FROM:<a@acme.example>\r\nRCPT TO:<r@x.example>\r\nDATA\r\n\
+                Subject: one\r\n\r\nfirst"
+                    .to_vec();
+            wire.extend_from_slice(dot);
+            wire.extend_from_slice(
+                b"MAIL FROM:<evil@beta.example>\r\nRCPT TO:<victim@x.example>\r\nDATA\r\n\
+                  Subject: smuggled\r\n\r\nevil\r\n.\r\nQUIT\r\n",
+            );
+            let (out, ids) = session(&config, &spool, &wire);
+            assert_eq!(
+                codes(&out),
+                ["250", "250", "250", "354", "250", "221"],
+                "{dot:?}: {out}"
+            );
+            assert_eq!(ids.len(), 1, "{dot:?}: {out}");
+            // One message, the first transaction's: the rest is its text.
+            assert_eq!(spool.tenants().unwrap(), ["acme"], "{dot:?}");
+            let id = crate::spool::MessageId::parse(&ids[0]).unwrap();
+            let envelope = spool.load_envelope("acme", &id).unwrap();
+            assert_eq!(envelope.sender, "a@acme.example");
+            let rcpts: Vec<&str> = envelope
+                .recipients
+                .iter()
+                .map(|r| r.address.as_str())
+                .collect();
+            assert_eq!(rcpts, ["r@x.example"], "{dot:?}");
+            let text = stored(&spool, "acme", &ids[0]);
+            assert!(
+                text.contains("\r\nMAIL FROM:<evil@beta.example>\r\n"),
+                "{dot:?}: {text}"
+            );
+            assert!(text.ends_with("\r\nevil\r\n"), "{dot:?}: {text}");
+        }
+    }
+
+    #[test]
+    fn a_lone_dot_not_framed_by_crlf_stays_a_dot_line_and_crlf_dot_crlf_ends_data() {
+        let (config, spool) = setup("lone-dot", "100K");
+        let (out, ids) = session(
+            &config,
+            &spool,
+            b"EHLO c\r\nMAIL FROM:<a@acme.example>\r\nRCPT TO:<r@x.example>\r\nDATA\r\n\
+              S: x\r\n\r\na\n.\nb\n..c\r\n.\r\n",
+        );
+        assert_eq!(codes(&out), ["250", "250", "250", "354", "250"], "{out}");
+        let text = stored(&spool, "acme", &ids[0]);
+        assert!(text.ends_with("\r\n\r\na\r\n.\r\nb\r\n.c\r\n"), "{text}");
+    }
+
+    #[test]
+    fn ehlo_names_that_are_not_a_domain_or_address_literal_get_501() {
+        let (config, spool) = setup("ehlo", "100K");
+        for bad in [
+            "EHLO",
+            "EHLO a\rb",
+            "EHLO x\rReceived: forged",
+            "EHLO two words",
+            "EHLO x(y)",
+            "EHLO .x",
+            "HELO a;b",
+            "EHLO [1.2.3.4",
+            "EHLO []",
+        ] {
+            let (out, _) = session(
+                &config,
+                &spool,
+                format!("{bad}\r\nMAIL FROM:<a@acme.example>\r\n").as_bytes(),
+            );
+            assert_eq!(codes(&out), ["501", "503"], "{bad:?}: {out}");
+        }
+        for good in [
+            "EHLO pbx.example",
+            "EHLO pbx.example.",
+            "EHLO my_pc",
+            "EHLO [127.0.0.1]",
+            "EHLO [IPv6:::1]",
+            "HELO localhost",
+        ] {
+            let (out, _) = session(&config, &spool, format!("{good}\r\n").as_bytes());
+            assert_eq!(codes(&out), ["250"], "{good:?}: {out}");
+        }
+    }
+
+    #[test]
+    fn the_received_field_cannot_be_broken_by_the_client_or_peer() {
+        let (config, spool) = setup("received", "100K");
+        let mut disk = DiskSide::new(spool.clone());
+        let mut c = Conversation::new(
+            "pbx.example",
+            "1.2.3.4\r\nX-Peer: forged",
+            config.daemon.listen_limits,
+        );
+        c.receive(
+            b"EHLO a\rBcc: forged@x.example\r\nEHLO [10.0.0.1]\r\nMAIL FROM:<a@acme.example>\r\n\
+              RCPT TO:<r@x.example>\r\nDATA\r\nSubject: s\r\n\r\nb\r\n.\r\n",
+            &config,
+        );
+        let ids = serve(&mut c, &mut disk, &config);
+        assert_eq!(ids.len(), 1, "{}", output(&mut c));
+        let text = stored(&spool, "acme", &ids[0]);
+        let (head, _) = text.split_once("\r\n\r\n").unwrap();
+        assert_eq!(
+            field_names(&text),
+            ["Received", "Subject", "Date", "Message-ID"],
+            "{head}"
+        );
+        assert!(
+            head.starts_with(
+                "Received: from [10.0.0.1] (1.2.3.4__X-Peer:_forged)\r\n\tby pbx.example"
+            ),
+            "{head}"
+        );
+        assert!(!head.replace("\r\n", "").contains(['\r', '\n']), "{head:?}");
+    }
+
+    #[test]
+    fn size_parameter_that_overflows_or_is_malformed_is_refused_not_read_as_zero() {
+        let (config, spool) = setup("size", "100K");
+        for (param, code) in [
+            ("SIZE=99999999999999999999999", "552"),
+            ("SIZE=18446744073709551616", "552"),
+            ("SIZE=18446744073709551615", "552"),
+            ("SIZE=102401", "552"),
+            ("SIZE=", "501"),
+            ("SIZE", "501"),
+            ("SIZE=-1", "501"),
+            ("SIZE=+5", "501"),
+            ("SIZE=1e9", "501"),
+            ("SIZE=0x10", "501"),
+            ("BODY=BINARYMIME", "501"),
+            ("SIZE=102400 BODY=8bitmime", "250"),
+            ("SIZE=00000000000000000000000000012", "250"),
+        ] {
+            let (out, _) = session(
+                &config,
+                &spool,
+                format!("EHLO c\r\nMAIL FROM:<a@acme.example> {param}\r\n").as_bytes(),
+            );
+            assert_eq!(codes(&out), ["250", code], "{param}: {out}");
+        }
+    }
+
+    #[test]
+    fn a_bare_cr_in_a_header_over_listen_is_stored_as_a_space_and_adds_no_field() {
+        let (config, spool) = setup("bare-cr", "100K");
+        let (_, text) = submit_over_listen(
+            &config,
+            &spool,
+            "a@acme.example",
+            "X-A: 1\rBcc: secret@y.example\r\nSubject: s\rFrom: forged@beta.example\r\n\r\nbody\rline\r\n",
+        );
+        assert_eq!(
+            field_names(&text),
+            ["Received", "X-A", "Subject", "Date", "Message-ID"],
+            "{text:?}"
+        );
+        assert!(
+            text.contains(
+                "\r\nX-A: 1 Bcc: secret@y.example\r\nSubject: s From: forged@beta.example\r\n"
+            ),
+            "{text:?}"
+        );
+        // In the body a bare CR is a line end, as every line end is made CRLF.
+        assert!(text.ends_with("\r\n\r\nbody\r\nline\r\n"), "{text:?}");
+    }
+
+    #[test]
+    fn header_bytes_that_are_not_utf8_are_stored_unchanged_over_listen() {
+        let (config, spool) = setup("latin1", "100K");
+        let (out, ids) = session(
+            &config,
+            &spool,
+            b"EHLO c\r\nMAIL FROM:<a@acme.example>\r\nRCPT TO:<r@x.example>\r\nDATA\r\n\
+              Subject: Gr\xfc\xdfe\r\nX-Name: M\xfcller\r\n\r\nK\xe4se\r\n.\r\n",
+        );
+        assert_eq!(ids.len(), 1, "{out}");
+        let bytes = stored_bytes(&spool, "acme", &ids[0]);
+        let needle: &[u8] = b"\r\nSubject: Gr\xfc\xdfe\r\nX-Name: M\xfcller\r\n";
+        assert!(
+            bytes.windows(needle.len()).any(|w| w == needle),
+            "{bytes:?}"
+        );
+        assert!(bytes.ends_with(b"\r\n\r\nK\xe4se\r\n"), "{bytes:?}");
+    }
+
+    #[test]
+    fn a_header_block_that_cannot_be_inspected_is_refused_after_the_data() {
+        let (config, spool) = setup("long-header", "10M");
+        let wire = format!(
+            "EHLO c\r\nMAIL FROM:<a@acme.example>\r\nRCPT TO:<r@x.example>\r\nDATA\r\n\
+             X-Long: {}\r\n\r\nbody\r\n.\r\nNOOP\r\n",
+            "v".repeat(70_000)
+        );
+        let (out, ids) = session(&config, &spool, wire.as_bytes());
+        assert!(ids.is_empty(), "{out}");
+        assert_eq!(
+            codes(&out),
+            ["250", "250", "250", "354", "552", "250"],
+            "{out}"
+        );
+        assert!(spool.tenants().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_body_without_a_separator_gets_one_after_the_header_block() {
+        let (config, spool) = setup("no-separator", "100K");
+        let (_, text) = submit_over_listen(
+            &config,
+            &spool,
+            "a@acme.example",
+            "Subject: s\r\nnot a header\r\nFrom: late@beta.example\r\n",
+        );
+        assert_eq!(
+            field_names(&text),
+            ["Received", "Subject", "Date", "Message-ID"],
+            "{text:?}"
+        );
+        assert!(
+            text.ends_with(">\r\n\r\nnot a header\r\nFrom: late@beta.example\r\n"),
+            "{text:?}"
+        );
+    }
+
     #[test]
     fn a_big_body_waits_for_the_writer_and_never_piles_up() {
         let (config, spool) = setup("big", "10M");
