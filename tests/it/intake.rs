@@ -1535,7 +1535,7 @@ fn bare_cr_and_8bit_bytes_in_headers_over_listen_arrive_as_parsed() {
     assert!(
         submitted.starts_with(wanted) && submitted.ends_with(b"\r\n\r\nK\xe4se\r\n"),
         "{:?}",
-        String::from_utf8_lossy(&submitted)
+        String::from_utf8_lossy(submitted)
     );
     let fields = parse_headers(&headers(&got[0]));
     assert!(
