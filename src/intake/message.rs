@@ -141,8 +141,8 @@ impl<R: BufRead> MessageReader<R> {
                 Step::Body(line) => return Ok((block.into_headers(), Some(line))),
             }
         }
-        block.finish();
-        Ok((block.into_headers(), None))
+        let first_body_piece = block.finish().map_err(ReadError::BadHeaders)?;
+        Ok((block.into_headers(), first_body_piece))
     }
 }
 
@@ -173,81 +173,89 @@ pub struct HeaderBlock {
 impl HeaderBlock {
     /// Takes the next piece: a whole line with its line end, or part of a
     /// line (a long one, or the last one before the end of input; then
-    /// `finish` ends it). An error says why the block cannot be inspected.
+    /// `finish` ends it). How a line is cut into pieces never changes the
+    /// result. An error says why the block cannot be inspected.
     pub fn take(&mut self, piece: &[u8]) -> Result<Step, HeaderError> {
         self.size = self.size.saturating_add(piece.len());
         if self.size > MAX_HEADER_BYTES {
             return Err(HeaderError::BlockTooLarge);
         }
-        let ended = piece.last() == Some(&b'\n');
-        if let Some(mut partial) = self.partial.take() {
-            partial.extend_from_slice(piece);
-            if line_len(&partial) > MAX_HEADER_LINE {
-                return Err(HeaderError::LineTooLong);
-            }
-            if !ended {
-                self.partial = Some(partial);
-                return Ok(Step::More);
-            }
-            return Ok(self.complete(&partial));
+        let mut line = self.partial.take().unwrap_or_default();
+        line.extend_from_slice(piece);
+        if line.last() == Some(&b'\n') {
+            return self.complete(line);
         }
-        let line = normalise(piece);
-        if ended && line.is_empty() {
+        // Part of a line: held while it is or may become a header line.
+        let normalised = normalise(&line);
+        match self.kind(&normalised) {
+            Kind::Body => Ok(Step::Body(line)),
+            Kind::Header if normalised.len() > MAX_HEADER_LINE => Err(HeaderError::LineTooLong),
+            Kind::Header | Kind::Undecided => {
+                self.partial = Some(line);
+                Ok(Step::More)
+            }
+        }
+    }
+
+    /// The end of input ends a header line still open. If that line is no
+    /// header after all, it is the start of the body, returned.
+    pub fn finish(&mut self) -> Result<Option<Vec<u8>>, HeaderError> {
+        let Some(line) = self.partial.take() else {
+            return Ok(None);
+        };
+        Ok(match self.complete(line)? {
+            Step::Body(line) => Some(line),
+            Step::More | Step::Separator => None,
+        })
+    }
+
+    /// A whole line (its line end included, or at the end of input).
+    fn complete(&mut self, raw: Vec<u8>) -> Result<Step, HeaderError> {
+        let line = normalise(&raw);
+        if line.is_empty() {
             return Ok(Step::Separator);
         }
-        // Decided on this first piece, so a long line in pieces is either
-        // held as a header line or starts the body at once.
-        let header_like = self.continues(&line) || field_name(&line).is_some();
-        if !header_like {
-            return Ok(Step::Body(piece.to_vec()));
+        let kind = self.kind(&line);
+        if kind != Kind::Header {
+            return Ok(Step::Body(raw));
         }
         if line.len() > MAX_HEADER_LINE {
             return Err(HeaderError::LineTooLong);
         }
-        if ended {
-            return Ok(self.complete(piece));
+        if self.continues(&line) {
+            if let Some(last) = self.headers.last_mut() {
+                last.lines.push(line);
+                return Ok(Step::More);
+            }
         }
-        self.partial = Some(piece.to_vec());
+        let name = field_name(&line).unwrap_or_default().to_string();
+        self.headers.push(Header {
+            name,
+            lines: vec![line],
+        });
         Ok(Step::More)
     }
 
-    /// The end of input: a header line still open ends here.
-    pub fn finish(&mut self) {
-        if let Some(partial) = self.partial.take() {
-            // A held line started as a field or a folded line, and its
-            // start decides, so completing it only adds to the headers.
-            let _ = self.complete(&partial);
+    /// What a (normalised) line, or the start of one, is.
+    fn kind(&self, line: &[u8]) -> Kind {
+        if self.continues(line) {
+            return Kind::Header;
+        }
+        match line.iter().position(|&b| b == b':') {
+            // A field name longer than a header line may be is none.
+            Some(colon) if colon > MAX_HEADER_LINE => Kind::Body,
+            Some(_) if field_name(line).is_some() => Kind::Header,
+            Some(_) => Kind::Body,
+            None if line.len() > MAX_HEADER_LINE => Kind::Body,
+            // All name characters so far (then maybe WSP): the colon may come.
+            None if is_name(trim_wsp_end(line)) || trim_wsp_end(line).is_empty() => Kind::Undecided,
+            None => Kind::Body,
         }
     }
 
     /// A folded line of the last field.
     fn continues(&self, line: &[u8]) -> bool {
         matches!(line.first(), Some(b' ' | b'\t')) && !self.headers.is_empty()
-    }
-
-    /// A whole line (its line end included, or at the end of input).
-    fn complete(&mut self, raw: &[u8]) -> Step {
-        let line = normalise(raw);
-        if line.is_empty() {
-            return Step::Separator;
-        }
-        if self.continues(&line) {
-            if let Some(last) = self.headers.last_mut() {
-                last.lines.push(line);
-                return Step::More;
-            }
-        }
-        match field_name(&line) {
-            Some(name) => {
-                let name = name.to_string();
-                self.headers.push(Header {
-                    name,
-                    lines: vec![line],
-                });
-                Step::More
-            }
-            None => Step::Body(raw.to_vec()),
-        }
     }
 
     pub fn headers(&self) -> &[Header] {
@@ -257,6 +265,14 @@ impl HeaderBlock {
     pub fn into_headers(self) -> Vec<Header> {
         self.headers
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Header,
+    Body,
+    /// The start of a line that may still become a field (no colon yet).
+    Undecided,
 }
 
 /// The line's length without its line end (LF, CRLF, or CRs before the LF).
@@ -281,12 +297,23 @@ fn normalise(raw: &[u8]) -> Vec<u8> {
 /// before the colon is the obsolete syntax of §4.5, still read).
 fn field_name(line: &[u8]) -> Option<&str> {
     let colon = line.iter().position(|&b| b == b':')?;
-    let name = line.get(..colon)?;
-    let name = std::str::from_utf8(name)
-        .ok()?
-        .trim_end_matches([' ', '\t']);
-    let ok = !name.is_empty() && name.bytes().all(|b| (33..=126).contains(&b));
-    ok.then_some(name)
+    let name = trim_wsp_end(line.get(..colon)?);
+    is_name(name)
+        .then(|| std::str::from_utf8(name).ok())
+        .flatten()
+}
+
+/// Without trailing spaces and tabs (RFC 5322 WSP; no other whitespace).
+fn trim_wsp_end(bytes: &[u8]) -> &[u8] {
+    let end = bytes
+        .iter()
+        .rposition(|&b| b != b' ' && b != b'\t')
+        .map_or(0, |p| p + 1);
+    bytes.get(..end).unwrap_or_default()
+}
+
+fn is_name(name: &[u8]) -> bool {
+    !name.is_empty() && name.iter().all(|b| (33..=126).contains(b) && *b != b':')
 }
 
 #[cfg(test)]
@@ -406,5 +433,87 @@ mod tests {
         let (h, _) = read_all(b"Subject: Gr\xfc\xdfe\n\nx\n", true);
         assert_eq!(lines(&h[0]), [b"Subject: Gr\xfc\xdfe"]);
         assert_eq!(h[0].value(), "Gr\u{fffd}\u{fffd}e");
+    }
+
+    /// Real inputs the property tests start from: what PBXs pipe in.
+    const CORPUS: &[&[u8]] = &[
+        b"From: \"Front Desk\" <pbx@acme.example>\nTo: alice@x.example\nSubject: Voicemail from 101\n\
+          MIME-Version: 1.0\nContent-Type: multipart/mixed; boundary=\"b1\"\n\n--b1\nContent-Type: text/plain\n\n\
+          You have a new message.\n--b1--\n",
+        b"From: pbx@acme.example\r\nTo: a@x.example,\r\n\tb@x.example\r\nBcc: hidden@x.example\r\n\
+          Subject: =?UTF-8?Q?Anruf_von_M=C3=BCller?=\r\n\r\nbody\r\n.\r\nafter\r\n",
+        b"Subject: Gr\xfc\xdfe\nX-Caller: M\xfcller\rBcc: spy@y.example\n\nK\xe4se\n",
+        b"Subject: x",
+        b"Subject: no separator\nthis is body\n..\n.\n",
+        b"\n\nbody only\n",
+    ];
+
+    /// Feeds `input` line by line (each line cut at random places when
+    /// `rng` is given) into a HeaderBlock: the headers and how it ended.
+    fn feed(input: &[u8], rng: Option<&mut mutate_rng::Rng>) -> (Vec<Header>, String) {
+        let mut block = HeaderBlock::default();
+        let mut rng = rng;
+        for line in input.split_inclusive(|&b| b == b'\n') {
+            let cuts = match rng.as_deref_mut() {
+                Some(rng) => mutate_rng::pieces(rng, line),
+                None => vec![line],
+            };
+            for piece in cuts {
+                match block.take(piece) {
+                    Ok(Step::More) => {}
+                    Ok(Step::Separator) => return (block.into_headers(), "separator".into()),
+                    Ok(Step::Body(_)) => return (block.into_headers(), "body".into()),
+                    Err(e) => return (Vec::new(), e.to_string()),
+                }
+            }
+        }
+        match block.finish() {
+            Ok(None) => (block.into_headers(), "end".into()),
+            Ok(Some(_)) => (block.into_headers(), "body".into()),
+            Err(e) => (Vec::new(), e.to_string()),
+        }
+    }
+
+    use super::super::mutate as mutate_rng;
+
+    /// Issue 14: no panic on any input, header lines stored without CR or
+    /// LF and within bounds, what is stored parses back to the same fields
+    /// (the parser and the wire agree), and how lines are cut into pieces
+    /// never changes the result.
+    #[test]
+    fn mutated_inputs_never_panic_and_what_is_stored_reparses_the_same() {
+        let (seed, cases) = mutate_rng::plan(3000);
+        let mut rng = mutate_rng::Rng::new(seed);
+        for case in 0..cases {
+            let start = *rng.pick(CORPUS);
+            let input = mutate_rng::mutate(&mut rng, start);
+            let dot = rng.below(2) == 0;
+            let mut reader = MessageReader::new(&input[..], dot);
+            let headers = match reader.read_headers() {
+                Ok((headers, _)) => headers,
+                Err(ReadError::BadHeaders(_)) => continue,
+                Err(ReadError::Io(e)) => panic!("case {case}: {e}"),
+            };
+            let mut stored = 0usize;
+            for line in headers.iter().flat_map(|h| &h.lines) {
+                assert!(
+                    !line.contains(&b'\r') && !line.contains(&b'\n'),
+                    "case {case} (seed {seed:#x}): {line:?}"
+                );
+                assert!(line.len() <= MAX_HEADER_LINE, "case {case}");
+                stored += line.len();
+            }
+            assert!(stored <= input.len(), "case {case}");
+            let mut rendered = crate::intake::cleanup::render(&headers);
+            rendered.extend_from_slice(b"\r\n");
+            let (again, _) = MessageReader::new(&rendered[..], false)
+                .read_headers()
+                .unwrap();
+            assert_eq!(again, headers, "case {case} (seed {seed:#x}): {input:?}");
+
+            let whole = feed(&input, None);
+            let cut = feed(&input, Some(&mut rng));
+            assert_eq!(cut, whole, "case {case} (seed {seed:#x}): {input:?}");
+        }
     }
 }

@@ -525,10 +525,9 @@ impl Conversation {
         let State::Data(body) = &mut self.state else {
             return;
         };
-        let Some(mut block) = body.headers.take() else {
+        let Some(block) = body.headers.take() else {
             return;
         };
-        block.finish();
         let mut out = cleanup::render(block.headers());
         if self.tenant.is_none() {
             let domain = cleanup::routing_domain("", block.headers());
@@ -559,9 +558,18 @@ impl Conversation {
     }
 
     fn finish_data(&mut self, config: &Config) {
-        // A message that is all header block: it ends here.
-        if matches!(&self.state, State::Data(body) if body.headers.is_some()) {
-            self.end_headers(b"", config);
+        // A message that is all header block: it ends here (with the start
+        // of the body if its last, unfinished line was no header after all).
+        if let State::Data(Body {
+            headers: Some(block),
+            ..
+        }) = &mut self.state
+        {
+            match block.finish() {
+                Ok(None) => self.end_headers(b"", config),
+                Ok(Some(line)) => self.end_headers(&[&b"\r\n"[..], &line].concat(), config),
+                Err(why) => self.refuse(Refusal::Headers(why)),
+            }
         }
         let state = std::mem::replace(&mut self.state, State::Command);
         let State::Data(body) = state else {
