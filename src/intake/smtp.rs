@@ -107,6 +107,9 @@ pub struct Conversation {
     body_size: u64,
     /// A submission may be open on the writer for this connection.
     opened: bool,
+    /// The last command line ended with CRLF: for DATA, that CRLF is the
+    /// first of an immediate <CRLF>.<CRLF>; a bare LF is not.
+    command_crlf: bool,
     /// Jobs for the writer, in order; the server sends them.
     jobs: VecDeque<Job>,
     /// Bytes received but not yet processed.
@@ -129,6 +132,7 @@ impl Conversation {
             recipients: Vec::new(),
             body_size: 0,
             opened: false,
+            command_crlf: true,
             jobs: VecDeque::new(),
             input: Vec::new(),
             output: Vec::new(),
@@ -176,8 +180,14 @@ impl Conversation {
         self.jobs.iter().map(Job::len).sum()
     }
 
+    /// One reply line. A value from the client quoted in it (a domain)
+    /// cannot break the line or reach the client's terminal raw: anything
+    /// but printable ASCII becomes `?`.
     fn reply(&mut self, line: &str) {
-        self.output.extend_from_slice(line.as_bytes());
+        self.output.extend(
+            line.bytes()
+                .map(|b| if (32..=126).contains(&b) { b } else { b'?' }),
+        );
         self.output.extend_from_slice(b"\r\n");
     }
 
@@ -283,6 +293,7 @@ impl Conversation {
                         self.reply("500 5.5.2 Line too long");
                         continue;
                     }
+                    self.command_crlf = line.ends_with(b"\r\n");
                     let text = String::from_utf8_lossy(&line);
                     self.command(text.trim_end_matches(['\r', '\n']), config);
                 }
@@ -434,7 +445,11 @@ impl Conversation {
             refused: None,
             chunk: Vec::new(),
             // The CRLF of the DATA line is the first of <CRLF>.<CRLF>.
-            line_start: LineStart::AfterCrlf,
+            line_start: if self.command_crlf {
+                LineStart::AfterCrlf
+            } else {
+                LineStart::AfterBareLf
+            },
         });
         self.reply("354 End data with <CR><LF>.<CR><LF>");
     }
@@ -1090,6 +1105,20 @@ mod tests {
     }
 
     #[test]
+    fn a_data_line_ended_by_a_bare_lf_is_not_half_of_the_end_of_data() {
+        let (config, spool) = setup("data-lf", "100K");
+        let (out, ids) = session(
+            &config,
+            &spool,
+            b"EHLO c\r\nMAIL FROM:<a@acme.example>\r\nRCPT TO:<r@x.example>\r\nDATA\n\
+              .\r\nRSET\r\n\r\n.\r\n",
+        );
+        assert_eq!(codes(&out), ["250", "250", "250", "354", "250"], "{out}");
+        let text = stored(&spool, "acme", &ids[0]);
+        assert!(text.ends_with(">\r\n\r\n.\r\nRSET\r\n\r\n"), "{text:?}");
+    }
+
+    #[test]
     fn ehlo_names_that_are_not_a_domain_or_address_literal_get_501() {
         let (config, spool) = setup("ehlo", "100K");
         for bad in [
@@ -1303,5 +1332,174 @@ mod tests {
         let text = stored(&spool, "acme", &ids[0]);
         let (_, body) = text.split_once("\r\n\r\n").unwrap();
         assert_eq!(body.len(), sent);
+    }
+
+    /// The writer played without a disk for the property test: every job
+    /// answered at once, the bytes of each committed message kept.
+    #[derive(Default)]
+    struct FakeDisk {
+        open: Option<(crate::spool::MessageId, Vec<u8>)>,
+        committed: Vec<(Envelope, Vec<u8>)>,
+    }
+
+    impl FakeDisk {
+        fn handle(&mut self, job: Job) -> Option<Answer> {
+            match job {
+                Job::CheckSpace(_) => Some(Answer::Space(Ok(()))),
+                Job::Open => {
+                    let id = crate::spool::MessageId::generate();
+                    self.open = Some((id.clone(), Vec::new()));
+                    Some(Answer::Opened(Ok(id)))
+                }
+                Job::Trace(bytes) | Job::Content(bytes) => {
+                    if let Some((_, message)) = &mut self.open {
+                        message.extend_from_slice(&bytes);
+                    }
+                    None
+                }
+                Job::Commit(envelope) => {
+                    let tenant = envelope.tenant.clone();
+                    let result = match self.open.take() {
+                        Some((id, message)) => {
+                            self.committed.push((envelope, message));
+                            Ok(id)
+                        }
+                        None => Err("no message was open".into()),
+                    };
+                    Some(Answer::Committed { tenant, result })
+                }
+                Job::Discard => {
+                    self.open = None;
+                    None
+                }
+            }
+        }
+    }
+
+    /// Real sessions the property test starts from.
+    const SESSIONS: &[&[u8]] = &[
+        b"EHLO pbx.example\r\nMAIL FROM:<101@acme.example> SIZE=120 BODY=8BITMIME\r\n\
+          RCPT TO:<a@x.example>\r\nRCPT TO:<b@x.example>\r\nDATA\r\nFrom: 101@acme.example\r\n\
+          Subject: Voicemail\r\n\r\n..dot\r\nbody\r\n.\r\nMAIL FROM:<102@beta.example>\r\n\
+          RCPT TO:<c@x.example>\r\nDATA\r\nSubject: two\r\n\r\nx\r\n.\r\nQUIT\r\n",
+        b"EHLO c\r\nMAIL FROM:<a@acme.example>\r\nRCPT TO:<r@x.example>\r\nDATA\r\n\
+          Subject: one\r\n\r\nfirst\n.\nMAIL FROM:<evil@beta.example>\r\nRCPT TO:<v@x.example>\r\n\
+          DATA\r\nSubject: smuggled\r\n\r\nevil\r\n.\r\nQUIT\r\n",
+        b"HELO c\r\nMAIL FROM:<>\r\nRCPT TO:<r@x.example>\r\nDATA\r\n\
+          From: Mailer <daemon@beta.example>\r\nSubject: bounce\r\n\r\nx\r\n.\r\n",
+        b"NOOP\r\nEHLO [127.0.0.1]\r\nVRFY x\r\nRSET\r\nHELP\r\nMAIL FROM:<a@acme.example>\r\n\
+          RSET\r\nDATA\r\nRCPT TO:<r@x.example>\r\nQUIT\r\n",
+        b"EHLO lf\nMAIL FROM:<a@acme.example>\nRCPT TO:<r@x.example>\nDATA\n\
+          Subject: lf\nX-A: 1\rBcc: b@x.example\n\nline\n..dot\r\n.\r\n",
+        b"EHLO c\r\nMAIL FROM:<a@acme.example>\r\nRCPT TO:<r@x.example>\r\nDATA\r\n\
+          Subject: Gr\xfc\xdfe\r\nnot a header\r\n\r\nK\xe4se\r\n.\r\n",
+    ];
+
+    /// Every reply line: a code, a space or dash, printable ASCII, CRLF.
+    fn assert_replies_well_formed(out: &[u8], case: usize) {
+        assert!(
+            out.is_empty() || out.ends_with(b"\r\n"),
+            "case {case}: {out:?}"
+        );
+        for line in out.split_inclusive(|&b| b == b'\n') {
+            let text = line.strip_suffix(b"\r\n").unwrap_or(line);
+            let ok = text.len() >= 4
+                && text[..3].iter().all(u8::is_ascii_digit)
+                && matches!(text[3], b' ' | b'-')
+                && text.iter().all(|&b| (32..=126).contains(&b));
+            assert!(ok, "case {case}: reply line {line:?}");
+        }
+    }
+
+    /// The header block of a stored message (up to the blank line, or all):
+    /// CRLF line ends only, so no line break appears that the parser did not see.
+    fn assert_header_block_is_crlf_clean(message: &[u8], case: usize) {
+        let end = message
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .map_or(message.len(), |p| p + 2);
+        let head = &message[..end];
+        for (i, &b) in head.iter().enumerate() {
+            match b {
+                b'\r' => assert_eq!(head.get(i + 1), Some(&b'\n'), "case {case}: {head:?}"),
+                b'\n' => assert_eq!(
+                    i.checked_sub(1).map(|p| head[p]),
+                    Some(b'\r'),
+                    "case {case}"
+                ),
+                _ => {}
+            }
+        }
+        let first = head.split(|&b| b == b'\r').next().unwrap_or_default();
+        assert!(
+            first.starts_with(b"Received: from "),
+            "case {case}: {head:?}"
+        );
+        assert!(
+            first.iter().all(|&b| (32..=126).contains(&b)),
+            "case {case}: {first:?}"
+        );
+    }
+
+    /// Issue 14: the conversation over mutated real sessions, fed in random
+    /// pieces, never panics or stalls, holds bounded input, replies only in
+    /// well-formed lines, stores header blocks whose line breaks are the
+    /// parsed ones, and commits no more messages than the input has
+    /// `<CRLF>.<CRLF>` sequences (nothing smuggled in).
+    #[test]
+    fn mutated_sessions_never_panic_stall_or_smuggle() {
+        let (config, _) = setup_with("prop", "100K", "default_tenant = acme\n");
+        let (strict, _) = setup("prop-strict", "100K");
+        let (seed, cases) = crate::intake::mutate::plan(1500);
+        let mut rng = crate::intake::mutate::Rng::new(seed);
+        for case in 0..cases {
+            let start = *rng.pick(SESSIONS);
+            let input = crate::intake::mutate::mutate(&mut rng, start);
+            let config = if rng.below(2) == 0 { &config } else { &strict };
+            let mut pieces = crate::intake::mutate::pieces(&mut rng, &input).into_iter();
+            let mut disk = FakeDisk::default();
+            let mut c = conversation(config);
+            loop {
+                let mut moved = false;
+                while let Some(job) = c.next_job() {
+                    moved = true;
+                    if let Some(answer) = disk.handle(job) {
+                        c.answer(answer, config);
+                    }
+                }
+                assert!(
+                    c.input.len() <= MAX_COMMAND + 64 * 1024 + 4096,
+                    "case {case}: {} bytes held",
+                    c.input.len()
+                );
+                let out = std::mem::take(&mut c.output);
+                assert_replies_well_formed(&out, case);
+                if c.is_closed() {
+                    break;
+                }
+                if c.wants_input() {
+                    match pieces.next() {
+                        Some(piece) => c.receive(piece, config),
+                        None => break,
+                    }
+                } else if !moved {
+                    panic!(
+                        "case {case} (seed {seed:#x}): stalled in {}",
+                        c.state.as_str()
+                    );
+                }
+            }
+            let ends = input.windows(5).filter(|w| w == b"\r\n.\r\n").count();
+            assert!(
+                disk.committed.len() <= ends,
+                "case {case} (seed {seed:#x}): {} messages from {ends} ends: {input:?}",
+                disk.committed.len()
+            );
+            for (envelope, message) in &disk.committed {
+                assert!(envelope.recipients.len() <= 2, "case {case}");
+                assert!(!envelope.tenant.is_empty(), "case {case}");
+                assert_header_block_is_crlf_clean(message, case);
+            }
+        }
     }
 }
