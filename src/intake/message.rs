@@ -397,6 +397,10 @@ mod tests {
             assert_eq!(lines(&h[0]), [b"Subject: x"], "{input:?}");
             assert!(body.is_empty());
         }
+        // A last line that is no header after all starts the body.
+        let (h, body) = read_all(b"Subject: x\nhello", true);
+        assert_eq!(h.len(), 1);
+        assert_eq!(body, b"hello");
         let (h, _) = read_all(b"To: a@b.example\n\tc@d.example", false);
         assert_eq!(lines(&h[0]), [&b"To: a@b.example"[..], b"\tc@d.example"]);
     }
