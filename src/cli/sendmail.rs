@@ -43,7 +43,8 @@ pub fn run(args: &[String]) -> Exit {
             "-v" => verbose = true,
             "-odb" | "-odi" | "-odq" | "-oem" | "-oep" => {}
             a if a.starts_with("-f") || a.starts_with("-r") => {
-                match value_of("-f", a.get(2..).unwrap_or_default()) {
+                let flag = if a.starts_with("-r") { "-r" } else { "-f" };
+                match value_of(flag, a.get(2..).unwrap_or_default()) {
                     Ok(v) => opts.sender = Some(v),
                     Err(code) => return code,
                 }

@@ -80,17 +80,15 @@ pub fn missing_fields(
 }
 
 fn field(name: &str, value: &str) -> Header {
-    Header {
-        name: name.to_string(),
-        lines: vec![format!("{name}: {value}")],
-    }
+    Header::composed(name, value)
 }
 
-/// Header fields as stored: each line as it was, ended with CRLF.
+/// Header fields as stored: each line as parsed (message.rs: its bytes,
+/// a bare CR made a space), ended with CRLF.
 pub fn render(headers: &[Header]) -> Vec<u8> {
     let mut out = Vec::new();
     for line in headers.iter().flat_map(|h| &h.lines) {
-        out.extend_from_slice(line.as_bytes());
+        out.extend_from_slice(line);
         out.extend_from_slice(b"\r\n");
     }
     out

@@ -4,6 +4,8 @@
 
 pub mod cleanup;
 pub mod message;
+#[cfg(test)]
+mod mutate;
 pub mod sendmail;
 pub mod server;
 pub mod smtp;

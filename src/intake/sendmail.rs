@@ -60,7 +60,7 @@ pub fn submit(
     let mut reader = MessageReader::new(input, opts.dot_terminates);
     let (mut headers, first_body_piece) = reader.read_headers().map_err(|e| match e {
         ReadError::Io(e) => SubmitError::TempFail(format!("cannot read the message: {e}")),
-        ReadError::BadHeaders(why) => SubmitError::Data(why),
+        ReadError::BadHeaders(why) => SubmitError::Data(format!("refused: {why}")),
     })?;
 
     let recipients = envelope_recipients(opts, &headers)?;
@@ -70,7 +70,7 @@ pub fn submit(
             let s = s.trim_start_matches('<').trim_end_matches('>').to_string();
             if !address::is_valid(&s) {
                 return Err(SubmitError::Data(format!(
-                    "sender address \"{s}\" is not valid (-f)"
+                    "sender address \"{s}\" given with -f or -r is not valid"
                 )));
             }
             s
@@ -82,10 +82,17 @@ pub fn submit(
 
     let domain = cleanup::routing_domain(&sender, &headers);
     let tenant = cleanup::route(config, &domain).map_err(|unrouted| {
+        let what = if unrouted.domain.is_empty() {
+            // The null sender without a From address: nothing names a domain.
+            "the null sender's message has no From address to pick a tenant by".to_string()
+        } else {
+            format!(
+                "no tenant handles the sender's domain \"{}\"",
+                unrouted.domain
+            )
+        };
         SubmitError::Data(format!(
-            "no tenant handles the sender's domain \"{}\": add it to a tenant's `domains`, \
-             or set default_tenant in {}",
-            unrouted.domain,
+            "{what}: add the domain to a tenant's `domains`, or set default_tenant in {}",
             config.path.display()
         ))
     })?;
@@ -175,9 +182,11 @@ fn envelope_recipients(
     let mut seen = std::collections::HashSet::new();
     recipients.retain(|r| seen.insert(r.to_ascii_lowercase()));
     if recipients.is_empty() {
-        return Err(SubmitError::Data(
-            "no recipients: name them on the command line, or use -t to read To/Cc/Bcc".into(),
-        ));
+        return Err(SubmitError::Data(if opts.recipients_from_headers {
+            "no recipients: none on the command line and no address in To, Cc or Bcc (-t)".into()
+        } else {
+            "no recipients: name them on the command line, or use -t to read To/Cc/Bcc".into()
+        }));
     }
     Ok(recipients)
 }

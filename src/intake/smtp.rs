@@ -6,9 +6,17 @@
 //! depends on it waits for the writer's `Answer`. The header block is read
 //! into memory (bounded) and goes through cleanup.rs, as sendmail's does.
 //! The server (server.rs) moves bytes and jobs.
+//!
+//! Line ends, as Postfix ≥ 3.9 by default (`smtpd_forbid_bare_newline =
+//! normalize`): a bare LF ends a command or a line of content (stored as
+//! CRLF), but only `<CRLF>.<CRLF>` ends DATA (RFC 5321 §4.1.1.4, §2.3.8),
+//! so `<LF>.<LF>`, `<CRLF>.<LF>` or `<LF>.<CRLF>` are a dot line of the
+//! message and whatever follows stays message text: no second message can
+//! be smuggled in behind the first. The EHLO name and anything else that
+//! goes into our Received field is checked or made safe first.
 
 use super::cleanup;
-use super::message::{HeaderBlock, Step};
+use super::message::{HeaderBlock, HeaderError, Step};
 use super::writer::{Answer, Envelope, Job};
 use crate::base::address;
 use crate::base::time;
@@ -60,24 +68,29 @@ enum Refusal {
     TooBig,
     /// The null sender's From names a domain no tenant handles.
     Unrouted(String),
+    /// The header block cannot be inspected (too large, a line too long).
+    Headers(HeaderError),
 }
 
-/// The header block as it arrives: parsed for cleanup, its bytes kept as the
-/// client sent them until it ends.
-struct Headers {
-    block: HeaderBlock,
-    raw: Vec<u8>,
+/// How the last piece of DATA ended: only a line after a CRLF can be the
+/// end-of-data line; any line end starts a line for dot-unstuffing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LineStart {
+    AfterCrlf,
+    AfterBareLf,
+    /// The last piece was part of a long line.
+    Inside,
 }
 
 struct Body {
-    /// Still reading the header block (None once it ended).
-    headers: Option<Headers>,
+    /// Still reading the header block (None once it ended). What is stored
+    /// is what it parsed (message.rs), not the raw bytes.
+    headers: Option<HeaderBlock>,
     /// Set once the message is refused; it is still read to the end.
     refused: Option<Refusal>,
     /// Body bytes not yet queued for the writer.
     chunk: Vec<u8>,
-    /// A line piece ended without its line end.
-    at_line_start: bool,
+    line_start: LineStart,
 }
 
 pub struct Conversation {
@@ -94,6 +107,9 @@ pub struct Conversation {
     body_size: u64,
     /// A submission may be open on the writer for this connection.
     opened: bool,
+    /// The last command line ended with CRLF: for DATA, that CRLF is the
+    /// first of an immediate <CRLF>.<CRLF>; a bare LF is not.
+    command_crlf: bool,
     /// Jobs for the writer, in order; the server sends them.
     jobs: VecDeque<Job>,
     /// Bytes received but not yet processed.
@@ -116,6 +132,7 @@ impl Conversation {
             recipients: Vec::new(),
             body_size: 0,
             opened: false,
+            command_crlf: true,
             jobs: VecDeque::new(),
             input: Vec::new(),
             output: Vec::new(),
@@ -163,8 +180,14 @@ impl Conversation {
         self.jobs.iter().map(Job::len).sum()
     }
 
+    /// One reply line. A value from the client quoted in it (a domain)
+    /// cannot break the line or reach the client's terminal raw: anything
+    /// but printable ASCII becomes `?`.
     fn reply(&mut self, line: &str) {
-        self.output.extend_from_slice(line.as_bytes());
+        self.output.extend(
+            line.bytes()
+                .map(|b| if (32..=126).contains(&b) { b } else { b'?' }),
+        );
         self.output.extend_from_slice(b"\r\n");
     }
 
@@ -270,6 +293,7 @@ impl Conversation {
                         self.reply("500 5.5.2 Line too long");
                         continue;
                     }
+                    self.command_crlf = line.ends_with(b"\r\n");
                     let text = String::from_utf8_lossy(&line);
                     self.command(text.trim_end_matches(['\r', '\n']), config);
                 }
@@ -281,8 +305,11 @@ impl Conversation {
         let (verb, rest) = line.split_once(' ').unwrap_or((line, ""));
         match verb.to_ascii_uppercase().as_str() {
             "EHLO" => {
+                let Some(name) = client_name(rest) else {
+                    return self.reply("501 5.5.4 Syntax: EHLO domain or address literal");
+                };
                 self.reset();
-                self.greeted = Some(rest.trim().to_string());
+                self.greeted = Some(name);
                 let size = self.limits.max_message_size;
                 let host = self.hostname.clone();
                 self.reply(&format!("250-{host}"));
@@ -292,8 +319,11 @@ impl Conversation {
                 self.reply("250 ENHANCEDSTATUSCODES");
             }
             "HELO" => {
+                let Some(name) = client_name(rest) else {
+                    return self.reply("501 5.5.4 Syntax: HELO domain");
+                };
                 self.reset();
-                self.greeted = Some(rest.trim().to_string());
+                self.greeted = Some(name);
                 let host = self.hostname.clone();
                 self.reply(&format!("250 {host}"));
             }
@@ -327,13 +357,16 @@ impl Conversation {
         for param in params.split_ascii_whitespace() {
             let (key, value) = param.split_once('=').unwrap_or((param, ""));
             match key.to_ascii_uppercase().as_str() {
-                "SIZE" => {
-                    let declared: u64 = value.parse().unwrap_or(0);
-                    if declared > self.limits.max_message_size {
-                        return self.reply("552 5.3.4 Message size exceeds the limit");
-                    }
-                }
-                "BODY" => {}
+                "SIZE" => match declared_size(value) {
+                    Some(declared) if declared <= self.limits.max_message_size => {}
+                    Some(_) => return self.reply("552 5.3.4 Message size exceeds the limit"),
+                    None => return self.reply("501 5.5.4 Syntax: SIZE=<number of octets>"),
+                },
+                // RFC 6152 §2: the only two values; we take 8-bit data either way.
+                "BODY"
+                    if value.eq_ignore_ascii_case("7BIT")
+                        || value.eq_ignore_ascii_case("8BITMIME") => {}
+                "BODY" => return self.reply("501 5.5.4 Syntax: BODY=7BIT or BODY=8BITMIME"),
                 _ => return self.reply("555 5.5.4 Unsupported MAIL parameter"),
             }
         }
@@ -399,22 +432,24 @@ impl Conversation {
         // Our trace header, as every MTA adds one (RFC 5321 §4.4).
         let received = format!(
             "Received: from {} ({})\r\n\tby {} (pbxmail) with ESMTP id {};\r\n\t{}\r\n",
-            self.greeted.as_deref().unwrap_or("unknown"),
-            self.peer,
-            self.hostname,
-            id,
+            trace_word(self.greeted.as_deref().unwrap_or("unknown")),
+            trace_word(&self.peer),
+            trace_word(&self.hostname),
+            trace_word(id),
             time::rfc5322(crate::base::clock::now_ms() / 1000)
         );
         self.jobs.push_back(Job::Trace(received.into_bytes()));
         self.body_size = 0;
         self.state = State::Data(Body {
-            headers: Some(Headers {
-                block: HeaderBlock::default(),
-                raw: Vec::new(),
-            }),
+            headers: Some(HeaderBlock::default()),
             refused: None,
             chunk: Vec::new(),
-            at_line_start: true,
+            // The CRLF of the DATA line is the first of <CRLF>.<CRLF>.
+            line_start: if self.command_crlf {
+                LineStart::AfterCrlf
+            } else {
+                LineStart::AfterBareLf
+            },
         });
         self.reply("354 End data with <CR><LF>.<CR><LF>");
     }
@@ -433,18 +468,28 @@ impl Conversation {
         let State::Data(body) = &mut self.state else {
             return None;
         };
-        let starts_line = body.at_line_start;
-        body.at_line_start = line.last() == Some(&b'\n');
+        let before = body.line_start;
+        body.line_start = if line.ends_with(b"\r\n") {
+            LineStart::AfterCrlf
+        } else if line.ends_with(b"\n") {
+            LineStart::AfterBareLf
+        } else {
+            LineStart::Inside
+        };
         let refused = body.refused.is_some();
-        if starts_line && (line == b".\r\n" || line == b".\n") {
+        // Only <CRLF>.<CRLF> ends the data (RFC 5321 §4.1.1.4): no other
+        // framing of a lone dot, so no smuggled commands after it.
+        if before == LineStart::AfterCrlf && line == b".\r\n" {
             return Some(true);
         }
-        // RFC 5321 §4.5.2: a leading dot was doubled by the client.
-        let content = if starts_line && line.first() == Some(&b'.') {
-            line.get(1..).unwrap_or_default()
-        } else {
-            &line[..]
-        };
+        // RFC 5321 §4.5.2: a leading dot with more on its line was doubled
+        // by the client. A lone dot that is not the end of data stays a dot.
+        let content =
+            if before != LineStart::Inside && line.first() == Some(&b'.') && !is_lone_dot(&line) {
+                line.get(1..).unwrap_or_default()
+            } else {
+                &line[..]
+            };
         self.body_size = self.body_size.saturating_add(content.len() as u64);
         if refused {
             return Some(false);
@@ -462,17 +507,18 @@ impl Conversation {
         let State::Data(body) = &mut self.state else {
             return;
         };
-        let inspect = match body.headers.as_mut() {
-            Some(headers) => match headers.block.take(content) {
-                Ok(Step::More) => {
-                    headers.raw.extend_from_slice(content);
-                    return;
-                }
-                Ok(Step::Separator | Step::Body) => true,
+        let rest = match body.headers.as_mut() {
+            Some(block) => match block.take(content) {
+                Ok(Step::More) => return,
+                Ok(Step::Separator) => b"\r\n".to_vec(),
+                // The body starts without a separator: write one, as
+                // sendmail does, so a reader of the stored message sees the
+                // header block end where it was parsed to end.
+                Ok(Step::Body(line)) => [&b"\r\n"[..], &line].concat(),
                 Err(why) => {
-                    // Not inspectable: stored as received, as before cleanup.
-                    log::debug!("submission from {}: {why}; no fields added", self.peer);
-                    false
+                    // Not inspectable, so it cannot be stored as parsed.
+                    log::info!("submission from {}: refused: {why}", self.peer);
+                    return self.refuse(Refusal::Headers(why));
                 }
             },
             None => {
@@ -484,20 +530,20 @@ impl Conversation {
                 return;
             }
         };
-        self.end_headers(content, inspect, config);
+        self.end_headers(&rest, config);
     }
 
     /// The header block ended (`rest` is the separator line, the first body
     /// line, or nothing at the end of data): the cleanup step routes the null
     /// sender and adds the missing Date and Message-ID.
-    fn end_headers(&mut self, rest: &[u8], inspect: bool, config: &Config) {
+    fn end_headers(&mut self, rest: &[u8], config: &Config) {
         let State::Data(body) = &mut self.state else {
             return;
         };
-        let Some(Headers { block, raw }) = body.headers.take() else {
+        let Some(block) = body.headers.take() else {
             return;
         };
-        let mut out = raw;
+        let mut out = cleanup::render(block.headers());
         if self.tenant.is_none() {
             let domain = cleanup::routing_domain("", block.headers());
             match cleanup::route(config, &domain) {
@@ -505,11 +551,9 @@ impl Conversation {
                 Err(unrouted) => return self.refuse(Refusal::Unrouted(unrouted.domain)),
             }
         }
-        if inspect {
-            let now = crate::base::clock::now_ms() / 1000;
-            let added = cleanup::missing_fields(block.headers(), &self.hostname, None, now);
-            out.extend_from_slice(&cleanup::render(&added));
-        }
+        let now = crate::base::clock::now_ms() / 1000;
+        let added = cleanup::missing_fields(block.headers(), &self.hostname, None, now);
+        out.extend_from_slice(&cleanup::render(&added));
         out.extend_from_slice(rest);
         out.append(&mut body.chunk);
         body.chunk = out;
@@ -529,9 +573,18 @@ impl Conversation {
     }
 
     fn finish_data(&mut self, config: &Config) {
-        // A message that is all header block: it ends here.
-        if matches!(&self.state, State::Data(body) if body.headers.is_some()) {
-            self.end_headers(b"", true, config);
+        // A message that is all header block: it ends here (with the start
+        // of the body if its last, unfinished line was no header after all).
+        if let State::Data(Body {
+            headers: Some(block),
+            ..
+        }) = &mut self.state
+        {
+            match block.finish() {
+                Ok(None) => self.end_headers(b"", config),
+                Ok(Some(line)) => self.end_headers(&[&b"\r\n"[..], &line].concat(), config),
+                Err(why) => self.refuse(Refusal::Headers(why)),
+            }
         }
         let state = std::mem::replace(&mut self.state, State::Command);
         let State::Data(body) = state else {
@@ -548,6 +601,10 @@ impl Conversation {
                     "550 5.7.1 Sender domain \"{domain}\" is not handled here"
                 ));
             }
+            Some(Refusal::Headers(why)) => {
+                self.reset();
+                self.reply(&format!("552 5.3.4 Message header refused: {why}"));
+            }
             None => {
                 if !body.chunk.is_empty() {
                     self.jobs.push_back(Job::Content(body.chunk));
@@ -561,6 +618,62 @@ impl Conversation {
             }
         }
     }
+}
+
+/// A lone dot with its line end (any), or at the end of a piece.
+fn is_lone_dot(line: &[u8]) -> bool {
+    line.first() == Some(&b'.') && line.iter().skip(1).all(|&b| b == b'\r' || b == b'\n')
+}
+
+/// The EHLO/HELO argument, if it is one (RFC 5321 §4.1.1.1, §4.1.3): a
+/// domain or an address literal. Lenient where real clients are sloppy
+/// (underscores, a trailing dot, a single label), strict where it matters:
+/// nothing but these characters ever reaches our Received field.
+fn client_name(rest: &str) -> Option<String> {
+    let name = rest.trim_matches([' ', '\t']);
+    if name.is_empty() || name.len() > 255 {
+        return None;
+    }
+    let ok = if let Some(literal) = name.strip_prefix('[') {
+        let inner = literal.strip_suffix(']')?;
+        !inner.is_empty()
+            && inner
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b':'))
+    } else {
+        name.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+            && !name.starts_with(['.', '-'])
+    };
+    ok.then(|| name.to_string())
+}
+
+/// A value for the Received field: anything outside the characters a host
+/// name, address or ID has becomes `_`, so no value can break the field.
+fn trace_word(value: &str) -> String {
+    value
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | ':' | '[' | ']') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// `SIZE=` (RFC 1870 §6: digits): None when malformed. A number too big for
+/// u64 is larger than any limit, so it saturates (then gets 552) instead of
+/// being taken as 0.
+fn declared_size(value: &str) -> Option<u64> {
+    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(value.bytes().fold(0u64, |n, digit| {
+        n.saturating_mul(10)
+            .saturating_add(u64::from(digit.saturating_sub(b'0')))
+    }))
 }
 
 /// `FROM:<addr> PARAMS` → (addr, params); tolerant of a space after the colon.
@@ -911,6 +1024,291 @@ mod tests {
         assert_eq!(listen_body, "body\r\n..dot\r\n");
     }
 
+    /// The whole stored file, as bytes (any charset).
+    fn stored_bytes(spool: &Spool, tenant: &str, id: &str) -> Vec<u8> {
+        let id = crate::base::names::MessageId::parse(id).unwrap();
+        let mut bytes = Vec::new();
+        let tenant = crate::base::names::TenantName::parse(tenant).unwrap();
+        std::io::Read::read_to_end(&mut spool.open_message(&tenant, &id).unwrap(), &mut bytes)
+            .unwrap();
+        bytes
+    }
+
+    /// The reply codes in `out`, one per reply (continuation lines left out).
+    fn codes(out: &str) -> Vec<&str> {
+        out.split_terminator("\r\n")
+            .filter(|l| l.as_bytes().get(3) != Some(&b'-'))
+            .map(|l| l.get(..3).unwrap_or(l))
+            .collect()
+    }
+
+    /// One session over scripted bytes, the writer played in line: the
+    /// replies' codes, the IDs committed.
+    fn session(config: &Config, spool: &Spool, wire: &[u8]) -> (String, Vec<String>) {
+        let mut disk = DiskSide::new(spool.clone());
+        let mut c = conversation(config);
+        c.receive(wire, config);
+        let ids = serve(&mut c, &mut disk, config);
+        (output(&mut c), ids)
+    }
+
+    #[test]
+    fn smuggled_end_of_data_never_starts_a_second_message() {
+        // The classic payloads (SMTP smuggling, 2023): a lone dot framed by
+        // anything but CRLF on both sides, then a second transaction.
+        let variants: [&[u8]; 6] = [
+            b"\n.\n",
+            b"\r\n.\n",
+            b"\n.\r\n",
+            b"\r.\r\n",
+            b"\r\n.\r",
+            b"\n..\n.\n",
+        ];
+        for (i, dot) in variants.iter().enumerate() {
+            let (config, spool) = setup(&format!("smuggle{i}"), "100K");
+            let mut wire =
+                b"EHLO c\r\nMAIL FROM:<a@acme.example>\r\nRCPT TO:<r@x.example>\r\nDATA\r\n\
+                Subject: one\r\n\r\nfirst"
+                    .to_vec();
+            wire.extend_from_slice(dot);
+            wire.extend_from_slice(
+                b"MAIL FROM:<evil@beta.example>\r\nRCPT TO:<victim@x.example>\r\nDATA\r\n\
+                  Subject: smuggled\r\n\r\nevil\r\n.\r\nQUIT\r\n",
+            );
+            let (out, ids) = session(&config, &spool, &wire);
+            assert_eq!(
+                codes(&out),
+                ["250", "250", "250", "354", "250", "221"],
+                "{dot:?}: {out}"
+            );
+            assert_eq!(ids.len(), 1, "{dot:?}: {out}");
+            // One message, the first transaction's: the rest is its text.
+            let acme = crate::base::names::TenantName::parse("acme").unwrap();
+            assert_eq!(
+                spool.tenants().unwrap(),
+                std::slice::from_ref(&acme),
+                "{dot:?}"
+            );
+            let id = crate::base::names::MessageId::parse(&ids[0]).unwrap();
+            let envelope = spool.load_envelope(&acme, &id).unwrap();
+            assert_eq!(envelope.sender, "a@acme.example");
+            let rcpts: Vec<&str> = envelope
+                .recipients
+                .iter()
+                .map(|r| r.address.as_str())
+                .collect();
+            assert_eq!(rcpts, ["r@x.example"], "{dot:?}");
+            let text = stored(&spool, "acme", &ids[0]);
+            assert!(
+                text.contains("\r\nMAIL FROM:<evil@beta.example>\r\n"),
+                "{dot:?}: {text}"
+            );
+            assert!(text.ends_with("\r\nevil\r\n"), "{dot:?}: {text}");
+        }
+    }
+
+    #[test]
+    fn a_lone_dot_not_framed_by_crlf_stays_a_dot_line_and_crlf_dot_crlf_ends_data() {
+        let (config, spool) = setup("lone-dot", "100K");
+        let (out, ids) = session(
+            &config,
+            &spool,
+            b"EHLO c\r\nMAIL FROM:<a@acme.example>\r\nRCPT TO:<r@x.example>\r\nDATA\r\n\
+              S: x\r\n\r\na\n.\nb\n..c\r\n.\r\n",
+        );
+        assert_eq!(codes(&out), ["250", "250", "250", "354", "250"], "{out}");
+        let text = stored(&spool, "acme", &ids[0]);
+        assert!(text.ends_with("\r\n\r\na\r\n.\r\nb\r\n.c\r\n"), "{text}");
+    }
+
+    #[test]
+    fn a_data_line_ended_by_a_bare_lf_is_not_half_of_the_end_of_data() {
+        let (config, spool) = setup("data-lf", "100K");
+        let (out, ids) = session(
+            &config,
+            &spool,
+            b"EHLO c\r\nMAIL FROM:<a@acme.example>\r\nRCPT TO:<r@x.example>\r\nDATA\n\
+              .\r\nRSET\r\n\r\n.\r\n",
+        );
+        assert_eq!(codes(&out), ["250", "250", "250", "354", "250"], "{out}");
+        let text = stored(&spool, "acme", &ids[0]);
+        assert!(text.ends_with(">\r\n\r\n.\r\nRSET\r\n\r\n"), "{text:?}");
+    }
+
+    #[test]
+    fn ehlo_names_that_are_not_a_domain_or_address_literal_get_501() {
+        let (config, spool) = setup("ehlo", "100K");
+        for bad in [
+            "EHLO",
+            "EHLO a\rb",
+            "EHLO x\rReceived: forged",
+            "EHLO two words",
+            "EHLO x(y)",
+            "EHLO .x",
+            "HELO a;b",
+            "EHLO [1.2.3.4",
+            "EHLO []",
+        ] {
+            let (out, _) = session(
+                &config,
+                &spool,
+                format!("{bad}\r\nMAIL FROM:<a@acme.example>\r\n").as_bytes(),
+            );
+            assert_eq!(codes(&out), ["501", "503"], "{bad:?}: {out}");
+        }
+        for good in [
+            "EHLO pbx.example",
+            "EHLO pbx.example.",
+            "EHLO my_pc",
+            "EHLO [127.0.0.1]",
+            "EHLO [IPv6:::1]",
+            "HELO localhost",
+        ] {
+            let (out, _) = session(&config, &spool, format!("{good}\r\n").as_bytes());
+            assert_eq!(codes(&out), ["250"], "{good:?}: {out}");
+        }
+    }
+
+    #[test]
+    fn the_received_field_cannot_be_broken_by_the_client_or_peer() {
+        let (config, spool) = setup("received", "100K");
+        let mut disk = DiskSide::new(spool.clone());
+        let mut c = Conversation::new(
+            "pbx.example",
+            "1.2.3.4\r\nX-Peer: forged",
+            config.daemon.listen_limits,
+        );
+        c.receive(
+            b"EHLO a\rBcc: forged@x.example\r\nEHLO [10.0.0.1]\r\nMAIL FROM:<a@acme.example>\r\n\
+              RCPT TO:<r@x.example>\r\nDATA\r\nSubject: s\r\n\r\nb\r\n.\r\n",
+            &config,
+        );
+        let ids = serve(&mut c, &mut disk, &config);
+        assert_eq!(ids.len(), 1, "{}", output(&mut c));
+        let text = stored(&spool, "acme", &ids[0]);
+        let (head, _) = text.split_once("\r\n\r\n").unwrap();
+        assert_eq!(
+            field_names(&text),
+            ["Received", "Subject", "Date", "Message-ID"],
+            "{head}"
+        );
+        assert!(
+            head.starts_with(
+                "Received: from [10.0.0.1] (1.2.3.4__X-Peer:_forged)\r\n\tby pbx.example"
+            ),
+            "{head}"
+        );
+        assert!(!head.replace("\r\n", "").contains(['\r', '\n']), "{head:?}");
+    }
+
+    #[test]
+    fn size_parameter_that_overflows_or_is_malformed_is_refused_not_read_as_zero() {
+        let (config, spool) = setup("size", "100K");
+        for (param, code) in [
+            ("SIZE=99999999999999999999999", "552"),
+            ("SIZE=18446744073709551616", "552"),
+            ("SIZE=18446744073709551615", "552"),
+            ("SIZE=102401", "552"),
+            ("SIZE=", "501"),
+            ("SIZE", "501"),
+            ("SIZE=-1", "501"),
+            ("SIZE=+5", "501"),
+            ("SIZE=1e9", "501"),
+            ("SIZE=0x10", "501"),
+            ("BODY=BINARYMIME", "501"),
+            ("SIZE=102400 BODY=8bitmime", "250"),
+            ("SIZE=00000000000000000000000000012", "250"),
+        ] {
+            let (out, _) = session(
+                &config,
+                &spool,
+                format!("EHLO c\r\nMAIL FROM:<a@acme.example> {param}\r\n").as_bytes(),
+            );
+            assert_eq!(codes(&out), ["250", code], "{param}: {out}");
+        }
+    }
+
+    #[test]
+    fn a_bare_cr_in_a_header_over_listen_is_stored_as_a_space_and_adds_no_field() {
+        let (config, spool) = setup("bare-cr", "100K");
+        let (_, text) = submit_over_listen(
+            &config,
+            &spool,
+            "a@acme.example",
+            "X-A: 1\rBcc: secret@y.example\r\nSubject: s\rFrom: forged@beta.example\r\n\r\nbody\rline\r\n",
+        );
+        assert_eq!(
+            field_names(&text),
+            ["Received", "X-A", "Subject", "Date", "Message-ID"],
+            "{text:?}"
+        );
+        assert!(
+            text.contains(
+                "\r\nX-A: 1 Bcc: secret@y.example\r\nSubject: s From: forged@beta.example\r\n"
+            ),
+            "{text:?}"
+        );
+        // In the body a bare CR is a line end, as every line end is made CRLF.
+        assert!(text.ends_with("\r\n\r\nbody\r\nline\r\n"), "{text:?}");
+    }
+
+    #[test]
+    fn header_bytes_that_are_not_utf8_are_stored_unchanged_over_listen() {
+        let (config, spool) = setup("latin1", "100K");
+        let (out, ids) = session(
+            &config,
+            &spool,
+            b"EHLO c\r\nMAIL FROM:<a@acme.example>\r\nRCPT TO:<r@x.example>\r\nDATA\r\n\
+              Subject: Gr\xfc\xdfe\r\nX-Name: M\xfcller\r\n\r\nK\xe4se\r\n.\r\n",
+        );
+        assert_eq!(ids.len(), 1, "{out}");
+        let bytes = stored_bytes(&spool, "acme", &ids[0]);
+        let needle: &[u8] = b"\r\nSubject: Gr\xfc\xdfe\r\nX-Name: M\xfcller\r\n";
+        assert!(
+            bytes.windows(needle.len()).any(|w| w == needle),
+            "{bytes:?}"
+        );
+        assert!(bytes.ends_with(b"\r\n\r\nK\xe4se\r\n"), "{bytes:?}");
+    }
+
+    #[test]
+    fn a_header_block_that_cannot_be_inspected_is_refused_after_the_data() {
+        let (config, spool) = setup("long-header", "10M");
+        let wire = format!(
+            "EHLO c\r\nMAIL FROM:<a@acme.example>\r\nRCPT TO:<r@x.example>\r\nDATA\r\n\
+             X-Long: {}\r\n\r\nbody\r\n.\r\nNOOP\r\n",
+            "v".repeat(70_000)
+        );
+        let (out, ids) = session(&config, &spool, wire.as_bytes());
+        assert!(ids.is_empty(), "{out}");
+        assert_eq!(
+            codes(&out),
+            ["250", "250", "250", "354", "552", "250"],
+            "{out}"
+        );
+        assert!(spool.tenants().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_body_without_a_separator_gets_one_after_the_header_block() {
+        let (config, spool) = setup("no-separator", "100K");
+        let (_, text) = submit_over_listen(
+            &config,
+            &spool,
+            "a@acme.example",
+            "Subject: s\r\nnot a header\r\nFrom: late@beta.example\r\n",
+        );
+        assert_eq!(
+            field_names(&text),
+            ["Received", "Subject", "Date", "Message-ID"],
+            "{text:?}"
+        );
+        assert!(
+            text.ends_with(">\r\n\r\nnot a header\r\nFrom: late@beta.example\r\n"),
+            "{text:?}"
+        );
+    }
+
     #[test]
     fn a_big_body_waits_for_the_writer_and_never_piles_up() {
         let (config, spool) = setup("big", "10M");
@@ -951,5 +1349,174 @@ mod tests {
         let text = stored(&spool, "acme", &ids[0]);
         let (_, body) = text.split_once("\r\n\r\n").unwrap();
         assert_eq!(body.len(), sent);
+    }
+
+    /// The writer played without a disk for the property test: every job
+    /// answered at once, the bytes of each committed message kept.
+    #[derive(Default)]
+    struct FakeDisk {
+        open: Option<(crate::base::names::MessageId, Vec<u8>)>,
+        committed: Vec<(Envelope, Vec<u8>)>,
+    }
+
+    impl FakeDisk {
+        fn handle(&mut self, job: Job) -> Option<Answer> {
+            match job {
+                Job::CheckSpace(_) => Some(Answer::Space(Ok(()))),
+                Job::Open => {
+                    let id = crate::base::names::MessageId::generate();
+                    self.open = Some((id.clone(), Vec::new()));
+                    Some(Answer::Opened(Ok(id)))
+                }
+                Job::Trace(bytes) | Job::Content(bytes) => {
+                    if let Some((_, message)) = &mut self.open {
+                        message.extend_from_slice(&bytes);
+                    }
+                    None
+                }
+                Job::Commit(envelope) => {
+                    let tenant = envelope.tenant.clone();
+                    let result = match self.open.take() {
+                        Some((id, message)) => {
+                            self.committed.push((envelope, message));
+                            Ok(id)
+                        }
+                        None => Err("no message was open".into()),
+                    };
+                    Some(Answer::Committed { tenant, result })
+                }
+                Job::Discard => {
+                    self.open = None;
+                    None
+                }
+            }
+        }
+    }
+
+    /// Real sessions the property test starts from.
+    const SESSIONS: &[&[u8]] = &[
+        b"EHLO pbx.example\r\nMAIL FROM:<101@acme.example> SIZE=120 BODY=8BITMIME\r\n\
+          RCPT TO:<a@x.example>\r\nRCPT TO:<b@x.example>\r\nDATA\r\nFrom: 101@acme.example\r\n\
+          Subject: Voicemail\r\n\r\n..dot\r\nbody\r\n.\r\nMAIL FROM:<102@beta.example>\r\n\
+          RCPT TO:<c@x.example>\r\nDATA\r\nSubject: two\r\n\r\nx\r\n.\r\nQUIT\r\n",
+        b"EHLO c\r\nMAIL FROM:<a@acme.example>\r\nRCPT TO:<r@x.example>\r\nDATA\r\n\
+          Subject: one\r\n\r\nfirst\n.\nMAIL FROM:<evil@beta.example>\r\nRCPT TO:<v@x.example>\r\n\
+          DATA\r\nSubject: smuggled\r\n\r\nevil\r\n.\r\nQUIT\r\n",
+        b"HELO c\r\nMAIL FROM:<>\r\nRCPT TO:<r@x.example>\r\nDATA\r\n\
+          From: Mailer <daemon@beta.example>\r\nSubject: bounce\r\n\r\nx\r\n.\r\n",
+        b"NOOP\r\nEHLO [127.0.0.1]\r\nVRFY x\r\nRSET\r\nHELP\r\nMAIL FROM:<a@acme.example>\r\n\
+          RSET\r\nDATA\r\nRCPT TO:<r@x.example>\r\nQUIT\r\n",
+        b"EHLO lf\nMAIL FROM:<a@acme.example>\nRCPT TO:<r@x.example>\nDATA\n\
+          Subject: lf\nX-A: 1\rBcc: b@x.example\n\nline\n..dot\r\n.\r\n",
+        b"EHLO c\r\nMAIL FROM:<a@acme.example>\r\nRCPT TO:<r@x.example>\r\nDATA\r\n\
+          Subject: Gr\xfc\xdfe\r\nnot a header\r\n\r\nK\xe4se\r\n.\r\n",
+    ];
+
+    /// Every reply line: a code, a space or dash, printable ASCII, CRLF.
+    fn assert_replies_well_formed(out: &[u8], case: usize) {
+        assert!(
+            out.is_empty() || out.ends_with(b"\r\n"),
+            "case {case}: {out:?}"
+        );
+        for line in out.split_inclusive(|&b| b == b'\n') {
+            let text = line.strip_suffix(b"\r\n").unwrap_or(line);
+            let ok = text.len() >= 4
+                && text[..3].iter().all(u8::is_ascii_digit)
+                && matches!(text[3], b' ' | b'-')
+                && text.iter().all(|&b| (32..=126).contains(&b));
+            assert!(ok, "case {case}: reply line {line:?}");
+        }
+    }
+
+    /// The header block of a stored message (up to the blank line, or all):
+    /// CRLF line ends only, so no line break appears that the parser did not see.
+    fn assert_header_block_is_crlf_clean(message: &[u8], case: usize) {
+        let end = message
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .map_or(message.len(), |p| p + 2);
+        let head = &message[..end];
+        for (i, &b) in head.iter().enumerate() {
+            match b {
+                b'\r' => assert_eq!(head.get(i + 1), Some(&b'\n'), "case {case}: {head:?}"),
+                b'\n' => assert_eq!(
+                    i.checked_sub(1).map(|p| head[p]),
+                    Some(b'\r'),
+                    "case {case}"
+                ),
+                _ => {}
+            }
+        }
+        let first = head.split(|&b| b == b'\r').next().unwrap_or_default();
+        assert!(
+            first.starts_with(b"Received: from "),
+            "case {case}: {head:?}"
+        );
+        assert!(
+            first.iter().all(|&b| (32..=126).contains(&b)),
+            "case {case}: {first:?}"
+        );
+    }
+
+    /// Issue 14: the conversation over mutated real sessions, fed in random
+    /// pieces, never panics or stalls, holds bounded input, replies only in
+    /// well-formed lines, stores header blocks whose line breaks are the
+    /// parsed ones, and commits no more messages than the input has
+    /// `<CRLF>.<CRLF>` sequences (nothing smuggled in).
+    #[test]
+    fn mutated_sessions_never_panic_stall_or_smuggle() {
+        let (config, _) = setup_with("prop", "100K", "default_tenant = acme\n");
+        let (strict, _) = setup("prop-strict", "100K");
+        let (seed, cases) = crate::intake::mutate::plan(1500);
+        let mut rng = crate::intake::mutate::Rng::new(seed);
+        for case in 0..cases {
+            let start = *rng.pick(SESSIONS);
+            let input = crate::intake::mutate::mutate(&mut rng, start);
+            let config = if rng.below(2) == 0 { &config } else { &strict };
+            let mut pieces = crate::intake::mutate::pieces(&mut rng, &input).into_iter();
+            let mut disk = FakeDisk::default();
+            let mut c = conversation(config);
+            loop {
+                let mut moved = false;
+                while let Some(job) = c.next_job() {
+                    moved = true;
+                    if let Some(answer) = disk.handle(job) {
+                        c.answer(answer, config);
+                    }
+                }
+                assert!(
+                    c.input.len() <= MAX_COMMAND + 64 * 1024 + 4096,
+                    "case {case}: {} bytes held",
+                    c.input.len()
+                );
+                let out = std::mem::take(&mut c.output);
+                assert_replies_well_formed(&out, case);
+                if c.is_closed() {
+                    break;
+                }
+                if c.wants_input() {
+                    match pieces.next() {
+                        Some(piece) => c.receive(piece, config),
+                        None => break,
+                    }
+                } else if !moved {
+                    panic!(
+                        "case {case} (seed {seed:#x}): stalled in {}",
+                        c.state.as_str()
+                    );
+                }
+            }
+            let ends = input.windows(5).filter(|w| w == b"\r\n.\r\n").count();
+            assert!(
+                disk.committed.len() <= ends,
+                "case {case} (seed {seed:#x}): {} messages from {ends} ends: {input:?}",
+                disk.committed.len()
+            );
+            for (envelope, message) in &disk.committed {
+                assert!(envelope.recipients.len() <= 2, "case {case}");
+                assert!(!envelope.tenant.is_empty(), "case {case}");
+                assert_header_block_is_crlf_clean(message, case);
+            }
+        }
     }
 }

@@ -18,7 +18,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::support::harness::{free_port, wait_until, Daemon};
-use crate::support::mail::{body, subject};
+use crate::support::mail::{body, field, headers, parse_headers, subject};
 use crate::support::smtp_server::{Received, ServerOptions, TestServer};
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
@@ -1397,4 +1397,149 @@ fn full_spool_refuses_mail_with_452() {
     c.expect("QUIT", 221);
     let queue = site.daemon.queue();
     assert!(queue.is_empty(), "{queue:#?}");
+}
+
+// ---------------------------------------------------------------------------
+// 11. Hostile clients (issue 14).
+// ---------------------------------------------------------------------------
+
+/// The smuggled second transaction: a sender of the same tenant and a
+/// recipient the client never named in the open.
+const SMUGGLED: &str = "MAIL FROM:<ceo@acme.test>\r\nRCPT TO:<victim@example.com>\r\nDATA\r\n\
+                        From: ceo@acme.test\r\nSubject: smuggled\r\n\r\npay now\r\n.\r\n";
+
+/// Only `<CRLF>.<CRLF>` ends DATA (RFC 5321 §4.1.1.4): after a lone dot
+/// framed any other way, what follows is message text, never commands, so
+/// each payload queues exactly the one message the client opened.
+#[test]
+fn smuggled_end_of_data_queues_exactly_one_message() {
+    let site = Site::tcp("intake_smuggling", "");
+    let variants = [
+        "\n.\n",
+        "\r\n.\n",
+        "\n.\r\n",
+        "\r.\r\n",
+        "\r\n.\r",
+        "\n.\r\n.\n",
+    ];
+    for dot in variants {
+        let mut c = site.greeted("smuggler.test");
+        c.expect(&format!("MAIL FROM:<{SENDER}>"), 250);
+        c.expect("RCPT TO:<a@example.com>", 250);
+        c.expect("DATA", 354);
+        c.send(format!(
+            "Subject: visible\r\n\r\nhello{dot}{SMUGGLED}QUIT\r\n"
+        ));
+        // One reply for the one message, then QUIT's: none for smuggled commands.
+        c.reply().queued_id();
+        let quit = c.reply();
+        assert_eq!(quit.code, 221, "{dot:?}: {quit:?}");
+    }
+    site.delivered(variants.len());
+    site.assert_queue_drains();
+    let all = site.relay.messages();
+    assert_eq!(all.len(), variants.len(), "{all:#?}");
+    for m in &all {
+        assert_eq!(m.mail_from, SENDER);
+        assert_eq!(m.rcpt_to, ["a@example.com"]);
+        assert_eq!(subject(m), "visible");
+        assert!(m.text().contains("\r\npay now\r\n"), "{:?}", m.text());
+    }
+}
+
+/// A bare CR in the EHLO name would have become a line break of our own
+/// Received field on the way out: it is refused with 501, and the field
+/// carries only a name that was accepted.
+#[test]
+fn ehlo_name_with_a_bare_cr_is_refused_and_never_reaches_received() {
+    let site = Site::tcp("intake_ehlo_injection", "");
+    let mut c = site.connect();
+    c.expect("EHLO evil.test\rBcc: spy@example.com", 501);
+    c.expect("HELO a b", 501);
+    // Not greeted: no transaction yet.
+    c.expect(&format!("MAIL FROM:<{SENDER}>"), 503);
+    c.ehlo("[127.0.0.1]");
+    let message = simple_message("trace", "x");
+    let id = c.submit(SENDER, &["a@example.com"], &message).queued_id();
+    c.expect("QUIT", 221);
+    let got = site.delivered(1);
+    assert_eq!(got[0].rcpt_to, ["a@example.com"]);
+    let fields = parse_headers(&headers(&got[0]));
+    let names: Vec<&str> = fields.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        ["Received", "From", "To", "Subject", "Date", "Message-ID"]
+    );
+    let received = field(&fields, "Received").unwrap_or_default();
+    assert!(
+        received.starts_with("from [127.0.0.1] (127.0.0.1) by pbx.test"),
+        "{received:?}"
+    );
+    assert!(received.contains(&id), "{received:?}");
+    assert!(!got[0].text().contains("spy@example.com"));
+}
+
+/// RFC 1870 §6: a SIZE too big for any counter is over the limit (552),
+/// not 0; a SIZE that is no number is a syntax error (501). Nothing is
+/// queued for either, and the session goes on.
+#[test]
+fn size_parameter_that_overflows_is_refused_not_read_as_zero() {
+    let site = Site::tcp("intake_size_overflow", "");
+    let mut c = site.greeted("size.test");
+    for (param, code) in [
+        ("SIZE=99999999999999999999999", 552),
+        ("SIZE=18446744073709551616", 552),
+        ("SIZE=12abc", 501),
+        ("SIZE=", 501),
+    ] {
+        let reply = c.command(&format!("MAIL FROM:<{SENDER}> {param}"));
+        assert_eq!(reply.code, code, "{param}: {reply:?}");
+        assert_eq!(c.command("RCPT TO:<a@example.com>").code, 503, "{param}");
+    }
+    let message = simple_message("sized", "x");
+    let size = message.len();
+    c.expect(&format!("MAIL FROM:<{SENDER}> SIZE={size}"), 250);
+    c.expect("RCPT TO:<a@example.com>", 250);
+    c.expect("DATA", 354);
+    c.send(wire_body(&message));
+    c.reply().queued_id();
+    c.expect("QUIT", 221);
+    let got = site.delivered(1);
+    assert_eq!(subject(&got[0]), "sized");
+    site.assert_queue_drains();
+    assert_eq!(site.relay.messages().len(), 1);
+}
+
+/// The listener's header block follows the same rules as sendmail's: a
+/// bare CR in a header is a space, so it adds no field, and the bytes of a
+/// header that is not UTF-8 arrive as sent.
+#[test]
+fn bare_cr_and_8bit_bytes_in_headers_over_listen_arrive_as_parsed() {
+    let site = Site::tcp("intake_header_bytes", "");
+    let mut c = site.greeted("bytes.test");
+    c.expect(&format!("MAIL FROM:<{SENDER}>"), 250);
+    c.expect("RCPT TO:<a@example.com>", 250);
+    c.expect("DATA", 354);
+    let mut data = Vec::new();
+    data.extend_from_slice(b"From: 101@acme.test\r\nX-A: 1\rBcc: spy@example.com\r\n");
+    data.extend_from_slice(b"Subject: Anruf von M\xfcller\r\n\r\nK\xe4se\r\n.\r\n");
+    c.send(&data);
+    let id = c.reply().queued_id();
+    c.expect("QUIT", 221);
+    let got = site.delivered(1);
+    assert_eq!(got[0].rcpt_to, ["a@example.com"]);
+    let wanted: &[u8] =
+        b"From: 101@acme.test\r\nX-A: 1 Bcc: spy@example.com\r\nSubject: Anruf von M\xfcller\r\n";
+    // `as_submitted` reads the header block as text; the bytes matter here.
+    let submitted = after_received(&got[0], Some(&id));
+    assert!(
+        submitted.starts_with(wanted) && submitted.ends_with(b"\r\n\r\nK\xe4se\r\n"),
+        "{:?}",
+        String::from_utf8_lossy(submitted)
+    );
+    let fields = parse_headers(&headers(&got[0]));
+    assert!(
+        fields.iter().all(|(n, _)| !n.eq_ignore_ascii_case("Bcc")),
+        "{fields:?}"
+    );
 }

@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use crate::support::harness::{attempts, plain_tenant, recipients, str_of, Daemon};
-use crate::support::mail::{body, headers, message};
+use crate::support::mail::{body, field, headers, message, parse_headers};
 use crate::support::smtp_server::{ServerOptions, TestServer};
 use serde_json::Value;
 
@@ -235,4 +235,150 @@ fn folded_bcc_header_is_removed_entirely() {
     assert!(data.contains("\r\nto: alice@example.com\r\n"), "{data:?}");
     assert!(data.contains("\r\nsubject: folded\r\n"), "{data:?}");
     assert_eq!(body(&got[0]), "body\r\n");
+}
+
+// ---------------------------------------------------------------------------
+// Hostile or careless input (issue 14): what is parsed is what is sent, and
+// every refusal says what is really wrong.
+// ---------------------------------------------------------------------------
+
+/// `printf 'Subject: x' | sendmail -f a@t b@x`: the end of input ends the
+/// last header line; it is no "header line longer than 64 KiB" (exit 65,
+/// which callers take as permanent and drop the message).
+#[test]
+fn header_block_without_a_final_newline_is_queued_not_refused() {
+    let (mut daemon, server) =
+        Daemon::with_relay("header_without_newline", ServerOptions::default(), "");
+    daemon.start();
+    let run = daemon.sendmail(&["-f", "pbx@acme.test", "alice@example.com"], b"Subject: x");
+    assert_eq!(run.code, 0, "{run:?}");
+    // With -t the unterminated line still names a recipient.
+    let run = daemon.sendmail(
+        &["-t", "-f", "pbx@acme.test"],
+        b"Subject: y\nTo: bob@example.com",
+    );
+    assert_eq!(run.code, 0, "{run:?}");
+
+    let mut got = server.wait_for_messages(2, ARRIVAL);
+    assert_eq!(got.len(), 2);
+    got.sort_by_key(|m| m.rcpt_to.clone());
+    assert_eq!(got[0].rcpt_to, ["alice@example.com"]);
+    assert_eq!(got[1].rcpt_to, ["bob@example.com"]);
+    let fields = parse_headers(&headers(&got[0]));
+    assert_eq!(field(&fields, "Subject"), Some("x"), "{fields:?}");
+    assert_eq!(body(&got[0]), "");
+    let fields = parse_headers(&headers(&got[1]));
+    assert_eq!(field(&fields, "To"), Some("bob@example.com"), "{fields:?}");
+}
+
+/// A bare CR inside a header is data: `X-A: 1<CR>Bcc: secret@y` under `-t`
+/// adds neither a Bcc field nor a recipient, and the copy sent is the one
+/// parsed (the CR a space), so no reader after us sees a Bcc either.
+#[test]
+fn bare_cr_in_a_header_adds_neither_a_field_nor_a_recipient() {
+    let (mut daemon, server) = Daemon::with_relay("bare_cr_header", ServerOptions::default(), "");
+    daemon.start();
+    let msg = b"From: pbx@acme.test\nTo: alice@example.com\nX-A: 1\rBcc: secret@example.com\nSubject: cr\rCc: other@example.com\n\nbody\n";
+    let run = daemon.sendmail(&["-t", "-i"], msg);
+    assert_eq!(run.code, 0, "{run:?}");
+
+    let got = server.wait_for_messages(1, ARRIVAL);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].rcpt_to, ["alice@example.com"]);
+    let head = headers(&got[0]);
+    let fields = parse_headers(&head);
+    let names: Vec<&str> = fields.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        ["From", "To", "X-A", "Subject", "Date", "Message-ID"],
+        "{head:?}"
+    );
+    assert_eq!(field(&fields, "X-A"), Some("1 Bcc: secret@example.com"));
+    assert_eq!(field(&fields, "Subject"), Some("cr Cc: other@example.com"));
+    assert!(
+        !got[0]
+            .data
+            .windows(2)
+            .any(|w| w[0] == b'\r' && w[1] != b'\n'),
+        "a bare CR went out: {head:?}"
+    );
+}
+
+/// A Latin-1 `ü` in a Subject (a PBX's caller name) is kept as its byte,
+/// not made U+FFFD; the body's 8-bit bytes too.
+#[test]
+fn header_bytes_that_are_not_utf8_arrive_unchanged() {
+    let (mut daemon, server) = Daemon::with_relay("latin1_header", ServerOptions::default(), "");
+    daemon.start();
+    let msg =
+        b"From: pbx@acme.test\nSubject: Anruf von M\xfcller\nX-Caller: Gr\xfc\xdfe\n\nK\xe4se\n";
+    let run = daemon.sendmail(&["-i", "alice@example.com"], msg);
+    assert_eq!(run.code, 0, "{run:?}");
+    let got = server.wait_for_messages(1, ARRIVAL);
+    assert_eq!(got.len(), 1);
+    let data = &got[0].data;
+    let wanted: &[u8] =
+        b"From: pbx@acme.test\r\nSubject: Anruf von M\xfcller\r\nX-Caller: Gr\xfc\xdfe\r\n";
+    assert!(
+        data.starts_with(wanted),
+        "{:?}",
+        String::from_utf8_lossy(data)
+    );
+    assert!(data.ends_with(b"\r\n\r\nK\xe4se\r\n"), "{data:?}");
+}
+
+/// Every exit 65 (EX_DATAERR) says what is really wrong: a header line
+/// refused as too long is one, a long body line is no reason to refuse, and
+/// `-t` without any address is not told to "use -t".
+#[test]
+fn sendmail_data_errors_say_what_is_really_wrong() {
+    let (mut daemon, server) =
+        Daemon::with_relay("sendmail_true_errors", ServerOptions::default(), "");
+    daemon.start();
+
+    let long_header = format!("From: pbx@acme.test\nX-Long: {}\n\nx\n", "h".repeat(70_000));
+    let run = daemon.sendmail(&["-i", "alice@example.com"], long_header.as_bytes());
+    assert_eq!(run.code, 65, "{run:?}");
+    assert!(
+        run.stderr.contains("header line is longer than 64 KiB"),
+        "{run:?}"
+    );
+
+    let run = daemon.sendmail(
+        &["-t", "-i", "-f", "pbx@acme.test"],
+        b"To: undisclosed-recipients:;\n\nx\n",
+    );
+    assert_eq!(run.code, 65, "{run:?}");
+    assert!(
+        run.stderr.contains("no address in To, Cc or Bcc"),
+        "{run:?}"
+    );
+    assert!(!run.stderr.contains("use -t"), "{run:?}");
+
+    // The null sender without a From: nothing to route by, and it says so.
+    let run = daemon.sendmail(
+        &["-i", "-f", "<>", "alice@example.com"],
+        b"Subject: bounce\n\nx\n",
+    );
+    assert_eq!(run.code, 65, "{run:?}");
+    assert!(run.stderr.contains("no From address"), "{run:?}");
+
+    let run = daemon.sendmail(&["-i", "alice@example.com", "-r"], b"");
+    assert_eq!(run.code, 64, "{run:?}");
+    assert!(run.stderr.contains("option -r needs a value"), "{run:?}");
+    assert!(daemon.queue().is_empty(), "{:#?}", daemon.queue());
+
+    // A line of 70 000 octets that is no header starts the body: queued.
+    let long_body = format!("{}\n", "b".repeat(70_000));
+    let run = daemon.sendmail(
+        &["-i", "-f", "pbx@acme.test", "alice@example.com"],
+        long_body.as_bytes(),
+    );
+    assert_eq!(run.code, 0, "{run:?}");
+    let got = server.wait_for_messages(1, ARRIVAL);
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        body(&got[0]).replace("\r\n ", "").trim_end(),
+        "b".repeat(70_000)
+    );
 }
