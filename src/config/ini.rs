@@ -110,6 +110,18 @@ pub(super) fn scan(text: &str, out: &mut Problems) -> Option<(String, Vec<Scanne
         if line.is_empty() || line.starts_with([';', '#']) {
             continue;
         }
+        if line.contains('\r') {
+            // rust-ini ends a line at a bare CR without counting it, so the
+            // text after it would become a key of its own, on no line the
+            // admin can find. CRLF line ends are fine: trim took that CR.
+            out.error(
+                Some(n),
+                "a carriage return (CR) inside the line; save the file with LF or CRLF line ends"
+                    .to_owned(),
+            );
+            ok = false;
+            continue;
+        }
         if let Some(rest) = line.strip_prefix('[') {
             match rest.split_once(']') {
                 None => {
