@@ -137,6 +137,16 @@ pub(super) fn scan(text: &str, out: &mut Problems) -> Option<(String, Vec<Scanne
                     );
                     ok = false;
                 }
+                // rust-ini reads `\]` as part of the name and goes on to the
+                // next `]`, lines later if need be: the sections would part ways.
+                Some((name, _)) if name.contains('\\') => {
+                    out.error(
+                        Some(n),
+                        "a section name may not contain \\; the sections are [daemon] and [tenant:NAME]"
+                            .to_owned(),
+                    );
+                    ok = false;
+                }
                 Some((name, _)) => layout.push(ScannedSection {
                     name: Some(name.trim().to_owned()),
                     line: Some(n),
@@ -148,6 +158,16 @@ pub(super) fn scan(text: &str, out: &mut Problems) -> Option<(String, Vec<Scanne
                 out.error(
                     Some(n),
                     "a line starts with = but has no key before it".to_owned(),
+                );
+                ok = false;
+            } else if key.contains('\\') {
+                // rust-ini reads `\=` as part of the key and ends it at a later
+                // `=` or `:`, so its keys and this scan's would part ways. The
+                // key is not echoed: it may be a password written without one.
+                out.error(
+                    Some(n),
+                    "a key may not contain \\; keys are names such as relay or password_file"
+                        .to_owned(),
                 );
                 ok = false;
             } else if line.ends_with('\\') {

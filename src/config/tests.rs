@@ -469,6 +469,22 @@ fn a_bare_cr_inside_a_line_is_refused_at_its_line() {
     assert_eq!(c.tenants[0].relay.to_string(), "smtp.acme.example:587");
 }
 
+/// Found by the mutated-config property test: rust-ini reads `\=` and `\]`
+/// as part of a key or section name and ends it at a later `=`, `:` or `]`,
+/// so `auth\= none` swallowed the next line into a key on no line at all.
+#[test]
+fn a_backslash_in_a_key_or_section_name_is_refused_at_its_line() {
+    let (line, msg) = one_error(&format!("{MINIMAL}auth\\= none\nrate_limit = 5/s\n"));
+    assert_eq!(line, Some(4));
+    assert!(msg.contains("a key may not contain \\"), "{msg}");
+    let (line, msg) = one_error(&format!("{MINIMAL}[tenant:b\\] ; x]\nrelay = b:25\n"));
+    assert_eq!(line, Some(4));
+    assert!(msg.contains("a section name may not contain \\"), "{msg}");
+    // In a value a backslash is data, as before.
+    let c = ok(&format!("{MINIMAL}username = dom\\pbx\npassword = a\\b\n"));
+    assert_eq!(c.tenants[0].username.as_deref(), Some("dom\\pbx"));
+}
+
 #[test]
 fn listen_must_be_loopback_or_a_unix_path() {
     let (line, msg) = one_error("[daemon]\nlisten = 0.0.0.0:25\n");
