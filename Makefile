@@ -36,7 +36,8 @@ fuzz:
 	@if rustup toolchain list 2>/dev/null | grep -q '^nightly'; then \
 		command -v cargo-fuzz >/dev/null || $(CARGO) install --locked cargo-fuzz; \
 		$(CARGO) +nightly fuzz run reply -- -max_total_time=$(FUZZ_SECONDS) && \
-		mkdir -p fuzz/corpus/ini && cp etc/pbxmail.ini packaging/pbxmail.ini fuzz/corpus/ini/ && \
+		mkdir -p fuzz/corpus/ini && cp etc/pbxmail.ini fuzz/corpus/ini/etc.ini && \
+		cp packaging/pbxmail.ini fuzz/corpus/ini/packaging.ini && \
 		$(CARGO) +nightly fuzz run ini -- -max_total_time=$(FUZZ_SECONDS) || exit 1; \
 	else \
 		echo "no nightly toolchain: cargo-fuzz skipped, property tests only"; \
