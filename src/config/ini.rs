@@ -49,22 +49,21 @@ pub(super) fn read_raw(text: &str, out: &mut Problems) -> Option<Vec<RawSection>
 
     // Pair rust-ini's sections and keys with the scan by occurrence: the n-th
     // `[x]` is the n-th scanned `[x]`, the n-th `k` in it the n-th scanned `k`.
-    let mut section_seen: HashMap<Option<&str>, usize> = HashMap::new();
+    // Each name's occurrences are queued once, so a file of many sections or
+    // keys (duplicates included) is paired in linear time, not quadratic.
+    let mut scanned_sections = occurrences(layout.iter().map(|s| (s.name.as_deref(), s)));
     let mut sections = Vec::new();
     for (name, props) in parsed.iter() {
-        let nth = section_seen.entry(name).or_default();
-        let scanned = layout
-            .iter()
-            .filter(|s| s.name.as_deref() == name)
-            .nth(*nth);
-        *nth += 1;
-        let mut key_seen: HashMap<&str, usize> = HashMap::new();
+        let scanned = scanned_sections.get_mut(&name).and_then(Iterator::next);
+        let mut scanned_keys = occurrences(
+            scanned
+                .iter()
+                .flat_map(|s| s.keys.iter().map(|k| (k.key.as_str(), k))),
+        );
         let entries: Vec<RawEntry> = props
             .iter()
             .map(|(key, value)| {
-                let nth = key_seen.entry(key).or_default();
-                let at = scanned.and_then(|s| s.keys.iter().filter(|k| k.key == key).nth(*nth));
-                *nth += 1;
+                let at = scanned_keys.get_mut(key).and_then(Iterator::next);
                 let comment_only = at.is_some_and(|k| k.comment_only);
                 RawEntry {
                     key: key.to_owned(),
@@ -87,6 +86,20 @@ pub(super) fn read_raw(text: &str, out: &mut Problems) -> Option<Vec<RawSection>
         });
     }
     Some(sections)
+}
+
+/// Each name's items in order of appearance, to be taken one by one.
+fn occurrences<'a, K: Eq + std::hash::Hash, T>(
+    items: impl Iterator<Item = (K, &'a T)>,
+) -> HashMap<K, std::vec::IntoIter<&'a T>> {
+    let mut by_name: HashMap<K, Vec<&'a T>> = HashMap::new();
+    for (name, item) in items {
+        by_name.entry(name).or_default().push(item);
+    }
+    by_name
+        .into_iter()
+        .map(|(k, v)| (k, v.into_iter()))
+        .collect()
 }
 
 /// Checks the line structure and returns the text rust-ini should parse: comment

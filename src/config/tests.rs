@@ -485,6 +485,21 @@ fn a_backslash_in_a_key_or_section_name_is_refused_at_its_line() {
     assert_eq!(c.tenants[0].username.as_deref(), Some("dom\\pbx"));
 }
 
+/// Keys and sections were paired with the scan by searching the whole
+/// section for each one, quadratic in a file of many repeated keys.
+#[test]
+fn a_file_of_many_repeated_keys_is_read_in_bounded_time() {
+    let text = format!("[daemon]\n{}", "log_level = info\n".repeat(20_000));
+    let started = std::time::Instant::now();
+    let p = problems(&text);
+    let took = started.elapsed();
+    assert_eq!(p.len(), 19_999);
+    assert_eq!(p[0].line, Some(3));
+    assert_eq!(p[19_998].line, Some(20_001));
+    // Linear takes milliseconds; the quadratic pairing took seconds here.
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+}
+
 #[test]
 fn listen_must_be_loopback_or_a_unix_path() {
     let (line, msg) = one_error("[daemon]\nlisten = 0.0.0.0:25\n");
