@@ -24,17 +24,21 @@ test:
 	$(CARGO) clippy --locked --all-targets -- -D warnings
 	$(CARGO) test --locked --all-targets
 
-# Longer runs than `make test` gives the parsers: the reply parser under
-# cargo-fuzz for FUZZ_SECONDS (fuzz/, a crate of its own; cargo-fuzz needs a
-# nightly toolchain and is installed when missing), then the property tests
-# over mutated real inputs with PROPTEST_CASES cases, in a release build.
+# Longer runs than `make test` gives the parsers: each cargo-fuzz target (the
+# reply parser, the INI parser seeded with the shipped configurations) for
+# FUZZ_SECONDS (fuzz/, a crate of its own; cargo-fuzz needs a nightly
+# toolchain and is installed when missing), then the property tests over
+# mutated real inputs with PROPTEST_CASES cases, in a release build.
 # Without a nightly toolchain only the property tests run.
 FUZZ_SECONDS ?= 120
 PROPTEST_CASES ?= 2000000
 fuzz:
 	@if rustup toolchain list 2>/dev/null | grep -q '^nightly'; then \
 		command -v cargo-fuzz >/dev/null || $(CARGO) install --locked cargo-fuzz; \
-		$(CARGO) +nightly fuzz run reply -- -max_total_time=$(FUZZ_SECONDS); \
+		$(CARGO) +nightly fuzz run reply -- -max_total_time=$(FUZZ_SECONDS) && \
+		mkdir -p fuzz/corpus/ini && cp etc/pbxmail.ini fuzz/corpus/ini/etc.ini && \
+		cp packaging/pbxmail.ini fuzz/corpus/ini/packaging.ini && \
+		$(CARGO) +nightly fuzz run ini -- -max_total_time=$(FUZZ_SECONDS) || exit 1; \
 	else \
 		echo "no nightly toolchain: cargo-fuzz skipped, property tests only"; \
 	fi

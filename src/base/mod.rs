@@ -8,6 +8,8 @@ pub mod clock;
 pub mod framing;
 pub mod fs;
 pub mod hex;
+#[cfg(test)]
+pub mod mutate;
 pub mod names;
 pub mod secret;
 pub mod stream;

@@ -49,22 +49,21 @@ pub(super) fn read_raw(text: &str, out: &mut Problems) -> Option<Vec<RawSection>
 
     // Pair rust-ini's sections and keys with the scan by occurrence: the n-th
     // `[x]` is the n-th scanned `[x]`, the n-th `k` in it the n-th scanned `k`.
-    let mut section_seen: HashMap<Option<&str>, usize> = HashMap::new();
+    // Each name's occurrences are queued once, so a file of many sections or
+    // keys (duplicates included) is paired in linear time, not quadratic.
+    let mut scanned_sections = occurrences(layout.iter().map(|s| (s.name.as_deref(), s)));
     let mut sections = Vec::new();
     for (name, props) in parsed.iter() {
-        let nth = section_seen.entry(name).or_default();
-        let scanned = layout
-            .iter()
-            .filter(|s| s.name.as_deref() == name)
-            .nth(*nth);
-        *nth += 1;
-        let mut key_seen: HashMap<&str, usize> = HashMap::new();
+        let scanned = scanned_sections.get_mut(&name).and_then(Iterator::next);
+        let mut scanned_keys = occurrences(
+            scanned
+                .iter()
+                .flat_map(|s| s.keys.iter().map(|k| (k.key.as_str(), k))),
+        );
         let entries: Vec<RawEntry> = props
             .iter()
             .map(|(key, value)| {
-                let nth = key_seen.entry(key).or_default();
-                let at = scanned.and_then(|s| s.keys.iter().filter(|k| k.key == key).nth(*nth));
-                *nth += 1;
+                let at = scanned_keys.get_mut(key).and_then(Iterator::next);
                 let comment_only = at.is_some_and(|k| k.comment_only);
                 RawEntry {
                     key: key.to_owned(),
@@ -89,6 +88,20 @@ pub(super) fn read_raw(text: &str, out: &mut Problems) -> Option<Vec<RawSection>
     Some(sections)
 }
 
+/// Each name's items in order of appearance, to be taken one by one.
+fn occurrences<'a, K: Eq + std::hash::Hash, T>(
+    items: impl Iterator<Item = (K, &'a T)>,
+) -> HashMap<K, std::vec::IntoIter<&'a T>> {
+    let mut by_name: HashMap<K, Vec<&'a T>> = HashMap::new();
+    for (name, item) in items {
+        by_name.entry(name).or_default().push(item);
+    }
+    by_name
+        .into_iter()
+        .map(|(k, v)| (k, v.into_iter()))
+        .collect()
+}
+
 /// Checks the line structure and returns the text rust-ini should parse: comment
 /// lines blanked and lines trimmed (rust-ini reads an indented `; comment` as part
 /// of the next key), same line count, so its error lines stay right.
@@ -110,6 +123,18 @@ pub(super) fn scan(text: &str, out: &mut Problems) -> Option<(String, Vec<Scanne
         if line.is_empty() || line.starts_with([';', '#']) {
             continue;
         }
+        if line.contains('\r') {
+            // rust-ini ends a line at a bare CR without counting it, so the
+            // text after it would become a key of its own, on no line the
+            // admin can find. CRLF line ends are fine: trim took that CR.
+            out.error(
+                Some(n),
+                "a carriage return (CR) inside the line; save the file with LF or CRLF line ends"
+                    .to_owned(),
+            );
+            ok = false;
+            continue;
+        }
         if let Some(rest) = line.strip_prefix('[') {
             match rest.split_once(']') {
                 None => {
@@ -125,6 +150,16 @@ pub(super) fn scan(text: &str, out: &mut Problems) -> Option<(String, Vec<Scanne
                     );
                     ok = false;
                 }
+                // rust-ini reads `\]` as part of the name and goes on to the
+                // next `]`, lines later if need be: the sections would part ways.
+                Some((name, _)) if name.contains('\\') => {
+                    out.error(
+                        Some(n),
+                        "a section name may not contain \\; the sections are [daemon] and [tenant:NAME]"
+                            .to_owned(),
+                    );
+                    ok = false;
+                }
                 Some((name, _)) => layout.push(ScannedSection {
                     name: Some(name.trim().to_owned()),
                     line: Some(n),
@@ -136,6 +171,16 @@ pub(super) fn scan(text: &str, out: &mut Problems) -> Option<(String, Vec<Scanne
                 out.error(
                     Some(n),
                     "a line starts with = but has no key before it".to_owned(),
+                );
+                ok = false;
+            } else if key.contains('\\') {
+                // rust-ini reads `\=` as part of the key and ends it at a later
+                // `=` or `:`, so its keys and this scan's would part ways. The
+                // key is not echoed: it may be a password written without one.
+                out.error(
+                    Some(n),
+                    "a key may not contain \\; keys are names such as relay or password_file"
+                        .to_owned(),
                 );
                 ok = false;
             } else if line.ends_with('\\') {

@@ -456,6 +456,50 @@ fn syntax_errors_carry_their_line() {
     assert_eq!(line, Some(1));
 }
 
+/// Found by the mutated-config property test: rust-ini ends a line at a bare
+/// CR, so `tls = none<CR>auth = none` became a key "auth" on no line at all.
+#[test]
+fn a_bare_cr_inside_a_line_is_refused_at_its_line() {
+    let text = format!("{MINIMAL}tls = none\rauth = none\n");
+    let (line, msg) = one_error(&text);
+    assert_eq!(line, Some(4));
+    assert!(msg.contains("carriage return (CR)"), "{msg}");
+    // CRLF line ends are still read as line ends.
+    let c = ok(&MINIMAL.replace('\n', "\r\n"));
+    assert_eq!(c.tenants[0].relay.to_string(), "smtp.acme.example:587");
+}
+
+/// Found by the mutated-config property test: rust-ini reads `\=` and `\]`
+/// as part of a key or section name and ends it at a later `=`, `:` or `]`,
+/// so `auth\= none` swallowed the next line into a key on no line at all.
+#[test]
+fn a_backslash_in_a_key_or_section_name_is_refused_at_its_line() {
+    let (line, msg) = one_error(&format!("{MINIMAL}auth\\= none\nrate_limit = 5/s\n"));
+    assert_eq!(line, Some(4));
+    assert!(msg.contains("a key may not contain \\"), "{msg}");
+    let (line, msg) = one_error(&format!("{MINIMAL}[tenant:b\\] ; x]\nrelay = b:25\n"));
+    assert_eq!(line, Some(4));
+    assert!(msg.contains("a section name may not contain \\"), "{msg}");
+    // In a value a backslash is data, as before.
+    let c = ok(&format!("{MINIMAL}username = dom\\pbx\npassword = a\\b\n"));
+    assert_eq!(c.tenants[0].username.as_deref(), Some("dom\\pbx"));
+}
+
+/// Keys and sections were paired with the scan by searching the whole
+/// section for each one, quadratic in a file of many repeated keys.
+#[test]
+fn a_file_of_many_repeated_keys_is_read_in_bounded_time() {
+    let text = format!("[daemon]\n{}", "log_level = info\n".repeat(20_000));
+    let started = std::time::Instant::now();
+    let p = problems(&text);
+    let took = started.elapsed();
+    assert_eq!(p.len(), 19_999);
+    assert_eq!(p[0].line, Some(3));
+    assert_eq!(p[19_998].line, Some(20_001));
+    // Linear takes milliseconds; the quadratic pairing took seconds here.
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+}
+
 #[test]
 fn listen_must_be_loopback_or_a_unix_path() {
     let (line, msg) = one_error("[daemon]\nlisten = 0.0.0.0:25\n");
@@ -932,4 +976,79 @@ fn a_refused_range_names_the_range() {
     assert!(msg.contains("1s to 1h"), "{msg}");
     let (_, msg) = one_error(&with_key("listen_max_message_size", true, "5G"));
     assert!(msg.contains("1 to 4G"), "{msg}");
+}
+
+const PACKAGED: &str = include_str!("../../packaging/pbxmail.ini");
+
+/// Real configurations to mutate: the two shipped files, the smallest valid
+/// one, and one that reaches the keys the samples leave empty (listen,
+/// OAuth, presets, archive), with a BOM, CRLF line ends and odd spacing.
+const SEEDS: &[&str] = &[
+    SAMPLE,
+    PACKAGED,
+    MINIMAL,
+    "\u{feff}; appliance\r\n[daemon]\r\nlisten = 127.0.0.1:2525 ; submission\r\n\
+     default_tenant = gmail\r\nretry_min=30s\r\nretry_max = 2h\r\n  # indented comment\r\n\
+     min_free_space = 500M\r\nlog_level = debug\r\n\r\n[tenant:gmail]\r\n\
+     domains = g.example\r\nprovider = gmail\r\nauth = xoauth2\r\nusername = pbx@g.example\r\n\
+     oauth_client_id = abc\r\noauth_token_file = /var/lib/pbxmail/oauth/g.json\r\n\
+     archive = yes\r\narchive_users = 101, 102\r\narchive_group = root\r\n\
+     [tenant:lan]\r\ndomains = *.lan.example\r\nrelay = [::1]:25\r\ntls = none\r\n\
+     auth = none\r\nrate_limit = 5/s\r\nmessages_per_session = 1\r\n",
+    "[daemon]\nlisten = /run/pbxmail/submit.sock\nlisten_max_connections = 10000\n\
+     [tenant:a]\ndomains = a.example\nrelay = a.example:465\ntls = implicit\n\
+     tls_verify = no\nusername = u\npassword = pw\n[tenant:b]\nprovider = office365\n\
+     domains = b.example\nconnect_timeout = 1s\ncommand_timeout = 1h\ndata_timeout = 1h\n",
+];
+
+/// The bytes that shape an INI file, most likely first.
+const INI_BYTES: &[u8] = b"\n\n\r[]=:;# \t\\\"'*,.0159/:@kKmMhds\x7f\0";
+
+/// Whatever a mutated configuration holds, the parser returns (no panic,
+/// arithmetic overflow included: debug builds check it, and `cargo test
+/// --release` runs this too) within a bounded time, and every error it
+/// reports points at a line of the input, where check-config sends the admin.
+#[test]
+fn mutated_real_configs_never_panic_and_every_error_names_a_line_of_the_input() {
+    use crate::base::mutate::{cases, mutate_with, Rng};
+    let mut rng = Rng::seeded(0x5eed_1417);
+    let (mut accepted, mut refused) = (0usize, 0usize);
+    let mut slowest = Duration::ZERO;
+    for case in 0..cases(1_500) {
+        let seed = rng.pick(SEEDS).as_bytes();
+        let bytes = mutate_with(seed, INI_BYTES, &mut rng);
+        // load() reads the file with read_to_string: only UTF-8 reaches parse.
+        let text = String::from_utf8_lossy(&bytes);
+        let lines = text.split('\n').count();
+        let started = std::time::Instant::now();
+        let result = parse(&path(), &text);
+        slowest = slowest.max(started.elapsed());
+        match result {
+            Ok(_) => accepted += 1,
+            Err(e) => {
+                refused += 1;
+                assert!(
+                    !e.problems.is_empty(),
+                    "case {case}: empty error for {text:?}"
+                );
+                for problem in &e.problems {
+                    assert!(
+                        problem.line.is_some_and(|l| (1..=lines).contains(&l)),
+                        "case {case}: {problem} is not on one of the {lines} lines of {text:?}"
+                    );
+                }
+            }
+        }
+    }
+    // Generous for a loaded two-core machine in a debug build; a parser
+    // that goes quadratic on a long line or many keys takes far longer.
+    assert!(
+        slowest < Duration::from_secs(2),
+        "slowest case took {slowest:?}"
+    );
+    // The mutations keep some inputs valid and break others: both sides run.
+    assert!(
+        accepted > 0 && refused > 0,
+        "{accepted} accepted, {refused} refused"
+    );
 }

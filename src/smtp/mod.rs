@@ -9,8 +9,6 @@ pub mod client;
 pub mod command;
 pub mod data;
 mod deadline;
-#[cfg(test)]
-mod mutate;
 pub mod reply;
 #[cfg(test)]
 mod script;

@@ -1577,7 +1577,7 @@ mod tests {
     /// data really went out, and the verdict was the relay's only answer.
     #[test]
     fn mutated_relay_conversations_never_panic_nor_call_an_unsent_message_sent() {
-        use crate::smtp::mutate::{cases, mutate, Rng};
+        use crate::base::mutate::{cases, mutate, Rng};
         let conversations: [&[&str]; 3] = [
             &[
                 "220 mx ESMTP\r\n",

@@ -1,8 +1,9 @@
 //! Test support: real inputs, mutated the way a hostile or broken peer
 //! mangles them (bytes flipped, inserted, deleted, duplicated, truncated), from
 //! a seeded generator so every failure replays. The property tests over the
-//! reply parser and the session use it; `make fuzz` runs them with a large
-//! count (PBXMAIL_PROPTEST_CASES) beside the cargo-fuzz target.
+//! reply parser, the SMTP session and the INI reader use it; `make fuzz` runs
+//! them with a large count (PBXMAIL_PROPTEST_CASES) beside the cargo-fuzz
+//! targets. It lives on the bottom floor so no parser's tests import another's.
 
 /// xorshift64: small, fast, deterministic; quality enough to shake a parser.
 pub struct Rng(u64);
@@ -43,13 +44,20 @@ pub fn cases(default: usize) -> usize {
 /// The bytes that matter to a line-and-code parser, most likely first.
 const INTERESTING: &[u8] = b"\r\n\r\n -.0259!\0\x7f\x80\xff\xc3";
 
-/// `input` with one to eight mutations.
+/// `input` with one to eight mutations, half of the bytes written drawn from
+/// those that matter to a line-and-code parser (SMTP replies and commands).
 pub fn mutate(input: &[u8], rng: &mut Rng) -> Vec<u8> {
+    mutate_with(input, INTERESTING, rng)
+}
+
+/// [`mutate`] with the bytes that matter to another format (an INI file's
+/// `[]=:;#\\`, say); `interesting` must not be empty.
+pub fn mutate_with(input: &[u8], interesting: &[u8], rng: &mut Rng) -> Vec<u8> {
     let mut out = input.to_vec();
     for _ in 0..1 + rng.below(8) {
         let at = rng.below(out.len() + 1);
         let byte = if rng.below(2) == 0 {
-            *rng.pick(INTERESTING)
+            *rng.pick(interesting)
         } else {
             (rng.next() & 0xff) as u8
         };
