@@ -787,7 +787,7 @@ pub(crate) mod tests {
     /// convert comes out 7-bit with lines a 7-bit relay takes.
     #[test]
     fn mutated_messages_never_panic_and_what_converts_is_7bit() {
-        use crate::smtp::mutate::{cases, mutate, Rng};
+        use crate::base::mutate::{cases, mutate, Rng};
         let seeds: [&str; 3] = [
             "Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n\
              Grüße =  \r\n.x\r\n",
