@@ -5,7 +5,7 @@
 //! settled (settle.rs: removed, archived, bounced or kept failed). It judges
 //! nothing itself: outcomes come from the judge (outcome.rs).
 
-use super::admin::{Action, Admin, AdminJob, AdminReport};
+use super::admin::{Admin, AdminJob, AdminReport};
 use super::delivery_log::DeliveryLine;
 use super::queue::Queue;
 use super::settings::{Pacing, Policy};
@@ -134,9 +134,6 @@ impl Ledger {
         match job {
             Job::Queued(id) => self.queue.note_queued(&id),
             Job::Flush => self.queue.flush(),
-            Job::Hold(target) => drop(self.admin().apply(Action::Hold, &target)),
-            Job::Release(target) => drop(self.admin().apply(Action::Release, &target)),
-            Job::Delete(target) => drop(self.admin().apply(Action::Delete, &target)),
             Job::Admin(AdminJob {
                 action,
                 target,

@@ -66,14 +66,6 @@ pub enum Job {
     Queued(MessageId),
     /// Retry everything now, backoff or not (`pbxmail flush`).
     Flush,
-    /// Unreported forms of `Admin`: the control side sends `Admin` only;
-    /// the tenant's own tests still drive these.
-    #[cfg_attr(not(test), allow(dead_code))]
-    Hold(Target),
-    #[cfg_attr(not(test), allow(dead_code))]
-    Release(Target),
-    #[cfg_attr(not(test), allow(dead_code))]
-    Delete(Target),
     /// Hold, release or delete, reported back once durable (admin.rs).
     Admin(AdminJob),
 }
