@@ -11,7 +11,8 @@ use crate::base::text::{printable, printable_lines};
 use crate::base::time;
 use crate::outcome;
 use crate::smtp::client;
-use crate::smtp::session::{Outgoing, Trace};
+use crate::smtp::session::Trace;
+use crate::smtp::transaction::Outgoing;
 use crate::tls;
 
 struct Args {

@@ -1,5 +1,5 @@
 //! The SMTP client: a blocking session state machine (session.rs) over any
-//! stream, typed commands (command.rs), SASL (auth.rs), the reply parser,
+//! stream, the mail transaction it runs (transaction.rs), typed commands (command.rs), SASL (auth.rs), the reply parser,
 //! message transparency, and `client::open`, which connects, upgrades to TLS
 //! and authenticates for one tenant.
 //! What a failure *means* is decided elsewhere (outcome.rs); this module only talks.
@@ -14,6 +14,7 @@ pub mod reply;
 mod script;
 pub mod session;
 pub mod seven_bit;
+pub mod transaction;
 
 use crate::tls::TlsError;
 use reply::{Reply, ReplyError};

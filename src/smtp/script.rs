@@ -1,7 +1,8 @@
 //! Test support: a scripted relay for sessions, so tests feed scripted
-//! bytes and assert the exact bytes written.
+//! bytes and assert the exact bytes written; and a plain message to send.
 
 use super::session::{Session, Timeouts};
+use super::transaction::Outgoing;
 use crate::base::stream::Transport;
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
@@ -84,4 +85,14 @@ pub fn written(s: Session<Script>) -> String {
 
 pub fn script(s: &Session<Script>) -> &Script {
     s.stream()
+}
+
+/// A 7-bit message of 100 octets from `from` to `rcpts`.
+pub fn outgoing<'a>(from: &'a str, rcpts: &'a [String]) -> Outgoing<'a> {
+    Outgoing {
+        mail_from: from,
+        recipients: rcpts,
+        size: 100,
+        eight_bit: false,
+    }
 }

@@ -5,8 +5,8 @@
 //! put a scripted fake here.
 
 use crate::smtp::reply::Reply;
-use crate::smtp::session::Body;
-use crate::smtp::session::Outgoing;
+use crate::smtp::transaction::Body;
+use crate::smtp::transaction::Outgoing;
 use crate::smtp::SessionError;
 
 pub trait Delivery {

@@ -11,8 +11,8 @@ use crate::base::secret::Secret;
 use crate::outcome;
 use crate::smtp::client::{self, Connected};
 use crate::smtp::reply::Reply;
-use crate::smtp::session::Body;
-use crate::smtp::session::Outgoing;
+use crate::smtp::transaction::Body;
+use crate::smtp::transaction::Outgoing;
 use crate::smtp::SessionError;
 
 pub struct SmtpDelivery {

@@ -15,7 +15,7 @@ use crate::base::names::MessageId;
 use crate::base::names::TenantName;
 use crate::config::RateLimit;
 use crate::smtp::reply::{Reply, ReplyCode};
-use crate::smtp::session::Outgoing;
+use crate::smtp::transaction::Outgoing;
 use crate::smtp::{Phase, SessionError};
 use crate::spool::envelope::{Envelope, RcptStatus};
 use crate::spool::Spool;
@@ -68,7 +68,7 @@ impl Delivery for FakeDelivery {
     fn send(
         &mut self,
         message: &Outgoing<'_>,
-        body: &mut dyn crate::smtp::session::Body,
+        body: &mut dyn crate::smtp::transaction::Body,
     ) -> Result<Vec<Reply>, SessionError> {
         let mut content = Vec::new();
         body.read_to_end(&mut content).unwrap();

@@ -9,7 +9,7 @@ use super::ledger::{Announce, Ledger, RcptOutcome};
 use super::{Job, TenantStatus};
 use crate::base::names::MessageId;
 use crate::outcome::{self, RcptJudgement};
-use crate::smtp::session::Outgoing;
+use crate::smtp::transaction::Outgoing;
 use crate::smtp::SessionError;
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use std::collections::HashSet;
