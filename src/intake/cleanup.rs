@@ -3,7 +3,7 @@
 //! From header's), name the header fields a message lacks (Date, Message-ID,
 //! and From where the front end has one to give), refuse new mail below
 //! `min_free_space`, and write the message into a new spool submission with
-//! CRLF line ends. The front ends (sendmail.rs, the listener's smtp.rs) only
+//! CRLF line ends. The front ends (sendmail.rs, the listener's smtp/) only
 //! read their input and speak their protocol; where their bytes go is here.
 
 use super::message::Header;

@@ -1,5 +1,5 @@
 //! Taking mail in: the sendmail interface and local SMTP submission on
-//! `listen` (the protocol in smtp.rs, the sockets in server.rs, the disk
+//! `listen` (the protocol in smtp/, the sockets in server.rs, the disk
 //! work on writer.rs's threads), both through one cleanup step (cleanup.rs).
 
 pub mod cleanup;
