@@ -3,7 +3,7 @@
 //! which situation a reply or error is; this file only words it, for the
 //! relay we talked to and the way the tenant signs in.
 
-use crate::config::AuthMode;
+use crate::base::relay::AuthMode;
 use crate::outcome::{Advice, CertificateFix, HandshakeFix, Verdict};
 
 /// What the advice depends on besides the reply: whom we talked to, and how

@@ -21,6 +21,7 @@ mod config;
 #[allow(dead_code)]
 mod base {
     pub mod names;
+    pub mod relay;
     pub mod secret;
 }
 

@@ -11,6 +11,7 @@ pub mod hex;
 #[cfg(test)]
 pub mod mutate;
 pub mod names;
+pub mod relay;
 pub mod secret;
 pub mod stream;
 pub mod text;

@@ -7,7 +7,7 @@
 //! are in `crate::oauth`.
 
 use super::{Exit, Flags, Invocation};
-use crate::config::AuthMode;
+use crate::base::relay::AuthMode;
 use crate::oauth::{self, Endpoints, LoginFlow, OAuthError};
 
 const USAGE: &str = "usage: pbxmail oauth login --tenant T [--flow device|code] [-c FILE]";

@@ -78,7 +78,7 @@ pub fn run(args: &[String]) -> Exit {
                 return Exit::Config;
             }
         };
-    if tenant.auth == crate::config::AuthMode::XOAuth2 {
+    if tenant.auth == crate::base::relay::AuthMode::XOAuth2 {
         println!("-- fetching an OAuth access token");
         match crate::tenant::Tokens::for_tenant(tenant).access_token() {
             Ok(token) => settings.bearer = Some(token),

@@ -18,7 +18,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 pub use daemon::{DaemonConfig, FreeSpace, ListenAddr, ListenLimits};
-pub use tenant::{ArchiveUsers, AuthMode, DomainPattern, RateLimit, Relay, TenantConfig, TlsMode};
+pub use tenant::{ArchiveUsers, DomainPattern, RateLimit, TenantConfig};
 
 use daemon::{daemon_config, DAEMON_KEYS};
 use ini::{read_raw, RawSection};

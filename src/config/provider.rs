@@ -2,7 +2,8 @@
 
 use std::time::Duration;
 
-use super::tenant::{RateLimit, Relay};
+use super::tenant::RateLimit;
+use crate::base::relay::Relay;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Provider {

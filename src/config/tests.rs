@@ -4,6 +4,7 @@ use super::provider::Provider;
 use super::section::edit_distance;
 use super::values::*;
 use super::*;
+use crate::base::relay::{AuthMode, Relay, TlsMode};
 use crate::base::secret::Secret;
 
 fn path() -> PathBuf {

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use super::daemon::{FreeSpace, ListenAddr};
 use super::provider::Provider;
-use super::tenant::{ArchiveUsers, AuthMode, DomainPattern, RateLimit, Relay, TlsMode};
+use super::tenant::{ArchiveUsers, DomainPattern, RateLimit};
+use crate::base::relay::{AuthMode, Relay, TlsMode};
 use crate::base::secret::Secret;
 
 /// `30s`, `5m`, `2h`, `5d`. The unit is required: a bare `30` is ambiguous.

@@ -5,9 +5,9 @@
 
 use super::session::{AuthMechanism, BearerMechanism, Session, Timeouts, Trace};
 use super::{Phase, SessionError};
+use crate::base::relay::{AuthMode, Relay, TlsMode};
 use crate::base::secret::Secret;
 use crate::base::stream::Transport;
-use crate::config::{AuthMode, Relay, TlsMode};
 use crate::tls::{self, Stream};
 use rustls::{ClientConfig, ClientConnection, StreamOwned};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};

@@ -101,7 +101,7 @@ impl Settings {
             },
             smtp: SmtpSettings {
                 client: client.map_err(|e| e.to_string()),
-                oauth: (tenant.auth == crate::config::AuthMode::XOAuth2).then(|| {
+                oauth: (tenant.auth == crate::base::relay::AuthMode::XOAuth2).then(|| {
                     crate::oauth::Endpoints::for_tenant(tenant).map_err(|e| e.to_string())
                 }),
                 ca_file: tenant.ca_file.clone(),
