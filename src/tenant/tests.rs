@@ -725,10 +725,16 @@ fn spawning_a_tenant_leaves_reading_its_ca_file_to_the_tenant_thread() {
         .recv_timeout(Duration::from_secs(10))
         .expect("spawn returned without touching the ca_file")
         .unwrap();
-    // The tenant thread has the FIFO open to read (this open waits for that
-    // reader); closing it gives that thread an empty file: a config error it
-    // logs, and the tenant runs on with its mail queued.
-    drop(std::fs::OpenOptions::new().write(true).open(&fifo).unwrap());
+    // The tenant thread refuses the FIFO without opening it to wait
+    // (base::fs::read_small_file): a config error it logs, and the tenant
+    // runs on with its mail queued. Should a reader be waiting on it after
+    // all, this open without blocking releases it with an empty file; with
+    // no reader it fails (ENXIO), which is the expected case.
+    let _ = rustix::fs::open(
+        &fifo,
+        rustix::fs::OFlags::WRONLY | rustix::fs::OFlags::NONBLOCK,
+        rustix::fs::Mode::empty(),
+    );
     handle.stop();
     let finished = finished_rx.recv_timeout(Duration::from_secs(10)).unwrap();
     assert_eq!(finished.as_str(), TENANT);
