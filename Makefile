@@ -32,6 +32,9 @@ test:
 # Without a nightly toolchain only the property tests run.
 FUZZ_SECONDS ?= 120
 PROPTEST_CASES ?= 2000000
+# Empty: each property test's own seed; set it to replay a failure (the
+# seed a failing case printed) or to explore other cases.
+PROPTEST_SEED ?=
 fuzz:
 	@if rustup toolchain list 2>/dev/null | grep -q '^nightly'; then \
 		command -v cargo-fuzz >/dev/null || $(CARGO) install --locked cargo-fuzz; \
@@ -42,7 +45,8 @@ fuzz:
 	else \
 		echo "no nightly toolchain: cargo-fuzz skipped, property tests only"; \
 	fi
-	PBXMAIL_PROPTEST_CASES=$(PROPTEST_CASES) $(CARGO) test --locked --release --bin pbxmail mutated
+	PBXMAIL_PROPTEST_CASES=$(PROPTEST_CASES) PBXMAIL_PROPTEST_SEED=$(PROPTEST_SEED) \
+		$(CARGO) test --locked --release --bin pbxmail mutated
 
 # Builds, starts a local sink, runs the daemon with three tenants, sends sample
 # PBX mail and shows what arrived and what waits; stops what it started.

@@ -396,9 +396,16 @@ pub fn client_config(
         if let Some(path) = ca_file {
             // Only a tenant with its own anchors gets its own copy of the store.
             let roots = Arc::make_mut(&mut roots);
-            let certs = CertificateDer::pem_file_iter(path)
-                .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| TlsError::Config(format!("ca_file {}: {e}", path.display())))?;
+            let fail = |e: &dyn std::fmt::Display| {
+                TlsError::Config(format!("ca_file {}: {e}", path.display()))
+            };
+            // Bounded and regular files only: a FIFO or /dev/zero here
+            // must not hang or exhaust the tenant thread.
+            let pem = crate::base::fs::read_small_file(path, crate::base::fs::MAX_CA_FILE)
+                .map_err(|e| fail(&e))?;
+            let certs = CertificateDer::pem_slice_iter(&pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| fail(&e))?;
             let (added, _) = roots.add_parsable_certificates(certs);
             if added == 0 {
                 return Err(TlsError::Config(format!(
@@ -694,6 +701,24 @@ mod tests {
         let why = config_error(client_config(true, Some(&path), &empty_roots()));
         assert!(why.starts_with("ca_file "), "{why}");
         assert!(why.contains(&path.display().to_string()), "{why}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Read on the tenant thread: a FIFO must not block it, /dev/zero must
+    /// not fill its memory.
+    #[test]
+    fn ca_file_that_is_a_fifo_or_a_device_is_refused_at_once() {
+        let dir = scratch("special");
+        let fifo = dir.join("ca.fifo");
+        rustix::fs::mkfifoat(rustix::fs::CWD, &fifo, rustix::fs::Mode::RUSR).unwrap();
+        for (path, what) in [
+            (fifo.as_path(), "a FIFO"),
+            (Path::new("/dev/zero"), "a character device"),
+        ] {
+            let why = config_error(client_config(true, Some(path), &empty_roots()));
+            let named = format!("ca_file {}: {what}, not a regular file", path.display());
+            assert!(why.starts_with(&named), "{why}");
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

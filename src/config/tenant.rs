@@ -218,7 +218,7 @@ pub(super) fn tenant_config(
     }
     let ca_file = sec.value(out, "ca_file", |s| {
         let path = PathBuf::from(s.trim());
-        check_readable_file(&path).map(|()| path)
+        check_readable_file(&path, crate::base::fs::MAX_CA_FILE).map(|()| path)
     });
 
     let auth = sec.value_or(out, "auth", parse_auth, AuthMode::Auto);

@@ -452,28 +452,37 @@ pub(super) fn parse_string(s: &str) -> Result<String, String> {
     Ok(s.trim().to_owned())
 }
 
-pub(super) fn check_readable_file(path: &Path) -> Result<(), String> {
-    match std::fs::File::open(path).and_then(|f| f.metadata()) {
-        Ok(meta) if meta.is_file() => Ok(()),
-        Ok(_) => Err(format!("{} is not a regular file", path.display())),
-        Err(e) => Err(format!(
-            "cannot read {}: {e}; check the path and that pbxmail's user may read it",
-            path.display()
-        )),
+/// Checks that `path` names a regular file of at most `max` bytes that
+/// pbxmail's user may open, without reading it (the tenant thread does).
+pub(super) fn check_readable_file(path: &Path, max: u64) -> Result<(), String> {
+    match crate::base::fs::open_small_file(path, max) {
+        Ok(_) => Ok(()),
+        Err(e) => Err(cannot_read(&path.display().to_string(), &e)),
+    }
+}
+
+/// "cannot read WHAT: why", with the usual fix where the OS refused (a
+/// wrong path, a permission); the file's type or size is fixed otherwise.
+fn cannot_read(what: &str, e: &std::io::Error) -> String {
+    if e.raw_os_error().is_some() {
+        format!("cannot read {what}: {e}; check the path and that pbxmail's user may read it")
+    } else {
+        format!("cannot read {what}: {e}")
     }
 }
 
 pub(super) fn read_password_file(path: &Path) -> Result<Secret, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        // A path is named; anything else is not shown: admins sometimes type
-        // the password itself here.
-        let what = if path.is_absolute() {
-            path.display().to_string()
-        } else {
-            "the file it names (not an absolute path; not shown)".to_string()
-        };
-        format!("cannot read {what}: {e}; check the path and that pbxmail's user may read it")
-    })?;
+    // A path is named; anything else is not shown: admins sometimes type
+    // the password itself here.
+    let what = if path.is_absolute() {
+        path.display().to_string()
+    } else {
+        "the file it names (not an absolute path; not shown)".to_string()
+    };
+    let bytes = crate::base::fs::read_small_file(path, crate::base::fs::MAX_SECRET_FILE)
+        .map_err(|e| cannot_read(&what, &e))?;
+    let text = String::from_utf8(bytes)
+        .map_err(|_| format!("cannot read {what}: it is not UTF-8 text"))?;
     // Editors add a final newline that is not part of the password.
     let password = text.trim_end_matches(['\n', '\r']);
     if password.is_empty() {

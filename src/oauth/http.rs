@@ -21,9 +21,14 @@ pub fn http_agent(ca_file: Option<&Path>) -> Result<ureq::Agent, OAuthError> {
         .collect();
     if let Some(path) = ca_file {
         use rustls::pki_types::pem::PemObject;
-        let certs = rustls::pki_types::CertificateDer::pem_file_iter(path)
-            .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
-            .map_err(|e| OAuthError::Config(format!("ca_file {}: {e}", path.display())))?;
+        let fail = |e: &dyn std::fmt::Display| {
+            OAuthError::Config(format!("ca_file {}: {e}", path.display()))
+        };
+        let pem = crate::base::fs::read_small_file(path, crate::base::fs::MAX_CA_FILE)
+            .map_err(|e| fail(&e))?;
+        let certs = rustls::pki_types::CertificateDer::pem_slice_iter(&pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| fail(&e))?;
         roots.extend(
             certs
                 .iter()

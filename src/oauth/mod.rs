@@ -21,7 +21,6 @@ pub use source::TokenSource;
 use crate::base::secret::Secret;
 use crate::config::TenantConfig;
 use std::fmt;
-use std::fs;
 use std::path::PathBuf;
 
 #[derive(Debug)]
@@ -75,17 +74,20 @@ impl Endpoints {
             ))
         };
         let client_secret = match &tenant.oauth_client_secret_file {
-            Some(path) => Some(Secret::new(
-                fs::read_to_string(path)
-                    .map_err(|e| {
-                        OAuthError::Config(format!(
-                            "oauth_client_secret_file {}: {e}",
-                            path.display()
-                        ))
-                    })?
-                    .trim()
-                    .to_string(),
-            )),
+            Some(path) => {
+                let fail = |why: String| {
+                    OAuthError::Config(format!(
+                        "oauth_client_secret_file {}: {why}",
+                        path.display()
+                    ))
+                };
+                let bytes =
+                    crate::base::fs::read_small_file(path, crate::base::fs::MAX_SECRET_FILE)
+                        .map_err(|e| fail(e.to_string()))?;
+                let text =
+                    String::from_utf8(bytes).map_err(|_| fail("not UTF-8 text".to_string()))?;
+                Some(Secret::new(text.trim().to_string()))
+            }
             None => None,
         };
         Ok(Endpoints {
@@ -183,5 +185,25 @@ mod tests {
         ));
         assert_eq!(LoginFlow::parse("code"), Ok(LoginFlow::Code));
         assert!(LoginFlow::parse("browser").is_err());
+    }
+
+    /// The secret file is read on the tenant thread: a device or FIFO there
+    /// is refused at once, with the key and the file named.
+    #[test]
+    fn a_client_secret_file_that_is_not_a_regular_file_is_refused() {
+        let text = "[tenant:acme]\ndomains = acme.example\nrelay = smtp.acme.example:587\n";
+        let config = crate::config::parse(std::path::Path::new("pbxmail.ini"), text).unwrap();
+        let mut tenant = config.tenants[0].clone();
+        tenant.oauth_client_secret_file = Some(PathBuf::from("/dev/zero"));
+        match Endpoints::for_tenant(&tenant) {
+            Err(OAuthError::Config(why)) => assert!(
+                why.starts_with(
+                    "oauth_client_secret_file /dev/zero: a character device, not a regular file"
+                ),
+                "{why}"
+            ),
+            Err(other) => panic!("{other}"),
+            Ok(_) => panic!("/dev/zero read as a secret"),
+        }
     }
 }

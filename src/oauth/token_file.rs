@@ -23,10 +23,11 @@ struct TokenFileContent {
 }
 
 pub fn read_refresh_token(path: &Path) -> Result<Secret, OAuthError> {
-    let text = fs::read_to_string(path).map_err(|e| {
-        OAuthError::SignInNeeded(format!("no refresh token stored: {}: {e}", path.display()))
-    })?;
-    let content: TokenFileContent = serde_json::from_str(&text).map_err(|e| {
+    let text =
+        crate::base::fs::read_small_file(path, crate::base::fs::MAX_SECRET_FILE).map_err(|e| {
+            OAuthError::SignInNeeded(format!("no refresh token stored: {}: {e}", path.display()))
+        })?;
+    let content: TokenFileContent = serde_json::from_slice(&text).map_err(|e| {
         OAuthError::SignInNeeded(format!("{} is not a token file: {e}", path.display()))
     })?;
     Ok(Secret::new(content.refresh_token))
@@ -289,6 +290,25 @@ mod tests {
     fn missing_token_file_means_sign_in() {
         let err = read_refresh_token(Path::new("/nonexistent/pbxmail/token.json")).unwrap_err();
         assert!(matches!(err, OAuthError::SignInNeeded(_)));
+    }
+
+    /// Read on the tenant thread: a FIFO or device named as the token file
+    /// must neither block it nor fill its memory.
+    #[test]
+    fn a_token_file_that_is_not_a_regular_file_means_sign_in_at_once() {
+        let dir = scratch("fifo");
+        let fifo = dir.join("token.json");
+        rustix::fs::mkfifoat(rustix::fs::CWD, &fifo, rustix::fs::Mode::RUSR).unwrap();
+        for path in [fifo.as_path(), Path::new("/dev/zero")] {
+            match read_refresh_token(path) {
+                Err(OAuthError::SignInNeeded(why)) => {
+                    assert!(why.contains("not a regular file"), "{why}")
+                }
+                Err(other) => panic!("{other}"),
+                Ok(_) => panic!("{} read as a token", path.display()),
+            }
+        }
+        let _ = fs::remove_dir_all(&dir);
     }
 
     #[test]

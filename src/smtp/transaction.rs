@@ -1063,7 +1063,7 @@ mod tests {
     /// data really went out, and the verdict was the relay's only answer.
     #[test]
     fn mutated_relay_conversations_never_panic_nor_call_an_unsent_message_sent() {
-        use crate::base::mutate::{cases, mutate, Rng};
+        use crate::base::mutate::{cases, mutate, seed, Rng};
         let conversations: [&[&str]; 3] = [
             &[
                 "220 mx ESMTP\r\n",
@@ -1090,7 +1090,7 @@ mod tests {
             ],
         ];
         let rcpts = ["b@y".to_string(), "c@y".to_string()];
-        let mut rng = Rng::seeded(0x5eed_0003);
+        let mut rng = Rng::seeded(seed(0x5eed_0003));
         for _ in 0..cases(3_000) {
             let conversation = *rng.pick(&conversations);
             let mut replies: Vec<Vec<u8>> =

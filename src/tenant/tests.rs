@@ -690,54 +690,6 @@ fn a_421_mid_session_defers_the_message_and_backs_off_the_tenant() {
 }
 
 #[test]
-fn spawning_a_tenant_leaves_reading_its_ca_file_to_the_tenant_thread() {
-    let dir = TempDir::new();
-    let ca = dir.0.join("ca.pem");
-    std::fs::write(&ca, "not yet a certificate\n").unwrap();
-    let text = format!(
-        "[tenant:acme]\ndomains = acme.example\nrelay = 127.0.0.1:1\nca_file = {}\n",
-        ca.display()
-    );
-    let config = crate::config::parse(std::path::Path::new("pbxmail.ini"), &text).unwrap();
-    let mut tenant = config.tenants[0].clone();
-    // Opening a FIFO to read blocks until someone opens it to write: a
-    // spawn that read the ca_file on the caller's thread would never return.
-    let fifo = dir.0.join("ca.fifo");
-    rustix::fs::mkfifoat(
-        rustix::fs::CWD,
-        &fifo,
-        rustix::fs::Mode::RUSR | rustix::fs::Mode::WUSR,
-    )
-    .unwrap();
-    tenant.ca_file = Some(fifo.clone());
-    let spool = Spool::new(&dir.0.join("spool"));
-    spool.create_layout().unwrap();
-    let (finished_tx, finished_rx) = unbounded();
-    let (spawned_tx, spawned_rx) = unbounded();
-    let daemon = config.daemon.clone();
-    std::thread::spawn(move || {
-        let roots = Arc::new(rustls::RootCertStore::empty());
-        let on_finish = Box::new(move |name: TenantName| {
-            let _ = finished_tx.send(name);
-        });
-        let handle = super::TenantHandle::spawn(&tenant, &daemon, spool, &roots, on_finish);
-        let _ = spawned_tx.send(handle);
-    });
-    let mut handle = spawned_rx
-        .recv_timeout(Duration::from_secs(10))
-        .expect("spawn returned without touching the ca_file")
-        .unwrap();
-    // The tenant thread has the FIFO open to read (this open waits for that
-    // reader); closing it gives that thread an empty file: a config error it
-    // logs, and the tenant runs on with its mail queued.
-    drop(std::fs::OpenOptions::new().write(true).open(&fifo).unwrap());
-    handle.stop();
-    let finished = finished_rx.recv_timeout(Duration::from_secs(10)).unwrap();
-    assert_eq!(finished.as_str(), TENANT);
-    handle.join();
-}
-
-#[test]
 fn a_restarted_worker_rebuilds_its_queue_from_the_spool() {
     let mut h = Harness::new(Options::default());
     let deferred = h.submit("pbx@acme.test", &["a@x.test"]);

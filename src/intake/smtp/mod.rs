@@ -1040,13 +1040,15 @@ mod tests {
     fn mutated_sessions_never_panic_stall_or_smuggle() {
         let (config, _) = setup_with("prop", "100K", "default_tenant = acme\n");
         let (strict, _) = setup("prop-strict", "100K");
-        let (seed, cases) = crate::intake::mutate::plan(1500);
-        let mut rng = crate::intake::mutate::Rng::new(seed);
-        for case in 0..cases {
+        use crate::base::mutate::{cases, mutate_tokens, pieces, seed, Rng};
+        use crate::intake::{MAIL_RUNS, MAIL_TOKENS};
+        let seed = seed(0x5EED_1414);
+        let mut rng = Rng::seeded(seed);
+        for case in 0..cases(1500) {
             let start = *rng.pick(SESSIONS);
-            let input = crate::intake::mutate::mutate(&mut rng, start);
+            let input = mutate_tokens(start, MAIL_TOKENS, MAIL_RUNS, &mut rng);
             let config = if rng.below(2) == 0 { &config } else { &strict };
-            let mut pieces = crate::intake::mutate::pieces(&mut rng, &input).into_iter();
+            let mut pieces = pieces(&input, &mut rng).into_iter();
             let mut disk = FakeDisk::default();
             let mut c = conversation(config);
             loop {
