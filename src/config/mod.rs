@@ -6,6 +6,7 @@
 mod daemon;
 mod ini;
 mod provider;
+mod routes;
 mod section;
 mod tenant;
 #[cfg(test)]
@@ -22,10 +23,15 @@ pub use tenant::{ArchiveUsers, DomainPattern, RateLimit, TenantConfig};
 
 use daemon::{daemon_config, DAEMON_KEYS};
 use ini::{read_raw, RawSection};
+use routes::Routes;
 use section::{closest, Problems, Section};
 use tenant::{tenant_config, TENANT_KEYS};
 
 const DEFAULT_PATH: &str = "/etc/pbxmail/pbxmail.ini";
+
+/// The most `[tenant:NAME]` sections one daemon serves (README "Limits",
+/// pbxmail.ini(5)); a file with more is refused at start and by check-config.
+pub const MAX_TENANTS: usize = 50_000;
 
 /// Everything wrong with a configuration file; the file is rejected as a whole.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,34 +74,23 @@ impl fmt::Display for Problem {
 pub struct Config {
     pub path: PathBuf,
     pub daemon: DaemonConfig,
+    /// As loaded: the lookups below index it, so it is read, never changed.
     pub tenants: Vec<TenantConfig>,
     /// Accepted but worth telling the admin (check-config prints them, the daemon logs them).
     pub warnings: Vec<Problem>,
+    routes: Routes,
 }
 
 impl Config {
     /// Tenant whose `domains` claim this domain: case-insensitive; an exact match wins
     /// over a `*.x` wildcard, and the longest wildcard wins among wildcards.
     /// `*.acme.example` matches `a.acme.example` and `b.a.acme.example`, not `acme.example`.
+    /// A map lookup, whatever the number of tenants (see `routes.rs`).
     pub fn tenant_for_domain(&self, domain: &str) -> Option<&TenantConfig> {
         let domain = domain.trim().trim_end_matches('.').to_ascii_lowercase();
-        let exact = self.tenants.iter().find(|t| {
-            t.domains
-                .iter()
-                .any(|d| matches!(d, DomainPattern::Exact(e) if *e == domain))
-        });
-        if exact.is_some() {
-            return exact;
-        }
-        self.tenants
-            .iter()
-            .flat_map(|t| t.domains.iter().map(move |d| (t, d)))
-            .filter_map(|(t, d)| match d {
-                DomainPattern::Wildcard(suffix) if d.matches(&domain) => Some((suffix.len(), t)),
-                _ => None,
-            })
-            .max_by_key(|(len, _)| *len)
-            .map(|(_, t)| t)
+        self.routes
+            .by_domain(&domain)
+            .and_then(|i| self.tenants.get(i))
     }
 
     /// [`Config::tenant_for_domain`], falling back to `default_tenant`.
@@ -109,7 +104,7 @@ impl Config {
     }
 
     pub fn tenant(&self, name: &TenantName) -> Option<&TenantConfig> {
-        self.tenants.iter().find(|t| t.name == *name)
+        self.routes.by_name(name).and_then(|i| self.tenants.get(i))
     }
 }
 
@@ -164,6 +159,9 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
 fn validate(path: &Path, raw: &[RawSection], out: &mut Problems) -> Config {
     let mut daemon: Option<Section> = None;
     let mut tenant_sections: Vec<(TenantName, usize, Section)> = Vec::new();
+    // Each tenant's header line, to find a duplicate without a scan.
+    let mut tenant_lines: HashMap<TenantName, usize> = HashMap::new();
+    let mut too_many = false;
     let tenant_label = "[tenant:NAME]";
     for section in raw {
         let Some(name) = section.name.as_deref() else {
@@ -203,16 +201,33 @@ fn validate(path: &Path, raw: &[RawSection], out: &mut Problems) -> Config {
                     continue;
                 }
             };
-            if let Some((_, first, _)) = tenant_sections.iter().find(|(t, _, _)| *t == tenant) {
+            let line = section.line.unwrap_or_default();
+            if let Some(first) = tenant_lines.get(&tenant) {
                 out.error(
                     section.line,
                     format!("[tenant:{tenant}] given twice (first at line {first}); merge the two or rename one"),
                 );
                 continue;
             }
+            if tenant_lines.len() >= MAX_TENANTS {
+                // Said once, at the first section past the limit; the
+                // tenants past it are not checked further.
+                if !too_many {
+                    too_many = true;
+                    out.error(
+                    section.line,
+                    format!(
+                        "[tenant:{tenant}]: more than {MAX_TENANTS} tenants; one pbxmail serves at most \
+                         {MAX_TENANTS} (see Limits in pbxmail.ini(5)): split the tenants across hosts"
+                        ),
+                    );
+                }
+                continue;
+            }
+            tenant_lines.insert(tenant.clone(), line);
             let label = format!("[tenant:{tenant}]");
             let parsed = Section::new(section, label, TENANT_KEYS, ("[daemon]", DAEMON_KEYS), out);
-            tenant_sections.push((tenant, section.line.unwrap_or_default(), parsed));
+            tenant_sections.push((tenant, line, parsed));
         } else {
             let hint = if name == "tenant" {
                 "; name the tenant: [tenant:NAME]".to_owned()
@@ -250,7 +265,7 @@ fn validate(path: &Path, raw: &[RawSection], out: &mut Problems) -> Config {
     }
 
     if let Some(default) = &daemon.default_tenant {
-        if !tenants.iter().any(|t| t.name == *default) {
+        if !tenant_lines.contains_key(default) {
             let names: Vec<&str> = tenants.iter().map(|t| t.name.as_str()).collect();
             let choice = if names.is_empty() {
                 "there are no tenants".to_owned()
@@ -273,10 +288,12 @@ fn validate(path: &Path, raw: &[RawSection], out: &mut Problems) -> Config {
         );
     }
 
+    let routes = Routes::new(&tenants);
     Config {
         path: path.to_owned(),
         daemon,
         tenants,
         warnings: Vec::new(),
+        routes,
     }
 }

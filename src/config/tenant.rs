@@ -72,7 +72,9 @@ impl DomainPattern {
         }
     }
 
-    /// Whether this pattern claims `domain`, which must already be lowercase.
+    /// Whether this pattern claims `domain`, which must already be lowercase:
+    /// the plain rule the routing index (routes.rs) is tested against.
+    #[cfg(test)]
     pub fn matches(&self, domain: &str) -> bool {
         match self {
             DomainPattern::Exact(exact) => exact == domain,

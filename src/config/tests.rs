@@ -1093,3 +1093,153 @@ fn mutated_real_configs_never_panic_and_every_error_names_a_line_of_the_input() 
         "{accepted} accepted, {refused} refused"
     );
 }
+
+/// `count` tenants `t0`…, each claiming `tN.example` and `*.tN.example`.
+fn many_tenants(count: usize) -> String {
+    let mut text = String::from("[daemon]\ndefault_tenant = t0\n");
+    for i in 0..count {
+        text.push_str(&format!(
+            "[tenant:t{i}]\ndomains = t{i}.example, *.t{i}.example\nrelay = r.example:587\n"
+        ));
+    }
+    text
+}
+
+/// Generous for a loaded two-core machine; what went quadratic took longer.
+fn load_bound() -> Duration {
+    if cfg!(debug_assertions) {
+        Duration::from_secs(5)
+    } else {
+        Duration::from_secs(1)
+    }
+}
+
+#[test]
+fn twenty_thousand_tenants_load_in_linear_time() {
+    let text = many_tenants(20_000);
+    let started = std::time::Instant::now();
+    let c = ok(&text);
+    let took = started.elapsed();
+    assert!(took < load_bound(), "20,000 tenants took {took:?} to load");
+    assert_eq!(c.tenants.len(), 20_000);
+    assert_eq!(owner(&c, "t19999.example"), Some("t19999"));
+    assert_eq!(owner(&c, "pbx.t19999.example"), Some("t19999"));
+}
+
+#[test]
+fn a_duplicate_among_many_tenants_is_found_with_its_first_line() {
+    let mut text = many_tenants(20_000);
+    text.push_str("[tenant:t7]\ndomains = other.example\nrelay = r.example:587\n");
+    let started = std::time::Instant::now();
+    let p = problems(&text);
+    assert!(
+        started.elapsed() < load_bound(),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(p.len(), 1, "{p:#?}");
+    // Line 3 + 3 lines per tenant before t7.
+    assert_eq!(
+        p[0].message,
+        "[tenant:t7] given twice (first at line 24); merge the two or rename one"
+    );
+}
+
+#[test]
+fn sender_routing_is_a_lookup_not_a_scan() {
+    let c = ok(&many_tenants(20_000));
+    // A scan of 20,000 tenants per lookup would take minutes for these.
+    let started = std::time::Instant::now();
+    for i in (0..20_000).rev() {
+        let name = c
+            .tenant_for_sender_domain(&format!("a.b.t{i}.example"))
+            .map(|t| t.name.as_str().to_owned());
+        assert_eq!(name, Some(format!("t{i}")));
+    }
+    assert_eq!(
+        c.tenant_for_sender_domain("nobody.example")
+            .map(|t| t.name.as_str()),
+        Some("t0")
+    );
+    let took = started.elapsed();
+    assert!(took < load_bound(), "20,000 lookups took {took:?}");
+}
+
+/// The rule `tenant_for_domain` must follow, written as the plain scan.
+fn owner_by_scan<'c>(c: &'c Config, domain: &str) -> Option<&'c str> {
+    let domain = domain.trim().trim_end_matches('.').to_ascii_lowercase();
+    let claims = || {
+        c.tenants
+            .iter()
+            .flat_map(|t| t.domains.iter().map(move |d| (t, d)))
+    };
+    claims()
+        .find(|(_, d)| matches!(d, DomainPattern::Exact(_)) && d.matches(&domain))
+        .or_else(|| {
+            claims()
+                .filter(|(_, d)| matches!(d, DomainPattern::Wildcard(_)) && d.matches(&domain))
+                .max_by_key(|(_, d)| d.to_string().len())
+        })
+        .map(|(t, _)| t.name.as_str())
+}
+
+#[test]
+fn domain_index_agrees_with_the_plain_rule() {
+    let c = routing_config();
+    let labels = ["", ".", "a", "eu", "sales", "acme", "example", "x"];
+    let mut checked = 0;
+    for first in labels {
+        for second in labels {
+            for tail in [
+                "acme.example",
+                "eu.acme.example",
+                "example",
+                "fallback.example",
+                "",
+            ] {
+                let domain = [first, second, tail]
+                    .iter()
+                    .filter(|s| !s.is_empty())
+                    .copied()
+                    .collect::<Vec<_>>()
+                    .join(".");
+                for d in [
+                    domain.clone(),
+                    domain.to_ascii_uppercase(),
+                    format!("{domain}."),
+                ] {
+                    assert_eq!(owner(&c, &d), owner_by_scan(&c, &d), "{d:?}");
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert!(checked > 500);
+    assert_eq!(
+        owner(&c, "..acme.example"),
+        owner_by_scan(&c, "..acme.example")
+    );
+    assert_eq!(
+        owner(&c, ".acme.example"),
+        owner_by_scan(&c, ".acme.example")
+    );
+}
+
+#[test]
+fn tenants_are_limited_with_a_clear_error() {
+    // One load: the error at the first header past the limit, and none
+    // before it, shows that MAX_TENANTS tenants pass.
+    let mut text = many_tenants(MAX_TENANTS);
+    let header_line = text.lines().count() + 1;
+    text.push_str("[tenant:one-more]\ndomains = more.example\nrelay = r.example:587\n");
+    text.push_str("[tenant:and-another]\ndomains = another.example\nrelay = r.example:587\n");
+    let (line, msg) = one_error(&text);
+    assert_eq!(line, Some(header_line));
+    assert_eq!(
+        msg,
+        format!(
+            "[tenant:one-more]: more than {MAX_TENANTS} tenants; one pbxmail serves at most \
+             {MAX_TENANTS} (see Limits in pbxmail.ini(5)): split the tenants across hosts"
+        )
+    );
+}
