@@ -1,4 +1,5 @@
-//! `pbxmail daemon`: sets up logging and runs the daemon in the foreground.
+//! `pbxmail daemon`: sets up logging and the open-file limit, and runs the
+//! daemon in the foreground.
 
 use super::{Exit, Invocation};
 use crate::base::text::printable;
@@ -15,12 +16,43 @@ fn daemon(cmd: &Invocation) -> Result<Exit, Exit> {
     for warning in &config.warnings {
         log::warn!("{warning}");
     }
+    raise_open_file_limit();
     match crate::daemon::run(config) {
         Ok(()) => Ok(Exit::Ok),
         Err(e) => {
             log::error!("{e}");
             Ok(Exit::Software)
         }
+    }
+}
+
+/// Raises the soft RLIMIT_NOFILE to the hard one: each tenant sending holds
+/// a relay socket and spool files, and the soft default (often 1,024) is
+/// far below what many tenants at once need, while the hard limit is what
+/// the admin granted. Nothing to do when they are equal (the systemd unit's
+/// `LimitNOFILE=` sets both); a refusal leaves the soft limit and is logged,
+/// never fatal.
+fn raise_open_file_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let show = |v: Option<u64>| v.map_or_else(|| "unlimited".to_owned(), |n| n.to_string());
+    let (soft, hard) = (show(limit.current), show(limit.maximum));
+    // An unlimited hard limit cannot be the soft one (Linux caps open files
+    // at fs.nr_open and refuses RLIM_INFINITY), so the soft limit stays.
+    if limit.current == limit.maximum || limit.maximum.is_none() {
+        log::debug!("open file limit: {soft} (hard {hard})");
+        return;
+    }
+    let raised = Rlimit {
+        current: limit.maximum,
+        maximum: limit.maximum,
+    };
+    match setrlimit(Resource::Nofile, raised) {
+        Ok(()) => log::debug!("open file limit: raised from {soft} to the hard limit {hard}"),
+        Err(e) => log::warn!(
+            "open file limit stays {soft}: raising it to the hard limit {hard} failed: {e}; \
+             set LimitNOFILE= in the unit or ulimit -n before the start"
+        ),
     }
 }
 

@@ -824,3 +824,94 @@ fn tells_systemd_ready_once_it_takes_mail() {
     );
     assert_eq!(server.wait_for_messages(1, ARRIVAL).len(), 1);
 }
+
+// ---------------------------------------------------------------------------
+// Limits (issue 15).
+// ---------------------------------------------------------------------------
+
+/// The `Max open files` soft and hard limits in a /proc/PID/limits text.
+fn open_file_limits(limits: &str) -> (String, String) {
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("a Max open files line");
+    let mut fields = line["Max open files".len()..].split_whitespace();
+    let soft = fields.next().expect("soft limit").to_string();
+    let hard = fields.next().expect("hard limit").to_string();
+    (soft, hard)
+}
+
+/// Started with a soft limit of 256 (below the hard one), the daemon raises
+/// its soft limit to the hard one before it serves, and logs it at debug.
+#[test]
+fn raises_the_soft_open_file_limit_to_the_hard_one() {
+    use std::process::{Command, Stdio};
+    let own = std::fs::read_to_string("/proc/self/limits").expect("read /proc/self/limits");
+    let (_, hard) = open_file_limits(&own);
+    if hard.parse::<u64>().is_ok_and(|h| h <= 256) {
+        eprintln!("skipped: the hard open file limit {hard} leaves nothing to raise");
+        return;
+    }
+    let (daemon, _server) = Daemon::with_relay("nofile", ServerOptions::default(), "");
+    let log = std::fs::File::create(daemon.dir().join("daemon.log")).expect("create log");
+    // sh lowers only the soft limit, then becomes the daemon (same pid).
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -S -n 256 && exec \"$0\" daemon -c \"$1\"")
+        .arg(crate::support::harness::PBXMAIL)
+        .arg(daemon.config_path())
+        .env_remove("PBXMAIL_CONFIG")
+        .env_remove("PBXMAIL_LOG")
+        .env_remove("JOURNAL_STREAM")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log))
+        .spawn()
+        .expect("spawn sh");
+    let socket = daemon.spool_dir().join("pickup.sock");
+    let ready = wait_until(ARRIVAL, || {
+        socket.exists() || matches!(child.try_wait(), Ok(Some(_)))
+    });
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id()));
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        ready && socket.exists(),
+        "daemon not ready: {}",
+        daemon.log()
+    );
+    let (soft, daemon_hard) = open_file_limits(&limits.expect("read the daemon's limits"));
+    assert_eq!(daemon_hard, hard);
+    assert_eq!(soft, hard, "soft limit not raised");
+    let log = daemon.log();
+    assert!(
+        log.contains(&format!(
+            "open file limit: raised from 256 to the hard limit {hard}"
+        )),
+        "{log}"
+    );
+}
+
+/// More tenants than one daemon serves: refused with the reason, by
+/// check-config and at start (exit 78, the spool untouched), never an abort.
+#[test]
+fn too_many_tenants_are_refused_with_a_clear_error() {
+    let daemon = Daemon::bare("too_many_tenants");
+    let spool = daemon.dir().join("spool");
+    let mut text = format!("[daemon]\nspool_dir = {}\n", spool.display());
+    for i in 0..=50_000 {
+        text.push_str(&format!(
+            "[tenant:t{i}]\ndomains = t{i}.test\nrelay = 127.0.0.1:25\n"
+        ));
+    }
+    let path = daemon.write_file("many.ini", &text);
+    let file = path.to_string_lossy().into_owned();
+    // Line 3 + 3 lines for each of the 50,000 tenants that fit.
+    let want = format!("{file}:150003: [tenant:t50000]: more than 50000 tenants");
+    for command in ["check-config", "daemon"] {
+        let run = daemon.run(&[command, "-c", &file], b"");
+        assert_eq!(run.code, 78, "{command}: {run:?}");
+        assert!(run.stderr.contains(&want), "{command}: {}", run.stderr);
+    }
+    assert!(!spool.exists());
+}
