@@ -22,6 +22,8 @@ test:
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq swaks python3 strace)
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --locked --all-targets -- -D warnings
+	@# The fuzz targets include parser files by path: check they still build.
+	$(CARGO) check --locked --manifest-path fuzz/Cargo.toml --bins
 	$(CARGO) test --locked --all-targets
 
 # Longer runs than `make test` gives the parsers: each cargo-fuzz target (the

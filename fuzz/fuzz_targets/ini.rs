@@ -20,6 +20,7 @@ mod config;
 #[path = "../../src/base"]
 #[allow(dead_code)]
 mod base {
+    pub mod fs;
     pub mod names;
     pub mod relay;
     pub mod secret;
