@@ -1,11 +1,14 @@
 //! The tenant worker's loop: rebuild the queue from the spool, deliver what
 //! is due through a `Delivery` (SMTP in the daemon, a fake in tests), then
 //! sleep until a hint arrives or the next message, the end of a tenant
-//! backoff or the next rate-limit token is due. No polling. What each reply
+//! backoff or the next rate-limit token is due. No polling. With nothing
+//! waiting (held and failed mail need no thread) it retires after an idle
+//! while, a first pass after a start included. What each reply
 //! or failure means is the judge's (outcome.rs); the ledger records it.
 
 use super::delivery::{Delivery, OpenError};
 use super::ledger::{Announce, Ledger, RcptOutcome};
+use super::queue::Carry;
 use super::{Job, TenantStatus};
 use crate::base::names::MessageId;
 use crate::outcome::{self, RcptJudgement};
@@ -26,6 +29,17 @@ pub struct Shared {
     pub stop: Arc<AtomicBool>,
     /// What `pbxmail status` shows; the dispatcher reads it without waiting on us.
     pub status: Arc<Mutex<TenantStatus>>,
+    /// How long a worker with an empty queue waits for a job before it retires.
+    pub idle: Duration,
+}
+
+/// Why `run` returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// Told to stop (or the handle is gone).
+    Stop,
+    /// Nothing waits and no job came within the idle time.
+    Retire,
 }
 
 pub struct TenantWorker<D: Delivery> {
@@ -40,6 +54,7 @@ pub struct TenantWorker<D: Delivery> {
 enum Wake {
     Work,
     Stop,
+    Retire,
 }
 
 /// How a session's run of messages ended.
@@ -71,24 +86,36 @@ impl<D: Delivery> TenantWorker<D> {
         }
     }
 
+    /// What the next worker of this tenant takes over from this one.
+    pub fn carry(&self) -> Carry {
+        self.ledger.queue().carry()
+    }
+
+    pub fn into_delivery(self) -> D {
+        self.delivery
+    }
+
     fn name(&self) -> &str {
         self.ledger.name()
     }
 
-    pub fn run(mut self) {
+    pub fn run(&mut self) -> End {
         log::debug!("tenant {}: worker started", self.name());
         injected_panic(self.name());
-        loop {
+        let end = loop {
             // The rescan flag starts set, so the first pass loads what the spool holds.
             self.step();
             if self.stopping() {
-                break;
+                break End::Stop;
             }
-            if let Wake::Stop = self.wait() {
-                break;
+            match self.wait() {
+                Wake::Work => {}
+                Wake::Stop => break End::Stop,
+                Wake::Retire => break End::Retire,
             }
-        }
-        log::debug!("tenant {}: worker stopped", self.name());
+        };
+        log::debug!("tenant {}: worker ended ({end:?})", self.name());
+        end
     }
 
     /// One pass: rescan if asked, take waiting jobs, deliver what is due,
@@ -127,9 +154,11 @@ impl<D: Delivery> TenantWorker<D> {
                     Err(RecvTimeoutError::Disconnected) => return Wake::Stop,
                 }
             }
-            None => match self.shared.jobs.recv() {
+            // Nothing waits: held and failed mail need no thread.
+            None => match self.shared.jobs.recv_timeout(self.shared.idle) {
                 Ok(job) => Some(job),
-                Err(_) => return Wake::Stop,
+                Err(RecvTimeoutError::Timeout) => return Wake::Retire,
+                Err(RecvTimeoutError::Disconnected) => return Wake::Stop,
             },
         };
         if let Some(job) = first {
