@@ -155,17 +155,25 @@ impl TenantHandle {
     /// has been idle a while with nothing waiting, and `send` starts it again.
     /// `on_finish` runs once the tenant has stopped. The thread builds the
     /// tenant's settings (it reads ca_file and secret files), so the caller,
-    /// the dispatcher, does no disk I/O here.
+    /// the dispatcher, does no disk I/O here. `earlier`: the status of the
+    /// tenant's previous handle (a reload that changed it), whose counters
+    /// carry on.
     pub fn spawn(
         tenant: &TenantConfig,
         daemon: &DaemonConfig,
         spool: Spool,
         roots: &Arc<RootCertStore>,
         on_finish: OnFinish,
+        earlier: Option<TenantStatus>,
     ) -> io::Result<TenantHandle> {
+        let earlier = earlier.unwrap_or_default();
         let status = Arc::new(Mutex::new(TenantStatus {
             name: tenant.name.as_str().to_string(),
             relay: tenant.relay.to_string(),
+            delivered: earlier.delivered,
+            bounced: earlier.bounced,
+            last_success: earlier.last_success,
+            last_error: earlier.last_error,
             ..TenantStatus::default()
         }));
         let (jobs, receiver) = bounded(JOB_CAPACITY);

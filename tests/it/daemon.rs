@@ -891,3 +891,45 @@ fn idle_tenants_cost_no_thread_and_one_restarted_for_new_mail_keeps_its_counters
     let retired = wait_until(ARRIVAL, || threads_of(&pid) <= 6);
     assert!(retired, "{} threads once idle again", threads_of(&pid));
 }
+
+#[test]
+fn a_reload_that_restarts_a_tenant_keeps_its_status_counters() {
+    let (daemon, relay) = Daemon::with_relay("reload_counters", ServerOptions::default(), "");
+    let running = Running::start(&daemon);
+    daemon.submit(
+        &["alice@example.com"],
+        &message(USER, "alice@example.com", "before", "x"),
+    );
+    assert_eq!(relay.wait_for_messages(1, ARRIVAL).len(), 1);
+    assert!(wait_until(ARRIVAL, || {
+        tenant_status(&daemon, "acme").0["delivered"].as_u64() == Some(1)
+    }));
+    // A changed tenant gets a new thread with its new settings.
+    daemon.configure(&plain_tenant(
+        "acme",
+        "acme.test",
+        &relay,
+        "messages_per_session = 5",
+    ));
+    running.reload();
+    // The new thread starts once the old one has ended, maybe after the reload's log line.
+    let restarted = wait_until(ARRIVAL, || {
+        daemon
+            .log()
+            .contains("reload: starting tenant acme with its new settings")
+    });
+    assert!(restarted, "{}", daemon.log());
+    assert_eq!(
+        tenant_status(&daemon, "acme").0["delivered"].as_u64(),
+        Some(1)
+    );
+    daemon.submit(
+        &["bob@example.com"],
+        &message(USER, "bob@example.com", "after", "x"),
+    );
+    assert_eq!(relay.wait_for_messages(2, ARRIVAL).len(), 2);
+    let counted = wait_until(ARRIVAL, || {
+        tenant_status(&daemon, "acme").0["delivered"].as_u64() == Some(2)
+    });
+    assert!(counted, "{:#?}", tenant_status(&daemon, "acme").0);
+}
