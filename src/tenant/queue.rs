@@ -226,7 +226,6 @@ impl Queue {
         self.tenant_backoff = None;
     }
 
-    #[cfg(test)]
     pub fn tenant_backoff(&self) -> Option<TenantBackoff> {
         self.tenant_backoff
     }

@@ -154,12 +154,27 @@ impl<D: Delivery> TenantWorker<D> {
                     Err(RecvTimeoutError::Disconnected) => return Wake::Stop,
                 }
             }
-            // Nothing waits: held and failed mail need no thread.
-            None => match self.shared.jobs.recv_timeout(self.shared.idle) {
-                Ok(job) => Some(job),
-                Err(RecvTimeoutError::Timeout) => return Wake::Retire,
-                Err(RecvTimeoutError::Disconnected) => return Wake::Stop,
-            },
+            // Nothing waits: held and failed mail need no thread. A relay
+            // backoff still running is waited out first, so the state
+            // `status` keeps for a retired tenant is not a stale "backoff".
+            None => {
+                let now = self.ledger.now();
+                let backoff_end = self
+                    .ledger
+                    .queue()
+                    .tenant_backoff()
+                    .map(|b| b.until)
+                    .filter(|until| *until > now);
+                let (wait, then) = match backoff_end {
+                    Some(until) => (Duration::from_millis(until.saturating_sub(now)), Wake::Work),
+                    None => (self.shared.idle, Wake::Retire),
+                };
+                match self.shared.jobs.recv_timeout(wait) {
+                    Ok(job) => Some(job),
+                    Err(RecvTimeoutError::Timeout) => return then,
+                    Err(RecvTimeoutError::Disconnected) => return Wake::Stop,
+                }
+            }
         };
         if let Some(job) = first {
             self.ledger.apply(job);
