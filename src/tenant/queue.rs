@@ -25,6 +25,16 @@ pub struct TenantBackoff {
     pub until: u64,
 }
 
+/// What a tenant's queue knows beyond the spool, kept by its handle while
+/// no thread runs, so a restarted worker neither forgets a failing relay's
+/// backoff nor gets a fresh burst of rate-limit tokens.
+#[derive(Debug, Clone, Default)]
+pub struct Carry {
+    tenant_backoff: Option<TenantBackoff>,
+    rate: Option<RateBucket>,
+    rate_wait_until: u64,
+}
+
 /// The numbers `pbxmail status` shows for the queue.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counts {
@@ -72,6 +82,27 @@ impl Queue {
             rate: rate_limit.map(|limit| RateBucket::new(limit, now_ms)),
             rate_wait_until: 0,
             messages_per_session: messages_per_session.max(1),
+        }
+    }
+
+    /// What must outlive this queue (see `Carry`).
+    pub fn carry(&self) -> Carry {
+        Carry {
+            tenant_backoff: self.tenant_backoff,
+            rate: self.rate.clone(),
+            rate_wait_until: self.rate_wait_until,
+        }
+    }
+
+    /// Takes over what an earlier queue of the same tenant carried; a rate
+    /// bucket only if this queue has a rate limit too.
+    pub fn restore(&mut self, carry: Carry) {
+        self.tenant_backoff = carry.tenant_backoff;
+        if self.rate.is_some() {
+            if let Some(bucket) = carry.rate {
+                self.rate = Some(bucket);
+                self.rate_wait_until = carry.rate_wait_until;
+            }
         }
     }
 
@@ -195,7 +226,6 @@ impl Queue {
         self.tenant_backoff = None;
     }
 
-    #[cfg(test)]
     pub fn tenant_backoff(&self) -> Option<TenantBackoff> {
         self.tenant_backoff
     }

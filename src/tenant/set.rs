@@ -60,11 +60,12 @@ impl TenantSet {
 
     pub fn start_all(&mut self, tenants: &[TenantConfig]) {
         for tenant in tenants {
-            self.start(tenant.clone());
+            self.start(tenant.clone(), None);
         }
     }
 
-    fn start(&mut self, tenant: TenantConfig) {
+    /// `earlier`: the status of the tenant's previous thread, whose counters carry on.
+    fn start(&mut self, tenant: TenantConfig, earlier: Option<super::TenantStatus>) {
         if !tenant.tls_verify {
             log::warn!(
                 "tenant {}: tls_verify = no: the relay's certificate is not checked",
@@ -83,6 +84,7 @@ impl TenantSet {
             self.spool.clone(),
             &self.roots,
             Box::new(on_finish),
+            earlier,
         ) {
             Ok(handle) => {
                 self.running
@@ -181,7 +183,7 @@ impl TenantSet {
                 self.waiting.insert(name, tenant.clone());
             } else {
                 log::info!("reload: starting tenant {name}");
-                self.start(tenant.clone());
+                self.start(tenant.clone(), None);
             }
         }
         self.reap();
@@ -191,12 +193,13 @@ impl TenantSet {
     pub fn reap(&mut self) {
         while let Ok(name) = self.finished_rx.try_recv() {
             let name = name.as_str().to_string();
-            if let Some(mut handle) = self.stopping.remove(&name) {
+            let earlier = self.stopping.remove(&name).map(|mut handle| {
                 handle.join();
-            }
+                handle.status()
+            });
             if let Some(tenant) = self.waiting.remove(&name) {
                 log::info!("reload: starting tenant {name} with its new settings");
-                self.start(tenant);
+                self.start(tenant, earlier);
             }
         }
     }

@@ -7,8 +7,9 @@ use super::admin::{Action, AdminJob, AdminReport, Applied};
 use super::delivery::{Delivery, OpenError, Opened};
 use super::ledger::Ledger;
 use super::pacing::Backoff;
+use super::queue::Carry;
 use super::settings::{Pacing, Policy};
-use super::worker::{Shared, TenantWorker};
+use super::worker::{End, Shared, TenantWorker};
 use super::{Job, Target, TenantState, TenantStatus};
 use crate::base::clock::Clock;
 use crate::base::names::MessageId;
@@ -187,6 +188,23 @@ impl Harness {
         self.worker = worker;
     }
 
+    /// A new worker after the last one retired, as `TenantHandle` starts
+    /// it: the counters from the published status, the carried queue state.
+    fn restart_carrying(&mut self, carry: Carry) {
+        let counters = self.status();
+        let (jobs, worker) = worker_from(
+            &self.options,
+            &self.spool,
+            &self.clock,
+            &self.script,
+            &self.status,
+            counters,
+            carry,
+        );
+        self.jobs = jobs;
+        self.worker = worker;
+    }
+
     /// Spools a message and hints the worker, as the dispatcher would.
     fn submit(&self, sender: &str, recipients: &[&str]) -> MessageId {
         let mut submission = self.spool.begin_submission().unwrap();
@@ -270,6 +288,19 @@ fn worker(
     script: &Rc<RefCell<Script>>,
     status: &Arc<Mutex<TenantStatus>>,
 ) -> (Sender<Job>, TenantWorker<FakeDelivery>) {
+    let fresh = (TenantStatus::default(), Carry::default());
+    worker_from(options, spool, clock, script, status, fresh.0, fresh.1)
+}
+
+fn worker_from(
+    options: &Options,
+    spool: &Spool,
+    clock: &Clock,
+    script: &Rc<RefCell<Script>>,
+    status: &Arc<Mutex<TenantStatus>>,
+    counters: TenantStatus,
+    carry: Carry,
+) -> (Sender<Job>, TenantWorker<FakeDelivery>) {
     let backoff = Backoff {
         // Exactly the top of the ±10% jitter, so times are exact.
         random: || u16::MAX,
@@ -292,14 +323,17 @@ fn worker(
         },
         spool.clone(),
         clock.clone(),
-        TenantStatus::default(),
+        counters,
     );
+    let mut ledger = ledger;
+    ledger.queue_mut().restore(carry);
     let (jobs, receiver) = unbounded();
     let shared = Shared {
         jobs: receiver,
         rescan: Arc::new(AtomicBool::new(true)),
         stop: Arc::new(AtomicBool::new(false)),
         status: Arc::clone(status),
+        idle: Duration::ZERO,
     };
     let delivery = FakeDelivery(Rc::clone(script), Arc::clone(status));
     let worker = TenantWorker::new(ledger, delivery, shared);
@@ -864,4 +898,78 @@ fn status_names_the_message_being_sent_while_its_transaction_runs() {
     h.step();
     assert_eq!(h.script.borrow().sending_seen, [Some(id)]);
     assert_eq!(h.status().sending, None, "nothing is being sent now");
+}
+
+#[test]
+fn a_worker_whose_first_pass_finds_nothing_retires_at_once() {
+    let mut h = Harness::new(Options::default());
+    assert_eq!(h.worker.run(), End::Retire);
+    assert!(h.take_events().is_empty());
+}
+
+#[test]
+fn a_worker_retires_once_its_queue_is_empty_and_held_mail_needs_no_thread() {
+    let mut h = Harness::new(Options::default());
+    let kept = h.submit("pbx@acme.test", &["a@x.test"]);
+    h.jobs
+        .send(unreported(Action::Hold, Target::Ids(vec![kept.clone()])))
+        .unwrap();
+    h.submit("pbx@acme.test", &["b@x.test"]);
+    // The jobs are taken, the mail sent, and then nothing waits.
+    assert_eq!(h.worker.run(), End::Retire);
+    assert_eq!(h.sent_to(), [strings(&["b@x.test"])]);
+    assert_eq!(h.others(&[]), [kept]);
+    assert_eq!(h.status().held, 1);
+}
+
+#[test]
+fn a_worker_restarted_after_retiring_keeps_the_relay_backoff_and_the_counters() {
+    let refused = || OpenError::Failed {
+        peer: "relay.test:25".into(),
+        error: SessionError::Connect {
+            peer: "relay.test:25".into(),
+            reason: "connection refused".into(),
+        },
+    };
+    let mut h = Harness::new(Options::default());
+    h.submit("pbx@acme.test", &["a@x.test"]);
+    h.step();
+    h.submit("pbx@acme.test", &["b@x.test"]);
+    h.script_open(Err(refused()));
+    h.step();
+    assert_eq!(h.status().state, TenantState::Backoff);
+    // An admin deletes the deferred mail: nothing waits, and once the
+    // relay's backoff is over (status says idle again) the worker retires.
+    h.jobs
+        .send(unreported(Action::Delete, Target::All))
+        .unwrap();
+    h.advance(MIN * 11 / 10);
+    assert_eq!(h.worker.run(), End::Retire);
+    assert!(h.others(&[]).is_empty());
+    assert_eq!(h.status().state, TenantState::Idle);
+    let carry = h.worker.carry();
+    h.restart_carrying(carry);
+    h.take_events();
+
+    // New mail starts a worker with the counters; the relay fails again,
+    // and as the second failure in a row it waits twice as long.
+    h.submit("pbx@acme.test", &["c@x.test"]);
+    h.script_open(Err(refused()));
+    h.step();
+    assert_eq!(h.take_events(), [Event::Open]);
+    let status = h.status();
+    assert_eq!(status.state, TenantState::Backoff);
+    assert_eq!((status.delivered, status.deferred), (1, 1));
+    assert!(status
+        .last_error
+        .unwrap_or_default()
+        .contains("connection refused"));
+    h.advance(2 * MIN * 11 / 10 - 1);
+    h.step();
+    assert!(h.take_events().is_empty(), "no session inside the backoff");
+    h.advance(1);
+    h.step();
+    assert!(h.take_events().contains(&Event::Open));
+    assert!(h.others(&[]).is_empty());
+    assert_eq!(h.status().delivered, 2);
 }

@@ -1,11 +1,14 @@
 //! The tenant worker's loop: rebuild the queue from the spool, deliver what
 //! is due through a `Delivery` (SMTP in the daemon, a fake in tests), then
 //! sleep until a hint arrives or the next message, the end of a tenant
-//! backoff or the next rate-limit token is due. No polling. What each reply
+//! backoff or the next rate-limit token is due. No polling. With nothing
+//! waiting (held and failed mail need no thread) it retires after an idle
+//! while; a first pass that finds nothing retires at once. What each reply
 //! or failure means is the judge's (outcome.rs); the ledger records it.
 
 use super::delivery::{Delivery, OpenError};
 use super::ledger::{Announce, Ledger, RcptOutcome};
+use super::queue::Carry;
 use super::{Job, TenantStatus};
 use crate::base::names::MessageId;
 use crate::outcome::{self, RcptJudgement};
@@ -26,6 +29,17 @@ pub struct Shared {
     pub stop: Arc<AtomicBool>,
     /// What `pbxmail status` shows; the dispatcher reads it without waiting on us.
     pub status: Arc<Mutex<TenantStatus>>,
+    /// How long a worker with an empty queue waits for a job before it retires.
+    pub idle: Duration,
+}
+
+/// Why `run` returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// Told to stop (or the handle is gone).
+    Stop,
+    /// Nothing waits and no job came within the idle time.
+    Retire,
 }
 
 pub struct TenantWorker<D: Delivery> {
@@ -35,11 +49,16 @@ pub struct TenantWorker<D: Delivery> {
     in_session: bool,
     /// The message in a transaction now, published for the control side.
     sending: Option<MessageId>,
+    /// Mail or a job came since this thread started. A thread whose first
+    /// pass finds nothing retires at once (cost follows work, from start-up
+    /// on); one that worked waits the idle time for more first.
+    worked: bool,
 }
 
 enum Wake {
     Work,
     Stop,
+    Retire,
 }
 
 /// How a session's run of messages ended.
@@ -68,27 +87,40 @@ impl<D: Delivery> TenantWorker<D> {
             shared,
             in_session: false,
             sending: None,
+            worked: false,
         }
+    }
+
+    /// What the next worker of this tenant takes over from this one.
+    pub fn carry(&self) -> Carry {
+        self.ledger.queue().carry()
+    }
+
+    pub fn into_delivery(self) -> D {
+        self.delivery
     }
 
     fn name(&self) -> &str {
         self.ledger.name()
     }
 
-    pub fn run(mut self) {
+    pub fn run(&mut self) -> End {
         log::debug!("tenant {}: worker started", self.name());
         injected_panic(self.name());
-        loop {
+        let end = loop {
             // The rescan flag starts set, so the first pass loads what the spool holds.
             self.step();
             if self.stopping() {
-                break;
+                break End::Stop;
             }
-            if let Wake::Stop = self.wait() {
-                break;
+            match self.wait() {
+                Wake::Work => {}
+                Wake::Stop => break End::Stop,
+                Wake::Retire => break End::Retire,
             }
-        }
-        log::debug!("tenant {}: worker stopped", self.name());
+        };
+        log::debug!("tenant {}: worker ended ({end:?})", self.name());
+        end
     }
 
     /// One pass: rescan if asked, take waiting jobs, deliver what is due,
@@ -99,6 +131,7 @@ impl<D: Delivery> TenantWorker<D> {
             self.ledger.rescan();
         }
         self.take_waiting_jobs();
+        self.worked |= self.ledger.queue().len() > 0;
         self.deliver_due();
         self.publish();
     }
@@ -127,12 +160,31 @@ impl<D: Delivery> TenantWorker<D> {
                     Err(RecvTimeoutError::Disconnected) => return Wake::Stop,
                 }
             }
-            None => match self.shared.jobs.recv() {
-                Ok(job) => Some(job),
-                Err(_) => return Wake::Stop,
-            },
+            // Nothing waits: held and failed mail need no thread. A relay
+            // backoff still running is waited out first, so the state
+            // `status` keeps for a retired tenant is not a stale "backoff".
+            None => {
+                let now = self.ledger.now();
+                let backoff_end = self
+                    .ledger
+                    .queue()
+                    .tenant_backoff()
+                    .map(|b| b.until)
+                    .filter(|until| *until > now);
+                let (wait, then) = match backoff_end {
+                    Some(until) => (Duration::from_millis(until.saturating_sub(now)), Wake::Work),
+                    None if self.worked => (self.shared.idle, Wake::Retire),
+                    None => (Duration::ZERO, Wake::Retire),
+                };
+                match self.shared.jobs.recv_timeout(wait) {
+                    Ok(job) => Some(job),
+                    Err(RecvTimeoutError::Timeout) => return then,
+                    Err(RecvTimeoutError::Disconnected) => return Wake::Stop,
+                }
+            }
         };
         if let Some(job) = first {
+            self.worked = true;
             self.ledger.apply(job);
         }
         self.take_waiting_jobs();
@@ -142,6 +194,7 @@ impl<D: Delivery> TenantWorker<D> {
     /// Takes every hint already waiting, so back-to-back mail shares sessions.
     fn take_waiting_jobs(&mut self) {
         while let Ok(job) = self.shared.jobs.try_recv() {
+            self.worked = true;
             self.ledger.apply(job);
         }
     }

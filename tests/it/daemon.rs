@@ -915,3 +915,112 @@ fn too_many_tenants_are_refused_with_a_clear_error() {
     }
     assert!(!spool.exists());
 }
+
+/// How many threads the process has now (Linux: one entry per task).
+fn threads_of(pid: &str) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |tasks| tasks.count())
+}
+
+/// One tenant's object in `pbxmail status --json` (Null if absent), and how many are listed.
+fn tenant_status(daemon: &Daemon, name: &str) -> (Value, usize) {
+    let run = daemon.run(&["status", "--json"], b"");
+    assert_eq!(run.code, 0, "status --json failed: {run:?}");
+    let status: Value = serde_json::from_str(&run.stdout).expect("status --json is JSON");
+    let tenants = status["tenants"].as_array().cloned().unwrap_or_default();
+    let one = tenants
+        .iter()
+        .find(|t| t["name"] == name)
+        .cloned()
+        .unwrap_or(Value::Null);
+    (one, tenants.len())
+}
+
+#[test]
+fn idle_tenants_cost_no_thread_and_one_restarted_for_new_mail_keeps_its_counters() {
+    let relay = TestServer::start(ServerOptions::default(), None);
+    let tenants: String = (0..50)
+        .map(|n| plain_tenant(&format!("t{n}"), &format!("t{n}.test"), &relay, ""))
+        .collect();
+    let daemon = Daemon::new("idle_threads", &tenants);
+    let running = Running::start_with_env(&daemon, &[("PBXMAIL_DEBUG_IDLE_MS", "200")]);
+    let pid = running.pid();
+    for tenant in ["t3", "t41"] {
+        let from = format!("pbx@{tenant}.test");
+        daemon.submit(
+            &["alice@example.com"],
+            &message(&from, "alice@example.com", "first", "x"),
+        );
+    }
+    assert_eq!(relay.wait_for_messages(2, ARRIVAL).len(), 2);
+    // Every tenant's thread retires once it has nothing to send: what is
+    // left is the dispatcher and its few helpers (two when measured), not
+    // 50 tenant threads.
+    let mut threads = threads_of(&pid);
+    let retired = wait_until(ARRIVAL, || {
+        threads = threads_of(&pid);
+        threads <= 6
+    });
+    assert!(retired, "{threads} threads with 50 idle tenants");
+    let (t3, listed) = tenant_status(&daemon, "t3");
+    assert_eq!(listed, 50, "status lists every configured tenant");
+    assert_eq!(
+        (t3["delivered"].as_u64(), t3["state"].as_str()),
+        (Some(1), Some("idle"))
+    );
+
+    // New mail starts t3's thread again; its counters carry on.
+    daemon.submit(
+        &["bob@example.com"],
+        &message("pbx@t3.test", "bob@example.com", "second", "x"),
+    );
+    assert_eq!(relay.wait_for_messages(3, ARRIVAL).len(), 3);
+    let counted = wait_until(ARRIVAL, || {
+        tenant_status(&daemon, "t3").0["delivered"].as_u64() == Some(2)
+    });
+    assert!(counted, "{:#?}", tenant_status(&daemon, "t3").0);
+    assert!(tenant_status(&daemon, "t3").0["last_success"].is_string());
+    let retired = wait_until(ARRIVAL, || threads_of(&pid) <= 6);
+    assert!(retired, "{} threads once idle again", threads_of(&pid));
+}
+
+#[test]
+fn a_reload_that_restarts_a_tenant_keeps_its_status_counters() {
+    let (daemon, relay) = Daemon::with_relay("reload_counters", ServerOptions::default(), "");
+    let running = Running::start(&daemon);
+    daemon.submit(
+        &["alice@example.com"],
+        &message(USER, "alice@example.com", "before", "x"),
+    );
+    assert_eq!(relay.wait_for_messages(1, ARRIVAL).len(), 1);
+    assert!(wait_until(ARRIVAL, || {
+        tenant_status(&daemon, "acme").0["delivered"].as_u64() == Some(1)
+    }));
+    // A changed tenant gets a new thread with its new settings.
+    daemon.configure(&plain_tenant(
+        "acme",
+        "acme.test",
+        &relay,
+        "messages_per_session = 5",
+    ));
+    running.reload();
+    // The new thread starts once the old one has ended, maybe after the reload's log line.
+    let restarted = wait_until(ARRIVAL, || {
+        daemon
+            .log()
+            .contains("reload: starting tenant acme with its new settings")
+    });
+    assert!(restarted, "{}", daemon.log());
+    assert_eq!(
+        tenant_status(&daemon, "acme").0["delivered"].as_u64(),
+        Some(1)
+    );
+    daemon.submit(
+        &["bob@example.com"],
+        &message(USER, "bob@example.com", "after", "x"),
+    );
+    assert_eq!(relay.wait_for_messages(2, ARRIVAL).len(), 2);
+    let counted = wait_until(ARRIVAL, || {
+        tenant_status(&daemon, "acme").0["delivered"].as_u64() == Some(2)
+    });
+    assert!(counted, "{:#?}", tenant_status(&daemon, "acme").0);
+}

@@ -88,13 +88,18 @@ fn run_with_stdin(mut cmd: Command, stdin: &[u8]) -> Output {
         .spawn()
         .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
     use std::io::Write;
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(stdin)
-        .expect("write stdin");
-    child.wait_with_output().expect("wait")
+    // A command that exits before reading (the overlay refused, a config
+    // error) closes the pipe: its exit code and stderr, which the callers
+    // assert on, say why, so a broken pipe here is not the failure to report.
+    let written = child.stdin.take().expect("stdin").write_all(stdin);
+    let out = child.wait_with_output().expect("wait");
+    if let Err(e) = written {
+        assert!(
+            !out.status.success(),
+            "the command succeeded without reading its input ({e}): {out:?}"
+        );
+    }
+    out
 }
 
 /// The test's layer over /etc (see `as_user_in`): `upper` holds
