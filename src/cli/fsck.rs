@@ -1,6 +1,7 @@
 //! `pbxmail fsck [--json]`: checks every spool entry (envelope records with
-//! their CRC32C, the message file's SHA-256), moves damaged entries and stray
-//! files to quarantine, never deletes. Exit 1 when it found problems.
+//! their CRC32C, the message file's SHA-256), moves damaged entries, orphaned
+//! message files and stray files to quarantine, never deletes, and lists
+//! everything in quarantine. Exit 1 when it found problems.
 
 use super::{Exit, Invocation};
 use crate::base::text::printable;
@@ -16,6 +17,8 @@ struct Report {
     quarantined: Vec<Finding>,
     /// Entries quarantined before this run, still waiting for an admin.
     already_quarantined: usize,
+    /// Everything in quarantine after this run, with or without a reason.
+    in_quarantine: Vec<Finding>,
 }
 
 #[derive(Debug, Serialize)]
@@ -38,6 +41,14 @@ fn fsck(cmd: &Invocation) -> Result<Exit, Exit> {
     if json {
         cmd.print_json(&report)?;
     } else {
+        for f in &report.in_quarantine {
+            println!(
+                "in quarantine {} {}: {}",
+                printable(&f.tenant),
+                printable(&f.id),
+                printable(&f.reason)
+            );
+        }
         for f in &report.quarantined {
             // A stray's name comes from the disk: escaped for the terminal.
             println!(
@@ -94,6 +105,16 @@ fn check(spool: &Spool) -> Result<Report, crate::spool::SpoolError> {
                 }
             }
         }
+        // Committed, then the envelope was lost: kept, with the reason.
+        for id in spool.sweep_unpaired(&tenant)?.orphans {
+            let reason = crate::spool::recovery::ORPHAN_REASON.to_string();
+            spool.quarantine(&tenant, &id, &reason)?;
+            report.quarantined.push(Finding {
+                tenant: tenant.to_string(),
+                id: id.to_string(),
+                reason,
+            });
+        }
         for stray in spool.stray_files(&tenant)? {
             let name = stray
                 .file_name()
@@ -108,5 +129,14 @@ fn check(spool: &Spool) -> Result<Report, crate::spool::SpoolError> {
             });
         }
     }
+    report.in_quarantine = spool
+        .quarantined()?
+        .into_iter()
+        .map(|q| Finding {
+            tenant: q.tenant,
+            id: q.id,
+            reason: q.reason,
+        })
+        .collect();
     Ok(report)
 }

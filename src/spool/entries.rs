@@ -38,17 +38,22 @@ impl Spool {
         file.sync_data().map_err(SpoolError::io(&path))
     }
 
-    /// Removes a finished message: envelope first, so a crash in between leaves
-    /// only an orphan `.msg` that start-up recovery removes.
+    /// Removes a finished message. The envelope leaves `queue/` first, into
+    /// `tmp/`: from that rename on, the `.msg` left behind is visibly in
+    /// transit (its `.env` is in `tmp/`), which recovery removes, never an
+    /// orphan (a `.msg` whose envelope vanished after commit) that it must
+    /// quarantine. Sweeps (recovery.rs) may finish the job meanwhile, so a
+    /// file already gone is no error after the first rename.
     pub fn remove(&self, tenant: &TenantName, id: &MessageId) -> Result<()> {
         let env = self.envelope_path(tenant, id);
-        fs::remove_file(&env).map_err(SpoolError::io(&env))?;
+        let leaving = self.tmp_dir().join(format!("{id}.env"));
+        fs::rename(&env, &leaving).map_err(SpoolError::io(&env))?;
         let msg = self.message_path(tenant, id);
-        match fs::remove_file(&msg) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(SpoolError::io(&msg)(e)),
-            _ => {}
-        }
-        sync_dir(&self.tenant_dir(tenant))
+        remove_if_present(&msg)?;
+        sync_dir(&self.tenant_dir(tenant))?;
+        // Not synced: should it come back after a crash, its `.msg` is gone
+        // and recovery removes it as the leftover it is.
+        remove_if_present(&leaving)
     }
 
     /// fsck's check of one entry: envelope records and the message checksum.
@@ -65,5 +70,13 @@ impl Spool {
             ));
         }
         Ok(())
+    }
+}
+
+/// Unlinks `path`; already gone is fine.
+fn remove_if_present(path: &std::path::Path) -> Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(SpoolError::io(path)(e)),
+        _ => Ok(()),
     }
 }

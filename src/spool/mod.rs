@@ -25,7 +25,7 @@ mod layout;
 mod lock;
 mod pickup;
 pub mod quarantine;
-mod recovery;
+pub mod recovery;
 pub mod scan;
 mod space;
 mod submission;
