@@ -48,6 +48,10 @@ pub struct Ledger {
 /// cost only disk space, so a minute late is soon enough.
 const TMP_SWEEP_INTERVAL_MS: u64 = 60_000;
 
+/// How often, and how far apart, a rescan retries listing its folder.
+const LIST_TRIES: u32 = 50;
+const LIST_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
+
 impl Ledger {
     pub fn new(
         name: TenantName,
@@ -166,12 +170,8 @@ impl Ledger {
 
     /// Rebuilds the queue from the tenant's spool folder.
     pub fn rescan(&mut self) {
-        let ids = match self.spool.message_ids(&self.name) {
-            Ok(ids) => ids,
-            Err(e) => {
-                log::error!("tenant {}: cannot read its spool folder: {e}", self.name());
-                return;
-            }
+        let Some(ids) = self.list_queued() else {
+            return;
         };
         for id in ids {
             if self.queue.knows(&id) {
@@ -198,6 +198,32 @@ impl Ledger {
             self.name(),
             self.queue.len()
         );
+    }
+
+    /// The IDs queued in the tenant's folder. A problem of the moment
+    /// (EMFILE while every other tenant holds a session, say) is waited out
+    /// here, in this tenant's own thread, for a few seconds: nothing else
+    /// would bring the rescan back, and without it the tenant's mail waits
+    /// for the next restart of its thread.
+    fn list_queued(&self) -> Option<Vec<MessageId>> {
+        let mut tries = 0u32;
+        loop {
+            match self.spool.message_ids(&self.name) {
+                Ok(ids) => return Some(ids),
+                Err(e) if !e.is_damage() && !e.is_not_found() && tries < LIST_TRIES => {
+                    log::warn!(
+                        "tenant {}: cannot read its spool folder now, will retry: {e}",
+                        self.name()
+                    );
+                    tries += 1;
+                    std::thread::sleep(LIST_PAUSE);
+                }
+                Err(e) => {
+                    log::error!("tenant {}: cannot read its spool folder: {e}", self.name());
+                    return None;
+                }
+            }
+        }
     }
 
     /// A problem of the moment (no descriptor left, no memory, an I/O error)

@@ -1179,3 +1179,96 @@ fn a_killed_sendmails_leftovers_are_swept_while_the_daemon_runs() {
     let rcpts = rcpt_commands_for(&server, "killed@example.com");
     assert!(rcpts.is_empty(), "{rcpts:?}");
 }
+
+/// Running out of file descriptors is a problem of the moment, not damage:
+/// a daemon run with `ulimit -n` a few above what it holds idle, while six
+/// tenants' mail pours in at once, meets EMFILE loading envelopes, opening
+/// messages and connecting; it retries, quarantines nothing and delivers
+/// everything. (The mail comes after start: a daemon that cannot bind its
+/// sockets at start is another matter, not this test's.)
+#[test]
+fn running_out_of_descriptors_never_quarantines() {
+    const TENANTS: usize = 6;
+    const EACH: usize = 15;
+    let server = TestServer::start(ServerOptions::default(), None);
+    let daemon = Daemon::bare("fault_emfile");
+    let tenants: String = (0..TENANTS)
+        .map(|t| {
+            format!(
+                "[tenant:t{t}]\ndomains = t{t}.test\nrelay = 127.0.0.1:{}\ntls = none\n",
+                server.port()
+            )
+        })
+        .collect();
+    write_config(&daemon, "", &tenants);
+    let log_path = daemon.dir().join("daemon.log");
+    let log = fs::File::create(&log_path).expect("daemon log");
+    // 16: the idle daemon holds about 11; six tenants each want a socket,
+    // an envelope and a message file at once.
+    let mut child = Command::new("sh")
+        .args(["-c", "ulimit -n 16 && exec \"$0\" daemon -c \"$1\""])
+        .arg(PBXMAIL)
+        .arg(daemon.config_path())
+        .env_remove("PBXMAIL_CONFIG")
+        .env_remove("PBXMAIL_LOG")
+        .env_remove("JOURNAL_STREAM")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn the daemon under ulimit -n");
+    let socket = daemon.spool_dir().join("pickup.sock");
+    let ready = wait_until(ARRIVAL, || {
+        socket.exists() || child.try_wait().ok().flatten().is_some()
+    });
+    assert!(
+        ready && child.try_wait().ok().flatten().is_none(),
+        "daemon did not start\n{}",
+        fs::read_to_string(&log_path).unwrap_or_default()
+    );
+
+    std::thread::scope(|scope| {
+        for t in 0..TENANTS {
+            let daemon = &daemon;
+            scope.spawn(move || {
+                for n in 0..EACH {
+                    let to = format!("r{n}@example.com");
+                    let body = format!("From: pbx@t{t}.test\nTo: {to}\nSubject: {t}/{n}\n\nbody\n");
+                    let run = daemon.sendmail(&["-i", &to], body.as_bytes());
+                    assert_eq!(run.code, 0, "{}", run.stderr);
+                }
+            });
+        }
+    });
+
+    let total = TENANTS * EACH;
+    let got = server.wait_for_messages(total, Duration::from_secs(90));
+    let alive = child.try_wait().expect("daemon status").is_none();
+    let daemon_log = fs::read_to_string(&log_path).unwrap_or_default();
+    let quarantine = names_in(&daemon.spool_dir().join("quarantine"));
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let stopped = wait_until(Duration::from_secs(15), || {
+        child.try_wait().ok().flatten().is_some()
+    });
+    if !stopped {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    assert!(
+        quarantine.is_empty(),
+        "quarantined: {quarantine:?}\n{daemon_log}"
+    );
+    assert!(alive, "the daemon exited\n{daemon_log}");
+    assert_eq!(
+        got.len(),
+        total,
+        "delivered {} of {total}\n{daemon_log}",
+        got.len()
+    );
+    assert!(
+        daemon_log.contains("Too many open files"),
+        "the limit was never reached: the test proves nothing\n{daemon_log}"
+    );
+}
