@@ -19,6 +19,9 @@ struct Report {
     already_quarantined: usize,
     /// Everything in quarantine after this run, with or without a reason.
     in_quarantine: Vec<Finding>,
+    /// Entries that could not be checked now (EMFILE, EIO...): no verdict,
+    /// never quarantined for it; run fsck again.
+    unchecked: Vec<Finding>,
 }
 
 #[derive(Debug, Serialize)]
@@ -49,6 +52,14 @@ fn fsck(cmd: &Invocation) -> Result<Exit, Exit> {
                 printable(&f.reason)
             );
         }
+        for f in &report.unchecked {
+            println!(
+                "cannot check {} {} now: {}",
+                f.tenant,
+                f.id,
+                printable(&f.reason)
+            );
+        }
         for f in &report.quarantined {
             // A stray's name comes from the disk: escaped for the terminal.
             println!(
@@ -66,11 +77,13 @@ fn fsck(cmd: &Invocation) -> Result<Exit, Exit> {
             report.already_quarantined
         );
     }
-    Ok(if report.quarantined.is_empty() {
-        Exit::Ok
-    } else {
-        Exit::Problems
-    })
+    Ok(
+        if report.quarantined.is_empty() && report.unchecked.is_empty() {
+            Exit::Ok
+        } else {
+            Exit::Problems
+        },
+    )
 }
 
 /// `[--json]`: whether the report is JSON.
@@ -94,8 +107,15 @@ fn check(spool: &Spool) -> Result<Report, crate::spool::SpoolError> {
         for id in spool.message_ids(&tenant)? {
             report.checked += 1;
             match spool.verify(&tenant, &id) {
-                Ok(()) => report.ok += 1,
-                Err(reason) => {
+                Ok(None) => report.ok += 1,
+                // Removed by the daemon since the listing.
+                Err(e) if e.is_not_found() => report.ok += 1,
+                Err(e) => report.unchecked.push(Finding {
+                    tenant: tenant.to_string(),
+                    id: id.to_string(),
+                    reason: e.to_string(),
+                }),
+                Ok(Some(reason)) => {
                     spool.quarantine(&tenant, &id, &reason)?;
                     report.quarantined.push(Finding {
                         tenant: tenant.to_string(),

@@ -57,19 +57,34 @@ impl Spool {
     }
 
     /// fsck's check of one entry: envelope records and the message checksum.
-    pub fn verify(&self, tenant: &TenantName, id: &MessageId) -> std::result::Result<(), String> {
-        let envelope = self.load_envelope(tenant, id).map_err(|e| e.to_string())?;
-        let mut file = self
-            .open_message(tenant, id)
-            .map_err(|e| format!("message file missing or unreadable: {e}"))?;
-        let scan = scan_message(&mut file).map_err(|e| format!("message file unreadable: {e}"))?;
+    /// `Ok(Some(reason))` when it is damaged; `Err` when it cannot be checked
+    /// now (a transient error, `SpoolError::is_damage`), which is no verdict.
+    pub fn verify(&self, tenant: &TenantName, id: &MessageId) -> Result<Option<String>> {
+        let envelope = match self.load_envelope(tenant, id) {
+            Ok(envelope) => envelope,
+            Err(e) if e.is_damage() => return Ok(Some(e.to_string())),
+            Err(e) => return Err(e),
+        };
+        let mut file = match self.open_message(tenant, id) {
+            Ok(file) => file,
+            // Unless the daemon removed the whole entry meanwhile.
+            Err(e) if e.is_not_found() && !self.envelope_path(tenant, id).exists() => {
+                return Err(e)
+            }
+            Err(e) if e.is_not_found() => {
+                return Ok(Some(format!("message file missing or unreadable: {e}")))
+            }
+            Err(e) => return Err(e),
+        };
+        let path = self.message_path(tenant, id);
+        let scan = scan_message(&mut file).map_err(SpoolError::io(&path))?;
         if scan.sha256 != envelope.sha256 {
-            return Err(format!(
+            return Ok(Some(format!(
                 "message file checksum mismatch (SHA-256 {}, envelope says {})",
                 scan.sha256, envelope.sha256
-            ));
+            )));
         }
-        Ok(())
+        Ok(None)
     }
 }
 
