@@ -318,6 +318,13 @@ impl Ledger {
             return None;
         }
         match self.spool.load_envelope(&self.name, id) {
+            // Held on disk, though queued as waiting (a rescan that could not
+            // read it then retried it): the disk wins, it is not sent.
+            Ok(env) if env.held => {
+                self.queue.remove(id);
+                self.queue.insert_held(id);
+                None
+            }
             Ok(env) => Some(env),
             Err(e) if e.is_not_found() => {
                 self.queue.remove(id); // deleted by an admin meanwhile
