@@ -32,6 +32,9 @@ pub fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         .iter()
         .filter(|t| !configured.contains(&t.as_str()))
     {
+        // No rescan comes for a tenant without a thread: its lost envelopes
+        // are found here, so that `queue` shows them.
+        quarantine_orphans(&spool, orphan);
         let count = spool.message_ids(orphan).map(|ids| ids.len()).unwrap_or(0);
         if count > 0 {
             log::warn!("spool holds {count} messages for tenant {orphan:?}, which is not configured; they stay queued");
@@ -49,6 +52,26 @@ pub fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     dispatcher.run(STOP_GRACE)?;
     log::info!("stopped");
     Ok(())
+}
+
+/// Quarantines a folder's committed messages whose envelope was lost
+/// (spool recovery.rs), with the reason; a configured tenant's rescan does it
+/// for its own folder.
+fn quarantine_orphans(spool: &Spool, tenant: &crate::base::names::TenantName) {
+    let orphans = match spool.sweep_unpaired(tenant) {
+        Ok(found) => found.orphans,
+        Err(e) => {
+            log::warn!("spool: cannot sweep {tenant}: {e}");
+            return;
+        }
+    };
+    for id in orphans {
+        let reason = crate::spool::recovery::ORPHAN_REASON;
+        log::error!("{id} tenant={tenant}: quarantined: {reason}");
+        if let Err(e) = spool.quarantine(tenant, &id, reason) {
+            log::error!("{id} tenant={tenant}: cannot quarantine: {e}");
+        }
+    }
 }
 
 /// sd_notify(3) for `Type=notify`: one datagram to $NOTIFY_SOCKET, which may

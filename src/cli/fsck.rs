@@ -1,6 +1,7 @@
 //! `pbxmail fsck [--json]`: checks every spool entry (envelope records with
-//! their CRC32C, the message file's SHA-256), moves damaged entries and stray
-//! files to quarantine, never deletes. Exit 1 when it found problems.
+//! their CRC32C, the message file's SHA-256), moves damaged entries, orphaned
+//! message files and stray files to quarantine, never deletes, and lists
+//! everything in quarantine. Exit 1 when it found problems.
 
 use super::{Exit, Invocation};
 use crate::base::text::printable;
@@ -16,6 +17,11 @@ struct Report {
     quarantined: Vec<Finding>,
     /// Entries quarantined before this run, still waiting for an admin.
     already_quarantined: usize,
+    /// Everything in quarantine after this run, with or without a reason.
+    in_quarantine: Vec<Finding>,
+    /// Entries that could not be checked now (EMFILE, EIO...): no verdict,
+    /// never quarantined for it; run fsck again.
+    unchecked: Vec<Finding>,
 }
 
 #[derive(Debug, Serialize)]
@@ -38,6 +44,22 @@ fn fsck(cmd: &Invocation) -> Result<Exit, Exit> {
     if json {
         cmd.print_json(&report)?;
     } else {
+        for f in &report.in_quarantine {
+            println!(
+                "in quarantine {} {}: {}",
+                printable(&f.tenant),
+                printable(&f.id),
+                printable(&f.reason)
+            );
+        }
+        for f in &report.unchecked {
+            println!(
+                "cannot check {} {} now: {}",
+                f.tenant,
+                f.id,
+                printable(&f.reason)
+            );
+        }
         for f in &report.quarantined {
             // A stray's name comes from the disk: escaped for the terminal.
             println!(
@@ -55,11 +77,13 @@ fn fsck(cmd: &Invocation) -> Result<Exit, Exit> {
             report.already_quarantined
         );
     }
-    Ok(if report.quarantined.is_empty() {
-        Exit::Ok
-    } else {
-        Exit::Problems
-    })
+    Ok(
+        if report.quarantined.is_empty() && report.unchecked.is_empty() {
+            Exit::Ok
+        } else {
+            Exit::Problems
+        },
+    )
 }
 
 /// `[--json]`: whether the report is JSON.
@@ -83,8 +107,15 @@ fn check(spool: &Spool) -> Result<Report, crate::spool::SpoolError> {
         for id in spool.message_ids(&tenant)? {
             report.checked += 1;
             match spool.verify(&tenant, &id) {
-                Ok(()) => report.ok += 1,
-                Err(reason) => {
+                Ok(None) => report.ok += 1,
+                // Removed by the daemon since the listing.
+                Err(e) if e.is_not_found() => report.ok += 1,
+                Err(e) => report.unchecked.push(Finding {
+                    tenant: tenant.to_string(),
+                    id: id.to_string(),
+                    reason: e.to_string(),
+                }),
+                Ok(Some(reason)) => {
                     spool.quarantine(&tenant, &id, &reason)?;
                     report.quarantined.push(Finding {
                         tenant: tenant.to_string(),
@@ -93,6 +124,16 @@ fn check(spool: &Spool) -> Result<Report, crate::spool::SpoolError> {
                     });
                 }
             }
+        }
+        // Committed, then the envelope was lost: kept, with the reason.
+        for id in spool.sweep_unpaired(&tenant)?.orphans {
+            let reason = crate::spool::recovery::ORPHAN_REASON.to_string();
+            spool.quarantine(&tenant, &id, &reason)?;
+            report.quarantined.push(Finding {
+                tenant: tenant.to_string(),
+                id: id.to_string(),
+                reason,
+            });
         }
         for stray in spool.stray_files(&tenant)? {
             let name = stray
@@ -108,5 +149,14 @@ fn check(spool: &Spool) -> Result<Report, crate::spool::SpoolError> {
             });
         }
     }
+    report.in_quarantine = spool
+        .quarantined()?
+        .into_iter()
+        .map(|q| Finding {
+            tenant: q.tenant,
+            id: q.id,
+            reason: q.reason,
+        })
+        .collect();
     Ok(report)
 }

@@ -38,32 +38,60 @@ impl Spool {
         file.sync_data().map_err(SpoolError::io(&path))
     }
 
-    /// Removes a finished message: envelope first, so a crash in between leaves
-    /// only an orphan `.msg` that start-up recovery removes.
+    /// Removes a finished message. The envelope leaves `queue/` first, into
+    /// `tmp/`: from that rename on, the `.msg` left behind is visibly in
+    /// transit (its `.env` is in `tmp/`), which recovery removes, never an
+    /// orphan (a `.msg` whose envelope vanished after commit) that it must
+    /// quarantine. Sweeps (recovery.rs) may finish the job meanwhile, so a
+    /// file already gone is no error after the first rename.
     pub fn remove(&self, tenant: &TenantName, id: &MessageId) -> Result<()> {
         let env = self.envelope_path(tenant, id);
-        fs::remove_file(&env).map_err(SpoolError::io(&env))?;
+        let leaving = self.tmp_dir().join(format!("{id}.env"));
+        fs::rename(&env, &leaving).map_err(SpoolError::io(&env))?;
         let msg = self.message_path(tenant, id);
-        match fs::remove_file(&msg) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(SpoolError::io(&msg)(e)),
-            _ => {}
-        }
-        sync_dir(&self.tenant_dir(tenant))
+        remove_if_present(&msg)?;
+        sync_dir(&self.tenant_dir(tenant))?;
+        // Not synced: should it come back after a crash, its `.msg` is gone
+        // and recovery removes it as the leftover it is.
+        remove_if_present(&leaving)
     }
 
     /// fsck's check of one entry: envelope records and the message checksum.
-    pub fn verify(&self, tenant: &TenantName, id: &MessageId) -> std::result::Result<(), String> {
-        let envelope = self.load_envelope(tenant, id).map_err(|e| e.to_string())?;
-        let mut file = self
-            .open_message(tenant, id)
-            .map_err(|e| format!("message file missing or unreadable: {e}"))?;
-        let scan = scan_message(&mut file).map_err(|e| format!("message file unreadable: {e}"))?;
+    /// `Ok(Some(reason))` when it is damaged; `Err` when it cannot be checked
+    /// now (a transient error, `SpoolError::is_damage`), which is no verdict.
+    pub fn verify(&self, tenant: &TenantName, id: &MessageId) -> Result<Option<String>> {
+        let envelope = match self.load_envelope(tenant, id) {
+            Ok(envelope) => envelope,
+            Err(e) if e.is_damage() => return Ok(Some(e.to_string())),
+            Err(e) => return Err(e),
+        };
+        let mut file = match self.open_message(tenant, id) {
+            Ok(file) => file,
+            // Unless the daemon removed the whole entry meanwhile.
+            Err(e) if e.is_not_found() && !self.envelope_path(tenant, id).exists() => {
+                return Err(e)
+            }
+            Err(e) if e.is_not_found() => {
+                return Ok(Some(format!("message file missing or unreadable: {e}")))
+            }
+            Err(e) => return Err(e),
+        };
+        let path = self.message_path(tenant, id);
+        let scan = scan_message(&mut file).map_err(SpoolError::io(&path))?;
         if scan.sha256 != envelope.sha256 {
-            return Err(format!(
+            return Ok(Some(format!(
                 "message file checksum mismatch (SHA-256 {}, envelope says {})",
                 scan.sha256, envelope.sha256
-            ));
+            )));
         }
-        Ok(())
+        Ok(None)
+    }
+}
+
+/// Unlinks `path`; already gone is fine.
+fn remove_if_present(path: &std::path::Path) -> Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(SpoolError::io(path)(e)),
+        _ => Ok(()),
     }
 }

@@ -290,6 +290,19 @@ pub fn read_envelope(input: &mut impl BufRead) -> Result<Envelope, EnvelopeError
     envelope.ok_or_else(|| EnvelopeError::Corrupt("no 'created' record".into()))
 }
 
+/// The tenant an envelope's `created` record names (recovery uses it to
+/// find the message of an envelope in `tmp/`). None if it cannot be read.
+pub fn read_tenant(input: &mut impl BufRead) -> Option<String> {
+    let mut frames = Frames::bounded(input, MAX_RECORD_LEN);
+    match frames.next_line().ok()?? {
+        Line::Complete(line) => match framing::decode(line).ok()? {
+            Record::Created { tenant, .. } => Some(tenant),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,5 +1,6 @@
 //! The spool's one error type: an I/O error or a damaged envelope, each with
-//! the path it concerns.
+//! the path it concerns, and the one place that tells damage (quarantine the
+//! entry) from a problem of the moment (try again later).
 
 use super::envelope::EnvelopeError;
 use std::fmt;
@@ -24,6 +25,22 @@ impl SpoolError {
             path: path.to_path_buf(),
             source,
         }
+    }
+
+    /// Whether the error says this file's content is bad, so the entry is
+    /// quarantined. Every I/O error is not: EMFILE, ENFILE, ENOMEM, EAGAIN,
+    /// EIO, a permission slip by an admin... say nothing about the entry,
+    /// and moving healthy mail aside for them loses the promise. (A missing
+    /// partner file is damage too, but only its caller knows it is missing
+    /// for good: see `is_not_found`.)
+    pub fn is_damage(&self) -> bool {
+        matches!(
+            self,
+            SpoolError::Envelope {
+                source: EnvelopeError::Corrupt(_),
+                ..
+            }
+        )
     }
 
     pub fn is_not_found(&self) -> bool {

@@ -90,7 +90,7 @@ impl Spool {
 
     /// Files in a tenant's folder that are not ID.msg / ID.env: they do not
     /// belong in the spool and are never acted on. (An ID.msg without its
-    /// .env is a submission between its two renames, or one recovery removes.)
+    /// .env is judged by recovery.rs: in transit, abandoned, or orphaned.)
     pub fn stray_files(&self, tenant: &TenantName) -> Result<Vec<PathBuf>> {
         Ok(list_dir(&self.tenant_dir(tenant))?
             .into_iter()

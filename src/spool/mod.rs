@@ -10,8 +10,10 @@
 //! ```
 //! A message is committed by fsync of both files, rename of `.msg` then `.env`
 //! into the tenant's folder, and fsync of that folder: an `.env` in `queue/`
-//! always has its `.msg` beside it. A submitter holds an exclusive lock on its
-//! `.msg` until it is done, so recovery removes only what nobody is writing.
+//! always has its `.msg` beside it. Removal renames the `.env` back into
+//! `tmp/` first. A submitter holds an exclusive lock on its `.msg` until it is
+//! done, so recovery removes only what nobody is writing, and tells a `.msg`
+//! in transit from one whose envelope was lost (recovery.rs).
 //!
 //! This file holds only the `Spool` handle; each concept has its own module:
 //! layout (paths, folders, listing), submission (tmp → commit), entries
@@ -25,7 +27,7 @@ mod layout;
 mod lock;
 mod pickup;
 pub mod quarantine;
-mod recovery;
+pub mod recovery;
 pub mod scan;
 mod space;
 mod submission;

@@ -40,7 +40,17 @@ pub struct Ledger {
     unrecorded: BTreeMap<MessageId, Record>,
     /// Delivered/bounced counts and last events, for `status`.
     counters: TenantStatus,
+    /// When this tenant last swept `tmp/` (sweep_tmp_on_hint).
+    last_tmp_sweep_ms: Option<u64>,
 }
+
+/// At most one `tmp/` sweep a minute per tenant: a killed `sendmail`'s files
+/// cost only disk space, so a minute late is soon enough.
+const TMP_SWEEP_INTERVAL_MS: u64 = 60_000;
+
+/// How often, and how far apart, a rescan retries listing its folder.
+const LIST_TRIES: u32 = 50;
+const LIST_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl Ledger {
     pub fn new(
@@ -65,6 +75,7 @@ impl Ledger {
             queue,
             unrecorded: BTreeMap::new(),
             counters,
+            last_tmp_sweep_ms: None,
         }
     }
 
@@ -132,7 +143,10 @@ impl Ledger {
     /// is sent once its results are on disk.
     pub fn apply(&mut self, job: Job) {
         match job {
-            Job::Queued(id) => self.queue.note_queued(&id),
+            Job::Queued(id) => {
+                self.queue.note_queued(&id);
+                self.sweep_tmp_on_hint();
+            }
             Job::Flush => self.queue.flush(),
             Job::Admin(AdminJob {
                 action,
@@ -156,12 +170,8 @@ impl Ledger {
 
     /// Rebuilds the queue from the tenant's spool folder.
     pub fn rescan(&mut self) {
-        let ids = match self.spool.message_ids(&self.name) {
-            Ok(ids) => ids,
-            Err(e) => {
-                log::error!("tenant {}: cannot read its spool folder: {e}", self.name());
-                return;
-            }
+        let Some(ids) = self.list_queued() else {
+            return;
         };
         for id in ids {
             if self.queue.knows(&id) {
@@ -175,15 +185,100 @@ impl Ledger {
                     self.queue
                         .schedule(&id, env.next_attempt_ms.unwrap_or(0), env.attempts > 0)
                 }
-                Err(e) => self.quarantine(&id, &e.to_string()),
+                // Removed meanwhile (delivered by an admin's command, say).
+                Err(e) if e.is_not_found() => {}
+                Err(e) if e.is_damage() => self.quarantine(&id, &e.to_string()),
+                Err(e) => self.retry_later(&id, false, &e.to_string()),
             }
         }
+        self.quarantine_orphans();
         self.quarantine_strays();
         log::debug!(
             "tenant {}: {} messages queued",
             self.name(),
             self.queue.len()
         );
+    }
+
+    /// The IDs queued in the tenant's folder. A problem of the moment
+    /// (EMFILE while every other tenant holds a session, say) is waited out
+    /// here, in this tenant's own thread, for a few seconds: nothing else
+    /// would bring the rescan back, and without it the tenant's mail waits
+    /// for the next restart of its thread.
+    fn list_queued(&self) -> Option<Vec<MessageId>> {
+        let mut tries = 0u32;
+        loop {
+            match self.spool.message_ids(&self.name) {
+                Ok(ids) => return Some(ids),
+                Err(e) if !e.is_damage() && !e.is_not_found() && tries < LIST_TRIES => {
+                    log::warn!(
+                        "tenant {}: cannot read its spool folder now, will retry: {e}",
+                        self.name()
+                    );
+                    tries += 1;
+                    std::thread::sleep(LIST_PAUSE);
+                }
+                Err(e) => {
+                    log::error!("tenant {}: cannot read its spool folder: {e}", self.name());
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// A problem of the moment (no descriptor left, no memory, an I/O error)
+    /// kept an entry from loading: it is tried again after backoff.min,
+    /// never quarantined, since nothing says its files are bad.
+    fn retry_later(&mut self, id: &MessageId, attempted: bool, why: &str) {
+        let at = self.queue.retry_soon(self.now());
+        log::warn!(
+            "{id} tenant={}: cannot load it now, will retry: {why}",
+            self.name()
+        );
+        self.queue.schedule(id, at, attempted);
+    }
+
+    /// `.msg` files without an `.env`: abandoned submissions go, committed
+    /// messages whose envelope was lost are quarantined (spool recovery.rs
+    /// tells the two apart by the commit's order).
+    fn quarantine_orphans(&mut self) {
+        let found = match self.spool.sweep_unpaired(&self.name) {
+            Ok(found) => found,
+            Err(e) => {
+                log::warn!("tenant {}: cannot sweep its folder: {e}", self.name());
+                return;
+            }
+        };
+        if found.removed > 0 {
+            log::info!(
+                "tenant {}: removed {} abandoned partial submissions",
+                self.name(),
+                found.removed
+            );
+        }
+        for id in found.orphans {
+            self.quarantine(&id, spool::recovery::ORPHAN_REASON);
+        }
+    }
+
+    /// A submission hint says `sendmail`s are at work: the leftovers of any
+    /// that were killed are swept from `tmp/` now, at most once a minute.
+    /// No timer needed: leftovers only appear where submissions happen, and
+    /// `tmp/` holds only submissions in flight, so the sweep is small.
+    fn sweep_tmp_on_hint(&mut self) {
+        let now = self.now();
+        if self
+            .last_tmp_sweep_ms
+            .is_some_and(|at| now.saturating_sub(at) < TMP_SWEEP_INTERVAL_MS)
+        {
+            return;
+        }
+        self.last_tmp_sweep_ms = Some(now);
+        match self.spool.sweep_tmp() {
+            Ok(0) => {}
+            Ok(n) => log::info!("spool: removed {n} abandoned partial submissions"),
+            Err(e) => log::warn!("spool: cannot sweep tmp/: {e}"),
+        }
     }
 
     /// Files in the tenant's folder that are no spool entry are moved aside.
@@ -223,38 +318,74 @@ impl Ledger {
             return None;
         }
         match self.spool.load_envelope(&self.name, id) {
+            // Held on disk, though queued as waiting (a rescan that could not
+            // read it then retried it): the disk wins, it is not sent.
+            Ok(env) if env.held => {
+                self.queue.remove(id);
+                self.queue.insert_held(id);
+                None
+            }
             Ok(env) => Some(env),
             Err(e) if e.is_not_found() => {
                 self.queue.remove(id); // deleted by an admin meanwhile
                 None
             }
-            Err(e) => {
+            Err(e) if e.is_damage() => {
                 self.quarantine(id, &e.to_string());
+                None
+            }
+            Err(e) => {
+                self.retry_later(id, true, &e.to_string());
                 None
             }
         }
     }
 
     /// Opens the message file and checks it against the SHA-256 in its
-    /// envelope; the same pass notes whether it has 8-bit content.
+    /// envelope; the same pass notes whether it has 8-bit content. None when
+    /// it is not to be sent now: damaged (missing beside its envelope, or a
+    /// checksum mismatch) and quarantined, or unreadable for the moment
+    /// (EMFILE, EIO...) and retried later.
     pub fn open_verified(
-        &self,
+        &mut self,
         id: &MessageId,
         envelope: &Envelope,
-    ) -> Result<(std::fs::File, bool), String> {
-        let mut file = self
+    ) -> Option<(std::fs::File, bool)> {
+        let opened = self
             .spool
             .open_message(&self.name, id)
-            .map_err(|e| format!("message file unreadable: {e}"))?;
-        let scan =
-            spool::scan_message(&mut file).map_err(|e| format!("message file unreadable: {e}"))?;
-        if scan.sha256 != envelope.sha256 {
-            return Err(format!(
-                "message file checksum mismatch (SHA-256 {}, envelope says {})",
-                scan.sha256, envelope.sha256
-            ));
+            .and_then(|mut file| {
+                let scan =
+                    spool::scan_message(&mut file).map_err(|source| spool::SpoolError::Io {
+                        path: self.spool.tenant_dir(&self.name).join(format!("{id}.msg")),
+                        source,
+                    })?;
+                Ok((file, scan))
+            });
+        match opened {
+            Ok((file, scan)) if scan.sha256 == envelope.sha256 => Some((file, scan.eight_bit)),
+            Ok((_, scan)) => {
+                let why = format!(
+                    "message file checksum mismatch (SHA-256 {}, envelope says {})",
+                    scan.sha256, envelope.sha256
+                );
+                self.quarantine(id, &why);
+                None
+            }
+            // Its envelope is here: the message file is lost, not in transit.
+            Err(e) if e.is_not_found() => {
+                self.quarantine(id, &format!("message file missing: {e}"));
+                None
+            }
+            Err(e) => {
+                self.retry_later(
+                    id,
+                    envelope.attempts > 0,
+                    &format!("message file unreadable: {e}"),
+                );
+                None
+            }
         }
-        Ok((file, scan.eight_bit))
     }
 
     /// Gives every pending recipient of each message the same verdict (a

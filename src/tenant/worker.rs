@@ -321,12 +321,9 @@ impl<D: Delivery> TenantWorker<D> {
         let Some(envelope) = self.ledger.load_for_attempt(id) else {
             return Ok(());
         };
-        let (mut file, eight_bit) = match self.ledger.open_verified(id, &envelope) {
-            Ok(opened) => opened,
-            Err(why) => {
-                self.ledger.quarantine(id, &why);
-                return Ok(());
-            }
+        // Damaged: quarantined; unreadable for now: retried later.
+        let Some((mut file, eight_bit)) = self.ledger.open_verified(id, &envelope) else {
+            return Ok(());
         };
         let mut pending: Vec<(usize, String)> = envelope
             .pending()
