@@ -61,12 +61,18 @@ impl Spool {
 
     /// A `tmp/ID.env` with no `tmp/ID.msg`: its message is in the tenant's
     /// folder (a commit or removal under way) or gone (a removal finished).
-    fn sweep_lone_envelope(&self, env: &Path, id: &MessageId) -> bool {
+    pub(super) fn sweep_lone_envelope(&self, env: &Path, id: &MessageId) -> bool {
         let Some(msg) = self.queued_partner(env, id) else {
             return remove_present(env);
         };
         // The queued .msg's lock decides: held, its submitter is mid-commit.
+        // Free, the envelope is looked at again under the lock: a commit that
+        // finished since the listing has moved it out of tmp/, and its
+        // message is queued mail, not a leftover.
         with_free_lock(&msg, || {
+            if !env.exists() {
+                return false;
+            }
             remove_present(&msg);
             remove_present(env)
         })

@@ -437,3 +437,24 @@ fn every_file_in_quarantine_is_listed_with_or_without_a_reason() {
     );
     let _ = fs::remove_dir_all(spool.root());
 }
+
+/// A sweep lists `tmp/` and looks at each lone envelope later: a commit that
+/// finished in between has moved its envelope into the queue, and its
+/// message (lock now free, the submitter gone) is queued mail, never a
+/// leftover to remove.
+#[test]
+fn a_commit_that_finished_after_the_sweeps_listing_is_left_alone() {
+    let spool = temp_spool("sweep-after-commit");
+    let tenant = TenantName::parse("acme").unwrap();
+    let mut sub = spool.begin_submission().unwrap();
+    sub.write_all(b"Subject: hi\r\n\r\nbody\r\n").unwrap();
+    let id = sub
+        .commit(&tenant, "101@acme.example", &["a@x.example".into()])
+        .unwrap();
+    // What the listing saw: tmp/ID.env, then gone by the time it is looked at.
+    let listed = spool.tmp_dir().join(format!("{id}.env"));
+    assert!(!spool.sweep_lone_envelope(&listed, &id));
+    assert!(spool.message_path(&tenant, &id).exists());
+    assert!(spool.envelope_path(&tenant, &id).exists());
+    assert!(spool.load_envelope(&tenant, &id).is_ok());
+}
