@@ -193,6 +193,19 @@ def wait_queue(pbxmail, config, sender, expect, secs):
                 e["state"] == "deferred" and int(e.get("attempts") or 0) >= 1 for e in entries
             ):
                 break
+            # Never delivered, by either road: kept (deferred or failed), or
+            # bounced back with its bounce still queued (refused or deferred).
+            if expect == "undelivered":
+                undelivered = lambda e: e["state"] == "failed" or (
+                    e["state"] == "deferred" and int(e.get("attempts") or 0) >= 1
+                )
+                if entries and all(undelivered(e) for e in entries):
+                    break
+                bounces = bounces_to(pbxmail, config, sender)
+                if not entries and bounces and all(undelivered(b) for b in bounces):
+                    entries = bounces
+                    print("  queue: the message was bounced; its bounce is still queued, undelivered")
+                    break
             if expect == "kept" and entries and all(
                 e["state"] == "failed"
                 or (e["state"] == "deferred" and int(e.get("attempts") or 0) >= 1)

@@ -265,9 +265,9 @@ SINK_CASES=(
     "sink-mail-421|-Q MAIL|deferred"
     # -A 0 sends 550 right behind its 354, unasked: a reply already there
     # when the body would go ends the session as a protocol error (deferred,
-    # issue 14); one that comes later answers the final dot (bounced, then
-    # failed). Either way the message is kept and never taken as sent.
-    "sink-data-abort|-A 0|kept"
+    # issue 14); one that comes later answers the final dot (bounced, and
+    # the bounce meets the same sink). Either way nothing is taken as sent.
+    "sink-data-abort|-A 0|undelivered"
 )
 declare -A SINK_PORT
 i=2
