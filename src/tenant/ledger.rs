@@ -42,15 +42,14 @@ pub struct Ledger {
     counters: TenantStatus,
     /// When this tenant last swept `tmp/` (sweep_tmp_on_hint).
     last_tmp_sweep_ms: Option<u64>,
+    /// A rescan that could not list the folder for a reason of the moment
+    /// is due again at this time (the worker wakes for it).
+    rescan_due_ms: Option<u64>,
 }
 
 /// At most one `tmp/` sweep a minute per tenant: a killed `sendmail`'s files
 /// cost only disk space, so a minute late is soon enough.
 const TMP_SWEEP_INTERVAL_MS: u64 = 60_000;
-
-/// How often, and how far apart, a rescan retries listing its folder.
-const LIST_TRIES: u32 = 50;
-const LIST_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl Ledger {
     pub fn new(
@@ -76,6 +75,7 @@ impl Ledger {
             unrecorded: BTreeMap::new(),
             counters,
             last_tmp_sweep_ms: None,
+            rescan_due_ms: None,
         }
     }
 
@@ -201,29 +201,35 @@ impl Ledger {
     }
 
     /// The IDs queued in the tenant's folder. A problem of the moment
-    /// (EMFILE while every other tenant holds a session, say) is waited out
-    /// here, in this tenant's own thread, for a few seconds: nothing else
-    /// would bring the rescan back, and without it the tenant's mail waits
-    /// for the next restart of its thread.
-    fn list_queued(&self) -> Option<Vec<MessageId>> {
-        let mut tries = 0u32;
-        loop {
-            match self.spool.message_ids(&self.name) {
-                Ok(ids) => return Some(ids),
-                Err(e) if !e.is_damage() && !e.is_not_found() && tries < LIST_TRIES => {
-                    log::warn!(
-                        "tenant {}: cannot read its spool folder now, will retry: {e}",
-                        self.name()
-                    );
-                    tries += 1;
-                    std::thread::sleep(LIST_PAUSE);
-                }
-                Err(e) => {
-                    log::error!("tenant {}: cannot read its spool folder: {e}", self.name());
-                    return None;
-                }
+    /// (EMFILE while every other tenant holds a session, say) schedules the
+    /// rescan again after backoff.min, as for an entry that cannot load now;
+    /// the worker wakes for it and keeps its thread until it has run.
+    fn list_queued(&mut self) -> Option<Vec<MessageId>> {
+        match self.spool.message_ids(&self.name) {
+            Ok(ids) => {
+                self.rescan_due_ms = None;
+                Some(ids)
+            }
+            Err(e) if !e.is_damage() && !e.is_not_found() => {
+                let at = self.queue.retry_soon(self.now());
+                log::warn!(
+                    "tenant {}: cannot read its spool folder now, will retry: {e}",
+                    self.name()
+                );
+                self.rescan_due_ms = Some(at);
+                None
+            }
+            Err(e) => {
+                log::error!("tenant {}: cannot read its spool folder: {e}", self.name());
+                self.rescan_due_ms = None;
+                None
             }
         }
+    }
+
+    /// When a rescan that failed for a reason of the moment is due again.
+    pub fn rescan_due(&self) -> Option<u64> {
+        self.rescan_due_ms
     }
 
     /// A problem of the moment (no descriptor left, no memory, an I/O error)

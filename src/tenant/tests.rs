@@ -223,6 +223,10 @@ impl Harness {
         self.worker.step();
     }
 
+    fn worker_rescan_due(&self) -> Option<u64> {
+        self.worker.ledger().rescan_due()
+    }
+
     fn now(&self) -> u64 {
         self.clock.now_ms()
     }
@@ -972,4 +976,37 @@ fn a_worker_restarted_after_retiring_keeps_the_relay_backoff_and_the_counters() 
     assert!(h.take_events().contains(&Event::Open));
     assert!(h.others(&[]).is_empty());
     assert_eq!(h.status().delivered, 2);
+}
+
+/// A rescan that cannot list the tenant's folder for a reason of the moment
+/// is tried again after backoff.min, by the worker's own wake-up: mail that
+/// no hint announces is found then, not at the thread's next start.
+#[test]
+fn a_rescan_that_cannot_list_the_folder_now_is_retried_at_the_backoff() {
+    let mut h = Harness::new(Options::default());
+    let tenant = TenantName::parse(TENANT).unwrap();
+    // On disk, announced by no hint (as after a restart).
+    let mut submission = h.spool.begin_submission().unwrap();
+    submission.write_all(b"Subject: t\r\n\r\nhi\r\n").unwrap();
+    submission
+        .commit(&tenant, "pbx@acme.test", &["a@x.test".to_string()])
+        .unwrap();
+    // The folder cannot be listed now (a file where it belongs: ENOTDIR,
+    // no damage to any entry).
+    let dir = h.spool.tenant_dir(&tenant);
+    let away = dir.with_extension("away");
+    std::fs::rename(&dir, &away).unwrap();
+    std::fs::write(&dir, b"").unwrap();
+    h.step();
+    assert!(h.sent_to().is_empty());
+    assert_eq!(h.worker_rescan_due(), Some(h.now() + MIN));
+    // Listable again, but not yet due: nothing is tried before its time.
+    std::fs::remove_file(&dir).unwrap();
+    std::fs::rename(&away, &dir).unwrap();
+    h.step();
+    assert!(h.sent_to().is_empty());
+    h.advance(MIN);
+    h.step();
+    assert_eq!(h.sent_to(), [strings(&["a@x.test"])]);
+    assert_eq!(h.worker_rescan_due(), None);
 }

@@ -91,6 +91,11 @@ impl<D: Delivery> TenantWorker<D> {
         }
     }
 
+    #[cfg(test)]
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
     /// What the next worker of this tenant takes over from this one.
     pub fn carry(&self) -> Carry {
         self.ledger.queue().carry()
@@ -127,7 +132,11 @@ impl<D: Delivery> TenantWorker<D> {
     /// publish the state. The rescan comes first so that what the spool
     /// says about a message (deferred until, held) wins over a hint.
     pub(super) fn step(&mut self) {
-        if self.shared.rescan.swap(false, Ordering::AcqRel) {
+        let retry_rescan = self
+            .ledger
+            .rescan_due()
+            .is_some_and(|at| at <= self.ledger.now());
+        if self.shared.rescan.swap(false, Ordering::AcqRel) || retry_rescan {
             self.ledger.rescan();
         }
         self.take_waiting_jobs();
@@ -151,7 +160,12 @@ impl<D: Delivery> TenantWorker<D> {
 
     /// Blocks until a job arrives or the next thing is due.
     fn wait(&mut self) -> Wake {
-        let first = match self.ledger.queue().next_wakeup() {
+        // A rescan to retry is a wake-up like a due message.
+        let next = match (self.ledger.queue().next_wakeup(), self.ledger.rescan_due()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let first = match next {
             Some(at) => {
                 let wait = Duration::from_millis(at.saturating_sub(self.ledger.now()));
                 match self.shared.jobs.recv_timeout(wait) {
