@@ -166,7 +166,10 @@ impl Settle<'_> {
             &user,
             envelope.queued_at_ms / 1000,
         ) {
-            Ok(()) => true,
+            Ok(()) => {
+                journaled_pause();
+                true
+            }
             Err(e) => {
                 log::error!(
                     "{id} tenant={}: cannot archive it (kept in the spool, will retry): {e}",
@@ -183,3 +186,19 @@ impl Settle<'_> {
         }
     }
 }
+
+/// Test builds only: `PBXMAIL_DEBUG_JOURNALED_PAUSE_MS` holds a journaled
+/// message in the spool that long before removal, so a crash test can kill
+/// the daemon inside that window rather than hope to hit microseconds.
+#[cfg(debug_assertions)]
+fn journaled_pause() {
+    if let Some(ms) = std::env::var("PBXMAIL_DEBUG_JOURNALED_PAUSE_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        std::thread::sleep(std::time::Duration::from_millis(ms.min(10_000)));
+    }
+}
+
+#[cfg(not(debug_assertions))]
+fn journaled_pause() {}
