@@ -26,6 +26,26 @@ pub struct DaemonConfig {
     pub log_level: log::LevelFilter,
     /// Local submission limits (`listen`).
     pub listen_limits: ListenLimits,
+    /// How many relay sessions may be open at once.
+    pub sessions: SessionLimits,
+}
+
+/// Simultaneous relay sessions: all tenants together, and to one relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionLimits {
+    /// `max_sessions`
+    pub total: u32,
+    /// `max_connections_per_relay`: per relay host:port, across tenants.
+    pub per_relay: u32,
+}
+
+impl Default for SessionLimits {
+    fn default() -> Self {
+        SessionLimits {
+            total: 500,
+            per_relay: 20,
+        }
+    }
 }
 
 /// What one local SMTP client may do; past these it gets a 4xx or 5xx.
@@ -64,6 +84,7 @@ impl Default for DaemonConfig {
             min_free_space: FreeSpace::Percent(5),
             log_level: log::LevelFilter::Info,
             listen_limits: ListenLimits::default(),
+            sessions: SessionLimits::default(),
         }
     }
 }
@@ -96,6 +117,10 @@ pub(super) const LISTEN_CONNECTIONS: (u32, u32) = (1, 10_000);
 pub(super) const LISTEN_RECIPIENTS: (u32, u32) = (1, 10_000);
 /// listen_max_message_size: 1 byte to 4 GiB.
 pub(super) const LISTEN_MESSAGE_SIZE: (u64, u64) = (1, 4 << 30);
+/// max_sessions and max_connections_per_relay: each session holds a socket
+/// and spool files, and the daemon lowers the cap further to fit its open
+/// file limit.
+pub(super) const SESSIONS: (u32, u32) = (1, 100_000);
 
 pub(super) const DAEMON_KEYS: &[&str] = &[
     "spool_dir",
@@ -114,6 +139,8 @@ pub(super) const DAEMON_KEYS: &[&str] = &[
     "listen_max_recipients",
     "listen_idle_timeout",
     "listen_max_connections",
+    "max_sessions",
+    "max_connections_per_relay",
 ];
 
 pub(super) fn daemon_config(sec: &Section, out: &mut Problems) -> DaemonConfig {
@@ -144,6 +171,20 @@ pub(super) fn daemon_config(sec: &Section, out: &mut Problems) -> DaemonConfig {
             "listen_max_connections",
             count_within(LISTEN_CONNECTIONS.0, LISTEN_CONNECTIONS.1),
             limits.max_connections,
+        ),
+    };
+    let sessions = SessionLimits {
+        total: sec.value_or(
+            out,
+            "max_sessions",
+            count_within(SESSIONS.0, SESSIONS.1),
+            d.sessions.total,
+        ),
+        per_relay: sec.value_or(
+            out,
+            "max_connections_per_relay",
+            count_within(SESSIONS.0, SESSIONS.1),
+            d.sessions.per_relay,
         ),
     };
     let retry = duration_within(RETRY.0, RETRY.1);
@@ -191,6 +232,7 @@ pub(super) fn daemon_config(sec: &Section, out: &mut Problems) -> DaemonConfig {
         min_free_space: sec.value_or(out, "min_free_space", parse_free_space, d.min_free_space),
         log_level: sec.value_or(out, "log_level", parse_log_level, d.log_level),
         listen_limits,
+        sessions,
     }
 }
 

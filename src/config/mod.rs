@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-pub use daemon::{DaemonConfig, FreeSpace, ListenAddr, ListenLimits};
+pub use daemon::{DaemonConfig, FreeSpace, ListenAddr, ListenLimits, SessionLimits};
 pub use tenant::{ArchiveUsers, DomainPattern, RateLimit, TenantConfig};
 
 use daemon::{daemon_config, DAEMON_KEYS};

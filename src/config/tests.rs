@@ -940,6 +940,15 @@ const RANGES: &[(&str, bool, &str, &str, &str, &str)] = &[
     ("listen_max_connections", true, "0", "1", "10000", "10001"),
     ("listen_max_recipients", true, "0", "1", "10000", "10001"),
     ("listen_max_message_size", true, "0", "1", "4G", "4097M"),
+    ("max_sessions", true, "0", "1", "100000", "100001"),
+    (
+        "max_connections_per_relay",
+        true,
+        "0",
+        "1",
+        "100000",
+        "100001",
+    ),
     ("connect_timeout", false, "0s", "1s", "1h", "3601s"),
     ("command_timeout", false, "0s", "1s", "1h", "3601s"),
     ("data_timeout", false, "0s", "1s", "1h", "3601s"),
@@ -1002,6 +1011,10 @@ fn every_numeric_key_accepts_the_ends_of_its_range() {
     }
     let c = ok(&with_key("listen_max_connections", true, "10000"));
     assert_eq!(c.daemon.listen_limits.max_connections, 10_000);
+    let c = ok(&with_key("max_sessions", true, "3"));
+    assert_eq!(c.daemon.sessions.total, 3);
+    let c = ok(&with_key("max_connections_per_relay", true, "2"));
+    assert_eq!(c.daemon.sessions.per_relay, 2);
     let c = ok(&with_key("max_queue_lifetime", true, "30d"));
     assert_eq!(
         c.daemon.max_queue_lifetime,

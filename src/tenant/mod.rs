@@ -21,6 +21,7 @@ mod queue;
 mod set;
 mod settings;
 mod settle;
+mod slots;
 mod smtp_delivery;
 #[cfg(test)]
 mod tests;
@@ -30,6 +31,7 @@ mod worker;
 pub use admin::{Action, AdminJob, AdminReport, Applied};
 pub use set::TenantSet;
 pub use settings::client_settings;
+pub use slots::SessionSlots;
 pub use tokens::Tokens;
 
 use crate::base::names::MessageId;
@@ -129,6 +131,7 @@ struct Home {
     daemon: DaemonConfig,
     spool: Spool,
     roots: Arc<RootCertStore>,
+    slots: Arc<SessionSlots>,
     status: Arc<Mutex<TenantStatus>>,
     /// Held here too, so jobs sent while no thread runs wait for the next one.
     jobs: Receiver<Job>,
@@ -163,6 +166,7 @@ impl TenantHandle {
         daemon: &DaemonConfig,
         spool: Spool,
         roots: &Arc<RootCertStore>,
+        slots: &Arc<SessionSlots>,
         on_finish: OnFinish,
         earlier: Option<TenantStatus>,
     ) -> io::Result<TenantHandle> {
@@ -183,6 +187,7 @@ impl TenantHandle {
             daemon: daemon.clone(),
             spool,
             roots: Arc::clone(roots),
+            slots: Arc::clone(slots),
             status,
             jobs: receiver,
             rescan: Arc::new(AtomicBool::new(true)),
@@ -364,6 +369,9 @@ impl Home {
                 stop: Arc::clone(&self.stop),
                 status: Arc::clone(&self.status),
                 idle: idle_time(),
+                slots: Arc::clone(&self.slots),
+                // Host names are case-blind: one relay, one count.
+                relay: self.config.relay.to_string().to_ascii_lowercase(),
             };
             let mut worker = TenantWorker::new(ledger, delivery, shared);
             match catch_unwind(AssertUnwindSafe(|| worker.run())) {

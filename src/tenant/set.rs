@@ -4,6 +4,7 @@
 //! only after the old one has finished, so one message is never in two
 //! sessions at once.
 
+use super::slots::{self, SessionSlots};
 use super::{Job, TenantHandle};
 use crate::base::names::TenantName;
 use crate::config::{Config, DaemonConfig, TenantConfig};
@@ -22,6 +23,8 @@ pub struct TenantSet {
     daemon: DaemonConfig,
     spool: Spool,
     roots: Arc<RootCertStore>,
+    /// The session budget all tenants share.
+    slots: Arc<SessionSlots>,
     running: BTreeMap<String, (TenantConfig, TenantHandle)>,
     /// Stopped, waiting for their thread to finish.
     stopping: BTreeMap<String, TenantHandle>,
@@ -44,6 +47,7 @@ impl TenantSet {
             daemon: daemon.clone(),
             spool,
             roots,
+            slots: SessionSlots::new(session_limits(daemon)),
             running: BTreeMap::new(),
             stopping: BTreeMap::new(),
             waiting: BTreeMap::new(),
@@ -83,6 +87,7 @@ impl TenantSet {
             &self.daemon,
             self.spool.clone(),
             &self.roots,
+            &self.slots,
             Box::new(on_finish),
             earlier,
         ) {
@@ -143,6 +148,8 @@ impl TenantSet {
             ..config.daemon.clone()
         };
         log::set_max_level(config.daemon.log_level);
+        // Sessions open stay open; new ones follow the new limits.
+        self.slots.set_limits(session_limits(&self.daemon));
 
         let wanted: BTreeMap<String, &TenantConfig> = config
             .tenants
@@ -242,6 +249,15 @@ fn same_tenant(old: &TenantConfig, new: &TenantConfig) -> bool {
 }
 
 /// The daemon settings every tenant worker copies; a change restarts them all.
+/// The configured session limits, lowered to fit the open file limit.
+fn session_limits(daemon: &DaemonConfig) -> crate::config::SessionLimits {
+    slots::fit_to_open_files(
+        daemon.sessions,
+        slots::open_file_limit(),
+        daemon.listen_limits.max_connections,
+    )
+}
+
 fn same_for_tenants(old: &DaemonConfig, new: &DaemonConfig) -> bool {
     old.hostname == new.hostname
         && old.retry_min == new.retry_min

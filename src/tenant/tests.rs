@@ -131,6 +131,8 @@ struct Options {
     rate_limit: Option<RateLimit>,
     max_queue_lifetime: Duration,
     postmaster: Option<String>,
+    /// The session budget, when the test shares one with the worker.
+    slots: Option<Arc<SessionSlots>>,
 }
 
 impl Default for Options {
@@ -139,6 +141,7 @@ impl Default for Options {
             rate_limit: None,
             max_queue_lifetime: Duration::from_secs(5 * 86_400),
             postmaster: None,
+            slots: None,
         }
     }
 }
@@ -338,6 +341,11 @@ fn worker_from(
         stop: Arc::new(AtomicBool::new(false)),
         status: Arc::clone(status),
         idle: Duration::ZERO,
+        slots: options
+            .slots
+            .clone()
+            .unwrap_or_else(|| SessionSlots::new(SessionLimits::default())),
+        relay: "relay.test:25".into(),
     };
     let delivery = FakeDelivery(Rc::clone(script), Arc::clone(status));
     let worker = TenantWorker::new(ledger, delivery, shared);
@@ -347,6 +355,9 @@ fn worker_from(
 fn strings(list: &[&str]) -> Vec<String> {
     list.iter().map(|s| s.to_string()).collect()
 }
+
+use super::slots::SessionSlots;
+use crate::config::SessionLimits;
 
 #[test]
 fn delivered_mail_leaves_the_spool_in_one_session() {
@@ -1009,4 +1020,59 @@ fn a_rescan_that_cannot_list_the_folder_now_is_retried_at_the_backoff() {
     h.step();
     assert_eq!(h.sent_to(), [strings(&["a@x.test"])]);
     assert_eq!(h.worker_rescan_due(), None);
+}
+
+/// The budget with its one slot taken by another tenant of the same relay.
+fn one_slot_taken() -> (Arc<SessionSlots>, super::slots::Permit) {
+    let slots = SessionSlots::new(SessionLimits {
+        total: 1,
+        per_relay: 1,
+    });
+    let taken = slots.take("relay.test:25", &mut None).expect("a free slot");
+    (slots, taken)
+}
+
+#[test]
+fn due_mail_waits_for_a_session_slot_and_goes_once_one_is_free() {
+    let (slots, taken) = one_slot_taken();
+    let mut h = Harness::new(Options {
+        slots: Some(Arc::clone(&slots)),
+        ..Options::default()
+    });
+    let id = h.submit("pbx@acme.test", &["a@x.test"]);
+    h.step();
+    assert!(h.take_events().is_empty(), "no session without a slot");
+    assert_eq!(slots.counts(), (1, 1), "the tenant waits in line");
+    assert_eq!(
+        h.statuses(&id),
+        [RcptStatus::Pending],
+        "waiting is no attempt"
+    );
+    drop(taken);
+    h.step();
+    assert!(h.envelope(&id).is_none(), "sent once the slot was free");
+    assert_eq!(h.take_events().first(), Some(&Event::Open));
+    assert_eq!(
+        slots.counts(),
+        (0, 0),
+        "the slot is given back after the session"
+    );
+}
+
+#[test]
+fn a_tenant_with_nothing_due_any_more_leaves_the_line() {
+    let (slots, _taken) = one_slot_taken();
+    let mut h = Harness::new(Options {
+        slots: Some(Arc::clone(&slots)),
+        ..Options::default()
+    });
+    let id = h.submit("pbx@acme.test", &["a@x.test"]);
+    h.step();
+    assert_eq!(slots.counts(), (1, 1));
+    h.jobs
+        .send(unreported(Action::Hold, Target::Ids(vec![id])))
+        .unwrap();
+    h.step();
+    assert_eq!(slots.counts(), (1, 0), "held mail needs no slot");
+    assert!(h.take_events().is_empty());
 }

@@ -9,6 +9,7 @@
 use super::delivery::{Delivery, OpenError};
 use super::ledger::{Announce, Ledger, RcptOutcome};
 use super::queue::Carry;
+use super::slots::{RelayKey, SessionSlots, Ticket};
 use super::{Job, TenantStatus};
 use crate::base::names::MessageId;
 use crate::outcome::{self, RcptJudgement};
@@ -31,6 +32,10 @@ pub struct Shared {
     pub status: Arc<Mutex<TenantStatus>>,
     /// How long a worker with an empty queue waits for a job before it retires.
     pub idle: Duration,
+    /// The session budget all tenants share.
+    pub slots: Arc<SessionSlots>,
+    /// What the budget counts this tenant's sessions by.
+    pub relay: RelayKey,
 }
 
 /// Why `run` returned.
@@ -53,6 +58,8 @@ pub struct TenantWorker<D: Delivery> {
     /// pass finds nothing retires at once (cost follows work, from start-up
     /// on); one that worked waits the idle time for more first.
     worked: bool,
+    /// Due mail waits for a session slot: our place in line.
+    ticket: Option<Ticket>,
 }
 
 enum Wake {
@@ -88,6 +95,7 @@ impl<D: Delivery> TenantWorker<D> {
             in_session: false,
             sending: None,
             worked: false,
+            ticket: None,
         }
     }
 
@@ -137,6 +145,7 @@ impl<D: Delivery> TenantWorker<D> {
             .rescan_due()
             .is_some_and(|at| at <= self.ledger.now());
         if self.shared.rescan.swap(false, Ordering::AcqRel) || retry_rescan {
+            let _turn = self.shared.slots.scan();
             self.ledger.rescan();
         }
         self.take_waiting_jobs();
@@ -160,6 +169,9 @@ impl<D: Delivery> TenantWorker<D> {
 
     /// Blocks until a job arrives or the next thing is due.
     fn wait(&mut self) -> Wake {
+        if self.ticket.is_some() {
+            return self.wait_for_a_slot();
+        }
         // A rescan to retry is a wake-up like a due message.
         let next = match (self.ledger.queue().next_wakeup(), self.ledger.rescan_due()) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -205,6 +217,40 @@ impl<D: Delivery> TenantWorker<D> {
         Wake::Work
     }
 
+    /// Due mail waits for a session slot: blocks until one may be free, a
+    /// job comes (answered meanwhile) or a rescan is due. Not on a timer:
+    /// what is due stays due until the slot comes.
+    fn wait_for_a_slot(&mut self) -> Wake {
+        let Some(wake) = self.ticket.as_ref().map(|t| t.wake.clone()) else {
+            return Wake::Work;
+        };
+        let rescan_in = self
+            .ledger
+            .rescan_due()
+            .map(|at| Duration::from_millis(at.saturating_sub(self.ledger.now())));
+        let job = match rescan_in {
+            Some(timeout) => crossbeam_channel::select! {
+                recv(self.shared.jobs) -> job => job.map(Some),
+                recv(wake) -> _ => Ok(None),
+                default(timeout) => Ok(None),
+            },
+            None => crossbeam_channel::select! {
+                recv(self.shared.jobs) -> job => job.map(Some),
+                recv(wake) -> _ => Ok(None),
+            },
+        };
+        match job {
+            Ok(Some(job)) => {
+                self.worked = true;
+                self.ledger.apply(job);
+            }
+            Ok(None) => {}
+            Err(_) => return Wake::Stop,
+        }
+        self.take_waiting_jobs();
+        Wake::Work
+    }
+
     /// Takes every hint already waiting, so back-to-back mail shares sessions.
     fn take_waiting_jobs(&mut self) {
         while let Ok(job) = self.shared.jobs.try_recv() {
@@ -213,27 +259,38 @@ impl<D: Delivery> TenantWorker<D> {
         }
     }
 
-    /// Runs sessions until nothing is due, the relay fails, we are paced, or told to stop.
+    /// Runs sessions until nothing is due, the relay fails, we are paced,
+    /// told to stop, or no session slot is free (then `ticket` holds our
+    /// place in line; any other end gives the place up).
     fn deliver_due(&mut self) {
         loop {
             let now = self.ledger.now();
             if self.ledger.queue().paused(now) {
-                return;
+                break;
             }
             let batch = self.ledger.queue().due_batch(now);
             if batch.is_empty() || self.stopping() {
-                return;
+                break;
             }
             if !self.run_session(&batch) {
-                return;
+                if self.ticket.is_some() {
+                    return;
+                }
+                break;
             }
         }
+        self.ticket = None;
     }
 
     /// One session: up to messages_per_session due messages, the first of
     /// them `batch` (deferred together if no session can be had). Returns
     /// false when the relay failed or pacing ended the session.
     fn run_session(&mut self, batch: &[MessageId]) -> bool {
+        // Held until the session ends, however it ends.
+        let Some(_slot) = self.shared.slots.take(&self.shared.relay, &mut self.ticket) else {
+            log::debug!("tenant {}: waiting for a session slot", self.name());
+            return false;
+        };
         let now = self.ledger.now();
         if !self.ledger.queue_mut().may_send_now(now) {
             return false;

@@ -262,6 +262,12 @@ enum Faulty {
 /// mail is stuck, all arrive within ISOLATION_BOUND; the faulty tenant's mail
 /// is still queued, not lost, and not failed.
 fn healthy_tenants_are_not_delayed_by(fault: Faulty, test: &str) {
+    let _log = healthy_tenants_are_not_delayed_within(fault, test, "");
+}
+
+/// The same, with `[daemon]` lines such as a session budget smaller than
+/// the ten busy tenants. Returns the daemon's log.
+fn healthy_tenants_are_not_delayed_within(fault: Faulty, test: &str, daemon_lines: &str) -> String {
     let slow = "connect_timeout = 30s\ncommand_timeout = 30s\ndata_timeout = 30s\n";
     let healthy = TestServer::start(ServerOptions::default(), None);
     let tarpit_faults = || {
@@ -326,7 +332,7 @@ fn healthy_tenants_are_not_delayed_by(fault: Faulty, test: &str) {
         }
     }
     let daemon = Daemon::bare(test);
-    configure(&daemon, "", &tenants);
+    configure(&daemon, daemon_lines, &tenants);
     let _running = Running::start(&daemon);
 
     for i in 1..=2 {
@@ -405,6 +411,7 @@ fn healthy_tenants_are_not_delayed_by(fault: Faulty, test: &str) {
         assert_ne!(str_of(entry, "state"), "failed", "{entry:#?}");
         assert_eq!(recipients(entry), ["x@example.com"], "{entry:#?}");
     }
+    daemon.log()
 }
 
 #[test]
@@ -435,6 +442,41 @@ fn isolation_tempfail_on_every_rcpt() {
 #[test]
 fn isolation_shared_relay_with_a_wrong_password() {
     healthy_tenants_are_not_delayed_by(Faulty::SharedRelayWrongPassword, "iso_shared_auth");
+}
+
+#[test]
+fn isolation_black_holed_relay_with_3_session_slots_for_10_busy_tenants() {
+    let log = healthy_tenants_are_not_delayed_within(
+        Faulty::BlackHole,
+        "iso_slots_hole",
+        "max_sessions = 3\n",
+    );
+    assert!(
+        log.contains("waiting for a session slot"),
+        "the budget never bound:\n{log}"
+    );
+}
+
+#[test]
+fn isolation_tarpit_relay_with_3_session_slots_for_10_busy_tenants() {
+    let log = healthy_tenants_are_not_delayed_within(
+        Faulty::Tarpit,
+        "iso_slots_tarpit",
+        "max_sessions = 3\n",
+    );
+    assert!(
+        log.contains("waiting for a session slot"),
+        "the budget never bound:\n{log}"
+    );
+}
+
+#[test]
+fn isolation_shared_relay_with_a_wrong_password_and_2_connections_per_relay() {
+    healthy_tenants_are_not_delayed_within(
+        Faulty::SharedRelayWrongPassword,
+        "iso_slots_shared",
+        "max_sessions = 3\nmax_connections_per_relay = 2\n",
+    );
 }
 
 #[test]
